@@ -1,0 +1,229 @@
+//! Executes one [`ChunkRead`]: copies a box out of a stored (possibly permuted) tensor into a row-major
+//! destination, one `memcpy` per contiguous run.
+
+use crate::dtype::DType;
+use crate::plan::ChunkRead;
+use crate::torch_save::TensorRecord;
+
+/// Row-major element strides of `sizes`.
+pub fn row_major_strides(sizes: &[u64]) -> Vec<u64> {
+  let mut strides = vec![1u64; sizes.len()];
+  for d in (0..sizes.len().saturating_sub(1)).rev() {
+    strides[d] = strides[d + 1] * sizes[d + 1];
+  }
+  strides
+}
+
+#[derive(Clone, Copy)]
+struct Dim {
+  len: usize,
+  src: usize,
+  dst: usize,
+}
+
+/// Copies `read` from `storage` (the record's whole storage) into `dst`, a row-major buffer of `dst_sizes`.
+/// The caller has checked that the record's view fits its storage and that `dst` holds `dst_sizes` elements.
+pub fn copy_chunk(storage: &[u8], rec: &TensorRecord, read: &ChunkRead, dst: &mut [u8], dst_sizes: &[u64]) {
+  let es = rec.dtype.size();
+  let dst_strides = row_major_strides(dst_sizes);
+  let mut src_base = rec.storage_offset as usize;
+  let mut dst_base = 0usize;
+  let mut dims: Vec<Dim> = Vec::with_capacity(read.lengths.len());
+  for d in 0..read.lengths.len() {
+    src_base += read.src_start[d] as usize * rec.stride[d] as usize;
+    dst_base += read.dst_start[d] as usize * dst_strides[d] as usize;
+    if read.lengths[d] != 1 {
+      dims.push(Dim { len: read.lengths[d] as usize, src: rec.stride[d] as usize, dst: dst_strides[d] as usize });
+    }
+  }
+  if dims.iter().any(|d| d.len == 0) {
+    return;
+  }
+  // merge an outer dim into the inner one when both sides step through it contiguously
+  let mut merged: Vec<Dim> = Vec::with_capacity(dims.len());
+  for d in dims.into_iter().rev() {
+    match merged.last_mut() {
+      Some(inner) if d.src == inner.src * inner.len && d.dst == inner.dst * inner.len => inner.len *= d.len,
+      _ => merged.push(d),
+    }
+  }
+  merged.reverse();
+  let run = match merged.last() {
+    Some(inner) if inner.src == 1 && inner.dst == 1 => {
+      let len = inner.len;
+      merged.pop();
+      len
+    }
+    _ => 1,
+  };
+  let fix = Fixup::of(rec);
+  let run_bytes = run * es;
+  let mut index = vec![0usize; merged.len()];
+  loop {
+    let mut s = src_base;
+    let mut t = dst_base;
+    for (i, d) in index.iter().zip(&merged) {
+      s += i * d.src;
+      t += i * d.dst;
+    }
+    let out = &mut dst[t * es..t * es + run_bytes];
+    out.copy_from_slice(&storage[s * es..s * es + run_bytes]);
+    if let Some(f) = &fix {
+      f.apply(out);
+    }
+    // odometer over the outer dims
+    let mut d = merged.len();
+    loop {
+      if d == 0 {
+        return;
+      }
+      d -= 1;
+      index[d] += 1;
+      if index[d] < merged[d].len {
+        break;
+      }
+      index[d] = 0;
+    }
+  }
+}
+
+/// What must happen to stored bytes to give the values torch would show: byte order, lazy conj/neg bits.
+struct Fixup {
+  dtype: DType,
+  swap: bool,
+  conj: bool,
+  neg: bool,
+}
+
+impl Fixup {
+  fn of(rec: &TensorRecord) -> Option<Fixup> {
+    (rec.big_endian || rec.conj || rec.neg).then_some(Fixup {
+      dtype: rec.dtype,
+      swap: rec.big_endian,
+      conj: rec.conj,
+      neg: rec.neg,
+    })
+  }
+
+  fn apply(&self, bytes: &mut [u8]) {
+    if self.swap {
+      let unit = self.dtype.swap_unit();
+      if unit > 1 {
+        for u in bytes.chunks_exact_mut(unit) {
+          u.reverse();
+        }
+      }
+    }
+    let es = self.dtype.size();
+    let is_float = matches!(
+      self.dtype,
+      DType::Float64
+        | DType::Float32
+        | DType::Float16
+        | DType::BFloat16
+        | DType::Float8E4M3Fn
+        | DType::Float8E5M2
+        | DType::Complex128
+        | DType::Complex64
+        | DType::Complex32
+    );
+    for e in bytes.chunks_exact_mut(es) {
+      if self.dtype.is_complex() {
+        let half = es / 2;
+        if self.neg {
+          e[half - 1] ^= 0x80;
+        }
+        if self.neg != self.conj {
+          e[es - 1] ^= 0x80;
+        }
+      } else if self.neg && is_float {
+        e[es - 1] ^= 0x80;
+      } else if self.neg {
+        negate_int(e);
+      }
+    }
+  }
+}
+
+fn negate_int(e: &mut [u8]) {
+  // two's complement: invert and add one, little-endian
+  let mut carry = true;
+  for b in e.iter_mut() {
+    *b = !*b;
+    if carry {
+      let (v, c) = b.overflowing_add(1);
+      *b = v;
+      carry = c;
+    }
+  }
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+
+  fn rec(shape: &[u64], stride: &[u64], offset: u64, storage_len: usize) -> TensorRecord {
+    TensorRecord {
+      dtype: DType::Int32,
+      shape: shape.to_vec(),
+      stride: stride.to_vec(),
+      storage_offset: offset,
+      storage: 0..storage_len * 4,
+      big_endian: false,
+      conj: false,
+      neg: false,
+    }
+  }
+
+  fn i32s(v: &[i32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+  }
+
+  fn read_i32(b: &[u8]) -> Vec<i32> {
+    b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+  }
+
+  #[test]
+  fn transposed_storage_reads_as_torch_shows_it() {
+    // x = arange(6).reshape(2,3); y = x.t() → shape (3,2), stride (1,3), storage 0..6
+    let storage = i32s(&[0, 1, 2, 3, 4, 5]);
+    let r = rec(&[3, 2], &[1, 3], 0, 6);
+    let read = ChunkRead { chunk: 0, src_start: vec![0, 0], dst_start: vec![0, 0], lengths: vec![3, 2] };
+    let mut dst = vec![0u8; 24];
+    copy_chunk(&storage, &r, &read, &mut dst, &[3, 2]);
+    assert_eq!(read_i32(&dst), vec![0, 3, 1, 4, 2, 5]);
+  }
+
+  #[test]
+  fn sub_box_into_a_larger_destination() {
+    // chunk 2x3 row-major copied into the right half of a 2x6 destination
+    let storage = i32s(&[1, 2, 3, 4, 5, 6]);
+    let r = rec(&[2, 3], &[3, 1], 0, 6);
+    let read = ChunkRead { chunk: 0, src_start: vec![0, 1], dst_start: vec![0, 3], lengths: vec![2, 2] };
+    let mut dst = vec![0u8; 48];
+    copy_chunk(&storage, &r, &read, &mut dst, &[2, 6]);
+    assert_eq!(read_i32(&dst), vec![0, 0, 0, 2, 3, 0, 0, 0, 0, 5, 6, 0]);
+  }
+
+  #[test]
+  fn storage_offset_and_zero_dim() {
+    let storage = i32s(&[9, 8, 7]);
+    let r = rec(&[], &[], 2, 3);
+    let read = ChunkRead { chunk: 0, src_start: vec![], dst_start: vec![], lengths: vec![] };
+    let mut dst = vec![0u8; 4];
+    copy_chunk(&storage, &r, &read, &mut dst, &[]);
+    assert_eq!(read_i32(&dst), vec![7]);
+  }
+
+  #[test]
+  fn big_endian_and_neg() {
+    let storage: Vec<u8> = [5i32, -7].iter().flat_map(|x| x.to_be_bytes()).collect();
+    let mut r = rec(&[2], &[1], 0, 2);
+    r.big_endian = true;
+    r.neg = true;
+    let read = ChunkRead { chunk: 0, src_start: vec![0], dst_start: vec![0], lengths: vec![2] };
+    let mut dst = vec![0u8; 8];
+    copy_chunk(&storage, &r, &read, &mut dst, &[2]);
+    assert_eq!(read_i32(&dst), vec![-5, 7]);
+  }
+}

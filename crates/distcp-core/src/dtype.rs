@@ -1,0 +1,200 @@
+//! The tensor element types a DCP checkpoint can hold, under the names torch pickles them with.
+
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+  Float64,
+  Float32,
+  Float16,
+  BFloat16,
+  Float8E4M3Fn,
+  Float8E5M2,
+  Float8E4M3Fnuz,
+  Float8E5M2Fnuz,
+  Float8E8M0Fnu,
+  Int64,
+  Int32,
+  Int16,
+  Int8,
+  UInt64,
+  UInt32,
+  UInt16,
+  UInt8,
+  Bool,
+  Complex128,
+  Complex64,
+  Complex32,
+}
+
+use DType::*;
+
+const ALL: [DType; 21] = [
+  Float64,
+  Float32,
+  Float16,
+  BFloat16,
+  Float8E4M3Fn,
+  Float8E5M2,
+  Float8E4M3Fnuz,
+  Float8E5M2Fnuz,
+  Float8E8M0Fnu,
+  Int64,
+  Int32,
+  Int16,
+  Int8,
+  UInt64,
+  UInt32,
+  UInt16,
+  UInt8,
+  Bool,
+  Complex128,
+  Complex64,
+  Complex32,
+];
+
+impl DType {
+  /// The torch name (`torch.<name>` is the pickled global; never an alias like `float` or `long`).
+  pub fn name(self) -> &'static str {
+    match self {
+      Float64 => "float64",
+      Float32 => "float32",
+      Float16 => "float16",
+      BFloat16 => "bfloat16",
+      Float8E4M3Fn => "float8_e4m3fn",
+      Float8E5M2 => "float8_e5m2",
+      Float8E4M3Fnuz => "float8_e4m3fnuz",
+      Float8E5M2Fnuz => "float8_e5m2fnuz",
+      Float8E8M0Fnu => "float8_e8m0fnu",
+      Int64 => "int64",
+      Int32 => "int32",
+      Int16 => "int16",
+      Int8 => "int8",
+      UInt64 => "uint64",
+      UInt32 => "uint32",
+      UInt16 => "uint16",
+      UInt8 => "uint8",
+      Bool => "bool",
+      Complex128 => "complex128",
+      Complex64 => "complex64",
+      Complex32 => "complex32",
+    }
+  }
+
+  /// Accepts torch's primary names and the aliases users type (`float`, `half`, `bf16`, ...).
+  pub fn from_name(name: &str) -> Option<DType> {
+    let primary = match name {
+      "float" | "f32" => "float32",
+      "double" | "f64" => "float64",
+      "half" | "f16" | "fp16" => "float16",
+      "bf16" => "bfloat16",
+      "long" => "int64",
+      "int" => "int32",
+      "short" => "int16",
+      "cfloat" => "complex64",
+      "cdouble" => "complex128",
+      "chalf" => "complex32",
+      other => other,
+    };
+    ALL.iter().copied().find(|d| d.name() == primary)
+  }
+
+  pub fn size(self) -> usize {
+    match self {
+      Float64 | Int64 | UInt64 | Complex64 => 8,
+      Float32 | Int32 | UInt32 | Complex32 => 4,
+      Float16 | BFloat16 | Int16 | UInt16 => 2,
+      Float8E4M3Fn | Float8E5M2 | Float8E4M3Fnuz | Float8E5M2Fnuz | Float8E8M0Fnu | Int8 | UInt8 | Bool => 1,
+      Complex128 => 16,
+    }
+  }
+
+  /// Bytes to swap as one unit when the archive's byte order differs from ours: complex numbers swap per component.
+  pub fn swap_unit(self) -> usize {
+    match self {
+      Complex128 | Complex64 | Complex32 => self.size() / 2,
+      _ => self.size(),
+    }
+  }
+
+  pub fn is_complex(self) -> bool {
+    matches!(self, Complex128 | Complex64 | Complex32)
+  }
+
+  /// The legacy typed-storage class `torch.save` pairs with `_rebuild_tensor_v2`, or `None` for the dtypes that
+  /// go through `_rebuild_tensor_v3` with an `UntypedStorage`.
+  pub fn legacy_storage_class(self) -> Option<&'static str> {
+    Some(match self {
+      Float64 => "DoubleStorage",
+      Float32 => "FloatStorage",
+      Float16 => "HalfStorage",
+      BFloat16 => "BFloat16Storage",
+      Int64 => "LongStorage",
+      Int32 => "IntStorage",
+      Int16 => "ShortStorage",
+      Int8 => "CharStorage",
+      UInt8 => "ByteStorage",
+      Bool => "BoolStorage",
+      Complex128 => "ComplexDoubleStorage",
+      Complex64 => "ComplexFloatStorage",
+      _ => return None,
+    })
+  }
+
+  pub fn from_legacy_storage_class(class: &str) -> Option<DType> {
+    ALL.iter().copied().find(|d| d.legacy_storage_class() == Some(class))
+  }
+
+  /// The dtype string of the safetensors format, where one exists.
+  pub fn safetensors_name(self) -> Option<&'static str> {
+    Some(match self {
+      Float64 => "F64",
+      Float32 => "F32",
+      Float16 => "F16",
+      BFloat16 => "BF16",
+      Float8E4M3Fn => "F8_E4M3",
+      Float8E5M2 => "F8_E5M2",
+      Float8E8M0Fnu => "F8_E8M0",
+      Int64 => "I64",
+      Int32 => "I32",
+      Int16 => "I16",
+      Int8 => "I8",
+      UInt64 => "U64",
+      UInt32 => "U32",
+      UInt16 => "U16",
+      UInt8 => "U8",
+      Bool => "BOOL",
+      Complex64 => "C64",
+      _ => return None,
+    })
+  }
+}
+
+impl fmt::Display for DType {
+  fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    f.write_str(self.name())
+  }
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+
+  #[test]
+  fn names_round_trip() {
+    for d in ALL {
+      assert_eq!(DType::from_name(d.name()), Some(d));
+    }
+    assert_eq!(DType::from_name("bf16"), Some(BFloat16));
+    assert_eq!(DType::from_name("float128"), None);
+  }
+
+  #[test]
+  fn legacy_storage_classes_are_unique() {
+    for d in ALL {
+      if let Some(c) = d.legacy_storage_class() {
+        assert_eq!(DType::from_legacy_storage_class(c), Some(d));
+      }
+    }
+  }
+}

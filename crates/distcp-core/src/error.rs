@@ -1,0 +1,77 @@
+//! One error type for the whole core. Every variant says which file (and, where there is one, which key) the
+//! problem was found in, because a user facing a multi-GB checkpoint needs to know where to look.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+  #[error("{path}: {source}")]
+  Io {
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+  },
+
+  #[error("{path}: no DCP checkpoint here (looked for .metadata{rank_hint})")]
+  NoCheckpoint { path: PathBuf, rank_hint: String },
+
+  #[error("{path}: not a valid pickle: {reason} (at byte {pos})")]
+  Pickle { path: PathBuf, pos: usize, reason: String },
+
+  #[error("{path}: refusing to unpickle global `{module}.{name}`: it is not one of the classes a DCP checkpoint uses, and distcp never runs code from a checkpoint")]
+  ForbiddenGlobal { path: PathBuf, module: String, name: String },
+
+  #[error("{path}: unexpected content in .metadata: {reason}")]
+  Metadata { path: PathBuf, reason: String },
+
+  #[error("{path}: key `{key}`: {reason}")]
+  Record { path: PathBuf, key: String, reason: String },
+
+  #[error("{path}: key `{key}`: bytes {offset}..{end} lie past the end of the file ({file_len} bytes)")]
+  OutOfBounds { path: PathBuf, key: String, offset: u64, end: u64, file_len: u64 },
+
+  #[error("{path}: key `{key}`: zip entry `{entry}` is compressed (method {method}); torch.save records must be stored")]
+  CompressedEntry { path: PathBuf, key: String, entry: String, method: u16 },
+
+  #[error("{checkpoint}: key `{key}`: relative_path `{relative_path}` escapes the checkpoint folder")]
+  UnsafePath { checkpoint: PathBuf, key: String, relative_path: String },
+
+  #[error("{checkpoint}: key `{key}`: data file `{relative_path}` is missing")]
+  MissingDataFile { checkpoint: PathBuf, key: String, relative_path: String },
+
+  #[error("{checkpoint}: no key `{key}` in the checkpoint")]
+  NoSuchKey { checkpoint: PathBuf, key: String },
+
+  #[error("{checkpoint}: key `{key}`: {reason}")]
+  BadRequest { checkpoint: PathBuf, key: String, reason: String },
+
+  #[error("{checkpoint}: key `{key}`: {reason}")]
+  Unsupported { checkpoint: PathBuf, key: String, reason: String },
+}
+
+impl Error {
+  pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    Error::Io { path: path.into(), source }
+  }
+
+  /// A short, stable name for the kind of error, used as the `code` of the JS error.
+  pub fn code(&self) -> &'static str {
+    match self {
+      Error::Io { .. } => "ERR_DISTCP_IO",
+      Error::NoCheckpoint { .. } => "ERR_DISTCP_NO_CHECKPOINT",
+      Error::Pickle { .. } => "ERR_DISTCP_PICKLE",
+      Error::ForbiddenGlobal { .. } => "ERR_DISTCP_FORBIDDEN_GLOBAL",
+      Error::Metadata { .. } => "ERR_DISTCP_METADATA",
+      Error::Record { .. } => "ERR_DISTCP_RECORD",
+      Error::OutOfBounds { .. } => "ERR_DISTCP_OUT_OF_BOUNDS",
+      Error::CompressedEntry { .. } => "ERR_DISTCP_COMPRESSED_ENTRY",
+      Error::UnsafePath { .. } => "ERR_DISTCP_UNSAFE_PATH",
+      Error::MissingDataFile { .. } => "ERR_DISTCP_MISSING_DATA_FILE",
+      Error::NoSuchKey { .. } => "ERR_DISTCP_NO_SUCH_KEY",
+      Error::BadRequest { .. } => "ERR_DISTCP_BAD_REQUEST",
+      Error::Unsupported { .. } => "ERR_DISTCP_UNSUPPORTED",
+    }
+  }
+}

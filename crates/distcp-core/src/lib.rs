@@ -1,0 +1,30 @@
+//! distcp-core: read PyTorch Distributed Checkpoints (DCP) exactly as `torch.distributed.checkpoint` writes them.
+//!
+//! Layers: [`pickle`] (restricted unpickler) → [`metadata`] (typed `.metadata`) and [`torch_save`] (one stored
+//! item) → [`plan`] (which chunk bytes land where; pure data) → [`copy`] (executes a plan) → [`checkpoint`].
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::all)]
+
+pub mod checkpoint;
+pub mod copy;
+pub mod dtype;
+pub mod error;
+pub mod metadata;
+pub mod pickle;
+pub mod plan;
+pub mod torch_save;
+pub mod unflatten;
+pub mod zip;
+
+pub use checkpoint::Checkpoint;
+pub use dtype::DType;
+pub use error::{Error, Result};
+
+pub(crate) fn unpickle_error(e: pickle::UnpickleError, path: &std::path::Path) -> Error {
+  match e {
+    pickle::UnpickleError::Malformed { pos, reason } => Error::Pickle { path: path.to_path_buf(), pos, reason },
+    pickle::UnpickleError::Forbidden { module, name } => {
+      Error::ForbiddenGlobal { path: path.to_path_buf(), module, name }
+    }
+  }
+}

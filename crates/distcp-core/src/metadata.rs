@@ -1,0 +1,423 @@
+//! The typed contents of a DCP `.metadata` file (PyTorch's `torch.distributed.checkpoint.metadata.Metadata`).
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::pickle::{self, Global, Object, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// One element of a key's path in the original nested state dict (`planner_data`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PathElem {
+  Key(String),
+  Index(i64),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorProperties {
+  pub dtype: DType,
+  pub requires_grad: bool,
+  pub pin_memory: bool,
+  /// The module the class was pickled from: `torch.distributed.checkpoint.metadata` (torch ≥ 2.3) or
+  /// `torch.distributed._shard.sharded_tensor.metadata` (older).
+  pub module: String,
+}
+
+/// One saved box of a tensor, in global coordinates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+  pub offsets: Vec<u64>,
+  pub sizes: Vec<u64>,
+}
+
+impl Chunk {
+  pub fn numel(&self) -> u64 {
+    self.sizes.iter().product()
+  }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorMetadata {
+  pub properties: TensorProperties,
+  pub size: Vec<u64>,
+  pub chunks: Vec<Chunk>,
+}
+
+impl TensorMetadata {
+  pub fn dtype(&self) -> DType {
+    self.properties.dtype
+  }
+
+  pub fn numel(&self) -> u64 {
+    self.size.iter().product()
+  }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ItemMetadata {
+  Tensor(TensorMetadata),
+  /// A non-tensor value, stored as one `torch.save` blob.
+  Bytes,
+}
+
+/// Identifies one stored item: a tensor chunk by `(fqn, chunk offsets)`, a non-tensor value by `(fqn, None)`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StorageKey {
+  pub fqn: String,
+  pub offset: Option<Vec<u64>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageInfo {
+  pub relative_path: String,
+  pub offset: u64,
+  pub length: u64,
+  pub transform_descriptors: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StorageMeta {
+  pub checkpoint_id: Option<String>,
+  pub save_id: Option<String>,
+  pub modules: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Metadata {
+  /// Every flat key, in the order the file lists them.
+  pub items: Vec<(String, ItemMetadata)>,
+  pub planner_data: Option<HashMap<String, Vec<PathElem>>>,
+  pub storage_data: HashMap<StorageKey, StorageInfo>,
+  pub storage_meta: Option<StorageMeta>,
+  pub version: Option<String>,
+}
+
+const DCP_METADATA: &str = "torch.distributed.checkpoint.metadata";
+const SHARD_METADATA: &str = "torch.distributed._shard.sharded_tensor.metadata";
+const DCP_FILESYSTEM: &str = "torch.distributed.checkpoint.filesystem";
+
+/// The globals a `.metadata` written by the default planner and file system writer can contain.
+pub fn metadata_allows(module: &str, name: &str) -> bool {
+  match module {
+    DCP_METADATA => matches!(
+      name,
+      "Metadata"
+        | "TensorStorageMetadata"
+        | "BytesStorageMetadata"
+        | "ChunkStorageMetadata"
+        | "MetadataIndex"
+        | "TensorProperties"
+        | "_MEM_FORMAT_ENCODING"
+        | "MEM_FORMAT_ENCODING"
+        | "StorageMeta"
+    ),
+    SHARD_METADATA => matches!(name, "TensorProperties" | "MEM_FORMAT_ENCODING"),
+    DCP_FILESYSTEM => name == "_StorageInfo",
+    "torch" => torch_value_global(name),
+    "pathlib" | "pathlib._local" => {
+      matches!(name, "PosixPath" | "WindowsPath" | "PurePosixPath" | "PureWindowsPath" | "Path")
+    }
+    "collections" => name == "OrderedDict",
+    "builtins" => matches!(name, "set" | "frozenset"),
+    _ => false,
+  }
+}
+
+/// Plain values from the `torch` module that pickles reference: sizes, dtypes, layouts, memory formats.
+pub fn torch_value_global(name: &str) -> bool {
+  name == "Size"
+    || DType::from_name(name).is_some_and(|d| d.name() == name)
+    || matches!(
+      name,
+      "strided"
+        | "sparse_coo"
+        | "sparse_csr"
+        | "sparse_csc"
+        | "sparse_bsr"
+        | "sparse_bsc"
+        | "_mkldnn"
+        | "contiguous_format"
+        | "channels_last"
+        | "channels_last_3d"
+        | "preserve_format"
+    )
+}
+
+struct Ctx<'a> {
+  path: &'a Path,
+}
+
+impl Ctx<'_> {
+  fn err<T>(&self, reason: impl Into<String>) -> Result<T> {
+    Err(Error::Metadata { path: self.path.to_path_buf(), reason: reason.into() })
+  }
+
+  fn object<'v>(&self, v: &'v Value, class: &str, what: &str) -> Result<&'v Object> {
+    match v {
+      Value::Object(o) if o.class.name == class => Ok(o),
+      other => self.err(format!("{what}: expected a {class}, found {}", describe(other))),
+    }
+  }
+
+  /// The attribute dict a dataclass was BUILT with.
+  fn state<'v>(&self, o: &'v Object, what: &str) -> Result<&'v Value> {
+    match &o.state {
+      Some(s @ Value::Dict(_)) => Ok(s),
+      // `BUILD` with `(None, slots)` is how a dataclass with __slots__ pickles; take the slot dict
+      Some(Value::Tuple(t)) if t.len() == 2 && matches!(t[1], Value::Dict(_)) => Ok(&t[1]),
+      Some(other) => self.err(format!("{what}: state is a {}, expected a dict", other.type_name())),
+      None => self.err(format!("{what}: has no state")),
+    }
+  }
+
+  fn u64(&self, v: &Value, what: &str) -> Result<u64> {
+    match v {
+      Value::Int(i) if *i >= 0 => Ok(*i as u64),
+      other => self.err(format!("{what}: expected a non-negative int, found {}", describe(other))),
+    }
+  }
+
+  fn ints(&self, v: &Value, what: &str) -> Result<Vec<u64>> {
+    // torch.Size pickles as REDUCE(torch.Size, (tuple,))
+    let seq = match v {
+      Value::Object(o) if o.class.name == "Size" => match o.args.first() {
+        Some(inner) => inner,
+        None => return self.err(format!("{what}: torch.Size without arguments")),
+      },
+      other => other,
+    };
+    let Some(items) = seq.as_seq() else {
+      return self.err(format!("{what}: expected a torch.Size, found {}", describe(seq)));
+    };
+    items.iter().map(|i| self.u64(i, what)).collect()
+  }
+
+  fn string(&self, v: &Value, what: &str) -> Result<String> {
+    match v {
+      Value::Str(s) => Ok(s.clone()),
+      other => self.err(format!("{what}: expected a str, found {}", describe(other))),
+    }
+  }
+
+  fn dtype(&self, v: &Value, what: &str) -> Result<DType> {
+    match v {
+      Value::Global(g) => match DType::from_name(&g.name) {
+        Some(d) => Ok(d),
+        None => self.err(format!("{what}: unknown dtype `{g}`")),
+      },
+      other => self.err(format!("{what}: expected a torch dtype, found {}", describe(other))),
+    }
+  }
+
+  fn properties(&self, v: &Value, key: &str) -> Result<TensorProperties> {
+    let what = format!("properties of `{key}`");
+    let o = self.object(v, "TensorProperties", &what)?;
+    let (dtype, requires_grad, pin_memory) = match &o.state {
+      // __getstate__ → (dtype, layout, requires_grad, memory_format, pin_memory)
+      Some(Value::Tuple(t)) if !t.is_empty() => (
+        self.dtype(&t[0], &what)?,
+        matches!(t.get(2), Some(Value::Bool(true))),
+        matches!(t.get(4), Some(Value::Bool(true))),
+      ),
+      Some(d @ Value::Dict(_)) => match d.get("dtype") {
+        Some(dt) => (
+          self.dtype(dt, &what)?,
+          matches!(d.get("requires_grad"), Some(Value::Bool(true))),
+          matches!(d.get("pin_memory"), Some(Value::Bool(true))),
+        ),
+        None => return self.err(format!("{what}: no dtype")),
+      },
+      _ => return self.err(format!("{what}: unexpected state")),
+    };
+    Ok(TensorProperties { dtype, requires_grad, pin_memory, module: o.class.module.clone() })
+  }
+
+  fn item(&self, key: &str, v: &Value) -> Result<ItemMetadata> {
+    let Value::Object(o) = v else {
+      return self.err(format!("entry `{key}`: expected storage metadata, found {}", describe(v)));
+    };
+    match o.class.name.as_str() {
+      "BytesStorageMetadata" => Ok(ItemMetadata::Bytes),
+      "TensorStorageMetadata" => {
+        let what = format!("entry `{key}`");
+        let st = self.state(o, &what)?;
+        let field = |name: &str| match st.get(name) {
+          Some(v) => Ok(v),
+          None => self.err(format!("{what}: missing field `{name}`")),
+        };
+        let properties = self.properties(field("properties")?, key)?;
+        let size = self.ints(field("size")?, &format!("size of `{key}`"))?;
+        let Some(chunk_values) = field("chunks")?.as_seq() else {
+          return self.err(format!("{what}: chunks is not a list"));
+        };
+        let mut chunks = Vec::with_capacity(chunk_values.len());
+        for c in chunk_values {
+          let co = self.object(c, "ChunkStorageMetadata", &what)?;
+          let cs = self.state(co, &what)?;
+          let (Some(off), Some(sz)) = (cs.get("offsets"), cs.get("sizes")) else {
+            return self.err(format!("{what}: chunk without offsets/sizes"));
+          };
+          let chunk = Chunk { offsets: self.ints(off, &what)?, sizes: self.ints(sz, &what)? };
+          if chunk.offsets.len() != size.len() || chunk.sizes.len() != size.len() {
+            return self.err(format!(
+              "{what}: chunk {:?}+{:?} has a different rank than the tensor {:?}",
+              chunk.offsets, chunk.sizes, size
+            ));
+          }
+          chunks.push(chunk);
+        }
+        Ok(ItemMetadata::Tensor(TensorMetadata { properties, size, chunks }))
+      }
+      _ => self.err(format!("entry `{key}`: unexpected class {}", o.class)),
+    }
+  }
+
+  fn storage_key(&self, v: &Value) -> Result<StorageKey> {
+    let o = self.object(v, "MetadataIndex", "storage_data key")?;
+    let st = self.state(o, "MetadataIndex")?;
+    let fqn = match st.get("fqn") {
+      Some(f) => self.string(f, "MetadataIndex.fqn")?,
+      None => return self.err("MetadataIndex without fqn"),
+    };
+    let offset = match st.get("offset") {
+      None | Some(Value::None) => None,
+      Some(off) => Some(self.ints(off, &format!("MetadataIndex offset of `{fqn}`"))?),
+    };
+    Ok(StorageKey { fqn, offset })
+  }
+
+  fn storage_info(&self, v: &Value, fqn: &str) -> Result<StorageInfo> {
+    let what = format!("storage info of `{fqn}`");
+    let o = self.object(v, "_StorageInfo", &what)?;
+    let st = self.state(o, &what)?;
+    let get = |name: &str| match st.get(name) {
+      Some(v) => Ok(v),
+      None => self.err(format!("{what}: missing `{name}`")),
+    };
+    let transform_descriptors = match st.get("transform_descriptors") {
+      None | Some(Value::None) => Vec::new(),
+      Some(v) => match v.as_seq() {
+        Some(items) => items.iter().map(|d| self.string(d, &what)).collect::<Result<_>>()?,
+        None => return self.err(format!("{what}: transform_descriptors is not a list")),
+      },
+    };
+    Ok(StorageInfo {
+      relative_path: self.string(get("relative_path")?, &what)?,
+      offset: self.u64(get("offset")?, &what)?,
+      length: self.u64(get("length")?, &what)?,
+      transform_descriptors,
+    })
+  }
+
+  fn path_elems(&self, v: &Value, key: &str) -> Result<Vec<PathElem>> {
+    let Some(items) = v.as_seq() else {
+      return self.err(format!("planner_data of `{key}` is not a tuple"));
+    };
+    items
+      .iter()
+      .map(|p| match p {
+        Value::Str(s) => Ok(PathElem::Key(s.clone())),
+        Value::Int(i) => Ok(PathElem::Index(*i)),
+        other => self.err(format!("planner_data of `{key}`: unexpected path element {}", describe(other))),
+      })
+      .collect()
+  }
+
+  fn storage_meta(&self, v: &Value) -> Result<Option<StorageMeta>> {
+    let Value::Object(o) = v else { return Ok(None) };
+    let Ok(st) = self.state(o, "StorageMeta") else { return Ok(None) };
+    let text = |name: &str| match st.get(name) {
+      Some(Value::Str(s)) => Some(s.clone()),
+      Some(Value::Object(p)) if p.class.name.ends_with("Path") => Some(path_from_parts(&p.args)),
+      _ => None,
+    };
+    let modules = match st.get("modules").and_then(Value::as_seq) {
+      Some(m) => m.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect(),
+      None => Vec::new(),
+    };
+    Ok(Some(StorageMeta { checkpoint_id: text("checkpoint_id"), save_id: text("save_id"), modules }))
+  }
+}
+
+fn path_from_parts(parts: &[Value]) -> String {
+  let parts: Vec<&str> = parts.iter().filter_map(Value::as_str).collect();
+  let mut out = PathBuf::new();
+  for p in parts {
+    out.push(p);
+  }
+  out.to_string_lossy().into_owned()
+}
+
+fn describe(v: &Value) -> String {
+  match v {
+    Value::Object(o) => format!("an instance of {}", o.class),
+    Value::Global(Global { module, name }) => format!("the global {module}.{name}"),
+    other => format!("a {}", other.type_name()),
+  }
+}
+
+impl Metadata {
+  /// Parses the bytes of a `.metadata` (or rank-local `__{rank}.metadata`) file. `path` is only for messages.
+  pub fn parse(bytes: &[u8], path: &Path) -> Result<Metadata> {
+    let root = pickle::unpickle(bytes, &metadata_allows).map_err(|e| crate::unpickle_error(e, path))?;
+    let cx = Ctx { path };
+    let o = cx.object(&root, "Metadata", ".metadata")?;
+    let st = cx.state(o, "Metadata")?;
+    let mut md = Metadata::default();
+
+    let Some(sdm) = st.get("state_dict_metadata").and_then(Value::as_dict) else {
+      return cx.err("Metadata has no state_dict_metadata dict");
+    };
+    for (k, v) in sdm {
+      let key = cx.string(k, "state_dict_metadata key")?;
+      let item = cx.item(&key, v)?;
+      md.items.push((key, item));
+    }
+
+    match st.get("planner_data") {
+      Some(Value::Dict(pairs)) => {
+        let mut map = HashMap::with_capacity(pairs.len());
+        for (k, v) in pairs {
+          let key = cx.string(k, "planner_data key")?;
+          let path = cx.path_elems(v, &key)?;
+          map.insert(key, path);
+        }
+        md.planner_data = Some(map);
+      }
+      // custom planners may store anything; only the default planner's mapping is understood
+      _ => md.planner_data = None,
+    }
+
+    match st.get("storage_data") {
+      Some(Value::Dict(pairs)) => {
+        for (k, v) in pairs {
+          let key = cx.storage_key(k)?;
+          let info = cx.storage_info(v, &key.fqn)?;
+          md.storage_data.insert(key, info);
+        }
+      }
+      Some(other) => return cx.err(format!("storage_data is {}, expected a dict", describe(other))),
+      None => return cx.err("Metadata has no storage_data"),
+    }
+
+    if let Some(sm) = st.get("storage_meta") {
+      md.storage_meta = cx.storage_meta(sm)?;
+    }
+    if let Some(Value::Str(v)) = st.get("version") {
+      md.version = Some(v.clone());
+    }
+    Ok(md)
+  }
+
+  pub fn item(&self, key: &str) -> Option<&ItemMetadata> {
+    self.items.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+  }
+
+  /// Which TensorProperties class path the writer used (tells torch ≤ 2.2 from ≥ 2.3 writers).
+  pub fn tensor_properties_module(&self) -> Option<&str> {
+    self.items.iter().find_map(|(_, item)| match item {
+      ItemMetadata::Tensor(t) => Some(t.properties.module.as_str()),
+      ItemMetadata::Bytes => None,
+    })
+  }
+}

@@ -1,0 +1,9 @@
+//! Just enough pickle to read what PyTorch writes: a restricted unpickler that builds a [`Value`] tree and never
+//! runs anything. Globals are not imported; each one must be on the caller's allow-list or loading stops with an
+//! error naming it.
+
+mod unpickler;
+mod value;
+
+pub use unpickler::{unpickle, AllowList, UnpickleError};
+pub use value::{BigInt, Global, Object, Value};

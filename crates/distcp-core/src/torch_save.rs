@@ -1,0 +1,271 @@
+//! One `torch.save` archive, as DCP stores every item: `data.pkl` rebuilt into a [`PyObject`] whose tensors are
+//! [`TensorRecord`]s pointing at their bytes inside the archive. Nothing is copied here.
+
+use crate::dtype::DType;
+use crate::metadata::torch_value_global;
+use crate::pickle::{self, BigInt, Object, Value};
+use crate::zip::{self, Archive, ZipError};
+use std::ops::Range;
+
+/// A tensor as `data.pkl` describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorRecord {
+  pub dtype: DType,
+  pub shape: Vec<u64>,
+  /// Element strides, as torch reports them (a transposed tensor keeps its permuted strides).
+  pub stride: Vec<u64>,
+  /// Element offset into the storage.
+  pub storage_offset: u64,
+  /// The storage's bytes, relative to the start of the archive.
+  pub storage: Range<usize>,
+  pub big_endian: bool,
+  /// Lazily conjugated complex tensor: the stored imaginary parts must be negated.
+  pub conj: bool,
+  /// Lazily negated tensor: the stored values must be negated.
+  pub neg: bool,
+}
+
+impl TensorRecord {
+  pub fn numel(&self) -> u64 {
+    self.shape.iter().product()
+  }
+
+  pub fn is_row_major(&self) -> bool {
+    let mut expected = 1u64;
+    for (&size, &stride) in self.shape.iter().zip(&self.stride).rev() {
+      if size != 1 && stride != expected {
+        return false;
+      }
+      expected = expected.saturating_mul(size);
+    }
+    true
+  }
+
+  /// Stored bytes can be handed out as they are: row-major, no offset, our byte order, no lazy flags.
+  pub fn is_plain(&self) -> bool {
+    self.is_row_major() && self.storage_offset == 0 && !self.big_endian && !self.conj && !self.neg
+  }
+}
+
+/// A Python value from a BYTE_IO item (or a tensor item's root).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PyObject {
+  None,
+  Bool(bool),
+  Int(i64),
+  BigInt(BigInt),
+  Float(f64),
+  Str(String),
+  Bytes(Vec<u8>),
+  List(Vec<PyObject>),
+  Tuple(Vec<PyObject>),
+  Dict(Vec<(PyObject, PyObject)>),
+  /// A tensor inside the archive (not yet read).
+  Tensor(TensorRecord),
+  /// A tensor's values, row-major, copied out of its archive.
+  TensorData { dtype: DType, shape: Vec<u64>, data: Vec<u8> },
+}
+
+#[derive(Debug, PartialEq)]
+pub enum RecordError {
+  Zip(ZipError),
+  Forbidden { module: String, name: String },
+  Invalid(String),
+}
+
+fn invalid<T>(reason: impl Into<String>) -> Result<T, RecordError> {
+  Err(RecordError::Invalid(reason.into()))
+}
+
+/// Globals a `torch.save` of tensors and plain Python values can reference (what `weights_only=True` permits).
+pub fn record_allows(module: &str, name: &str) -> bool {
+  match module {
+    "torch._utils" => matches!(name, "_rebuild_tensor_v2" | "_rebuild_tensor_v3" | "_rebuild_parameter"),
+    "torch" => torch_value_global(name) || DType::from_legacy_storage_class(name).is_some(),
+    "torch.storage" => name == "UntypedStorage",
+    "collections" => name == "OrderedDict",
+    "builtins" | "__builtin__" => matches!(name, "set" | "frozenset" | "complex"),
+    _ => false,
+  }
+}
+
+/// Parses the archive in `blob` and rebuilds its root object.
+pub fn parse(blob: &[u8]) -> Result<PyObject, RecordError> {
+  let archive = zip::parse(blob).map_err(RecordError::Zip)?;
+  let Some(pkl) = archive.get("data.pkl") else {
+    return invalid("the archive has no data.pkl");
+  };
+  let big_endian = match archive.get("byteorder") {
+    Some(e) => match &blob[e.data.clone()] {
+      b"little" => false,
+      b"big" => true,
+      other => return invalid(format!("unknown byteorder {:?}", String::from_utf8_lossy(other))),
+    },
+    // archives from torch ≤ 2.0 have no byteorder record: they are little-endian
+    None => false,
+  };
+  let root = pickle::unpickle(&blob[pkl.data.clone()], &record_allows).map_err(|e| match e {
+    pickle::UnpickleError::Forbidden { module, name } => RecordError::Forbidden { module, name },
+    pickle::UnpickleError::Malformed { pos, reason } => {
+      RecordError::Invalid(format!("data.pkl is not a valid pickle: {reason} (at byte {pos})"))
+    }
+  })?;
+  let cx = Rebuild { archive: &archive, big_endian };
+  cx.convert(&root, 0)
+}
+
+struct Rebuild<'a> {
+  archive: &'a Archive,
+  big_endian: bool,
+}
+
+fn int(v: &Value, what: &str) -> Result<u64, RecordError> {
+  match v {
+    Value::Int(i) if *i >= 0 => Ok(*i as u64),
+    _ => invalid(format!("{what} is not a non-negative int")),
+  }
+}
+
+fn ints(v: &Value, what: &str) -> Result<Vec<u64>, RecordError> {
+  let v = match v {
+    Value::Object(o) if o.class.is("torch", "Size") && o.args.len() == 1 => &o.args[0],
+    other => other,
+  };
+  match v.as_seq() {
+    Some(items) => items.iter().map(|i| int(i, what)).collect(),
+    None => invalid(format!("{what} is not a tuple of ints")),
+  }
+}
+
+impl Rebuild<'_> {
+  fn convert(&self, v: &Value, depth: usize) -> Result<PyObject, RecordError> {
+    if depth > 100 {
+      return invalid("value nested too deeply");
+    }
+    let many = |items: &[Value]| -> Result<Vec<PyObject>, RecordError> {
+      items.iter().map(|i| self.convert(i, depth + 1)).collect()
+    };
+    Ok(match v {
+      Value::None => PyObject::None,
+      Value::Bool(b) => PyObject::Bool(*b),
+      Value::Int(i) => PyObject::Int(*i),
+      Value::BigInt(b) => PyObject::BigInt(b.clone()),
+      Value::Float(f) => PyObject::Float(*f),
+      Value::Str(s) => PyObject::Str(s.clone()),
+      Value::Bytes(b) => PyObject::Bytes(b.clone()),
+      Value::List(items) | Value::Set(items) => PyObject::List(many(items)?),
+      Value::Tuple(items) => PyObject::Tuple(many(items)?),
+      Value::Dict(pairs) => {
+        let mut out = Vec::with_capacity(pairs.len());
+        for (k, v) in pairs {
+          out.push((self.convert(k, depth + 1)?, self.convert(v, depth + 1)?));
+        }
+        PyObject::Dict(out)
+      }
+      // a bare dtype/layout value, e.g. a dtype stored in a config dict
+      Value::Global(g) => PyObject::Str(g.to_string()),
+      Value::Object(o) => self.object(o, depth)?,
+      Value::PersistentId(_) => return invalid("a storage outside of a tensor"),
+    })
+  }
+
+  fn object(&self, o: &Object, depth: usize) -> Result<PyObject, RecordError> {
+    let c = &o.class;
+    if c.is("torch._utils", "_rebuild_tensor_v2") || c.is("torch._utils", "_rebuild_tensor_v3") {
+      return self.tensor(o).map(PyObject::Tensor);
+    }
+    if c.is("torch._utils", "_rebuild_parameter") {
+      return match o.args.first() {
+        Some(data) => self.convert(data, depth + 1),
+        None => invalid("_rebuild_parameter without data"),
+      };
+    }
+    if c.is("torch", "Size") {
+      return Ok(PyObject::Tuple(ints(&Value::Object(Box::new(o.clone())), "torch.Size")?.into_iter().map(|i| PyObject::Int(i as i64)).collect()));
+    }
+    if c.name == "complex" {
+      return invalid("Python complex values are not supported");
+    }
+    invalid(format!("cannot rebuild an instance of {c}"))
+  }
+
+  fn tensor(&self, o: &Object) -> Result<TensorRecord, RecordError> {
+    let v3 = o.class.name == "_rebuild_tensor_v3";
+    let a = &o.args;
+    if a.len() < 6 {
+      return invalid(format!("{} with {} arguments", o.class.name, a.len()));
+    }
+    let Value::PersistentId(pid) = &a[0] else {
+      return invalid("tensor storage is not a persistent id");
+    };
+    let Some(pid) = pid.as_seq() else {
+      return invalid("tensor storage id is not a tuple");
+    };
+    if pid.len() < 5 || pid[0].as_str() != Some("storage") {
+      return invalid("tensor storage id is not ('storage', type, key, location, numel)");
+    }
+    let Value::Global(storage_type) = &pid[1] else {
+      return invalid("tensor storage type is not a class");
+    };
+    let Some(key) = pid[2].as_str() else {
+      return invalid("tensor storage key is not a str");
+    };
+    let storage_numel = int(&pid[4], "storage numel")?;
+    let (dtype, storage_bytes) = if v3 {
+      let Some(Value::Global(g)) = a.get(6) else {
+        return invalid("_rebuild_tensor_v3 without a dtype");
+      };
+      let Some(dtype) = DType::from_name(&g.name) else {
+        return invalid(format!("unknown dtype {g}"));
+      };
+      (dtype, storage_numel)
+    } else {
+      let Some(dtype) = DType::from_legacy_storage_class(&storage_type.name) else {
+        return invalid(format!("unknown storage class {storage_type}"));
+      };
+      (dtype, storage_numel.saturating_mul(dtype.size() as u64))
+    };
+    let Some(entry) = self.archive.get(&format!("data/{key}")) else {
+      return invalid(format!("the archive has no record data/{key}"));
+    };
+    let record_len = entry.data.len() as u64;
+    if record_len != storage_bytes {
+      return invalid(format!(
+        "record data/{key} holds {record_len} bytes, but its {dtype} storage declares {storage_bytes}"
+      ));
+    }
+    let storage_offset = int(&a[1], "storage offset")?;
+    let shape = ints(&a[2], "size")?;
+    let stride = ints(&a[3], "stride")?;
+    if shape.len() != stride.len() {
+      return invalid(format!("size {shape:?} and stride {stride:?} have different lengths"));
+    }
+    let meta_arg = if v3 { a.get(7) } else { a.get(6) };
+    let flag = |name: &str| meta_arg.and_then(|m| m.get(name)).is_some_and(|v| matches!(v, Value::Bool(true)));
+    let rec = TensorRecord {
+      dtype,
+      shape,
+      stride,
+      storage_offset,
+      storage: entry.data.clone(),
+      big_endian: self.big_endian,
+      conj: flag("conj"),
+      neg: flag("neg"),
+    };
+    // every element the view can address must lie inside the storage
+    if rec.numel() > 0 {
+      let mut last = u128::from(rec.storage_offset);
+      for (&s, &st) in rec.shape.iter().zip(&rec.stride) {
+        last += u128::from(s - 1) * u128::from(st);
+      }
+      let need = (last + 1) * dtype.size() as u128;
+      if need > u128::from(record_len) {
+        return invalid(format!(
+          "a {dtype} tensor of shape {:?} (stride {:?}, offset {}) needs {need} bytes, its record data/{key} has {record_len}",
+          rec.shape, rec.stride, rec.storage_offset
+        ));
+      }
+    }
+    Ok(rec)
+  }
+}

@@ -1,0 +1,219 @@
+//! Reading the `torch.save` zip archive: the central directory says where each stored entry's bytes are. Nothing
+//! is decompressed: torch stores every record, so an entry is just a byte range of the blob.
+//!
+//! Sizes come from the central directory, never from local headers (miniz writes zeros there and uses data
+//! descriptors). CRCs are not checked: torch can be configured to write none.
+
+use std::ops::Range;
+
+#[derive(Debug, PartialEq)]
+pub enum ZipError {
+  Malformed(String),
+  Compressed { entry: String, method: u16 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+  /// The name without the archive folder (`data.pkl`, `data/0`, `byteorder`, ...).
+  pub name: String,
+  /// Where the stored bytes are, relative to the start of the archive.
+  pub data: Range<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Archive {
+  /// The top-level folder every entry sits in (`archive` for DCP blobs).
+  pub prefix: String,
+  pub entries: Vec<Entry>,
+}
+
+impl Archive {
+  pub fn get(&self, name: &str) -> Option<&Entry> {
+    self.entries.iter().find(|e| e.name == name)
+  }
+}
+
+const EOCD_SIG: u32 = 0x0605_4b50;
+const ZIP64_LOCATOR_SIG: u32 = 0x0706_4b50;
+const ZIP64_EOCD_SIG: u32 = 0x0606_4b50;
+const CDIR_SIG: u32 = 0x0201_4b50;
+const LOCAL_SIG: u32 = 0x0403_4b50;
+
+fn bad<T>(reason: impl Into<String>) -> Result<T, ZipError> {
+  Err(ZipError::Malformed(reason.into()))
+}
+
+struct Cursor<'a> {
+  buf: &'a [u8],
+  pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+  fn at(buf: &'a [u8], pos: usize) -> Self {
+    Cursor { buf, pos }
+  }
+  fn bytes(&mut self, n: usize) -> Result<&'a [u8], ZipError> {
+    match self.pos.checked_add(n) {
+      Some(end) if end <= self.buf.len() => {
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+      }
+      _ => bad("truncated zip structure"),
+    }
+  }
+  fn u16(&mut self) -> Result<u16, ZipError> {
+    let b = self.bytes(2)?;
+    Ok(u16::from_le_bytes([b[0], b[1]]))
+  }
+  fn u32(&mut self) -> Result<u32, ZipError> {
+    let b = self.bytes(4)?;
+    Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+  }
+  fn u64(&mut self) -> Result<u64, ZipError> {
+    let b = self.bytes(8)?;
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b);
+    Ok(u64::from_le_bytes(a))
+  }
+}
+
+fn to_usize(v: u64, what: &str) -> Result<usize, ZipError> {
+  usize::try_from(v).or_else(|_| bad(format!("{what} does not fit in memory")))
+}
+
+/// Parses the archive that occupies exactly `blob` (DCP records are self-contained archives).
+pub fn parse(blob: &[u8]) -> Result<Archive, ZipError> {
+  if blob.len() < 22 {
+    return bad(format!("{} bytes is too short for a zip archive", blob.len()));
+  }
+  if blob[..4] != LOCAL_SIG.to_le_bytes() {
+    return bad("does not start with a zip local header (PK\\x03\\x04)");
+  }
+  // The end-of-central-directory record; torch writes no comment, but allow one.
+  let search_from = blob.len().saturating_sub(22 + 0xffff);
+  let Some(eocd) = (search_from..=blob.len() - 22).rev().find(|&i| blob[i..i + 4] == EOCD_SIG.to_le_bytes()) else {
+    return bad("no end-of-central-directory record (truncated?)");
+  };
+  let mut c = Cursor::at(blob, eocd + 4);
+  let _disk = c.u16()?;
+  let _cd_disk = c.u16()?;
+  let _n_here = c.u16()?;
+  let mut count = u64::from(c.u16()?);
+  let mut cd_size = u64::from(c.u32()?);
+  let mut cd_offset = u64::from(c.u32()?);
+
+  if eocd >= 20 && blob[eocd - 20..eocd - 16] == ZIP64_LOCATOR_SIG.to_le_bytes() {
+    let mut l = Cursor::at(blob, eocd - 16);
+    let _disk = l.u32()?;
+    let z64 = to_usize(l.u64()?, "zip64 record offset")?;
+    let mut z = Cursor::at(blob, z64);
+    if z.u32()? != ZIP64_EOCD_SIG {
+      return bad("zip64 locator points to no zip64 end record");
+    }
+    let _size = z.u64()?;
+    let _made = z.u16()?;
+    let _need = z.u16()?;
+    let _disk = z.u32()?;
+    let _cd_disk = z.u32()?;
+    let _n_here = z.u64()?;
+    count = z.u64()?;
+    cd_size = z.u64()?;
+    cd_offset = z.u64()?;
+  }
+
+  let cd_start = to_usize(cd_offset, "central directory offset")?;
+  let cd_end = cd_start.checked_add(to_usize(cd_size, "central directory size")?);
+  if cd_end.is_none_or(|e| e > blob.len()) {
+    return bad("central directory lies outside the archive");
+  }
+  // each central record is at least 46 bytes: a bigger count is a lie, don't allocate for it
+  if count > cd_size / 46 + 1 {
+    return bad("central directory entry count is inconsistent with its size");
+  }
+
+  let mut entries = Vec::with_capacity(count as usize);
+  let mut prefix: Option<String> = None;
+  let mut c = Cursor::at(blob, cd_start);
+  for _ in 0..count {
+    if c.u32()? != CDIR_SIG {
+      return bad("corrupt central directory entry");
+    }
+    let _made = c.u16()?;
+    let _need = c.u16()?;
+    let _flags = c.u16()?;
+    let method = c.u16()?;
+    let _time = c.u16()?;
+    let _date = c.u16()?;
+    let _crc = c.u32()?;
+    let mut csize = u64::from(c.u32()?);
+    let mut usize_ = u64::from(c.u32()?);
+    let name_len = usize::from(c.u16()?);
+    let extra_len = usize::from(c.u16()?);
+    let comment_len = usize::from(c.u16()?);
+    let _disk = c.u16()?;
+    let _iattr = c.u16()?;
+    let _eattr = c.u32()?;
+    let mut local = u64::from(c.u32()?);
+    let raw_name = c.bytes(name_len)?;
+    let Ok(full_name) = std::str::from_utf8(raw_name) else {
+      return bad("entry name is not UTF-8");
+    };
+    let extra = c.bytes(extra_len)?;
+    c.bytes(comment_len)?;
+
+    // ZIP64 extra: only the fields that were 0xFFFFFFFF, in this order
+    let mut e = Cursor::at(extra, 0);
+    while e.pos + 4 <= extra.len() {
+      let id = e.u16()?;
+      let len = usize::from(e.u16()?);
+      let body = e.bytes(len)?;
+      if id == 0x0001 {
+        let mut z = Cursor::at(body, 0);
+        if usize_ == 0xffff_ffff {
+          usize_ = z.u64()?;
+        }
+        if csize == 0xffff_ffff {
+          csize = z.u64()?;
+        }
+        if local == 0xffff_ffff {
+          local = z.u64()?;
+        }
+      }
+    }
+
+    let Some((dir, name)) = full_name.split_once('/') else {
+      return bad(format!("entry `{full_name}` is not inside an archive folder"));
+    };
+    let p = prefix.get_or_insert_with(|| dir.to_owned());
+    if p != dir {
+      // torch names records by the first entry's folder; a foreign entry is simply not addressable
+      continue;
+    }
+    if method != 0 {
+      return Err(ZipError::Compressed { entry: full_name.to_owned(), method });
+    }
+    if csize != usize_ {
+      return bad(format!("stored entry `{full_name}` has different compressed and uncompressed sizes"));
+    }
+
+    let local = to_usize(local, "local header offset")?;
+    let mut l = Cursor::at(blob, local);
+    if l.u32()? != LOCAL_SIG {
+      return bad(format!("entry `{full_name}`: no local header at offset {local}"));
+    }
+    let mut lh = Cursor::at(blob, local + 26);
+    let lname = usize::from(lh.u16()?);
+    let lextra = usize::from(lh.u16()?);
+    let start = local + 30 + lname + lextra;
+    let end = start.checked_add(to_usize(csize, "entry size")?);
+    match end {
+      Some(end) if end <= blob.len() => entries.push(Entry { name: name.to_owned(), data: start..end }),
+      _ => return bad(format!("entry `{full_name}` runs past the end of the archive")),
+    }
+  }
+  let Some(prefix) = prefix else {
+    return bad("the archive has no entries");
+  };
+  Ok(Archive { prefix, entries })
+}
