@@ -8,7 +8,7 @@ use crate::metadata::{ItemMetadata, Metadata, StorageInfo, StorageKey, TensorMet
 use crate::plan::{check_region, plan_region, Region};
 use crate::torch_save::{self, PyObject, RecordError, TensorRecord};
 use crate::zip::ZipError;
-use memmap2::Mmap;
+use memmap2::{Mmap, MmapMut};
 use std::collections::HashMap;
 use std::fs::File;
 use std::ops::Range;
@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 #[derive(Debug)]
 pub struct DataFile {
   pub path: PathBuf,
+  file: File,
   map: Option<Mmap>,
 }
 
@@ -26,10 +27,30 @@ impl DataFile {
   fn open(path: PathBuf) -> std::io::Result<DataFile> {
     let file = File::open(&path)?;
     let len = file.metadata()?.len();
-    // SAFETY: the mapping is read-only and private to this process. A checkpoint being rewritten in place
-    // while it is read is outside the contract (DCP saves by writing new files and renaming .metadata).
-    let map = if len == 0 { None } else { Some(unsafe { Mmap::map(&file)? }) };
-    Ok(DataFile { path, map })
+    // SAFETY: the mapping is read-only. A checkpoint being truncated or rewritten in place while it is read is
+    // outside the contract (DCP saves by writing new files and renaming .metadata last).
+    let map = if len == 0 {
+      None
+    } else {
+      Some(unsafe { Mmap::map(&file)? })
+    };
+    Ok(DataFile { path, file, map })
+  }
+
+  /// A new copy-on-write mapping of `range` only. Each call returns memory at a fresh address, which matters for
+  /// JS: V8 refuses two external buffers over the same pointer (nodejs/node#32463). Copy-on-write, so a caller
+  /// that writes into it changes its private pages and never the checkpoint (and never faults).
+  fn map_range(&self, range: Range<usize>) -> std::io::Result<(MmapMut, usize)> {
+    let page = 4096;
+    let start = range.start - range.start % page;
+    // SAFETY: as in `open`; the mapping is private (MAP_PRIVATE), so writes never reach the file.
+    let map = unsafe {
+      memmap2::MmapOptions::new()
+        .offset(start as u64)
+        .len(range.end - start)
+        .map_copy(&self.file)?
+    };
+    Ok((map, range.start - start))
   }
 
   pub fn bytes(&self) -> &[u8] {
@@ -40,8 +61,14 @@ impl DataFile {
 /// The bytes of one stored item: a range of a mapped file, or a decompressed copy.
 #[derive(Debug, Clone)]
 pub enum Blob {
-  Mapped { file: Arc<DataFile>, range: Range<usize> },
-  Owned { path: PathBuf, bytes: Arc<Vec<u8>> },
+  Mapped {
+    file: Arc<DataFile>,
+    range: Range<usize>,
+  },
+  Owned {
+    path: PathBuf,
+    bytes: Arc<Vec<u8>>,
+  },
 }
 
 impl Blob {
@@ -68,10 +95,18 @@ pub struct ChunkLocation {
   pub info: StorageInfo,
 }
 
-/// A tensor's bytes that can be handed out as they are stored (see [`Checkpoint::stored_bytes`]).
-pub struct StoredBytes {
-  pub file: Arc<DataFile>,
-  pub range: Range<usize>,
+/// A tensor's stored bytes, mapped on their own (see [`Checkpoint::map_stored`]).
+pub struct MappedTensor {
+  pub map: MmapMut,
+  /// Where the tensor starts in `map`.
+  pub offset: usize,
+  pub len: usize,
+}
+
+impl MappedTensor {
+  pub fn bytes_mut(&mut self) -> &mut [u8] {
+    &mut self.map[self.offset..self.offset + self.len]
+  }
 }
 
 #[derive(Debug)]
@@ -97,11 +132,20 @@ impl Checkpoint {
       None => " or __0.metadata".to_owned(),
     };
     if !root.is_dir() {
-      return Err(Error::NoCheckpoint { path: root, rank_hint });
+      return Err(Error::NoCheckpoint {
+        path: root,
+        rank_hint,
+      });
     }
-    let candidates = [root.join(".metadata"), root.join(format!("__{}.metadata", rank.unwrap_or(0)))];
+    let candidates = [
+      root.join(".metadata"),
+      root.join(format!("__{}.metadata", rank.unwrap_or(0))),
+    ];
     let Some(metadata_path) = candidates.into_iter().find(|p| p.is_file()) else {
-      return Err(Error::NoCheckpoint { path: root, rank_hint });
+      return Err(Error::NoCheckpoint {
+        path: root,
+        rank_hint,
+      });
     };
     let bytes = std::fs::read(&metadata_path).map_err(|e| Error::io(&metadata_path, e))?;
     let metadata = Metadata::parse(&bytes, &metadata_path)?;
@@ -115,7 +159,13 @@ impl Checkpoint {
         });
       }
     }
-    Ok(Checkpoint { root, metadata_path, metadata, canonical_root, files: Mutex::new(HashMap::new()) })
+    Ok(Checkpoint {
+      root,
+      metadata_path,
+      metadata,
+      canonical_root,
+      files: Mutex::new(HashMap::new()),
+    })
   }
 
   pub fn keys(&self) -> impl Iterator<Item = &str> {
@@ -123,7 +173,10 @@ impl Checkpoint {
   }
 
   pub fn item(&self, key: &str) -> Result<&ItemMetadata> {
-    self.metadata.item(key).ok_or_else(|| Error::NoSuchKey { checkpoint: self.root.clone(), key: key.to_owned() })
+    self.metadata.item(key).ok_or_else(|| Error::NoSuchKey {
+      checkpoint: self.root.clone(),
+      key: key.to_owned(),
+    })
   }
 
   pub fn tensor(&self, key: &str) -> Result<&TensorMetadata> {
@@ -134,18 +187,29 @@ impl Checkpoint {
   }
 
   fn bad_request(&self, key: &str, reason: impl Into<String>) -> Error {
-    Error::BadRequest { checkpoint: self.root.clone(), key: key.to_owned(), reason: reason.into() }
+    Error::BadRequest {
+      checkpoint: self.root.clone(),
+      key: key.to_owned(),
+      reason: reason.into(),
+    }
   }
 
   fn storage_info(&self, fqn: &str, offset: Option<&[u64]>) -> Result<&StorageInfo> {
-    let key = StorageKey { fqn: fqn.to_owned(), offset: offset.map(<[u64]>::to_vec) };
-    self.metadata.storage_data.get(&key).ok_or_else(|| Error::Metadata {
-      path: self.metadata_path.clone(),
-      reason: match offset {
-        Some(o) => format!("key `{fqn}`: no storage entry for the chunk at {o:?}"),
-        None => format!("key `{fqn}`: no storage entry"),
-      },
-    })
+    let key = StorageKey {
+      fqn: fqn.to_owned(),
+      offset: offset.map(<[u64]>::to_vec),
+    };
+    self
+      .metadata
+      .storage_data
+      .get(&key)
+      .ok_or_else(|| Error::Metadata {
+        path: self.metadata_path.clone(),
+        reason: match offset {
+          Some(o) => format!("key `{fqn}`: no storage entry for the chunk at {o:?}"),
+          None => format!("key `{fqn}`: no storage entry"),
+        },
+      })
   }
 
   /// Where each chunk of a tensor is stored.
@@ -186,7 +250,11 @@ impl Checkpoint {
     };
     // a symlink may not lead out of the checkpoint
     if !canonical.starts_with(&self.canonical_root) {
-      return Err(Error::UnsafePath { checkpoint: self.root.clone(), key: key.to_owned(), relative_path: rel.to_owned() });
+      return Err(Error::UnsafePath {
+        checkpoint: self.root.clone(),
+        key: key.to_owned(),
+        relative_path: rel.to_owned(),
+      });
     }
     let file = Arc::new(DataFile::open(path.clone()).map_err(|e| Error::io(path, e))?);
     files.insert(rel.to_owned(), file.clone());
@@ -229,20 +297,32 @@ impl Checkpoint {
         reason: format!("zstd-compressed item does not decompress: {e}"),
       })?;
     }
-    Ok(Blob::Owned { path: file.path.clone(), bytes: Arc::new(bytes) })
+    Ok(Blob::Owned {
+      path: file.path.clone(),
+      bytes: Arc::new(bytes),
+    })
   }
 
   fn record_error(&self, blob: &Blob, key: &str, e: RecordError) -> Error {
     let path = blob.path().to_path_buf();
     match e {
-      RecordError::Zip(ZipError::Compressed { entry, method }) => {
-        Error::CompressedEntry { path, key: key.to_owned(), entry, method }
-      }
-      RecordError::Zip(ZipError::Malformed(reason)) => {
-        Error::Record { path, key: key.to_owned(), reason: format!("not a valid torch.save archive: {reason}") }
-      }
+      RecordError::Zip(ZipError::Compressed { entry, method }) => Error::CompressedEntry {
+        path,
+        key: key.to_owned(),
+        entry,
+        method,
+      },
+      RecordError::Zip(ZipError::Malformed(reason)) => Error::Record {
+        path,
+        key: key.to_owned(),
+        reason: format!("not a valid torch.save archive: {reason}"),
+      },
       RecordError::Forbidden { module, name } => Error::ForbiddenGlobal { path, module, name },
-      RecordError::Invalid(reason) => Error::Record { path, key: key.to_owned(), reason },
+      RecordError::Invalid(reason) => Error::Record {
+        path,
+        key: key.to_owned(),
+        reason,
+      },
     }
   }
 
@@ -326,7 +406,10 @@ impl Checkpoint {
   /// Reads the whole tensor into a new buffer.
   pub fn read_tensor(&self, key: &str) -> Result<Vec<u8>> {
     let t = self.tensor(key)?;
-    let len = t.numel().checked_mul(t.dtype().size() as u64).and_then(|n| usize::try_from(n).ok());
+    let len = t
+      .numel()
+      .checked_mul(t.dtype().size() as u64)
+      .and_then(|n| usize::try_from(n).ok());
     let Some(len) = len else {
       return Err(self.bad_request(key, "is too large to hold in memory"));
     };
@@ -335,25 +418,27 @@ impl Checkpoint {
     Ok(buf)
   }
 
-  /// The whole tensor's bytes exactly as stored, when they can be used in place: one chunk covering the
-  /// tensor, row-major, our byte order, and aligned for the element type. `None` otherwise.
-  pub fn stored_bytes(&self, key: &str) -> Result<Option<StoredBytes>> {
+  /// The whole tensor mapped straight from its data file, when its stored bytes are already what torch shows:
+  /// one chunk covering the tensor, row-major, our byte order, aligned for the element type. `None` otherwise.
+  pub fn map_stored(&self, key: &str) -> Result<Option<MappedTensor>> {
     let t = self.tensor(key)?;
     if t.chunks.len() != 1 || t.chunks[0].sizes != t.size || t.numel() == 0 {
       return Ok(None);
     }
     let (blob, rec) = self.chunk_record(key, 0)?;
-    let Blob::Mapped { file, range } = blob else { return Ok(None) };
-    if !rec.is_plain() {
+    let Blob::Mapped { file, range } = blob else {
       return Ok(None);
-    }
+    };
+    let es = t.dtype().size();
     let start = range.start + rec.storage.start;
-    let len = (t.numel() as usize) * t.dtype().size();
-    let ptr = file.bytes()[start..].as_ptr() as usize;
-    if ptr % t.dtype().size() != 0 {
+    if !rec.is_plain() || start % es != 0 {
       return Ok(None);
     }
-    Ok(Some(StoredBytes { file, range: start..start + len }))
+    let len = t.numel() as usize * es;
+    let (map, offset) = file
+      .map_range(start..start + len)
+      .map_err(|e| Error::io(&file.path, e))?;
+    Ok(Some(MappedTensor { map, offset, len }))
   }
 
   /// A non-tensor value.
@@ -387,7 +472,11 @@ fn materialise(obj: PyObject, blob: &[u8]) -> PyObject {
       if !data.is_empty() {
         copy_chunk(&blob[rec.storage.clone()], &rec, &read, &mut data, &rec.shape);
       }
-      PyObject::TensorData { dtype: rec.dtype, shape: rec.shape, data }
+      PyObject::TensorData {
+        dtype: rec.dtype,
+        shape: rec.shape,
+        data,
+      }
     }
     PyObject::List(v) => PyObject::List(v.into_iter().map(|o| materialise(o, blob)).collect()),
     PyObject::Tuple(v) => PyObject::Tuple(v.into_iter().map(|o| materialise(o, blob)).collect()),

@@ -63,7 +63,11 @@ pub enum PyObject {
   /// A tensor inside the archive (not yet read).
   Tensor(TensorRecord),
   /// A tensor's values, row-major, copied out of its archive.
-  TensorData { dtype: DType, shape: Vec<u64>, data: Vec<u8> },
+  TensorData {
+    dtype: DType,
+    shape: Vec<u64>,
+    data: Vec<u8>,
+  },
 }
 
 #[derive(Debug, PartialEq)]
@@ -80,7 +84,10 @@ fn invalid<T>(reason: impl Into<String>) -> Result<T, RecordError> {
 /// Globals a `torch.save` of tensors and plain Python values can reference (what `weights_only=True` permits).
 pub fn record_allows(module: &str, name: &str) -> bool {
   match module {
-    "torch._utils" => matches!(name, "_rebuild_tensor_v2" | "_rebuild_tensor_v3" | "_rebuild_parameter"),
+    "torch._utils" => matches!(
+      name,
+      "_rebuild_tensor_v2" | "_rebuild_tensor_v3" | "_rebuild_parameter"
+    ),
     "torch" => torch_value_global(name) || DType::from_legacy_storage_class(name).is_some(),
     "torch.storage" => name == "UntypedStorage",
     "collections" => name == "OrderedDict",
@@ -106,11 +113,14 @@ pub fn parse(blob: &[u8]) -> Result<PyObject, RecordError> {
   };
   let root = pickle::unpickle(&blob[pkl.data.clone()], &record_allows).map_err(|e| match e {
     pickle::UnpickleError::Forbidden { module, name } => RecordError::Forbidden { module, name },
-    pickle::UnpickleError::Malformed { pos, reason } => {
-      RecordError::Invalid(format!("data.pkl is not a valid pickle: {reason} (at byte {pos})"))
-    }
+    pickle::UnpickleError::Malformed { pos, reason } => RecordError::Invalid(format!(
+      "data.pkl is not a valid pickle: {reason} (at byte {pos})"
+    )),
   })?;
-  let cx = Rebuild { archive: &archive, big_endian };
+  let cx = Rebuild {
+    archive: &archive,
+    big_endian,
+  };
   cx.convert(&root, 0)
 }
 
@@ -181,7 +191,12 @@ impl Rebuild<'_> {
       };
     }
     if c.is("torch", "Size") {
-      return Ok(PyObject::Tuple(ints(&Value::Object(Box::new(o.clone())), "torch.Size")?.into_iter().map(|i| PyObject::Int(i as i64)).collect()));
+      return Ok(PyObject::Tuple(
+        ints(&Value::Object(Box::new(o.clone())), "torch.Size")?
+          .into_iter()
+          .map(|i| PyObject::Int(i as i64))
+          .collect(),
+      ));
     }
     if c.name == "complex" {
       return invalid("Python complex values are not supported");
@@ -238,10 +253,16 @@ impl Rebuild<'_> {
     let shape = ints(&a[2], "size")?;
     let stride = ints(&a[3], "stride")?;
     if shape.len() != stride.len() {
-      return invalid(format!("size {shape:?} and stride {stride:?} have different lengths"));
+      return invalid(format!(
+        "size {shape:?} and stride {stride:?} have different lengths"
+      ));
     }
     let meta_arg = if v3 { a.get(7) } else { a.get(6) };
-    let flag = |name: &str| meta_arg.and_then(|m| m.get(name)).is_some_and(|v| matches!(v, Value::Bool(true)));
+    let flag = |name: &str| {
+      meta_arg
+        .and_then(|m| m.get(name))
+        .is_some_and(|v| matches!(v, Value::Bool(true)))
+    };
     let rec = TensorRecord {
       dtype,
       shape,

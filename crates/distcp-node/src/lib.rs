@@ -1,1 +1,22 @@
+//! Node bindings for distcp-core. Thin on purpose: argument conversion, worker-thread tasks, zero-copy buffers
+//! and error mapping; every format rule lives in the core.
 #![deny(clippy::all)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod checkpoint;
+mod errors;
+mod values;
+
+pub use checkpoint::*;
+
+/// Throws from Rust code that panics, on the JS thread (sync) or on a worker (async). Used by the tests to prove
+/// that a panic becomes a JS error instead of aborting Node.
+#[napi_derive::napi(catch_unwind, ts_return_type = "Promise<void> | null")]
+pub fn panic_for_test(
+  where_: String,
+) -> napi::Result<Option<napi::bindgen_prelude::AsyncTask<errors::PanicTask>>> {
+  if where_ == "sync" {
+    panic!("deliberate panic for the no-panic-crosses-into-Node test");
+  }
+  Ok(Some(napi::bindgen_prelude::AsyncTask::new(errors::PanicTask)))
+}

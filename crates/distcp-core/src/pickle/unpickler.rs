@@ -35,7 +35,11 @@ enum Node {
   Dict(Vec<(Id, Id)>),
   Set(Vec<Id>),
   Global(Global),
-  Object { class: Global, args: Vec<Id>, state: Option<Id> },
+  Object {
+    class: Global,
+    args: Vec<Id>,
+    state: Option<Id>,
+  },
   PersistentId(Id),
 }
 
@@ -70,13 +74,21 @@ pub fn unpickle<A: AllowList + ?Sized>(data: &[u8], allow: &A) -> Result<Value, 
 
 impl<A: AllowList + ?Sized> Machine<'_, A> {
   fn err<T>(&self, reason: impl Into<String>) -> Result<T, UnpickleError> {
-    Err(UnpickleError::Malformed { pos: self.pos, reason: reason.into() })
+    Err(UnpickleError::Malformed {
+      pos: self.pos,
+      reason: reason.into(),
+    })
   }
 
   fn take(&mut self, n: usize) -> Result<&[u8], UnpickleError> {
     let end = match self.pos.checked_add(n) {
       Some(e) if e <= self.data.len() => e,
-      _ => return self.err(format!("truncated: wanted {n} more bytes, {} left", self.data.len() - self.pos)),
+      _ => {
+        return self.err(format!(
+          "truncated: wanted {n} more bytes, {} left",
+          self.data.len() - self.pos
+        ))
+      }
     };
     let s = &self.data[self.pos..end];
     self.pos = end;
@@ -174,7 +186,9 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
   fn as_global(&self, id: Id, what: &str) -> Result<Global, UnpickleError> {
     match &self.arena[id] {
       Node::Global(g) => Ok(g.clone()),
-      _ => self.err(format!("{what} expects a class or function, found something else")),
+      _ => self.err(format!(
+        "{what} expects a class or function, found something else"
+      )),
     }
   }
 
@@ -198,7 +212,11 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
       };
       return Node::Set(items);
     }
-    Node::Object { class, args, state: None }
+    Node::Object {
+      class,
+      args,
+      state: None,
+    }
   }
 
   fn memo_put(&mut self, key: u64) -> Result<(), UnpickleError> {
@@ -450,7 +468,8 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
         0x93 => {
           let name = self.pop()?;
           let module = self.pop()?;
-          let (Node::Scalar(Value::Str(m)), Node::Scalar(Value::Str(n))) = (&self.arena[module], &self.arena[name])
+          let (Node::Scalar(Value::Str(m)), Node::Scalar(Value::Str(n))) =
+            (&self.arena[module], &self.arena[name])
           else {
             return self.err("STACK_GLOBAL expects two strings");
           };
@@ -470,7 +489,11 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
           let cls = self.pop()?;
           let class = self.as_global(cls, "NEWOBJ")?;
           let args = self.tuple_items(args, "NEWOBJ")?;
-          self.push(Node::Object { class, args, state: None });
+          self.push(Node::Object {
+            class,
+            args,
+            state: None,
+          });
         }
         0x92 => {
           let _kwargs = self.pop()?;
@@ -478,7 +501,11 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
           let cls = self.pop()?;
           let class = self.as_global(cls, "NEWOBJ_EX")?;
           let args = self.tuple_items(args, "NEWOBJ_EX")?;
-          self.push(Node::Object { class, args, state: None });
+          self.push(Node::Object {
+            class,
+            args,
+            state: None,
+          });
         }
         b'i' => {
           let module = self.line_str()?;
@@ -487,7 +514,11 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
           if !self.allow.allows(&module, &name) {
             return Err(UnpickleError::Forbidden { module, name });
           }
-          self.push(Node::Object { class: Global { module, name }, args, state: None });
+          self.push(Node::Object {
+            class: Global { module, name },
+            args,
+            state: None,
+          });
         }
         b'o' => {
           let mut items = self.pop_mark()?;
@@ -496,7 +527,11 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
           }
           let cls = items.remove(0);
           let class = self.as_global(cls, "OBJ")?;
-          self.push(Node::Object { class, args: items, state: None });
+          self.push(Node::Object {
+            class,
+            args: items,
+            state: None,
+          });
         }
         b'b' => {
           let state = self.pop()?;
@@ -575,7 +610,10 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
     }
     *budget -= 1;
     let many = |ids: &[Id], budget: &mut usize| -> Result<Vec<Value>, UnpickleError> {
-      ids.iter().map(|&i| self.materialise(i, depth + 1, budget)).collect()
+      ids
+        .iter()
+        .map(|&i| self.materialise(i, depth + 1, budget))
+        .collect()
     };
     Ok(match &self.arena[id] {
       Node::Scalar(v) => v.clone(),
@@ -585,7 +623,10 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
       Node::Dict(pairs) => {
         let mut out = Vec::with_capacity(pairs.len());
         for &(k, v) in pairs {
-          out.push((self.materialise(k, depth + 1, budget)?, self.materialise(v, depth + 1, budget)?));
+          out.push((
+            self.materialise(k, depth + 1, budget)?,
+            self.materialise(v, depth + 1, budget)?,
+          ));
         }
         Value::Dict(out)
       }
@@ -666,21 +707,48 @@ mod tests {
     // CPython protocol 2 shape of os.system('echo hi') via REDUCE
     let bytes = b"\x80\x02cposix\nsystem\nq\x00X\x07\x00\x00\x00echo hiq\x01\x85q\x02Rq\x03.";
     let err = unpickle(bytes, &only_torch).unwrap_err();
-    assert_eq!(err, UnpickleError::Forbidden { module: "posix".into(), name: "system".into() });
+    assert_eq!(
+      err,
+      UnpickleError::Forbidden {
+        module: "posix".into(),
+        name: "system".into()
+      }
+    );
     // STACK_GLOBAL form (protocol 4): builtins.eval
     let bytes = b"\x80\x04\x8c\x08builtins\x8c\x04eval\x93\x8c\x041+1\x85R.";
     let err = unpickle(bytes, &only_torch).unwrap_err();
-    assert_eq!(err, UnpickleError::Forbidden { module: "builtins".into(), name: "eval".into() });
+    assert_eq!(
+      err,
+      UnpickleError::Forbidden {
+        module: "builtins".into(),
+        name: "eval".into()
+      }
+    );
   }
 
   #[test]
   fn truncated_and_garbage_are_errors() {
-    assert!(matches!(load(b"\x80\x02X\x10\x00\x00\x00abc"), Err(UnpickleError::Malformed { .. })));
+    assert!(matches!(
+      load(b"\x80\x02X\x10\x00\x00\x00abc"),
+      Err(UnpickleError::Malformed { .. })
+    ));
     assert!(matches!(load(b""), Err(UnpickleError::Malformed { .. })));
-    assert!(matches!(load(b"\x80\x02\xff"), Err(UnpickleError::Malformed { .. })));
-    assert!(matches!(load(b"\x80\x02a."), Err(UnpickleError::Malformed { .. })));
-    assert!(matches!(load(b"\x80\x02h\x05."), Err(UnpickleError::Malformed { .. })));
-    assert!(matches!(load(b"\x80\x02K\x01K\x02R."), Err(UnpickleError::Malformed { .. })));
+    assert!(matches!(
+      load(b"\x80\x02\xff"),
+      Err(UnpickleError::Malformed { .. })
+    ));
+    assert!(matches!(
+      load(b"\x80\x02a."),
+      Err(UnpickleError::Malformed { .. })
+    ));
+    assert!(matches!(
+      load(b"\x80\x02h\x05."),
+      Err(UnpickleError::Malformed { .. })
+    ));
+    assert!(matches!(
+      load(b"\x80\x02K\x01K\x02R."),
+      Err(UnpickleError::Malformed { .. })
+    ));
   }
 
   #[test]

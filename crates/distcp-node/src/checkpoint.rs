@@ -1,0 +1,416 @@
+//! `NativeCheckpoint`: an open checkpoint shared by JS and by worker-thread reads.
+
+use crate::errors::{guarded, invalid_arg, to_js};
+use crate::values;
+use distcp_core::checkpoint::MappedTensor;
+use distcp_core::metadata::{ItemMetadata, PathElem};
+use distcp_core::plan::Region;
+use distcp_core::Checkpoint;
+use napi::bindgen_prelude::{AsyncTask, Buffer, BufferSlice, Uint8Array};
+use napi::{Env, ScopedTask, Task};
+use napi_derive::napi;
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock};
+
+/// One stored chunk of a tensor (a box in global coordinates) and where its record is.
+#[napi(object)]
+pub struct ChunkInfo {
+  pub offsets: Vec<f64>,
+  pub sizes: Vec<f64>,
+  pub file: String,
+  /// Byte offset of the item's record in `file`.
+  pub byte_offset: f64,
+  /// Length of the record (a `torch.save` archive, or its compressed form).
+  pub byte_length: f64,
+}
+
+#[napi(object)]
+pub struct ItemInfo {
+  pub key: String,
+  /// `"tensor"` or `"object"` (a non-tensor value).
+  pub kind: String,
+  pub dtype: Option<String>,
+  pub shape: Option<Vec<f64>>,
+  /// Tensor: bytes of the whole tensor. Object: bytes of its stored record.
+  pub nbytes: f64,
+  pub chunks: Vec<ChunkInfo>,
+  pub files: Vec<String>,
+}
+
+#[napi(object)]
+pub struct CheckpointSummary {
+  pub path: String,
+  pub metadata_file: String,
+  /// `Metadata.version` (DCP format version, written by torch ≥ 2.9).
+  pub version: Option<String>,
+  pub tensor_properties_module: Option<String>,
+  pub save_id: Option<String>,
+  pub checkpoint_id: Option<String>,
+  pub files: Vec<String>,
+  /// Number of ranks that wrote data files (`__{rank}_{n}.distcp`).
+  pub ranks: u32,
+  pub has_planner_data: bool,
+  pub has_storage_meta: bool,
+}
+
+fn dims(v: &[u64]) -> Vec<f64> {
+  v.iter().map(|&x| x as f64).collect()
+}
+
+fn to_u64s(v: &[f64], what: &str) -> napi::Result<Vec<u64>> {
+  v.iter()
+    .map(|&x| {
+      if x >= 0.0 && x.fract() == 0.0 && x <= 9_007_199_254_740_991.0 {
+        Ok(x as u64)
+      } else {
+        Err(invalid_arg(format!(
+          "{what} must be non-negative integers, got {x}"
+        )))
+      }
+    })
+    .collect()
+}
+
+#[napi]
+pub struct NativeCheckpoint {
+  inner: Arc<RwLock<Option<Arc<Checkpoint>>>>,
+}
+
+impl NativeCheckpoint {
+  fn get(&self) -> napi::Result<Arc<Checkpoint>> {
+    let guard = self.inner.read().unwrap_or_else(|p| p.into_inner());
+    guard
+      .clone()
+      .ok_or_else(|| invalid_arg("the checkpoint was closed"))
+  }
+
+  fn region(
+    &self,
+    ck: &Checkpoint,
+    key: &str,
+    offsets: Option<Vec<f64>>,
+    sizes: Option<Vec<f64>>,
+  ) -> napi::Result<Region> {
+    let t = ck.tensor(key).map_err(to_js)?;
+    match (offsets, sizes) {
+      (None, None) => Ok(Region::whole(&t.size)),
+      (offsets, sizes) => {
+        let offsets = match offsets {
+          Some(o) => to_u64s(&o, "offsets")?,
+          None => vec![0; t.size.len()],
+        };
+        let sizes = match sizes {
+          Some(s) => to_u64s(&s, "sizes")?,
+          None => t
+            .size
+            .iter()
+            .zip(&offsets)
+            .map(|(n, o)| n.saturating_sub(*o))
+            .collect(),
+        };
+        Ok(Region { offsets, sizes })
+      }
+    }
+  }
+}
+
+pub struct OpenTask {
+  path: String,
+  rank: Option<u32>,
+}
+
+impl Task for OpenTask {
+  type Output = Checkpoint;
+  type JsValue = NativeCheckpoint;
+
+  fn compute(&mut self) -> napi::Result<Checkpoint> {
+    guarded(|| Checkpoint::open(&self.path, self.rank).map_err(to_js))
+  }
+
+  fn resolve(&mut self, _env: Env, ck: Checkpoint) -> napi::Result<NativeCheckpoint> {
+    Ok(NativeCheckpoint {
+      inner: Arc::new(RwLock::new(Some(Arc::new(ck)))),
+    })
+  }
+}
+
+/// Opens a checkpoint folder on a worker thread (parses `.metadata`).
+#[napi(ts_return_type = "Promise<NativeCheckpoint>")]
+pub fn open_native_checkpoint(path: String, rank: Option<u32>) -> AsyncTask<OpenTask> {
+  AsyncTask::new(OpenTask { path, rank })
+}
+
+/// Node's largest Buffer on 64-bit Node 20.
+const MAX_BUFFER: u64 = 1 << 32;
+
+pub enum ReadOutput {
+  Owned(Vec<u8>),
+  Mapped(MappedTensor),
+}
+
+pub struct ReadTask {
+  ck: Arc<Checkpoint>,
+  key: String,
+  region: Region,
+  whole: bool,
+}
+
+impl<'env> ScopedTask<'env> for ReadTask {
+  type Output = ReadOutput;
+  type JsValue = BufferSlice<'env>;
+
+  fn compute(&mut self) -> napi::Result<ReadOutput> {
+    guarded(|| {
+      if self.whole {
+        if let Some(mapped) = self.ck.map_stored(&self.key).map_err(to_js)? {
+          return Ok(ReadOutput::Mapped(mapped));
+        }
+      }
+      let dtype = self.ck.dtype(&self.key).map_err(to_js)?;
+      let len = self.region.numel() as usize * dtype.size();
+      let mut buf = vec![0u8; len];
+      self
+        .ck
+        .read_into(&self.key, &self.region, &mut buf)
+        .map_err(to_js)?;
+      Ok(ReadOutput::Owned(buf))
+    })
+  }
+
+  fn resolve(&mut self, env: &'env Env, output: ReadOutput) -> napi::Result<BufferSlice<'env>> {
+    match output {
+      ReadOutput::Owned(v) => BufferSlice::from_data(env, v),
+      ReadOutput::Mapped(mut m) => {
+        let bytes = m.bytes_mut();
+        let (ptr, len) = (bytes.as_mut_ptr(), bytes.len());
+        // SAFETY: `ptr..ptr+len` lies inside the mapping `m`, which the finalizer owns and drops only when JS
+        // collects the buffer (moving `m` does not move the mapped pages). Each read maps afresh, so no two
+        // buffers share a pointer. The mapping is private copy-on-write, so JS may write to it.
+        unsafe { BufferSlice::from_external(env, ptr, len, m, |_, m| drop(m)) }
+      }
+    }
+  }
+}
+
+pub struct ReadIntoTask {
+  ck: Arc<Checkpoint>,
+  key: String,
+  region: Region,
+  into: Uint8Array,
+}
+
+impl Task for ReadIntoTask {
+  type Output = ();
+  type JsValue = ();
+
+  fn compute(&mut self) -> napi::Result<()> {
+    guarded(|| {
+      // SAFETY: the caller promised (documented on `read`) not to touch `into` until the promise settles; the
+      // Uint8Array reference keeps its memory alive meanwhile.
+      let dst = unsafe { self.into.as_mut() };
+      self.ck.read_into(&self.key, &self.region, dst).map_err(to_js)
+    })
+  }
+
+  fn resolve(&mut self, _env: Env, _output: ()) -> napi::Result<()> {
+    Ok(())
+  }
+}
+
+#[napi(object)]
+pub struct EncodedObject {
+  /// Tagged JSON (see `src/values.ts`).
+  pub json: String,
+  pub buffers: Vec<Buffer>,
+}
+
+pub struct ReadObjectTask {
+  ck: Arc<Checkpoint>,
+  key: String,
+}
+
+impl Task for ReadObjectTask {
+  type Output = (String, Vec<Vec<u8>>);
+  type JsValue = EncodedObject;
+
+  fn compute(&mut self) -> napi::Result<(String, Vec<Vec<u8>>)> {
+    guarded(|| {
+      let obj = self.ck.read_object(&self.key).map_err(to_js)?;
+      let mut buffers = Vec::new();
+      let json = values::encode(obj, &mut buffers);
+      Ok((json.to_string(), buffers))
+    })
+  }
+
+  fn resolve(&mut self, _env: Env, (json, buffers): (String, Vec<Vec<u8>>)) -> napi::Result<EncodedObject> {
+    Ok(EncodedObject {
+      json,
+      buffers: buffers.into_iter().map(Buffer::from).collect(),
+    })
+  }
+}
+
+#[napi]
+impl NativeCheckpoint {
+  /// Flat keys in `.metadata` order.
+  #[napi(catch_unwind)]
+  pub fn keys(&self) -> napi::Result<Vec<String>> {
+    Ok(self.get()?.keys().map(str::to_owned).collect())
+  }
+
+  #[napi(catch_unwind)]
+  pub fn info(&self, key: String) -> napi::Result<ItemInfo> {
+    let ck = self.get()?;
+    match ck.item(&key).map_err(to_js)? {
+      ItemMetadata::Tensor(t) => {
+        let chunks = ck.chunk_locations(&key).map_err(to_js)?;
+        let files: BTreeSet<String> = chunks.iter().map(|c| c.info.relative_path.clone()).collect();
+        Ok(ItemInfo {
+          kind: "tensor".into(),
+          dtype: Some(t.dtype().name().into()),
+          shape: Some(dims(&t.size)),
+          nbytes: (t.numel() * t.dtype().size() as u64) as f64,
+          chunks: chunks
+            .into_iter()
+            .map(|c| ChunkInfo {
+              offsets: dims(&c.offsets),
+              sizes: dims(&c.sizes),
+              file: c.info.relative_path,
+              byte_offset: c.info.offset as f64,
+              byte_length: c.info.length as f64,
+            })
+            .collect(),
+          files: files.into_iter().collect(),
+          key,
+        })
+      }
+      ItemMetadata::Bytes => {
+        let loc = ck.object_location(&key).map_err(to_js)?;
+        Ok(ItemInfo {
+          kind: "object".into(),
+          dtype: None,
+          shape: None,
+          nbytes: loc.length as f64,
+          chunks: Vec::new(),
+          files: vec![loc.relative_path],
+          key,
+        })
+      }
+    }
+  }
+
+  /// Each key's path in the original nested state dict (`planner_data`), as JSON `{key: [str|int, ...]}`, or
+  /// null when the checkpoint has none.
+  #[napi(catch_unwind)]
+  pub fn planner_paths_json(&self) -> napi::Result<Option<String>> {
+    let ck = self.get()?;
+    let Some(pd) = &ck.metadata.planner_data else {
+      return Ok(None);
+    };
+    let mut map = serde_json::Map::new();
+    for key in ck.keys() {
+      if let Some(path) = pd.get(key) {
+        let elems: Vec<serde_json::Value> = path
+          .iter()
+          .map(|p| match p {
+            PathElem::Key(k) => serde_json::Value::String(k.clone()),
+            PathElem::Index(i) => serde_json::Value::from(*i),
+          })
+          .collect();
+        map.insert(key.to_owned(), serde_json::Value::Array(elems));
+      }
+    }
+    Ok(Some(serde_json::Value::Object(map).to_string()))
+  }
+
+  #[napi(catch_unwind)]
+  pub fn summary(&self) -> napi::Result<CheckpointSummary> {
+    let ck = self.get()?;
+    let md = &ck.metadata;
+    let files: BTreeSet<String> = md
+      .storage_data
+      .values()
+      .map(|i| i.relative_path.clone())
+      .collect();
+    let ranks: BTreeSet<&str> = files
+      .iter()
+      .filter_map(|f| f.strip_prefix("__").and_then(|r| r.split('_').next()))
+      .collect();
+    Ok(CheckpointSummary {
+      path: ck.root.to_string_lossy().into_owned(),
+      metadata_file: ck
+        .metadata_path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default(),
+      version: md.version.clone(),
+      tensor_properties_module: md.tensor_properties_module().map(str::to_owned),
+      save_id: md.storage_meta.as_ref().and_then(|s| s.save_id.clone()),
+      checkpoint_id: md.storage_meta.as_ref().and_then(|s| s.checkpoint_id.clone()),
+      ranks: ranks.len() as u32,
+      files: files.into_iter().collect(),
+      has_planner_data: md.planner_data.is_some(),
+      has_storage_meta: md.storage_meta.is_some(),
+    })
+  }
+
+  /// Reads a tensor, or the box `offsets`/`sizes` of it, into a new Buffer (row-major). A whole tensor stored
+  /// plainly comes back as a copy-on-write mapping of the file, without a copy.
+  #[napi(ts_return_type = "Promise<Buffer>")]
+  pub fn read(
+    &self,
+    key: String,
+    offsets: Option<Vec<f64>>,
+    sizes: Option<Vec<f64>>,
+  ) -> napi::Result<AsyncTask<ReadTask>> {
+    let ck = self.get()?;
+    let whole = offsets.is_none() && sizes.is_none();
+    let region = self.region(&ck, &key, offsets, sizes)?;
+    let dtype = ck.dtype(&key).map_err(to_js)?;
+    let bytes = region.numel().saturating_mul(dtype.size() as u64);
+    if bytes >= MAX_BUFFER {
+      return Err(invalid_arg(format!(
+        "key `{key}`: {bytes} bytes is more than one Node buffer can hold ({MAX_BUFFER}); read it in boxes with \
+         offsets/sizes, or into your own memory with `into`"
+      )));
+    }
+    Ok(AsyncTask::new(ReadTask {
+      ck,
+      key,
+      region,
+      whole,
+    }))
+  }
+
+  /// Reads a tensor (or a box of it) straight into `into`, which must hold exactly its bytes.
+  #[napi(ts_return_type = "Promise<void>")]
+  pub fn read_into(
+    &self,
+    key: String,
+    into: Uint8Array,
+    offsets: Option<Vec<f64>>,
+    sizes: Option<Vec<f64>>,
+  ) -> napi::Result<AsyncTask<ReadIntoTask>> {
+    let ck = self.get()?;
+    let region = self.region(&ck, &key, offsets, sizes)?;
+    Ok(AsyncTask::new(ReadIntoTask {
+      ck,
+      key,
+      region,
+      into,
+    }))
+  }
+
+  /// Reads a non-tensor value (encoded, see `src/values.ts`).
+  #[napi(ts_return_type = "Promise<EncodedObject>")]
+  pub fn read_object(&self, key: String) -> napi::Result<AsyncTask<ReadObjectTask>> {
+    Ok(AsyncTask::new(ReadObjectTask { ck: self.get()?, key }))
+  }
+
+  /// Drops the metadata and data-file mappings held by this handle (buffers already handed out stay valid).
+  #[napi]
+  pub fn close(&self) {
+    let mut guard = self.inner.write().unwrap_or_else(|p| p.into_inner());
+    *guard = None;
+  }
+}

@@ -1,0 +1,191 @@
+import { awaitNative, callNative, DistcpError } from './errors.js'
+import { native, type NativeCheckpoint, type CheckpointSummary } from './native.js'
+import { elementSize, numel, type DType, type Tensor } from './tensor.js'
+import { decodeValue, type PyValue } from './values.js'
+
+export type { CheckpointSummary }
+
+/** One stored chunk of a tensor: a box in global coordinates, and where its record lies. */
+export interface ChunkInfo {
+  offsets: number[]
+  sizes: number[]
+  file: string
+  byteOffset: number
+  byteLength: number
+}
+
+export interface TensorInfo {
+  key: string
+  kind: 'tensor'
+  dtype: DType
+  shape: number[]
+  /** Bytes of the whole tensor. */
+  nbytes: number
+  chunks: ChunkInfo[]
+  files: string[]
+}
+
+export interface ObjectInfo {
+  key: string
+  kind: 'object'
+  /** Bytes of the stored record. */
+  nbytes: number
+  files: string[]
+}
+
+export interface ReadOptions {
+  /**
+   * Read into this memory instead of a new buffer; it must hold exactly the requested bytes. Do not read or
+   * write it until the promise settles: the read runs on another thread.
+   */
+  into?: ArrayBufferView
+  /** Start of the box to read, per dimension (default: 0). */
+  offsets?: number[]
+  /** Size of the box to read, per dimension (default: to the end). */
+  sizes?: number[]
+}
+
+export interface ObjectReadOptions {
+  /** Keep Python's types: floats as PyFloat, tuples as PyTuple, dicts as Map. */
+  exact?: boolean
+}
+
+/** A nested state dict as torch saved it: dicts, lists, tensors and plain values. */
+export type StateDict = { [key: string]: StateValue }
+export type StateValue = PyValue | Tensor | StateValue[] | StateDict
+
+/** An open DCP checkpoint folder. Reads run on worker threads; only the chunks a read needs are touched. */
+export class Checkpoint {
+  readonly #native: NativeCheckpoint
+  readonly path: string
+
+  /** @internal use {@link openCheckpoint} */
+  constructor(nativeCheckpoint: NativeCheckpoint, path: string) {
+    this.#native = nativeCheckpoint
+    this.path = path
+  }
+
+  /** Flat keys (`model.layers.0.weight`, `optim.param_groups.0.lr`, …) in `.metadata` order. */
+  keys(): string[] {
+    return callNative(() => this.#native.keys())
+  }
+
+  /** dtype, shape and chunks of a tensor, or the size of a non-tensor value. */
+  info(key: string): TensorInfo | ObjectInfo {
+    const i = callNative(() => this.#native.info(key))
+    if (i.kind === 'tensor') {
+      return {
+        key,
+        kind: 'tensor',
+        dtype: i.dtype as DType,
+        shape: i.shape ?? [],
+        nbytes: i.nbytes,
+        chunks: i.chunks,
+        files: i.files,
+      }
+    }
+    return { key, kind: 'object', nbytes: i.nbytes, files: i.files }
+  }
+
+  /** Files, ranks and format details recorded in `.metadata`. */
+  summary(): CheckpointSummary {
+    return callNative(() => this.#native.summary())
+  }
+
+  /**
+   * Reads a tensor, or a box of it (`offsets`/`sizes`), gathering bytes from every stored chunk whatever
+   * dimension it was sharded on. A whole tensor stored as one plain chunk comes back without a copy (a
+   * copy-on-write mapping of the file).
+   */
+  async read(key: string, options: ReadOptions = {}): Promise<Tensor> {
+    const info = this.info(key)
+    if (info.kind !== 'tensor') throw new DistcpError('ERR_DISTCP_BAD_REQUEST', `key \`${key}\` is not a tensor`)
+    const { into, offsets, sizes } = options
+    const shape = sizes ?? (offsets ? info.shape.map((n, d) => n - (offsets[d] ?? 0)) : info.shape)
+    if (into) {
+      const bytes = new Uint8Array(into.buffer, into.byteOffset, into.byteLength)
+      const want = numel(shape) * elementSize(info.dtype)
+      if (bytes.byteLength !== want) {
+        throw new DistcpError(
+          'ERR_DISTCP_BAD_REQUEST',
+          `key \`${key}\`: \`into\` holds ${bytes.byteLength} bytes, the ${info.dtype} box [${shape}] needs ${want}`,
+        )
+      }
+      await awaitNative(() => this.#native.readInto(key, bytes, offsets, sizes))
+      return { dtype: info.dtype, shape, data: bytes }
+    }
+    const data = await awaitNative(() => this.#native.read(key, offsets, sizes))
+    return { dtype: info.dtype, shape, data }
+  }
+
+  /** Reads a non-tensor value (an int, a float, a list, a dict, …). */
+  async readObject(key: string, options: ObjectReadOptions = {}): Promise<PyValue> {
+    const { json, buffers } = await awaitNative(() => this.#native.readObject(key))
+    return decodeValue(json, buffers, options.exact ?? false)
+  }
+
+  /** Each key's path in the nested state dict, from `planner_data` (a key without one is its own path). */
+  paths(): Map<string, (string | number)[]> {
+    const json = callNative(() => this.#native.plannerPathsJson())
+    const recorded = json ? (JSON.parse(json) as Record<string, (string | number)[]>) : {}
+    return new Map(this.keys().map((k) => [k, recorded[k] ?? [k]]))
+  }
+
+  /**
+   * Reads everything into the nested state dict torch saved, unflattened through `planner_data` (works for
+   * both the torch ≤ 2.3 and ≥ 2.4 key layouts).
+   */
+  async readAll(options: ObjectReadOptions = {}): Promise<StateDict> {
+    const root: StateDict = {}
+    for (const [key, path] of this.paths()) {
+      const value = this.info(key).kind === 'tensor' ? await this.read(key) : await this.readObject(key, options)
+      setElement(root, path, value, key)
+    }
+    return root
+  }
+
+  /** Releases the metadata and file mappings. Tensors already read stay valid. */
+  close(): void {
+    this.#native.close()
+  }
+}
+
+function setElement(root: StateDict, path: (string | number)[], value: StateValue, key: string): void {
+  let node: StateDict | StateValue[] = root
+  for (let i = 0; i < path.length; i++) {
+    const step = path[i]
+    const last = i === path.length - 1
+    const slot = Array.isArray(node) ? Number(step) : String(step)
+    const container = node as Record<string | number, StateValue>
+    if (last) {
+      if (container[slot] !== undefined && container[slot] !== null) {
+        throw new DistcpError('ERR_DISTCP_METADATA', `key \`${key}\`: two keys map to the same place in the state dict`)
+      }
+      container[slot] = value
+      return
+    }
+    let next = container[slot]
+    if (next === undefined || next === null) {
+      next = typeof path[i + 1] === 'number' ? [] : {}
+      if (Array.isArray(node)) {
+        while (node.length < Number(step)) node.push(null)
+      }
+      container[slot] = next
+    }
+    if (typeof next !== 'object' || next instanceof Uint8Array || 'dtype' in (next as object)) {
+      throw new DistcpError('ERR_DISTCP_METADATA', `key \`${key}\`: its path runs through another value`)
+    }
+    node = next as StateDict | StateValue[]
+  }
+}
+
+export interface OpenOptions {
+  /** For checkpoints saved without collectives: read the rank-local `__{rank}.metadata`. */
+  rank?: number
+}
+
+/** Opens a DCP checkpoint folder (the one holding `.metadata`). */
+export async function openCheckpoint(path: string, options: OpenOptions = {}): Promise<Checkpoint> {
+  const n = await awaitNative(() => native.openNativeCheckpoint(path, options.rank))
+  return new Checkpoint(n, path)
+}

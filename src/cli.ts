@@ -1,0 +1,146 @@
+import { openCheckpoint, type Checkpoint, type TensorInfo, type ObjectInfo } from './checkpoint.js'
+import { DistcpError } from './errors.js'
+
+const USAGE = `usage: distcp inspect <checkpoint-dir> [--json] [--rank N]
+
+  inspect   list every key of a PyTorch DCP checkpoint (dtype, shape, chunks, bytes, files) and totals
+`
+
+function humanBytes(n: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB']
+  let i = 0
+  while (n >= 1024 && i < units.length - 1) {
+    n /= 1024
+    i++
+  }
+  return i === 0 ? `${n} B` : `${n.toFixed(1)} ${units[i]}`
+}
+
+interface Inventory {
+  path: string
+  items: (TensorInfo | ObjectInfo)[]
+  totals: {
+    keys: number
+    tensors: number
+    objects: number
+    tensorBytes: number
+    objectBytes: number
+    chunks: number
+    ranks: number
+    files: string[]
+  }
+  format: {
+    metadataFile: string
+    dcpVersion: string | null
+    writtenBy: string
+    keyLayout: string
+    tensorPropertiesModule: string | null
+    saveId: string | null
+  }
+}
+
+/** torch records no version of its own in a checkpoint; these fields still date the writer. */
+function writerHint(module: string | undefined, hasStorageMeta: boolean, version: string | undefined): string {
+  if (version) return `torch >= 2.9 (DCP format ${version})`
+  if (hasStorageMeta) return 'torch 2.4 - 2.8'
+  if (module === 'torch.distributed.checkpoint.metadata') return 'torch 2.3'
+  if (module) return 'torch 2.0 - 2.2 (or a writer targeting every torch 2.x)'
+  return 'unknown'
+}
+
+export function inventory(ck: Checkpoint): Inventory {
+  const s = ck.summary()
+  const items = ck.keys().map((k) => ck.info(k))
+  const tensors = items.filter((i): i is TensorInfo => i.kind === 'tensor')
+  const objects = items.filter((i): i is ObjectInfo => i.kind === 'object')
+  const writtenBy = writerHint(s.tensorPropertiesModule, s.hasStorageMeta, s.version)
+  return {
+    path: ck.path,
+    items,
+    totals: {
+      keys: items.length,
+      tensors: tensors.length,
+      objects: objects.length,
+      tensorBytes: tensors.reduce((a, t) => a + t.nbytes, 0),
+      objectBytes: objects.reduce((a, o) => a + o.nbytes, 0),
+      chunks: tensors.reduce((a, t) => a + t.chunks.length, 0),
+      ranks: s.ranks,
+      files: s.files,
+    },
+    format: {
+      metadataFile: s.metadataFile,
+      dcpVersion: s.version ?? null,
+      writtenBy,
+      keyLayout: s.hasStorageMeta || s.version ? 'torch >= 2.4 (every dict recursed)' : 'torch <= 2.3 or >= 2.4',
+      tensorPropertiesModule: s.tensorPropertiesModule ?? null,
+      saveId: s.saveId ?? null,
+    },
+  }
+}
+
+function table(rows: string[][]): string {
+  const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => r[c].length)))
+  return rows.map((r) => r.map((cell, c) => cell.padEnd(widths[c])).join('  ').trimEnd()).join('\n')
+}
+
+function printInventory(inv: Inventory): void {
+  const rows = [['key', 'dtype', 'shape', 'chunks', 'bytes', 'files']]
+  for (const i of inv.items) {
+    if (i.kind === 'tensor') {
+      rows.push([i.key, i.dtype, `[${i.shape.join(', ')}]`, String(i.chunks.length), humanBytes(i.nbytes), i.files.join(',')])
+    } else {
+      rows.push([i.key, '(object)', '', '', humanBytes(i.nbytes), i.files.join(',')])
+    }
+  }
+  const t = inv.totals
+  const f = inv.format
+  console.log(table(rows))
+  console.log()
+  console.log(`checkpoint   ${inv.path}`)
+  console.log(`keys         ${t.keys} (${t.tensors} tensors in ${t.chunks} chunks, ${t.objects} other values)`)
+  console.log(`bytes        ${humanBytes(t.tensorBytes)} of tensors, ${humanBytes(t.objectBytes)} of other values`)
+  console.log(`ranks        ${t.ranks} (${t.files.length} data files)`)
+  console.log(`written by   ${f.writtenBy}`)
+  console.log(`key layout   ${f.keyLayout}`)
+  console.log(`metadata     ${f.metadataFile}${f.tensorPropertiesModule ? `, TensorProperties from ${f.tensorPropertiesModule}` : ''}`)
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv
+  if (!command || command === '--help' || command === '-h') {
+    process.stdout.write(USAGE)
+    return command ? 0 : 2
+  }
+  if (command !== 'inspect') {
+    process.stderr.write(`distcp: unknown command \`${command}\`\n${USAGE}`)
+    return 2
+  }
+  let json = false
+  let rank: number | undefined
+  const positional: string[] = []
+  for (let i = 0; i < rest.length; i++) {
+    const a = rest[i]
+    if (a === '--json') json = true
+    else if (a === '--rank') rank = Number(rest[++i])
+    else if (a.startsWith('-')) {
+      process.stderr.write(`distcp: unknown option \`${a}\`\n${USAGE}`)
+      return 2
+    } else positional.push(a)
+  }
+  if (positional.length !== 1 || (rank !== undefined && !Number.isInteger(rank))) {
+    process.stderr.write(USAGE)
+    return 2
+  }
+  try {
+    const ck = await openCheckpoint(positional[0], { rank })
+    const inv = inventory(ck)
+    ck.close()
+    if (json) console.log(JSON.stringify(inv, null, 2))
+    else printInventory(inv)
+    return 0
+  } catch (e) {
+    const msg = e instanceof DistcpError ? `${e.message} (${e.code})` : String(e)
+    process.stderr.write(`distcp: ${msg}\n`)
+    return 1
+  }
+}

@@ -1,0 +1,21 @@
+/**
+ * distcp: PyTorch Distributed Checkpoints (DCP) from Node.js.
+ * @packageDocumentation
+ */
+export { openCheckpoint, Checkpoint } from './checkpoint.js'
+export type {
+  ChunkInfo,
+  TensorInfo,
+  ObjectInfo,
+  ReadOptions,
+  ObjectReadOptions,
+  OpenOptions,
+  StateDict,
+  StateValue,
+  CheckpointSummary,
+} from './checkpoint.js'
+export { typedArray, elementSize, numel, isTensor } from './tensor.js'
+export type { DType, Tensor, TypedArrayFor } from './tensor.js'
+export { PyFloat, PyTuple } from './values.js'
+export type { PyValue } from './values.js'
+export { DistcpError } from './errors.js'

@@ -1,0 +1,87 @@
+import type { DType, Tensor } from './tensor.js'
+
+/** A Python float, kept distinct from an int (only in `exact` mode; otherwise floats are plain numbers). */
+export class PyFloat {
+  constructor(readonly value: number) {}
+  valueOf(): number {
+    return this.value
+  }
+}
+
+/** A Python tuple (only in `exact` mode; otherwise tuples are arrays). */
+export class PyTuple {
+  constructor(readonly items: PyValue[]) {}
+}
+
+/**
+ * A non-tensor value from a checkpoint. Plain mode: None → null, int → number (bigint beyond 2^53), float →
+ * number, str → string, bytes → Uint8Array, list/tuple → array, dict → plain object (keys stringified), tensor →
+ * Tensor. Exact mode keeps Python's types: PyFloat, PyTuple, and dicts as Map with their original keys.
+ */
+export type PyValue =
+  | null
+  | boolean
+  | number
+  | bigint
+  | string
+  | Uint8Array
+  | Tensor
+  | PyFloat
+  | PyTuple
+  | PyValue[]
+  | Map<PyValue, PyValue>
+  | { [key: string]: PyValue }
+
+type Encoded =
+  | null
+  | boolean
+  | number
+  | string
+  | Encoded[]
+  | { $f: string }
+  | { $i: string }
+  | { $t: Encoded[] }
+  | { $d: [Encoded, Encoded][] }
+  | { $b: number }
+  | { $tensor: number; dtype: DType; shape: number[] }
+
+function floatFromBits(hex: string): number {
+  const view = new DataView(new ArrayBuffer(8))
+  view.setBigUint64(0, BigInt('0x' + hex))
+  return view.getFloat64(0)
+}
+
+function keyString(k: PyValue): string {
+  if (typeof k === 'string') return k
+  if (k instanceof PyFloat) return String(k.value)
+  if (k === null) return 'None'
+  if (typeof k === 'boolean') return k ? 'True' : 'False'
+  return String(k)
+}
+
+/** Decodes the tagged JSON the native layer produces (see crates/distcp-node/src/values.rs). */
+export function decodeValue(json: string, buffers: Uint8Array[], exact: boolean): PyValue {
+  const walk = (e: Encoded): PyValue => {
+    if (e === null || typeof e === 'boolean' || typeof e === 'number' || typeof e === 'string') return e
+    if (Array.isArray(e)) return e.map(walk)
+    if ('$f' in e) {
+      const f = floatFromBits(e.$f)
+      return exact ? new PyFloat(f) : f
+    }
+    if ('$i' in e) return BigInt(e.$i)
+    if ('$t' in e) {
+      const items = e.$t.map(walk)
+      return exact ? new PyTuple(items) : items
+    }
+    if ('$b' in e) return buffers[e.$b]
+    if ('$tensor' in e) return { dtype: e.dtype, shape: e.shape, data: buffers[e.$tensor] }
+    if ('$d' in e) {
+      if (exact) return new Map(e.$d.map(([k, v]) => [walk(k), walk(v)] as [PyValue, PyValue]))
+      const out: { [key: string]: PyValue } = {}
+      for (const [k, v] of e.$d) out[keyString(walk(k))] = walk(v)
+      return out
+    }
+    throw new Error('distcp: unknown value encoding from the native layer')
+  }
+  return walk(JSON.parse(json) as Encoded)
+}
