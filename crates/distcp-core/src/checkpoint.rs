@@ -150,14 +150,19 @@ impl Checkpoint {
     let bytes = std::fs::read(&metadata_path).map_err(|e| Error::io(&metadata_path, e))?;
     let metadata = Metadata::parse(&bytes, &metadata_path)?;
     let canonical_root = root.canonicalize().map_err(|e| Error::io(&root, e))?;
-    for (key, info) in &metadata.storage_data {
-      if !check_relative_path(&info.relative_path) {
-        return Err(Error::UnsafePath {
-          checkpoint: root,
-          key: key.fqn.clone(),
-          relative_path: info.relative_path.clone(),
-        });
-      }
+    // in key order, so the error names the first offending key the same way every time
+    let mut unsafe_paths: Vec<(&StorageKey, &StorageInfo)> = metadata
+      .storage_data
+      .iter()
+      .filter(|(_, i)| !check_relative_path(&i.relative_path))
+      .collect();
+    unsafe_paths.sort_by_key(|(k, _)| metadata.items.iter().position(|(f, _)| *f == k.fqn));
+    if let Some((key, info)) = unsafe_paths.first() {
+      return Err(Error::UnsafePath {
+        checkpoint: root.clone(),
+        key: key.fqn.clone(),
+        relative_path: info.relative_path.clone(),
+      });
     }
     Ok(Checkpoint {
       root,

@@ -370,8 +370,9 @@ impl NativeCheckpoint {
     let bytes = region.numel().saturating_mul(dtype.size() as u64);
     if bytes >= MAX_BUFFER {
       return Err(invalid_arg(format!(
-        "key `{key}`: {bytes} bytes is more than one Node buffer can hold ({MAX_BUFFER}); read it in boxes with \
-         offsets/sizes, or into your own memory with `into`"
+        "{}: key `{key}`: {bytes} bytes is more than one Node buffer can hold ({MAX_BUFFER}); read it in boxes with \
+         offsets/sizes, or into your own memory with `into`",
+        ck.root.display()
       )));
     }
     Ok(AsyncTask::new(ReadTask {

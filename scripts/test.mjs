@@ -1,0 +1,72 @@
+#!/usr/bin/env node
+// `npm test`: Rust tests, then the ava suites (which include interop with real torch). Sets up on first run
+// what the suites need: the native build and the `.venv` with the pinned torch. Ends with one summary line.
+import { spawnSync } from 'node:child_process'
+import { existsSync } from 'node:fs'
+import { join } from 'node:path'
+
+const root = new URL('..', import.meta.url).pathname
+const venvPython = join(root, '.venv', 'bin', 'python')
+
+function run(cmd, args, opts = {}) {
+  const r = spawnSync(cmd, args, { cwd: root, encoding: 'utf8', maxBuffer: 1 << 28, ...opts })
+  if (r.error) throw r.error
+  return r
+}
+
+function show(r) {
+  process.stdout.write(r.stdout ?? '')
+  process.stderr.write(r.stderr ?? '')
+}
+
+function setupVenv() {
+  const pinned = run(venvPython, ['-c', 'import torch, safetensors, numpy; print(torch.__version__)'])
+  const want = /^torch==(.+)$/m.exec(run('cat', ['interop/requirements.txt']).stdout)?.[1]
+  if (pinned.status === 0 && want && pinned.stdout.trim().startsWith(want)) return
+  console.log(`npm test: setting up .venv with ${want ? `torch ${want}` : 'the pinned torch'} (once per machine)`)
+  const py = process.env.PYTHON ?? 'python3'
+  if (!existsSync(venvPython)) {
+    const r = run(py, ['-m', 'venv', '.venv'], { stdio: 'inherit' })
+    if (r.status !== 0) throw new Error('could not create .venv')
+  }
+  const r = run(venvPython, ['-m', 'pip', 'install', '-q', '-r', 'interop/requirements.txt'], { stdio: 'inherit' })
+  if (r.status !== 0) throw new Error('pip install -r interop/requirements.txt failed')
+}
+
+let passed = 0
+let failed = 0
+
+if (!existsSync(join(root, 'dist', 'index.js')) || !existsSync(join(root, 'index.cjs'))) {
+  console.log('npm test: no build found, running npm run build')
+  const r = run('npm', ['run', 'build'], { stdio: 'inherit' })
+  if (r.status !== 0) process.exit(1)
+}
+setupVenv()
+
+// Rust
+{
+  const r = run('cargo', ['test', '--workspace', '--locked'])
+  show(r)
+  const text = `${r.stdout}\n${r.stderr}`
+  let counted = false
+  for (const m of text.matchAll(/test result: \w+\. (\d+) passed; (\d+) failed/g)) {
+    passed += Number(m[1])
+    failed += Number(m[2])
+    counted = true
+  }
+  if (r.status !== 0 && !counted) failed += 1 // did not even build
+}
+
+// ava (TypeScript suites, interop included)
+{
+  const r = run('npx', ['ava', '--tap'], { env: { ...process.env, DISTCP_PYTHON: venvPython } })
+  show(r)
+  const ok = (r.stdout.match(/^ok \d+/gm) ?? []).length
+  const notOk = (r.stdout.match(/^not ok \d+/gm) ?? []).length
+  passed += ok
+  failed += notOk
+  if (r.status !== 0 && notOk === 0) failed += 1 // crashed or found no tests
+}
+
+console.log(`${passed} passed, ${failed} failed`)
+process.exit(failed === 0 ? 0 : 1)
