@@ -29,14 +29,15 @@ pub fn copy_chunk(storage: &[u8], rec: &TensorRecord, read: &ChunkRead, dst: &mu
   let mut src_base = rec.storage_offset as usize;
   let mut dst_base = 0usize;
   let mut dims: Vec<Dim> = Vec::with_capacity(read.lengths.len());
-  for d in 0..read.lengths.len() {
-    src_base += read.src_start[d] as usize * rec.stride[d] as usize;
-    dst_base += read.dst_start[d] as usize * dst_strides[d] as usize;
-    if read.lengths[d] != 1 {
+  for (d, &len) in read.lengths.iter().enumerate() {
+    let (src, dst) = (rec.stride[d] as usize, dst_strides[d] as usize);
+    src_base += read.src_start[d] as usize * src;
+    dst_base += read.dst_start[d] as usize * dst;
+    if len != 1 {
       dims.push(Dim {
-        len: read.lengths[d] as usize,
-        src: rec.stride[d] as usize,
-        dst: dst_strides[d] as usize,
+        len: len as usize,
+        src,
+        dst,
       });
     }
   }

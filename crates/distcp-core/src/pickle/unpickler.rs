@@ -236,7 +236,7 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
   }
 
   fn set_items(&mut self, target: Id, items: Vec<Id>) -> Result<(), UnpickleError> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
       return self.err("SETITEMS with an odd number of items");
     }
     let pairs: Vec<(Id, Id)> = items.chunks(2).map(|c| (c[0], c[1])).collect();
