@@ -1,7 +1,7 @@
 //! An open checkpoint folder: its metadata, lazily mapped data files, and reads of whole tensors, boxes of
 //! tensors and non-tensor values.
 
-use crate::copy::copy_chunk;
+use crate::copy::{copy_chunk, RunSource};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::metadata::{ItemMetadata, Metadata, StorageInfo, StorageKey, TensorMetadata};
@@ -55,6 +55,37 @@ impl DataFile {
 
   pub fn bytes(&self) -> &[u8] {
     self.map.as_deref().unwrap_or(&[])
+  }
+
+  /// Asks the kernel to start reading `range` now (one large readahead instead of faults and small reads).
+  fn will_need(&self, range: Range<usize>) {
+    if let Some(map) = &self.map {
+      // advice only; an error changes nothing but speed
+      let _ = map.advise_range(memmap2::Advice::WillNeed, range.start, range.len());
+    }
+  }
+}
+
+/// Runs of at least this many bytes are read with `pread` (the kernel copies from the page cache, no page faults
+/// on a mapping); shorter ones are copied from the mapping, where a syscall would cost more than the copy.
+const PREAD_MIN: usize = 64 * 1024;
+
+/// A chunk's storage inside a mapped data file.
+struct FileStorage<'a> {
+  file: &'a DataFile,
+  /// File offset of the storage's first byte.
+  base: u64,
+  mapped: &'a [u8],
+}
+
+impl RunSource for FileStorage<'_> {
+  fn copy_run(&self, offset: usize, out: &mut [u8]) -> std::io::Result<()> {
+    if out.len() >= PREAD_MIN {
+      use std::os::unix::fs::FileExt;
+      self.file.file.read_exact_at(out, self.base + offset as u64)
+    } else {
+      self.mapped.copy_run(offset, out)
+    }
   }
 }
 
@@ -400,10 +431,29 @@ impl Checkpoint {
         ),
       });
     }
+    // start the disk on every chunk this read needs before copying from the first
+    for read in &plan {
+      let c = &t.chunks[read.chunk];
+      let info = self.storage_info(key, Some(&c.offsets))?;
+      if let Ok(Blob::Mapped { file, range }) = self.blob(key, info) {
+        file.will_need(range);
+      }
+    }
     for read in &plan {
       let (blob, rec) = self.chunk_record(key, read.chunk)?;
       let storage = &blob.bytes()[rec.storage.clone()];
-      copy_chunk(storage, &rec, read, dst, &region.sizes);
+      let copied = match &blob {
+        Blob::Mapped { file, range } => {
+          let src = FileStorage {
+            file,
+            base: (range.start + rec.storage.start) as u64,
+            mapped: storage,
+          };
+          copy_chunk(&src, &rec, read, dst, &region.sizes)
+        }
+        Blob::Owned { .. } => copy_chunk(storage, &rec, read, dst, &region.sizes),
+      };
+      copied.map_err(|e| Error::io(blob.path(), e))?;
     }
     Ok(())
   }
@@ -475,7 +525,8 @@ fn materialise(obj: PyObject, blob: &[u8]) -> PyObject {
         lengths: rec.shape.clone(),
       };
       if !data.is_empty() {
-        copy_chunk(&blob[rec.storage.clone()], &rec, &read, &mut data, &rec.shape);
+        // a slice source cannot fail
+        let _ = copy_chunk(&blob[rec.storage.clone()], &rec, &read, &mut data, &rec.shape);
       }
       PyObject::TensorData {
         dtype: rec.dtype,

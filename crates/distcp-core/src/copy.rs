@@ -14,6 +14,19 @@ pub fn row_major_strides(sizes: &[u64]) -> Vec<u64> {
   strides
 }
 
+/// Where a chunk's storage bytes come from: a slice (mapped or decompressed), or a file read with `pread`.
+pub trait RunSource {
+  /// Copies `out.len()` bytes that start at byte `offset` of the storage into `out`.
+  fn copy_run(&self, offset: usize, out: &mut [u8]) -> std::io::Result<()>;
+}
+
+impl RunSource for [u8] {
+  fn copy_run(&self, offset: usize, out: &mut [u8]) -> std::io::Result<()> {
+    out.copy_from_slice(&self[offset..offset + out.len()]);
+    Ok(())
+  }
+}
+
 #[derive(Clone, Copy)]
 struct Dim {
   len: usize,
@@ -23,7 +36,13 @@ struct Dim {
 
 /// Copies `read` from `storage` (the record's whole storage) into `dst`, a row-major buffer of `dst_sizes`.
 /// The caller has checked that the record's view fits its storage and that `dst` holds `dst_sizes` elements.
-pub fn copy_chunk(storage: &[u8], rec: &TensorRecord, read: &ChunkRead, dst: &mut [u8], dst_sizes: &[u64]) {
+pub fn copy_chunk<S: RunSource + ?Sized>(
+  storage: &S,
+  rec: &TensorRecord,
+  read: &ChunkRead,
+  dst: &mut [u8],
+  dst_sizes: &[u64],
+) -> std::io::Result<()> {
   let es = rec.dtype.size();
   let dst_strides = row_major_strides(dst_sizes);
   let mut src_base = rec.storage_offset as usize;
@@ -42,7 +61,7 @@ pub fn copy_chunk(storage: &[u8], rec: &TensorRecord, read: &ChunkRead, dst: &mu
     }
   }
   if dims.iter().any(|d| d.len == 0) {
-    return;
+    return Ok(());
   }
   // merge an outer dim into the inner one when both sides step through it contiguously
   let mut merged: Vec<Dim> = Vec::with_capacity(dims.len());
@@ -72,7 +91,7 @@ pub fn copy_chunk(storage: &[u8], rec: &TensorRecord, read: &ChunkRead, dst: &mu
       t += i * d.dst;
     }
     let out = &mut dst[t * es..t * es + run_bytes];
-    out.copy_from_slice(&storage[s * es..s * es + run_bytes]);
+    storage.copy_run(s * es, out)?;
     if let Some(f) = &fix {
       f.apply(out);
     }
@@ -80,7 +99,7 @@ pub fn copy_chunk(storage: &[u8], rec: &TensorRecord, read: &ChunkRead, dst: &mu
     let mut d = merged.len();
     loop {
       if d == 0 {
-        return;
+        return Ok(());
       }
       d -= 1;
       index[d] += 1;
@@ -202,7 +221,7 @@ mod tests {
       lengths: vec![3, 2],
     };
     let mut dst = vec![0u8; 24];
-    copy_chunk(&storage, &r, &read, &mut dst, &[3, 2]);
+    copy_chunk(&storage[..], &r, &read, &mut dst, &[3, 2]).unwrap();
     assert_eq!(read_i32(&dst), vec![0, 3, 1, 4, 2, 5]);
   }
 
@@ -218,7 +237,7 @@ mod tests {
       lengths: vec![2, 2],
     };
     let mut dst = vec![0u8; 48];
-    copy_chunk(&storage, &r, &read, &mut dst, &[2, 6]);
+    copy_chunk(&storage[..], &r, &read, &mut dst, &[2, 6]).unwrap();
     assert_eq!(read_i32(&dst), vec![0, 0, 0, 2, 3, 0, 0, 0, 0, 5, 6, 0]);
   }
 
@@ -233,7 +252,7 @@ mod tests {
       lengths: vec![],
     };
     let mut dst = vec![0u8; 4];
-    copy_chunk(&storage, &r, &read, &mut dst, &[]);
+    copy_chunk(&storage[..], &r, &read, &mut dst, &[]).unwrap();
     assert_eq!(read_i32(&dst), vec![7]);
   }
 
@@ -250,7 +269,7 @@ mod tests {
       lengths: vec![2],
     };
     let mut dst = vec![0u8; 8];
-    copy_chunk(&storage, &r, &read, &mut dst, &[2]);
+    copy_chunk(&storage[..], &r, &read, &mut dst, &[2]).unwrap();
     assert_eq!(read_i32(&dst), vec![-5, 7]);
   }
 }
