@@ -29,11 +29,7 @@ impl DataFile {
     let len = file.metadata()?.len();
     // SAFETY: the mapping is read-only. A checkpoint being truncated or rewritten in place while it is read is
     // outside the contract (DCP saves by writing new files and renaming .metadata last).
-    let map = if len == 0 {
-      None
-    } else {
-      Some(unsafe { Mmap::map(&file)? })
-    };
+    let map = if len == 0 { None } else { Some(unsafe { Mmap::map(&file)? }) };
     Ok(DataFile { path, file, map })
   }
 
@@ -45,10 +41,7 @@ impl DataFile {
     let start = range.start - range.start % page;
     // SAFETY: as in `open`; the mapping is private (MAP_PRIVATE), so writes never reach the file.
     let map = unsafe {
-      memmap2::MmapOptions::new()
-        .offset(start as u64)
-        .len(range.end - start)
-        .map_copy(&self.file)?
+      memmap2::MmapOptions::new().offset(start as u64).len(range.end - start).map_copy(&self.file)?
     };
     Ok((map, range.start - start))
   }
@@ -92,14 +85,8 @@ impl RunSource for FileStorage<'_> {
 /// The bytes of one stored item: a range of a mapped file, or a decompressed copy.
 #[derive(Debug, Clone)]
 pub enum Blob {
-  Mapped {
-    file: Arc<DataFile>,
-    range: Range<usize>,
-  },
-  Owned {
-    path: PathBuf,
-    bytes: Arc<Vec<u8>>,
-  },
+  Mapped { file: Arc<DataFile>, range: Range<usize> },
+  Owned { path: PathBuf, bytes: Arc<Vec<u8>> },
 }
 
 impl Blob {
@@ -163,30 +150,18 @@ impl Checkpoint {
       None => " or __0.metadata".to_owned(),
     };
     if !root.is_dir() {
-      return Err(Error::NoCheckpoint {
-        path: root,
-        rank_hint,
-      });
+      return Err(Error::NoCheckpoint { path: root, rank_hint });
     }
-    let candidates = [
-      root.join(".metadata"),
-      root.join(format!("__{}.metadata", rank.unwrap_or(0))),
-    ];
+    let candidates = [root.join(".metadata"), root.join(format!("__{}.metadata", rank.unwrap_or(0)))];
     let Some(metadata_path) = candidates.into_iter().find(|p| p.is_file()) else {
-      return Err(Error::NoCheckpoint {
-        path: root,
-        rank_hint,
-      });
+      return Err(Error::NoCheckpoint { path: root, rank_hint });
     };
     let bytes = std::fs::read(&metadata_path).map_err(|e| Error::io(&metadata_path, e))?;
     let metadata = Metadata::parse(&bytes, &metadata_path)?;
     let canonical_root = root.canonicalize().map_err(|e| Error::io(&root, e))?;
     // in key order, so the error names the first offending key the same way every time
-    let mut unsafe_paths: Vec<(&StorageKey, &StorageInfo)> = metadata
-      .storage_data
-      .iter()
-      .filter(|(_, i)| !check_relative_path(&i.relative_path))
-      .collect();
+    let mut unsafe_paths: Vec<(&StorageKey, &StorageInfo)> =
+      metadata.storage_data.iter().filter(|(_, i)| !check_relative_path(&i.relative_path)).collect();
     unsafe_paths.sort_by_key(|(k, _)| metadata.items.iter().position(|(f, _)| *f == k.fqn));
     if let Some((key, info)) = unsafe_paths.first() {
       return Err(Error::UnsafePath {
@@ -195,13 +170,7 @@ impl Checkpoint {
         relative_path: info.relative_path.clone(),
       });
     }
-    Ok(Checkpoint {
-      root,
-      metadata_path,
-      metadata,
-      canonical_root,
-      files: Mutex::new(HashMap::new()),
-    })
+    Ok(Checkpoint { root, metadata_path, metadata, canonical_root, files: Mutex::new(HashMap::new()) })
   }
 
   pub fn keys(&self) -> impl Iterator<Item = &str> {
@@ -209,10 +178,10 @@ impl Checkpoint {
   }
 
   pub fn item(&self, key: &str) -> Result<&ItemMetadata> {
-    self.metadata.item(key).ok_or_else(|| Error::NoSuchKey {
-      checkpoint: self.root.clone(),
-      key: key.to_owned(),
-    })
+    self
+      .metadata
+      .item(key)
+      .ok_or_else(|| Error::NoSuchKey { checkpoint: self.root.clone(), key: key.to_owned() })
   }
 
   pub fn tensor(&self, key: &str) -> Result<&TensorMetadata> {
@@ -223,29 +192,18 @@ impl Checkpoint {
   }
 
   fn bad_request(&self, key: &str, reason: impl Into<String>) -> Error {
-    Error::BadRequest {
-      checkpoint: self.root.clone(),
-      key: key.to_owned(),
-      reason: reason.into(),
-    }
+    Error::BadRequest { checkpoint: self.root.clone(), key: key.to_owned(), reason: reason.into() }
   }
 
   fn storage_info(&self, fqn: &str, offset: Option<&[u64]>) -> Result<&StorageInfo> {
-    let key = StorageKey {
-      fqn: fqn.to_owned(),
-      offset: offset.map(<[u64]>::to_vec),
-    };
-    self
-      .metadata
-      .storage_data
-      .get(&key)
-      .ok_or_else(|| Error::Metadata {
-        path: self.metadata_path.clone(),
-        reason: match offset {
-          Some(o) => format!("key `{fqn}`: no storage entry for the chunk at {o:?}"),
-          None => format!("key `{fqn}`: no storage entry"),
-        },
-      })
+    let key = StorageKey { fqn: fqn.to_owned(), offset: offset.map(<[u64]>::to_vec) };
+    self.metadata.storage_data.get(&key).ok_or_else(|| Error::Metadata {
+      path: self.metadata_path.clone(),
+      reason: match offset {
+        Some(o) => format!("key `{fqn}`: no storage entry for the chunk at {o:?}"),
+        None => format!("key `{fqn}`: no storage entry"),
+      },
+    })
   }
 
   /// Where each chunk of a tensor is stored.
@@ -333,32 +291,22 @@ impl Checkpoint {
         reason: format!("zstd-compressed item does not decompress: {e}"),
       })?;
     }
-    Ok(Blob::Owned {
-      path: file.path.clone(),
-      bytes: Arc::new(bytes),
-    })
+    Ok(Blob::Owned { path: file.path.clone(), bytes: Arc::new(bytes) })
   }
 
   fn record_error(&self, blob: &Blob, key: &str, e: RecordError) -> Error {
     let path = blob.path().to_path_buf();
     match e {
-      RecordError::Zip(ZipError::Compressed { entry, method }) => Error::CompressedEntry {
-        path,
-        key: key.to_owned(),
-        entry,
-        method,
-      },
+      RecordError::Zip(ZipError::Compressed { entry, method }) => {
+        Error::CompressedEntry { path, key: key.to_owned(), entry, method }
+      }
       RecordError::Zip(ZipError::Malformed(reason)) => Error::Record {
         path,
         key: key.to_owned(),
         reason: format!("not a valid torch.save archive: {reason}"),
       },
       RecordError::Forbidden { module, name } => Error::ForbiddenGlobal { path, module, name },
-      RecordError::Invalid(reason) => Error::Record {
-        path,
-        key: key.to_owned(),
-        reason,
-      },
+      RecordError::Invalid(reason) => Error::Record { path, key: key.to_owned(), reason },
     }
   }
 
@@ -444,11 +392,7 @@ impl Checkpoint {
       let storage = &blob.bytes()[rec.storage.clone()];
       let copied = match &blob {
         Blob::Mapped { file, range } => {
-          let src = FileStorage {
-            file,
-            base: (range.start + rec.storage.start) as u64,
-            mapped: storage,
-          };
+          let src = FileStorage { file, base: (range.start + rec.storage.start) as u64, mapped: storage };
           copy_chunk(&src, &rec, read, dst, &region.sizes)
         }
         Blob::Owned { .. } => copy_chunk(storage, &rec, read, dst, &region.sizes),
@@ -461,10 +405,7 @@ impl Checkpoint {
   /// Reads the whole tensor into a new buffer.
   pub fn read_tensor(&self, key: &str) -> Result<Vec<u8>> {
     let t = self.tensor(key)?;
-    let len = t
-      .numel()
-      .checked_mul(t.dtype().size() as u64)
-      .and_then(|n| usize::try_from(n).ok());
+    let len = t.numel().checked_mul(t.dtype().size() as u64).and_then(|n| usize::try_from(n).ok());
     let Some(len) = len else {
       return Err(self.bad_request(key, "is too large to hold in memory"));
     };
@@ -490,9 +431,7 @@ impl Checkpoint {
       return Ok(None);
     }
     let len = t.numel() as usize * es;
-    let (map, offset) = file
-      .map_range(start..start + len)
-      .map_err(|e| Error::io(&file.path, e))?;
+    let (map, offset) = file.map_range(start..start + len).map_err(|e| Error::io(&file.path, e))?;
     Ok(Some(MappedTensor { map, offset, len }))
   }
 
@@ -528,11 +467,7 @@ fn materialise(obj: PyObject, blob: &[u8]) -> PyObject {
         // a slice source cannot fail
         let _ = copy_chunk(&blob[rec.storage.clone()], &rec, &read, &mut data, &rec.shape);
       }
-      PyObject::TensorData {
-        dtype: rec.dtype,
-        shape: rec.shape,
-        data,
-      }
+      PyObject::TensorData { dtype: rec.dtype, shape: rec.shape, data }
     }
     PyObject::List(v) => PyObject::List(v.into_iter().map(|o| materialise(o, blob)).collect()),
     PyObject::Tuple(v) => PyObject::Tuple(v.into_iter().map(|o| materialise(o, blob)).collect()),

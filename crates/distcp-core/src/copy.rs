@@ -53,11 +53,7 @@ pub fn copy_chunk<S: RunSource + ?Sized>(
     src_base += read.src_start[d] as usize * src;
     dst_base += read.dst_start[d] as usize * dst;
     if len != 1 {
-      dims.push(Dim {
-        len: len as usize,
-        src,
-        dst,
-      });
+      dims.push(Dim { len: len as usize, src, dst });
     }
   }
   if dims.iter().any(|d| d.len == 0) {
@@ -204,9 +200,7 @@ mod tests {
   }
 
   fn read_i32(b: &[u8]) -> Vec<i32> {
-    b.chunks_exact(4)
-      .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-      .collect()
+    b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
   }
 
   #[test]
@@ -214,12 +208,7 @@ mod tests {
     // x = arange(6).reshape(2,3); y = x.t() → shape (3,2), stride (1,3), storage 0..6
     let storage = i32s(&[0, 1, 2, 3, 4, 5]);
     let r = rec(&[3, 2], &[1, 3], 0, 6);
-    let read = ChunkRead {
-      chunk: 0,
-      src_start: vec![0, 0],
-      dst_start: vec![0, 0],
-      lengths: vec![3, 2],
-    };
+    let read = ChunkRead { chunk: 0, src_start: vec![0, 0], dst_start: vec![0, 0], lengths: vec![3, 2] };
     let mut dst = vec![0u8; 24];
     copy_chunk(&storage[..], &r, &read, &mut dst, &[3, 2]).unwrap();
     assert_eq!(read_i32(&dst), vec![0, 3, 1, 4, 2, 5]);
@@ -230,12 +219,7 @@ mod tests {
     // chunk 2x3 row-major copied into the right half of a 2x6 destination
     let storage = i32s(&[1, 2, 3, 4, 5, 6]);
     let r = rec(&[2, 3], &[3, 1], 0, 6);
-    let read = ChunkRead {
-      chunk: 0,
-      src_start: vec![0, 1],
-      dst_start: vec![0, 3],
-      lengths: vec![2, 2],
-    };
+    let read = ChunkRead { chunk: 0, src_start: vec![0, 1], dst_start: vec![0, 3], lengths: vec![2, 2] };
     let mut dst = vec![0u8; 48];
     copy_chunk(&storage[..], &r, &read, &mut dst, &[2, 6]).unwrap();
     assert_eq!(read_i32(&dst), vec![0, 0, 0, 2, 3, 0, 0, 0, 0, 5, 6, 0]);
@@ -245,12 +229,7 @@ mod tests {
   fn storage_offset_and_zero_dim() {
     let storage = i32s(&[9, 8, 7]);
     let r = rec(&[], &[], 2, 3);
-    let read = ChunkRead {
-      chunk: 0,
-      src_start: vec![],
-      dst_start: vec![],
-      lengths: vec![],
-    };
+    let read = ChunkRead { chunk: 0, src_start: vec![], dst_start: vec![], lengths: vec![] };
     let mut dst = vec![0u8; 4];
     copy_chunk(&storage[..], &r, &read, &mut dst, &[]).unwrap();
     assert_eq!(read_i32(&dst), vec![7]);
@@ -262,12 +241,7 @@ mod tests {
     let mut r = rec(&[2], &[1], 0, 2);
     r.big_endian = true;
     r.neg = true;
-    let read = ChunkRead {
-      chunk: 0,
-      src_start: vec![0],
-      dst_start: vec![0],
-      lengths: vec![2],
-    };
+    let read = ChunkRead { chunk: 0, src_start: vec![0], dst_start: vec![0], lengths: vec![2] };
     let mut dst = vec![0u8; 8];
     copy_chunk(&storage[..], &r, &read, &mut dst, &[2]).unwrap();
     assert_eq!(read_i32(&dst), vec![-5, 7]);

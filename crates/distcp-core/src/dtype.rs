@@ -142,10 +142,7 @@ impl DType {
   }
 
   pub fn from_legacy_storage_class(class: &str) -> Option<DType> {
-    ALL
-      .iter()
-      .copied()
-      .find(|d| d.legacy_storage_class() == Some(class))
+    ALL.iter().copied().find(|d| d.legacy_storage_class() == Some(class))
   }
 
   /// The dtype string of the safetensors format, where one exists.

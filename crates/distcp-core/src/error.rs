@@ -18,84 +18,42 @@ pub enum Error {
   NoCheckpoint { path: PathBuf, rank_hint: String },
 
   #[error("{path}: not a valid pickle: {reason} (at byte {pos})")]
-  Pickle {
-    path: PathBuf,
-    pos: usize,
-    reason: String,
-  },
+  Pickle { path: PathBuf, pos: usize, reason: String },
 
   #[error("{path}: refusing to unpickle global `{module}.{name}`: it is not one of the classes a DCP checkpoint uses, and distcp never runs code from a checkpoint")]
-  ForbiddenGlobal {
-    path: PathBuf,
-    module: String,
-    name: String,
-  },
+  ForbiddenGlobal { path: PathBuf, module: String, name: String },
 
   #[error("{path}: unexpected content in .metadata: {reason}")]
   Metadata { path: PathBuf, reason: String },
 
   #[error("{path}: key `{key}`: {reason}")]
-  Record {
-    path: PathBuf,
-    key: String,
-    reason: String,
-  },
+  Record { path: PathBuf, key: String, reason: String },
 
   #[error("{path}: key `{key}`: bytes {offset}..{end} lie past the end of the file ({file_len} bytes)")]
-  OutOfBounds {
-    path: PathBuf,
-    key: String,
-    offset: u64,
-    end: u64,
-    file_len: u64,
-  },
+  OutOfBounds { path: PathBuf, key: String, offset: u64, end: u64, file_len: u64 },
 
   #[error("{path}: key `{key}`: zip entry `{entry}` is compressed (method {method}); torch.save records must be stored")]
-  CompressedEntry {
-    path: PathBuf,
-    key: String,
-    entry: String,
-    method: u16,
-  },
+  CompressedEntry { path: PathBuf, key: String, entry: String, method: u16 },
 
   #[error("{checkpoint}: key `{key}`: relative_path `{relative_path}` escapes the checkpoint folder")]
-  UnsafePath {
-    checkpoint: PathBuf,
-    key: String,
-    relative_path: String,
-  },
+  UnsafePath { checkpoint: PathBuf, key: String, relative_path: String },
 
   #[error("{checkpoint}: key `{key}`: data file `{relative_path}` is missing")]
-  MissingDataFile {
-    checkpoint: PathBuf,
-    key: String,
-    relative_path: String,
-  },
+  MissingDataFile { checkpoint: PathBuf, key: String, relative_path: String },
 
   #[error("{checkpoint}: no key `{key}` in the checkpoint")]
   NoSuchKey { checkpoint: PathBuf, key: String },
 
   #[error("{checkpoint}: key `{key}`: {reason}")]
-  BadRequest {
-    checkpoint: PathBuf,
-    key: String,
-    reason: String,
-  },
+  BadRequest { checkpoint: PathBuf, key: String, reason: String },
 
   #[error("{checkpoint}: key `{key}`: {reason}")]
-  Unsupported {
-    checkpoint: PathBuf,
-    key: String,
-    reason: String,
-  },
+  Unsupported { checkpoint: PathBuf, key: String, reason: String },
 }
 
 impl Error {
   pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-    Error::Io {
-      path: path.into(),
-      source,
-    }
+    Error::Io { path: path.into(), source }
   }
 
   /// A short, stable name for the kind of error, used as the `code` of the JS error.

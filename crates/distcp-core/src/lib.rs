@@ -21,15 +21,11 @@ pub use error::{Error, Result};
 
 pub(crate) fn unpickle_error(e: pickle::UnpickleError, path: &std::path::Path) -> Error {
   match e {
-    pickle::UnpickleError::Malformed { pos, reason } => Error::Pickle {
-      path: path.to_path_buf(),
-      pos,
-      reason,
-    },
-    pickle::UnpickleError::Forbidden { module, name } => Error::ForbiddenGlobal {
-      path: path.to_path_buf(),
-      module,
-      name,
-    },
+    pickle::UnpickleError::Malformed { pos, reason } => {
+      Error::Pickle { path: path.to_path_buf(), pos, reason }
+    }
+    pickle::UnpickleError::Forbidden { module, name } => {
+      Error::ForbiddenGlobal { path: path.to_path_buf(), module, name }
+    }
   }
 }

@@ -117,10 +117,7 @@ pub fn metadata_allows(module: &str, name: &str) -> bool {
     // torch.layout pickles as `_get_layout("torch.strided")`, a name lookup (seen in torch 2.15's .metadata)
     "torch.serialization" => name == "_get_layout",
     "pathlib" | "pathlib._local" => {
-      matches!(
-        name,
-        "PosixPath" | "WindowsPath" | "PurePosixPath" | "PureWindowsPath" | "Path"
-      )
+      matches!(name, "PosixPath" | "WindowsPath" | "PurePosixPath" | "PureWindowsPath" | "Path")
     }
     "collections" => name == "OrderedDict",
     "builtins" => matches!(name, "set" | "frozenset"),
@@ -154,10 +151,7 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
   fn err<T>(&self, reason: impl Into<String>) -> Result<T> {
-    Err(Error::Metadata {
-      path: self.path.to_path_buf(),
-      reason: reason.into(),
-    })
+    Err(Error::Metadata { path: self.path.to_path_buf(), reason: reason.into() })
   }
 
   fn object<'v>(&self, v: &'v Value, class: &str, what: &str) -> Result<&'v Object> {
@@ -173,10 +167,7 @@ impl Ctx<'_> {
       Some(s @ Value::Dict(_)) => Ok(s),
       // `BUILD` with `(None, slots)` is how a dataclass with __slots__ pickles; take the slot dict
       Some(Value::Tuple(t)) if t.len() == 2 && matches!(t[1], Value::Dict(_)) => Ok(&t[1]),
-      Some(other) => self.err(format!(
-        "{what}: state is a {}, expected a dict",
-        other.type_name()
-      )),
+      Some(other) => self.err(format!("{what}: state is a {}, expected a dict", other.type_name())),
       None => self.err(format!("{what}: has no state")),
     }
   }
@@ -184,10 +175,7 @@ impl Ctx<'_> {
   fn u64(&self, v: &Value, what: &str) -> Result<u64> {
     match v {
       Value::Int(i) if *i >= 0 => Ok(*i as u64),
-      other => self.err(format!(
-        "{what}: expected a non-negative int, found {}",
-        describe(other)
-      )),
+      other => self.err(format!("{what}: expected a non-negative int, found {}", describe(other))),
     }
   }
 
@@ -219,10 +207,7 @@ impl Ctx<'_> {
         Some(d) => Ok(d),
         None => self.err(format!("{what}: unknown dtype `{g}`")),
       },
-      other => self.err(format!(
-        "{what}: expected a torch dtype, found {}",
-        describe(other)
-      )),
+      other => self.err(format!("{what}: expected a torch dtype, found {}", describe(other))),
     }
   }
 
@@ -246,20 +231,12 @@ impl Ctx<'_> {
       },
       _ => return self.err(format!("{what}: unexpected state")),
     };
-    Ok(TensorProperties {
-      dtype,
-      requires_grad,
-      pin_memory,
-      module: o.class.module.clone(),
-    })
+    Ok(TensorProperties { dtype, requires_grad, pin_memory, module: o.class.module.clone() })
   }
 
   fn item(&self, key: &str, v: &Value) -> Result<ItemMetadata> {
     let Value::Object(o) = v else {
-      return self.err(format!(
-        "entry `{key}`: expected storage metadata, found {}",
-        describe(v)
-      ));
+      return self.err(format!("entry `{key}`: expected storage metadata, found {}", describe(v)));
     };
     match o.class.name.as_str() {
       "BytesStorageMetadata" => Ok(ItemMetadata::Bytes),
@@ -282,10 +259,7 @@ impl Ctx<'_> {
           let (Some(off), Some(sz)) = (cs.get("offsets"), cs.get("sizes")) else {
             return self.err(format!("{what}: chunk without offsets/sizes"));
           };
-          let chunk = Chunk {
-            offsets: self.ints(off, &what)?,
-            sizes: self.ints(sz, &what)?,
-          };
+          let chunk = Chunk { offsets: self.ints(off, &what)?, sizes: self.ints(sz, &what)? };
           if chunk.offsets.len() != size.len() || chunk.sizes.len() != size.len() {
             return self.err(format!(
               "{what}: chunk {:?}+{:?} has a different rank than the tensor {:?}",
@@ -294,11 +268,7 @@ impl Ctx<'_> {
           }
           chunks.push(chunk);
         }
-        Ok(ItemMetadata::Tensor(TensorMetadata {
-          properties,
-          size,
-          chunks,
-        }))
+        Ok(ItemMetadata::Tensor(TensorMetadata { properties, size, chunks }))
       }
       _ => self.err(format!("entry `{key}`: unexpected class {}", o.class)),
     }
@@ -329,10 +299,7 @@ impl Ctx<'_> {
     let transform_descriptors = match st.get("transform_descriptors") {
       None | Some(Value::None) => Vec::new(),
       Some(v) => match v.as_seq() {
-        Some(items) => items
-          .iter()
-          .map(|d| self.string(d, &what))
-          .collect::<Result<_>>()?,
+        Some(items) => items.iter().map(|d| self.string(d, &what)).collect::<Result<_>>()?,
         None => return self.err(format!("{what}: transform_descriptors is not a list")),
       },
     };
@@ -353,10 +320,7 @@ impl Ctx<'_> {
       .map(|p| match p {
         Value::Str(s) => Ok(PathElem::Key(s.clone())),
         Value::Int(i) => Ok(PathElem::Index(*i)),
-        other => self.err(format!(
-          "planner_data of `{key}`: unexpected path element {}",
-          describe(other)
-        )),
+        other => self.err(format!("planner_data of `{key}`: unexpected path element {}", describe(other))),
       })
       .collect()
   }
@@ -375,11 +339,7 @@ impl Ctx<'_> {
       Some(m) => m.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect(),
       None => Vec::new(),
     };
-    Ok(Some(StorageMeta {
-      checkpoint_id: text("checkpoint_id"),
-      save_id: text("save_id"),
-      modules,
-    }))
+    Ok(Some(StorageMeta { checkpoint_id: text("checkpoint_id"), save_id: text("save_id"), modules }))
   }
 }
 

@@ -12,10 +12,7 @@ pub struct Region {
 
 impl Region {
   pub fn whole(shape: &[u64]) -> Region {
-    Region {
-      offsets: vec![0; shape.len()],
-      sizes: shape.to_vec(),
-    }
+    Region { offsets: vec![0; shape.len()], sizes: shape.to_vec() }
   }
 
   pub fn numel(&self) -> u64 {
@@ -109,39 +106,20 @@ mod tests {
         module: String::new(),
       },
       size: size.to_vec(),
-      chunks: chunks
-        .iter()
-        .map(|(o, s)| Chunk {
-          offsets: o.to_vec(),
-          sizes: s.to_vec(),
-        })
-        .collect(),
+      chunks: chunks.iter().map(|(o, s)| Chunk { offsets: o.to_vec(), sizes: s.to_vec() }).collect(),
     }
   }
 
   #[test]
   fn shard_on_dim1_box_spanning_both() {
     let t = tensor(&[3, 8], &[(&[0, 0], &[3, 4]), (&[0, 4], &[3, 4])]);
-    let r = Region {
-      offsets: vec![1, 2],
-      sizes: vec![2, 4],
-    };
+    let r = Region { offsets: vec![1, 2], sizes: vec![2, 4] };
     let plan = plan_region(&t, &r);
     assert_eq!(
       plan,
       vec![
-        ChunkRead {
-          chunk: 0,
-          src_start: vec![1, 2],
-          dst_start: vec![0, 0],
-          lengths: vec![2, 2]
-        },
-        ChunkRead {
-          chunk: 1,
-          src_start: vec![1, 0],
-          dst_start: vec![0, 2],
-          lengths: vec![2, 2]
-        },
+        ChunkRead { chunk: 0, src_start: vec![1, 2], dst_start: vec![0, 0], lengths: vec![2, 2] },
+        ChunkRead { chunk: 1, src_start: vec![1, 0], dst_start: vec![0, 2], lengths: vec![2, 2] },
       ]
     );
     assert_eq!(plan.iter().map(ChunkRead::numel).sum::<u64>(), r.numel());
@@ -150,17 +128,8 @@ mod tests {
   #[test]
   fn untouched_and_empty_chunks_are_skipped() {
     // an empty shard whose offset equals the dim size, as torch ≥ 2.8 writes it
-    let t = tensor(
-      &[5, 3],
-      &[(&[0, 0], &[3, 3]), (&[3, 0], &[2, 3]), (&[5, 0], &[0, 3])],
-    );
-    let plan = plan_region(
-      &t,
-      &Region {
-        offsets: vec![0, 0],
-        sizes: vec![2, 3],
-      },
-    );
+    let t = tensor(&[5, 3], &[(&[0, 0], &[3, 3]), (&[3, 0], &[2, 3]), (&[5, 0], &[0, 3])]);
+    let plan = plan_region(&t, &Region { offsets: vec![0, 0], sizes: vec![2, 3] });
     assert_eq!(plan.len(), 1);
     assert_eq!(plan[0].chunk, 0);
     let plan = plan_region(&t, &Region::whole(&[5, 3]));
@@ -171,51 +140,15 @@ mod tests {
   fn zero_dim() {
     let t = tensor(&[], &[(&[], &[])]);
     let plan = plan_region(&t, &Region::whole(&[]));
-    assert_eq!(
-      plan,
-      vec![ChunkRead {
-        chunk: 0,
-        src_start: vec![],
-        dst_start: vec![],
-        lengths: vec![]
-      }]
-    );
+    assert_eq!(plan, vec![ChunkRead { chunk: 0, src_start: vec![], dst_start: vec![], lengths: vec![] }]);
     assert_eq!(plan[0].numel(), 1);
   }
 
   #[test]
   fn region_checks() {
-    assert!(check_region(
-      &[4, 4],
-      &Region {
-        offsets: vec![2, 0],
-        sizes: vec![3, 4]
-      }
-    )
-    .is_err());
-    assert!(check_region(
-      &[4, 4],
-      &Region {
-        offsets: vec![0],
-        sizes: vec![4]
-      }
-    )
-    .is_err());
-    assert!(check_region(
-      &[4, 4],
-      &Region {
-        offsets: vec![u64::MAX, 0],
-        sizes: vec![2, 4]
-      }
-    )
-    .is_err());
-    assert!(check_region(
-      &[4, 4],
-      &Region {
-        offsets: vec![1, 1],
-        sizes: vec![3, 3]
-      }
-    )
-    .is_ok());
+    assert!(check_region(&[4, 4], &Region { offsets: vec![2, 0], sizes: vec![3, 4] }).is_err());
+    assert!(check_region(&[4, 4], &Region { offsets: vec![0], sizes: vec![4] }).is_err());
+    assert!(check_region(&[4, 4], &Region { offsets: vec![u64::MAX, 0], sizes: vec![2, 4] }).is_err());
+    assert!(check_region(&[4, 4], &Region { offsets: vec![1, 1], sizes: vec![3, 3] }).is_ok());
   }
 }

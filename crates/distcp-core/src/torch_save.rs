@@ -84,14 +84,12 @@ fn invalid<T>(reason: impl Into<String>) -> Result<T, RecordError> {
 /// Globals a `torch.save` of tensors and plain Python values can reference (what `weights_only=True` permits).
 pub fn record_allows(module: &str, name: &str) -> bool {
   match module {
-    "torch._utils" => matches!(
-      name,
-      "_rebuild_tensor_v2" | "_rebuild_tensor_v3" | "_rebuild_parameter"
-    ),
+    "torch._utils" => matches!(name, "_rebuild_tensor_v2" | "_rebuild_tensor_v3" | "_rebuild_parameter"),
     "torch" => torch_value_global(name) || DType::from_legacy_storage_class(name).is_some(),
     "torch.storage" => name == "UntypedStorage",
     "collections" => name == "OrderedDict",
-    "builtins" | "__builtin__" => matches!(name, "set" | "frozenset" | "complex"),
+    "builtins" | "__builtin__" => matches!(name, "set" | "frozenset" | "complex" | "bytes"),
+    "_codecs" => name == "encode",
     _ => false,
   }
 }
@@ -113,14 +111,11 @@ pub fn parse(blob: &[u8]) -> Result<PyObject, RecordError> {
   };
   let root = pickle::unpickle(&blob[pkl.data.clone()], &record_allows).map_err(|e| match e {
     pickle::UnpickleError::Forbidden { module, name } => RecordError::Forbidden { module, name },
-    pickle::UnpickleError::Malformed { pos, reason } => RecordError::Invalid(format!(
-      "data.pkl is not a valid pickle: {reason} (at byte {pos})"
-    )),
+    pickle::UnpickleError::Malformed { pos, reason } => {
+      RecordError::Invalid(format!("data.pkl is not a valid pickle: {reason} (at byte {pos})"))
+    }
   })?;
-  let cx = Rebuild {
-    archive: &archive,
-    big_endian,
-  };
+  let cx = Rebuild { archive: &archive, big_endian };
   cx.convert(&root, 0)
 }
 
@@ -253,16 +248,11 @@ impl Rebuild<'_> {
     let shape = ints(&a[2], "size")?;
     let stride = ints(&a[3], "stride")?;
     if shape.len() != stride.len() {
-      return invalid(format!(
-        "size {shape:?} and stride {stride:?} have different lengths"
-      ));
+      return invalid(format!("size {shape:?} and stride {stride:?} have different lengths"));
     }
     let meta_arg = if v3 { a.get(7) } else { a.get(6) };
-    let flag = |name: &str| {
-      meta_arg
-        .and_then(|m| m.get(name))
-        .is_some_and(|v| matches!(v, Value::Bool(true)))
-    };
+    let flag =
+      |name: &str| meta_arg.and_then(|m| m.get(name)).is_some_and(|v| matches!(v, Value::Bool(true)));
     let rec = TensorRecord {
       dtype,
       shape,

@@ -92,9 +92,7 @@ pub fn parse(blob: &[u8]) -> Result<Archive, ZipError> {
   }
   // The end-of-central-directory record; torch writes no comment, but allow one.
   let search_from = blob.len().saturating_sub(22 + 0xffff);
-  let Some(eocd) = (search_from..=blob.len() - 22)
-    .rev()
-    .find(|&i| blob[i..i + 4] == EOCD_SIG.to_le_bytes())
+  let Some(eocd) = (search_from..=blob.len() - 22).rev().find(|&i| blob[i..i + 4] == EOCD_SIG.to_le_bytes())
   else {
     return bad("no end-of-central-directory record (truncated?)");
   };
@@ -194,15 +192,10 @@ pub fn parse(blob: &[u8]) -> Result<Archive, ZipError> {
       continue;
     }
     if method != 0 {
-      return Err(ZipError::Compressed {
-        entry: full_name.to_owned(),
-        method,
-      });
+      return Err(ZipError::Compressed { entry: full_name.to_owned(), method });
     }
     if csize != usize_ {
-      return bad(format!(
-        "stored entry `{full_name}` has different compressed and uncompressed sizes"
-      ));
+      return bad(format!("stored entry `{full_name}` has different compressed and uncompressed sizes"));
     }
 
     let local = to_usize(local, "local header offset")?;
@@ -216,10 +209,7 @@ pub fn parse(blob: &[u8]) -> Result<Archive, ZipError> {
     let start = local + 30 + lname + lextra;
     let end = start.checked_add(to_usize(csize, "entry size")?);
     match end {
-      Some(end) if end <= blob.len() => entries.push(Entry {
-        name: name.to_owned(),
-        data: start..end,
-      }),
+      Some(end) if end <= blob.len() => entries.push(Entry { name: name.to_owned(), data: start..end }),
       _ => return bad(format!("entry `{full_name}` runs past the end of the archive")),
     }
   }

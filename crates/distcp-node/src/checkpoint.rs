@@ -63,9 +63,7 @@ fn to_u64s(v: &[f64], what: &str) -> napi::Result<Vec<u64>> {
       if x >= 0.0 && x.fract() == 0.0 && x <= 9_007_199_254_740_991.0 {
         Ok(x as u64)
       } else {
-        Err(invalid_arg(format!(
-          "{what} must be non-negative integers, got {x}"
-        )))
+        Err(invalid_arg(format!("{what} must be non-negative integers, got {x}")))
       }
     })
     .collect()
@@ -79,9 +77,7 @@ pub struct NativeCheckpoint {
 impl NativeCheckpoint {
   fn get(&self) -> napi::Result<Arc<Checkpoint>> {
     let guard = self.inner.read().unwrap_or_else(|p| p.into_inner());
-    guard
-      .clone()
-      .ok_or_else(|| invalid_arg("the checkpoint was closed"))
+    guard.clone().ok_or_else(|| invalid_arg("the checkpoint was closed"))
   }
 
   fn region(
@@ -101,12 +97,7 @@ impl NativeCheckpoint {
         };
         let sizes = match sizes {
           Some(s) => to_u64s(&s, "sizes")?,
-          None => t
-            .size
-            .iter()
-            .zip(&offsets)
-            .map(|(n, o)| n.saturating_sub(*o))
-            .collect(),
+          None => t.size.iter().zip(&offsets).map(|(n, o)| n.saturating_sub(*o)).collect(),
         };
         Ok(Region { offsets, sizes })
       }
@@ -128,9 +119,7 @@ impl Task for OpenTask {
   }
 
   fn resolve(&mut self, _env: Env, ck: Checkpoint) -> napi::Result<NativeCheckpoint> {
-    Ok(NativeCheckpoint {
-      inner: Arc::new(RwLock::new(Some(Arc::new(ck)))),
-    })
+    Ok(NativeCheckpoint { inner: Arc::new(RwLock::new(Some(Arc::new(ck)))) })
   }
 }
 
@@ -183,17 +172,11 @@ impl<'env> ScopedTask<'env> for ReadTask {
       let len = self.region.numel() as usize * dtype.size();
       if len >= ANON_MIN {
         let mut map = alloc_output(len).map_err(|e| to_js(distcp_core::Error::io(&self.ck.root, e)))?;
-        self
-          .ck
-          .read_into(&self.key, &self.region, &mut map)
-          .map_err(to_js)?;
+        self.ck.read_into(&self.key, &self.region, &mut map).map_err(to_js)?;
         return Ok(ReadOutput::Anonymous(map));
       }
       let mut buf = vec![0u8; len];
-      self
-        .ck
-        .read_into(&self.key, &self.region, &mut buf)
-        .map_err(to_js)?;
+      self.ck.read_into(&self.key, &self.region, &mut buf).map_err(to_js)?;
       Ok(ReadOutput::Owned(buf))
     })
   }
@@ -269,10 +252,7 @@ impl Task for ReadObjectTask {
   }
 
   fn resolve(&mut self, _env: Env, (json, buffers): (String, Vec<Vec<u8>>)) -> napi::Result<EncodedObject> {
-    Ok(EncodedObject {
-      json,
-      buffers: buffers.into_iter().map(Buffer::from).collect(),
-    })
+    Ok(EncodedObject { json, buffers: buffers.into_iter().map(Buffer::from).collect() })
   }
 }
 
@@ -353,15 +333,9 @@ impl NativeCheckpoint {
   pub fn summary(&self) -> napi::Result<CheckpointSummary> {
     let ck = self.get()?;
     let md = &ck.metadata;
-    let files: BTreeSet<String> = md
-      .storage_data
-      .values()
-      .map(|i| i.relative_path.clone())
-      .collect();
-    let ranks: BTreeSet<&str> = files
-      .iter()
-      .filter_map(|f| f.strip_prefix("__").and_then(|r| r.split('_').next()))
-      .collect();
+    let files: BTreeSet<String> = md.storage_data.values().map(|i| i.relative_path.clone()).collect();
+    let ranks: BTreeSet<&str> =
+      files.iter().filter_map(|f| f.strip_prefix("__").and_then(|r| r.split('_').next())).collect();
     Ok(CheckpointSummary {
       path: ck.root.to_string_lossy().into_owned(),
       metadata_file: ck
@@ -401,12 +375,7 @@ impl NativeCheckpoint {
         ck.root.display()
       )));
     }
-    Ok(AsyncTask::new(ReadTask {
-      ck,
-      key,
-      region,
-      whole,
-    }))
+    Ok(AsyncTask::new(ReadTask { ck, key, region, whole }))
   }
 
   /// Reads a tensor (or a box of it) straight into `into`, which must hold exactly its bytes.
@@ -420,12 +389,7 @@ impl NativeCheckpoint {
   ) -> napi::Result<AsyncTask<ReadIntoTask>> {
     let ck = self.get()?;
     let region = self.region(&ck, &key, offsets, sizes)?;
-    Ok(AsyncTask::new(ReadIntoTask {
-      ck,
-      key,
-      region,
-      into,
-    }))
+    Ok(AsyncTask::new(ReadIntoTask { ck, key, region, into }))
   }
 
   /// Reads a non-tensor value (encoded, see `src/values.ts`).

@@ -35,11 +35,7 @@ enum Node {
   Dict(Vec<(Id, Id)>),
   Set(Vec<Id>),
   Global(Global),
-  Object {
-    class: Global,
-    args: Vec<Id>,
-    state: Option<Id>,
-  },
+  Object { class: Global, args: Vec<Id>, state: Option<Id> },
   PersistentId(Id),
 }
 
@@ -74,21 +70,13 @@ pub fn unpickle<A: AllowList + ?Sized>(data: &[u8], allow: &A) -> Result<Value, 
 
 impl<A: AllowList + ?Sized> Machine<'_, A> {
   fn err<T>(&self, reason: impl Into<String>) -> Result<T, UnpickleError> {
-    Err(UnpickleError::Malformed {
-      pos: self.pos,
-      reason: reason.into(),
-    })
+    Err(UnpickleError::Malformed { pos: self.pos, reason: reason.into() })
   }
 
   fn take(&mut self, n: usize) -> Result<&[u8], UnpickleError> {
     let end = match self.pos.checked_add(n) {
       Some(e) if e <= self.data.len() => e,
-      _ => {
-        return self.err(format!(
-          "truncated: wanted {n} more bytes, {} left",
-          self.data.len() - self.pos
-        ))
-      }
+      _ => return self.err(format!("truncated: wanted {n} more bytes, {} left", self.data.len() - self.pos)),
     };
     let s = &self.data[self.pos..end];
     self.pos = end;
@@ -186,9 +174,7 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
   fn as_global(&self, id: Id, what: &str) -> Result<Global, UnpickleError> {
     match &self.arena[id] {
       Node::Global(g) => Ok(g.clone()),
-      _ => self.err(format!(
-        "{what} expects a class or function, found something else"
-      )),
+      _ => self.err(format!("{what} expects a class or function, found something else")),
     }
   }
 
@@ -212,11 +198,24 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
       };
       return Node::Set(items);
     }
-    Node::Object {
-      class,
-      args,
-      state: None,
+    // protocol 2 has no bytes opcode: CPython pickles bytes as `_codecs.encode(latin-1 text, 'latin1')`, and
+    // b'' as `bytes()`
+    if is("_codecs", "encode") && args.len() == 2 {
+      if let (Node::Scalar(Value::Str(text)), Node::Scalar(Value::Str(enc))) =
+        (&self.arena[args[0]], &self.arena[args[1]])
+      {
+        if enc == "latin1" || enc == "latin-1" {
+          let bytes: Option<Vec<u8>> = text.chars().map(|c| u8::try_from(u32::from(c)).ok()).collect();
+          if let Some(bytes) = bytes {
+            return Node::Scalar(Value::Bytes(bytes));
+          }
+        }
+      }
     }
+    if (is("builtins", "bytes") || is("__builtin__", "bytes")) && args.is_empty() {
+      return Node::Scalar(Value::Bytes(Vec::new()));
+    }
+    Node::Object { class, args, state: None }
   }
 
   fn memo_put(&mut self, key: u64) -> Result<(), UnpickleError> {
@@ -489,11 +488,7 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
           let cls = self.pop()?;
           let class = self.as_global(cls, "NEWOBJ")?;
           let args = self.tuple_items(args, "NEWOBJ")?;
-          self.push(Node::Object {
-            class,
-            args,
-            state: None,
-          });
+          self.push(Node::Object { class, args, state: None });
         }
         0x92 => {
           let _kwargs = self.pop()?;
@@ -501,11 +496,7 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
           let cls = self.pop()?;
           let class = self.as_global(cls, "NEWOBJ_EX")?;
           let args = self.tuple_items(args, "NEWOBJ_EX")?;
-          self.push(Node::Object {
-            class,
-            args,
-            state: None,
-          });
+          self.push(Node::Object { class, args, state: None });
         }
         b'i' => {
           let module = self.line_str()?;
@@ -514,11 +505,7 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
           if !self.allow.allows(&module, &name) {
             return Err(UnpickleError::Forbidden { module, name });
           }
-          self.push(Node::Object {
-            class: Global { module, name },
-            args,
-            state: None,
-          });
+          self.push(Node::Object { class: Global { module, name }, args, state: None });
         }
         b'o' => {
           let mut items = self.pop_mark()?;
@@ -527,11 +514,7 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
           }
           let cls = items.remove(0);
           let class = self.as_global(cls, "OBJ")?;
-          self.push(Node::Object {
-            class,
-            args: items,
-            state: None,
-          });
+          self.push(Node::Object { class, args: items, state: None });
         }
         b'b' => {
           let state = self.pop()?;
@@ -610,10 +593,7 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
     }
     *budget -= 1;
     let many = |ids: &[Id], budget: &mut usize| -> Result<Vec<Value>, UnpickleError> {
-      ids
-        .iter()
-        .map(|&i| self.materialise(i, depth + 1, budget))
-        .collect()
+      ids.iter().map(|&i| self.materialise(i, depth + 1, budget)).collect()
     };
     Ok(match &self.arena[id] {
       Node::Scalar(v) => v.clone(),
@@ -623,10 +603,7 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
       Node::Dict(pairs) => {
         let mut out = Vec::with_capacity(pairs.len());
         for &(k, v) in pairs {
-          out.push((
-            self.materialise(k, depth + 1, budget)?,
-            self.materialise(v, depth + 1, budget)?,
-          ));
+          out.push((self.materialise(k, depth + 1, budget)?, self.materialise(v, depth + 1, budget)?));
         }
         Value::Dict(out)
       }
@@ -707,48 +684,21 @@ mod tests {
     // CPython protocol 2 shape of os.system('echo hi') via REDUCE
     let bytes = b"\x80\x02cposix\nsystem\nq\x00X\x07\x00\x00\x00echo hiq\x01\x85q\x02Rq\x03.";
     let err = unpickle(bytes, &only_torch).unwrap_err();
-    assert_eq!(
-      err,
-      UnpickleError::Forbidden {
-        module: "posix".into(),
-        name: "system".into()
-      }
-    );
+    assert_eq!(err, UnpickleError::Forbidden { module: "posix".into(), name: "system".into() });
     // STACK_GLOBAL form (protocol 4): builtins.eval
     let bytes = b"\x80\x04\x8c\x08builtins\x8c\x04eval\x93\x8c\x041+1\x85R.";
     let err = unpickle(bytes, &only_torch).unwrap_err();
-    assert_eq!(
-      err,
-      UnpickleError::Forbidden {
-        module: "builtins".into(),
-        name: "eval".into()
-      }
-    );
+    assert_eq!(err, UnpickleError::Forbidden { module: "builtins".into(), name: "eval".into() });
   }
 
   #[test]
   fn truncated_and_garbage_are_errors() {
-    assert!(matches!(
-      load(b"\x80\x02X\x10\x00\x00\x00abc"),
-      Err(UnpickleError::Malformed { .. })
-    ));
+    assert!(matches!(load(b"\x80\x02X\x10\x00\x00\x00abc"), Err(UnpickleError::Malformed { .. })));
     assert!(matches!(load(b""), Err(UnpickleError::Malformed { .. })));
-    assert!(matches!(
-      load(b"\x80\x02\xff"),
-      Err(UnpickleError::Malformed { .. })
-    ));
-    assert!(matches!(
-      load(b"\x80\x02a."),
-      Err(UnpickleError::Malformed { .. })
-    ));
-    assert!(matches!(
-      load(b"\x80\x02h\x05."),
-      Err(UnpickleError::Malformed { .. })
-    ));
-    assert!(matches!(
-      load(b"\x80\x02K\x01K\x02R."),
-      Err(UnpickleError::Malformed { .. })
-    ));
+    assert!(matches!(load(b"\x80\x02\xff"), Err(UnpickleError::Malformed { .. })));
+    assert!(matches!(load(b"\x80\x02a."), Err(UnpickleError::Malformed { .. })));
+    assert!(matches!(load(b"\x80\x02h\x05."), Err(UnpickleError::Malformed { .. })));
+    assert!(matches!(load(b"\x80\x02K\x01K\x02R."), Err(UnpickleError::Malformed { .. })));
   }
 
   #[test]
@@ -777,6 +727,15 @@ mod tests {
     let o = v.as_object().unwrap();
     assert!(o.class.is("m", "C"));
     assert_eq!(o.state.as_ref().unwrap().get("x"), Some(&Value::Int(7)));
+  }
+
+  #[test]
+  fn protocol_2_bytes() {
+    // CPython: pickle.dumps(b'\x00\xffab', protocol=2) and pickle.dumps(b'', protocol=2)
+    let bytes = b"\x80\x02c_codecs\nencode\nq\x00X\x05\x00\x00\x00\x00\xc3\xbfabq\x01X\x06\x00\x00\x00latin1q\x02\x86q\x03Rq\x04.";
+    assert_eq!(load(bytes).unwrap(), Value::Bytes(vec![0, 0xff, b'a', b'b']));
+    let bytes = b"\x80\x02c__builtin__\nbytes\nq\x00)Rq\x01.";
+    assert_eq!(load(bytes).unwrap(), Value::Bytes(vec![]));
   }
 
   #[test]

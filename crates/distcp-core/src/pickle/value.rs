@@ -146,11 +146,7 @@ impl Value {
 
   /// Look up a string key in a dict.
   pub fn get(&self, key: &str) -> Option<&Value> {
-    self
-      .as_dict()?
-      .iter()
-      .find(|(k, _)| k.as_str() == Some(key))
-      .map(|(_, v)| v)
+    self.as_dict()?.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v)
   }
 
   pub fn type_name(&self) -> &'static str {
