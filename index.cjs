@@ -836,5 +836,10 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.NativeCheckpoint = nativeBinding.NativeCheckpoint
+module.exports.NativeConvertJob = nativeBinding.NativeConvertJob
+module.exports.createConvertJob = nativeBinding.createConvertJob
 module.exports.openNativeCheckpoint = nativeBinding.openNativeCheckpoint
 module.exports.panicForTest = nativeBinding.panicForTest
+module.exports.parseSize = nativeBinding.parseSize
+module.exports.planConvert = nativeBinding.planConvert
+module.exports.tensorsEqual = nativeBinding.tensorsEqual

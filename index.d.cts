@@ -32,6 +32,15 @@ export declare class NativeCheckpoint {
   close(): void
 }
 
+export declare class NativeConvertJob {
+  /** Writes tensor `index` of the plan (the plan's `tensors` order). */
+  writeTensor(index: number): Promise<TensorWrittenJs>
+  /** Creates empty shards, writes the index, fsyncs every file. */
+  finish(): Promise<TensorWrittenJs>
+  /** Stops the tensor being written at its next slab; later writes fail with ERR_DISTCP_ABORTED. */
+  cancel(): void
+}
+
 export interface CheckpointSummary {
   path: string
   metadataFile: string
@@ -57,6 +66,16 @@ export interface ChunkInfo {
   /** Length of the record (a `torch.save` archive, or its compressed form). */
   byteLength: number
 }
+
+export interface ConvertEntryJs {
+  /** Key in the checkpoint. */
+  key: string
+  /** Tensor name in the output. */
+  name: string
+}
+
+/** Starts a conversion into `dir` (an existing empty folder; the caller renames it into place when done). */
+export declare function createConvertJob(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number, dir: string): NativeConvertJob
 
 export interface EncodedObject {
   /** Tagged JSON (see `src/values.ts`). */
@@ -84,3 +103,17 @@ export declare function openNativeCheckpoint(path: string, rank?: number | undef
  * that a panic becomes a JS error instead of aborting Node.
  */
 export declare function panicForTest(where: string): Promise<void> | null
+
+/** Parses a size like "5GB", "500MB", "2GiB" or "123" into bytes; null if it is not one. */
+export declare function parseSize(text: string): number | null
+
+/** The conversion plan (shards, tensors, offsets, index) as JSON, from `.metadata` alone. */
+export declare function planConvert(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number): string
+
+/** Whether two tensors of a checkpoint have the same dtype, shape and bytes. */
+export declare function tensorsEqual(checkpoint: NativeCheckpoint, a: string, b: string): Promise<boolean>
+
+export interface TensorWrittenJs {
+  bytes: number
+  kernelCopied: number
+}

@@ -144,6 +144,11 @@ export class Checkpoint {
     return root
   }
 
+  /** @internal the native handle, for other parts of distcp */
+  nativeHandle(): NativeCheckpoint {
+    return this.#native
+  }
+
   /** Releases the metadata and file mappings. Tensors already read stay valid. */
   close(): void {
     this.#native.close()

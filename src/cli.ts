@@ -1,9 +1,16 @@
 import { openCheckpoint, type Checkpoint, type TensorInfo, type ObjectInfo } from './checkpoint.js'
+import { convertDcpToHf, planDcpToHf, printPlan, type ConvertOptions, type ConvertPlan, type ConvertProgress } from './convert.js'
 import { DistcpError } from './errors.js'
 
-const USAGE = `usage: distcp inspect <checkpoint-dir> [--json] [--rank N]
+const USAGE = `usage:
+  distcp inspect <checkpoint-dir> [--json] [--rank N]
+  distcp convert <dcp-dir> <hf-out> --config <model dir or hub name> [--tokenizer <dir or hub name>]
+                 [--dtype bf16|fp16|fp32] [--max-shard-size 5GB] [--overwrite] [--dry-run] [--json]
 
   inspect   list every key of a PyTorch DCP checkpoint (dtype, shape, chunks, bytes, files) and totals
+  convert   write a Hugging Face folder (safetensors shards, config, tokenizer) from a DCP checkpoint
+
+exit codes: 0 done, 1 failed (the message says why), 2 bad usage
 `
 
 function humanBytes(n: number): string {
@@ -105,12 +112,103 @@ function printInventory(inv: Inventory): void {
   console.log(`metadata     ${f.metadataFile}${f.tensorPropertiesModule ? `, TensorProperties from ${f.tensorPropertiesModule}` : ''}`)
 }
 
+function usageError(msg: string): number {
+  process.stderr.write(`distcp: ${msg}\n${USAGE}`)
+  return 2
+}
+
+function fail(e: unknown): number {
+  const msg = e instanceof DistcpError ? `${e.message} (${e.code})` : e instanceof Error ? e.message : String(e)
+  process.stderr.write(`distcp: ${msg}\n`)
+  return 1
+}
+
+function progressReporter(json: boolean): (p: ConvertProgress) => void {
+  const tty = process.stderr.isTTY && !json
+  const start = performance.now()
+  let lastLine = 0
+  return (p) => {
+    const secs = (performance.now() - start) / 1000
+    const rate = p.bytesDone / Math.max(secs, 1e-6)
+    const eta = rate > 0 ? (p.bytesTotal - p.bytesDone) / rate : 0
+    const pct = p.bytesTotal ? (100 * p.bytesDone) / p.bytesTotal : 100
+    if (tty) {
+      const width = 30
+      const filled = Math.round((pct / 100) * width)
+      process.stderr.write(
+        `\r[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${pct.toFixed(1)}%  ${(p.bytesDone / 1e9).toFixed(2)}/${(p.bytesTotal / 1e9).toFixed(2)} GB  ${(rate / 1e9).toFixed(2)} GB/s  ETA ${eta.toFixed(0)}s  ${p.file}   `,
+      )
+      if (p.tensorsDone === p.tensorsTotal) process.stderr.write('\n')
+    } else if (!json && (performance.now() - lastLine > 2000 || p.tensorsDone === p.tensorsTotal)) {
+      lastLine = performance.now()
+      process.stderr.write(`${p.tensorsDone}/${p.tensorsTotal} tensors, ${(p.bytesDone / 1e9).toFixed(2)}/${(p.bytesTotal / 1e9).toFixed(2)} GB, ${p.file}\n`)
+    }
+  }
+}
+
+async function convertCommand(rest: string[]): Promise<number> {
+  const positional: string[] = []
+  const opts: ConvertOptions = {}
+  let config: string | undefined
+  let tokenizer: string | undefined
+  let json = false
+  const valued = new Set(['--config', '--tokenizer', '--dtype', '--max-shard-size'])
+  for (let i = 0; i < rest.length; i++) {
+    const a = rest[i]
+    if (valued.has(a)) {
+      const v = rest[++i]
+      if (v === undefined) return usageError(`${a} needs a value`)
+      if (a === '--config') config = v
+      else if (a === '--tokenizer') tokenizer = v
+      else if (a === '--dtype') opts.dtype = v as ConvertOptions['dtype']
+      else opts.maxShardSize = /^\d+$/.test(v) ? Number(v) : v
+    } else if (a === '--overwrite') opts.overwrite = true
+    else if (a === '--dry-run') opts.dryRun = true
+    else if (a === '--json') json = true
+    else if (a.startsWith('-')) return usageError(`unknown option \`${a}\``)
+    else positional.push(a)
+  }
+  if (positional.length !== 2) return usageError('convert needs <dcp-dir> and <hf-out>')
+  if (!config) return usageError('convert needs --config <model dir or hub name> (for config.json)')
+  const [dcp, out] = positional
+  try {
+    if (opts.dryRun) {
+      const plan = await planDcpToHf(dcp, out, config, tokenizer, opts)
+      if (json) console.log(JSON.stringify(plan, null, 2))
+      else printPlan(plan, out)
+      return 0
+    }
+    const started = performance.now()
+    let planned: ConvertPlan | undefined
+    await convertDcpToHf(dcp, out, config, tokenizer, { ...opts, onProgress: progressReporter(json), onPlan: (p) => (planned = p) })
+    const plan = planned as ConvertPlan
+    const seconds = (performance.now() - started) / 1000
+    const summary = {
+      output: out,
+      files: [...plan.shards.map((s) => s.file), ...(plan.indexJson ? ['model.safetensors.index.json'] : []), ...plan.extraFiles],
+      tensors: plan.tensors.length,
+      bytes: plan.totalSize,
+      seconds,
+      skipped: plan.skipped,
+    }
+    if (json) console.log(JSON.stringify(summary, null, 2))
+    else {
+      console.log(`wrote ${out}: ${summary.tensors} tensors, ${(summary.bytes / 1e9).toFixed(2)} GB in ${plan.shards.length} shard(s), ${seconds.toFixed(1)} s (${(summary.bytes / 1e9 / seconds).toFixed(2)} GB/s)`)
+      for (const s of plan.skipped) console.log(`  skipped ${s.key}: ${s.reason}`)
+    }
+    return 0
+  } catch (e) {
+    return fail(e)
+  }
+}
+
 export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv
   if (!command || command === '--help' || command === '-h') {
     process.stdout.write(USAGE)
     return command ? 0 : 2
   }
+  if (command === 'convert') return convertCommand(rest)
   if (command !== 'inspect') {
     process.stderr.write(`distcp: unknown command \`${command}\`\n${USAGE}`)
     return 2

@@ -50,6 +50,10 @@ impl DataFile {
     self.map.as_deref().unwrap_or(&[])
   }
 
+  pub(crate) fn file(&self) -> &File {
+    &self.file
+  }
+
   /// Asks the kernel to start reading `range` now (one large readahead instead of faults and small reads).
   fn will_need(&self, range: Range<usize>) {
     if let Some(map) = &self.map {

@@ -47,8 +47,18 @@ pub enum Error {
   #[error("{checkpoint}: key `{key}`: {reason}")]
   BadRequest { checkpoint: PathBuf, key: String, reason: String },
 
+  #[error("stopped: {what} was aborted")]
+  Aborted { what: String },
+
   #[error("{checkpoint}: key `{key}`: {reason}")]
   Unsupported { checkpoint: PathBuf, key: String, reason: String },
+
+  /// A value that cannot be saved (bad tensor, unsupported key, duplicate flat key, ...).
+  #[error("{checkpoint}: cannot save key `{key}`: {reason}")]
+  InvalidInput { checkpoint: PathBuf, key: String, reason: String },
+
+  #[error("{path}: exists and is not a directory (a checkpoint is a folder)")]
+  NotADirectory { path: PathBuf },
 }
 
 impl Error {
@@ -72,6 +82,9 @@ impl Error {
       Error::NoSuchKey { .. } => "ERR_DISTCP_NO_SUCH_KEY",
       Error::BadRequest { .. } => "ERR_DISTCP_BAD_REQUEST",
       Error::Unsupported { .. } => "ERR_DISTCP_UNSUPPORTED",
+      Error::InvalidInput { .. } => "ERR_DISTCP_INVALID_INPUT",
+      Error::NotADirectory { .. } => "ERR_DISTCP_NOT_A_DIRECTORY",
+      Error::Aborted { .. } => "ERR_DISTCP_ABORTED",
     }
   }
 }

@@ -75,7 +75,7 @@ pub struct NativeCheckpoint {
 }
 
 impl NativeCheckpoint {
-  fn get(&self) -> napi::Result<Arc<Checkpoint>> {
+  pub(crate) fn get(&self) -> napi::Result<Arc<Checkpoint>> {
     let guard = self.inner.read().unwrap_or_else(|p| p.into_inner());
     guard.clone().ok_or_else(|| invalid_arg("the checkpoint was closed"))
   }

@@ -4,10 +4,12 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod checkpoint;
+mod convert;
 mod errors;
 mod values;
 
 pub use checkpoint::*;
+pub use convert::*;
 
 /// Throws from Rust code that panics, on the JS thread (sync) or on a worker (async). Used by the tests to prove
 /// that a panic becomes a JS error instead of aborting Node.

@@ -1,0 +1,269 @@
+//! Executes a [`ConvertPlan`] one tensor at a time into a folder. Bytes that are already in their final layout
+//! (a chunk covering whole rows, no cast) move with `copy_file_range` — the kernel copies, and some filesystems
+//! share extents; everything else goes through bounded row slabs (gather → optional cast → `pwrite`).
+
+use super::cast::cast_parallel;
+use super::ConvertPlan;
+use crate::checkpoint::Blob;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::plan::Region;
+use crate::Checkpoint;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Bytes of source data gathered per slab: memory stays bounded whatever the tensor size.
+const SLAB_BYTES: u64 = 32 << 20;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TensorWritten {
+  pub bytes: u64,
+  /// Bytes moved by `copy_file_range` (the rest went through memory).
+  pub kernel_copied: u64,
+}
+
+pub struct ConvertJob {
+  pub plan: ConvertPlan,
+  dir: PathBuf,
+  files: Vec<Option<File>>,
+  cancel: Arc<AtomicBool>,
+  buf: Vec<u8>,
+  cast_buf: Vec<u8>,
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> Error {
+  Error::io(path, e)
+}
+
+impl ConvertJob {
+  /// `dir` must exist and be empty (the caller's temporary folder).
+  pub fn new(plan: ConvertPlan, dir: impl Into<PathBuf>) -> ConvertJob {
+    let n = plan.shards.len();
+    ConvertJob {
+      plan,
+      dir: dir.into(),
+      files: (0..n).map(|_| None).collect(),
+      cancel: Arc::new(AtomicBool::new(false)),
+      buf: Vec::new(),
+      cast_buf: Vec::new(),
+    }
+  }
+
+  /// Set it to stop the job at the next slab.
+  pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+    self.cancel.clone()
+  }
+
+  fn check_cancel(&self) -> Result<()> {
+    if self.cancel.load(Ordering::Relaxed) {
+      return Err(Error::Aborted { what: "the conversion".into() });
+    }
+    Ok(())
+  }
+
+  fn shard_file(&mut self, shard: usize) -> Result<&File> {
+    if self.files[shard].is_none() {
+      let s = &self.plan.shards[shard];
+      let path = self.dir.join(&s.file);
+      let mut f = OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| io_err(&path, e))?;
+      f.write_all(&s.header).map_err(|e| io_err(&path, e))?;
+      // reserve the whole file now: a full disk fails here, before any data moves
+      f.set_len(s.size).map_err(|e| io_err(&path, e))?;
+      allocate(&f, s.size).map_err(|e| io_err(&path, e))?;
+      self.files[shard] = Some(f);
+    }
+    match &self.files[shard] {
+      Some(f) => Ok(f),
+      None => unreachable!("opened above"),
+    }
+  }
+
+  /// Writes tensor `i` of the plan.
+  pub fn write_tensor(&mut self, ck: &Checkpoint, i: usize) -> Result<TensorWritten> {
+    self.check_cancel()?;
+    let tp = self.plan.tensors[i].clone();
+    let shard_path = self.dir.join(&self.plan.shards[tp.shard].file);
+    self.shard_file(tp.shard)?;
+    if tp.nbytes == 0 {
+      return Ok(TensorWritten::default());
+    }
+    let t = ck.tensor(&tp.key)?.clone();
+    let from = t.dtype();
+    let to = DType::from_name(&tp.dtype).unwrap_or(from);
+    let row_elems: u64 = t.size.iter().skip(1).product();
+    let rows = t.size.first().copied().unwrap_or(1);
+
+    // fast path: every chunk is whole rows, stored plainly, and no cast
+    let whole_rows = |c: &crate::metadata::Chunk| c.sizes.iter().zip(&t.size).skip(1).all(|(a, b)| a == b);
+    if from == to && t.chunks.iter().all(whole_rows) {
+      let mut moved = TensorWritten::default();
+      let mut all_plain = true;
+      let mut sources = Vec::new();
+      for (ci, c) in t.chunks.iter().enumerate() {
+        if c.numel() == 0 {
+          continue;
+        }
+        let (blob, rec) = ck.chunk_record(&tp.key, ci)?;
+        match blob {
+          Blob::Mapped { file, range } if rec.is_plain() => {
+            let first_row = c.offsets.first().copied().unwrap_or(0);
+            let dst = tp.offset + first_row * row_elems * from.size() as u64;
+            sources.push((file, (range.start + rec.storage.start) as u64, dst, c.numel() * from.size() as u64));
+          }
+          _ => all_plain = false,
+        }
+      }
+      let covered: u64 = sources.iter().map(|s| s.3).sum();
+      if all_plain && covered == tp.nbytes {
+        for (file, src_off, dst_off, len) in sources {
+          self.check_cancel()?;
+          let out = self.files[tp.shard].as_ref().ok_or_else(|| Error::io(&shard_path, std::io::ErrorKind::NotFound.into()))?;
+          let k = copy_range(file.file(), src_off, out, dst_off, len).map_err(|e| io_err(&shard_path, e))?;
+          moved.bytes += len;
+          moved.kernel_copied += k;
+        }
+        return Ok(moved);
+      }
+    }
+
+    // slab path: gather whole rows (from every chunk), cast if asked, write
+    let row_src = row_elems * from.size() as u64;
+    let rows_per_slab = if row_src == 0 { rows } else { (SLAB_BYTES / row_src).max(1) };
+    let mut r0 = 0u64;
+    while r0 < rows {
+      self.check_cancel()?;
+      let n = rows_per_slab.min(rows - r0);
+      let region = if t.size.is_empty() {
+        Region::whole(&[])
+      } else {
+        let mut offsets = vec![0; t.size.len()];
+        offsets[0] = r0;
+        let mut sizes = t.size.clone();
+        sizes[0] = n;
+        Region { offsets, sizes }
+      };
+      let src_len = (region.numel() * from.size() as u64) as usize;
+      self.buf.resize(src_len, 0);
+      ck.read_into(&tp.key, &region, &mut self.buf[..src_len])?;
+      let dst_off = tp.offset + r0 * row_elems * to.size() as u64;
+      let out = match &self.files[tp.shard] {
+        Some(f) => f,
+        None => return Err(Error::io(&shard_path, std::io::ErrorKind::NotFound.into())),
+      };
+      if from == to {
+        out.write_all_at(&self.buf[..src_len], dst_off).map_err(|e| io_err(&shard_path, e))?;
+      } else {
+        let dst_len = (region.numel() * to.size() as u64) as usize;
+        self.cast_buf.resize(dst_len, 0);
+        cast_parallel(&self.buf[..src_len], from, &mut self.cast_buf[..dst_len], to);
+        out.write_all_at(&self.cast_buf[..dst_len], dst_off).map_err(|e| io_err(&shard_path, e))?;
+      }
+      r0 += n;
+    }
+    Ok(TensorWritten { bytes: tp.nbytes, kernel_copied: 0 })
+  }
+
+  /// Creates shards that got no tensor, writes the index, and makes everything durable.
+  pub fn finish(&mut self) -> Result<()> {
+    for shard in 0..self.plan.shards.len() {
+      self.shard_file(shard)?;
+    }
+    for (shard, f) in self.files.iter().enumerate() {
+      if let Some(f) = f {
+        let path = self.dir.join(&self.plan.shards[shard].file);
+        f.sync_all().map_err(|e| io_err(&path, e))?;
+      }
+    }
+    if let Some(index) = &self.plan.index_json {
+      let path = self.dir.join("model.safetensors.index.json");
+      let mut f = OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| io_err(&path, e))?;
+      f.write_all(index.as_bytes()).map_err(|e| io_err(&path, e))?;
+      f.sync_all().map_err(|e| io_err(&path, e))?;
+    }
+    self.files.clear();
+    self.buf = Vec::new();
+    self.cast_buf = Vec::new();
+    Ok(())
+  }
+}
+
+/// Reserves the file's blocks so that ENOSPC shows up before any data is copied.
+#[cfg(target_os = "linux")]
+fn allocate(f: &File, len: u64) -> std::io::Result<()> {
+  use std::os::fd::AsRawFd;
+  let Ok(len) = libc::off_t::try_from(len) else { return Ok(()) };
+  if len == 0 {
+    return Ok(());
+  }
+  // SAFETY: plain syscall on a file descriptor we own; no memory is passed.
+  let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len) };
+  match rc {
+    0 => Ok(()),
+    // filesystems without fallocate: the writes will report a full disk instead
+    libc::EOPNOTSUPP | libc::EINVAL => Ok(()),
+    e => Err(std::io::Error::from_raw_os_error(e)),
+  }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn allocate(_f: &File, _len: u64) -> std::io::Result<()> {
+  Ok(())
+}
+
+/// Copies `len` bytes between files at the given offsets: `copy_file_range` where the kernel offers it, else
+/// `pread`/`pwrite` through a bounded buffer. Returns the bytes the kernel copied itself.
+fn copy_range(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -> std::io::Result<u64> {
+  #[cfg(target_os = "linux")]
+  {
+    use std::os::fd::AsRawFd;
+    let mut done = 0u64;
+    while done < len {
+      let (Ok(mut off_in), Ok(mut off_out)) =
+        (libc::loff_t::try_from(src_off + done), libc::loff_t::try_from(dst_off + done))
+      else {
+        break;
+      };
+      let want = usize::try_from(len - done).unwrap_or(usize::MAX).min(1 << 30);
+      // SAFETY: both descriptors are open files we hold; the offset pointers are valid locals for the call.
+      let n = unsafe { libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, want, 0) };
+      if n > 0 {
+        done += n as u64;
+        continue;
+      }
+      if n == 0 {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "source file ended early"));
+      }
+      let err = std::io::Error::last_os_error();
+      match err.raw_os_error() {
+        Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP | libc::EBADF) => break,
+        _ => return Err(err),
+      }
+    }
+    if done == len {
+      return Ok(len);
+    }
+    copy_by_buffer(src, src_off + done, dst, dst_off + done, len - done)?;
+    Ok(done)
+  }
+  #[cfg(not(target_os = "linux"))]
+  {
+    copy_by_buffer(src, src_off, dst, dst_off, len)?;
+    Ok(0)
+  }
+}
+
+fn copy_by_buffer(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -> std::io::Result<()> {
+  let mut buf = vec![0u8; (8u64 << 20).min(len) as usize];
+  let mut done = 0u64;
+  while done < len {
+    let n = (len - done).min(buf.len() as u64) as usize;
+    src.read_exact_at(&mut buf[..n], src_off + done)?;
+    dst.write_all_at(&buf[..n], dst_off + done)?;
+    done += n as u64;
+  }
+  Ok(())
+}

@@ -1,0 +1,273 @@
+//! DCP → Hugging Face safetensors. Planned from `.metadata` alone (shards, headers, every destination offset),
+//! then executed tensor by tensor by a [`ConvertJob`], so the caller can report progress and stop between tensors.
+
+mod cast;
+mod job;
+
+pub use cast::{cast, cast_parallel, f32_to_bf16, f32_to_f16};
+pub use job::{ConvertJob, TensorWritten};
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::Checkpoint;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// One tensor to convert: its DCP key and its name in the output.
+#[derive(Debug, Clone)]
+pub struct ConvertEntry {
+  pub key: String,
+  pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TensorPlan {
+  pub key: String,
+  pub name: String,
+  pub source_dtype: String,
+  pub dtype: String,
+  pub shape: Vec<u64>,
+  /// Absolute byte offset of the tensor's data in its shard file.
+  pub offset: u64,
+  pub nbytes: u64,
+  pub shard: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardPlan {
+  pub file: String,
+  /// Bytes of the file: 8-byte length, JSON header, tensor data.
+  pub size: u64,
+  pub header_len: u64,
+  #[serde(skip)]
+  pub header: Vec<u8>,
+  pub tensors: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConvertPlan {
+  pub shards: Vec<ShardPlan>,
+  /// Tensors in the order they are written (shard by shard, in file order).
+  pub tensors: Vec<TensorPlan>,
+  /// Sum of tensor bytes (`metadata.total_size` of the index).
+  pub total_size: u64,
+  /// `model.safetensors.index.json`, when there is more than one shard.
+  pub index_json: Option<String>,
+}
+
+/// transformers' header metadata; older transformers fail on a file without `format`.
+const FORMAT_PT: &str = "pt";
+
+fn shard_name(i: usize, n: usize) -> String {
+  if n == 1 {
+    "model.safetensors".into()
+  } else {
+    format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+  }
+}
+
+/// Plans the conversion of `entries` (in state-dict order) to safetensors shards of at most `max_shard_size`
+/// bytes of tensor data (a larger tensor gets a shard of its own), casting floating tensors to `dtype` if given.
+pub fn plan(ck: &Checkpoint, entries: &[ConvertEntry], dtype: Option<DType>, max_shard_size: u64) -> Result<ConvertPlan> {
+  struct Item {
+    key: String,
+    name: String,
+    from: DType,
+    to: DType,
+    shape: Vec<u64>,
+    nbytes: u64,
+  }
+  let mut items = Vec::with_capacity(entries.len());
+  let mut names = std::collections::HashSet::new();
+  for e in entries {
+    let t = ck.tensor(&e.key)?;
+    let from = t.dtype();
+    let to = match dtype {
+      Some(d) if cast::is_float(from) => d,
+      _ => from,
+    };
+    if to.safetensors_name().is_none() {
+      return Err(Error::Unsupported {
+        checkpoint: ck.root.clone(),
+        key: e.key.clone(),
+        reason: format!("safetensors has no {to} dtype"),
+      });
+    }
+    if !names.insert(e.name.clone()) {
+      return Err(Error::BadRequest {
+        checkpoint: ck.root.clone(),
+        key: e.key.clone(),
+        reason: format!("two tensors would both be named `{}` in the output", e.name),
+      });
+    }
+    let nbytes = t.numel() * to.size() as u64;
+    items.push(Item { key: e.key.clone(), name: e.name.clone(), from, to, shape: t.size.clone(), nbytes });
+  }
+
+  // huggingface_hub's split_state_dict_into_shards: fill in order, start a new shard when the next tensor would
+  // not fit; a tensor larger than the limit sits alone
+  let mut groups: Vec<Vec<usize>> = Vec::new();
+  let mut current = 0u64;
+  for (i, it) in items.iter().enumerate() {
+    match groups.last_mut() {
+      Some(g) if current + it.nbytes <= max_shard_size => {
+        g.push(i);
+        current += it.nbytes;
+      }
+      _ => {
+        groups.push(vec![i]);
+        current = it.nbytes;
+      }
+    }
+  }
+  if groups.is_empty() {
+    groups.push(Vec::new());
+  }
+
+  let n = groups.len();
+  let mut shards = Vec::with_capacity(n);
+  let mut tensors = Vec::with_capacity(items.len());
+  let mut weight_map = BTreeMap::new();
+  for (si, mut group) in groups.into_iter().enumerate() {
+    // safetensors' order: larger alignment first, then by name
+    group.sort_by(|&a, &b| items[b].to.size().cmp(&items[a].to.size()).then_with(|| items[a].name.cmp(&items[b].name)));
+    let file = shard_name(si, n);
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({ "format": FORMAT_PT }));
+    let mut offset = 0u64;
+    for &i in &group {
+      let it = &items[i];
+      header.insert(
+        it.name.clone(),
+        serde_json::json!({
+          "dtype": it.to.safetensors_name().unwrap_or_default(),
+          "shape": it.shape,
+          "data_offsets": [offset, offset + it.nbytes],
+        }),
+      );
+      weight_map.insert(it.name.clone(), file.clone());
+      offset += it.nbytes;
+    }
+    let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| Error::BadRequest {
+      checkpoint: ck.root.clone(),
+      key: String::new(),
+      reason: format!("cannot encode the safetensors header: {e}"),
+    })?;
+    // pad with spaces to a multiple of 8, as the safetensors writer does
+    while json.len() % 8 != 0 {
+      json.push(b' ');
+    }
+    let header_len = json.len() as u64;
+    let data_start = 8 + header_len;
+    let mut bytes = Vec::with_capacity(json.len() + 8);
+    bytes.extend_from_slice(&header_len.to_le_bytes());
+    bytes.extend_from_slice(&json);
+    let mut indices = Vec::with_capacity(group.len());
+    let mut off = data_start;
+    for &i in &group {
+      let it = &items[i];
+      indices.push(tensors.len());
+      tensors.push(TensorPlan {
+        key: it.key.clone(),
+        name: it.name.clone(),
+        source_dtype: it.from.name().into(),
+        dtype: it.to.name().into(),
+        shape: it.shape.clone(),
+        offset: off,
+        nbytes: it.nbytes,
+        shard: si,
+      });
+      off += it.nbytes;
+    }
+    shards.push(ShardPlan { file, size: off, header_len, header: bytes, tensors: indices });
+  }
+  let total_size: u64 = items.iter().map(|i| i.nbytes).sum();
+  let index_json = (n > 1).then(|| {
+    let index = serde_json::json!({ "metadata": { "total_size": total_size }, "weight_map": weight_map });
+    let mut s = serde_json::to_string_pretty(&index).unwrap_or_default();
+    s.push('\n');
+    s
+  });
+  Ok(ConvertPlan { shards, tensors, total_size, index_json })
+}
+
+/// Parses "5GB", "500MB", "2GiB", "1.5GB" or a plain byte count (decimal units as huggingface_hub, binary for
+/// KiB/MiB/GiB/TiB).
+pub fn parse_size(s: &str) -> Option<u64> {
+  let t = s.trim();
+  let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+  let (num, unit) = t.split_at(split);
+  let value: f64 = num.trim().parse().ok()?;
+  let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+    "" | "B" => 1.0,
+    "KB" => 1e3,
+    "MB" => 1e6,
+    "GB" => 1e9,
+    "TB" => 1e12,
+    "KIB" => 1024.0,
+    "MIB" => 1024.0 * 1024.0,
+    "GIB" => 1024.0 * 1024.0 * 1024.0,
+    "TIB" => 1024.0f64.powi(4),
+    _ => return None,
+  };
+  let bytes = value * mult;
+  (value.is_finite() && bytes >= 1.0).then_some(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+
+  #[test]
+  fn sizes() {
+    assert_eq!(parse_size("5GB"), Some(5_000_000_000));
+    assert_eq!(parse_size("500MB"), Some(500_000_000));
+    assert_eq!(parse_size("2GiB"), Some(2 << 30));
+    assert_eq!(parse_size("1.5 GB"), Some(1_500_000_000));
+    assert_eq!(parse_size("123"), Some(123));
+    assert_eq!(parse_size("5XB"), None);
+    assert_eq!(parse_size("-1GB"), None);
+  }
+}
+
+/// Whether two tensors hold the same dtype, shape and bytes; compared in bounded row slabs.
+pub fn tensors_equal(ck: &Checkpoint, a: &str, b: &str) -> Result<bool> {
+  let (ta, tb) = (ck.tensor(a)?.clone(), ck.tensor(b)?.clone());
+  if ta.dtype() != tb.dtype() || ta.size != tb.size {
+    return Ok(false);
+  }
+  let es = ta.dtype().size() as u64;
+  let rows = ta.size.first().copied().unwrap_or(1);
+  let row_bytes = ta.size.iter().skip(1).product::<u64>() * es;
+  let per = if row_bytes == 0 { rows.max(1) } else { (16u64 << 20).div_ceil(row_bytes).max(1) };
+  let (mut ba, mut bb) = (Vec::new(), Vec::new());
+  let mut r0 = 0;
+  while r0 < rows {
+    let n = per.min(rows - r0);
+    let region = if ta.size.is_empty() {
+      crate::plan::Region::whole(&[])
+    } else {
+      let mut offsets = vec![0; ta.size.len()];
+      offsets[0] = r0;
+      let mut sizes = ta.size.clone();
+      sizes[0] = n;
+      crate::plan::Region { offsets, sizes }
+    };
+    let len = (region.numel() * es) as usize;
+    ba.resize(len, 0);
+    bb.resize(len, 0);
+    ck.read_into(a, &region, &mut ba)?;
+    ck.read_into(b, &region, &mut bb)?;
+    if ba != bb {
+      return Ok(false);
+    }
+    r0 += n;
+    if ta.size.is_empty() {
+      break;
+    }
+  }
+  Ok(true)
+}

@@ -1,0 +1,162 @@
+//! Conversion to safetensors, driven from TypeScript one tensor at a time (progress and abort between tensors;
+//! a cancel flag stops a large tensor between slabs).
+
+use crate::checkpoint::NativeCheckpoint;
+use crate::errors::{guarded, invalid_arg, to_js};
+use distcp_core::convert::{self, ConvertEntry, ConvertJob};
+use distcp_core::{Checkpoint, DType};
+use napi::bindgen_prelude::AsyncTask;
+use napi::{Env, Task};
+use napi_derive::napi;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[napi(object)]
+pub struct ConvertEntryJs {
+  /// Key in the checkpoint.
+  pub key: String,
+  /// Tensor name in the output.
+  pub name: String,
+}
+
+#[napi(object)]
+pub struct TensorWrittenJs {
+  pub bytes: f64,
+  pub kernel_copied: f64,
+}
+
+fn plan_for(
+  ck: &Checkpoint,
+  entries: Vec<ConvertEntryJs>,
+  dtype: Option<String>,
+  max_shard_size: f64,
+) -> napi::Result<convert::ConvertPlan> {
+  let dtype = match dtype {
+    Some(d) => Some(DType::from_name(&d).ok_or_else(|| invalid_arg(format!("unknown dtype `{d}`")))?),
+    None => None,
+  };
+  if !(max_shard_size >= 1.0) {
+    return Err(invalid_arg(format!("maxShardSize must be at least 1 byte, got {max_shard_size}")));
+  }
+  let entries: Vec<ConvertEntry> = entries.into_iter().map(|e| ConvertEntry { key: e.key, name: e.name }).collect();
+  convert::plan(ck, &entries, dtype, max_shard_size as u64).map_err(to_js)
+}
+
+/// The conversion plan (shards, tensors, offsets, index) as JSON, from `.metadata` alone.
+#[napi(catch_unwind)]
+pub fn plan_convert(
+  checkpoint: &NativeCheckpoint,
+  entries: Vec<ConvertEntryJs>,
+  dtype: Option<String>,
+  max_shard_size: f64,
+) -> napi::Result<String> {
+  let ck = checkpoint.get()?;
+  let plan = plan_for(&ck, entries, dtype, max_shard_size)?;
+  serde_json::to_string(&plan).map_err(|e| invalid_arg(e.to_string()))
+}
+
+#[napi]
+pub struct NativeConvertJob {
+  ck: Arc<Checkpoint>,
+  job: Arc<Mutex<ConvertJob>>,
+  cancel: Arc<AtomicBool>,
+}
+
+/// Starts a conversion into `dir` (an existing empty folder; the caller renames it into place when done).
+#[napi(catch_unwind)]
+pub fn create_convert_job(
+  checkpoint: &NativeCheckpoint,
+  entries: Vec<ConvertEntryJs>,
+  dtype: Option<String>,
+  max_shard_size: f64,
+  dir: String,
+) -> napi::Result<NativeConvertJob> {
+  let ck = checkpoint.get()?;
+  let plan = plan_for(&ck, entries, dtype, max_shard_size)?;
+  let job = ConvertJob::new(plan, dir);
+  let cancel = job.cancel_flag();
+  Ok(NativeConvertJob { ck, job: Arc::new(Mutex::new(job)), cancel })
+}
+
+pub struct WriteTensorTask {
+  ck: Arc<Checkpoint>,
+  job: Arc<Mutex<ConvertJob>>,
+  index: Option<u32>,
+}
+
+impl Task for WriteTensorTask {
+  type Output = (f64, f64);
+  type JsValue = TensorWrittenJs;
+
+  fn compute(&mut self) -> napi::Result<(f64, f64)> {
+    guarded(|| {
+      let mut job = self.job.lock().unwrap_or_else(|p| p.into_inner());
+      match self.index {
+        Some(i) => {
+          let w = job.write_tensor(&self.ck, i as usize).map_err(to_js)?;
+          Ok((w.bytes as f64, w.kernel_copied as f64))
+        }
+        None => {
+          job.finish().map_err(to_js)?;
+          Ok((0.0, 0.0))
+        }
+      }
+    })
+  }
+
+  fn resolve(&mut self, _env: Env, (bytes, kernel_copied): (f64, f64)) -> napi::Result<TensorWrittenJs> {
+    Ok(TensorWrittenJs { bytes, kernel_copied })
+  }
+}
+
+#[napi]
+impl NativeConvertJob {
+  /// Writes tensor `index` of the plan (the plan's `tensors` order).
+  #[napi(ts_return_type = "Promise<TensorWrittenJs>")]
+  pub fn write_tensor(&self, index: u32) -> AsyncTask<WriteTensorTask> {
+    AsyncTask::new(WriteTensorTask { ck: self.ck.clone(), job: self.job.clone(), index: Some(index) })
+  }
+
+  /// Creates empty shards, writes the index, fsyncs every file.
+  #[napi(ts_return_type = "Promise<TensorWrittenJs>")]
+  pub fn finish(&self) -> AsyncTask<WriteTensorTask> {
+    AsyncTask::new(WriteTensorTask { ck: self.ck.clone(), job: self.job.clone(), index: None })
+  }
+
+  /// Stops the tensor being written at its next slab; later writes fail with ERR_DISTCP_ABORTED.
+  #[napi]
+  pub fn cancel(&self) {
+    self.cancel.store(true, Ordering::Relaxed);
+  }
+}
+
+pub struct EqualTask {
+  ck: Arc<Checkpoint>,
+  a: String,
+  b: String,
+}
+
+impl Task for EqualTask {
+  type Output = bool;
+  type JsValue = bool;
+
+  fn compute(&mut self) -> napi::Result<bool> {
+    guarded(|| convert::tensors_equal(&self.ck, &self.a, &self.b).map_err(to_js))
+  }
+
+  fn resolve(&mut self, _env: Env, v: bool) -> napi::Result<bool> {
+    Ok(v)
+  }
+}
+
+/// Whether two tensors of a checkpoint have the same dtype, shape and bytes.
+#[napi(ts_return_type = "Promise<boolean>")]
+pub fn tensors_equal(checkpoint: &NativeCheckpoint, a: String, b: String) -> napi::Result<AsyncTask<EqualTask>> {
+  Ok(AsyncTask::new(EqualTask { ck: checkpoint.get()?, a, b }))
+}
+
+/// Parses a size like "5GB", "500MB", "2GiB" or "123" into bytes; null if it is not one.
+#[napi]
+pub fn parse_size(text: String) -> Option<f64> {
+  convert::parse_size(&text).map(|v| v as f64)
+}

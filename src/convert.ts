@@ -1,0 +1,374 @@
+import { randomBytes } from 'node:crypto'
+import { existsSync, readFileSync, readdirSync, statSync } from 'node:fs'
+import { copyFile, mkdir, open, readFile, rename, rm, writeFile } from 'node:fs/promises'
+import { basename, dirname, join, relative, resolve, isAbsolute } from 'node:path'
+
+import { openCheckpoint, type Checkpoint } from './checkpoint.js'
+import { awaitNative, callNative, DistcpError } from './errors.js'
+import { resolveModel, TOKENIZER_DIRS, TOKENIZER_FILES } from './hf.js'
+import { native } from './native.js'
+import type { DType } from './tensor.js'
+
+/** Progress of a conversion, reported after every tensor. */
+export interface ConvertProgress {
+  bytesDone: number
+  bytesTotal: number
+  tensorsDone: number
+  tensorsTotal: number
+  /** The shard being written. */
+  file: string
+}
+
+export interface ConvertOptions {
+  /** Replace an existing output folder (atomically: the old one stays until the new one is complete). */
+  overwrite?: boolean
+  /** Cast floating tensors (round to nearest even, as torch's `.to()`); default: keep what was stored. */
+  dtype?: DType | 'bf16' | 'fp16' | 'fp32'
+  /** Largest shard: bytes, or "5GB" / "500MB" / "2GiB". Default 50GB, as transformers v5. */
+  maxShardSize?: number | string
+  /** Rename tensors by prefix: `{ 'model.': '' }` strips `model.`. Applied after the seed's `model.` unwrap. */
+  keyMap?: Record<string, string>
+  /** Only tensors whose output name matches one of these globs (`*` matches anything, dots included). */
+  include?: string[]
+  /** Leave out tensors whose output name matches one of these globs. */
+  exclude?: string[]
+  /** Plan only: print what would be written and write nothing. */
+  dryRun?: boolean
+  onProgress?: (p: ConvertProgress) => void
+  /** Stops between tensors (and between slabs of a large one); nothing is left behind. */
+  signal?: AbortSignal
+  /** Where warnings go (default: console.warn). */
+  onWarning?: (message: string) => void
+  /** Called with the plan before any data moves. */
+  onPlan?: (plan: ConvertPlan) => void
+}
+
+export interface PlannedTensor {
+  key: string
+  name: string
+  sourceDtype: DType
+  dtype: DType
+  shape: number[]
+  offset: number
+  nbytes: number
+  shard: number
+}
+
+export interface ConvertPlan {
+  shards: { file: string; size: number; headerLen: number; tensors: number[] }[]
+  tensors: PlannedTensor[]
+  totalSize: number
+  indexJson: string | null
+  /** Tensors of the checkpoint left out, and why. */
+  skipped: { key: string; reason: string }[]
+  /** Files copied next to the weights (config, generation config, tokenizer). */
+  extraFiles: string[]
+  /** The folder `.metadata` was found in. */
+  checkpoint: string
+}
+
+const DEFAULT_MAX_SHARD = 50e9
+const DTYPE_ALIASES: Record<string, DType> = { bf16: 'bfloat16', fp16: 'float16', half: 'float16', fp32: 'float32', float: 'float32' }
+const CAST_TARGETS = new Set<DType>(['bfloat16', 'float16', 'float32', 'float64'])
+
+function globToRegExp(glob: string): RegExp {
+  const esc = glob.replace(/[.+^${}()|[\]\\]/g, '\\$&').replace(/\*/g, '.*').replace(/\?/g, '.')
+  return new RegExp(`^${esc}$`)
+}
+
+/** The seed's layout detection: `.metadata` in the folder (DTensor v1) or in `model/` (v2). */
+function findCheckpointDir(dcpPath: string): string {
+  if (existsSync(join(dcpPath, '.metadata'))) return dcpPath
+  if (existsSync(join(dcpPath, 'model', '.metadata'))) return join(dcpPath, 'model')
+  throw new DistcpError(
+    'ERR_DISTCP_NO_CHECKPOINT',
+    `No metadata file found in ${dcpPath}(Dtensor V1 ckpt path) or ${join(dcpPath, 'model')}(Dtensor V2 ckpt path).`,
+  )
+}
+
+function parseMaxShard(v: number | string | undefined): number {
+  if (v === undefined) return DEFAULT_MAX_SHARD
+  const n = typeof v === 'number' ? v : native.parseSize(v)
+  if (n === null || n === undefined || !Number.isFinite(n) || n < 1) {
+    throw new DistcpError('ERR_DISTCP_BAD_REQUEST', `maxShardSize: cannot read ${JSON.stringify(v)} as a size (e.g. 5GB, 500MB, 2GiB)`)
+  }
+  return n
+}
+
+function resolveDtype(d: ConvertOptions['dtype']): DType | undefined {
+  if (d === undefined) return undefined
+  const dtype = (DTYPE_ALIASES[d] ?? d) as DType
+  if (!CAST_TARGETS.has(dtype)) {
+    throw new DistcpError('ERR_DISTCP_BAD_REQUEST', `unknown dtype ${JSON.stringify(d)}: use one of ${[...CAST_TARGETS].join(', ')}`)
+  }
+  return dtype
+}
+
+function isInside(child: string, parent: string): boolean {
+  const rel = relative(resolve(parent), resolve(child))
+  return rel === '' || (!rel.startsWith('..') && !isAbsolute(rel))
+}
+
+interface Prepared {
+  ck: Checkpoint
+  ckDir: string
+  entries: { key: string; name: string }[]
+  skipped: { key: string; reason: string }[]
+  dtype?: DType
+  maxShard: number
+  config: Record<string, unknown> | null
+  modelDir: string | null
+  tokenizerDir: string | null
+}
+
+const EMBEDDING_NAMES = ['model.embed_tokens.weight', 'transformer.wte.weight', 'model.decoder.embed_tokens.weight', 'embed_tokens.weight']
+
+async function prepare(dcpPath: string, hfPath: string, modelNameOrPath: string, tokenizerNameOrPath: string | undefined, options: ConvertOptions): Promise<Prepared> {
+  const warn = options.onWarning ?? ((m: string) => console.warn(`distcp: ${m}`))
+  const ckDir = findCheckpointDir(dcpPath)
+  if (isInside(hfPath, ckDir) || isInside(hfPath, dcpPath)) {
+    throw new DistcpError('ERR_DISTCP_BAD_REQUEST', `the output ${hfPath} lies inside the checkpoint ${dcpPath}; choose a folder outside it`)
+  }
+  const dtype = resolveDtype(options.dtype)
+  const maxShard = parseMaxShard(options.maxShardSize)
+
+  const model = resolveModel(modelNameOrPath)
+  if ('looked' in model) {
+    throw new DistcpError('ERR_DISTCP_NOT_FOUND', `model ${JSON.stringify(modelNameOrPath)} is neither a folder nor in the Hugging Face cache (looked at ${model.looked.join(', ')})`)
+  }
+  const configPath = join(model.dir, 'config.json')
+  if (!existsSync(configPath)) {
+    throw new DistcpError('ERR_DISTCP_NOT_FOUND', `${configPath} does not exist: the model folder needs a config.json`)
+  }
+  const config = JSON.parse(readFileSync(configPath, 'utf8')) as Record<string, unknown>
+  const tok = resolveModel(tokenizerNameOrPath ?? modelNameOrPath)
+  if ('looked' in tok) {
+    throw new DistcpError('ERR_DISTCP_NOT_FOUND', `tokenizer ${JSON.stringify(tokenizerNameOrPath)} is neither a folder nor in the Hugging Face cache (looked at ${tok.looked.join(', ')})`)
+  }
+  const hasTokenizer = TOKENIZER_FILES.some((f) => existsSync(join(tok.dir, f)))
+  if (!hasTokenizer) {
+    if (tokenizerNameOrPath !== undefined) throw new DistcpError('ERR_DISTCP_NOT_FOUND', `no tokenizer files in ${tok.dir}`)
+    warn(`no tokenizer files in ${tok.dir}; the output will have none`)
+  }
+
+  const ck = await openCheckpoint(ckDir)
+  const paths = ck.paths()
+  const tops = new Set([...paths.values()].map((p) => String(p[0])))
+  const unwrap = tops.size === 1 && tops.has('model')
+  const include = options.include?.map(globToRegExp)
+  const exclude = options.exclude?.map(globToRegExp) ?? []
+  const keyMap = Object.entries(options.keyMap ?? {})
+  const entries: { key: string; name: string }[] = []
+  const skipped: { key: string; reason: string }[] = []
+  for (const [key, path] of paths) {
+    if (ck.info(key).kind !== 'tensor') {
+      skipped.push({ key, reason: 'not a tensor' })
+      continue
+    }
+    let name = unwrap ? path.slice(1).join('.') : key
+    const rule = keyMap.find(([from]) => name.startsWith(from))
+    if (rule) name = rule[1] + name.slice(rule[0].length)
+    if (include && !include.some((r) => r.test(name))) {
+      skipped.push({ key, reason: 'not included' })
+      continue
+    }
+    if (exclude.some((r) => r.test(name))) {
+      skipped.push({ key, reason: 'excluded' })
+      continue
+    }
+    entries.push({ key, name })
+  }
+
+  // tied embeddings: drop lm_head only if the config ties it and it is bit-identical to the input embedding
+  const textConfig = (config.text_config ?? {}) as Record<string, unknown>
+  const tied = (config.tie_word_embeddings ?? textConfig.tie_word_embeddings) === true
+  const head = entries.find((e) => e.name === 'lm_head.weight')
+  const embed = entries.find((e) => EMBEDDING_NAMES.includes(e.name))
+  if (tied && head && embed) {
+    const same = await awaitNative(() => native.tensorsEqual(ck.nativeHandle(), head.key, embed.key))
+    if (same) {
+      entries.splice(entries.indexOf(head), 1)
+      skipped.push({ key: head.key, reason: `tied to ${embed.name} (tie_word_embeddings)` })
+    } else {
+      warn(`config.json ties word embeddings, but lm_head.weight differs from ${embed.name}: keeping both (the config is probably wrong)`)
+    }
+  }
+  return { ck, ckDir, entries, skipped, dtype, maxShard, config, modelDir: model.dir, tokenizerDir: hasTokenizer ? tok.dir : null }
+}
+
+function extraFileList(p: Prepared): { from: string; to: string }[] {
+  const files: { from: string; to: string }[] = []
+  if (p.modelDir && existsSync(join(p.modelDir, 'generation_config.json'))) {
+    files.push({ from: join(p.modelDir, 'generation_config.json'), to: 'generation_config.json' })
+  }
+  if (p.tokenizerDir) {
+    for (const f of TOKENIZER_FILES) {
+      if (existsSync(join(p.tokenizerDir, f))) files.push({ from: join(p.tokenizerDir, f), to: f })
+    }
+    for (const d of TOKENIZER_DIRS) {
+      const dir = join(p.tokenizerDir, d)
+      if (existsSync(dir) && statSync(dir).isDirectory()) {
+        for (const f of readdirSync(dir)) files.push({ from: join(dir, f), to: join(d, f) })
+      }
+    }
+  }
+  return files
+}
+
+function planOf(p: Prepared): ConvertPlan {
+  const raw = callNative(() => native.planConvert(p.ck.nativeHandle(), p.entries, p.dtype, p.maxShard))
+  const plan = JSON.parse(raw) as Omit<ConvertPlan, 'skipped' | 'extraFiles' | 'checkpoint'>
+  return { ...plan, skipped: p.skipped, extraFiles: ['config.json', ...extraFileList(p).map((f) => f.to)], checkpoint: p.ckDir }
+}
+
+/** The config with its dtype field(s) set to what the weights are stored as. */
+function configFor(config: Record<string, unknown>, plan: ConvertPlan): string {
+  const bytesByDtype = new Map<string, number>()
+  for (const t of plan.tensors) {
+    if (['float32', 'bfloat16', 'float16', 'float64'].includes(t.dtype)) bytesByDtype.set(t.dtype, (bytesByDtype.get(t.dtype) ?? 0) + t.nbytes)
+  }
+  const dtype = [...bytesByDtype.entries()].sort((a, b) => b[1] - a[1])[0]?.[0]
+  const out = { ...config }
+  if (dtype) {
+    const hasNew = 'dtype' in config
+    const hasOld = 'torch_dtype' in config
+    if (hasNew || !hasOld) out.dtype = dtype
+    if (hasOld || !hasNew) out.torch_dtype = dtype
+  }
+  return JSON.stringify(out, null, 2) + '\n'
+}
+
+/** Plans a conversion without writing anything (what `dryRun` prints). */
+export async function planDcpToHf(
+  dcpCkptPath: string,
+  hfCkptPath: string,
+  modelNameOrPath: string,
+  tokenizerNameOrPath?: string,
+  options: ConvertOptions = {},
+): Promise<ConvertPlan> {
+  const p = await prepare(dcpCkptPath, hfCkptPath, modelNameOrPath, tokenizerNameOrPath, options)
+  try {
+    return planOf(p)
+  } finally {
+    p.ck.close()
+  }
+}
+
+async function fsyncPath(path: string): Promise<void> {
+  const fh = await open(path, 'r')
+  try {
+    await fh.sync()
+  } finally {
+    await fh.close()
+  }
+}
+
+/**
+ * Converts a DCP checkpoint to a Hugging Face folder: safetensors shards (+ index), config.json with the dtype
+ * actually written, generation_config.json and the tokenizer files. Streams stored bytes into place in bounded
+ * memory. Atomic: the output appears complete or not at all. Returns `hfCkptPath`, like the seed.
+ */
+export async function convertDcpToHf(
+  dcpCkptPath: string,
+  hfCkptPath: string,
+  modelNameOrPath: string,
+  tokenizerNameOrPath?: string,
+  options: ConvertOptions = {},
+): Promise<string> {
+  if (existsSync(hfCkptPath) && !options.overwrite && !options.dryRun) {
+    throw new DistcpError('ERR_DISTCP_EXISTS', `HF checkpoint already exists at ${hfCkptPath}. Delete it to run or set overwrite=True.`)
+  }
+  const { signal } = options
+  signal?.throwIfAborted()
+  const p = await prepare(dcpCkptPath, hfCkptPath, modelNameOrPath, tokenizerNameOrPath, options)
+  const plan = planOf(p)
+  options.onPlan?.(plan)
+  if (options.dryRun) {
+    printPlan(plan, hfCkptPath)
+    p.ck.close()
+    return hfCkptPath
+  }
+
+  const out = resolve(hfCkptPath)
+  const parent = dirname(out)
+  const tmp = join(parent, `.${basename(out)}.distcp-tmp-${process.pid}-${randomBytes(4).toString('hex')}`)
+  const old = join(parent, `.${basename(out)}.distcp-old-${process.pid}-${randomBytes(4).toString('hex')}`)
+  let movedOld = false
+  try {
+    await mkdir(parent, { recursive: true })
+    await mkdir(tmp)
+    const job = callNative(() => native.createConvertJob(p.ck.nativeHandle(), p.entries, p.dtype, p.maxShard, tmp))
+    const onAbort = () => job.cancel()
+    signal?.addEventListener('abort', onAbort)
+    try {
+      let bytesDone = 0
+      for (let i = 0; i < plan.tensors.length; i++) {
+        signal?.throwIfAborted()
+        const w = await awaitNative(() => job.writeTensor(i))
+        bytesDone += w.bytes
+        options.onProgress?.({
+          bytesDone,
+          bytesTotal: plan.totalSize,
+          tensorsDone: i + 1,
+          tensorsTotal: plan.tensors.length,
+          file: plan.shards[plan.tensors[i].shard].file,
+        })
+      }
+      signal?.throwIfAborted()
+      await awaitNative(() => job.finish())
+    } finally {
+      signal?.removeEventListener('abort', onAbort)
+    }
+    await writeFile(join(tmp, 'config.json'), configFor(p.config ?? {}, plan))
+    for (const f of extraFileList(p)) {
+      await mkdir(dirname(join(tmp, f.to)), { recursive: true })
+      await copyFile(f.from, join(tmp, f.to))
+    }
+    for (const f of ['config.json', ...extraFileList(p).map((x) => x.to)]) await fsyncPath(join(tmp, f))
+    await fsyncPath(tmp)
+    signal?.throwIfAborted()
+    if (existsSync(out)) {
+      await rename(out, old)
+      movedOld = true
+    }
+    await rename(tmp, out)
+    await fsyncPath(parent)
+    if (movedOld) await rm(old, { recursive: true, force: true })
+    return hfCkptPath
+  } catch (e) {
+    await rm(tmp, { recursive: true, force: true })
+    if (movedOld && !existsSync(out)) await rename(old, out).catch(() => undefined)
+    if (signal?.aborted) {
+      throw new DistcpError('ERR_DISTCP_ABORTED', `conversion of ${dcpCkptPath} aborted; nothing was written`, { cause: e })
+    }
+    throw e
+  } finally {
+    p.ck.close()
+  }
+}
+
+function human(n: number): string {
+  const u = ['B', 'KB', 'MB', 'GB', 'TB']
+  let i = 0
+  while (n >= 1000 && i < u.length - 1) {
+    n /= 1000
+    i++
+  }
+  return i === 0 ? `${n} B` : `${n.toFixed(2)} ${u[i]}`
+}
+
+export function printPlan(plan: ConvertPlan, out: string): void {
+  console.log(`plan: ${plan.checkpoint} → ${out}`)
+  for (const s of plan.shards) {
+    console.log(`  ${s.file}  ${human(s.size)}  ${s.tensors.length} tensors`)
+    for (const i of s.tensors) {
+      const t = plan.tensors[i]
+      const cast = t.sourceDtype === t.dtype ? t.dtype : `${t.sourceDtype} → ${t.dtype}`
+      console.log(`    ${t.name}  ${cast}  [${t.shape.join(', ')}]  ${human(t.nbytes)}`)
+    }
+  }
+  if (plan.indexJson) console.log('  model.safetensors.index.json')
+  for (const f of plan.extraFiles) console.log(`  ${f}`)
+  for (const s of plan.skipped) console.log(`  (skipped ${s.key}: ${s.reason})`)
+  console.log(`total: ${plan.tensors.length} tensors, ${human(plan.totalSize)} in ${plan.shards.length} file(s)`)
+}
