@@ -86,6 +86,8 @@ pub struct StorageMeta {
 pub struct Metadata {
   /// Every flat key, in the order the file lists them.
   pub items: Vec<(String, ItemMetadata)>,
+  /// Position of each key in `items`, filled by `parse`.
+  index: HashMap<String, usize>,
   pub planner_data: Option<HashMap<String, Vec<PathElem>>>,
   pub storage_data: HashMap<StorageKey, StorageInfo>,
   pub storage_meta: Option<StorageMeta>,
@@ -375,6 +377,7 @@ impl Metadata {
     for (k, v) in sdm {
       let key = cx.string(k, "state_dict_metadata key")?;
       let item = cx.item(&key, v)?;
+      md.index.insert(key.clone(), md.items.len());
       md.items.push((key, item));
     }
 
@@ -414,8 +417,13 @@ impl Metadata {
   }
 
   pub fn item(&self, key: &str) -> Option<&ItemMetadata> {
-    self.items.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    // `items` is public: trust the index only while it still points at the key
+    match self.index.get(key).and_then(|&i| self.items.get(i)) {
+      Some((k, item)) if k == key => Some(item),
+      _ => self.items.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+    }
   }
+
 
   /// Which TensorProperties class path the writer used (tells torch ≤ 2.2 from ≥ 2.3 writers).
   pub fn tensor_properties_module(&self) -> Option<&str> {
