@@ -1,0 +1,198 @@
+// bench/convert: DCP → Hugging Face safetensors. distcp vs `cp -r` of the same checkpoint vs the PyTorch ways, same data,
+// same run, warm and cold page cache.
+//
+// usage: node bench/convert/run.mjs [--layers 38] [--reps 2] [--dtype <cast>] [--only a,b] [--keep]
+//   --layers   Llama layers of the generated checkpoint (hidden 2048, intermediate 5632, vocab 32000, bf16, 2 ranks,
+//              Shard(0) DTensors, the seed's {"model": …} layout; bench/lib/make_llama_checkpoint.py). 38 → 4.17 GB.
+//   --dtype    make distcp cast (e.g. float32); default: keep bf16 (what the PyTorch ways do)
+//   --keep     keep the generated checkpoints (bench/data/convert-*) for the next run; deleted otherwise
+//
+// Contestants (each a separate process, timed inside, peak RSS from /usr/bin/time -f '%e %M'):
+//   cp -r             the checkpoint folder copied: the raw cost of moving the bytes (no fsync)
+//   cp -r + sync      the same, then `sync` of the copied files: what durable output costs (distcp fsyncs its files)
+//   distcp            convertDcpToHf (library call): shards + config, fsync, atomic rename
+//   torch (seed way)  NeMo-RL's convert_dcp_to_hf path ending in safetensors: dcp_to_torch_save → torch.load →
+//                     safetensors.torch.save_file (bench/convert/torch_convert.py seed)
+//   torch consolidate torch's consolidate_safetensors_files. It consumes HuggingFaceStorageWriter(save_distributed=True)
+//                     shards, not a DCP checkpoint, so it gets its own input: the same tensors saved that way
+//                     (bench/convert/make_hf_sharded.py, generated once, not timed)
+// Warm: each contestant runs once untimed first (page cache and code warm). Cold: the contestant's input files are
+// evicted from the page cache (posix_fadvise DONTNEED, bench/lib/evict.py) before every run. Between runs the output
+// is deleted and `sync` flushes dirty pages, so one contestant's write-back does not bill the next.
+import { spawnSync } from 'node:child_process'
+import { existsSync, mkdirSync, readdirSync, rmSync, writeFileSync, statSync } from 'node:fs'
+import { cpus, totalmem } from 'node:os'
+import { join } from 'node:path'
+
+const root = new URL('../..', import.meta.url).pathname
+const python = process.env.DISTCP_PYTHON ?? join(root, '.venv/bin/python')
+
+const args = process.argv.slice(2)
+const flag = (name, dflt) => {
+  const i = args.indexOf(name)
+  return i >= 0 ? args[i + 1] : dflt
+}
+const layers = Number(flag('--layers', '38'))
+const reps = Number(flag('--reps', process.env.REPS ?? '2'))
+const castTo = flag('--dtype', '')
+const onlyList = (flag('--only', '') ?? '').split(',').filter(Boolean)
+const only = onlyList.length ? onlyList : null
+const keep = args.includes('--keep')
+
+const shape = { hidden: 2048, intermediate: 5632, vocab: 32000 }
+const genArgs = ['--ranks', '2', '--layers', String(layers), '--hidden', String(shape.hidden), '--intermediate', String(shape.intermediate), '--vocab', String(shape.vocab), '--dtype', 'bfloat16']
+const data = join(root, 'bench/data')
+const ckpt = join(data, `convert-llama-${layers}L-2rank`)
+const hfSharded = join(data, `convert-llama-${layers}L-2rank-hf-sharded`)
+const modelDir = join(data, `convert-llama-${layers}L-config`)
+const outRoot = join(root, 'bench/out/convert')
+
+function run(cmd, argv, opts = {}) {
+  const r = spawnSync(cmd, argv, { cwd: root, encoding: 'utf8', maxBuffer: 1 << 26, ...opts })
+  if (r.status !== 0) throw new Error(`${cmd} ${argv.join(' ')} (exit ${r.status}): ${r.stderr}`)
+  return r
+}
+const files = (dir) => readdirSync(dir).map((f) => join(dir, f)).filter((f) => statSync(f).isFile())
+const duBytes = (dir) => files(dir).reduce((a, f) => a + statSync(f).size, 0)
+
+// ---- data (generated with real torch; not timed)
+mkdirSync(data, { recursive: true })
+if (!existsSync(join(ckpt, '.metadata'))) {
+  console.log(`generating ${ckpt} with torch (2 gloo ranks) …`)
+  console.log(run(python, ['bench/lib/make_llama_checkpoint.py', ckpt, ...genArgs]).stdout.trim())
+}
+const wantConsolidate = !only || only.includes('torch consolidate')
+let haveConsolidate = false
+if (wantConsolidate) {
+  const probe = spawnSync(python, ['-c', 'from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files'], { encoding: 'utf8' })
+  haveConsolidate = probe.status === 0
+  if (!haveConsolidate) console.log(`torch consolidate: not in this torch (${probe.stderr.trim().split('\n').pop()}); skipped`)
+  else if (!existsSync(hfSharded) || !readdirSync(hfSharded).some((f) => f.endsWith('.safetensors'))) {
+    console.log(`generating ${hfSharded} (same tensors, HuggingFaceStorageWriter(save_distributed=True)) …`)
+    console.log(run(python, ['bench/convert/make_hf_sharded.py', hfSharded, ...genArgs]).stdout.trim())
+  }
+}
+mkdirSync(modelDir, { recursive: true })
+writeFileSync(
+  join(modelDir, 'config.json'),
+  JSON.stringify(
+    {
+      architectures: ['LlamaForCausalLM'],
+      model_type: 'llama',
+      hidden_size: shape.hidden,
+      intermediate_size: shape.intermediate,
+      num_hidden_layers: layers,
+      num_attention_heads: 16,
+      num_key_value_heads: 16,
+      vocab_size: shape.vocab,
+      max_position_embeddings: 4096,
+      rms_norm_eps: 1e-5,
+      hidden_act: 'silu',
+      tie_word_embeddings: false,
+      dtype: 'bfloat16',
+    },
+    null,
+    2,
+  ),
+)
+
+// ---- contestants
+function timed(cmd, argv) {
+  const r = run('/usr/bin/time', ['-f', '%e %M', cmd, ...argv])
+  const [secs, kb] = r.stderr.trim().split('\n').pop().split(' ').map(Number)
+  return { seconds: secs, maxRssKb: kb, stdout: r.stdout }
+}
+function inner(r) {
+  const j = JSON.parse(r.stdout.trim().split('\n').pop())
+  return { seconds: j.seconds, maxRssKb: r.maxRssKb, bytes: j.bytes }
+}
+const ckptFiles = files(ckpt)
+const ckptBytes = duBytes(ckpt)
+const contestants = {
+  'cp -r': { inputs: ckptFiles, run: (out) => ({ ...timed('cp', ['-r', ckpt, out]), bytes: ckptBytes }) },
+  'cp -r + sync': {
+    inputs: ckptFiles,
+    run: (out) => ({ ...timed('sh', ['-c', `cp -r "${ckpt}" "${out}" && sync "${out}"/* "${out}"/.metadata "${out}"`]), bytes: ckptBytes }),
+  },
+  distcp: { inputs: ckptFiles, run: (out) => inner(timed('node', ['bench/convert/distcp_convert.mjs', ckpt, out, modelDir, castTo])) },
+  'torch (seed way)': { inputs: ckptFiles, run: (out) => inner(timed(python, ['bench/convert/torch_convert.py', 'seed', ckpt, out])) },
+}
+if (haveConsolidate) {
+  contestants['torch consolidate'] = { inputs: files(hfSharded), run: (out) => inner(timed(python, ['bench/convert/torch_convert.py', 'consolidate', hfSharded, out])) }
+}
+for (const name of Object.keys(contestants)) if (only && !only.includes(name)) delete contestants[name]
+
+const evict = (paths) => run(python, ['bench/lib/evict.py', ...paths])
+function once(name, c, cold) {
+  const out = join(outRoot, name.replace(/[^\w]+/g, '-'))
+  rmSync(out, { recursive: true, force: true })
+  mkdirSync(outRoot, { recursive: true })
+  run('sync', [])
+  if (cold) evict(c.inputs)
+  const r = c.run(out)
+  rmSync(out, { recursive: true, force: true })
+  run('sync', [])
+  return r
+}
+
+// ---- the distcp output is checked against torch's before anything is timed (tensor for tensor, bit for bit)
+if (contestants.distcp && contestants['torch (seed way)'] && !castTo) {
+  const a = join(outRoot, 'verify-distcp')
+  const b = join(outRoot, 'verify-torch')
+  for (const d of [a, b]) rmSync(d, { recursive: true, force: true })
+  run('node', ['bench/convert/distcp_convert.mjs', ckpt, a, modelDir])
+  run(python, ['bench/convert/torch_convert.py', 'seed', ckpt, b])
+  const v = run(python, [
+    '-c',
+    `import sys, torch
+from safetensors import safe_open
+a = safe_open(sys.argv[1], framework="pt"); b = safe_open(sys.argv[2], framework="pt")
+assert set(a.keys()) == set(b.keys()), (sorted(set(a.keys()) ^ set(b.keys())))
+bad = [k for k in a.keys() if not torch.equal(a.get_tensor(k).view(torch.uint8), b.get_tensor(k).view(torch.uint8))]
+assert a.metadata() == {"format": "pt"}, a.metadata()
+assert not bad, bad
+print(f"verified: distcp's model.safetensors = torch's, {len(list(a.keys()))} tensors bit for bit")`,
+    join(a, 'model.safetensors'),
+    join(b, 'model.safetensors'),
+  ])
+  console.log(v.stdout.trim())
+  for (const d of [a, b]) rmSync(d, { recursive: true, force: true })
+}
+
+const commit = spawnSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: root, encoding: 'utf8' }).stdout.trim()
+const torchVersion = run(python, ['-c', 'import torch; print(torch.__version__)']).stdout.trim()
+const fsType = run('df', ['-T', data]).stdout.trim().split('\n').pop().split(/\s+/)[1]
+console.log(
+  `\nmachine: ${cpus().length} CPUs (${cpus()[0]?.model}), ${(totalmem() / 2 ** 30).toFixed(0)} GiB RAM, ${fsType} at ${data}; node ${process.version}, torch ${torchVersion}, distcp ${commit}`,
+)
+
+const tableRows = []
+for (const cache of ['warm', 'cold']) {
+  const results = {}
+  for (const [name, c] of Object.entries(contestants)) {
+    if (cache === 'warm') once(name, c, false)
+    const runs = Array.from({ length: reps }, () => once(name, c, cache === 'cold'))
+    const best = runs.reduce((x, y) => (y.seconds < x.seconds ? y : x))
+    results[name] = { ...best, maxRssKb: Math.max(...runs.map((r) => r.maxRssKb)) }
+  }
+  const tensorBytes = (results.distcp ?? results['torch (seed way)'] ?? Object.values(results)[0]).bytes
+  console.log(
+    `\n${cache} page cache: ${(tensorBytes / 1e9).toFixed(2)} GB of tensors, checkpoint ${(ckptBytes / 1e9).toFixed(2)} GB in ${ckptFiles.length} files; best of ${reps}${castTo ? `; distcp casts to ${castTo}` : ''}`,
+  )
+  console.log('contestant            GB/s   seconds   peak RSS   vs cp -r   vs cp+sync   vs torch')
+  for (const [name, r] of Object.entries(results)) {
+    const gbs = r.bytes / r.seconds / 1e9
+    const ratio = (ref) => (results[ref] ? `${(results[ref].seconds / r.seconds).toFixed(2)}×` : '-')
+    console.log(
+      `${name.padEnd(20)} ${gbs.toFixed(2).padStart(6)}  ${r.seconds.toFixed(2).padStart(8)}  ${(r.maxRssKb / 1024).toFixed(0).padStart(6)} MiB  ${ratio('cp -r').padStart(8)}  ${ratio('cp -r + sync').padStart(10)}  ${ratio('torch (seed way)').padStart(8)}`,
+    )
+    tableRows.push({ cache, name, ...r })
+  }
+}
+writeFileSync(join(outRoot, 'results.json'), JSON.stringify({ layers, reps, castTo: castTo || null, ckptBytes, rows: tableRows }, null, 2))
+console.log(`\n(ratios are speed-ups: the other's seconds / this one's seconds; results also in ${join(outRoot, 'results.json')})`)
+
+if (!keep) {
+  for (const d of [ckpt, hfSharded, modelDir]) rmSync(d, { recursive: true, force: true })
+  console.log(`deleted the generated data (${ckpt}, ${hfSharded}); pass --keep to reuse it`)
+}
