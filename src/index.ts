@@ -22,3 +22,20 @@ export { DistcpError } from './errors.js'
 export { convertDcpToHf, planDcpToHf } from './convert.js'
 export type { ConvertOptions, ConvertProgress, ConvertPlan, PlannedTensor } from './convert.js'
 export { resolveModel, hubCacheDir } from './hf.js'
+// trainer API (load, stateful, checkpointing)
+export { load, flattenStateDict, isStateful, LoadMismatchError } from './load.js'
+export type { LoadOptions, LoadReport, LoadStateDict, Mismatch } from './load.js'
+export { ModelState, OptimizerState, initOptimizerState } from './stateful.js'
+export type {
+  Stateful as LoadableStateful,
+  Parameter,
+  Model,
+  ParamGroup,
+  ParamGroupState,
+  Optimizer,
+  OptimizerStateDict,
+  FqnOptimizerState,
+  LRScheduler,
+} from './stateful.js'
+export { saveCheckpoint, loadCheckpoint, saveTokenizer } from './checkpointing.js'
+export type { SaveCheckpointOptions, LoadCheckpointOptions, LoadCheckpointResult, TokenizerSource } from './checkpointing.js'

@@ -1,0 +1,124 @@
+// saveCheckpoint / loadCheckpoint: NeMo-RL's `native_checkpoint.save_checkpoint` / `load_checkpoint`, same order,
+// same checks, same messages (its snake_case argument names in camelCase).
+import { copyFileSync, cpSync, existsSync, mkdirSync, statSync } from 'node:fs'
+import { join } from 'node:path'
+
+import { DistcpError } from './errors.js'
+import { resolveModel, TOKENIZER_DIRS, TOKENIZER_FILES } from './hf.js'
+import { load, type InternalLoadOptions, type LoadReport } from './load.js'
+import { save } from './save.js'
+import { ModelState, OptimizerState, type LRScheduler, type Model, type Optimizer } from './stateful.js'
+
+/** A tokenizer to save: a folder (or a hub name in the local HF cache) whose tokenizer files are copied, or an object with `savePretrained(dir)`. */
+export type TokenizerSource = string | { savePretrained(dir: string): unknown }
+
+export interface SaveCheckpointOptions {
+  /** Saved to `optimizerPath` as `{ optim: OptimizerState(model, optimizer, scheduler) }`. */
+  optimizer?: Optimizer | null
+  /** Saved with the optimizer (`optim.sched.*`); ignored without an optimizer, as in the seed. */
+  scheduler?: LRScheduler | null
+  /** Required with `optimizer`. */
+  optimizerPath?: string | null
+  tokenizer?: TokenizerSource | null
+  /** Required with `tokenizer`. */
+  tokenizerPath?: string | null
+  /** Receives the seed's progress lines (`Saving tokenizer (or processor) to …`); default: silent. */
+  log?: (line: string) => void
+}
+
+export interface LoadCheckpointOptions {
+  optimizer?: Optimizer | null
+  /** Loaded from the optimizer checkpoint's `sched` when given (a saved scheduler is ignored otherwise). */
+  scheduler?: LRScheduler | null
+  /** Required with `optimizer`. */
+  optimizerPath?: string | null
+  /** Receives the seed's progress lines (`Loading weights from …`, `Loading optimizer from …`); default: silent. */
+  log?: (line: string) => void
+}
+
+/** What {@link loadCheckpoint} loaded: the report of each {@link load}. */
+export interface LoadCheckpointResult {
+  weights: LoadReport
+  optimizer?: LoadReport
+}
+
+/**
+ * The seed's `save_checkpoint`, in its order:
+ * 1. `save({ model: ModelState(model) }, weightsPath)`, always;
+ * 2. with an optimizer: `optimizerPath` is required ("optimizerPath must be provided when saving optimizer
+ *    state"), then `save({ optim: OptimizerState(model, optimizer, scheduler) }, optimizerPath)`;
+ * 3. with a tokenizer: `tokenizerPath` is required ("tokenizerPath must be provided when saving tokenizer
+ *    state"), then the tokenizer files are written there.
+ * As in the seed, a missing path is found only after the steps before it are done (the weights are on disk).
+ */
+export async function saveCheckpoint(model: Model, weightsPath: string, options: SaveCheckpointOptions = {}): Promise<void> {
+  const { optimizer, scheduler, optimizerPath, tokenizer, tokenizerPath, log } = options
+  await save({ model: new ModelState(model) }, { checkpointId: weightsPath })
+  if (optimizer) {
+    if (optimizerPath == null) {
+      throw new DistcpError('ERR_DISTCP_INVALID_INPUT', 'optimizerPath must be provided when saving optimizer state')
+    }
+    await save({ optim: new OptimizerState(model, optimizer, scheduler) }, { checkpointId: optimizerPath })
+  }
+  if (tokenizer) {
+    if (tokenizerPath == null) {
+      throw new DistcpError('ERR_DISTCP_INVALID_INPUT', 'tokenizerPath must be provided when saving tokenizer state')
+    }
+    log?.(`Saving tokenizer (or processor) to ${tokenizerPath}`)
+    await saveTokenizer(tokenizer, tokenizerPath)
+  }
+}
+
+/**
+ * The seed's `load_checkpoint`: loads `{ model: ModelState(model) }` from `weightsPath`, then, with an optimizer,
+ * `{ optim: OptimizerState(model, optimizer, scheduler) }` from `optimizerPath` ("optimizerPath must be provided
+ * when loading optimizer state" otherwise). Loads are strict (see {@link load}), except that a scheduler saved in
+ * the optimizer checkpoint is ignored when no scheduler is given, as the seed does.
+ */
+export async function loadCheckpoint(
+  model: Model,
+  weightsPath: string,
+  options: LoadCheckpointOptions = {},
+): Promise<LoadCheckpointResult> {
+  const { optimizer, scheduler, optimizerPath, log } = options
+  log?.(`Loading weights from ${weightsPath}`)
+  const weights = await load({ model: new ModelState(model) }, { checkpointId: weightsPath })
+  if (!optimizer) return { weights }
+  if (optimizerPath == null) {
+    throw new DistcpError('ERR_DISTCP_INVALID_INPUT', 'optimizerPath must be provided when loading optimizer state')
+  }
+  log?.(`Loading optimizer from ${optimizerPath}`)
+  const opts: InternalLoadOptions = { checkpointId: optimizerPath }
+  if (!scheduler) opts.ignoreUnexpected = (key) => key === 'optim.sched' || key.startsWith('optim.sched.')
+  const optimizerReport = await load({ optim: new OptimizerState(model, optimizer, scheduler) }, opts)
+  return { weights, optimizer: optimizerReport }
+}
+
+/**
+ * Writes a tokenizer to `dir` (created if needed): an object's `savePretrained(dir)` is called; a folder's
+ * tokenizer files (`TOKENIZER_FILES`, and `additional_chat_templates/`) are copied byte for byte; a hub name
+ * (`org/name[@revision]`) is looked up offline in the local Hugging Face cache first.
+ */
+export async function saveTokenizer(tokenizer: TokenizerSource, dir: string): Promise<void> {
+  if (typeof tokenizer !== 'string') {
+    if (typeof tokenizer?.savePretrained !== 'function') {
+      throw new DistcpError('ERR_DISTCP_INVALID_INPUT', 'tokenizer must be a folder, a hub name or an object with savePretrained(dir)')
+    }
+    await tokenizer.savePretrained(dir)
+    return
+  }
+  const found = resolveModel(tokenizer)
+  if (!('dir' in found)) {
+    throw new DistcpError('ERR_DISTCP_NOT_FOUND', `tokenizer \`${tokenizer}\` not found (looked in ${found.looked.join(', ')})`)
+  }
+  const files = TOKENIZER_FILES.filter((f) => existsSync(join(found.dir, f)) && statSync(join(found.dir, f)).isFile())
+  if (files.length === 0) {
+    throw new DistcpError('ERR_DISTCP_NOT_FOUND', `no tokenizer files in ${found.dir} (looked for ${TOKENIZER_FILES.join(', ')})`)
+  }
+  mkdirSync(dir, { recursive: true })
+  for (const f of files) copyFileSync(join(found.dir, f), join(dir, f))
+  for (const d of TOKENIZER_DIRS) {
+    const src = join(found.dir, d)
+    if (existsSync(src) && statSync(src).isDirectory()) cpSync(src, join(dir, d), { recursive: true, dereference: true })
+  }
+}

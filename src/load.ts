@@ -1,0 +1,323 @@
+// torch's `dcp.load` for one process: flatten the target state dict the way torch does, look every flat key up in
+// `.metadata`, read tensors into the target's own memory and put non-tensor values in place of the leaves.
+import { openCheckpoint, type Checkpoint, type StateDict, type StateValue, type TensorInfo } from './checkpoint.js'
+import { DistcpError } from './errors.js'
+import { elementSize, numel, type DType, type Tensor } from './tensor.js'
+import { PyFloat, PyTuple, type PyValue } from './values.js'
+import type { Stateful } from './stateful.js'
+
+/** What {@link load} accepts: a state dict whose top-level values may be {@link Stateful} objects. */
+export type LoadStateDict = { [key: string]: StateValue | Stateful }
+
+export interface LoadOptions {
+  /** The checkpoint folder (the one holding `.metadata`). */
+  checkpointId: string
+  /**
+   * `true` (default): any key of the state dict missing from the checkpoint, any checkpoint key the state dict
+   * does not have, and any tensor whose dtype or shape differs is an error, raised before anything is loaded.
+   * `false`: load what matches and report the rest.
+   */
+  strict?: boolean
+}
+
+/** One tensor (or value) that could not be loaded as it is. */
+export interface Mismatch {
+  key: string
+  /** e.g. `checkpoint has float32 [8, 4], the state dict has float32 [16, 4]` */
+  reason: string
+}
+
+/** What {@link load} found. With `strict` (the default) a load that returns has all three lists empty. */
+export interface LoadReport {
+  /** Flat keys of the state dict that the checkpoint does not have (left untouched). */
+  missing: string[]
+  /** Flat keys of the checkpoint that the state dict does not have (not read). */
+  unexpected: string[]
+  /** Keys present on both sides whose tensors differ in dtype or shape, or tensor vs non-tensor (left untouched). */
+  mismatched: Mismatch[]
+  /** Which torch flattening matched the checkpoint: `'2.4'` (torch ≥ 2.4) or `'2.3'` (older, spec §3.3). */
+  layout: '2.4' | '2.3'
+}
+
+/** The strict-load error: every problem at once, in `report`. Nothing has been loaded when it is thrown. */
+export class LoadMismatchError extends DistcpError {
+  readonly report: LoadReport
+
+  constructor(message: string, report: LoadReport) {
+    super('ERR_DISTCP_STATE_MISMATCH', message)
+    this.name = 'LoadMismatchError'
+    this.report = report
+  }
+}
+
+type PathItem = string | number
+type Flat = Map<string, { path: PathItem[]; value: unknown }>
+
+/** A tensor as a target: any `{ dtype, shape, data: ArrayBufferView }`. */
+function asTensor(v: unknown): (Tensor & { data: ArrayBufferView }) | null {
+  if (typeof v !== 'object' || v === null) return null
+  const t = v as { dtype?: unknown; shape?: unknown; data?: unknown }
+  return typeof t.dtype === 'string' && Array.isArray(t.shape) && ArrayBuffer.isView(t.data) ? (v as Tensor) : null
+}
+
+/** A Mapping in torch's sense: a plain object or a Map (tensors, tuples, floats, bytes and class instances are not). */
+function isMapping(v: unknown): v is Record<string, unknown> | Map<unknown, unknown> {
+  if (typeof v !== 'object' || v === null) return false
+  if (v instanceof Map) return true
+  if (asTensor(v) || ArrayBuffer.isView(v) || Array.isArray(v)) return false
+  const proto = Object.getPrototypeOf(v)
+  return proto === Object.prototype || proto === null
+}
+
+/** Python's `str()` of a dict key. */
+function pyStr(k: unknown): string {
+  if (typeof k === 'string') return k
+  if (k === null) return 'None'
+  if (typeof k === 'boolean') return k ? 'True' : 'False'
+  if (k instanceof PyFloat) return Number.isInteger(k.value) ? `${k.value}.0` : String(k.value)
+  return String(k)
+}
+
+function entriesOf(m: Record<string, unknown> | Map<unknown, unknown>): [string, unknown][] {
+  return m instanceof Map ? [...m].map(([k, v]) => [pyStr(k), v]) : Object.entries(m)
+}
+
+/**
+ * torch's `flatten_state_dict`: `'2.4'` is `traverse_state_dict` (mappings always recursed, a list only when it holds
+ * a tensor, a mapping or a non-terminal list; tuples never), `'2.3'` is `traverse_state_dict_v_2_3` (a mapping or list
+ * holding no tensor and no non-terminal container is one item).
+ */
+export function flattenStateDict(stateDict: Record<string, unknown>, layout: '2.4' | '2.3'): Flat {
+  const out: Flat = new Map()
+  const visit = (path: PathItem[], value: unknown): void => {
+    const key = path.map(String).join('.')
+    if (out.has(key)) throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `duplicated flatten key ${key}`)
+    out.set(key, { path, value })
+  }
+  const isTerminal = (value: unknown): boolean => {
+    let values: unknown[]
+    if (isMapping(value)) {
+      if (layout === '2.4') return false
+      values = entriesOf(value).map(([, v]) => v)
+    } else if (Array.isArray(value)) {
+      values = value
+    } else {
+      return true
+    }
+    for (const entry of values) {
+      if ((isMapping(entry) || Array.isArray(entry)) && !isTerminal(entry)) return false
+      if (asTensor(entry)) return false
+    }
+    return true
+  }
+  const walk = (path: PathItem[], value: unknown): void => {
+    if (layout === '2.4') {
+      if (isMapping(value)) for (const [k, v] of entriesOf(value)) walk([...path, k], v)
+      else if (isTerminal(value)) visit(path, value)
+      else (value as unknown[]).forEach((v, i) => walk([...path, i], v))
+    } else {
+      if (isTerminal(value)) visit(path, value)
+      else if (isMapping(value)) for (const [k, v] of entriesOf(value)) walk([...path, k], v)
+      else (value as unknown[]).forEach((v, i) => walk([...path, i], v))
+    }
+  }
+  for (const [k, v] of Object.entries(stateDict)) walk([k], v)
+  return out
+}
+
+/** torch's `set_element`: creates missing dicts (`{}` before a str key, `[]` before an int) and pads lists. */
+function setElement(root: Record<string, unknown>, path: PathItem[], value: unknown): void {
+  let cur: unknown = root
+  for (let i = 0; i < path.length; i++) {
+    const k = path[i]
+    const last = i === path.length - 1
+    if (Array.isArray(cur)) {
+      const idx = Number(k)
+      while (cur.length <= idx) cur.push(null)
+      if (last) cur[idx] = value
+      else {
+        if (cur[idx] === null || cur[idx] === undefined) cur[idx] = typeof path[i + 1] === 'string' ? {} : []
+        cur = cur[idx]
+      }
+    } else if (cur instanceof Map) {
+      const mk = [...cur.keys()].find((x) => pyStr(x) === String(k)) ?? k
+      if (last) cur.set(mk, value)
+      else {
+        if (!cur.has(mk)) cur.set(mk, typeof path[i + 1] === 'string' ? {} : [])
+        cur = cur.get(mk)
+      }
+    } else {
+      const o = cur as Record<string, unknown>
+      const sk = String(k)
+      if (last) o[sk] = value
+      else {
+        if (o[sk] === null || o[sk] === undefined) o[sk] = typeof path[i + 1] === 'string' ? {} : []
+        cur = o[sk]
+      }
+    }
+  }
+}
+
+/**
+ * A value read in exact mode, with dicts whose keys are all strings turned into plain objects (torch ≤ 2.3 stores
+ * whole containers, e.g. `optim.param_groups` or `optim.sched`, as one item).
+ */
+function plainDicts(v: PyValue): PyValue {
+  if (v instanceof Map) {
+    if ([...v.keys()].every((k) => typeof k === 'string')) {
+      const o: { [key: string]: PyValue } = {}
+      for (const [k, x] of v) o[k as string] = plainDicts(x)
+      return o
+    }
+    return new Map([...v].map(([k, x]) => [k, plainDicts(x)] as [PyValue, PyValue]))
+  }
+  if (Array.isArray(v)) return v.map(plainDicts)
+  if (v instanceof PyTuple) return new PyTuple(v.items.map(plainDicts))
+  return v
+}
+
+/** True for an object with `stateDict()` and `loadStateDict()`, like torch's runtime-checkable `Stateful`. */
+export function isStateful(v: unknown): v is Stateful {
+  return (
+    typeof v === 'object' &&
+    v !== null &&
+    typeof (v as Stateful).stateDict === 'function' &&
+    typeof (v as Stateful).loadStateDict === 'function'
+  )
+}
+
+const fmtTensor = (dtype: DType | string, shape: readonly number[]): string => `${dtype} [${shape.join(', ')}]`
+
+/** @internal extra knobs for the checkpointing layer */
+export interface InternalLoadOptions extends LoadOptions {
+  /** Checkpoint keys that are not an error when the state dict lacks them (the seed ignores a saved scheduler). */
+  ignoreUnexpected?: (key: string) => boolean
+}
+
+/**
+ * Loads a DCP checkpoint into `stateDict`, like torch's `dcp.load` in one process:
+ * 1. every top-level {@link Stateful} value is replaced by its `stateDict()`;
+ * 2. the tree is flattened the torch ≥ 2.4 way; when the checkpoint has keys that flattening does not produce and
+ *    the torch ≤ 2.3 flattening does, the old one is used for the whole load (torch's fallback, spec §3.3);
+ * 3. every key is checked first (presence, tensor dtype and shape): with `strict` any problem throws one
+ *    {@link LoadMismatchError} listing all of them, before anything is read;
+ * 4. non-tensor values are read and put in place of the leaves (exact Python types: `PyFloat`, `PyTuple`), then
+ *    tensors are read straight into the existing tensors' memory (no cast: dtype and shape must match);
+ * 5. `loadStateDict(sd)` is called on every Stateful value with its loaded state dict; other top-level values of
+ *    `stateDict` are replaced by the loaded ones.
+ *
+ * Validation happens before any byte is written, so a strict load that throws leaves everything as it was; an I/O
+ * error in the middle of step 4 can leave some tensors loaded.
+ */
+export async function load(stateDict: LoadStateDict, options: LoadOptions): Promise<LoadReport> {
+  const { checkpointId, strict = true, ignoreUnexpected } = options as InternalLoadOptions
+  if (typeof checkpointId !== 'string' || checkpointId === '') {
+    throw new DistcpError('ERR_DISTCP_INVALID_INPUT', 'load: options.checkpointId must be a folder path')
+  }
+  if (typeof stateDict !== 'object' || stateDict === null) {
+    throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `${checkpointId}: load needs a state dict (a plain object)`)
+  }
+  const keys = Object.keys(stateDict).sort()
+  const sd: StateDict = {}
+  for (const k of keys) {
+    const v = stateDict[k]
+    sd[k] = isStateful(v) ? await v.stateDict() : (v as StateValue)
+  }
+
+  const ck = await openCheckpoint(checkpointId)
+  let report: LoadReport
+  try {
+    const ckKeys = ck.keys()
+    const inCk = new Set(ckKeys)
+    let layout: '2.4' | '2.3' = '2.4'
+    let flat = flattenStateDict(sd, '2.4')
+    const extra = ckKeys.filter((k) => !flat.has(k))
+    if (extra.length > 0) {
+      const old = flattenStateDict(sd, '2.3')
+      if (extra.some((k) => old.has(k))) {
+        flat = old
+        layout = '2.3'
+      }
+    }
+
+    report = { missing: [], unexpected: [], mismatched: [], layout }
+    const tensorReads: { key: string; target: Tensor & { data: ArrayBufferView } }[] = []
+    const objectReads: { key: string; path: PathItem[]; tensor: TensorInfo | null }[] = []
+    for (const [key, { path, value }] of flat) {
+      if (!inCk.has(key)) {
+        report.missing.push(key)
+        continue
+      }
+      const info = ck.info(key)
+      const target = asTensor(value)
+      if (target) {
+        if (info.kind !== 'tensor') {
+          report.mismatched.push({ key, reason: `checkpoint has a non-tensor value, the state dict has a tensor` })
+        } else if (info.dtype !== target.dtype || info.shape.join(',') !== target.shape.join(',')) {
+          report.mismatched.push({
+            key,
+            reason: `checkpoint has ${fmtTensor(info.dtype, info.shape)}, the state dict has ${fmtTensor(target.dtype, target.shape)}`,
+          })
+        } else {
+          const want = numel(info.shape) * elementSize(info.dtype)
+          if (target.data.byteLength !== want) {
+            throw new DistcpError(
+              'ERR_DISTCP_INVALID_INPUT',
+              `${checkpointId}: key \`${key}\`: the state dict's ${fmtTensor(target.dtype, target.shape)} tensor holds ${target.data.byteLength} bytes, not ${want}`,
+            )
+          }
+          tensorReads.push({ key, target })
+        }
+      } else {
+        // a non-tensor leaf is replaced by whatever the checkpoint holds (a tensor becomes a new tensor)
+        objectReads.push({ key, path, tensor: info.kind === 'tensor' ? info : null })
+      }
+    }
+    const inFlat = new Set(flat.keys())
+    report.unexpected = ckKeys.filter((k) => !inFlat.has(k) && !(ignoreUnexpected?.(k) ?? false))
+
+    if (strict && (report.missing.length || report.unexpected.length || report.mismatched.length)) {
+      const lines = [`${checkpointId}: the state dict does not match the checkpoint (strict load; nothing was loaded)`]
+      if (report.missing.length) lines.push(`  missing from the checkpoint (${report.missing.length}): ${report.missing.join(', ')}`)
+      if (report.unexpected.length) {
+        lines.push(`  in the checkpoint but not in the state dict (${report.unexpected.length}): ${report.unexpected.join(', ')}`)
+      }
+      if (report.mismatched.length) {
+        lines.push(`  mismatched (${report.mismatched.length}):`)
+        for (const m of report.mismatched) lines.push(`    ${m.key}: ${m.reason}`)
+      }
+      throw new LoadMismatchError(lines.join('\n'), report)
+    }
+
+    // values first (a bad record fails before any tensor is overwritten), then tensors into their buffers
+    const values: { path: PathItem[]; value: unknown }[] = []
+    for (const r of objectReads) {
+      const value = r.tensor ? await ck.read(r.key) : plainDicts(await ck.readObject(r.key, { exact: true }))
+      values.push({ path: r.path, value })
+    }
+    await readTensors(ck, tensorReads)
+    for (const { path, value } of values) setElement(sd, path, value)
+  } finally {
+    ck.close()
+  }
+
+  for (const k of keys) {
+    const v = stateDict[k]
+    if (isStateful(v)) await v.loadStateDict(sd[k] as StateDict)
+    else stateDict[k] = sd[k]
+  }
+  return report
+}
+
+/** Reads tensors into their targets, a few at a time (each read runs on the native thread pool). */
+async function readTensors(ck: Checkpoint, reads: { key: string; target: Tensor & { data: ArrayBufferView } }[]): Promise<void> {
+  const width = 4
+  let next = 0
+  const worker = async (): Promise<void> => {
+    while (next < reads.length) {
+      const { key, target } = reads[next++]
+      await ck.read(key, { into: target.data })
+    }
+  }
+  await Promise.all(Array.from({ length: Math.min(width, reads.length) }, worker))
+}
