@@ -1,0 +1,10 @@
+// The tiny trainer: a PyTorch-compatible MLP, AdamW/Adam and StepLR in plain TypeScript (see README.md).
+export { TinyMLP, F32Parameter } from './mlp.js'
+export type { MlpConfig } from './mlp.js'
+export { AdamW, Adam, StepLR, num } from './optim.js'
+export type { AdamOptions, AdamGroupInput } from './optim.js'
+export { makeBatch, uniform } from './data.js'
+export type { Batch } from './data.js'
+export { f32, fma32, lerp32 } from './f32.js'
+export { createRun, trainStep, evalLoss, DEFAULTS } from './trainer.js'
+export type { Run, RunConfig } from './trainer.js'
