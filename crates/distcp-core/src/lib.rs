@@ -14,6 +14,7 @@ pub mod metadata;
 pub mod pickle;
 pub mod plan;
 pub mod torch_save;
+pub mod write;
 pub mod zip;
 
 pub use checkpoint::Checkpoint;

@@ -1,0 +1,268 @@
+//! Nested state dict → flat keys, exactly as `torch.distributed.checkpoint`'s `flatten_state_dict` does it (spec
+//! §3), in either traversal generation.
+
+use crate::metadata::PathElem;
+use crate::write::value::{SaveValue, MAX_DEPTH};
+
+/// Which PyTorch traversal decides what is a leaf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+  /// torch ≥ 2.4 (`traverse_state_dict`): dicts are always recursed (an empty dict leaves no key); a list is
+  /// recursed only if it holds a tensor, a dict or a recursed list; tuples and everything else are leaves.
+  #[default]
+  Torch24,
+  /// torch ≤ 2.3 (`traverse_state_dict_v_2_3`): a dict or list holding no tensor and no recursed container is
+  /// one leaf (an empty dict included); others are recursed; tuples are leaves.
+  Torch23,
+}
+
+impl Layout {
+  pub fn from_name(name: &str) -> Option<Layout> {
+    match name {
+      "2.4" | "torch24" => Some(Layout::Torch24),
+      "2.3" | "torch23" => Some(Layout::Torch23),
+      _ => None,
+    }
+  }
+}
+
+/// One item of the flattened state dict.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlatItem<'v, 'a> {
+  /// `".".join(str(p) for p in path)`.
+  pub key: String,
+  /// The path in the nested state dict (`planner_data`): dict keys as `str(key)`, list indices as ints.
+  pub path: Vec<PathElem>,
+  pub value: &'v SaveValue<'a>,
+}
+
+/// Why a state dict cannot be flattened; `key` is the flat key (or the path so far).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlattenError {
+  pub key: String,
+  pub reason: String,
+}
+
+fn join(path: &[PathElem]) -> String {
+  let parts: Vec<String> = path
+    .iter()
+    .map(|p| match p {
+      PathElem::Key(k) => k.clone(),
+      PathElem::Index(i) => i.to_string(),
+    })
+    .collect();
+  parts.join(".")
+}
+
+fn is_container(v: &SaveValue) -> bool {
+  matches!(v, SaveValue::Dict(_) | SaveValue::List(_))
+}
+
+fn is_terminal(v: &SaveValue, layout: Layout, depth: usize) -> bool {
+  if depth > MAX_DEPTH {
+    return true; // reported by the traversal
+  }
+  let entries: Box<dyn Iterator<Item = &SaveValue>> = match (v, layout) {
+    (SaveValue::Dict(_), Layout::Torch24) => return false,
+    (SaveValue::Dict(pairs), Layout::Torch23) => Box::new(pairs.iter().map(|(_, x)| x)),
+    (SaveValue::List(items), _) => Box::new(items.iter()),
+    _ => return true,
+  };
+  for e in entries {
+    if is_container(e) && !is_terminal(e, layout, depth + 1) {
+      return false;
+    }
+    if matches!(e, SaveValue::Tensor(_)) {
+      return false;
+    }
+  }
+  true
+}
+
+/// Flattens `root` (a dict: the state dict) into items in torch's order. Duplicate flat keys are an error, as in
+/// torch (`"duplicated flatten key"`).
+pub fn flatten<'v, 'a>(
+  root: &'v SaveValue<'a>,
+  layout: Layout,
+) -> Result<Vec<FlatItem<'v, 'a>>, FlattenError> {
+  let SaveValue::Dict(pairs) = root else {
+    return Err(FlattenError {
+      key: String::new(),
+      reason: format!("the state dict must be a dict, not a {}", root.type_name()),
+    });
+  };
+  let mut out = Vec::new();
+  let mut seen = std::collections::HashSet::new();
+  for (k, v) in pairs {
+    let key = k.key_string().map_err(|reason| FlattenError { key: String::new(), reason })?;
+    traverse(vec![PathElem::Key(key)], v, layout, &mut out, &mut seen, 0)?;
+  }
+  Ok(out)
+}
+
+fn traverse<'v, 'a>(
+  path: Vec<PathElem>,
+  v: &'v SaveValue<'a>,
+  layout: Layout,
+  out: &mut Vec<FlatItem<'v, 'a>>,
+  seen: &mut std::collections::HashSet<String>,
+  depth: usize,
+) -> Result<(), FlattenError> {
+  if depth > MAX_DEPTH {
+    return Err(FlattenError {
+      key: join(&path),
+      reason: format!("nested more than {MAX_DEPTH} levels deep"),
+    });
+  }
+  let recurse_dict = match layout {
+    Layout::Torch24 => matches!(v, SaveValue::Dict(_)),
+    Layout::Torch23 => matches!(v, SaveValue::Dict(_)) && !is_terminal(v, layout, depth),
+  };
+  if recurse_dict {
+    if let SaveValue::Dict(pairs) = v {
+      for (k, x) in pairs {
+        let key = k.key_string().map_err(|reason| FlattenError { key: join(&path), reason })?;
+        let mut p = path.clone();
+        p.push(PathElem::Key(key));
+        traverse(p, x, layout, out, seen, depth + 1)?;
+      }
+    }
+    return Ok(());
+  }
+  if is_terminal(v, layout, depth) {
+    let key = join(&path);
+    if !seen.insert(key.clone()) {
+      return Err(FlattenError {
+        key,
+        reason: "duplicated flatten key: two paths join to the same dotted key".into(),
+      });
+    }
+    out.push(FlatItem { key, path, value: v });
+    return Ok(());
+  }
+  if let SaveValue::List(items) = v {
+    for (i, x) in items.iter().enumerate() {
+      let mut p = path.clone();
+      p.push(PathElem::Index(i as i64));
+      traverse(p, x, layout, out, seen, depth + 1)?;
+    }
+  }
+  Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+  use crate::dtype::DType;
+  use crate::write::value::TensorRef;
+
+  fn s(x: &str) -> SaveValue<'static> {
+    SaveValue::Str(x.into())
+  }
+  fn d(pairs: Vec<(&str, SaveValue<'static>)>) -> SaveValue<'static> {
+    SaveValue::Dict(pairs.into_iter().map(|(k, v)| (s(k), v)).collect())
+  }
+  fn t() -> SaveValue<'static> {
+    SaveValue::Tensor(TensorRef { dtype: DType::Float32, shape: vec![1], data: &[0, 0, 0, 0] })
+  }
+  fn keys(v: &SaveValue, layout: Layout) -> Vec<(String, Vec<PathElem>)> {
+    flatten(v, layout).unwrap().into_iter().map(|i| (i.key, i.path)).collect()
+  }
+  fn k(x: &str) -> PathElem {
+    PathElem::Key(x.into())
+  }
+
+  /// The worked example of spec §3.2 (an Adam optimizer state dict next to a model).
+  fn optim() -> SaveValue<'static> {
+    d(vec![
+      ("model", d(vec![("layer1.weight", t())])),
+      (
+        "optim",
+        d(vec![
+          ("state", d(vec![("layer1.weight", d(vec![("exp_avg", t()), ("step", t())]))])),
+          (
+            "param_groups",
+            SaveValue::List(vec![d(vec![
+              ("lr", SaveValue::Float(0.001)),
+              ("betas", SaveValue::Tuple(vec![SaveValue::Float(0.9), SaveValue::Float(0.999)])),
+              ("params", SaveValue::List(vec![s("layer1.weight")])),
+            ])]),
+          ),
+          ("empty", d(vec![])),
+          ("nolist", SaveValue::List(vec![])),
+        ]),
+      ),
+    ])
+  }
+
+  #[test]
+  fn torch24_keys() {
+    let got = keys(&optim(), Layout::Torch24);
+    let want = vec![
+      ("model.layer1.weight", vec![k("model"), k("layer1.weight")]),
+      ("optim.state.layer1.weight.exp_avg", vec![k("optim"), k("state"), k("layer1.weight"), k("exp_avg")]),
+      ("optim.state.layer1.weight.step", vec![k("optim"), k("state"), k("layer1.weight"), k("step")]),
+      ("optim.param_groups.0.lr", vec![k("optim"), k("param_groups"), PathElem::Index(0), k("lr")]),
+      ("optim.param_groups.0.betas", vec![k("optim"), k("param_groups"), PathElem::Index(0), k("betas")]),
+      ("optim.param_groups.0.params", vec![k("optim"), k("param_groups"), PathElem::Index(0), k("params")]),
+      ("optim.nolist", vec![k("optim"), k("nolist")]),
+    ];
+    let want: Vec<_> = want.into_iter().map(|(a, b)| (a.to_owned(), b)).collect();
+    assert_eq!(got, want);
+  }
+
+  #[test]
+  fn torch23_keys() {
+    let got: Vec<String> = keys(&optim(), Layout::Torch23).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(
+      got,
+      [
+        "model.layer1.weight",
+        "optim.state.layer1.weight.exp_avg",
+        "optim.state.layer1.weight.step",
+        "optim.param_groups",
+        "optim.empty",
+        "optim.nolist"
+      ]
+    );
+  }
+
+  #[test]
+  fn lists_of_tensors_and_nested_lists() {
+    let v = d(vec![
+      ("a", SaveValue::List(vec![t(), SaveValue::Int(3)])),
+      ("b", SaveValue::List(vec![SaveValue::List(vec![t()]), SaveValue::List(vec![SaveValue::Int(1)])])),
+      ("c", SaveValue::Tuple(vec![t()])),
+      ("d", SaveValue::Int(1)),
+    ]);
+    let got: Vec<String> = keys(&v, Layout::Torch24).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(got, ["a.0", "a.1", "b.0.0", "b.1", "c", "d"]);
+    let got23: Vec<String> = keys(&v, Layout::Torch23).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(got23, got);
+  }
+
+  #[test]
+  fn non_string_keys_are_stringified() {
+    let v = SaveValue::Dict(vec![(
+      s("state"),
+      SaveValue::Dict(vec![
+        (SaveValue::Int(0), d(vec![("x", t())])),
+        (SaveValue::Bool(true), t()),
+        (SaveValue::Float(0.5), t()),
+      ]),
+    )]);
+    let got: Vec<String> = keys(&v, Layout::Torch24).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(got, ["state.0.x", "state.True", "state.0.5"]);
+  }
+
+  #[test]
+  fn duplicate_and_bad_keys_are_errors() {
+    let v = d(vec![("a.b", t()), ("a", d(vec![("b", t())]))]);
+    let e = flatten(&v, Layout::Torch24).unwrap_err();
+    assert_eq!(e.key, "a.b");
+    assert!(e.reason.contains("duplicated"));
+    let v = SaveValue::Dict(vec![(s("a"), SaveValue::Dict(vec![(SaveValue::Tuple(vec![]), t())]))]);
+    assert!(flatten(&v, Layout::Torch24).unwrap_err().reason.contains("tuple"));
+    assert!(flatten(&SaveValue::Int(1), Layout::Torch24).is_err());
+  }
+}

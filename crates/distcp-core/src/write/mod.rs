@@ -1,0 +1,17 @@
+//! Writing DCP checkpoints that `torch.distributed.checkpoint.load` reads, byte for byte as torch writes them.
+//!
+//! Layers: [`value`] (what the caller saves; tensors borrow the caller's bytes) → [`flatten`] (torch's flat keys)
+//! → [`record`] (one item as a `torch.save` archive: [`pickler`] for `data.pkl`, [`zip_writer`] for the zip) →
+//! [`metadata_writer`] (`.metadata`) → [`save`] (the data file, fsyncs and the crash-safe commit).
+
+pub mod flatten;
+pub mod metadata_writer;
+pub mod pickler;
+pub mod record;
+pub mod save;
+pub mod value;
+pub mod zip_writer;
+
+pub use flatten::{flatten, FlatItem, Layout};
+pub use save::{save, SaveOptions, SaveSummary};
+pub use value::{from_tagged_json, SaveValue, TensorRef};

@@ -1,0 +1,578 @@
+//! `dcp.save` for one rank: flatten, write `__0_0.distcp` (non-tensor items first, then tensors, in flattening
+//! order, as torch's single-threaded CPU writer does), fsync it, then commit `.metadata` with torch's
+//! `.metadata.tmp` → fsync → rename → fsync-the-folder sequence.
+//!
+//! Crash safety when the folder already holds a checkpoint (a `.metadata`, or a rank-local `__0.metadata`): the old
+//! checkpoint stays loadable until the new one is complete, and every moment in between has a `.metadata` that
+//! names only complete, fsynced data:
+//! 1. the new data goes to a fresh file `__0_0.distcp.<token>.tmp` (fsynced); the old files are untouched;
+//! 2. `.metadata` is replaced (tmp + rename) by one that points at that file — the new checkpoint is now live;
+//! 3. the old checkpoint's files (the data files its metadata names, plain files directly in the folder, and
+//!    rank-local `__N.metadata` files) are removed;
+//! 4. `__0_0.distcp` is made a hard link to the new data, `.metadata` is replaced again to point at it, and the
+//!    temporary name is removed.
+//!
+//! A crash before 2 leaves the old checkpoint (plus a stray temporary file, which the next save removes); after 2
+//! the new one. The folder ends up with exactly `.metadata` and `__0_0.distcp` (plus files that were never part
+//! of a checkpoint, which are left alone). In an empty or new folder the data is written as `__0_0.distcp` at once,
+//! as torch does. A failed save (an error, not a crash) removes what it wrote. On a file system without hard
+//! links the new data keeps its temporary name (still a valid checkpoint). Two saves into the same folder at the
+//! same time are not supported.
+
+use crate::error::{Error, Result};
+use crate::metadata::{
+  Chunk, ItemMetadata, Metadata, PathElem, StorageInfo, StorageKey, TensorMetadata, TensorProperties,
+};
+use crate::write::flatten::{flatten, Layout};
+use crate::write::metadata_writer::{metadata_pickle, MetadataDoc, DCP_VERSION};
+use crate::write::record::{pickle_value, write_archive, Pickled};
+use crate::write::value::{SaveValue, TensorRef};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// The data file torch's rank 0 writes.
+pub const DATA_FILE: &str = "__0_0.distcp";
+const METADATA: &str = ".metadata";
+const METADATA_TMP: &str = ".metadata.tmp";
+const TMP_PREFIX: &str = "__0_0.distcp.";
+const TMP_SUFFIX: &str = ".tmp";
+const SHARD_METADATA: &str = "torch.distributed._shard.sharded_tensor.metadata";
+
+/// Where [`save`] stops on purpose, to test crash safety (see [`SaveOptions::fail_at`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailPoint {
+  /// After the first item of the data file is written.
+  AfterFirstItem,
+  /// After the data file is complete and fsynced, before any `.metadata` is written.
+  BeforeCommit,
+  /// Replacing a checkpoint: after `.metadata` points at the temporary data file.
+  AfterCommit,
+  /// Replacing a checkpoint: after the old files are gone and `__0_0.distcp` links to the new data.
+  AfterLink,
+  /// Replacing a checkpoint: after `.metadata` points at `__0_0.distcp`, before the temporary name is removed.
+  AfterFinalCommit,
+}
+
+impl FailPoint {
+  pub fn from_name(name: &str) -> Option<FailPoint> {
+    Some(match name {
+      "afterFirstItem" => FailPoint::AfterFirstItem,
+      "beforeCommit" => FailPoint::BeforeCommit,
+      "afterCommit" => FailPoint::AfterCommit,
+      "afterLink" => FailPoint::AfterLink,
+      "afterFinalCommit" => FailPoint::AfterFinalCommit,
+      _ => return None,
+    })
+  }
+}
+
+#[derive(Debug, Clone)]
+pub struct SaveOptions {
+  /// Which torch traversal makes the flat keys (default: torch ≥ 2.4's).
+  pub layout: Layout,
+  /// `Metadata.version` (default `"1.0.0"`, what torch ≥ 2.9 writes; older versions keep it as a plain attribute).
+  pub version: Option<String>,
+  /// fsync data, metadata and folder (default true; off only for tests and throwaway output).
+  pub sync: bool,
+  /// Test hook: stop at this point, with an I/O error (`abort == false`) or by aborting the process (a crash).
+  #[doc(hidden)]
+  pub fail_at: Option<(FailPoint, bool)>,
+}
+
+impl Default for SaveOptions {
+  fn default() -> Self {
+    SaveOptions { layout: Layout::Torch24, version: Some(DCP_VERSION.to_owned()), sync: true, fail_at: None }
+  }
+}
+
+/// What a save wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SaveSummary {
+  /// Flat keys, in `.metadata` order.
+  pub keys: Vec<String>,
+  pub tensors: usize,
+  pub objects: usize,
+  /// The data file `.metadata` names (`__0_0.distcp`).
+  pub data_file: String,
+  pub data_bytes: u64,
+  pub metadata_bytes: u64,
+  /// An older checkpoint was replaced.
+  pub replaced: bool,
+}
+
+enum Kind<'v, 'a> {
+  Tensor(&'v TensorRef<'a>),
+  Object,
+}
+
+struct Planned<'v, 'a> {
+  key: String,
+  path: Vec<PathElem>,
+  kind: Kind<'v, 'a>,
+  pickled: Pickled<'a>,
+}
+
+/// Saves the state dict `root` (a [`SaveValue::Dict`]) into the checkpoint folder `dir`, created if needed. Bytes
+/// of tensors are read from the caller's slices while they are written.
+pub fn save(dir: impl AsRef<Path>, root: &SaveValue, options: &SaveOptions) -> Result<SaveSummary> {
+  let dir = dir.as_ref();
+  let invalid =
+    |key: String, reason: String| Error::InvalidInput { checkpoint: dir.to_path_buf(), key, reason };
+
+  // everything that can be wrong with the input is found before the disk is touched
+  let flat = flatten(root, options.layout).map_err(|e| invalid(e.key, e.reason))?;
+  let mut planned = Vec::with_capacity(flat.len());
+  for item in flat {
+    let kind = match item.value {
+      SaveValue::Tensor(t) => Kind::Tensor(t),
+      _ => Kind::Object,
+    };
+    let pickled = pickle_value(item.value).map_err(|r| invalid(item.key.clone(), r))?;
+    planned.push(Planned { key: item.key, path: item.path, kind, pickled });
+  }
+
+  match fs::metadata(dir) {
+    Ok(m) if m.is_dir() => {}
+    Ok(_) => return Err(Error::NotADirectory { path: dir.to_path_buf() }),
+    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+      fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    Err(e) => return Err(Error::io(dir, e)),
+  }
+  let old = OldCheckpoint::scan(dir)?;
+  old.remove_stale(dir);
+
+  let replacing = old.exists;
+  let data_name =
+    if replacing { format!("{TMP_PREFIX}{}{TMP_SUFFIX}", token()) } else { DATA_FILE.to_owned() };
+  let data_path = dir.join(&data_name);
+
+  let written = write_data(&data_path, &data_name, &planned, options).and_then(|storage| {
+    fail(options, FailPoint::BeforeCommit, &data_path)?;
+    let bytes = metadata_bytes(dir, &planned, &storage, options)?;
+    commit_metadata(dir, &bytes, options.sync)?;
+    Ok((storage, bytes.len() as u64))
+  });
+  let (storage, mut metadata_len) = match written {
+    Ok(w) => w,
+    Err(e) => {
+      let _ = fs::remove_file(&data_path);
+      let _ = fs::remove_file(dir.join(METADATA_TMP));
+      return Err(e);
+    }
+  };
+  let data_bytes = storage.last().map_or(0, |(_, i)| i.offset + i.length);
+
+  let mut data_file = data_name.clone();
+  if replacing {
+    // the new checkpoint is live (its .metadata names `data_name`); the rest is tidying up
+    fail(options, FailPoint::AfterCommit, &data_path)?;
+    old.remove_files(dir, &data_name);
+    let final_path = dir.join(DATA_FILE);
+    let _ = fs::remove_file(&final_path);
+    if fs::hard_link(&data_path, &final_path).is_ok() {
+      if options.sync {
+        sync_dir(dir)?;
+      }
+      fail(options, FailPoint::AfterLink, &data_path)?;
+      let renamed: Vec<(StorageKey, StorageInfo)> = storage
+        .iter()
+        .map(|(k, i)| (k.clone(), StorageInfo { relative_path: DATA_FILE.to_owned(), ..i.clone() }))
+        .collect();
+      let bytes = metadata_bytes(dir, &planned, &renamed, options)?;
+      match commit_metadata(dir, &bytes, options.sync) {
+        Ok(()) => {
+          metadata_len = bytes.len() as u64;
+          data_file = DATA_FILE.to_owned();
+          fail(options, FailPoint::AfterFinalCommit, &data_path)?;
+          fs::remove_file(&data_path).map_err(|e| Error::io(&data_path, e))?;
+          if options.sync {
+            sync_dir(dir)?;
+          }
+        }
+        Err(e) => {
+          // .metadata still names the temporary file, which is complete: the save stands
+          let _ = fs::remove_file(&final_path);
+          let _ = fs::remove_file(dir.join(METADATA_TMP));
+          return Err(e);
+        }
+      }
+    }
+  }
+
+  let tensors = planned.iter().filter(|p| matches!(p.kind, Kind::Tensor(_))).count();
+  Ok(SaveSummary {
+    keys: planned.iter().map(|p| p.key.clone()).collect(),
+    tensors,
+    objects: planned.len() - tensors,
+    data_file,
+    data_bytes,
+    metadata_bytes: metadata_len,
+    replaced: replacing,
+  })
+}
+
+fn token() -> String {
+  let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+  format!("{:x}{:x}", std::process::id(), nanos & 0xffff_ffff_ffff)
+}
+
+fn fail(options: &SaveOptions, at: FailPoint, path: &Path) -> Result<()> {
+  match options.fail_at {
+    Some((p, abort)) if p == at => {
+      if abort {
+        std::process::abort();
+      }
+      Err(Error::io(path, io::Error::other(format!("injected failure ({at:?})"))))
+    }
+    _ => Ok(()),
+  }
+}
+
+/// Writes the data file: non-tensor items first, then tensors; returns each item's storage entry.
+fn write_data(
+  path: &Path,
+  name: &str,
+  planned: &[Planned],
+  options: &SaveOptions,
+) -> Result<Vec<(StorageKey, StorageInfo)>> {
+  let io_err = |e| Error::io(path, e);
+  let file = OpenOptions::new().write(true).create(true).truncate(true).open(path).map_err(io_err)?;
+  let mut out = BufWriter::with_capacity(256 << 10, file);
+  let order = planned
+    .iter()
+    .filter(|p| matches!(p.kind, Kind::Object))
+    .chain(planned.iter().filter(|p| matches!(p.kind, Kind::Tensor(_))));
+  let mut storage = Vec::with_capacity(planned.len());
+  let mut pos = 0u64;
+  for (i, p) in order.enumerate() {
+    let (_, len) = write_archive(&mut out, &p.pickled).map_err(io_err)?;
+    let offset = match p.kind {
+      Kind::Tensor(t) => Some(vec![0; t.shape.len()]),
+      Kind::Object => None,
+    };
+    storage.push((
+      StorageKey { fqn: p.key.clone(), offset },
+      StorageInfo { relative_path: name.to_owned(), offset: pos, length: len, transform_descriptors: vec![] },
+    ));
+    pos += len;
+    if i == 0 {
+      out.flush().map_err(io_err)?;
+      fail(options, FailPoint::AfterFirstItem, path)?;
+    }
+  }
+  let file = out.into_inner().map_err(|e| io_err(e.into_error()))?;
+  if options.sync {
+    file.sync_all().map_err(io_err)?;
+  }
+  Ok(storage)
+}
+
+fn metadata_bytes(
+  dir: &Path,
+  planned: &[Planned],
+  storage: &[(StorageKey, StorageInfo)],
+  options: &SaveOptions,
+) -> Result<Vec<u8>> {
+  let items: Vec<(String, ItemMetadata)> = planned
+    .iter()
+    .map(|p| {
+      let item = match p.kind {
+        Kind::Tensor(t) => ItemMetadata::Tensor(TensorMetadata {
+          properties: TensorProperties {
+            dtype: t.dtype,
+            requires_grad: false,
+            pin_memory: false,
+            module: SHARD_METADATA.to_owned(),
+          },
+          size: t.shape.clone(),
+          chunks: vec![Chunk { offsets: vec![0; t.shape.len()], sizes: t.shape.clone() }],
+        }),
+        Kind::Object => ItemMetadata::Bytes,
+      };
+      (p.key.clone(), item)
+    })
+    .collect();
+  let planner: Vec<(String, Vec<PathElem>)> =
+    planned.iter().map(|p| (p.key.clone(), p.path.clone())).collect();
+  metadata_pickle(
+    &MetadataDoc {
+      items: &items,
+      planner_data: Some(&planner),
+      storage_data: storage,
+      version: options.version.as_deref(),
+    },
+    &dir.join(METADATA),
+  )
+}
+
+/// `.metadata.tmp` → fsync → rename over `.metadata` → fsync the folder.
+fn commit_metadata(dir: &Path, bytes: &[u8], sync: bool) -> Result<()> {
+  let tmp = dir.join(METADATA_TMP);
+  let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+  f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+  if sync {
+    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+  }
+  drop(f);
+  let target = dir.join(METADATA);
+  fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
+  if sync {
+    sync_dir(dir)?;
+  }
+  Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+  #[cfg(unix)]
+  {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
+  }
+  #[cfg(not(unix))]
+  {
+    let _ = dir;
+    Ok(())
+  }
+}
+
+/// The checkpoint a folder holds before a save.
+struct OldCheckpoint {
+  exists: bool,
+  /// Files of the old checkpoint directly in the folder: data files its metadata names, rank-local metadata.
+  files: Vec<String>,
+}
+
+fn is_plain_name(rel: &str) -> bool {
+  let p = Path::new(rel);
+  let mut c = p.components();
+  matches!((c.next(), c.next()), (Some(std::path::Component::Normal(_)), None))
+    && !rel.contains(['/', '\\'])
+    && rel != METADATA
+}
+
+fn is_rank_metadata(name: &str) -> bool {
+  name
+    .strip_prefix("__")
+    .and_then(|s| s.strip_suffix(".metadata"))
+    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+impl OldCheckpoint {
+  fn scan(dir: &Path) -> Result<OldCheckpoint> {
+    let mut metadata_files: Vec<PathBuf> = Vec::new();
+    let mut files = Vec::new();
+    if dir.join(METADATA).is_file() {
+      metadata_files.push(dir.join(METADATA));
+    }
+    let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for e in entries.flatten() {
+      let name = e.file_name().to_string_lossy().into_owned();
+      if is_rank_metadata(&name) {
+        metadata_files.push(dir.join(&name));
+        files.push(name);
+      }
+    }
+    for m in &metadata_files {
+      // an unreadable old .metadata names nothing we could remove safely; it is replaced all the same
+      let Ok(bytes) = fs::read(m) else { continue };
+      let Ok(md) = Metadata::parse(&bytes, m) else { continue };
+      for info in md.storage_data.values() {
+        if is_plain_name(&info.relative_path) && !files.contains(&info.relative_path) {
+          files.push(info.relative_path.clone());
+        }
+      }
+    }
+    Ok(OldCheckpoint { exists: !metadata_files.is_empty(), files })
+  }
+
+  /// Leftovers of interrupted saves: `.metadata.tmp`, and temporary data files no metadata names.
+  fn remove_stale(&self, dir: &Path) {
+    let _ = fs::remove_file(dir.join(METADATA_TMP));
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+      let name = e.file_name().to_string_lossy().into_owned();
+      if name.starts_with(TMP_PREFIX) && name.ends_with(TMP_SUFFIX) && !self.files.contains(&name) {
+        let _ = fs::remove_file(e.path());
+      }
+    }
+  }
+
+  /// Removes the old checkpoint's files (regular files only; never `keep`).
+  fn remove_files(&self, dir: &Path, keep: &str) {
+    for name in &self.files {
+      if name == keep {
+        continue;
+      }
+      let path = dir.join(name);
+      if fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+        let _ = fs::remove_file(&path);
+      }
+    }
+  }
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+  use crate::checkpoint::Checkpoint;
+  use crate::dtype::DType;
+  use crate::torch_save::PyObject;
+
+  fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("distcp-save-{name}-{}", token()));
+    let _ = fs::remove_dir_all(&d);
+    d
+  }
+
+  fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+      fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+  }
+
+  fn state<'a>(w: &'a [u8], step: i64) -> SaveValue<'a> {
+    let s = |x: &str| SaveValue::Str(x.into());
+    SaveValue::Dict(vec![
+      (
+        s("model"),
+        SaveValue::Dict(vec![(
+          s("w"),
+          SaveValue::Tensor(TensorRef { dtype: DType::Float32, shape: vec![2, 2], data: w }),
+        )]),
+      ),
+      (s("step"), SaveValue::Int(step)),
+      (
+        s("optim"),
+        SaveValue::Dict(vec![(
+          s("param_groups"),
+          SaveValue::List(vec![SaveValue::Dict(vec![(s("lr"), SaveValue::Float(0.5))])]),
+        )]),
+      ),
+    ])
+  }
+
+  fn floats(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+  }
+
+  fn check(dir: &Path, w: &[u8], step: i64) {
+    let ck = Checkpoint::open(dir, None).unwrap();
+    let keys: Vec<&str> = ck.keys().collect();
+    assert_eq!(keys, ["model.w", "step", "optim.param_groups.0.lr"]);
+    assert_eq!(ck.read_tensor("model.w").unwrap(), w);
+    assert_eq!(ck.read_object("step").unwrap(), PyObject::Int(step));
+    assert_eq!(ck.read_object("optim.param_groups.0.lr").unwrap(), PyObject::Float(0.5));
+    let pd = ck.metadata.planner_data.as_ref().unwrap();
+    assert_eq!(
+      pd["optim.param_groups.0.lr"],
+      vec![
+        PathElem::Key("optim".into()),
+        PathElem::Key("param_groups".into()),
+        PathElem::Index(0),
+        PathElem::Key("lr".into())
+      ]
+    );
+  }
+
+  #[test]
+  fn saves_and_replaces() {
+    let dir = tmpdir("replace");
+    let w1 = floats(&[1.0, 2.0, 3.0, 4.0]);
+    let s = save(&dir, &state(&w1, 1), &SaveOptions::default()).unwrap();
+    assert!(!s.replaced);
+    assert_eq!((s.tensors, s.objects), (1, 2));
+    assert_eq!(listing(&dir), [".metadata", "__0_0.distcp"]);
+    check(&dir, &w1, 1);
+    // objects come first in the data file
+    let ck = Checkpoint::open(&dir, None).unwrap();
+    assert_eq!(ck.object_location("step").unwrap().offset, 0);
+
+    let w2 = floats(&[5.0, 6.0, 7.0, 8.0]);
+    let s = save(&dir, &state(&w2, 2), &SaveOptions::default()).unwrap();
+    assert!(s.replaced);
+    assert_eq!(s.data_file, DATA_FILE);
+    assert_eq!(listing(&dir), [".metadata", "__0_0.distcp"]);
+    check(&dir, &w2, 2);
+    fs::remove_dir_all(&dir).unwrap();
+  }
+
+  #[test]
+  fn a_failed_save_keeps_the_old_checkpoint() {
+    let dir = tmpdir("fail");
+    let w1 = floats(&[1.0, 2.0, 3.0, 4.0]);
+    save(&dir, &state(&w1, 1), &SaveOptions::default()).unwrap();
+    let w2 = floats(&[5.0, 6.0, 7.0, 8.0]);
+    for at in [FailPoint::AfterFirstItem, FailPoint::BeforeCommit] {
+      let opts = SaveOptions { fail_at: Some((at, false)), ..Default::default() };
+      let e = save(&dir, &state(&w2, 2), &opts).unwrap_err();
+      assert!(e.to_string().contains("injected failure"), "{e}");
+      assert_eq!(listing(&dir), [".metadata", "__0_0.distcp"], "{at:?}");
+      check(&dir, &w1, 1);
+    }
+    // past the commit the new checkpoint is live, whatever happens next
+    for at in [FailPoint::AfterCommit, FailPoint::AfterLink, FailPoint::AfterFinalCommit] {
+      let opts = SaveOptions { fail_at: Some((at, false)), ..Default::default() };
+      assert!(save(&dir, &state(&w2, 2), &opts).is_err());
+      check(&dir, &w2, 2);
+      // and the next save tidies up
+      save(&dir, &state(&w1, 1), &SaveOptions::default()).unwrap();
+      assert_eq!(listing(&dir), [".metadata", "__0_0.distcp"], "{at:?}");
+      check(&dir, &w1, 1);
+    }
+    // bad input is found before anything is written
+    let short = SaveValue::Dict(vec![(
+      SaveValue::Str("w".into()),
+      SaveValue::Tensor(TensorRef { dtype: DType::Float32, shape: vec![3], data: &[0; 11] }),
+    )]);
+    let e = save(&dir, &short, &SaveOptions::default()).unwrap_err();
+    assert_eq!(e.code(), "ERR_DISTCP_INVALID_INPUT");
+    assert!(e.to_string().contains("needs 12 bytes, its data has 11"), "{e}");
+    check(&dir, &w1, 1);
+    fs::remove_dir_all(&dir).unwrap();
+  }
+
+  #[test]
+  fn a_failed_first_save_leaves_nothing() {
+    let dir = tmpdir("first");
+    let w = floats(&[1.0, 2.0, 3.0, 4.0]);
+    let opts = SaveOptions { fail_at: Some((FailPoint::AfterFirstItem, false)), ..Default::default() };
+    assert!(save(&dir, &state(&w, 1), &opts).is_err());
+    assert!(listing(&dir).is_empty());
+    fs::remove_dir_all(&dir).unwrap();
+  }
+
+  #[test]
+  fn a_file_is_not_a_checkpoint_folder() {
+    let dir = tmpdir("file");
+    fs::write(&dir, b"x").unwrap();
+    let e = save(&dir, &state(&floats(&[0.0; 4]), 1), &SaveOptions::default()).unwrap_err();
+    assert_eq!(e.code(), "ERR_DISTCP_NOT_A_DIRECTORY");
+    fs::remove_file(&dir).unwrap();
+  }
+
+  #[test]
+  fn old_multi_file_checkpoints_are_removed_but_other_files_kept() {
+    let dir = tmpdir("multi");
+    let w = floats(&[1.0, 2.0, 3.0, 4.0]);
+    save(&dir, &state(&w, 1), &SaveOptions::default()).unwrap();
+    // pretend the old checkpoint had a second data file, plus an unrelated file of the user's
+    let mut md = Metadata::parse(&fs::read(dir.join(METADATA)).unwrap(), Path::new("m")).unwrap();
+    fs::copy(dir.join(DATA_FILE), dir.join("__1_0.distcp")).unwrap();
+    for info in md.storage_data.values_mut() {
+      if info.offset == 0 {
+        info.relative_path = "__1_0.distcp".into();
+      }
+    }
+    fs::write(dir.join(METADATA), md.to_pickle(Path::new("m")).unwrap()).unwrap();
+    fs::write(dir.join("README"), b"mine").unwrap();
+    fs::write(dir.join("__0_0.distcp.deadbeef.tmp"), b"stale").unwrap();
+    check(&dir, &w, 1);
+    save(&dir, &state(&w, 3), &SaveOptions::default()).unwrap();
+    assert_eq!(listing(&dir), [".metadata", "README", "__0_0.distcp"]);
+    check(&dir, &w, 3);
+    fs::remove_dir_all(&dir).unwrap();
+  }
+}

@@ -1,0 +1,342 @@
+//! What a caller hands the writer: a Python-like value tree whose tensors borrow the caller's bytes, and the
+//! tagged JSON that carries such a tree across a language boundary (the Node binding).
+
+use crate::dtype::DType;
+use crate::pickle::BigInt;
+use crate::write::pickler::bigint_from_decimal;
+
+/// Deepest nesting the writer accepts (each level costs stack in the traversal and the pickler).
+pub const MAX_DEPTH: usize = 200;
+
+/// A dense, row-major, little-endian tensor whose bytes belong to the caller (never copied by the writer).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorRef<'a> {
+  pub dtype: DType,
+  pub shape: Vec<u64>,
+  pub data: &'a [u8],
+}
+
+impl TensorRef<'_> {
+  /// Number of elements, or `None` on overflow.
+  pub fn numel(&self) -> Option<u64> {
+    self.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d))
+  }
+
+  /// Bytes the shape and dtype call for, or `None` on overflow.
+  pub fn expected_len(&self) -> Option<u64> {
+    self.numel()?.checked_mul(self.dtype.size() as u64)
+  }
+
+  /// Checks that `data` holds exactly shape × element size bytes.
+  pub fn check(&self) -> Result<(), String> {
+    match self.expected_len() {
+      Some(n) if n == self.data.len() as u64 => Ok(()),
+      Some(n) => Err(format!(
+        "a {} tensor of shape {:?} needs {n} bytes, its data has {}",
+        self.dtype,
+        self.shape,
+        self.data.len()
+      )),
+      None => Err(format!("shape {:?} is too large", self.shape)),
+    }
+  }
+
+  /// Row-major element strides, as torch computes them for a contiguous tensor (a 0 in the shape counts as 1).
+  pub fn contiguous_strides(&self) -> Vec<u64> {
+    let mut strides = vec![1u64; self.shape.len()];
+    for i in (0..self.shape.len().saturating_sub(1)).rev() {
+      strides[i] = strides[i + 1].saturating_mul(self.shape[i + 1].max(1));
+    }
+    strides
+  }
+}
+
+/// A value to save: what a state dict holds.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SaveValue<'a> {
+  None,
+  Bool(bool),
+  Int(i64),
+  BigInt(BigInt),
+  Float(f64),
+  Str(String),
+  Bytes(&'a [u8]),
+  List(Vec<SaveValue<'a>>),
+  Tuple(Vec<SaveValue<'a>>),
+  /// Keys in insertion order (the order torch iterates, hence the order of the flat keys).
+  Dict(Vec<(SaveValue<'a>, SaveValue<'a>)>),
+  Tensor(TensorRef<'a>),
+}
+
+impl SaveValue<'_> {
+  pub fn type_name(&self) -> &'static str {
+    match self {
+      SaveValue::None => "None",
+      SaveValue::Bool(_) => "bool",
+      SaveValue::Int(_) | SaveValue::BigInt(_) => "int",
+      SaveValue::Float(_) => "float",
+      SaveValue::Str(_) => "str",
+      SaveValue::Bytes(_) => "bytes",
+      SaveValue::List(_) => "list",
+      SaveValue::Tuple(_) => "tuple",
+      SaveValue::Dict(_) => "dict",
+      SaveValue::Tensor(_) => "tensor",
+    }
+  }
+
+  /// `str(key)` in Python, for the dict keys the flattening turns into path elements.
+  pub fn key_string(&self) -> Result<String, String> {
+    Ok(match self {
+      SaveValue::Str(s) => s.clone(),
+      SaveValue::Int(i) => i.to_string(),
+      SaveValue::BigInt(b) => b.to_decimal(),
+      SaveValue::Bool(true) => "True".into(),
+      SaveValue::Bool(false) => "False".into(),
+      SaveValue::None => "None".into(),
+      SaveValue::Float(f) => python_float_repr(*f),
+      other => return Err(format!("a {} cannot be a key of a dict that is flattened", other.type_name())),
+    })
+  }
+}
+
+/// Python's `repr(float)`: shortest round-trip digits, exponent form below 1e-4 and from 1e16 on.
+pub fn python_float_repr(f: f64) -> String {
+  if f.is_nan() {
+    return "nan".into();
+  }
+  if f.is_infinite() {
+    return if f > 0.0 { "inf" } else { "-inf" }.into();
+  }
+  if f == 0.0 {
+    return if f.is_sign_negative() { "-0.0" } else { "0.0" }.into();
+  }
+  // Rust's `{:e}` gives the same shortest digits: "d.ddde<exp>"
+  let sci = format!("{:e}", f.abs());
+  let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+  let exp: i32 = exp.parse().unwrap_or(0);
+  let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+  let decpt = exp + 1;
+  let sign = if f < 0.0 { "-" } else { "" };
+  let n = digits.len() as i32;
+  if !(-3..=16).contains(&decpt) {
+    let rest = &digits[1..];
+    let dot = if rest.is_empty() { String::new() } else { format!(".{rest}") };
+    let esign = if exp < 0 { '-' } else { '+' };
+    return format!("{sign}{}{dot}e{esign}{:02}", &digits[..1], exp.abs());
+  }
+  if decpt <= 0 {
+    format!("{sign}0.{}{digits}", "0".repeat((-decpt) as usize))
+  } else if decpt >= n {
+    format!("{sign}{digits}{}.0", "0".repeat((decpt - n) as usize))
+  } else {
+    format!("{sign}{}.{}", &digits[..decpt as usize], &digits[decpt as usize..])
+  }
+}
+
+/// Decodes the tagged JSON the Node binding sends (the same tags `distcp-node/src/values.rs` uses for reading):
+/// `null`, booleans, integer numbers (ints), strings, arrays (lists), `{"$f": "<16 hex digits of the IEEE bits>"}`
+/// (float), `{"$i": "<decimal>"}` (int of any size), `{"$t": [...]}` (tuple), `{"$d": [[key, value], ...]}`
+/// (dict, in order), `{"$b": n}` (bytes: `buffers[n]`), `{"$tensor": n, "dtype": "float32", "shape": [...]}`
+/// (tensor over `buffers[n]`). Errors name the place in the tree.
+pub fn from_tagged_json<'a>(v: &serde_json::Value, buffers: &[&'a [u8]]) -> Result<SaveValue<'a>, String> {
+  decode(v, buffers, "", 0)
+}
+
+fn at(path: &str) -> String {
+  if path.is_empty() {
+    "at the root".into()
+  } else {
+    format!("at {path}")
+  }
+}
+
+fn decode<'a>(
+  v: &serde_json::Value,
+  buffers: &[&'a [u8]],
+  path: &str,
+  depth: usize,
+) -> Result<SaveValue<'a>, String> {
+  use serde_json::Value as J;
+  if depth > MAX_DEPTH {
+    return Err(format!("{}: nested more than {MAX_DEPTH} levels deep", at(path)));
+  }
+  let buffer = |n: &J, what: &str| -> Result<&'a [u8], String> {
+    n.as_u64()
+      .and_then(|i| buffers.get(i as usize).copied())
+      .ok_or_else(|| format!("{}: {what} refers to a missing buffer {n}", at(path)))
+  };
+  Ok(match v {
+    J::Null => SaveValue::None,
+    J::Bool(b) => SaveValue::Bool(*b),
+    J::Number(n) => match n.as_i64() {
+      Some(i) => SaveValue::Int(i),
+      None => match n.as_u64() {
+        Some(u) => SaveValue::BigInt(bigint_from_decimal(&u.to_string()).unwrap_or(BigInt(Vec::new()))),
+        None => {
+          return Err(format!("{}: untagged non-integer number {n} (floats are {{\"$f\": hex}})", at(path)))
+        }
+      },
+    },
+    J::String(s) => SaveValue::Str(s.clone()),
+    J::Array(items) => SaveValue::List(
+      items
+        .iter()
+        .enumerate()
+        .map(|(i, x)| decode(x, buffers, &format!("{path}[{i}]"), depth + 1))
+        .collect::<Result<_, _>>()?,
+    ),
+    J::Object(o) => {
+      if let Some(h) = o.get("$f") {
+        let bits = h.as_str().and_then(|s| u64::from_str_radix(s, 16).ok());
+        match bits {
+          Some(b) => SaveValue::Float(f64::from_bits(b)),
+          None => return Err(format!("{}: bad float encoding {h}", at(path))),
+        }
+      } else if let Some(d) = o.get("$i") {
+        let Some(b) = d.as_str().and_then(bigint_from_decimal) else {
+          return Err(format!("{}: bad int encoding {d}", at(path)));
+        };
+        match b.0.len() {
+          0..=8 => {
+            let negative = b.is_negative();
+            let mut w = [if negative { 0xff } else { 0 }; 8];
+            w[..b.0.len()].copy_from_slice(&b.0);
+            SaveValue::Int(i64::from_le_bytes(w))
+          }
+          _ => SaveValue::BigInt(b),
+        }
+      } else if let Some(t) = o.get("$t") {
+        let Some(items) = t.as_array() else {
+          return Err(format!("{}: a tuple must be an array", at(path)));
+        };
+        SaveValue::Tuple(
+          items
+            .iter()
+            .enumerate()
+            .map(|(i, x)| decode(x, buffers, &format!("{path}[{i}]"), depth + 1))
+            .collect::<Result<_, _>>()?,
+        )
+      } else if let Some(d) = o.get("$d") {
+        let Some(pairs) = d.as_array() else {
+          return Err(format!("{}: a dict must be an array of pairs", at(path)));
+        };
+        let mut out = Vec::with_capacity(pairs.len());
+        for p in pairs {
+          let Some([k, x]) = p.as_array().map(Vec::as_slice).and_then(|s| <&[_; 2]>::try_from(s).ok()) else {
+            return Err(format!("{}: a dict entry must be a [key, value] pair", at(path)));
+          };
+          let key = decode(k, buffers, path, depth + 1)?;
+          let label = match &key {
+            SaveValue::Str(s) => s.clone(),
+            other => other.key_string().unwrap_or_else(|_| "?".into()),
+          };
+          let child = if path.is_empty() { label } else { format!("{path}.{label}") };
+          let value = decode(x, buffers, &child, depth + 1)?;
+          out.push((key, value));
+        }
+        SaveValue::Dict(out)
+      } else if let Some(b) = o.get("$b") {
+        SaveValue::Bytes(buffer(b, "bytes")?)
+      } else if let Some(n) = o.get("$tensor") {
+        let data = buffer(n, "tensor")?;
+        let dtype_name = o.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
+        let Some(dtype) = DType::from_name(dtype_name).filter(|d| d.name() == dtype_name) else {
+          return Err(format!("{}: unknown dtype `{dtype_name}`", at(path)));
+        };
+        let Some(shape) = o.get("shape").and_then(|s| s.as_array()) else {
+          return Err(format!("{}: tensor without a shape", at(path)));
+        };
+        let shape = shape
+          .iter()
+          .map(|d| {
+            d.as_u64().ok_or_else(|| format!("{}: shape entries must be non-negative integers", at(path)))
+          })
+          .collect::<Result<Vec<u64>, String>>()?;
+        SaveValue::Tensor(TensorRef { dtype, shape, data })
+      } else {
+        return Err(format!("{}: unknown tagged value {v}", at(path)));
+      }
+    }
+  })
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+
+  #[test]
+  fn float_repr_matches_python() {
+    // repr() of each, from CPython 3.11
+    let cases = [
+      (1.0, "1.0"),
+      (0.1, "0.1"),
+      (1e-5, "1e-05"),
+      (1e16, "1e+16"),
+      (1.5e17, "1.5e+17"),
+      (123456789012345678.0, "1.2345678901234568e+17"),
+      (0.0001, "0.0001"),
+      (-0.0, "-0.0"),
+      (f64::INFINITY, "inf"),
+      (f64::NAN, "nan"),
+      (5e-324, "5e-324"),
+      (f64::MAX, "1.7976931348623157e+308"),
+      (2.5, "2.5"),
+      (100.0, "100.0"),
+      (1e15, "1000000000000000.0"),
+      (9999999999999998.0, "9999999999999998.0"),
+      (-0.001, "-0.001"),
+    ];
+    for (f, want) in cases {
+      assert_eq!(python_float_repr(f), want);
+    }
+  }
+
+  #[test]
+  fn strides_treat_empty_dims_as_one() {
+    let t = |shape: &[u64]| {
+      TensorRef { dtype: DType::Float32, shape: shape.to_vec(), data: &[] }.contiguous_strides()
+    };
+    assert_eq!(t(&[2, 0, 3]), vec![3, 3, 1]);
+    assert_eq!(t(&[3, 0]), vec![1, 1]);
+    assert_eq!(t(&[2, 3]), vec![3, 1]);
+    assert_eq!(t(&[]), Vec::<u64>::new());
+  }
+
+  #[test]
+  fn tagged_json_decodes() {
+    let buf: &[u8] = &[1, 2, 3, 4];
+    let v: serde_json::Value = serde_json::from_str(
+      r#"{"$d": [["a", 1], ["b", {"$f": "3ff0000000000000"}], ["c", {"$t": [null, true]}],
+                 ["d", {"$i": "-1180591620717411303424"}], ["e", {"$b": 0}], ["n", {"$i": "5"}],
+                 ["t", {"$tensor": 0, "dtype": "float32", "shape": [1]}]]}"#,
+    )
+    .unwrap();
+    let d = from_tagged_json(&v, &[buf]).unwrap();
+    let SaveValue::Dict(pairs) = d else { panic!() };
+    assert_eq!(pairs[0].1, SaveValue::Int(1));
+    assert_eq!(pairs[1].1, SaveValue::Float(1.0));
+    assert_eq!(pairs[2].1, SaveValue::Tuple(vec![SaveValue::None, SaveValue::Bool(true)]));
+    assert!(matches!(&pairs[3].1, SaveValue::BigInt(b) if b.to_decimal() == "-1180591620717411303424"));
+    assert_eq!(pairs[4].1, SaveValue::Bytes(buf));
+    assert_eq!(pairs[5].1, SaveValue::Int(5));
+    assert!(matches!(&pairs[6].1, SaveValue::Tensor(t) if t.dtype == DType::Float32 && t.check().is_ok()));
+  }
+
+  #[test]
+  fn tagged_json_errors_name_the_place() {
+    let bad = |s: &str| from_tagged_json(&serde_json::from_str(s).unwrap(), &[]).unwrap_err();
+    assert!(
+      bad(r#"{"$d": [["a", {"$d": [["b", 1.5]]}]]}"#).contains("at a.b"),
+      "{}",
+      bad(r#"{"$d": [["a", {"$d": [["b", 1.5]]}]]}"#)
+    );
+    assert!(bad(r#"{"$tensor": 0, "dtype": "float32", "shape": [1]}"#).contains("missing buffer"));
+    assert!(bad(r#"{"$d": [["x", {"$x": 1}]]}"#).contains("unknown tagged value"));
+    let e = from_tagged_json(
+      &serde_json::from_str(r#"{"$tensor": 0, "dtype": "float128", "shape": [1]}"#).unwrap(),
+      &[&[0u8; 4]],
+    )
+    .unwrap_err();
+    assert!(e.contains("unknown dtype `float128`"));
+  }
+}
