@@ -95,6 +95,17 @@ export interface ItemInfo {
   files: Array<string>
 }
 
+export interface NativeSaveOptions {
+  /** `"2.4"` (default: torch ≥ 2.4's flat keys) or `"2.3"` (torch ≤ 2.3's). */
+  layout?: string
+  /**
+   * Test hook: stop the save at this point (`afterFirstItem`, `beforeCommit`, `afterCommit`, `afterLink`,
+   * `afterFinalCommit`) with an error, or with a process abort when `failAbort` is set.
+   */
+  failAt?: string
+  failAbort?: boolean
+}
+
 /** Opens a checkpoint folder on a worker thread (parses `.metadata`). */
 export declare function openNativeCheckpoint(path: string, rank?: number | undefined | null): Promise<NativeCheckpoint>
 
@@ -109,6 +120,25 @@ export declare function parseSize(text: string): number | null
 
 /** The conversion plan (shards, tensors, offsets, index) as JSON, from `.metadata` alone. */
 export declare function planConvert(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number): string
+
+/**
+ * Saves a state dict into the checkpoint folder `dir` (created if needed; an existing checkpoint is replaced
+ * crash-safely). `tree` is the state dict as tagged JSON; tensors and bytes refer to `buffers` by index.
+ */
+export declare function saveCheckpoint(dir: string, tree: string, buffers: Array<Uint8Array>, options?: NativeSaveOptions | undefined | null): Promise<SaveResult>
+
+export interface SaveResult {
+  /** Flat keys, in `.metadata` order. */
+  keys: Array<string>
+  tensors: number
+  objects: number
+  /** The data file `.metadata` names. */
+  dataFile: string
+  dataBytes: number
+  metadataBytes: number
+  /** A checkpoint that was there before was replaced. */
+  replaced: boolean
+}
 
 /** Whether two tensors of a checkpoint have the same dtype, shape and bytes. */
 export declare function tensorsEqual(checkpoint: NativeCheckpoint, a: string, b: string): Promise<boolean>

@@ -6,10 +6,12 @@
 mod checkpoint;
 mod convert;
 mod errors;
+mod save;
 mod values;
 
 pub use checkpoint::*;
 pub use convert::*;
+pub use save::*;
 
 /// Throws from Rust code that panics, on the JS thread (sync) or on a worker (async). Used by the tests to prove
 /// that a panic becomes a JS error instead of aborting Node.

@@ -1,0 +1,99 @@
+//! `saveCheckpoint`: writes a DCP checkpoint on a worker thread. The state dict arrives as tagged JSON (the tags
+//! `distcp_core::write::from_tagged_json` documents, the same ones `values.rs` uses for reading) plus the
+//! caller's buffers, referenced (not copied) until the promise settles.
+
+use crate::errors::{guarded, to_js};
+use distcp_core::write::save::FailPoint;
+use distcp_core::write::{from_tagged_json, save, Layout, SaveOptions, SaveSummary};
+use napi::bindgen_prelude::{AsyncTask, Uint8Array};
+use napi::{Env, Error, Status, Task};
+use napi_derive::napi;
+
+fn invalid_input(msg: impl std::fmt::Display) -> Error {
+  Error::new(Status::InvalidArg, format!("[ERR_DISTCP_INVALID_INPUT] {msg}"))
+}
+
+#[napi(object)]
+pub struct NativeSaveOptions {
+  /// `"2.4"` (default: torch ≥ 2.4's flat keys) or `"2.3"` (torch ≤ 2.3's).
+  pub layout: Option<String>,
+  /// Test hook: stop the save at this point (`afterFirstItem`, `beforeCommit`, `afterCommit`, `afterLink`,
+  /// `afterFinalCommit`) with an error, or with a process abort when `failAbort` is set.
+  pub fail_at: Option<String>,
+  pub fail_abort: Option<bool>,
+}
+
+#[napi(object)]
+pub struct SaveResult {
+  /// Flat keys, in `.metadata` order.
+  pub keys: Vec<String>,
+  pub tensors: u32,
+  pub objects: u32,
+  /// The data file `.metadata` names.
+  pub data_file: String,
+  pub data_bytes: f64,
+  pub metadata_bytes: f64,
+  /// A checkpoint that was there before was replaced.
+  pub replaced: bool,
+}
+
+pub struct SaveTask {
+  dir: String,
+  tree: String,
+  buffers: Vec<Uint8Array>,
+  options: SaveOptions,
+}
+
+impl Task for SaveTask {
+  type Output = SaveSummary;
+  type JsValue = SaveResult;
+
+  fn compute(&mut self) -> napi::Result<SaveSummary> {
+    guarded(|| {
+      let json: serde_json::Value =
+        serde_json::from_str(&self.tree).map_err(|e| invalid_input(format!("{}: {e}", self.dir)))?;
+      // the caller promised not to touch these buffers until the promise settles (see `save` in src/save.ts);
+      // the Uint8Array references keep their memory alive meanwhile
+      let slices: Vec<&[u8]> = self.buffers.iter().map(|b| &**b).collect();
+      let value =
+        from_tagged_json(&json, &slices).map_err(|e| invalid_input(format!("{}: {e}", self.dir)))?;
+      save(&self.dir, &value, &self.options).map_err(to_js)
+    })
+  }
+
+  fn resolve(&mut self, _env: Env, s: SaveSummary) -> napi::Result<SaveResult> {
+    Ok(SaveResult {
+      keys: s.keys,
+      tensors: s.tensors as u32,
+      objects: s.objects as u32,
+      data_file: s.data_file,
+      data_bytes: s.data_bytes as f64,
+      metadata_bytes: s.metadata_bytes as f64,
+      replaced: s.replaced,
+    })
+  }
+}
+
+/// Saves a state dict into the checkpoint folder `dir` (created if needed; an existing checkpoint is replaced
+/// crash-safely). `tree` is the state dict as tagged JSON; tensors and bytes refer to `buffers` by index.
+#[napi(ts_return_type = "Promise<SaveResult>")]
+pub fn save_checkpoint(
+  dir: String,
+  tree: String,
+  buffers: Vec<Uint8Array>,
+  options: Option<NativeSaveOptions>,
+) -> napi::Result<AsyncTask<SaveTask>> {
+  let mut opts = SaveOptions::default();
+  if let Some(o) = options {
+    if let Some(l) = o.layout {
+      opts.layout = Layout::from_name(&l)
+        .ok_or_else(|| invalid_input(format!("{dir}: layout must be \"2.4\" or \"2.3\", not {l:?}")))?;
+    }
+    if let Some(f) = o.fail_at {
+      let point =
+        FailPoint::from_name(&f).ok_or_else(|| invalid_input(format!("unknown fail point {f:?}")))?;
+      opts.fail_at = Some((point, o.fail_abort.unwrap_or(false)));
+    }
+  }
+  Ok(AsyncTask::new(SaveTask { dir, tree, buffers, options: opts }))
+}
