@@ -22,6 +22,9 @@ export { DistcpError } from './errors.js'
 export { convertDcpToHf, planDcpToHf } from './convert.js'
 export type { ConvertOptions, ConvertProgress, ConvertPlan, PlannedTensor } from './convert.js'
 export { resolveModel, hubCacheDir } from './hf.js'
+// writer
+export { save, pyFloat, pyTuple } from './save.js'
+export type { SaveOptions, SaveResult, SaveStateDict, Stateful } from './save.js'
 // trainer API (load, stateful, checkpointing)
 export { load, flattenStateDict, isStateful, LoadMismatchError } from './load.js'
 export type { LoadOptions, LoadReport, LoadStateDict, Mismatch } from './load.js'

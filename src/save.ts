@@ -1,0 +1,248 @@
+import { awaitNative, DistcpError } from './errors.js'
+import { native } from './native.js'
+import { elementSize, type DType } from './tensor.js'
+import { PyFloat, PyTuple } from './values.js'
+
+/** Anything with a `stateDict()` (a model, an optimizer, a scheduler…), like torch's `Stateful`. */
+export interface Stateful {
+  stateDict(): unknown
+}
+
+/**
+ * A state dict to save: plain objects (or Maps) and arrays whose leaves are tensors and Python-like values.
+ * - tensor: `{ dtype, shape, data }`, row-major little-endian bytes in any ArrayBufferView (not copied);
+ * - `null` → None, booleans → bool, strings → str, `Uint8Array`/`Buffer` → bytes;
+ * - numbers: integers → int, others (and NaN, ±Infinity, -0) → float; `pyFloat(1)` forces a float (`1.0`);
+ * - bigint → int of any size; `pyTuple(a, b)` / `new PyTuple([...])` → tuple; arrays → lists;
+ * - plain objects → dicts with str keys, in JS property order (integer-like keys first, ascending); a `Map`
+ *   keeps its order and may use int, float, bool or null keys.
+ * Top-level values with a `stateDict()` method are replaced by its result, as `dcp.save` does.
+ */
+export type SaveStateDict = Record<string, unknown> | Map<unknown, unknown>
+
+export interface SaveOptions {
+  /** The checkpoint folder (created if needed; a checkpoint already there is replaced, crash-safely). */
+  checkpointId: string
+  /**
+   * Which torch's flat keys to write: `'2.4'` (default; what torch ≥ 2.4 writes and reads, and 2.4.1+ also
+   * reads back the old way) or `'2.3'` (a container without tensors is one item, for torch ≤ 2.3 readers).
+   */
+  layout?: '2.4' | '2.3'
+  /** @internal test hook: stop the save at a point, with an error or (abort: true) by killing the process. */
+  _testFailAt?: { point: string; abort?: boolean }
+}
+
+export interface SaveResult {
+  /** Flat keys written, in `.metadata` order. */
+  keys: string[]
+  tensors: number
+  objects: number
+  /** The data file `.metadata` names (`__0_0.distcp`). */
+  dataFile: string
+  dataBytes: number
+  metadataBytes: number
+  /** Whether a checkpoint was already there and has been replaced. */
+  replaced: boolean
+}
+
+/** Marks a number as a Python float, so that `pyFloat(1)` is saved as `1.0`, not `1`. */
+export function pyFloat(x: number): PyFloat {
+  return new PyFloat(x)
+}
+
+/** A Python tuple (saved as one item: torch never recurses into tuples). */
+export function pyTuple(...items: unknown[]): PyTuple {
+  return new PyTuple(items as ConstructorParameters<typeof PyTuple>[0])
+}
+
+/** Deeper than this is refused (torch's own limit is Python's recursion depth; JSON between JS and Rust has one). */
+const MAX_DEPTH = 40
+
+type Encoded =
+  | null
+  | boolean
+  | number
+  | string
+  | Encoded[]
+  | { $f: string }
+  | { $i: string }
+  | { $t: Encoded[] }
+  | { $d: [Encoded, Encoded][] }
+  | { $b: number }
+  | { $tensor: number; dtype: string; shape: number[] }
+
+function floatBits(x: number): string {
+  const view = new DataView(new ArrayBuffer(8))
+  view.setFloat64(0, x)
+  return view.getBigUint64(0).toString(16).padStart(16, '0')
+}
+
+function describe(v: unknown): string {
+  if (typeof v === 'function') return 'a function'
+  if (typeof v === 'symbol') return 'a symbol'
+  if (v === undefined) return 'undefined'
+  if (typeof v === 'object' && v !== null) return `an instance of ${v.constructor?.name ?? 'an unknown class'}`
+  return typeof v
+}
+
+function isPlainObject(v: object): boolean {
+  const proto = Object.getPrototypeOf(v)
+  return proto === Object.prototype || proto === null
+}
+
+function looksLikeTensor(v: object): v is { dtype: unknown; shape: unknown; data: ArrayBufferView } {
+  const t = v as { dtype?: unknown; shape?: unknown; data?: unknown }
+  return typeof t.dtype === 'string' && Array.isArray(t.shape) && ArrayBuffer.isView(t.data)
+}
+
+class Encoder {
+  readonly buffers: Uint8Array[] = []
+  readonly #ancestors = new Set<object>()
+
+  constructor(readonly checkpointId: string) {}
+
+  fail(path: string, reason: string): never {
+    throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `${this.checkpointId}: cannot save key \`${path}\`: ${reason}`)
+  }
+
+  number(x: number): Encoded {
+    if (Number.isInteger(x) && !Object.is(x, -0)) {
+      return Number.isSafeInteger(x) ? x : { $i: BigInt(x).toString() }
+    }
+    return { $f: floatBits(x) }
+  }
+
+  key(k: unknown, path: string): Encoded {
+    if (typeof k === 'string' || typeof k === 'boolean' || k === null) return k
+    if (typeof k === 'number') return this.number(k)
+    if (typeof k === 'bigint') return { $i: k.toString() }
+    if (k instanceof PyFloat) return { $f: floatBits(k.value) }
+    if (k instanceof PyTuple) return this.value(k, path, 0)
+    return this.fail(path, `a Map key must be a string, number, bigint, boolean, null or tuple, not ${describe(k)}`)
+  }
+
+  tensor(t: { dtype: unknown; shape: unknown[]; data: ArrayBufferView }, path: string): Encoded {
+    const dtype = t.dtype as DType
+    const size = elementSize(dtype)
+    if (typeof size !== 'number') return this.fail(path, `unknown dtype \`${String(t.dtype)}\``)
+    let n = 1
+    for (const d of t.shape) {
+      if (typeof d !== 'number' || !Number.isSafeInteger(d) || d < 0) {
+        return this.fail(path, `shape [${t.shape.map(String)}] must hold non-negative integers`)
+      }
+      n *= d
+    }
+    const want = n * size
+    if (t.data.byteLength !== want) {
+      return this.fail(
+        path,
+        `a ${dtype} tensor of shape [${t.shape}] needs ${want} bytes (shape × ${size}), its data has ${t.data.byteLength}`,
+      )
+    }
+    this.buffers.push(new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength))
+    return { $tensor: this.buffers.length - 1, dtype, shape: t.shape as number[] }
+  }
+
+  value(v: unknown, path: string, depth: number): Encoded {
+    if (depth > MAX_DEPTH) return this.fail(path, `nested more than ${MAX_DEPTH} levels deep`)
+    switch (typeof v) {
+      case 'boolean':
+      case 'string':
+        return v
+      case 'number':
+        return this.number(v)
+      case 'bigint':
+        return { $i: v.toString() }
+      case 'undefined':
+        return this.fail(path, 'undefined has no Python equivalent (use null for None)')
+      case 'function':
+      case 'symbol':
+        return this.fail(path, `${describe(v)} cannot be saved`)
+    }
+    if (v === null) return null
+    const o = v as object
+    if (o instanceof PyFloat) {
+      if (typeof o.value !== 'number') return this.fail(path, 'a PyFloat must hold a number')
+      return { $f: floatBits(o.value) }
+    }
+    if (this.#ancestors.has(o)) return this.fail(path, 'a cycle: this value contains itself')
+    this.#ancestors.add(o)
+    try {
+      if (o instanceof PyTuple) return { $t: o.items.map((x, i) => this.value(x, `${path}.${i}`, depth + 1)) }
+      if (o instanceof Uint8Array) {
+        this.buffers.push(o)
+        return { $b: this.buffers.length - 1 }
+      }
+      if (ArrayBuffer.isView(o)) {
+        return this.fail(path, `a bare ${o.constructor.name} is ambiguous: wrap it as a tensor { dtype, shape, data }`)
+      }
+      if (Array.isArray(o)) {
+        const out: Encoded[] = []
+        for (let i = 0; i < o.length; i++) out.push(this.value(o[i], `${path}.${i}`, depth + 1))
+        return out
+      }
+      if (o instanceof Map) {
+        const pairs: [Encoded, Encoded][] = []
+        for (const [k, x] of o) {
+          const label = k instanceof PyFloat ? String(k.value) : String(k)
+          pairs.push([this.key(k, path), this.value(x, path ? `${path}.${label}` : label, depth + 1)])
+        }
+        return { $d: pairs }
+      }
+      if (looksLikeTensor(o)) return this.tensor(o as { dtype: unknown; shape: unknown[]; data: ArrayBufferView }, path)
+      if (typeof (o as Partial<Stateful>).stateDict === 'function') {
+        return this.fail(path, 'a Stateful below the top level: dcp.save only calls state_dict() on top-level values')
+      }
+      if (isPlainObject(o)) {
+        const pairs: [Encoded, Encoded][] = []
+        for (const k of Object.keys(o)) {
+          pairs.push([k, this.value((o as Record<string, unknown>)[k], path ? `${path}.${k}` : k, depth + 1)])
+        }
+        return { $d: pairs }
+      }
+      return this.fail(path, `${describe(o)} cannot be saved (only plain objects, Maps, arrays, tensors and scalars)`)
+    } finally {
+      this.#ancestors.delete(o)
+    }
+  }
+}
+
+/**
+ * Saves a state dict as a DCP checkpoint that `torch.distributed.checkpoint.load` reads (torch's `dcp.save` for
+ * one rank): one data file `__0_0.distcp` and `.metadata`, written and fsynced in torch's commit order. Tensor
+ * bytes are streamed from your memory: do not change them until the promise settles.
+ */
+export async function save(stateDict: SaveStateDict, options: SaveOptions): Promise<SaveResult> {
+  const { checkpointId, layout } = options ?? ({} as SaveOptions)
+  if (typeof checkpointId !== 'string' || checkpointId === '') {
+    throw new DistcpError('ERR_DISTCP_INVALID_INPUT', 'save: options.checkpointId must be a folder path')
+  }
+  if (layout !== undefined && layout !== '2.4' && layout !== '2.3') {
+    throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `save: layout must be '2.4' or '2.3', not ${String(layout)}`)
+  }
+  const isMap = stateDict instanceof Map
+  if (typeof stateDict !== 'object' || stateDict === null || (!isMap && !isPlainObject(stateDict))) {
+    throw new DistcpError(
+      'ERR_DISTCP_INVALID_INPUT',
+      `${checkpointId}: the state dict must be a plain object or a Map, not ${describe(stateDict)}`,
+    )
+  }
+  // dcp.save: top-level Stateful values are replaced by their state dicts
+  const entries: [unknown, unknown][] = isMap ? [...stateDict.entries()] : Object.entries(stateDict)
+  const top = new Map<unknown, unknown>()
+  for (const [k, v] of entries) {
+    const stateful = typeof v === 'object' && v !== null && typeof (v as Partial<Stateful>).stateDict === 'function'
+    top.set(k, stateful ? await (v as Stateful).stateDict() : v)
+  }
+  const enc = new Encoder(checkpointId)
+  const tree = enc.value(top, '', 0)
+  const fail = options._testFailAt
+  const result = await awaitNative(() =>
+    native.saveCheckpoint(checkpointId, JSON.stringify(tree), enc.buffers, {
+      layout,
+      failAt: fail?.point,
+      failAbort: fail?.abort,
+    }),
+  )
+  return result
+}
