@@ -279,7 +279,9 @@ export async function convertDcpToHf(
     throw new DistcpError('ERR_DISTCP_EXISTS', `HF checkpoint already exists at ${hfCkptPath}. Delete it to run or set overwrite=True.`)
   }
   const { signal } = options
-  signal?.throwIfAborted()
+  const aborted = (cause?: unknown) =>
+    new DistcpError('ERR_DISTCP_ABORTED', `conversion of ${dcpCkptPath} aborted; nothing was written`, { cause })
+  if (signal?.aborted) throw aborted(signal.reason)
   const p = await prepare(dcpCkptPath, hfCkptPath, modelNameOrPath, tokenizerNameOrPath, options)
   const plan = planOf(p)
   options.onPlan?.(plan)
@@ -338,10 +340,11 @@ export async function convertDcpToHf(
   } catch (e) {
     await rm(tmp, { recursive: true, force: true })
     if (movedOld && !existsSync(out)) await rename(old, out).catch(() => undefined)
-    if (signal?.aborted) {
-      throw new DistcpError('ERR_DISTCP_ABORTED', `conversion of ${dcpCkptPath} aborted; nothing was written`, { cause: e })
-    }
-    throw e
+    if (signal?.aborted) throw aborted(e)
+    if (e instanceof DistcpError) throw e
+    // file-system failures (read-only, full disk, permissions) keep their errno code inside a DistcpError
+    const code = (e as NodeJS.ErrnoException | undefined)?.code
+    throw new DistcpError('ERR_DISTCP_IO', `converting ${dcpCkptPath} to ${hfCkptPath} failed${code ? ` (${code})` : ''}: ${e instanceof Error ? e.message : String(e)}; nothing was written`, { cause: e })
   } finally {
     p.ck.close()
   }

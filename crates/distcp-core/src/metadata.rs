@@ -424,7 +424,6 @@ impl Metadata {
     }
   }
 
-
   /// Which TensorProperties class path the writer used (tells torch ≤ 2.2 from ≥ 2.3 writers).
   pub fn tensor_properties_module(&self) -> Option<&str> {
     self.items.iter().find_map(|(_, item)| match item {

@@ -75,9 +75,13 @@ fn every_item_parses_and_tensor_records_match_metadata() {
 }
 
 fn a_tensor_record() -> Vec<u8> {
-  let path = fixture_checkpoints().into_iter().find(|p| p.to_string_lossy().contains("seed-model")).expect("seed-model");
+  let path = fixture_checkpoints()
+    .into_iter()
+    .find(|p| p.to_string_lossy().contains("seed-model"))
+    .expect("seed-model");
   let ck = Checkpoint::open(&path, None).expect("open");
-  let (key, _) = ck.metadata.items.iter().find(|(_, i)| matches!(i, ItemMetadata::Tensor(_))).expect("a tensor");
+  let (key, _) =
+    ck.metadata.items.iter().find(|(_, i)| matches!(i, ItemMetadata::Tensor(_))).expect("a tensor");
   let info = ck.chunk_locations(key).expect("chunks")[0].info.clone();
   ck.blob(key, &info).expect("blob").bytes().to_vec()
 }

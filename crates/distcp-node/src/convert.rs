@@ -35,10 +35,11 @@ fn plan_for(
     Some(d) => Some(DType::from_name(&d).ok_or_else(|| invalid_arg(format!("unknown dtype `{d}`")))?),
     None => None,
   };
-  if !(max_shard_size >= 1.0) {
+  if max_shard_size.is_nan() || max_shard_size < 1.0 {
     return Err(invalid_arg(format!("maxShardSize must be at least 1 byte, got {max_shard_size}")));
   }
-  let entries: Vec<ConvertEntry> = entries.into_iter().map(|e| ConvertEntry { key: e.key, name: e.name }).collect();
+  let entries: Vec<ConvertEntry> =
+    entries.into_iter().map(|e| ConvertEntry { key: e.key, name: e.name }).collect();
   convert::plan(ck, &entries, dtype, max_shard_size as u64).map_err(to_js)
 }
 
@@ -151,7 +152,11 @@ impl Task for EqualTask {
 
 /// Whether two tensors of a checkpoint have the same dtype, shape and bytes.
 #[napi(ts_return_type = "Promise<boolean>")]
-pub fn tensors_equal(checkpoint: &NativeCheckpoint, a: String, b: String) -> napi::Result<AsyncTask<EqualTask>> {
+pub fn tensors_equal(
+  checkpoint: &NativeCheckpoint,
+  a: String,
+  b: String,
+) -> napi::Result<AsyncTask<EqualTask>> {
   Ok(AsyncTask::new(EqualTask { ck: checkpoint.get()?, a, b }))
 }
 

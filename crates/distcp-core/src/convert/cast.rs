@@ -1,6 +1,8 @@
-//! Element casts between floating dtypes, bit-identical to torch's scalar CPU conversions (`c10::BFloat16` and
-//! `c10::Half` constructors: round to nearest, ties to even). NaN: torch's scalar path gives 0x7FC0 (bf16) and
-//! 0x7E00|sign (f16); its vectorised path may give other NaN bit patterns, so NaN payloads are not promised.
+//! Element casts between floating dtypes, bit-identical to torch's CPU `.to()`: round to nearest, ties to even
+//! (`c10::BFloat16` / `c10::Half`). NaN follows torch's vectorised kernels, which convert all but a tensor's
+//! last few elements: bf16 NaN is 0xFFFF, f16 NaN keeps sign and top payload bits with the quiet bit set (F16C
+//! `vcvtps2ph`). torch's scalar tail loop encodes NaN differently (0x7FC0, 0x7E00), so a NaN among the last
+//! elements of a tensor may differ from torch in its payload bits; it is still a NaN.
 
 use crate::dtype::DType;
 
@@ -11,7 +13,7 @@ pub fn is_float(d: DType) -> bool {
 /// torch's `round_to_nearest_even` (c10/util/BFloat16.h).
 pub fn f32_to_bf16(f: f32) -> u16 {
   if f.is_nan() {
-    return 0x7FC0;
+    return 0xFFFF;
   }
   let u = f.to_bits();
   let rounding_bias = ((u >> 16) & 1) + 0x7FFF;
@@ -22,8 +24,12 @@ pub fn bf16_to_f32(b: u16) -> f32 {
   f32::from_bits(u32::from(b) << 16)
 }
 
-/// torch's `fp16_ieee_from_fp32_value` (c10/util/Half.h).
+/// torch's `fp16_ieee_from_fp32_value` (c10/util/Half.h) for numbers; NaN as the F16C instruction converts it.
 pub fn f32_to_f16(f: f32) -> u16 {
+  if f.is_nan() {
+    let w = f.to_bits();
+    return (((w >> 16) & 0x8000) | 0x7E00 | ((w >> 13) & 0x03FF)) as u16;
+  }
   let scale_to_inf = f32::from_bits(0x7780_0000); // 2^112
   let scale_to_zero = f32::from_bits(0x0880_0000); // 2^-110
   let mut base = (f.abs() * scale_to_inf) * scale_to_zero;
@@ -81,8 +87,12 @@ pub fn cast(src: &[u8], from: DType, dst: &mut [u8], to: DType) {
   }
   match to {
     DType::BFloat16 => {
+      // torch converts float16 → bfloat16 with the scalar rule (NaN → 0x7FC0), seen against torch 2.15
+      let nan = if from == DType::Float16 { 0x7FC0u16 } else { 0xFFFF };
       for i in 0..n {
-        dst[2 * i..2 * i + 2].copy_from_slice(&f32_to_bf16(read_f32(src, from, i)).to_le_bytes());
+        let v = read_f32(src, from, i);
+        let b = if v.is_nan() { nan } else { f32_to_bf16(v) };
+        dst[2 * i..2 * i + 2].copy_from_slice(&b.to_le_bytes());
       }
     }
     DType::Float16 => {
@@ -133,7 +143,7 @@ mod tests {
     assert_eq!(f32_to_bf16(f32::from_bits(0x3F80_8001)), 0x3F81);
     // halfway with an odd lower bit rounds up to even
     assert_eq!(f32_to_bf16(f32::from_bits(0x3F81_8000)), 0x3F82);
-    assert_eq!(f32_to_bf16(f32::NAN), 0x7FC0);
+    assert_eq!(f32_to_bf16(f32::NAN), 0xFFFF);
     assert_eq!(f32_to_bf16(f32::INFINITY), 0x7F80);
   }
 

@@ -69,7 +69,8 @@ impl ConvertJob {
     if self.files[shard].is_none() {
       let s = &self.plan.shards[shard];
       let path = self.dir.join(&s.file);
-      let mut f = OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| io_err(&path, e))?;
+      let mut f =
+        OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| io_err(&path, e))?;
       f.write_all(&s.header).map_err(|e| io_err(&path, e))?;
       // reserve the whole file now: a full disk fails here, before any data moves
       f.set_len(s.size).map_err(|e| io_err(&path, e))?;
@@ -112,7 +113,12 @@ impl ConvertJob {
           Blob::Mapped { file, range } if rec.is_plain() => {
             let first_row = c.offsets.first().copied().unwrap_or(0);
             let dst = tp.offset + first_row * row_elems * from.size() as u64;
-            sources.push((file, (range.start + rec.storage.start) as u64, dst, c.numel() * from.size() as u64));
+            sources.push((
+              file,
+              (range.start + rec.storage.start) as u64,
+              dst,
+              c.numel() * from.size() as u64,
+            ));
           }
           _ => all_plain = false,
         }
@@ -121,7 +127,9 @@ impl ConvertJob {
       if all_plain && covered == tp.nbytes {
         for (file, src_off, dst_off, len) in sources {
           self.check_cancel()?;
-          let out = self.files[tp.shard].as_ref().ok_or_else(|| Error::io(&shard_path, std::io::ErrorKind::NotFound.into()))?;
+          let out = self.files[tp.shard]
+            .as_ref()
+            .ok_or_else(|| Error::io(&shard_path, std::io::ErrorKind::NotFound.into()))?;
           let k = copy_range(file.file(), src_off, out, dst_off, len).map_err(|e| io_err(&shard_path, e))?;
           moved.bytes += len;
           moved.kernel_copied += k;
@@ -132,7 +140,7 @@ impl ConvertJob {
 
     // slab path: gather whole rows (from every chunk), cast if asked, write
     let row_src = row_elems * from.size() as u64;
-    let rows_per_slab = if row_src == 0 { rows } else { (SLAB_BYTES / row_src).max(1) };
+    let rows_per_slab = SLAB_BYTES.checked_div(row_src).map_or(rows, |r| r.max(1));
     let mut r0 = 0u64;
     while r0 < rows {
       self.check_cancel()?;
@@ -180,7 +188,8 @@ impl ConvertJob {
     }
     if let Some(index) = &self.plan.index_json {
       let path = self.dir.join("model.safetensors.index.json");
-      let mut f = OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| io_err(&path, e))?;
+      let mut f =
+        OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| io_err(&path, e))?;
       f.write_all(index.as_bytes()).map_err(|e| io_err(&path, e))?;
       f.sync_all().map_err(|e| io_err(&path, e))?;
     }
@@ -229,7 +238,9 @@ fn copy_range(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -> s
       };
       let want = usize::try_from(len - done).unwrap_or(usize::MAX).min(1 << 30);
       // SAFETY: both descriptors are open files we hold; the offset pointers are valid locals for the call.
-      let n = unsafe { libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, want, 0) };
+      let n = unsafe {
+        libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, want, 0)
+      };
       if n > 0 {
         done += n as u64;
         continue;

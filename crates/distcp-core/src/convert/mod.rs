@@ -71,7 +71,12 @@ fn shard_name(i: usize, n: usize) -> String {
 
 /// Plans the conversion of `entries` (in state-dict order) to safetensors shards of at most `max_shard_size`
 /// bytes of tensor data (a larger tensor gets a shard of its own), casting floating tensors to `dtype` if given.
-pub fn plan(ck: &Checkpoint, entries: &[ConvertEntry], dtype: Option<DType>, max_shard_size: u64) -> Result<ConvertPlan> {
+pub fn plan(
+  ck: &Checkpoint,
+  entries: &[ConvertEntry],
+  dtype: Option<DType>,
+  max_shard_size: u64,
+) -> Result<ConvertPlan> {
   struct Item {
     key: String,
     name: String,
@@ -133,7 +138,9 @@ pub fn plan(ck: &Checkpoint, entries: &[ConvertEntry], dtype: Option<DType>, max
   let mut weight_map = BTreeMap::new();
   for (si, mut group) in groups.into_iter().enumerate() {
     // safetensors' order: larger alignment first, then by name
-    group.sort_by(|&a, &b| items[b].to.size().cmp(&items[a].to.size()).then_with(|| items[a].name.cmp(&items[b].name)));
+    group.sort_by(|&a, &b| {
+      items[b].to.size().cmp(&items[a].to.size()).then_with(|| items[a].name.cmp(&items[b].name))
+    });
     let file = shard_name(si, n);
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({ "format": FORMAT_PT }));
@@ -217,22 +224,6 @@ pub fn parse_size(s: &str) -> Option<u64> {
   (value.is_finite() && bytes >= 1.0).then_some(bytes as u64)
 }
 
-#[cfg(test)]
-mod tests {
-  use super::*;
-
-  #[test]
-  fn sizes() {
-    assert_eq!(parse_size("5GB"), Some(5_000_000_000));
-    assert_eq!(parse_size("500MB"), Some(500_000_000));
-    assert_eq!(parse_size("2GiB"), Some(2 << 30));
-    assert_eq!(parse_size("1.5 GB"), Some(1_500_000_000));
-    assert_eq!(parse_size("123"), Some(123));
-    assert_eq!(parse_size("5XB"), None);
-    assert_eq!(parse_size("-1GB"), None);
-  }
-}
-
 /// Whether two tensors hold the same dtype, shape and bytes; compared in bounded row slabs.
 pub fn tensors_equal(ck: &Checkpoint, a: &str, b: &str) -> Result<bool> {
   let (ta, tb) = (ck.tensor(a)?.clone(), ck.tensor(b)?.clone());
@@ -270,4 +261,20 @@ pub fn tensors_equal(ck: &Checkpoint, a: &str, b: &str) -> Result<bool> {
     }
   }
   Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+
+  #[test]
+  fn sizes() {
+    assert_eq!(parse_size("5GB"), Some(5_000_000_000));
+    assert_eq!(parse_size("500MB"), Some(500_000_000));
+    assert_eq!(parse_size("2GiB"), Some(2 << 30));
+    assert_eq!(parse_size("1.5 GB"), Some(1_500_000_000));
+    assert_eq!(parse_size("123"), Some(123));
+    assert_eq!(parse_size("5XB"), None);
+    assert_eq!(parse_size("-1GB"), None);
+  }
 }
