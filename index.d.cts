@@ -37,6 +37,8 @@ export declare class NativeConvertJob {
   writeTensor(index: number): Promise<TensorWrittenJs>
   /** Creates empty shards, writes the index, fsyncs every file. */
   finish(): Promise<TensorWrittenJs>
+  /** Writes `pytorch_model.bin` (the seed's single torch.save file) instead of safetensors shards. */
+  writePytorchModelBin(): Promise<TensorWrittenJs>
   /** Stops the tensor being written at its next slab; later writes fail with ERR_DISTCP_ABORTED. */
   cancel(): void
 }

@@ -32,6 +32,11 @@ export interface ConvertOptions {
   include?: string[]
   /** Leave out tensors whose output name matches one of these globs. */
   exclude?: string[]
+  /**
+   * Write the seed's artefact instead of safetensors: one `pytorch_model.bin` (a `torch.save` of the
+   * `{name: tensor}` dict, loadable with `torch.load(weights_only=True)`). Holds one tensor in memory at a time.
+   */
+  pytorchModelBin?: boolean
   /** Plan only: print what would be written and write nothing. */
   dryRun?: boolean
   onProgress?: (p: ConvertProgress) => void
@@ -184,7 +189,8 @@ async function prepare(dcpPath: string, hfPath: string, modelNameOrPath: string,
   const tied = (config.tie_word_embeddings ?? textConfig.tie_word_embeddings) === true
   const head = entries.find((e) => e.name === 'lm_head.weight')
   const embed = entries.find((e) => EMBEDDING_NAMES.includes(e.name))
-  if (tied && head && embed) {
+  // the seed's pytorch_model.bin keeps both keys (torch.save shares nothing here), so only safetensors drops it
+  if (tied && head && embed && !options.pytorchModelBin) {
     const same = await awaitNative(() => native.tensorsEqual(ck.nativeHandle(), head.key, embed.key))
     if (same) {
       entries.splice(entries.indexOf(head), 1)
@@ -304,7 +310,12 @@ export async function convertDcpToHf(
     signal?.addEventListener('abort', onAbort)
     try {
       let bytesDone = 0
-      for (let i = 0; i < plan.tensors.length; i++) {
+      if (options.pytorchModelBin) {
+        await awaitNative(() => job.writePytorchModelBin())
+        const n = plan.tensors.length
+        options.onProgress?.({ bytesDone: plan.totalSize, bytesTotal: plan.totalSize, tensorsDone: n, tensorsTotal: n, file: 'pytorch_model.bin' })
+      }
+      for (let i = 0; !options.pytorchModelBin && i < plan.tensors.length; i++) {
         signal?.throwIfAborted()
         const w = await awaitNative(() => job.writeTensor(i))
         bytesDone += w.bytes
@@ -317,7 +328,7 @@ export async function convertDcpToHf(
         })
       }
       signal?.throwIfAborted()
-      await awaitNative(() => job.finish())
+      if (!options.pytorchModelBin) await awaitNative(() => job.finish())
     } finally {
       signal?.removeEventListener('abort', onAbort)
     }

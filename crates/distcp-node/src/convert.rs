@@ -79,10 +79,16 @@ pub fn create_convert_job(
   Ok(NativeConvertJob { ck, job: Arc::new(Mutex::new(job)), cancel })
 }
 
+enum Step {
+  Tensor(u32),
+  Finish,
+  PytorchModelBin,
+}
+
 pub struct WriteTensorTask {
   ck: Arc<Checkpoint>,
   job: Arc<Mutex<ConvertJob>>,
-  index: Option<u32>,
+  step: Step,
 }
 
 impl Task for WriteTensorTask {
@@ -92,15 +98,16 @@ impl Task for WriteTensorTask {
   fn compute(&mut self) -> napi::Result<(f64, f64)> {
     guarded(|| {
       let mut job = self.job.lock().unwrap_or_else(|p| p.into_inner());
-      match self.index {
-        Some(i) => {
+      match self.step {
+        Step::Tensor(i) => {
           let w = job.write_tensor(&self.ck, i as usize).map_err(to_js)?;
           Ok((w.bytes as f64, w.kernel_copied as f64))
         }
-        None => {
+        Step::Finish => {
           job.finish().map_err(to_js)?;
           Ok((0.0, 0.0))
         }
+        Step::PytorchModelBin => Ok((job.write_pytorch_model_bin(&self.ck).map_err(to_js)? as f64, 0.0)),
       }
     })
   }
@@ -115,13 +122,23 @@ impl NativeConvertJob {
   /// Writes tensor `index` of the plan (the plan's `tensors` order).
   #[napi(ts_return_type = "Promise<TensorWrittenJs>")]
   pub fn write_tensor(&self, index: u32) -> AsyncTask<WriteTensorTask> {
-    AsyncTask::new(WriteTensorTask { ck: self.ck.clone(), job: self.job.clone(), index: Some(index) })
+    AsyncTask::new(WriteTensorTask { ck: self.ck.clone(), job: self.job.clone(), step: Step::Tensor(index) })
   }
 
   /// Creates empty shards, writes the index, fsyncs every file.
   #[napi(ts_return_type = "Promise<TensorWrittenJs>")]
   pub fn finish(&self) -> AsyncTask<WriteTensorTask> {
-    AsyncTask::new(WriteTensorTask { ck: self.ck.clone(), job: self.job.clone(), index: None })
+    AsyncTask::new(WriteTensorTask { ck: self.ck.clone(), job: self.job.clone(), step: Step::Finish })
+  }
+
+  /// Writes `pytorch_model.bin` (the seed's single torch.save file) instead of safetensors shards.
+  #[napi(ts_return_type = "Promise<TensorWrittenJs>")]
+  pub fn write_pytorch_model_bin(&self) -> AsyncTask<WriteTensorTask> {
+    AsyncTask::new(WriteTensorTask {
+      ck: self.ck.clone(),
+      job: self.job.clone(),
+      step: Step::PytorchModelBin,
+    })
   }
 
   /// Stops the tensor being written at its next slab; later writes fail with ERR_DISTCP_ABORTED.

@@ -175,6 +175,50 @@ impl ConvertJob {
     Ok(TensorWritten { bytes: tp.nbytes, kernel_copied: 0 })
   }
 
+  /// Writes the seed's artefact instead of safetensors: `pytorch_model.bin`, a `torch.save` of the `{name: tensor}`
+  /// dict in state-dict order, loadable with `torch.load(weights_only=True)`. One tensor is in memory at a time.
+  pub fn write_pytorch_model_bin(&mut self, ck: &Checkpoint) -> Result<u64> {
+    use crate::write::record::pickle_tensor_dict;
+    use crate::write::zip_writer::ArchiveWriter;
+    let path = self.dir.join("pytorch_model.bin");
+    let order: Vec<usize> = self.plan.entry_order.clone();
+    let described: Vec<(String, DType, Vec<u64>)> = order
+      .iter()
+      .map(|&i| {
+        let t = &self.plan.tensors[i];
+        (t.name.clone(), DType::from_name(&t.dtype).unwrap_or(DType::Float32), t.shape.clone())
+      })
+      .collect();
+    let file = OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| io_err(&path, e))?;
+    // torch.save(obj, ".../pytorch_model.bin") names the archive folder after the file stem
+    let mut archive = ArchiveWriter::with_name(std::io::BufWriter::new(file), "pytorch_model");
+    let w = |r: std::io::Result<()>| r.map_err(|e| io_err(&path, e));
+    w(archive.write_record("data.pkl", &pickle_tensor_dict(&described)))?;
+    w(archive.write_record(".format_version", b"1"))?;
+    w(archive.write_record(".storage_alignment", b"64"))?;
+    w(archive.write_record("byteorder", b"little"))?;
+    for (n, &i) in order.iter().enumerate() {
+      self.check_cancel()?;
+      let tp = self.plan.tensors[i].clone();
+      let from = ck.dtype(&tp.key)?;
+      let to = DType::from_name(&tp.dtype).unwrap_or(from);
+      let raw = ck.read_tensor(&tp.key)?;
+      let bytes = if from == to {
+        raw
+      } else {
+        let mut out = vec![0u8; raw.len() / from.size() * to.size()];
+        cast_parallel(&raw, from, &mut out, to);
+        out
+      };
+      w(archive.write_record(&format!("data/{n}"), &bytes))?;
+    }
+    let (buf, len) = archive.finish().map_err(|e| io_err(&path, e))?;
+    let file = buf.into_inner().map_err(|e| io_err(&path, e.into_error()))?;
+    file.sync_all().map_err(|e| io_err(&path, e))?;
+    self.files.clear();
+    Ok(len)
+  }
+
   /// Creates shards that got no tensor, writes the index, and makes everything durable.
   pub fn finish(&mut self) -> Result<()> {
     for shard in 0..self.plan.shards.len() {

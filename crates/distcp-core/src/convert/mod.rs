@@ -56,6 +56,9 @@ pub struct ConvertPlan {
   pub total_size: u64,
   /// `model.safetensors.index.json`, when there is more than one shard.
   pub index_json: Option<String>,
+  /// Index into `tensors` of each entry, in the order the entries were given (state-dict order).
+  #[serde(skip)]
+  pub entry_order: Vec<usize>,
 }
 
 /// transformers' header metadata; older transformers fail on a file without `format`.
@@ -133,6 +136,7 @@ pub fn plan(
   }
 
   let n = groups.len();
+  let mut entry_order = vec![0usize; items.len()];
   let mut shards = Vec::with_capacity(n);
   let mut tensors = Vec::with_capacity(items.len());
   let mut weight_map = BTreeMap::new();
@@ -176,6 +180,7 @@ pub fn plan(
     let mut off = data_start;
     for &i in &group {
       let it = &items[i];
+      entry_order[i] = tensors.len();
       indices.push(tensors.len());
       tensors.push(TensorPlan {
         key: it.key.clone(),
@@ -198,7 +203,7 @@ pub fn plan(
     s.push('\n');
     s
   });
-  Ok(ConvertPlan { shards, tensors, total_size, index_json })
+  Ok(ConvertPlan { shards, tensors, total_size, index_json, entry_order })
 }
 
 /// Parses "5GB", "500MB", "2GiB", "1.5GB" or a plain byte count (decimal units as huggingface_hub, binary for

@@ -107,6 +107,19 @@ fn emit_tensor(p: &mut Pickler, t: &TensorRef, key: &str) {
   p.reduce();
 }
 
+/// `data.pkl` of a `{name: tensor}` dict whose i-th tensor is storage `data/i`, as `torch.save(state_dict)` writes
+/// it; the storage bytes are written separately (see [`crate::convert`]'s `pytorch_model.bin`).
+pub fn pickle_tensor_dict(tensors: &[(String, crate::dtype::DType, Vec<u64>)]) -> Vec<u8> {
+  let mut p = Pickler::new();
+  let _ = p.dict::<()>(tensors.len(), |p, i| {
+    let (name, dtype, shape) = &tensors[i];
+    p.str(name);
+    emit_tensor(p, &TensorRef { dtype: *dtype, shape: shape.clone(), data: &[] }, &i.to_string());
+    Ok(())
+  });
+  p.finish()
+}
+
 /// Writes the `torch.save` archive of an already pickled value; returns the output and the archive's length.
 pub fn write_archive<W: Write>(out: W, pickled: &Pickled) -> io::Result<(W, u64)> {
   let mut a = ArchiveWriter::new(out);
