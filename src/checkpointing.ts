@@ -12,6 +12,7 @@ import { ModelState, OptimizerState, type LRScheduler, type Model, type Optimize
 /** A tokenizer to save: a folder (or a hub name in the local HF cache) whose tokenizer files are copied, or an object with `savePretrained(dir)`. */
 export type TokenizerSource = string | { savePretrained(dir: string): unknown }
 
+/** Options of {@link saveCheckpoint}: the seed's keyword arguments in camelCase, plus `layout` and `log`. */
 export interface SaveCheckpointOptions {
   /** Saved to `optimizerPath` as `{ optim: OptimizerState(model, optimizer, scheduler) }`. */
   optimizer?: Optimizer | null
@@ -22,10 +23,16 @@ export interface SaveCheckpointOptions {
   tokenizer?: TokenizerSource | null
   /** Required with `tokenizer`. */
   tokenizerPath?: string | null
+  /**
+   * Flat keys as torch ≥ 2.4 writes them (`'2.4'`, default) or as torch ≤ 2.3 does (`'2.3'`: `optim.sched` and
+   * `optim.optim.param_groups` are single items), for trainers that resume with old torch; see `save`.
+   */
+  layout?: '2.4' | '2.3'
   /** Receives the seed's progress lines (`Saving tokenizer (or processor) to …`); default: silent. */
   log?: (line: string) => void
 }
 
+/** Options of {@link loadCheckpoint}: the seed's keyword arguments in camelCase, plus `log`. */
 export interface LoadCheckpointOptions {
   optimizer?: Optimizer | null
   /** Loaded from the optimizer checkpoint's `sched` when given (a saved scheduler is ignored otherwise). */
@@ -52,13 +59,13 @@ export interface LoadCheckpointResult {
  * As in the seed, a missing path is found only after the steps before it are done (the weights are on disk).
  */
 export async function saveCheckpoint(model: Model, weightsPath: string, options: SaveCheckpointOptions = {}): Promise<void> {
-  const { optimizer, scheduler, optimizerPath, tokenizer, tokenizerPath, log } = options
-  await save({ model: new ModelState(model) }, { checkpointId: weightsPath })
+  const { optimizer, scheduler, optimizerPath, tokenizer, tokenizerPath, layout, log } = options
+  await save({ model: new ModelState(model) }, { checkpointId: weightsPath, layout })
   if (optimizer) {
     if (optimizerPath == null) {
       throw new DistcpError('ERR_DISTCP_INVALID_INPUT', 'optimizerPath must be provided when saving optimizer state')
     }
-    await save({ optim: new OptimizerState(model, optimizer, scheduler) }, { checkpointId: optimizerPath })
+    await save({ optim: new OptimizerState(model, optimizer, scheduler) }, { checkpointId: optimizerPath, layout })
   }
   if (tokenizer) {
     if (tokenizerPath == null) {

@@ -9,6 +9,7 @@ import type { Stateful } from './stateful.js'
 /** What {@link load} accepts: a state dict whose top-level values may be {@link Stateful} objects. */
 export type LoadStateDict = { [key: string]: StateValue | Stateful }
 
+/** Options of {@link load} (torch's `dcp.load(state_dict, checkpoint_id=…)`). */
 export interface LoadOptions {
   /** The checkpoint folder (the one holding `.metadata`). */
   checkpointId: string
