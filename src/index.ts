@@ -24,13 +24,13 @@ export type { ConvertOptions, ConvertProgress, ConvertPlan, PlannedTensor } from
 export { resolveModel, hubCacheDir } from './hf.js'
 // writer
 export { save, pyFloat, pyTuple } from './save.js'
-export type { SaveOptions, SaveResult, SaveStateDict, Stateful } from './save.js'
+export type { SaveOptions, SaveResult, SaveStateDict, HasStateDict } from './save.js'
 // trainer API (load, stateful, checkpointing)
 export { load, flattenStateDict, isStateful, LoadMismatchError } from './load.js'
 export type { LoadOptions, LoadReport, LoadStateDict, Mismatch } from './load.js'
 export { ModelState, OptimizerState, initOptimizerState } from './stateful.js'
 export type {
-  Stateful as LoadableStateful,
+  Stateful,
   Parameter,
   Model,
   ParamGroup,

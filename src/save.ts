@@ -3,8 +3,8 @@ import { native } from './native.js'
 import { elementSize, type DType } from './tensor.js'
 import { PyFloat, PyTuple } from './values.js'
 
-/** Anything with a `stateDict()` (a model, an optimizer, a scheduler…), like torch's `Stateful`. */
-export interface Stateful {
+/** What `save` needs of a top-level value to replace it by its state dict: a `stateDict()` (see `Stateful`). */
+export interface HasStateDict {
   stateDict(): unknown
 }
 
@@ -190,7 +190,7 @@ class Encoder {
         return { $d: pairs }
       }
       if (looksLikeTensor(o)) return this.tensor(o as { dtype: unknown; shape: unknown[]; data: ArrayBufferView }, path)
-      if (typeof (o as Partial<Stateful>).stateDict === 'function') {
+      if (typeof (o as Partial<HasStateDict>).stateDict === 'function') {
         return this.fail(path, 'a Stateful below the top level: dcp.save only calls state_dict() on top-level values')
       }
       if (isPlainObject(o)) {
@@ -231,8 +231,8 @@ export async function save(stateDict: SaveStateDict, options: SaveOptions): Prom
   const entries: [unknown, unknown][] = isMap ? [...stateDict.entries()] : Object.entries(stateDict)
   const top = new Map<unknown, unknown>()
   for (const [k, v] of entries) {
-    const stateful = typeof v === 'object' && v !== null && typeof (v as Partial<Stateful>).stateDict === 'function'
-    top.set(k, stateful ? await (v as Stateful).stateDict() : v)
+    const stateful = typeof v === 'object' && v !== null && typeof (v as Partial<HasStateDict>).stateDict === 'function'
+    top.set(k, stateful ? await (v as HasStateDict).stateDict() : v)
   }
   const enc = new Encoder(checkpointId)
   const tree = enc.value(top, '', 0)
