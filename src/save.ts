@@ -1,7 +1,7 @@
 import { awaitNative, DistcpError } from './errors.js'
 import { native } from './native.js'
 import { elementSize, type DType } from './tensor.js'
-import { PyFloat, PyTuple } from './values.js'
+import { floatBits, PyFloat, PyTuple, type Encoded } from './values.js'
 
 /** What `save` needs of a top-level value to replace it by its state dict: a `stateDict()` (see `Stateful`). */
 export interface HasStateDict {
@@ -57,25 +57,6 @@ export function pyTuple(...items: unknown[]): PyTuple {
 
 /** Deeper than this is refused (torch's own limit is Python's recursion depth; JSON between JS and Rust has one). */
 const MAX_DEPTH = 40
-
-type Encoded =
-  | null
-  | boolean
-  | number
-  | string
-  | Encoded[]
-  | { $f: string }
-  | { $i: string }
-  | { $t: Encoded[] }
-  | { $d: [Encoded, Encoded][] }
-  | { $b: number }
-  | { $tensor: number; dtype: string; shape: number[] }
-
-function floatBits(x: number): string {
-  const view = new DataView(new ArrayBuffer(8))
-  view.setFloat64(0, x)
-  return view.getBigUint64(0).toString(16).padStart(16, '0')
-}
 
 function describe(v: unknown): string {
   if (typeof v === 'function') return 'a function'

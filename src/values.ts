@@ -32,7 +32,8 @@ export type PyValue =
   | Map<PyValue, PyValue>
   | { [key: string]: PyValue }
 
-type Encoded =
+/** The tagged JSON exchanged with the native layer (crates/distcp-node/src/values.rs), both directions. */
+export type Encoded =
   | null
   | boolean
   | number
@@ -43,7 +44,14 @@ type Encoded =
   | { $t: Encoded[] }
   | { $d: [Encoded, Encoded][] }
   | { $b: number }
-  | { $tensor: number; dtype: DType; shape: number[] }
+  | { $tensor: number; dtype: DType | string; shape: number[] }
+
+/** The 16 hex digits of a float64's bits (exact for NaN payloads, ±0, ±∞). */
+export function floatBits(x: number): string {
+  const view = new DataView(new ArrayBuffer(8))
+  view.setFloat64(0, x)
+  return view.getBigUint64(0).toString(16).padStart(16, '0')
+}
 
 function floatFromBits(hex: string): number {
   const view = new DataView(new ArrayBuffer(8))
@@ -74,7 +82,7 @@ export function decodeValue(json: string, buffers: Uint8Array[], exact: boolean)
       return exact ? new PyTuple(items) : items
     }
     if ('$b' in e) return buffers[e.$b]
-    if ('$tensor' in e) return { dtype: e.dtype, shape: e.shape, data: buffers[e.$tensor] }
+    if ('$tensor' in e) return { dtype: e.dtype as DType, shape: e.shape, data: buffers[e.$tensor] }
     if ('$d' in e) {
       if (exact) return new Map(e.$d.map(([k, v]) => [walk(k), walk(v)] as [PyValue, PyValue]))
       const out: { [key: string]: PyValue } = {}
