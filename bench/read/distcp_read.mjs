@@ -3,11 +3,14 @@
 import { openCheckpoint } from '../../dist/index.js'
 
 const path = process.argv[2]
-const mode = process.argv[3] ?? 'new' // 'new': a new buffer per tensor; 'into': preallocated buffers, like dcp.load
+// 'new': a new buffer per tensor; 'into': preallocated buffers, like dcp.load; 'into-touched': preallocated buffers
+// written before timing, like the parameters of a model being resumed
+const mode = process.argv[3] ?? 'new' 
 const concurrency = Number(process.argv[4] ?? 4)
 let ck = await openCheckpoint(path)
 const keys = ck.keys().filter((k) => ck.info(k).kind === 'tensor')
-const targets = mode === 'into' ? new Map(keys.map((k) => [k, new Uint8Array(ck.info(k).nbytes)])) : null
+const targets = mode.startsWith('into') ? new Map(keys.map((k) => [k, new Uint8Array(ck.info(k).nbytes)])) : null
+if (mode === 'into-touched') for (const b of targets.values()) b.fill(1)
 ck.close()
 const t0 = performance.now()
 ck = await openCheckpoint(path)

@@ -42,6 +42,11 @@ const contestants = {
     const inner = JSON.parse(r.stdout)
     return { seconds: inner.seconds, maxRssKb: r.maxRssKb, bytes: inner.bytes }
   },
+  'distcp (into, touched)': () => {
+    const r = timed('node', ['bench/read/distcp_read.mjs', ckpt, 'into-touched'])
+    const inner = JSON.parse(r.stdout)
+    return { seconds: inner.seconds, maxRssKb: r.maxRssKb, bytes: inner.bytes }
+  },
   'torch dcp.load': () => {
     const r = timed(python, ['bench/read/torch_load.py', ckpt])
     const inner = JSON.parse(r.stdout.trim().split('\n').pop())
@@ -65,12 +70,12 @@ for (const cache of ['warm', 'cold']) {
   }
   const bytes = results.distcp.bytes
   console.log(`\n${cache} page cache — ${ckpt}: ${(bytes / 1e9).toFixed(2)} GB of tensors in ${files.length} files (${(fileBytes / 1e9).toFixed(2)} GB on disk); best of ${reps}`)
-  console.log('contestant        GB/s    seconds  peak RSS   vs cat  vs torch')
+  console.log('contestant                GB/s    seconds  peak RSS   vs cat  vs torch')
   for (const [name, r] of Object.entries(results)) {
     const b = name === 'cat' ? fileBytes : bytes
     const gbs = b / r.seconds / 1e9
     const vsCat = (results.cat.seconds / r.seconds).toFixed(2)
     const vsTorch = (results['torch dcp.load'].seconds / r.seconds).toFixed(2)
-    console.log(`${name.padEnd(16)} ${gbs.toFixed(2).padStart(5)}  ${r.seconds.toFixed(3).padStart(8)}  ${(r.maxRssKb / 1024).toFixed(0).padStart(5)} MiB  ${vsCat.padStart(5)}×  ${vsTorch.padStart(6)}×`)
+    console.log(`${name.padEnd(24)} ${gbs.toFixed(2).padStart(5)}  ${r.seconds.toFixed(3).padStart(8)}  ${(r.maxRssKb / 1024).toFixed(0).padStart(5)} MiB  ${vsCat.padStart(5)}×  ${vsTorch.padStart(6)}×`)
   }
 }

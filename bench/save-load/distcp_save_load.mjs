@@ -1,5 +1,6 @@
 // distcp: save a bf16 Llama-shaped state dict ({model: …}) with fsync, then load it into preallocated buffers.
-// usage: node bench/save-load/distcp_save_load.mjs <dir> save|load
+// usage: node bench/save-load/distcp_save_load.mjs <dir> save|load|load-touched
+// load-touched: the target buffers are written before timing, as a model's parameters are when a trainer resumes.
 import { randomFillSync } from 'node:crypto'
 import { save, load } from '../../dist/index.js'
 import { llamaShapes } from '../lib/llama_shapes.mjs'
@@ -11,6 +12,7 @@ for (const [name, shape] of llamaShapes()) {
   const n = shape.reduce((a, b) => a * b, 1) * 2
   const data = new Uint8Array(n)
   if (mode === 'save') randomFillSync(data)
+  if (mode === 'load-touched') data.fill(1)
   model[name] = { dtype: 'bfloat16', shape, data }
   bytes += n
 }

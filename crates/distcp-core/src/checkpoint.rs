@@ -384,13 +384,7 @@ impl Checkpoint {
       });
     }
     // start the disk on every chunk this read needs before copying from the first
-    for read in &plan {
-      let c = &t.chunks[read.chunk];
-      let info = self.storage_info(key, Some(&c.offsets))?;
-      if let Ok(Blob::Mapped { file, range }) = self.blob(key, info) {
-        file.will_need(range);
-      }
-    }
+    self.prefetch_chunks(key, plan.iter().map(|r| r.chunk))?;
     for read in &plan {
       let (blob, rec) = self.chunk_record(key, read.chunk)?;
       let storage = &blob.bytes()[rec.storage.clone()];
@@ -402,6 +396,23 @@ impl Checkpoint {
         Blob::Owned { .. } => copy_chunk(storage, &rec, read, dst, &region.sizes),
       };
       copied.map_err(|e| Error::io(blob.path(), e))?;
+    }
+    Ok(())
+  }
+
+  /// Asks the kernel to start reading the stored chunks of `key` (asynchronous readahead; nothing is copied).
+  pub fn prefetch(&self, key: &str) -> Result<()> {
+    let n = self.tensor(key)?.chunks.len();
+    self.prefetch_chunks(key, 0..n)
+  }
+
+  fn prefetch_chunks(&self, key: &str, chunks: impl Iterator<Item = usize>) -> Result<()> {
+    let t = self.tensor(key)?;
+    for i in chunks {
+      let info = self.storage_info(key, Some(&t.chunks[i].offsets))?;
+      if let Ok(Blob::Mapped { file, range }) = self.blob(key, info) {
+        file.will_need(range);
+      }
     }
     Ok(())
   }

@@ -85,6 +85,10 @@ impl ConvertJob {
 
   /// Writes tensor `i` of the plan, then starts its write-back so the final fsync finds little left to do.
   pub fn write_tensor(&mut self, ck: &Checkpoint, i: usize) -> Result<TensorWritten> {
+    // the disk reads the next tensor while this one is copied
+    if let Some(next) = self.plan.tensors.get(i + 1) {
+      ck.prefetch(&next.key)?;
+    }
     let written = self.write_tensor_data(ck, i)?;
     let tp = &self.plan.tensors[i];
     if let Some(f) = &self.files[tp.shard] {
