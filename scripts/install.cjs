@@ -44,6 +44,8 @@ const lib = { linux: 'libdistcp_node.so', darwin: 'libdistcp_node.dylib', win32:
 const abi = process.platform === 'linux' ? (process.report?.getReport?.().header?.glibcVersionRuntime ? '-gnu' : '-musl')
   : process.platform === 'win32' ? '-msvc' : ''
 const target = path.join(root, `distcp.${process.platform}-${process.arch}${abi}.node`)
-fs.copyFileSync(path.join(root, 'target', 'release', lib), target)
+// cargo honours CARGO_TARGET_DIR (users often set it globally), so look where it built
+const targetDir = process.env.CARGO_TARGET_DIR ? path.resolve(root, process.env.CARGO_TARGET_DIR) : path.join(root, 'target')
+fs.copyFileSync(path.join(targetDir, 'release', lib), target)
 require(path.join(root, 'index.cjs'))
 console.log(`distcp: built ${path.basename(target)}`)
