@@ -31,6 +31,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import dtype_name, enc  # noqa: E402
+
 try:
     from torch.distributed.checkpoint.stateful import Stateful
 except ImportError:  # pragma: no cover
@@ -39,37 +42,8 @@ except ImportError:  # pragma: no cover
 warnings.filterwarnings("ignore")
 
 
-def dtype_name(dt):
-    return str(dt).replace("torch.", "")
-
-
 def raw_bytes(t):
     return bytes(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()) if t.numel() else b""
-
-
-def enc(x):
-    """Typed JSON of a Python value (tensors nested in values are inlined as hex)."""
-    if x is None:
-        return {"t": "none"}
-    if isinstance(x, bool):
-        return {"t": "bool", "v": x}
-    if isinstance(x, int):
-        return {"t": "int", "v": str(int(x))}
-    if isinstance(x, float):
-        return {"t": "float", "v": float.hex(x)}
-    if isinstance(x, str):
-        return {"t": "str", "v": x}
-    if isinstance(x, (bytes, bytearray)):
-        return {"t": "bytes", "v": base64.b64encode(bytes(x)).decode("ascii")}
-    if isinstance(x, torch.Tensor):
-        return {"t": "tensor", "dtype": dtype_name(x.dtype), "shape": list(x.shape), "hex": raw_bytes(x).hex()}
-    if isinstance(x, tuple):
-        return {"t": "tuple", "v": [enc(v) for v in x]}
-    if isinstance(x, list):
-        return {"t": "list", "v": [enc(v) for v in x]}
-    if isinstance(x, dict):
-        return {"t": "dict", "v": [[enc(k), enc(v)] for k, v in x.items()]}
-    raise TypeError(f"cannot encode {type(x).__qualname__}: {x!r}")
 
 
 def get_element(tree, path):

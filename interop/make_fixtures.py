@@ -36,6 +36,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ModelState, OptimizerState, dtype_name, enc  # noqa: E402
+from common import raw_uint8 as raw_bytes  # noqa: E402
+
 try:
     from torch.distributed.checkpoint.stateful import Stateful
 except ImportError:  # pragma: no cover - very old torch
@@ -113,47 +117,6 @@ def skip_if_old_for_fsdp2():
 
 # ----------------------------------------------------------------------------------------------------------------
 # typed encoding
-
-
-def dtype_name(dt):
-    return str(dt).replace("torch.", "")
-
-
-def raw_bytes(t):
-    """The tensor's logical values as a flat uint8 tensor (row-major, native little-endian)."""
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).clone()
-
-
-def enc(x):
-    """Typed JSON encoding of a Python value; tensors nested in objects are inlined as hex."""
-    if x is None:
-        return {"t": "none"}
-    if isinstance(x, bool):
-        return {"t": "bool", "v": x}
-    if isinstance(x, int):
-        return {"t": "int", "v": str(int(x))}
-    if isinstance(x, float):
-        return {"t": "float", "v": float.hex(float(x))}
-    if isinstance(x, str):
-        return {"t": "str", "v": x}
-    if isinstance(x, (bytes, bytearray)):
-        return {"t": "bytes", "v": base64.b64encode(bytes(x)).decode("ascii")}
-    if isinstance(x, torch.Tensor):
-        if is_dtensor(x):
-            raise TypeError("DTensor nested inside a non-tensor object is not supported by this script")
-        return {
-            "t": "tensor",
-            "dtype": dtype_name(x.dtype),
-            "shape": list(x.shape),
-            "hex": bytes(raw_bytes(x).numpy().tobytes()).hex() if x.numel() else "",
-        }
-    if isinstance(x, tuple):
-        return {"t": "tuple", "v": [enc(v) for v in x]}
-    if isinstance(x, list):
-        return {"t": "list", "v": [enc(v) for v in x]}
-    if isinstance(x, dict):
-        return {"t": "dict", "v": [[enc(k), enc(v)] for k, v in x.items()]}
-    raise TypeError(f"cannot encode value of type {type(x).__module__}.{type(x).__qualname__}: {x!r}")
 
 
 def get_element(tree, path):
@@ -448,51 +411,6 @@ def fx_dtypes_extra(ctx):
     if dropped:
         print(f"     dtypes-extra: torch.save cannot round-trip {', '.join(dropped)} in this version; left out")
     save_and_record(ctx, sd)
-
-
-class ModelState(Stateful):
-    """As in NeMo-RL's native_checkpoint.ModelState."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def state_dict(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(self.model, options=StateDictOptions(cpu_offload=True))
-
-    def load_state_dict(self, state_dict):
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-        set_model_state_dict(self.model, state_dict)
-
-
-class OptimizerState(Stateful):
-    """As in NeMo-RL's native_checkpoint.OptimizerState."""
-
-    def __init__(self, model, optimizer, scheduler=None):
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-
-    def state_dict(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        sd = {
-            "optim": get_optimizer_state_dict(
-                self.model, self.optimizer, options=StateDictOptions(cpu_offload=True)
-            )
-        }
-        if self.scheduler is not None:
-            sd["sched"] = self.scheduler.state_dict()
-        return sd
-
-    def load_state_dict(self, state_dict):
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state_dict["optim"])
-        if "sched" in state_dict and self.scheduler is not None:
-            self.scheduler.load_state_dict(state_dict["sched"])
 
 
 def seed_experiment(seed):

@@ -34,7 +34,9 @@ from torch.distributed.checkpoint.state_dict import (  # noqa: E402
     get_model_state_dict,
     set_model_state_dict,
 )
-from torch.distributed.checkpoint.stateful import Stateful  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ModelState  # noqa: E402
 
 SAMPLE_TEXT = [
     "The quick brown fox jumps over the lazy dog.",
@@ -44,19 +46,6 @@ SAMPLE_TEXT = [
     "Llama, Qwen and friends share one layout: embed, attention, mlp, norm, head.",
 ]
 ENCODE_PROBE = "Hello quick fox: checkpoints convert to safetensors, 42 times."
-
-
-class ModelState(Stateful):
-    """NeMo-RL's `utils.native_checkpoint.ModelState`, verbatim in behaviour."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def state_dict(self):
-        return get_model_state_dict(self.model, options=StateDictOptions(cpu_offload=True))
-
-    def load_state_dict(self, state_dict):
-        set_model_state_dict(self.model, state_dict)
 
 
 def train_tokenizer(out_dir):

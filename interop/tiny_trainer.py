@@ -31,7 +31,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.checkpoint.stateful import Stateful  # noqa: F401
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ModelState, OptimizerState, enc  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -45,35 +48,6 @@ GAMMA = 0.5
 
 # ---------------------------------------------------------------------------------------------------------------
 # the seed (NeMo-RL nemo_rl/utils/native_checkpoint.py), verbatim in behaviour
-
-
-class ModelState(Stateful):
-    def __init__(self, model):
-        self.model = model
-
-    def state_dict(self):
-        return get_model_state_dict(self.model, options=StateDictOptions(cpu_offload=True))
-
-    def load_state_dict(self, state_dict):
-        set_model_state_dict(self.model, state_dict)
-
-
-class OptimizerState(Stateful):
-    def __init__(self, model, optimizer, scheduler=None):
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-
-    def state_dict(self):
-        sd = {"optim": get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(cpu_offload=True))}
-        if self.scheduler is not None:
-            sd["sched"] = self.scheduler.state_dict()
-        return sd
-
-    def load_state_dict(self, state_dict):
-        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state_dict["optim"])
-        if "sched" in state_dict and self.scheduler is not None:
-            self.scheduler.load_state_dict(state_dict["sched"])
 
 
 def save_checkpoint(model, weights_path, optimizer=None, scheduler=None, optimizer_path=None):
@@ -137,34 +111,6 @@ def train_step(model, opt, sched, step):
 
 # ---------------------------------------------------------------------------------------------------------------
 # typed encoding (fixtures/README.md)
-
-
-def enc(x):
-    if x is None:
-        return {"t": "none"}
-    if isinstance(x, bool):
-        return {"t": "bool", "v": x}
-    if isinstance(x, int):
-        return {"t": "int", "v": str(x)}
-    if isinstance(x, float):
-        return {"t": "float", "v": float.hex(x)}
-    if isinstance(x, str):
-        return {"t": "str", "v": x}
-    if isinstance(x, torch.Tensor):
-        t = x.detach().cpu().contiguous()
-        return {
-            "t": "tensor",
-            "dtype": str(t.dtype).replace("torch.", ""),
-            "shape": list(t.shape),
-            "hex": t.reshape(-1).view(torch.uint8).numpy().tobytes().hex(),
-        }
-    if isinstance(x, tuple):
-        return {"t": "tuple", "v": [enc(v) for v in x]}
-    if isinstance(x, list):
-        return {"t": "list", "v": [enc(v) for v in x]}
-    if isinstance(x, dict):
-        return {"t": "dict", "v": [[enc(k), enc(v)] for k, v in x.items()]}
-    raise TypeError(type(x))
 
 
 def hexes(tensors):
