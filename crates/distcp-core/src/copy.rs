@@ -2,17 +2,9 @@
 //! destination, one `memcpy` per contiguous run.
 
 use crate::dtype::DType;
+use crate::exec::{lower, StoredLayout};
 use crate::plan::ChunkRead;
 use crate::torch_save::TensorRecord;
-
-/// Row-major element strides of `sizes`.
-pub fn row_major_strides(sizes: &[u64]) -> Vec<u64> {
-  let mut strides = vec![1u64; sizes.len()];
-  for d in (0..sizes.len().saturating_sub(1)).rev() {
-    strides[d] = strides[d + 1] * sizes[d + 1];
-  }
-  strides
-}
 
 /// Where a chunk's storage bytes come from: a slice (mapped or decompressed), or a file read with `pread`.
 pub trait RunSource {
@@ -27,15 +19,9 @@ impl RunSource for [u8] {
   }
 }
 
-#[derive(Clone, Copy)]
-struct Dim {
-  len: usize,
-  src: usize,
-  dst: usize,
-}
-
 /// Copies `read` from `storage` (the record's whole storage) into `dst`, a row-major buffer of `dst_sizes`.
 /// The caller has checked that the record's view fits its storage and that `dst` holds `dst_sizes` elements.
+/// The stride rules live in [`crate::exec::lower`]; this is the host executor of its copies.
 pub fn copy_chunk<S: RunSource + ?Sized>(
   storage: &S,
   rec: &TensorRecord,
@@ -43,68 +29,28 @@ pub fn copy_chunk<S: RunSource + ?Sized>(
   dst: &mut [u8],
   dst_sizes: &[u64],
 ) -> std::io::Result<()> {
-  let es = rec.dtype.size();
-  let dst_strides = row_major_strides(dst_sizes);
-  let mut src_base = rec.storage_offset as usize;
-  let mut dst_base = 0usize;
-  let mut dims: Vec<Dim> = Vec::with_capacity(read.lengths.len());
-  for (d, &len) in read.lengths.iter().enumerate() {
-    let (src, dst) = (rec.stride[d] as usize, dst_strides[d] as usize);
-    src_base += read.src_start[d] as usize * src;
-    dst_base += read.dst_start[d] as usize * dst;
-    if len != 1 {
-      dims.push(Dim { len: len as usize, src, dst });
-    }
-  }
-  if dims.iter().any(|d| d.len == 0) {
-    return Ok(());
-  }
-  // merge an outer dim into the inner one when both sides step through it contiguously
-  let mut merged: Vec<Dim> = Vec::with_capacity(dims.len());
-  for d in dims.into_iter().rev() {
-    match merged.last_mut() {
-      Some(inner) if d.src == inner.src * inner.len && d.dst == inner.dst * inner.len => inner.len *= d.len,
-      _ => merged.push(d),
-    }
-  }
-  merged.reverse();
-  let run = match merged.last() {
-    Some(inner) if inner.src == 1 && inner.dst == 1 => {
-      let len = inner.len;
-      merged.pop();
-      len
-    }
-    _ => 1,
+  let layout = StoredLayout {
+    stride: rec.stride.clone(),
+    storage_offset: rec.storage_offset,
+    elem_size: rec.dtype.size() as u64,
   };
+  let copies = lower(&layout, read, dst_sizes).map_err(std::io::Error::other)?;
   let fix = Fixup::of(rec);
-  let run_bytes = run * es;
-  let mut index = vec![0usize; merged.len()];
-  loop {
-    let mut s = src_base;
-    let mut t = dst_base;
-    for (i, d) in index.iter().zip(&merged) {
-      s += i * d.src;
-      t += i * d.dst;
-    }
-    let out = &mut dst[t * es..t * es + run_bytes];
-    storage.copy_run(s * es, out)?;
-    if let Some(f) = &fix {
-      f.apply(out);
-    }
-    // odometer over the outer dims
-    let mut d = merged.len();
-    loop {
-      if d == 0 {
-        return Ok(());
+  for c in copies {
+    let width = c.width as usize;
+    for row in 0..c.height {
+      let (s, t) = ((c.src + row * c.src_pitch) as usize, (c.dst + row * c.dst_pitch) as usize);
+      let dst_len = dst.len();
+      let out = dst.get_mut(t..t + width).ok_or_else(|| {
+        std::io::Error::other(format!("destination too small: bytes {t}..{} of {dst_len}", t + width))
+      })?;
+      storage.copy_run(s, out)?;
+      if let Some(f) = &fix {
+        f.apply(out);
       }
-      d -= 1;
-      index[d] += 1;
-      if index[d] < merged[d].len {
-        break;
-      }
-      index[d] = 0;
     }
   }
+  Ok(())
 }
 
 /// What must happen to stored bytes to give the values torch would show: byte order, lazy conj/neg bits.

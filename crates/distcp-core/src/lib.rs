@@ -10,6 +10,7 @@ pub mod convert;
 pub mod copy;
 pub mod dtype;
 pub mod error;
+pub mod exec;
 pub mod metadata;
 pub mod pickle;
 pub mod plan;
