@@ -23,6 +23,10 @@ test('the packed package installs from source and works', (t) => {
   const use = spawnSync('node', ['-e', `import('distcp').then(async (m) => { const ck = await m.openCheckpoint(${JSON.stringify(example)}); console.log(ck.keys().length) })`], { cwd: dir, encoding: 'utf8' })
   t.is(use.status, 0, use.stderr)
   t.is(use.stdout.trim(), '21')
+  // CommonJS consumers (Node ≥ 20.19 can require an ES module): `exports` must offer a `require` condition
+  const cjs = spawnSync('node', ['-e', `const m = require('distcp'); m.openCheckpoint(${JSON.stringify(example)}).then((ck) => console.log(ck.keys().length, typeof m.save))`], { cwd: dir, encoding: 'utf8' })
+  t.is(cjs.status, 0, cjs.stderr)
+  t.is(cjs.stdout.trim(), '21 function')
   const cli = spawnSync('npx', ['distcp', 'inspect', example, '--json'], { cwd: dir, encoding: 'utf8' })
   t.is(cli.status, 0, cli.stderr)
   t.is(JSON.parse(cli.stdout).totals.tensors, 21)

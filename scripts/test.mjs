@@ -2,11 +2,12 @@
 // `npm test`: Rust tests, then the ava suites (which include interop with real torch). Sets up on first run
 // what the suites need: the native build and the `.venv` with the pinned torch. Ends with one summary line.
 import { spawnSync } from 'node:child_process'
-import { existsSync } from 'node:fs'
+import { existsSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 
 const root = new URL('..', import.meta.url).pathname
-const venvPython = join(root, '.venv', 'bin', 'python')
+const venvDir = process.env.DISTCP_VENV ?? join(root, '.venv')
+const venvPython = join(venvDir, 'bin', 'python')
 
 function run(cmd, args, opts = {}) {
   const r = spawnSync(cmd, args, { cwd: root, encoding: 'utf8', maxBuffer: 1 << 28, ...opts })
@@ -20,17 +21,26 @@ function show(r) {
 }
 
 function setupVenv() {
-  const pinned = run(venvPython, ['-c', 'import torch, safetensors, numpy; print(torch.__version__)'])
-  const want = /^torch==(.+)$/m.exec(run('cat', ['interop/requirements.txt']).stdout)?.[1]
-  if (pinned.status === 0 && want && pinned.stdout.trim().startsWith(want)) return
+  const want = /^torch==(.+)$/m.exec(readFileSync(join(root, 'interop', 'requirements.txt'), 'utf8'))?.[1]
+  // on a fresh clone there is no .venv yet: probing it would fail to spawn, so only probe what exists
+  if (existsSync(venvPython)) {
+    const pinned = spawnSync(venvPython, ['-c', 'import torch, safetensors, numpy; print(torch.__version__)'], { cwd: root, encoding: 'utf8' })
+    if (pinned.status === 0 && want && pinned.stdout.trim().startsWith(want)) return
+  }
   console.log(`npm test: setting up .venv with ${want ? `torch ${want}` : 'the pinned torch'} (once per machine)`)
   const py = process.env.PYTHON ?? 'python3'
   if (!existsSync(venvPython)) {
-    const r = run(py, ['-m', 'venv', '.venv'], { stdio: 'inherit' })
-    if (r.status !== 0) throw new Error('could not create .venv')
+    const r = spawnSync(py, ['-m', 'venv', venvDir], { cwd: root, stdio: 'inherit' })
+    if (r.status !== 0) {
+      console.error(`npm test: could not create ${venvDir} with ${py} (${r.error?.message ?? `exit ${r.status}`}); install Python 3.9+ or set PYTHON`)
+      process.exit(1)
+    }
   }
-  const r = run(venvPython, ['-m', 'pip', 'install', '-q', '-r', 'interop/requirements.txt'], { stdio: 'inherit' })
-  if (r.status !== 0) throw new Error('pip install -r interop/requirements.txt failed')
+  const r = spawnSync(venvPython, ['-m', 'pip', 'install', '-q', '-r', 'interop/requirements.txt'], { cwd: root, stdio: 'inherit' })
+  if (r.status !== 0) {
+    console.error('npm test: pip install -r interop/requirements.txt failed')
+    process.exit(1)
+  }
 }
 
 let passed = 0
@@ -42,6 +52,7 @@ if (!existsSync(join(root, 'dist', 'index.js')) || !existsSync(join(root, 'index
   if (r.status !== 0) process.exit(1)
 }
 setupVenv()
+if (process.argv.includes('--setup-only')) process.exit(0)
 
 // Rust
 {
