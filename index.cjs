@@ -838,6 +838,7 @@ module.exports = nativeBinding
 module.exports.NativeCheckpoint = nativeBinding.NativeCheckpoint
 module.exports.NativeConvertJob = nativeBinding.NativeConvertJob
 module.exports.createConvertJob = nativeBinding.createConvertJob
+module.exports.flattenStateDictKeys = nativeBinding.flattenStateDictKeys
 module.exports.openNativeCheckpoint = nativeBinding.openNativeCheckpoint
 module.exports.panicForTest = nativeBinding.panicForTest
 module.exports.parseSize = nativeBinding.parseSize

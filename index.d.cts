@@ -85,6 +85,18 @@ export interface EncodedObject {
   buffers: Array<Buffer>
 }
 
+/** One flat key and the path to its leaf as positions (index among a dict's entries in order, or a list index). */
+export interface FlatKey {
+  key: string
+  positions: Array<number>
+}
+
+/**
+ * torch's `flatten_state_dict` over `tree` (the tagged JSON `save` sends, whose `$tensor` entries index
+ * `tensorCount` placeholder slots: only which leaves are tensors matters here), in torch's key order.
+ */
+export declare function flattenStateDictKeys(tree: string, tensorCount: number, layout: string): Array<FlatKey>
+
 export interface ItemInfo {
   key: string
   /** `"tensor"` or `"object"` (a non-tensor value). */

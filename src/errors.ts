@@ -11,11 +11,21 @@ export class DistcpError extends Error {
 
 const CODED = /^\[(ERR_[A-Z_]+)\] ([\s\S]*)$/
 
-/** Native errors arrive as `[CODE] message`; give them their code back. */
+/** napi-rs's own argument checks (`StringExpected`, `NumberExpected`, …) before any distcp code runs. */
+const NAPI_ARGUMENT = /Expected$|^InvalidArg$/
+
+/**
+ * Native errors arrive as `[CODE] message`; give them their code back. napi's own argument errors (a wrong JS type
+ * reached the binding) become `ERR_DISTCP_INVALID_ARGUMENT`, so every error distcp throws carries an `ERR_DISTCP_*` code.
+ */
 export function fromNative(e: unknown): unknown {
   if (e instanceof Error) {
     const m = CODED.exec(e.message)
     if (m) return new DistcpError(m[1], m[2], { cause: e })
+    const code = (e as { code?: unknown }).code
+    if (typeof code === 'string' && NAPI_ARGUMENT.test(code)) {
+      return new DistcpError('ERR_DISTCP_INVALID_ARGUMENT', `invalid argument: ${e.message}`, { cause: e })
+    }
   }
   return e
 }

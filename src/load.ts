@@ -3,7 +3,10 @@
 import { openCheckpoint, type Checkpoint, type StateDict, type StateValue, type TensorInfo } from './checkpoint.js'
 import { DistcpError } from './errors.js'
 import { elementSize, numel, type DType, type Tensor } from './tensor.js'
-import { PyFloat, PyTuple, type PyValue } from './values.js'
+import { PyTuple, type PyValue } from './values.js'
+import { callNative } from './errors.js'
+import { native } from './native.js'
+import { Encoder } from './save.js'
 import type { Stateful } from './stateful.js'
 
 /** What {@link load} accepts: a state dict whose top-level values may be {@link Stateful} objects. */
@@ -51,7 +54,8 @@ export class LoadMismatchError extends DistcpError {
   }
 }
 
-type PathItem = string | number
+/** A step of a path: a dict key (a Map's key object as it is) or a list index. */
+type PathItem = unknown
 type Flat = Map<string, { path: PathItem[]; value: unknown }>
 
 /** A tensor as a target: any `{ dtype, shape, data: ArrayBufferView }`. */
@@ -61,68 +65,40 @@ function asTensor(v: unknown): (Tensor & { data: ArrayBufferView }) | null {
   return typeof t.dtype === 'string' && Array.isArray(t.shape) && ArrayBuffer.isView(t.data) ? (v as Tensor) : null
 }
 
-/** A Mapping in torch's sense: a plain object or a Map (tensors, tuples, floats, bytes and class instances are not). */
-function isMapping(v: unknown): v is Record<string, unknown> | Map<unknown, unknown> {
-  if (typeof v !== 'object' || v === null) return false
-  if (v instanceof Map) return true
-  if (asTensor(v) || ArrayBuffer.isView(v) || Array.isArray(v)) return false
-  const proto = Object.getPrototypeOf(v)
-  return proto === Object.prototype || proto === null
-}
-
-/** Python's `str()` of a dict key. */
-function pyStr(k: unknown): string {
-  if (typeof k === 'string') return k
-  if (k === null) return 'None'
-  if (typeof k === 'boolean') return k ? 'True' : 'False'
-  if (k instanceof PyFloat) return Number.isInteger(k.value) ? `${k.value}.0` : String(k.value)
-  return String(k)
-}
-
-function entriesOf(m: Record<string, unknown> | Map<unknown, unknown>): [string, unknown][] {
-  return m instanceof Map ? [...m].map(([k, v]) => [pyStr(k), v]) : Object.entries(m)
-}
-
 /**
- * torch's `flatten_state_dict`: `'2.4'` is `traverse_state_dict` (mappings always recursed, a list only when it holds
- * a tensor, a mapping or a non-terminal list; tuples never), `'2.3'` is `traverse_state_dict_v_2_3` (a mapping or list
- * holding no tensor and no non-terminal container is one item).
+ * torch's `flatten_state_dict` (the rules live in the Rust core, `distcp_core::write::flatten`): `'2.4'` is
+ * `traverse_state_dict` (mappings always recursed, a list only when it holds a tensor, a mapping or a non-terminal
+ * list; tuples never), `'2.3'` is `traverse_state_dict_v_2_3` (a mapping or list holding no tensor and no
+ * non-terminal container is one item). Keys are Python's `str()` of each dict key, joined with dots; `path` holds
+ * the original JS keys (Map keys as they are) and list indices.
  */
 export function flattenStateDict(stateDict: Record<string, unknown>, layout: '2.4' | '2.3'): Flat {
+  const enc = new Encoder('flatten', true)
+  const tree = enc.value(stateDict, '', 0)
+  const keys = callNative(() => native.flattenStateDictKeys(JSON.stringify(tree), enc.buffers.length, layout))
+  // children of each container in the order the encoder walked them (Object.keys / Map order / indices)
+  const children = new Map<object, [PathItem, unknown][]>()
+  const childrenOf = (c: object): [PathItem, unknown][] => {
+    let list = children.get(c)
+    if (!list) {
+      if (Array.isArray(c)) list = c.map((v, i) => [i, v])
+      else if (c instanceof Map) list = [...c.entries()]
+      else list = Object.entries(c)
+      children.set(c, list)
+    }
+    return list
+  }
   const out: Flat = new Map()
-  const visit = (path: PathItem[], value: unknown): void => {
-    const key = path.map(String).join('.')
-    if (out.has(key)) throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `duplicated flatten key ${key}`)
-    out.set(key, { path, value })
-  }
-  const isTerminal = (value: unknown): boolean => {
-    let values: unknown[]
-    if (isMapping(value)) {
-      if (layout === '2.4') return false
-      values = entriesOf(value).map(([, v]) => v)
-    } else if (Array.isArray(value)) {
-      values = value
-    } else {
-      return true
+  for (const { key, positions } of keys) {
+    let cur: unknown = stateDict
+    const path: PathItem[] = []
+    for (const p of positions) {
+      const [k, v] = childrenOf(cur as object)[p]
+      path.push(k)
+      cur = v
     }
-    for (const entry of values) {
-      if ((isMapping(entry) || Array.isArray(entry)) && !isTerminal(entry)) return false
-      if (asTensor(entry)) return false
-    }
-    return true
+    out.set(key, { path, value: cur })
   }
-  const walk = (path: PathItem[], value: unknown): void => {
-    if (layout === '2.4') {
-      if (isMapping(value)) for (const [k, v] of entriesOf(value)) walk([...path, k], v)
-      else if (isTerminal(value)) visit(path, value)
-      else (value as unknown[]).forEach((v, i) => walk([...path, i], v))
-    } else {
-      if (isTerminal(value)) visit(path, value)
-      else if (isMapping(value)) for (const [k, v] of entriesOf(value)) walk([...path, k], v)
-      else (value as unknown[]).forEach((v, i) => walk([...path, i], v))
-    }
-  }
-  for (const [k, v] of Object.entries(stateDict)) walk([k], v)
   return out
 }
 
@@ -141,7 +117,7 @@ function setElement(root: Record<string, unknown>, path: PathItem[], value: unkn
         cur = cur[idx]
       }
     } else if (cur instanceof Map) {
-      const mk = [...cur.keys()].find((x) => pyStr(x) === String(k)) ?? k
+      const mk = k // the original key object (flattenStateDict's path keeps Map keys as they are)
       if (last) cur.set(mk, value)
       else {
         if (!cur.has(mk)) cur.set(mk, typeof path[i + 1] === 'string' ? {} : [])

@@ -10,7 +10,7 @@ export interface HasStateDict {
 
 /**
  * A state dict to save: plain objects (or Maps) and arrays whose leaves are tensors and Python-like values.
- * - tensor: `{ dtype, shape, data }`, row-major little-endian bytes in any ArrayBufferView (not copied);
+ * - tensor: `{ dtype, shape, data }`, row-major little-endian bytes in any ArrayBufferView (copied when `save` is called);
  * - `null` → None, booleans → bool, strings → str, `Uint8Array`/`Buffer` → bytes;
  * - numbers: integers → int, others (and NaN, ±Infinity, -0) → float; `pyFloat(1)` forces a float (`1.0`);
  * - bigint → int of any size; `pyTuple(a, b)` / `new PyTuple([...])` → tuple; arrays → lists;
@@ -76,11 +76,40 @@ function looksLikeTensor(v: object): v is { dtype: unknown; shape: unknown; data
   return typeof t.dtype === 'string' && Array.isArray(t.shape) && ArrayBuffer.isView(t.data)
 }
 
-class Encoder {
+/**
+ * A plain object meant as a tensor: it has `data` and a `dtype` or a `shape`. Saving it as a dict
+ * (`w.dtype`, `w.shape`, `w.data`) would silently write something else than the user meant, so a malformed one
+ * is an error; a dict that really has such keys can be a `Map`.
+ */
+function meantAsTensor(v: object): boolean {
+  return Object.hasOwn(v, 'data') && (Object.hasOwn(v, 'dtype') || Object.hasOwn(v, 'shape'))
+}
+
+/**
+ * The bytes of `view`, owned by the save from now on. A save runs on a worker thread: bytes it only borrowed
+ * could be freed under it (an ArrayBuffer transferred away with `structuredClone(…, { transfer })` and collected),
+ * so they are copied when `save` is called — after that the caller may change or transfer its buffers. Shared
+ * memory cannot be detached and is used in place.
+ */
+function owned(view: ArrayBufferView): Uint8Array {
+  const bytes = new Uint8Array(view.buffer, view.byteOffset, view.byteLength)
+  return view.buffer instanceof SharedArrayBuffer ? bytes : bytes.slice()
+}
+
+/**
+ * A state dict as the tagged JSON the native layer reads (`distcp_core::write::from_tagged_json`). `lenient` is for
+ * load targets, whose leaves are only placeholders: any leaf that cannot be saved (a class instance, undefined…)
+ * becomes `null` (still a leaf, which is all flattening needs), and tensors are not checked against their bytes.
+ * @internal
+ */
+export class Encoder {
   readonly buffers: Uint8Array[] = []
   readonly #ancestors = new Set<object>()
 
-  constructor(readonly checkpointId: string) {}
+  constructor(
+    readonly checkpointId: string,
+    readonly lenient = false,
+  ) {}
 
   fail(path: string, reason: string): never {
     throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `${this.checkpointId}: cannot save key \`${path}\`: ${reason}`)
@@ -104,6 +133,10 @@ class Encoder {
 
   tensor(t: { dtype: unknown; shape: unknown[]; data: ArrayBufferView }, path: string): Encoded {
     const dtype = t.dtype as DType
+    if (this.lenient) {
+      this.buffers.push(new Uint8Array(0))
+      return { $tensor: this.buffers.length - 1, dtype, shape: t.shape.map((d) => (typeof d === 'number' && d >= 0 ? d : 0)) }
+    }
     const size = elementSize(dtype)
     if (typeof size !== 'number') return this.fail(path, `unknown dtype \`${String(t.dtype)}\``)
     let n = 1
@@ -120,7 +153,7 @@ class Encoder {
         `a ${dtype} tensor of shape [${t.shape}] needs ${want} bytes (shape × ${size}), its data has ${t.data.byteLength}`,
       )
     }
-    this.buffers.push(new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength))
+    this.buffers.push(owned(t.data))
     return { $tensor: this.buffers.length - 1, dtype, shape: t.shape as number[] }
   }
 
@@ -135,9 +168,11 @@ class Encoder {
       case 'bigint':
         return { $i: v.toString() }
       case 'undefined':
+        if (this.lenient) return null
         return this.fail(path, 'undefined has no Python equivalent (use null for None)')
       case 'function':
       case 'symbol':
+        if (this.lenient) return null
         return this.fail(path, `${describe(v)} cannot be saved`)
     }
     if (v === null) return null
@@ -151,7 +186,7 @@ class Encoder {
     try {
       if (o instanceof PyTuple) return { $t: o.items.map((x, i) => this.value(x, `${path}.${i}`, depth + 1)) }
       if (o instanceof Uint8Array) {
-        this.buffers.push(o)
+        this.buffers.push(this.lenient ? o : owned(o))
         return { $b: this.buffers.length - 1 }
       }
       if (ArrayBuffer.isView(o)) {
@@ -171,6 +206,16 @@ class Encoder {
         return { $d: pairs }
       }
       if (looksLikeTensor(o)) return this.tensor(o as { dtype: unknown; shape: unknown[]; data: ArrayBufferView }, path)
+      if (!this.lenient && isPlainObject(o) && meantAsTensor(o)) {
+        const t = o as { dtype?: unknown; shape?: unknown; data?: unknown }
+        const wrong = [
+          typeof t.dtype !== 'string' && `dtype must be a dtype name (e.g. 'float32'), not ${describe(t.dtype)}`,
+          !Array.isArray(t.shape) && `shape must be an array of sizes, not ${describe(t.shape)}`,
+          !ArrayBuffer.isView(t.data) && `data must be an ArrayBufferView (a typed array or Buffer), not ${Array.isArray(t.data) ? 'a plain array' : describe(t.data)}`,
+        ].filter(Boolean)
+        return this.fail(path, `looks like a tensor but ${wrong.join('; ')} (a dict with these keys can be saved as a Map)`)
+      }
+      if (this.lenient && !isPlainObject(o)) return null
       if (typeof (o as Partial<HasStateDict>).stateDict === 'function') {
         return this.fail(path, 'a Stateful below the top level: dcp.save only calls state_dict() on top-level values')
       }
@@ -191,7 +236,8 @@ class Encoder {
 /**
  * Saves a state dict as a DCP checkpoint that `torch.distributed.checkpoint.load` reads (torch's `dcp.save` for
  * one rank): one data file `__0_0.distcp` and `.metadata`, written and fsynced in torch's commit order. Tensor
- * bytes are streamed from your memory: do not change them until the promise settles.
+ * bytes are copied when `save` is called (before it returns its promise), so the caller may change, reuse or
+ * transfer its buffers at once; the copy costs host memory the size of the tensors until the save settles.
  */
 export async function save(stateDict: SaveStateDict, options: SaveOptions): Promise<SaveResult> {
   const { checkpointId, layout } = options ?? ({} as SaveOptions)

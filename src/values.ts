@@ -42,7 +42,7 @@ export type Encoded =
   | { $f: string }
   | { $i: string }
   | { $t: Encoded[] }
-  | { $d: [Encoded, Encoded][] }
+  | { $d: ([Encoded, Encoded] | [Encoded, Encoded, string])[] }
   | { $b: number }
   | { $tensor: number; dtype: DType | string; shape: number[] }
 
@@ -57,14 +57,6 @@ function floatFromBits(hex: string): number {
   const view = new DataView(new ArrayBuffer(8))
   view.setBigUint64(0, BigInt('0x' + hex))
   return view.getFloat64(0)
-}
-
-function keyString(k: PyValue): string {
-  if (typeof k === 'string') return k
-  if (k instanceof PyFloat) return String(k.value)
-  if (k === null) return 'None'
-  if (typeof k === 'boolean') return k ? 'True' : 'False'
-  return String(k)
 }
 
 /** Decodes the tagged JSON the native layer produces (see crates/distcp-node/src/values.rs). */
@@ -86,7 +78,8 @@ export function decodeValue(json: string, buffers: Uint8Array[], exact: boolean)
     if ('$d' in e) {
       if (exact) return new Map(e.$d.map(([k, v]) => [walk(k), walk(v)] as [PyValue, PyValue]))
       const out: { [key: string]: PyValue } = {}
-      for (const [k, v] of e.$d) out[keyString(walk(k))] = walk(v)
+      // a non-str key comes with Python's str(key) from the core (the one owner of that rule)
+      for (const [k, v, str] of e.$d) out[str ?? String(walk(k))] = walk(v)
       return out
     }
     throw new Error('distcp: unknown value encoding from the native layer')

@@ -7,11 +7,13 @@ mod checkpoint;
 mod convert;
 mod errors;
 mod save;
+mod state_dict;
 mod values;
 
 pub use checkpoint::*;
 pub use convert::*;
 pub use save::*;
+pub use state_dict::*;
 
 /// Throws from Rust code that panics, on the JS thread (sync) or on a worker (async). Used by the tests to prove
 /// that a panic becomes a JS error instead of aborting Node.

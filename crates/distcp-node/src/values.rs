@@ -24,8 +24,15 @@ pub fn encode(obj: PyObject, buffers: &mut Vec<Vec<u8>>) -> Value {
     PyObject::Tuple(items) => {
       json!({ "$t": items.into_iter().map(|o| encode(o, buffers)).collect::<Vec<_>>() })
     }
+    // a non-str key carries Python's str(key) as a third element, so plain-object keys match torch's flat keys
     PyObject::Dict(pairs) => json!({
-      "$d": pairs.into_iter().map(|(k, v)| json!([encode(k, buffers), encode(v, buffers)])).collect::<Vec<_>>()
+      "$d": pairs
+        .into_iter()
+        .map(|(k, v)| match (&k, distcp_core::write::value::read_key_string(&k)) {
+          (PyObject::Str(_), _) | (_, None) => json!([encode(k, buffers), encode(v, buffers)]),
+          (_, Some(s)) => json!([encode(k, buffers), encode(v, buffers), s]),
+        })
+        .collect::<Vec<_>>()
     }),
     PyObject::TensorData { dtype, shape, data } => {
       buffers.push(data);

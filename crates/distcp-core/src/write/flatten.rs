@@ -33,6 +33,9 @@ pub struct FlatItem<'v, 'a> {
   pub key: String,
   /// The path in the nested state dict (`planner_data`): dict keys as `str(key)`, list indices as ints.
   pub path: Vec<PathElem>,
+  /// The same path as positions: the index of each step among its dict's entries (in order) or its list's items,
+  /// so a caller holding the original tree (with its original key objects) can find the leaf without `str(key)`.
+  pub positions: Vec<usize>,
   pub value: &'v SaveValue<'a>,
 }
 
@@ -93,15 +96,31 @@ pub fn flatten<'v, 'a>(
   };
   let mut out = Vec::new();
   let mut seen = std::collections::HashSet::new();
-  for (k, v) in pairs {
+  for (i, (k, v)) in pairs.iter().enumerate() {
     let key = k.key_string().map_err(|reason| FlattenError { key: String::new(), reason })?;
-    traverse(vec![PathElem::Key(key)], v, layout, &mut out, &mut seen, 0)?;
+    traverse(Step { path: vec![PathElem::Key(key)], positions: vec![i] }, v, layout, &mut out, &mut seen, 0)?;
   }
   Ok(out)
 }
 
-fn traverse<'v, 'a>(
+/// Where the traversal is: the path as torch names it and as positions.
+#[derive(Clone)]
+struct Step {
   path: Vec<PathElem>,
+  positions: Vec<usize>,
+}
+
+impl Step {
+  fn child(&self, elem: PathElem, position: usize) -> Step {
+    let mut next = self.clone();
+    next.path.push(elem);
+    next.positions.push(position);
+    next
+  }
+}
+
+fn traverse<'v, 'a>(
+  step: Step,
   v: &'v SaveValue<'a>,
   layout: Layout,
   out: &mut Vec<FlatItem<'v, 'a>>,
@@ -110,7 +129,7 @@ fn traverse<'v, 'a>(
 ) -> Result<(), FlattenError> {
   if depth > MAX_DEPTH {
     return Err(FlattenError {
-      key: join(&path),
+      key: join(&step.path),
       reason: format!("nested more than {MAX_DEPTH} levels deep"),
     });
   }
@@ -120,31 +139,27 @@ fn traverse<'v, 'a>(
   };
   if recurse_dict {
     if let SaveValue::Dict(pairs) = v {
-      for (k, x) in pairs {
-        let key = k.key_string().map_err(|reason| FlattenError { key: join(&path), reason })?;
-        let mut p = path.clone();
-        p.push(PathElem::Key(key));
-        traverse(p, x, layout, out, seen, depth + 1)?;
+      for (i, (k, x)) in pairs.iter().enumerate() {
+        let key = k.key_string().map_err(|reason| FlattenError { key: join(&step.path), reason })?;
+        traverse(step.child(PathElem::Key(key), i), x, layout, out, seen, depth + 1)?;
       }
     }
     return Ok(());
   }
   if is_terminal(v, layout, depth) {
-    let key = join(&path);
+    let key = join(&step.path);
     if !seen.insert(key.clone()) {
       return Err(FlattenError {
         key,
         reason: "duplicated flatten key: two paths join to the same dotted key".into(),
       });
     }
-    out.push(FlatItem { key, path, value: v });
+    out.push(FlatItem { key, path: step.path, positions: step.positions, value: v });
     return Ok(());
   }
   if let SaveValue::List(items) = v {
     for (i, x) in items.iter().enumerate() {
-      let mut p = path.clone();
-      p.push(PathElem::Index(i as i64));
-      traverse(p, x, layout, out, seen, depth + 1)?;
+      traverse(step.child(PathElem::Index(i as i64), i), x, layout, out, seen, depth + 1)?;
     }
   }
   Ok(())

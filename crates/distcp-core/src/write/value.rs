@@ -99,6 +99,22 @@ impl SaveValue<'_> {
   }
 }
 
+/// `str(key)` of a dict key read from a checkpoint (the same rule as [`SaveValue::key_string`]): `None` for keys
+/// that are not scalars (a tuple key, say), which flattening refuses anyway.
+pub fn read_key_string(key: &crate::torch_save::PyObject) -> Option<String> {
+  use crate::torch_save::PyObject as P;
+  let scalar = match key {
+    P::None => SaveValue::None,
+    P::Bool(b) => SaveValue::Bool(*b),
+    P::Int(i) => SaveValue::Int(*i),
+    P::BigInt(b) => SaveValue::BigInt(b.clone()),
+    P::Float(f) => SaveValue::Float(*f),
+    P::Str(s) => SaveValue::Str(s.clone()),
+    _ => return None,
+  };
+  scalar.key_string().ok()
+}
+
 /// Python's `repr(float)`: shortest round-trip digits, exponent form below 1e-4 and from 1e16 on.
 pub fn python_float_repr(f: f64) -> String {
   if f.is_nan() {

@@ -1,0 +1,41 @@
+//! State-dict rules the TypeScript layer needs without saving: torch's flattening (flat keys and where each leaf
+//! sits). The rules themselves live in `distcp_core::write::flatten`; this converts and returns.
+
+use distcp_core::write::{flatten, from_tagged_json, Layout};
+use napi::{Error, Status};
+use napi_derive::napi;
+
+/// One flat key and the path to its leaf as positions (index among a dict's entries in order, or a list index).
+#[napi(object)]
+pub struct FlatKey {
+  pub key: String,
+  pub positions: Vec<u32>,
+}
+
+fn invalid(msg: impl std::fmt::Display) -> Error {
+  Error::new(Status::InvalidArg, format!("[ERR_DISTCP_INVALID_INPUT] {msg}"))
+}
+
+/// torch's `flatten_state_dict` over `tree` (the tagged JSON `save` sends, whose `$tensor` entries index
+/// `tensorCount` placeholder slots: only which leaves are tensors matters here), in torch's key order.
+#[napi]
+pub fn flatten_state_dict_keys(
+  tree: String,
+  tensor_count: u32,
+  layout: String,
+) -> napi::Result<Vec<FlatKey>> {
+  let layout = Layout::from_name(&layout)
+    .ok_or_else(|| invalid(format!("layout must be \"2.4\" or \"2.3\", not {layout:?}")))?;
+  let json: serde_json::Value =
+    serde_json::from_str(&tree).map_err(|e| invalid(format!("state dict: {e}")))?;
+  let empty: Vec<&[u8]> = vec![&[]; tensor_count as usize];
+  let value = from_tagged_json(&json, &empty).map_err(|e| invalid(format!("state dict: {e}")))?;
+  let items =
+    flatten(&value, layout).map_err(|e| invalid(format!("cannot flatten key `{}`: {}", e.key, e.reason)))?;
+  Ok(
+    items
+      .into_iter()
+      .map(|i| FlatKey { key: i.key, positions: i.positions.into_iter().map(|p| p as u32).collect() })
+      .collect(),
+  )
+}
