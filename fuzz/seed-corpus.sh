@@ -3,7 +3,7 @@
 # every record of every .distcp (split at the offsets .metadata gives, via distcp inspect --json) for torch_save.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p fuzz/corpus/unpickle fuzz/corpus/metadata fuzz/corpus/torch_save
+mkdir -p fuzz/corpus/unpickle fuzz/corpus/metadata fuzz/corpus/torch_save fuzz/corpus/checkpoint
 i=0
 for md in $(find fixtures -name .metadata -o -name '__*.metadata'); do
   cp "$md" "fuzz/corpus/unpickle/md$i"; cp "$md" "fuzz/corpus/metadata/md$i"; i=$((i+1))
@@ -17,4 +17,14 @@ for ck in $(find fixtures -name .metadata -printf '%h\n'); do
       fs.writeFileSync(`fuzz/corpus/torch_save/${Buffer.from(inv.path).toString("hex").slice(-24)}_${n++}`, b)
     }'
 done
-echo "seeded: $(ls fuzz/corpus/metadata | wc -l) metadata files, $(ls fuzz/corpus/torch_save | wc -l) records"
+# whole folders for the checkpoint target: [u32 len][.metadata][u32 len][__0_0.distcp][__1_0.distcp]
+for ck in $(find fixtures -name .metadata -printf '%h\n'); do
+  [ -f "$ck/__0_0.distcp" ] || continue
+  node -e '
+    const fs = require("fs"); const [ck, out] = process.argv.slice(1)
+    const len = (b) => { const h = Buffer.alloc(4); h.writeUInt32LE(b.length); return h }
+    const md = fs.readFileSync(ck + "/.metadata"), r0 = fs.readFileSync(ck + "/__0_0.distcp")
+    const r1 = fs.existsSync(ck + "/__1_0.distcp") ? fs.readFileSync(ck + "/__1_0.distcp") : Buffer.alloc(0)
+    fs.writeFileSync(out, Buffer.concat([len(md), md, len(r0), r0, r1]))' "$ck" "fuzz/corpus/checkpoint/$(echo "$ck" | tr / _)"
+done
+echo "seeded: $(ls fuzz/corpus/metadata | wc -l) metadata files, $(ls fuzz/corpus/torch_save | wc -l) records, $(ls fuzz/corpus/checkpoint | wc -l) folders"

@@ -79,5 +79,18 @@ if (process.argv.includes('--setup-only')) process.exit(0)
   if (r.status !== 0 && notOk === 0) failed += 1 // crashed or found no tests
 }
 
+// fuzzing: every target for a bounded time on the fixture-seeded corpus (fuzz/run.sh), so a regression fails CI
+{
+  const seconds = process.env.DISTCP_FUZZ_SECONDS ?? '30'
+  const r = run('bash', ['fuzz/run.sh', seconds])
+  show(r)
+  const text = `${r.stdout}\n${r.stderr}`
+  const ran = (text.match(/^fuzz: \w+ for /gm) ?? []).length
+  const bad = (text.match(/^fuzz: \w+ FAILED/gm) ?? []).length
+  passed += ran - bad
+  failed += bad
+  if (r.status !== 0 && bad === 0) failed += 1 // did not build
+}
+
 console.log(`${passed} passed, ${failed} failed`)
 process.exit(failed === 0 ? 0 : 1)
