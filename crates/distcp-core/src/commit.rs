@@ -335,7 +335,8 @@ pub fn stage_output(out: &Path, inputs: &[PathBuf]) -> Result<Staged> {
       return Err(e);
     }
   };
-  let mut staged = Staged { out: out.to_path_buf(), tmp_name: String::new(), created_out, lock: None, done: false };
+  let mut staged =
+    Staged { out: out.to_path_buf(), tmp_name: String::new(), created_out, lock: None, done: false };
   let held = lock.held();
   staged.lock = Some(lock);
   recover(out, held)?;
@@ -382,7 +383,10 @@ fn finish(out: &Path, j: &Journal, crash_points: bool) -> Result<()> {
   let tmp = out.join(&j.tmp);
   let safe = |rel: &String| is_safe_relative(rel);
   if !is_safe_relative(&j.tmp) || !j.moves.iter().all(safe) || !j.delete.iter().all(safe) {
-    return Err(Error::Metadata { path: out.join(JOURNAL), reason: "commit journal names a path outside the folder".into() });
+    return Err(Error::Metadata {
+      path: out.join(JOURNAL),
+      reason: "commit journal names a path outside the folder".into(),
+    });
   }
   let mut dirs = std::collections::BTreeSet::new();
   for (i, rel) in j.moves.iter().enumerate() {
@@ -461,7 +465,10 @@ impl Staged {
     for rel in &moves {
       let to = self.out.join(rel);
       if fs::symlink_metadata(&to).is_ok_and(|m| m.is_dir()) {
-        return Err(Error::io(to, io::Error::other("a folder is in the way of an output file; nothing was replaced")));
+        return Err(Error::io(
+          to,
+          io::Error::other("a folder is in the way of an output file; nothing was replaced"),
+        ));
       }
     }
     let stale: Vec<String> = stale.iter().filter(|s| !moves.contains(s)).cloned().collect();

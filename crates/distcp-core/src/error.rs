@@ -65,7 +65,9 @@ pub enum Error {
   Locked { path: PathBuf, pid: Option<u32> },
 
   /// An output folder that is, contains, or lies inside the input: writing it could destroy the input.
-  #[error("{output}: the output {relation} the input {input}; choose a folder outside it (nothing was written)")]
+  #[error(
+    "{output}: the output {relation} the input {input}; choose a folder outside it (nothing was written)"
+  )]
   OutputOverlapsInput { output: PathBuf, input: PathBuf, relation: &'static str },
 }
 
