@@ -38,11 +38,20 @@ pub const JOURNAL: &str = ".distcp-journal";
 const JOURNAL_TMP: &str = ".distcp-journal.tmp";
 /// The environment variable of the crash test hook (see [`crash_point`]).
 pub const CRASH_ENV: &str = "DISTCP_TEST_CRASH_AT";
+/// The environment variable of the pause test hook (see [`crash_point`]).
+pub const PAUSE_ENV: &str = "DISTCP_TEST_PAUSE_AT";
 
-/// Test hook: when the environment variable `DISTCP_TEST_CRASH_AT` equals `name`, the process kills itself with
-/// SIGKILL here (a `kill -9` at a known point). Used by the crash tests of save and convert; a no-op otherwise.
+/// Test hooks at named points of a write (`save:<fail point>`, `convert:<point>`): when the environment variable
+/// `DISTCP_TEST_CRASH_AT` equals `name`, the process kills itself with SIGKILL here (a `kill -9` at a known
+/// point); when `DISTCP_TEST_PAUSE_AT` equals it, the process says so on stderr and sleeps
+/// `DISTCP_TEST_PAUSE_MS` (default 2000) holding what it holds (to race a second writer deterministically).
 #[doc(hidden)]
 pub fn crash_point(name: &str) {
+  if std::env::var_os(PAUSE_ENV).is_some_and(|v| v == name) {
+    let ms = std::env::var("DISTCP_TEST_PAUSE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    eprintln!("distcp: paused at {name}");
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+  }
   if std::env::var_os(CRASH_ENV).is_some_and(|v| v == name) {
     #[cfg(unix)]
     {

@@ -165,6 +165,7 @@ pub fn save(dir: impl AsRef<Path>, root: &SaveValue, options: &SaveOptions) -> R
   }
   // held until the save returns; its leftovers (below) are a dead writer's
   let _lock = DirLock::acquire(dir)?;
+  crash_point("save:locked");
   let old = OldCheckpoint::scan(dir)?;
   old.remove_stale(dir);
 
@@ -244,9 +245,7 @@ fn token() -> String {
 }
 
 fn fail(options: &SaveOptions, at: FailPoint, path: &Path) -> Result<()> {
-  if std::env::var_os(crate::commit::CRASH_ENV).is_some() {
-    crash_point(&format!("save:{}", at.name()));
-  }
+  crash_point(&format!("save:{}", at.name()));
   match options.fail_at {
     Some((p, abort)) if p == at => {
       if abort {
