@@ -21,8 +21,10 @@ export interface ConvertProgress {
 export interface ConvertOptions {
   /**
    * Write into an existing output folder. Only the files distcp writes are replaced (weights, index, config,
-   * generation config, tokenizer files) and the shards an earlier output's `model.safetensors.index.json` lists
-   * are removed; every other file in the folder is kept. The new files are staged in a temporary folder inside
+   * generation config, tokenizer files); earlier weights that would mix with the new ones are removed (the
+   * shards an earlier `model.safetensors.index.json` lists, files named `model-NNNNN-of-NNNNN.safetensors` as
+   * transformers' `save_pretrained` removes them, a single `model.safetensors` / `pytorch_model.bin` / index the
+   * new output does not have); every other file in the folder is kept. The new files are staged in a temporary folder inside
    * it and moved in at the end (config last; an interrupted move is finished by the next run). A regular file at
    * the output path is refused (`ERR_DISTCP_NOT_A_DIRECTORY`).
    */

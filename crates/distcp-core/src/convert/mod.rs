@@ -213,9 +213,20 @@ pub const CONFIG_FILE: &str = "config.json";
 /// The single-file weights distcp writes (safetensors, or the seed's `pytorch_model.bin`).
 const SINGLE_WEIGHTS: [&str; 2] = ["model.safetensors", "pytorch_model.bin"];
 
+/// `model-<5 digits>-of-<5 digits>.safetensors`: the shard names distcp and transformers write.
+fn is_shard_name(name: &str) -> bool {
+  let five = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
+  name
+    .strip_prefix("model-")
+    .and_then(|s| s.strip_suffix(".safetensors"))
+    .and_then(|s| s.split_once("-of-"))
+    .is_some_and(|(a, b)| five(a) && five(b))
+}
+
 /// The weight files of an earlier output in `out` that the new files `new` do not replace and that would mix
-/// with them: the single-file weights and the index distcp writes, and the shards the earlier index lists (plain
-/// names ending in `.safetensors`, regular files). Nothing else in the folder is ever a candidate.
+/// with them: the single-file weights and the index distcp writes, files named like distcp's (and
+/// transformers') shards, and the shards the earlier index lists (plain names ending in `.safetensors`, regular
+/// files). Nothing else in the folder is ever a candidate.
 pub fn stale_output_files(out: &std::path::Path, new: &[String]) -> Vec<String> {
   let is_new = |n: &str| new.iter().any(|f| f == n);
   let is_file = |n: &str| std::fs::symlink_metadata(out.join(n)).is_ok_and(|m| m.is_file());
@@ -225,6 +236,15 @@ pub fn stale_output_files(out: &std::path::Path, new: &[String]) -> Vec<String> 
     .filter(|n| !is_new(n) && is_file(n))
     .map(|n| (*n).to_owned())
     .collect();
+  // transformers' save_pretrained (the seed's writer) removes earlier shards named like its own: so does distcp
+  if let Ok(entries) = std::fs::read_dir(out) {
+    for e in entries.flatten() {
+      let name = e.file_name().to_string_lossy().into_owned();
+      if is_shard_name(&name) && !is_new(&name) && is_file(&name) {
+        stale.push(name);
+      }
+    }
+  }
   let listed = std::fs::read(out.join(INDEX_FILE))
     .ok()
     .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
