@@ -56,14 +56,15 @@ function readSafetensors(path) {
 }
 
 function checkConvert(out) {
+  // the DCP has one top-level key, `model`, which conversion unwraps: tensors `w` and `b`
   // what the next run does first: take the lock, finish or remove what the dead writer left
   native.beginConvertOutput(out, []).abort()
   if (readFileSync(join(out, 'thesis.tex'), 'utf8') !== 'mine') return 'lost'
   if (!existsSync(join(out, 'model.safetensors')) || !existsSync(join(out, 'config.json'))) return 'lost'
   JSON.parse(readFileSync(join(out, 'config.json'), 'utf8'))
   const t = readSafetensors(join(out, 'model.safetensors'))
-  const w = allEqual(new Uint8Array(t.get('model.w')))
-  return w !== null && allEqual(new Uint8Array(t.get('model.b'))) === w && (w === 1 || w === 2) ? 'whole' : 'mixed'
+  const w = allEqual(new Uint8Array(t.get('w')))
+  return w !== null && allEqual(new Uint8Array(t.get('b'))) === w && (w === 1 || w === 2) ? 'whole' : 'mixed'
 }
 
 async function setup() {
@@ -101,7 +102,7 @@ async function killOne(mode, args) {
 
 const { dirs, args } = await setup()
 const modes = ['save', 'saveCheckpoint', 'convert']
-const tally = { kills: 0, lost: 0, mixed: 0, leftovers: 0 }
+const tally = { kills: 0, lost: 0, mixed: 0, leftovers: 0, rolledForward: 0 }
 const byMode = Object.fromEntries(modes.map((m) => [m, 0]))
 const started = Date.now()
 for (let i = 0; i < KILLS; i++) {
@@ -110,6 +111,7 @@ for (let i = 0; i < KILLS; i++) {
   tally.kills++
   byMode[mode]++
   tally.leftovers += leftovers(dirs[mode]).length
+  if (existsSync(join(dirs[mode], '.distcp-journal'))) tally.rolledForward++
   let state
   try {
     state = mode === 'convert' ? checkConvert(dirs.convert) : await checkSave(dirs[mode], mode)
@@ -128,7 +130,7 @@ await saveCheckpoint(model(7), dirs.saveCheckpoint)
 await convertDcpToHf(args.convert[1], dirs.convert, args.convert[3], undefined, { overwrite: true, onWarning: () => undefined })
 const remaining = modes.flatMap((m) => leftovers(dirs[m]))
 const foreign = readdirSync(dirs.convert).sort().join(',')
-console.log(`kills by mode: ${JSON.stringify(byMode)}; ${((Date.now() - started) / 1000).toFixed(0)} s; after a clean write: leftovers ${JSON.stringify(remaining)}, output folder ${foreign}`)
+console.log(`kills by mode: ${JSON.stringify(byMode)}; conversions killed mid-commit and rolled forward: ${tally.rolledForward}; ${((Date.now() - started) / 1000).toFixed(0)} s; after a clean write: leftovers ${JSON.stringify(remaining)}, output folder ${foreign}`)
 console.log(`${tally.kills} kills: ${tally.lost} lost, ${tally.mixed} mixed, ${tally.leftovers} leftovers cleaned`)
 rmSync(work, { recursive: true, force: true })
 process.exitCode = tally.lost + tally.mixed + remaining.length === 0 && foreign === 'config.json,model.safetensors,thesis.tex' ? 0 : 1
