@@ -43,6 +43,28 @@ export declare class NativeConvertJob {
   cancel(): void
 }
 
+/**
+ * An output folder being written: locked, with a temporary folder inside it that the conversion writes into.
+ * `commit` moves the files into place (journalled); `abort` (or garbage collection) removes what was staged.
+ */
+export declare class NativeConvertOutput {
+  /** The temporary folder to write every output file into. */
+  get tmpDir(): string
+  /** Moves the staged files into the output folder and removes the earlier output's stale weights. */
+  commit(): void
+  /** Removes the staged files (and the output folder if this conversion created it and it is empty). */
+  abort(): void
+}
+
+/**
+ * Locks `out` (created if needed), finishes or removes a dead writer's leftovers and stages a temporary folder.
+ * Fails with ERR_DISTCP_LOCKED while another process writes there.
+ */
+export declare function beginConvertOutput(out: string, inputs: Array<string>): NativeConvertOutput
+
+/** Refuses an output folder that is, contains or lies inside one of `inputs` (ERR_DISTCP_OUTPUT_OVERLAPS_INPUT). */
+export declare function checkConvertOutput(out: string, inputs: Array<string>): void
+
 export interface CheckpointSummary {
   path: string
   metadataFile: string

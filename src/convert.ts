@@ -1,7 +1,6 @@
-import { randomBytes } from 'node:crypto'
 import { existsSync, readFileSync, readdirSync, statSync } from 'node:fs'
-import { copyFile, mkdir, open, readFile, rename, rm, writeFile } from 'node:fs/promises'
-import { basename, dirname, join, relative, resolve, isAbsolute } from 'node:path'
+import { copyFile, mkdir, open, writeFile } from 'node:fs/promises'
+import { dirname, join, resolve } from 'node:path'
 
 import { openCheckpoint, type Checkpoint } from './checkpoint.js'
 import { awaitNative, callNative, DistcpError } from './errors.js'
@@ -20,7 +19,15 @@ export interface ConvertProgress {
 }
 
 export interface ConvertOptions {
-  /** Replace an existing output folder (atomically: the old one stays until the new one is complete). */
+  /**
+   * Write into an existing output folder. Only the files distcp writes are replaced (weights, index, config,
+   * generation config, tokenizer files); earlier weights that would mix with the new ones are removed (the
+   * shards an earlier `model.safetensors.index.json` lists, files named `model-NNNNN-of-NNNNN.safetensors` as
+   * transformers' `save_pretrained` removes them, a single `model.safetensors` / `pytorch_model.bin` / index the
+   * new output does not have); every other file in the folder is kept. The new files are staged in a temporary folder inside
+   * it and moved in at the end (config last; an interrupted move is finished by the next run). A regular file at
+   * the output path is refused (`ERR_DISTCP_NOT_A_DIRECTORY`).
+   */
   overwrite?: boolean
   /** Cast floating tensors (round to nearest even, as torch's `.to()`); default: keep what was stored. */
   dtype?: DType | 'bf16' | 'fp16' | 'fp32'
@@ -109,11 +116,6 @@ function resolveDtype(d: ConvertOptions['dtype']): DType | undefined {
   return dtype
 }
 
-function isInside(child: string, parent: string): boolean {
-  const rel = relative(resolve(parent), resolve(child))
-  return rel === '' || (!rel.startsWith('..') && !isAbsolute(rel))
-}
-
 interface Prepared {
   ck: Checkpoint
   ckDir: string
@@ -131,9 +133,8 @@ const EMBEDDING_NAMES = ['model.embed_tokens.weight', 'transformer.wte.weight', 
 async function prepare(dcpPath: string, hfPath: string, modelNameOrPath: string, tokenizerNameOrPath: string | undefined, options: ConvertOptions): Promise<Prepared> {
   const warn = options.onWarning ?? ((m: string) => console.warn(`distcp: ${m}`))
   const ckDir = findCheckpointDir(dcpPath)
-  if (isInside(hfPath, ckDir) || isInside(hfPath, dcpPath)) {
-    throw new DistcpError('ERR_DISTCP_BAD_REQUEST', `the output ${hfPath} lies inside the checkpoint ${dcpPath}; choose a folder outside it`)
-  }
+  // the output may not be, contain or lie inside the input (after realpath): the rule lives in the core
+  callNative(() => native.checkConvertOutput(hfPath, [dcpPath, ckDir]))
   const dtype = resolveDtype(options.dtype)
   const maxShard = parseMaxShard(options.maxShardSize)
 
@@ -281,6 +282,7 @@ export async function convertDcpToHf(
   tokenizerNameOrPath?: string,
   options: ConvertOptions = {},
 ): Promise<string> {
+  callNative(() => native.checkConvertOutput(hfCkptPath, [dcpCkptPath]))
   if (existsSync(hfCkptPath) && !options.overwrite && !options.dryRun) {
     throw new DistcpError('ERR_DISTCP_EXISTS', `HF checkpoint already exists at ${hfCkptPath}. Delete it to run or set overwrite=True.`)
   }
@@ -297,14 +299,14 @@ export async function convertDcpToHf(
     return hfCkptPath
   }
 
+  // the core owns the commit: it locks the output folder, stages a temporary folder inside it, and on commit
+  // moves the new files in (journalled, config last), removing only the earlier output's weights
   const out = resolve(hfCkptPath)
-  const parent = dirname(out)
-  const tmp = join(parent, `.${basename(out)}.distcp-tmp-${process.pid}-${randomBytes(4).toString('hex')}`)
-  const old = join(parent, `.${basename(out)}.distcp-old-${process.pid}-${randomBytes(4).toString('hex')}`)
-  let movedOld = false
+  let staged: ReturnType<typeof native.beginConvertOutput> | undefined
   try {
-    await mkdir(parent, { recursive: true })
-    await mkdir(tmp)
+    await mkdir(dirname(out), { recursive: true })
+    staged = callNative(() => native.beginConvertOutput(out, [resolve(dcpCkptPath), p.ckDir]))
+    const tmp = staged.tmpDir
     const job = callNative(() => native.createConvertJob(p.ck.nativeHandle(), p.entries, p.dtype, p.maxShard, tmp))
     const onAbort = () => job.cancel()
     signal?.addEventListener('abort', onAbort)
@@ -340,17 +342,12 @@ export async function convertDcpToHf(
     for (const f of ['config.json', ...extraFileList(p).map((x) => x.to)]) await fsyncPath(join(tmp, f))
     await fsyncPath(tmp)
     signal?.throwIfAborted()
-    if (existsSync(out)) {
-      await rename(out, old)
-      movedOld = true
-    }
-    await rename(tmp, out)
-    await fsyncPath(parent)
-    if (movedOld) await rm(old, { recursive: true, force: true })
+    const committing = staged
+    staged = undefined
+    callNative(() => committing.commit())
     return hfCkptPath
   } catch (e) {
-    await rm(tmp, { recursive: true, force: true })
-    if (movedOld && !existsSync(out)) await rename(old, out).catch(() => undefined)
+    staged?.abort()
     if (signal?.aborted) throw aborted(e)
     if (e instanceof DistcpError) throw e
     // file-system failures (read-only, full disk, permissions) keep their errno code inside a DistcpError

@@ -59,6 +59,20 @@ pub enum Error {
 
   #[error("{path}: exists and is not a directory (a checkpoint is a folder)")]
   NotADirectory { path: PathBuf },
+
+  /// Another process holds the folder's lock (`.distcp.lock`): it is saving or converting into it right now.
+  #[error("{path}: another distcp process is writing into this folder{}; nothing was written (try again when it is done)", holder(.pid))]
+  Locked { path: PathBuf, pid: Option<u32> },
+
+  /// An output folder that is, contains, or lies inside the input: writing it could destroy the input.
+  #[error(
+    "{output}: the output {relation} the input {input}; choose a folder outside it (nothing was written)"
+  )]
+  OutputOverlapsInput { output: PathBuf, input: PathBuf, relation: &'static str },
+}
+
+fn holder(pid: &Option<u32>) -> String {
+  pid.map_or_else(String::new, |p| format!(" (pid {p})"))
 }
 
 impl Error {
@@ -85,6 +99,8 @@ impl Error {
       Error::InvalidInput { .. } => "ERR_DISTCP_INVALID_INPUT",
       Error::NotADirectory { .. } => "ERR_DISTCP_NOT_A_DIRECTORY",
       Error::Aborted { .. } => "ERR_DISTCP_ABORTED",
+      Error::Locked { .. } => "ERR_DISTCP_LOCKED",
+      Error::OutputOverlapsInput { .. } => "ERR_DISTCP_OUTPUT_OVERLAPS_INPUT",
     }
   }
 }

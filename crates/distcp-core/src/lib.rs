@@ -6,6 +6,7 @@
 #![deny(clippy::all)]
 
 pub mod checkpoint;
+pub mod commit;
 pub mod convert;
 pub mod copy;
 pub mod dtype;

@@ -182,3 +182,58 @@ pub fn tensors_equal(
 pub fn parse_size(text: String) -> Option<f64> {
   convert::parse_size(&text).map(|v| v as f64)
 }
+
+fn paths(v: Vec<String>) -> Vec<std::path::PathBuf> {
+  v.into_iter().map(std::path::PathBuf::from).collect()
+}
+
+/// Refuses an output folder that is, contains or lies inside one of `inputs` (ERR_DISTCP_OUTPUT_OVERLAPS_INPUT).
+#[napi(catch_unwind)]
+pub fn check_convert_output(out: String, inputs: Vec<String>) -> napi::Result<()> {
+  distcp_core::commit::check_output_path(std::path::Path::new(&out), &paths(inputs)).map_err(to_js)
+}
+
+/// An output folder being written: locked, with a temporary folder inside it that the conversion writes into.
+/// `commit` moves the files into place (journalled); `abort` (or garbage collection) removes what was staged.
+#[napi]
+pub struct NativeConvertOutput {
+  staged: Mutex<Option<distcp_core::commit::Staged>>,
+  tmp: String,
+}
+
+/// Locks `out` (created if needed), finishes or removes a dead writer's leftovers and stages a temporary folder.
+/// Fails with ERR_DISTCP_LOCKED while another process writes there.
+#[napi(catch_unwind)]
+pub fn begin_convert_output(out: String, inputs: Vec<String>) -> napi::Result<NativeConvertOutput> {
+  let staged =
+    distcp_core::commit::stage_output(std::path::Path::new(&out), &paths(inputs)).map_err(to_js)?;
+  let tmp = staged.tmp_dir().to_string_lossy().into_owned();
+  Ok(NativeConvertOutput { staged: Mutex::new(Some(staged)), tmp })
+}
+
+#[napi]
+impl NativeConvertOutput {
+  /// The temporary folder to write every output file into.
+  #[napi(getter)]
+  pub fn tmp_dir(&self) -> String {
+    self.tmp.clone()
+  }
+
+  /// Moves the staged files into the output folder and removes the earlier output's stale weights.
+  #[napi(catch_unwind)]
+  pub fn commit(&self) -> napi::Result<()> {
+    let staged = self.staged.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match staged {
+      Some(s) => convert::commit_output(s).map_err(to_js),
+      None => Err(invalid_arg("this output was already committed or abandoned")),
+    }
+  }
+
+  /// Removes the staged files (and the output folder if this conversion created it and it is empty).
+  #[napi]
+  pub fn abort(&self) {
+    if let Some(mut s) = self.staged.lock().unwrap_or_else(|p| p.into_inner()).take() {
+      s.abort();
+    }
+  }
+}

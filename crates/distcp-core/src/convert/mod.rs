@@ -206,6 +206,72 @@ pub fn plan(
   Ok(ConvertPlan { shards, tensors, total_size, index_json, entry_order })
 }
 
+/// The index transformers reads a sharded output through.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// Written last, so a reader that finds the config finds the weights it describes.
+pub const CONFIG_FILE: &str = "config.json";
+/// The single-file weights distcp writes (safetensors, or the seed's `pytorch_model.bin`).
+const SINGLE_WEIGHTS: [&str; 2] = ["model.safetensors", "pytorch_model.bin"];
+
+/// `model-<5 digits>-of-<5 digits>.safetensors`: the shard names distcp and transformers write.
+fn is_shard_name(name: &str) -> bool {
+  let five = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
+  name
+    .strip_prefix("model-")
+    .and_then(|s| s.strip_suffix(".safetensors"))
+    .and_then(|s| s.split_once("-of-"))
+    .is_some_and(|(a, b)| five(a) && five(b))
+}
+
+/// The weight files of an earlier output in `out` that the new files `new` do not replace and that would mix
+/// with them: the single-file weights and the index distcp writes, files named like distcp's (and
+/// transformers') shards, and the shards the earlier index lists (plain names ending in `.safetensors`, regular
+/// files). Nothing else in the folder is ever a candidate.
+pub fn stale_output_files(out: &std::path::Path, new: &[String]) -> Vec<String> {
+  let is_new = |n: &str| new.iter().any(|f| f == n);
+  let is_file = |n: &str| std::fs::symlink_metadata(out.join(n)).is_ok_and(|m| m.is_file());
+  let mut stale: Vec<String> = SINGLE_WEIGHTS
+    .iter()
+    .chain([INDEX_FILE].iter())
+    .filter(|n| !is_new(n) && is_file(n))
+    .map(|n| (*n).to_owned())
+    .collect();
+  // transformers' save_pretrained (the seed's writer) removes earlier shards named like its own: so does distcp
+  if let Ok(entries) = std::fs::read_dir(out) {
+    for e in entries.flatten() {
+      let name = e.file_name().to_string_lossy().into_owned();
+      if is_shard_name(&name) && !is_new(&name) && is_file(&name) {
+        stale.push(name);
+      }
+    }
+  }
+  let listed = std::fs::read(out.join(INDEX_FILE))
+    .ok()
+    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+  if let Some(map) = listed.as_ref().and_then(|v| v.get("weight_map")).and_then(|m| m.as_object()) {
+    for shard in map.values().filter_map(|v| v.as_str()) {
+      let plain = crate::commit::is_safe_relative(shard) && !shard.contains('/') && !shard.starts_with('.');
+      if plain
+        && shard.ends_with(".safetensors")
+        && !is_new(shard)
+        && is_file(shard)
+        && !stale.iter().any(|s| s == shard)
+      {
+        stale.push(shard.to_owned());
+      }
+    }
+  }
+  stale
+}
+
+/// Moves a conversion staged in `staged` into its output folder: the weights first, then the index, then the
+/// config; then the stale weights of an earlier output go (see [`crate::commit`] for what is atomic).
+pub fn commit_output(staged: crate::commit::Staged) -> Result<()> {
+  let new = staged.staged_files()?;
+  let stale = stale_output_files(staged.out(), &new);
+  staged.commit(&[INDEX_FILE, CONFIG_FILE], &stale)
+}
+
 /// Parses "5GB", "500MB", "2GiB", "1.5GB" or a plain byte count (decimal units as huggingface_hub, binary for
 /// KiB/MiB/GiB/TiB).
 pub fn parse_size(s: &str) -> Option<u64> {
@@ -281,5 +347,37 @@ mod tests {
     assert_eq!(parse_size("123"), Some(123));
     assert_eq!(parse_size("5XB"), None);
     assert_eq!(parse_size("-1GB"), None);
+  }
+}
+
+#[cfg(test)]
+mod output_tests {
+  use super::*;
+
+  #[test]
+  fn only_distcp_weight_names_and_indexed_shards_are_stale() {
+    let d = std::env::temp_dir().join(format!("distcp-stale-{}", crate::commit::temp_name("")));
+    std::fs::create_dir_all(d.join("sub")).unwrap();
+    for f in [
+      "model.safetensors",
+      "pytorch_model.bin",
+      "thesis.tex",
+      "a.safetensors",
+      "b.safetensors",
+      "keep.safetensors",
+      "notes.bin",
+      "sub/c.safetensors",
+    ] {
+      std::fs::write(d.join(f), "x").unwrap();
+    }
+    let index = r#"{"weight_map": {"x": "a.safetensors", "y": "b.safetensors", "z": "thesis.tex", "u": "../evil.safetensors", "v": "sub/c.safetensors"}}"#;
+    std::fs::write(d.join(INDEX_FILE), index).unwrap();
+    let mut stale = stale_output_files(&d, &["b.safetensors".to_owned(), "config.json".to_owned()]);
+    stale.sort();
+    assert_eq!(
+      stale,
+      ["a.safetensors", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"]
+    );
+    std::fs::remove_dir_all(&d).unwrap();
   }
 }

@@ -16,9 +16,20 @@
 //! the new one. The folder ends up with exactly `.metadata` and `__0_0.distcp` (plus files that were never part
 //! of a checkpoint, which are left alone). In an empty or new folder the data is written as `__0_0.distcp` at once,
 //! as torch does. A failed save (an error, not a crash) removes what it wrote. On a file system without hard
-//! links the new data keeps its temporary name (still a valid checkpoint). Two saves into the same folder at the
-//! same time are not supported.
+//! links the new data keeps its temporary name (still a valid checkpoint).
+//!
+//! The whole save holds the folder's lock ([`crate::commit::DirLock`], `.distcp.lock`, removed when the save
+//! ends): a second save or conversion into the same folder fails at once with `ERR_DISTCP_LOCKED` and changes
+//! nothing. Because every writer holds the lock, the leftovers the lock holder finds are a dead writer's: an
+//! unreferenced `__0_0.distcp.<token>.tmp` and `.metadata.tmp` are removed; a temporary data file that
+//! `.metadata` names (a save killed after its commit) stays a valid checkpoint until the next save replaces it.
+//! Opening a checkpoint never writes.
+//!
+//! Only files whose names are DCP data files (`__<rank>_<n>.distcp`, distcp's `__0_0.distcp.<token>.tmp`,
+//! rank-local `__<rank>.metadata`) that the old `.metadata` names and that are regular files in the folder are
+//! ever removed: a `.metadata` naming some other file (`precious.txt`) cannot make a save delete it.
 
+use crate::commit::{crash_point, sync_dir, DirLock};
 use crate::error::{Error, Result};
 use crate::metadata::{
   Chunk, ItemMetadata, Metadata, PathElem, StorageInfo, StorageKey, TensorMetadata, TensorProperties,
@@ -56,6 +67,17 @@ pub enum FailPoint {
 }
 
 impl FailPoint {
+  /// The name [`FailPoint::from_name`] takes; `save:<name>` is its crash point (`DISTCP_TEST_CRASH_AT`).
+  pub fn name(self) -> &'static str {
+    match self {
+      FailPoint::AfterFirstItem => "afterFirstItem",
+      FailPoint::BeforeCommit => "beforeCommit",
+      FailPoint::AfterCommit => "afterCommit",
+      FailPoint::AfterLink => "afterLink",
+      FailPoint::AfterFinalCommit => "afterFinalCommit",
+    }
+  }
+
   pub fn from_name(name: &str) -> Option<FailPoint> {
     Some(match name {
       "afterFirstItem" => FailPoint::AfterFirstItem,
@@ -141,6 +163,9 @@ pub fn save(dir: impl AsRef<Path>, root: &SaveValue, options: &SaveOptions) -> R
     }
     Err(e) => return Err(Error::io(dir, e)),
   }
+  // held until the save returns; its leftovers (below) are a dead writer's
+  let _lock = DirLock::acquire(dir)?;
+  crash_point("save:locked");
   let old = OldCheckpoint::scan(dir)?;
   old.remove_stale(dir);
 
@@ -220,6 +245,7 @@ fn token() -> String {
 }
 
 fn fail(options: &SaveOptions, at: FailPoint, path: &Path) -> Result<()> {
+  crash_point(&format!("save:{}", at.name()));
   match options.fail_at {
     Some((p, abort)) if p == at => {
       if abort {
@@ -325,18 +351,6 @@ fn commit_metadata(dir: &Path, bytes: &[u8], sync: bool) -> Result<()> {
   Ok(())
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
-  #[cfg(unix)]
-  {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
-  }
-  #[cfg(not(unix))]
-  {
-    let _ = dir;
-    Ok(())
-  }
-}
-
 /// The checkpoint a folder holds before a save.
 struct OldCheckpoint {
   exists: bool,
@@ -350,6 +364,22 @@ fn is_plain_name(rel: &str) -> bool {
   matches!((c.next(), c.next()), (Some(std::path::Component::Normal(_)), None))
     && !rel.contains(['/', '\\'])
     && rel != METADATA
+}
+
+/// A file name DCP data lives under: torch's `__<rank>_<n>.distcp`, distcp's temporary `__0_0.distcp.<token>.tmp`,
+/// or a rank-local `__<rank>.metadata`. Nothing else is ever removed as part of an old checkpoint.
+fn is_data_file_name(name: &str) -> bool {
+  let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+  let torch = name
+    .strip_prefix("__")
+    .and_then(|s| s.strip_suffix(".distcp"))
+    .and_then(|s| s.split_once('_'))
+    .is_some_and(|(r, n)| digits(r) && digits(n));
+  let ours = name
+    .strip_prefix(TMP_PREFIX)
+    .and_then(|s| s.strip_suffix(TMP_SUFFIX))
+    .is_some_and(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric()));
+  torch || ours || is_rank_metadata(name)
 }
 
 fn is_rank_metadata(name: &str) -> bool {
@@ -379,7 +409,10 @@ impl OldCheckpoint {
       let Ok(bytes) = fs::read(m) else { continue };
       let Ok(md) = Metadata::parse(&bytes, m) else { continue };
       for info in md.storage_data.values() {
-        if is_plain_name(&info.relative_path) && !files.contains(&info.relative_path) {
+        if is_plain_name(&info.relative_path)
+          && is_data_file_name(&info.relative_path)
+          && !files.contains(&info.relative_path)
+        {
           files.push(info.relative_path.clone());
         }
       }
@@ -393,7 +426,11 @@ impl OldCheckpoint {
     let Ok(entries) = fs::read_dir(dir) else { return };
     for e in entries.flatten() {
       let name = e.file_name().to_string_lossy().into_owned();
-      if name.starts_with(TMP_PREFIX) && name.ends_with(TMP_SUFFIX) && !self.files.contains(&name) {
+      if is_data_file_name(&name)
+        && name.starts_with(TMP_PREFIX)
+        && name.ends_with(TMP_SUFFIX)
+        && !self.files.contains(&name)
+      {
         let _ = fs::remove_file(e.path());
       }
     }
@@ -542,6 +579,53 @@ mod tests {
     assert!(save(&dir, &state(&w, 1), &opts).is_err());
     assert!(listing(&dir).is_empty());
     fs::remove_dir_all(&dir).unwrap();
+  }
+
+  #[test]
+  fn a_save_never_deletes_a_file_the_old_metadata_names_unless_it_is_a_data_file() {
+    let dir = tmpdir("precious");
+    let w = floats(&[1.0, 2.0, 3.0, 4.0]);
+    save(&dir, &state(&w, 1), &SaveOptions::default()).unwrap();
+    // an old .metadata whose data file is `precious.txt` (a user's file that happens to be named there)
+    let mut md = Metadata::parse(&fs::read(dir.join(METADATA)).unwrap(), Path::new("m")).unwrap();
+    fs::rename(dir.join(DATA_FILE), dir.join("precious.txt")).unwrap();
+    for info in md.storage_data.values_mut() {
+      info.relative_path = "precious.txt".into();
+    }
+    fs::write(dir.join(METADATA), md.to_pickle(Path::new("m")).unwrap()).unwrap();
+    let precious = fs::read(dir.join("precious.txt")).unwrap();
+    save(&dir, &state(&w, 2), &SaveOptions::default()).unwrap();
+    check(&dir, &w, 2);
+    assert_eq!(listing(&dir), [".metadata", "__0_0.distcp", "precious.txt"]);
+    assert_eq!(fs::read(dir.join("precious.txt")).unwrap(), precious);
+    fs::remove_dir_all(&dir).unwrap();
+  }
+
+  #[test]
+  fn a_locked_folder_is_refused_and_left_alone() {
+    let dir = tmpdir("locked");
+    let w = floats(&[1.0, 2.0, 3.0, 4.0]);
+    save(&dir, &state(&w, 1), &SaveOptions::default()).unwrap();
+    let held = DirLock::acquire(&dir).unwrap();
+    let e = save(&dir, &state(&w, 2), &SaveOptions::default()).unwrap_err();
+    assert_eq!(e.code(), "ERR_DISTCP_LOCKED");
+    assert!(e.to_string().contains(&format!("pid {}", std::process::id())), "{e}");
+    drop(held);
+    assert_eq!(listing(&dir), [".metadata", "__0_0.distcp"]);
+    check(&dir, &w, 1);
+    fs::remove_dir_all(&dir).unwrap();
+  }
+
+  #[test]
+  fn data_file_names() {
+    for n in ["__0_0.distcp", "__12_3.distcp", "__0_0.distcp.1a2b.tmp", "__3.metadata"] {
+      assert!(is_data_file_name(n), "{n}");
+    }
+    for n in
+      ["precious.txt", "__0_0.distcp.tmp", "__a_0.distcp", "__0_0.distcp.x/y.tmp", ".metadata", "__0_.distcp"]
+    {
+      assert!(!is_data_file_name(n), "{n}");
+    }
   }
 
   #[test]
