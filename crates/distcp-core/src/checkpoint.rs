@@ -758,7 +758,11 @@ impl Checkpoint {
     let ranks: BTreeSet<&str> =
       files.iter().filter_map(|f| f.strip_prefix("__").and_then(|r| r.split('_').next())).collect();
     Summary {
-      metadata_file: self.metadata_path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+      metadata_file: self
+        .metadata_path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default(),
       version: md.version.clone(),
       tensor_properties_module: md.tensor_properties_module().map(str::to_owned),
       save_id: md.storage_meta.as_ref().and_then(|s| s.save_id.clone()),

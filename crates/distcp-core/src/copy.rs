@@ -210,4 +210,53 @@ mod tests {
     copy_chunk(&storage[..], &r, fix.as_ref(), &read, &mut dst, &[2]).unwrap();
     assert_eq!(read_i32(&dst), vec![-5, 7]);
   }
+
+  /// Reads from a file (through windows and whole-extent scratch) give the same bytes as reads from memory.
+  #[test]
+  fn file_reads_match_memory_reads() {
+    let (rows, cols) = (3000u64, 1500u64); // 18 MB: more than one window
+    let storage: Vec<u8> = (0..rows * cols).flat_map(|i| (i as i32).to_le_bytes()).collect();
+    let dir = std::env::temp_dir().join(format!("distcp-copy-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("storage.bin");
+    // 8 bytes of something else first, so the storage starts at a non-zero file offset
+    std::fs::write(&path, [&[7u8; 8][..], &storage].concat()).unwrap();
+    let file = DataFile::open(path).unwrap();
+    let cases = [
+      // narrow columns of every row: small rows, ascending, several windows
+      (
+        rec(&[rows, cols], &[cols, 1], 0, 0),
+        ChunkRead { chunk: 0, src_start: vec![0, 7], dst_start: vec![0, 0], lengths: vec![rows, 3] },
+        vec![rows, 3],
+      ),
+      // transposed view (cols × rows, stride (1, cols)): rows jump around, whole extent read once
+      (
+        rec(&[cols, rows], &[1, cols], 0, 0),
+        ChunkRead { chunk: 0, src_start: vec![1, 2], dst_start: vec![0, 0], lengths: vec![20, rows - 2] },
+        vec![20, rows - 2],
+      ),
+      // whole rows: one large pread into the destination
+      (
+        rec(&[rows, cols], &[cols, 1], 0, 0),
+        ChunkRead { chunk: 0, src_start: vec![10, 0], dst_start: vec![0, 0], lengths: vec![100, cols] },
+        vec![100, cols],
+      ),
+    ];
+    for (layout, read, dst_sizes) in cases {
+      let n = (dst_sizes.iter().product::<u64>() * 4) as usize;
+      let (mut a, mut b) = (vec![0u8; n], vec![1u8; n]);
+      copy_chunk(&storage, &layout, None, &read, &mut a, &dst_sizes).unwrap();
+      copy_from_file(&file, 8, storage.len() as u64, &layout, None, &read, &mut b, &dst_sizes).unwrap();
+      assert!(a == b, "{read:?}");
+    }
+    // a storage that is shorter on disk than promised: a short read, not a crash
+    let layout = rec(&[rows, cols], &[cols, 1], 0, 0);
+    let read =
+      ChunkRead { chunk: 0, src_start: vec![0, 0], dst_start: vec![0, 0], lengths: vec![rows, cols] };
+    let mut dst = vec![0u8; storage.len()];
+    let short =
+      copy_from_file(&file, 16, storage.len() as u64, &layout, None, &read, &mut dst, &[rows, cols]);
+    assert!(matches!(short, Err(CopyError::Read(ReadFail::Short { .. }))), "{short:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+  }
 }

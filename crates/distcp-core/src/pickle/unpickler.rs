@@ -791,4 +791,37 @@ mod tests {
     let v = load(bytes).unwrap();
     assert_eq!(v, Value::Dict(vec![(Value::Str("a".into()), Value::Int(1))]));
   }
+
+  #[test]
+  fn an_empty_list_flood_stops_at_the_memory_budget() {
+    // 4 MB of EMPTY_LIST: one arena node per byte, far more memory than the budget allows per byte
+    let mut bytes = vec![0x80, 2];
+    bytes.extend(std::iter::repeat_n(b']', 4 << 20));
+    bytes.push(b'.');
+    match unpickle(&bytes[..], &|_: &str, _: &str| false) {
+      Err(UnpickleError::Malformed { reason, pos }) => {
+        assert!(reason.contains("expands past"), "{reason}");
+        // stopped well before the end: memory stayed within the budget
+        assert!(pos < bytes.len(), "{pos}");
+      }
+      other => panic!("{other:?}"),
+    }
+  }
+
+  #[test]
+  fn shared_references_to_a_big_string_stop_at_the_memory_budget() {
+    // one 64 KiB string, then a list of 20 000 memo references to it: 1.3 GB if materialised
+    let mut bytes = vec![0x80, 2, b']', b'q', 0, b'X'];
+    bytes.extend((64u32 << 10).to_le_bytes());
+    bytes.extend(std::iter::repeat_n(b'a', 64 << 10));
+    bytes.extend([b'q', 1, b'0', b'(']);
+    for _ in 0..20_000 {
+      bytes.extend([b'h', 1]);
+    }
+    bytes.extend([b'e', b'.']);
+    match unpickle(&bytes[..], &|_: &str, _: &str| false) {
+      Err(UnpickleError::Malformed { reason, .. }) => assert!(reason.contains("expands"), "{reason}"),
+      other => panic!("{:?}", other.map(|_| ())),
+    }
+  }
 }
