@@ -31,7 +31,7 @@ impl From<LowerError> for CopyError {
   }
 }
 
-fn dst_row<'d>(dst: &'d mut [u8], at: u64, width: u64) -> Result<&'d mut [u8], CopyError> {
+fn dst_row(dst: &mut [u8], at: u64, width: u64) -> Result<&mut [u8], CopyError> {
   let len = dst.len();
   let range = usize::try_from(at).ok().and_then(|a| Some(a..a.checked_add(usize::try_from(width).ok()?)?));
   match range {

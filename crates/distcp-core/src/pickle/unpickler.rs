@@ -55,7 +55,17 @@ struct Machine<'a, A: AllowList + ?Sized> {
   budget: usize,
 }
 
+/// Unpickles `data`, using at most [`unpickle_budget`] bytes of memory for it.
 pub fn unpickle<A: AllowList + ?Sized>(data: &[u8], allow: &A) -> Result<Value, UnpickleError> {
+  unpickle_with_budget(data, allow, unpickle_budget(data.len()))
+}
+
+/// [`unpickle`] with an explicit memory budget in bytes (tests measure real files against the limit with it).
+pub fn unpickle_with_budget<A: AllowList + ?Sized>(
+  data: &[u8],
+  allow: &A,
+  budget: usize,
+) -> Result<Value, UnpickleError> {
   let mut m = Machine {
     data,
     pos: 0,
@@ -65,7 +75,7 @@ pub fn unpickle<A: AllowList + ?Sized>(data: &[u8], allow: &A) -> Result<Value, 
     memo: HashMap::new(),
     allow,
     extra: 0,
-    budget: unpickle_budget(data.len()),
+    budget,
   };
   let root = m.run()?;
   // The materialised tree gets what the VM left of the budget: shared memo references could otherwise expand
