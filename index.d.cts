@@ -19,10 +19,7 @@ export declare class NativeCheckpoint {
    */
   plannerPathsJson(): string | null
   summary(): CheckpointSummary
-  /**
-   * Reads a tensor, or the box `offsets`/`sizes` of it, into a new Buffer (row-major). A whole tensor stored
-   * plainly comes back as a copy-on-write mapping of the file, without a copy.
-   */
+  /** Reads a tensor, or the box `offsets`/`sizes` of it, into a new Buffer (row-major). */
   read(key: string, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null): Promise<Buffer>
   /** Reads a tensor (or a box of it) straight into `into`, which must hold exactly its bytes. */
   readInto(key: string, into: Uint8Array, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null): Promise<void>

@@ -148,6 +148,41 @@ def main(out):
     write_metadata(ckpt, m)
     manifest["huge-tensor"] = {"ckpt": ckpt, "key": "w"}
 
+    # an element count that wraps to 2 in unchecked 64-bit arithmetic: 3 × 6148914691236517206 = 2**64 + 2
+    ckpt = clone(base, out, "numel-overflow")
+    m = copy.deepcopy(md)
+    tmd = m.state_dict_metadata["w"]
+    tmd.size = torch.Size([3, 6148914691236517206])
+    tmd.chunks[0].sizes = torch.Size([3, 6148914691236517206])
+    write_metadata(ckpt, m)
+    manifest["numel-overflow"] = {"ckpt": ckpt, "key": "w"}
+
+    # a non-tensor item holding a stride-0 uint8 tensor of shape (2**40,): one stored byte, 1 TiB when read
+    ckpt = clone(base, out, "stride0-object")
+    m = copy.deepcopy(md)
+    buf = io.BytesIO()
+    torch.save([torch.zeros(1, dtype=torch.uint8).expand(2**40)], buf)
+    idx = next(k for k in m.storage_data if k.fqn == "n")
+    info = m.storage_data[idx]
+    path = os.path.join(ckpt, info.relative_path)
+    info.offset = os.path.getsize(path)
+    info.length = len(buf.getvalue())
+    with open(path, "ab") as f:
+        f.write(buf.getvalue())
+    write_metadata(ckpt, m)
+    manifest["stride0-object"] = {"ckpt": ckpt, "key": "n"}
+
+    # a zstd-compressed tensor item that decompresses to 256 MiB (the 2x3 float32 chunk needs under 1 KiB)
+    import zstandard
+
+    ckpt = clone(base, out, "zstd-bomb")
+    m = copy.deepcopy(md)
+    bomb = zstandard.ZstdCompressor(level=19).compress(bytes(256 << 20))
+    replace_blob(ckpt, m, "w", bomb)
+    m.storage_data[tensor_index(m, "w")].transform_descriptors = ["stream.zstd"]
+    write_metadata(ckpt, m)
+    manifest["zstd-bomb"] = {"ckpt": ckpt, "key": "w", "compressed_bytes": len(bomb)}
+
     print(json.dumps(manifest))
 
 

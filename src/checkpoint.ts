@@ -54,6 +54,32 @@ export interface ObjectReadOptions {
 export type StateDict = { [key: string]: StateValue }
 export type StateValue = PyValue | Tensor | StateValue[] | StateDict
 
+function describe(v: unknown): string {
+  if (v === null) return 'null'
+  if (Array.isArray(v)) return 'an array'
+  return typeof v === 'object' ? `a ${(v as object).constructor?.name ?? 'object'}` : `${typeof v} ${String(v)}`
+}
+
+function badArgument(name: string, expected: string, got: unknown): DistcpError {
+  return new DistcpError('ERR_DISTCP_BAD_REQUEST', `\`${name}\` must be ${expected}, got ${describe(got)}`)
+}
+
+/** Argument checks for the public methods: wrong JS types become coded errors naming the argument. */
+function checkString(v: unknown, name: string): asserts v is string {
+  if (typeof v !== 'string') throw badArgument(name, 'a string', v)
+}
+
+function checkOptions(v: unknown, name = 'options'): asserts v is Record<string, unknown> | undefined {
+  if (v !== undefined && (v === null || typeof v !== 'object' || Array.isArray(v))) throw badArgument(name, 'an object', v)
+}
+
+function checkDims(v: unknown, name: string): asserts v is number[] | undefined {
+  if (v === undefined) return
+  if (!Array.isArray(v) || !v.every((x) => Number.isSafeInteger(x) && x >= 0)) {
+    throw badArgument(name, 'an array of non-negative integers', v)
+  }
+}
+
 /** An open DCP checkpoint folder. Reads run on worker threads; only the chunks a read needs are touched. */
 export class Checkpoint {
   readonly #native: NativeCheckpoint
@@ -72,6 +98,7 @@ export class Checkpoint {
 
   /** dtype, shape and chunks of a tensor, or the size of a non-tensor value. */
   info(key: string): TensorInfo | ObjectInfo {
+    checkString(key, 'key')
     const i = callNative(() => this.#native.info(key))
     if (i.kind === 'tensor') {
       return {
@@ -94,10 +121,17 @@ export class Checkpoint {
 
   /**
    * Reads a tensor, or a box of it (`offsets`/`sizes`), gathering bytes from every stored chunk whatever
-   * dimension it was sharded on. A whole tensor stored as one plain chunk comes back without a copy (a
-   * copy-on-write mapping of the file).
+   * dimension it was sharded on. The result is always a fresh buffer, read with positional reads: a file changed
+   * under an open checkpoint gives an error, never a crash.
    */
   async read(key: string, options: ReadOptions = {}): Promise<Tensor> {
+    checkString(key, 'key')
+    checkOptions(options)
+    checkDims(options.offsets, 'offsets')
+    checkDims(options.sizes, 'sizes')
+    if (options.into !== undefined && !ArrayBuffer.isView(options.into)) {
+      throw badArgument('into', 'an ArrayBufferView (a Buffer or typed array)', options.into)
+    }
     const info = this.info(key)
     if (info.kind !== 'tensor') throw new DistcpError('ERR_DISTCP_BAD_REQUEST', `key \`${key}\` is not a tensor`)
     const { into, offsets, sizes } = options
@@ -120,6 +154,9 @@ export class Checkpoint {
 
   /** Reads a non-tensor value (an int, a float, a list, a dict, …). */
   async readObject(key: string, options: ObjectReadOptions = {}): Promise<PyValue> {
+    checkString(key, 'key')
+    checkOptions(options)
+    if (options.exact !== undefined && typeof options.exact !== 'boolean') throw badArgument('exact', 'a boolean', options.exact)
     const { json, buffers } = await awaitNative(() => this.#native.readObject(key))
     return decodeValue(json, buffers, options.exact ?? false)
   }
@@ -136,6 +173,7 @@ export class Checkpoint {
    * both the torch ≤ 2.3 and ≥ 2.4 key layouts).
    */
   async readAll(options: ObjectReadOptions = {}): Promise<StateDict> {
+    checkOptions(options)
     const root: StateDict = {}
     for (const [key, path] of this.paths()) {
       const value = this.info(key).kind === 'tensor' ? await this.read(key) : await this.readObject(key, options)
@@ -191,6 +229,11 @@ export interface OpenOptions {
 
 /** Opens a DCP checkpoint folder (the one holding `.metadata`). */
 export async function openCheckpoint(path: string, options: OpenOptions = {}): Promise<Checkpoint> {
+  checkString(path, 'path')
+  checkOptions(options)
+  if (options.rank !== undefined && !(Number.isInteger(options.rank) && options.rank >= 0 && options.rank < 2 ** 32)) {
+    throw badArgument('rank', 'a non-negative integer', options.rank)
+  }
   const n = await awaitNative(() => native.openNativeCheckpoint(path, options.rank))
   return new Checkpoint(n, path)
 }

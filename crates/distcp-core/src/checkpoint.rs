@@ -1,133 +1,40 @@
-//! An open checkpoint folder: its metadata, lazily mapped data files, and reads of whole tensors, boxes of
-//! tensors and non-tensor values.
+//! An open checkpoint folder: its validated metadata, its data files (opened once, read positionally), each
+//! chunk's record resolved once into a [`ResolvedChunk`], and reads of whole tensors, boxes of tensors and
+//! non-tensor values.
+//!
+//! The flow: `.metadata` → [`Metadata::validate`] → [`plan_region`] → [`Checkpoint::resolve`] → executor
+//! ([`copy_resolved`] on the host) → destination.
 
-use crate::copy::{copy_chunk, RunSource};
+use crate::copy::{copy_resolved, CopyError};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::metadata::{ItemMetadata, Metadata, StorageInfo, StorageKey, TensorMetadata};
+use crate::limits::{self, checked_nbytes};
+use crate::metadata::{ItemMetadata, Metadata, PathElem, StorageInfo, StorageKey, TensorMetadata};
 use crate::plan::{check_region, plan_region, ChunkRead, Region};
+use crate::source::{open_regular, FileRegion};
+pub use crate::source::{DataFile, Fixup, ResolvedChunk, Source};
 use crate::torch_save::{self, PyObject, RecordError, TensorRecord};
 use crate::zip::ZipError;
-use memmap2::{Mmap, MmapMut};
-use std::collections::HashMap;
-use std::fs::File;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::io::Read;
 use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// A data file, mapped once and shared by every read (and by zero-copy buffers handed to callers).
-#[derive(Debug)]
-pub struct DataFile {
-  pub path: PathBuf,
-  file: File,
-  map: Option<Mmap>,
-}
-
-impl DataFile {
-  fn open(path: PathBuf) -> std::io::Result<DataFile> {
-    let file = File::open(&path)?;
-    let len = file.metadata()?.len();
-    // SAFETY: the mapping is read-only. A checkpoint being truncated or rewritten in place while it is read is
-    // outside the contract (DCP saves by writing new files and renaming .metadata last).
-    let map = if len == 0 { None } else { Some(unsafe { Mmap::map(&file)? }) };
-    Ok(DataFile { path, file, map })
-  }
-
-  /// A new copy-on-write mapping of `range` only. Each call returns memory at a fresh address, which matters for
-  /// JS: V8 refuses two external buffers over the same pointer (nodejs/node#32463). Copy-on-write, so a caller
-  /// that writes into it changes its private pages and never the checkpoint (and never faults).
-  fn map_range(&self, range: Range<usize>) -> std::io::Result<(MmapMut, usize)> {
-    let page = 4096;
-    let start = range.start - range.start % page;
-    // SAFETY: as in `open`; the mapping is private (MAP_PRIVATE), so writes never reach the file.
-    let map = unsafe {
-      memmap2::MmapOptions::new().offset(start as u64).len(range.end - start).map_copy(&self.file)?
-    };
-    Ok((map, range.start - start))
-  }
-
-  pub fn bytes(&self) -> &[u8] {
-    self.map.as_deref().unwrap_or(&[])
-  }
-
-  pub(crate) fn file(&self) -> &File {
-    &self.file
-  }
-
-  /// Asks the kernel to start reading `range` now (one large readahead instead of faults and small reads).
-  fn will_need(&self, range: Range<usize>) {
-    if let Some(map) = &self.map {
-      // advice only; an error changes nothing but speed
-      let _ = map.advise_range(memmap2::Advice::WillNeed, range.start, range.len());
-    }
-  }
-}
-
-/// When every read covers whole rows of `region` and there are several worth splitting, each read's byte range of
-/// the destination, sorted by position; `None` otherwise.
-fn whole_row_slabs(plan: &[ChunkRead], region: &Region, es: u64) -> Option<Vec<(usize, Range<usize>)>> {
-  const MIN_PARALLEL_BYTES: u64 = 8 << 20;
-  if plan.len() < 2 || region.sizes.is_empty() || region.numel() * es < MIN_PARALLEL_BYTES {
-    return None;
-  }
-  let row_bytes = region.sizes[1..].iter().product::<u64>() * es;
-  let mut slabs = Vec::with_capacity(plan.len());
-  for (i, r) in plan.iter().enumerate() {
-    if r.lengths[1..] != region.sizes[1..] || r.dst_start[1..].iter().any(|&d| d != 0) {
-      return None;
-    }
-    let start = usize::try_from(r.dst_start[0] * row_bytes).ok()?;
-    let len = usize::try_from(r.lengths[0] * row_bytes).ok()?;
-    slabs.push((i, start..start + len));
-  }
-  slabs.sort_by_key(|(_, r)| r.start);
-  // chunks never overlap in a valid checkpoint; refuse the parallel path (not the read) if these do
-  slabs.windows(2).all(|w| w[0].1.end <= w[1].1.start).then_some(slabs)
-}
-
-/// Runs of at least this many bytes are read with `pread` (the kernel copies from the page cache, no page faults
-/// on a mapping); shorter ones are copied from the mapping, where a syscall would cost more than the copy.
-const PREAD_MIN: usize = 64 * 1024;
-
-/// A chunk's storage inside a mapped data file.
-struct FileStorage<'a> {
-  file: &'a DataFile,
-  /// File offset of the storage's first byte.
-  base: u64,
-  mapped: &'a [u8],
-}
-
-impl RunSource for FileStorage<'_> {
-  fn copy_run(&self, offset: usize, out: &mut [u8]) -> std::io::Result<()> {
-    if out.len() >= PREAD_MIN {
-      use std::os::unix::fs::FileExt;
-      self.file.file.read_exact_at(out, self.base + offset as u64)
-    } else {
-      self.mapped.copy_run(offset, out)
-    }
-  }
-}
-
-/// The bytes of one stored item: a range of a mapped file, or a decompressed copy.
+/// A whole stored record in memory (for tools and tests; reads use [`Checkpoint::resolve`]).
 #[derive(Debug, Clone)]
-pub enum Blob {
-  Mapped { file: Arc<DataFile>, range: Range<usize> },
-  Owned { path: PathBuf, bytes: Arc<Vec<u8>> },
+pub struct Blob {
+  path: PathBuf,
+  bytes: Arc<[u8]>,
 }
 
 impl Blob {
   pub fn bytes(&self) -> &[u8] {
-    match self {
-      Blob::Mapped { file, range } => &file.bytes()[range.clone()],
-      Blob::Owned { bytes, .. } => bytes,
-    }
+    &self.bytes
   }
 
   pub fn path(&self) -> &Path {
-    match self {
-      Blob::Mapped { file, .. } => &file.path,
-      Blob::Owned { path, .. } => path,
-    }
+    &self.path
   }
 }
 
@@ -139,18 +46,103 @@ pub struct ChunkLocation {
   pub info: StorageInfo,
 }
 
-/// A tensor's stored bytes, mapped on their own (see [`Checkpoint::map_stored`]).
-pub struct MappedTensor {
-  pub map: MmapMut,
-  /// Where the tensor starts in `map`.
-  pub offset: usize,
-  pub len: usize,
+/// What [`Checkpoint::summary`] reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+  /// `.metadata` or `__{rank}.metadata`.
+  pub metadata_file: String,
+  pub version: Option<String>,
+  pub tensor_properties_module: Option<String>,
+  pub save_id: Option<String>,
+  pub checkpoint_id: Option<String>,
+  /// Data files, sorted.
+  pub files: Vec<String>,
+  /// Number of ranks that wrote data files (`__{rank}_{n}.distcp`).
+  pub ranks: usize,
+  pub has_planner_data: bool,
+  pub has_storage_meta: bool,
 }
 
-impl MappedTensor {
-  pub fn bytes_mut(&mut self) -> &mut [u8] {
-    &mut self.map[self.offset..self.offset + self.len]
+type ChunkId = (String, usize);
+
+/// Resolved chunks of an open checkpoint. File-backed ones are small and kept for good; decompressed ones are
+/// kept up to [`limits::RESOLVED_MEMORY_CACHE_BYTES`], the least recently resolved dropped first.
+#[derive(Debug, Default)]
+struct ResolvedCache {
+  chunks: HashMap<ChunkId, Arc<ResolvedChunk>>,
+  in_memory: VecDeque<(ChunkId, u64)>,
+  memory_bytes: u64,
+}
+
+impl ResolvedCache {
+  fn insert(&mut self, id: ChunkId, chunk: Arc<ResolvedChunk>) {
+    if let Source::Memory(bytes) = &chunk.source {
+      let n = bytes.len() as u64;
+      self.in_memory.push_back((id.clone(), n));
+      self.memory_bytes += n;
+      while self.memory_bytes > limits::RESOLVED_MEMORY_CACHE_BYTES && self.in_memory.len() > 1 {
+        if let Some((old, n)) = self.in_memory.pop_front() {
+          self.chunks.remove(&old);
+          self.memory_bytes -= n;
+        }
+      }
+    }
+    self.chunks.insert(id, chunk);
   }
+}
+
+/// A record's bytes before parsing: a range of a data file, or decompressed in memory.
+enum RecordBytes {
+  File { file: Arc<DataFile>, offset: u64, len: u64 },
+  Memory { path: PathBuf, bytes: Vec<u8> },
+}
+
+impl RecordBytes {
+  fn path(&self) -> &Path {
+    match self {
+      RecordBytes::File { file, .. } => &file.path,
+      RecordBytes::Memory { path, .. } => path,
+    }
+  }
+
+  fn parse(&self) -> std::result::Result<PyObject, RecordError> {
+    match self {
+      RecordBytes::File { file, offset, len } => {
+        torch_save::parse(&FileRegion { file, offset: *offset, len: *len })
+      }
+      RecordBytes::Memory { bytes, .. } => torch_save::parse(&bytes[..]),
+    }
+  }
+
+  /// The storage of `rec` (a tensor of this record) as a source.
+  fn storage(&self, rec: &TensorRecord) -> Source {
+    match self {
+      RecordBytes::File { file, offset, .. } => Source::File {
+        file: file.clone(),
+        offset: offset + rec.storage.start as u64,
+        len: rec.storage.len() as u64,
+      },
+      RecordBytes::Memory { bytes, .. } => Source::Memory(Arc::from(&bytes[rec.storage.clone()])),
+    }
+  }
+}
+
+/// Reads at most `bound` decompressed bytes of a zstd stream; more is an error (a decompression bomb stops at
+/// the bound, having allocated no more than it).
+fn zstd_bounded(src: &[u8], bound: u64) -> std::result::Result<Vec<u8>, String> {
+  let dec = zstd::stream::read::Decoder::new(src)
+    .map_err(|e| format!("zstd-compressed item does not decompress: {e}"))?;
+  let mut out = Vec::new();
+  dec
+    .take(bound.saturating_add(1))
+    .read_to_end(&mut out)
+    .map_err(|e| format!("zstd-compressed item does not decompress: {e}"))?;
+  if out.len() as u64 > bound {
+    return Err(format!(
+      "zstd-compressed item decompresses to more than the {bound} bytes .metadata allows for it (stopped there)"
+    ));
+  }
+  Ok(out)
 }
 
 #[derive(Debug)]
@@ -160,6 +152,32 @@ pub struct Checkpoint {
   pub metadata: Metadata,
   canonical_root: PathBuf,
   files: Mutex<HashMap<String, Arc<DataFile>>>,
+  resolved: Mutex<ResolvedCache>,
+}
+
+/// When every read covers whole rows of `region` and there are several worth splitting, each read's byte range of
+/// the destination, sorted by position; `None` otherwise.
+fn whole_row_slabs(plan: &[ChunkRead], region: &Region, es: u64) -> Option<Vec<(usize, Range<usize>)>> {
+  const MIN_PARALLEL_BYTES: u64 = 8 << 20;
+  if plan.len() < 2
+    || region.sizes.is_empty()
+    || checked_nbytes(&region.sizes, es as usize)? < MIN_PARALLEL_BYTES
+  {
+    return None;
+  }
+  let row_bytes = checked_nbytes(&region.sizes[1..], es as usize)?;
+  let mut slabs = Vec::with_capacity(plan.len());
+  for (i, r) in plan.iter().enumerate() {
+    if r.lengths[1..] != region.sizes[1..] || r.dst_start[1..].iter().any(|&d| d != 0) {
+      return None;
+    }
+    let start = usize::try_from(r.dst_start[0].checked_mul(row_bytes)?).ok()?;
+    let len = usize::try_from(r.lengths[0].checked_mul(row_bytes)?).ok()?;
+    slabs.push((i, start..start.checked_add(len)?));
+  }
+  slabs.sort_by_key(|(_, r)| r.start);
+  // chunks never overlap in a valid checkpoint; refuse the parallel path (not the read) if these do
+  slabs.windows(2).all(|w| w[0].1.end <= w[1].1.start).then_some(slabs)
 }
 
 fn check_relative_path(rel: &str) -> bool {
@@ -167,8 +185,41 @@ fn check_relative_path(rel: &str) -> bool {
   !rel.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_))) && !rel.contains('\\')
 }
 
+/// Reads `.metadata` (a regular file, at most [`limits::MAX_METADATA_BYTES`]) into memory.
+fn read_metadata_file(path: &Path) -> Result<Vec<u8>> {
+  let (file, len) = open_regular(path)?;
+  if len > limits::MAX_METADATA_BYTES {
+    return Err(Error::LimitExceeded {
+      path: path.to_path_buf(),
+      what: "the .metadata file".into(),
+      value: len,
+      limit: limits::MAX_METADATA_BYTES,
+      limit_name: "limits::MAX_METADATA_BYTES",
+    });
+  }
+  let mut bytes = Vec::new();
+  // the length from fstat sizes the buffer; a file growing meanwhile is cut at the limit
+  bytes.try_reserve_exact(len as usize).map_err(|_| Error::OutOfMemory {
+    path: path.to_path_buf(),
+    key: ".metadata".into(),
+    bytes: len,
+  })?;
+  file.take(limits::MAX_METADATA_BYTES + 1).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+  if bytes.len() as u64 > limits::MAX_METADATA_BYTES {
+    return Err(Error::LimitExceeded {
+      path: path.to_path_buf(),
+      what: "the .metadata file".into(),
+      value: bytes.len() as u64,
+      limit: limits::MAX_METADATA_BYTES,
+      limit_name: "limits::MAX_METADATA_BYTES",
+    });
+  }
+  Ok(bytes)
+}
+
 impl Checkpoint {
   /// Opens the checkpoint folder `root`: `.metadata`, or a rank-local `__{rank}.metadata` when there is none.
+  /// The metadata is parsed and validated ([`Metadata::validate`]) before anything else is read.
   pub fn open(root: impl AsRef<Path>, rank: Option<u32>) -> Result<Checkpoint> {
     let root = root.as_ref().to_path_buf();
     let rank_hint = match rank {
@@ -178,12 +229,15 @@ impl Checkpoint {
     if !root.is_dir() {
       return Err(Error::NoCheckpoint { path: root, rank_hint });
     }
+    // anything by that name counts (a FIFO or folder named .metadata is refused by name, not skipped)
     let candidates = [root.join(".metadata"), root.join(format!("__{}.metadata", rank.unwrap_or(0)))];
-    let Some(metadata_path) = candidates.into_iter().find(|p| p.is_file()) else {
+    let Some(metadata_path) = candidates.into_iter().find(|p| p.symlink_metadata().is_ok()) else {
       return Err(Error::NoCheckpoint { path: root, rank_hint });
     };
-    let bytes = std::fs::read(&metadata_path).map_err(|e| Error::io(&metadata_path, e))?;
+    let bytes = read_metadata_file(&metadata_path)?;
     let metadata = Metadata::parse(&bytes, &metadata_path)?;
+    drop(bytes);
+    metadata.validate(&metadata_path)?;
     let canonical_root = root.canonicalize().map_err(|e| Error::io(&root, e))?;
     // in key order, so the error names the first offending key the same way every time
     let mut unsafe_paths: Vec<(&StorageKey, &StorageInfo)> =
@@ -196,7 +250,14 @@ impl Checkpoint {
         relative_path: info.relative_path.clone(),
       });
     }
-    Ok(Checkpoint { root, metadata_path, metadata, canonical_root, files: Mutex::new(HashMap::new()) })
+    Ok(Checkpoint {
+      root,
+      metadata_path,
+      metadata,
+      canonical_root,
+      files: Mutex::new(HashMap::new()),
+      resolved: Mutex::new(ResolvedCache::default()),
+    })
   }
 
   pub fn keys(&self) -> impl Iterator<Item = &str> {
@@ -276,32 +337,37 @@ impl Checkpoint {
         relative_path: rel.to_owned(),
       });
     }
-    let file = Arc::new(DataFile::open(path.clone()).map_err(|e| Error::io(path, e))?);
+    let file = Arc::new(DataFile::open(path)?);
     files.insert(rel.to_owned(), file.clone());
     Ok(file)
   }
 
-  /// The stored bytes of one item, bounds-checked and with any transform (zstd) undone.
-  pub fn blob(&self, key: &str, info: &StorageInfo) -> Result<Blob> {
+  /// The bytes of one stored item, bounds-checked, with any transform (zstd) undone; a decompressed item may be
+  /// at most `bound` bytes.
+  fn record_bytes(&self, key: &str, info: &StorageInfo, bound: u64) -> Result<RecordBytes> {
     let file = self.data_file(key, &info.relative_path)?;
-    let file_len = file.bytes().len() as u64;
-    let end = info.offset.checked_add(info.length);
-    let range = match end {
-      Some(end) if end <= file_len => info.offset as usize..end as usize,
-      _ => {
-        return Err(Error::OutOfBounds {
-          path: file.path.clone(),
-          key: key.to_owned(),
-          offset: info.offset,
-          end: info.offset.saturating_add(info.length),
-          file_len,
-        })
-      }
-    };
-    if info.transform_descriptors.is_empty() {
-      return Ok(Blob::Mapped { file, range });
+    let file_len = file.len();
+    if info.offset.checked_add(info.length).is_none_or(|end| end > file_len) {
+      return Err(Error::OutOfBounds {
+        path: file.path.clone(),
+        key: key.to_owned(),
+        offset: info.offset,
+        end: info.offset.saturating_add(info.length),
+        file_len,
+      });
     }
-    let mut bytes = file.bytes()[range].to_vec();
+    if info.transform_descriptors.is_empty() {
+      return Ok(RecordBytes::File { file, offset: info.offset, len: info.length });
+    }
+    let path = file.path.clone();
+    let mut bytes = Vec::new();
+    bytes.try_reserve_exact(info.length as usize).map_err(|_| Error::OutOfMemory {
+      path: path.clone(),
+      key: key.to_owned(),
+      bytes: info.length,
+    })?;
+    bytes.resize(info.length as usize, 0);
+    file.read_exact_at(&mut bytes, info.offset).map_err(|f| f.into_error(&path, key))?;
     for d in &info.transform_descriptors {
       let name = d.split('/').next().unwrap_or("");
       if name != "stream.zstd" {
@@ -311,17 +377,35 @@ impl Checkpoint {
           reason: format!("unknown stream transform `{d}`"),
         });
       }
-      bytes = zstd::stream::decode_all(&bytes[..]).map_err(|e| Error::Record {
-        path: file.path.clone(),
+      bytes = zstd_bounded(&bytes, bound).map_err(|reason| Error::Decompress {
+        path: path.clone(),
         key: key.to_owned(),
-        reason: format!("zstd-compressed item does not decompress: {e}"),
+        reason,
       })?;
     }
-    Ok(Blob::Owned { path: file.path.clone(), bytes: Arc::new(bytes) })
+    Ok(RecordBytes::Memory { path, bytes })
   }
 
-  fn record_error(&self, blob: &Blob, key: &str, e: RecordError) -> Error {
-    let path = blob.path().to_path_buf();
+  /// The whole stored record of an item in memory, with any transform undone (for tools and tests).
+  pub fn blob(&self, key: &str, info: &StorageInfo) -> Result<Blob> {
+    match self.record_bytes(key, info, limits::MAX_DECOMPRESSED_BYTES)? {
+      RecordBytes::Memory { path, bytes } => Ok(Blob { path, bytes: Arc::from(bytes) }),
+      RecordBytes::File { file, offset, len } => {
+        let mut bytes = Vec::new();
+        bytes.try_reserve_exact(len as usize).map_err(|_| Error::OutOfMemory {
+          path: file.path.clone(),
+          key: key.to_owned(),
+          bytes: len,
+        })?;
+        bytes.resize(len as usize, 0);
+        file.read_exact_at(&mut bytes, offset).map_err(|f| f.into_error(&file.path, key))?;
+        Ok(Blob { path: file.path.clone(), bytes: Arc::from(bytes) })
+      }
+    }
+  }
+
+  fn record_error(&self, path: &Path, key: &str, e: RecordError) -> Error {
+    let path = path.to_path_buf();
     match e {
       RecordError::Zip(ZipError::Compressed { entry, method }) => {
         Error::CompressedEntry { path, key: key.to_owned(), entry, method }
@@ -331,28 +415,36 @@ impl Checkpoint {
         key: key.to_owned(),
         reason: format!("not a valid torch.save archive: {reason}"),
       },
+      RecordError::Zip(ZipError::Read { offset, len, kind, message }) => {
+        if kind == std::io::ErrorKind::UnexpectedEof {
+          Error::ShortRead { path, key: key.to_owned(), offset, expected: len, got: 0 }
+        } else {
+          Error::io(path, std::io::Error::new(kind, message))
+        }
+      }
       RecordError::Forbidden { module, name } => Error::ForbiddenGlobal { path, module, name },
       RecordError::Invalid(reason) => Error::Record { path, key: key.to_owned(), reason },
     }
   }
 
-  fn parse_blob(&self, blob: &Blob, key: &str) -> Result<PyObject> {
-    torch_save::parse(blob.bytes()).map_err(|e| self.record_error(blob, key, e))
-  }
-
-  /// The record of the chunk at index `chunk` of tensor `key`, checked against what `.metadata` says.
-  pub fn chunk_record(&self, key: &str, chunk: usize) -> Result<(Blob, TensorRecord)> {
+  /// The record of chunk `chunk` of tensor `key`, checked against what `.metadata` says.
+  fn chunk_record_bytes(&self, key: &str, chunk: usize) -> Result<(RecordBytes, TensorRecord)> {
     let t = self.tensor(key)?;
     let Some(c) = t.chunks.get(chunk) else {
       return Err(self.bad_request(key, format!("has no chunk {chunk}")));
     };
     let info = self.storage_info(key, Some(&c.offsets))?;
-    let blob = self.blob(key, info)?;
-    let rec = match self.parse_blob(&blob, key)? {
+    // a compressed chunk holds its tensor's bytes and a small archive around them, never more
+    let bound = checked_nbytes(&c.sizes, t.dtype().size())
+      .and_then(|n| n.checked_add(limits::ARCHIVE_OVERHEAD_BYTES))
+      .unwrap_or(u64::MAX)
+      .min(limits::MAX_DECOMPRESSED_BYTES);
+    let bytes = self.record_bytes(key, info, bound)?;
+    let rec = match bytes.parse().map_err(|e| self.record_error(bytes.path(), key, e))? {
       PyObject::Tensor(rec) => rec,
       _ => {
         return Err(Error::Record {
-          path: blob.path().to_path_buf(),
+          path: bytes.path().to_path_buf(),
           key: key.to_owned(),
           reason: "the item is not a tensor, but .metadata lists it as one".into(),
         })
@@ -360,7 +452,7 @@ impl Checkpoint {
     };
     if rec.dtype != t.dtype() || rec.shape != c.sizes {
       return Err(Error::Record {
-        path: blob.path().to_path_buf(),
+        path: bytes.path().to_path_buf(),
         key: key.to_owned(),
         reason: format!(
           "the stored chunk is {} {:?}, but .metadata says {} {:?} at offsets {:?}",
@@ -372,7 +464,69 @@ impl Checkpoint {
         ),
       });
     }
-    Ok((blob, rec))
+    Ok((bytes, rec))
+  }
+
+  /// The parsed record of chunk `chunk` of tensor `key` and where its storage is (not cached; reads use
+  /// [`Checkpoint::resolve`]).
+  pub fn chunk_record(&self, key: &str, chunk: usize) -> Result<(Source, TensorRecord)> {
+    let (bytes, rec) = self.chunk_record_bytes(key, chunk)?;
+    Ok((bytes.storage(&rec), rec))
+  }
+
+  /// Chunk `chunk` of tensor `key`, resolved: where its storage bytes are, how they are laid out, and whether
+  /// copied bytes need a fixup. Resolved once per open checkpoint (the zip directory and `data.pkl` are read,
+  /// and a compressed record decompressed, on first use) and shared by every later read; safe from any thread.
+  pub fn resolve_chunk(&self, key: &str, chunk: usize) -> Result<Arc<ResolvedChunk>> {
+    let id = (key.to_owned(), chunk);
+    if let Some(c) = self.resolved.lock().unwrap_or_else(|p| p.into_inner()).chunks.get(&id) {
+      return Ok(c.clone());
+    }
+    // resolved outside the lock: another thread may resolve the same chunk meanwhile, and one result is kept
+    let (bytes, rec) = self.chunk_record_bytes(key, chunk)?;
+    let t = self.tensor(key)?;
+    let c = &t.chunks[chunk];
+    let resolved = Arc::new(ResolvedChunk {
+      index: chunk,
+      offsets: c.offsets.clone(),
+      sizes: c.sizes.clone(),
+      dtype: rec.dtype,
+      source: bytes.storage(&rec),
+      layout: rec.layout(),
+      fixup: rec.fixup(),
+    });
+    let mut cache = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = cache.chunks.get(&id) {
+      return Ok(c.clone());
+    }
+    cache.insert(id, resolved.clone());
+    Ok(resolved)
+  }
+
+  /// Every chunk of tensor `key`, resolved (see [`Checkpoint::resolve_chunk`]), in `.metadata` chunk order.
+  /// This is what executors consume: the host copy ([`copy_resolved`]) and the CUDA executor.
+  pub fn resolve(&self, key: &str) -> Result<Vec<Arc<ResolvedChunk>>> {
+    let n = self.tensor(key)?.chunks.len();
+    (0..n).map(|i| self.resolve_chunk(key, i)).collect()
+  }
+
+  fn copy_error(&self, chunk: &ResolvedChunk, key: &str, e: CopyError) -> Error {
+    let path = chunk.source.path().map_or_else(|| self.root.clone(), Path::to_path_buf);
+    match e {
+      CopyError::Read(f) => f.into_error(&path, key),
+      CopyError::Lower(e) => Error::SizeOverflow { path, key: key.to_owned(), what: e.to_string() },
+      CopyError::Bounds(reason) => Error::Record { path, key: key.to_owned(), reason },
+      CopyError::Alloc(bytes) => Error::OutOfMemory { path, key: key.to_owned(), bytes },
+    }
+  }
+
+  /// The byte size of `region` of tensor `key`, checked.
+  fn region_bytes(&self, key: &str, t: &TensorMetadata, region: &Region) -> Result<u64> {
+    checked_nbytes(&region.sizes, t.dtype().size()).ok_or_else(|| Error::SizeOverflow {
+      path: self.metadata_path.clone(),
+      key: key.to_owned(),
+      what: format!("the byte size of the box {:?}", region.sizes),
+    })
   }
 
   /// Reads the box `region` of tensor `key` into `dst` (row-major, `region.numel() × element size` bytes),
@@ -381,53 +535,35 @@ impl Checkpoint {
     let t = self.tensor(key)?;
     check_region(&t.size, region).map_err(|r| self.bad_request(key, r))?;
     let es = t.dtype().size() as u64;
-    let want = region.numel().checked_mul(es);
-    if want != Some(dst.len() as u64) {
+    let want = self.region_bytes(key, t, region)?;
+    if want != dst.len() as u64 {
       return Err(self.bad_request(
         key,
         format!(
-          "the destination holds {} bytes, the {} box {:?} needs {}",
+          "the destination holds {} bytes, the {} box {:?} needs {want}",
           dst.len(),
           t.dtype(),
-          region.sizes,
-          region.numel() * es
+          region.sizes
         ),
       ));
     }
+    // chunks cover the tensor exactly (validated at open), so the plan covers the box
     let plan = plan_region(t, region);
-    let covered: u64 = plan.iter().map(|r| r.numel()).sum();
-    if covered != region.numel() {
-      return Err(Error::Metadata {
-        path: self.metadata_path.clone(),
-        reason: format!(
-          "key `{key}`: the stored chunks cover {covered} of the {} requested elements",
-          region.numel()
-        ),
-      });
-    }
+    let chunks: Vec<Arc<ResolvedChunk>> =
+      plan.iter().map(|r| self.resolve_chunk(key, r.chunk)).collect::<Result<_>>()?;
     // start the disk on every chunk this read needs before copying from the first
-    self.prefetch_chunks(key, plan.iter().map(|r| r.chunk))?;
-    if let Some(slabs) = whole_row_slabs(&plan, region, es) {
-      return self.read_slabs_in_parallel(key, &plan, slabs, dst);
+    for c in &chunks {
+      if let Source::File { file, offset, len } = &c.source {
+        file.will_need(*offset, *len);
+      }
     }
-    for read in &plan {
-      self.copy_read(key, read, dst, &region.sizes)?;
+    if let Some(slabs) = whole_row_slabs(&plan, region, es) {
+      return self.read_slabs_in_parallel(key, &plan, &chunks, slabs, dst);
+    }
+    for (read, chunk) in plan.iter().zip(&chunks) {
+      copy_resolved(chunk, read, dst, &region.sizes).map_err(|e| self.copy_error(chunk, key, e))?;
     }
     Ok(())
-  }
-
-  /// Copies one planned chunk read into `dst`, a row-major buffer of `dst_sizes`.
-  fn copy_read(&self, key: &str, read: &ChunkRead, dst: &mut [u8], dst_sizes: &[u64]) -> Result<()> {
-    let (blob, rec) = self.chunk_record(key, read.chunk)?;
-    let storage = &blob.bytes()[rec.storage.clone()];
-    let copied = match &blob {
-      Blob::Mapped { file, range } => {
-        let src = FileStorage { file, base: (range.start + rec.storage.start) as u64, mapped: storage };
-        copy_chunk(&src, &rec, read, dst, dst_sizes)
-      }
-      Blob::Owned { .. } => copy_chunk(storage, &rec, read, dst, dst_sizes),
-    };
-    copied.map_err(|e| Error::io(blob.path(), e))
   }
 
   /// Chunks that each fill whole rows of the destination (sharded on dim 0, the common case) own disjoint byte
@@ -437,6 +573,7 @@ impl Checkpoint {
     &self,
     key: &str,
     plan: &[ChunkRead],
+    chunks: &[Arc<ResolvedChunk>],
     slabs: Vec<(usize, Range<usize>)>,
     dst: &mut [u8],
   ) -> Result<()> {
@@ -462,7 +599,8 @@ impl Checkpoint {
             let read = &plan[i];
             let mut local = read.clone();
             local.dst_start = vec![0; read.dst_start.len()];
-            self.copy_read(key, &local, out, &read.lengths)?;
+            copy_resolved(&chunks[i], &local, out, &read.lengths)
+              .map_err(|e| self.copy_error(&chunks[i], key, e))?;
           }
           Ok(())
         }));
@@ -473,93 +611,191 @@ impl Checkpoint {
     })
   }
 
-  /// Asks the kernel to start reading the stored chunks of `key` (asynchronous readahead; nothing is copied).
+  /// Resolves the chunks of `key` and asks the kernel to start reading their storage (asynchronous readahead;
+  /// nothing is copied). A later read finds the chunks resolved.
   pub fn prefetch(&self, key: &str) -> Result<()> {
-    let n = self.tensor(key)?.chunks.len();
-    self.prefetch_chunks(key, 0..n)
-  }
-
-  fn prefetch_chunks(&self, key: &str, chunks: impl Iterator<Item = usize>) -> Result<()> {
-    let t = self.tensor(key)?;
-    for i in chunks {
-      let info = self.storage_info(key, Some(&t.chunks[i].offsets))?;
-      if let Ok(Blob::Mapped { file, range }) = self.blob(key, info) {
-        file.will_need(range);
+    for c in self.resolve(key)? {
+      if let Source::File { file, offset, len } = &c.source {
+        file.will_need(*offset, *len);
       }
     }
     Ok(())
   }
 
+  /// Bytes of tensor `key`, checked against 64 bits.
+  pub fn tensor_bytes(&self, key: &str) -> Result<u64> {
+    let t = self.tensor(key)?;
+    self.region_bytes(key, t, &Region::whole(&t.size))
+  }
+
   /// Reads the whole tensor into a new buffer.
   pub fn read_tensor(&self, key: &str) -> Result<Vec<u8>> {
     let t = self.tensor(key)?;
-    let len = t.numel().checked_mul(t.dtype().size() as u64).and_then(|n| usize::try_from(n).ok());
-    let Some(len) = len else {
+    let n = self.tensor_bytes(key)?;
+    let Ok(len) = usize::try_from(n) else {
       return Err(self.bad_request(key, "is too large to hold in memory"));
     };
-    let mut buf = vec![0u8; len];
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(len).map_err(|_| Error::OutOfMemory {
+      path: self.metadata_path.clone(),
+      key: key.to_owned(),
+      bytes: n,
+    })?;
+    buf.resize(len, 0);
     self.read_into(key, &Region::whole(&t.size), &mut buf)?;
     Ok(buf)
   }
 
-  /// The whole tensor mapped straight from its data file, when its stored bytes are already what torch shows:
-  /// one chunk covering the tensor, row-major, our byte order, aligned for the element type. `None` otherwise.
-  pub fn map_stored(&self, key: &str) -> Result<Option<MappedTensor>> {
-    let t = self.tensor(key)?;
-    if t.chunks.len() != 1 || t.chunks[0].sizes != t.size || t.numel() == 0 {
-      return Ok(None);
-    }
-    let (blob, rec) = self.chunk_record(key, 0)?;
-    let Blob::Mapped { file, range } = blob else {
-      return Ok(None);
-    };
-    let es = t.dtype().size();
-    let start = range.start + rec.storage.start;
-    if !rec.is_plain() || start % es != 0 {
-      return Ok(None);
-    }
-    let len = t.numel() as usize * es;
-    let (map, offset) = file.map_range(start..start + len).map_err(|e| Error::io(&file.path, e))?;
-    Ok(Some(MappedTensor { map, offset, len }))
-  }
-
-  /// A non-tensor value.
+  /// A non-tensor value. Tensors inside it are read out (at most [`limits::MAX_OBJECT_BYTES`] in all).
   pub fn read_object(&self, key: &str) -> Result<PyObject> {
     if let ItemMetadata::Tensor(_) = self.item(key)? {
       return Err(self.bad_request(key, "is a tensor, not a non-tensor value"));
     }
     let info = self.storage_info(key, None)?;
-    let blob = self.blob(key, info)?;
-    let obj = self.parse_blob(&blob, key)?;
-    // tensors nested in a value (e.g. a tuple of tensors) are copied out while the blob is at hand
-    Ok(materialise(obj, blob.bytes()))
+    let bytes = self.record_bytes(key, info, limits::MAX_OBJECT_BYTES)?;
+    let obj = bytes.parse().map_err(|e| self.record_error(bytes.path(), key, e))?;
+    let mut left = limits::MAX_OBJECT_BYTES;
+    self.materialise(obj, &bytes, key, &mut left, 0)
+  }
+
+  /// Replaces each tensor record in `obj` by its values; `left` is what the limit still allows.
+  fn materialise(
+    &self,
+    obj: PyObject,
+    bytes: &RecordBytes,
+    key: &str,
+    left: &mut u64,
+    depth: usize,
+  ) -> Result<PyObject> {
+    let path = bytes.path().to_path_buf();
+    if depth > limits::MAX_NESTING {
+      return Err(Error::Record { path, key: key.to_owned(), reason: "value nested too deeply".into() });
+    }
+    let many = |v: Vec<PyObject>, left: &mut u64| -> Result<Vec<PyObject>> {
+      v.into_iter().map(|o| self.materialise(o, bytes, key, left, depth + 1)).collect()
+    };
+    Ok(match obj {
+      PyObject::Tensor(rec) => {
+        let n = checked_nbytes(&rec.shape, rec.dtype.size()).ok_or_else(|| Error::SizeOverflow {
+          path: path.clone(),
+          key: key.to_owned(),
+          what: format!("the byte size of a {} tensor of shape {:?}", rec.dtype, rec.shape),
+        })?;
+        // declared sizes are checked before anything is allocated: an expanded (stride-0) view of one stored
+        // element can claim any size
+        if n > *left {
+          return Err(Error::LimitExceeded {
+            path,
+            what: format!("key `{key}`: a {} tensor of shape {:?} inside the value", rec.dtype, rec.shape),
+            value: n,
+            limit: limits::MAX_OBJECT_BYTES,
+            limit_name: "limits::MAX_OBJECT_BYTES",
+          });
+        }
+        *left -= n;
+        let mut data = Vec::new();
+        data.try_reserve_exact(n as usize).map_err(|_| Error::OutOfMemory {
+          path: path.clone(),
+          key: key.to_owned(),
+          bytes: n,
+        })?;
+        data.resize(n as usize, 0);
+        if n > 0 {
+          let read = ChunkRead {
+            chunk: 0,
+            src_start: vec![0; rec.shape.len()],
+            dst_start: vec![0; rec.shape.len()],
+            lengths: rec.shape.clone(),
+          };
+          let chunk = ResolvedChunk {
+            index: 0,
+            offsets: vec![0; rec.shape.len()],
+            sizes: rec.shape.clone(),
+            dtype: rec.dtype,
+            source: bytes.storage(&rec),
+            layout: rec.layout(),
+            fixup: rec.fixup(),
+          };
+          copy_resolved(&chunk, &read, &mut data, &rec.shape).map_err(|e| self.copy_error(&chunk, key, e))?;
+        }
+        PyObject::TensorData { dtype: rec.dtype, shape: rec.shape, data }
+      }
+      PyObject::List(v) => PyObject::List(many(v, left)?),
+      PyObject::Tuple(v) => PyObject::Tuple(many(v, left)?),
+      PyObject::Dict(v) => {
+        let mut out = Vec::with_capacity(v.len());
+        for (k, o) in v {
+          out.push((
+            self.materialise(k, bytes, key, left, depth + 1)?,
+            self.materialise(o, bytes, key, left, depth + 1)?,
+          ));
+        }
+        PyObject::Dict(out)
+      }
+      other => other,
+    })
+  }
+
+  /// The box a read of `key` with optional `offsets`/`sizes` means: neither → the whole tensor; offsets
+  /// default to 0, sizes to the rest of each dimension. The box is checked against the tensor.
+  pub fn region(&self, key: &str, offsets: Option<Vec<u64>>, sizes: Option<Vec<u64>>) -> Result<Region> {
+    let t = self.tensor(key)?;
+    let offsets = offsets.unwrap_or_else(|| vec![0; t.size.len()]);
+    let sizes = match sizes {
+      Some(s) => s,
+      None => t.size.iter().zip(&offsets).map(|(n, o)| n.saturating_sub(*o)).collect(),
+    };
+    let region = Region { offsets, sizes };
+    check_region(&t.size, &region).map_err(|r| self.bad_request(key, r))?;
+    Ok(region)
+  }
+
+  /// Files, ranks and format details recorded in `.metadata`.
+  pub fn summary(&self) -> Summary {
+    let md = &self.metadata;
+    let files: BTreeSet<String> = md.storage_data.values().map(|i| i.relative_path.clone()).collect();
+    // torch names data files `__{rank}_{n}.distcp`
+    let ranks: BTreeSet<&str> =
+      files.iter().filter_map(|f| f.strip_prefix("__").and_then(|r| r.split('_').next())).collect();
+    Summary {
+      metadata_file: self
+        .metadata_path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default(),
+      version: md.version.clone(),
+      tensor_properties_module: md.tensor_properties_module().map(str::to_owned),
+      save_id: md.storage_meta.as_ref().and_then(|s| s.save_id.clone()),
+      checkpoint_id: md.storage_meta.as_ref().and_then(|s| s.checkpoint_id.clone()),
+      ranks: ranks.len(),
+      files: files.into_iter().collect(),
+      has_planner_data: md.planner_data.is_some(),
+      has_storage_meta: md.storage_meta.is_some(),
+    }
+  }
+
+  /// Each key's path in the original nested state dict (`planner_data`), as JSON `{key: [str|int, ...]}` in
+  /// key order, or `None` when the checkpoint has none.
+  pub fn planner_paths_json(&self) -> Option<String> {
+    let pd = self.metadata.planner_data.as_ref()?;
+    let mut map = serde_json::Map::new();
+    for key in self.keys() {
+      if let Some(path) = pd.get(key) {
+        let elems: Vec<serde_json::Value> = path
+          .iter()
+          .map(|p| match p {
+            PathElem::Key(k) => serde_json::Value::String(k.clone()),
+            PathElem::Index(i) => serde_json::Value::from(*i),
+          })
+          .collect();
+        map.insert(key.to_owned(), serde_json::Value::Array(elems));
+      }
+    }
+    Some(serde_json::Value::Object(map).to_string())
   }
 
   /// Element type of a tensor.
   pub fn dtype(&self, key: &str) -> Result<DType> {
     Ok(self.tensor(key)?.dtype())
-  }
-}
-
-fn materialise(obj: PyObject, blob: &[u8]) -> PyObject {
-  match obj {
-    PyObject::Tensor(rec) => {
-      let mut data = vec![0u8; rec.numel() as usize * rec.dtype.size()];
-      let read = crate::plan::ChunkRead {
-        chunk: 0,
-        src_start: vec![0; rec.shape.len()],
-        dst_start: vec![0; rec.shape.len()],
-        lengths: rec.shape.clone(),
-      };
-      if !data.is_empty() {
-        // a slice source cannot fail
-        let _ = copy_chunk(&blob[rec.storage.clone()], &rec, &read, &mut data, &rec.shape);
-      }
-      PyObject::TensorData { dtype: rec.dtype, shape: rec.shape, data }
-    }
-    PyObject::List(v) => PyObject::List(v.into_iter().map(|o| materialise(o, blob)).collect()),
-    PyObject::Tuple(v) => PyObject::Tuple(v.into_iter().map(|o| materialise(o, blob)).collect()),
-    PyObject::Dict(v) => PyObject::Dict(v.into_iter().map(|(k, o)| (k, materialise(o, blob))).collect()),
-    other => other,
   }
 }

@@ -1,51 +1,73 @@
-//! Executes one [`ChunkRead`]: copies a box out of a stored (possibly permuted) tensor into a row-major
-//! destination, one `memcpy` per contiguous run.
+//! The host executor: runs the [`Copy2D`]s that [`crate::exec::lower`] makes of a [`ChunkRead`], from memory or
+//! from a data file with positional reads into the destination (large rows) or through bounded scratch (small or
+//! strided rows).
 
-use crate::dtype::DType;
-use crate::exec::{lower, StoredLayout};
+use crate::exec::{lower, source_extent, Copy2D, LowerError, StoredLayout};
+use crate::limits::STRIDED_SCRATCH_BYTES;
 use crate::plan::ChunkRead;
-use crate::torch_save::TensorRecord;
+use crate::source::{DataFile, Fixup, ReadFail, ResolvedChunk, Source};
 
-/// Where a chunk's storage bytes come from: a slice (mapped or decompressed), or a file read with `pread`.
-pub trait RunSource {
-  /// Copies `out.len()` bytes that start at byte `offset` of the storage into `out`.
-  fn copy_run(&self, offset: usize, out: &mut [u8]) -> std::io::Result<()>;
+/// Rows at least this long are read with one `pread` each, straight into the destination; shorter ones come
+/// from scratch filled by large reads.
+const PREAD_MIN: u64 = 64 * 1024;
+
+/// Scratch window for rows visited in file order: large enough that a read costs little per byte.
+const WINDOW: u64 = 8 << 20;
+
+/// Why a copy failed.
+#[derive(Debug)]
+pub enum CopyError {
+  Lower(LowerError),
+  Read(ReadFail),
+  /// A copy would read or write outside its source or destination (the caller's checks missed it).
+  Bounds(String),
+  /// Scratch memory of this many bytes could not be reserved.
+  Alloc(u64),
 }
 
-impl RunSource for [u8] {
-  fn copy_run(&self, offset: usize, out: &mut [u8]) -> std::io::Result<()> {
-    out.copy_from_slice(&self[offset..offset + out.len()]);
-    Ok(())
+impl From<LowerError> for CopyError {
+  fn from(e: LowerError) -> Self {
+    CopyError::Lower(e)
   }
 }
 
-/// Copies `read` from `storage` (the record's whole storage) into `dst`, a row-major buffer of `dst_sizes`.
-/// The caller has checked that the record's view fits its storage and that `dst` holds `dst_sizes` elements.
-/// The stride rules live in [`crate::exec::lower`]; this is the host executor of its copies.
-pub fn copy_chunk<S: RunSource + ?Sized>(
-  storage: &S,
-  rec: &TensorRecord,
+fn dst_row(dst: &mut [u8], at: u64, width: u64) -> Result<&mut [u8], CopyError> {
+  let len = dst.len();
+  let range = usize::try_from(at).ok().and_then(|a| Some(a..a.checked_add(usize::try_from(width).ok()?)?));
+  match range {
+    Some(r) if r.end <= len => Ok(&mut dst[r]),
+    _ => {
+      Err(CopyError::Bounds(format!("destination row at byte {at} (+{width}) is outside its {len} bytes")))
+    }
+  }
+}
+
+fn rows(c: &Copy2D) -> impl Iterator<Item = (u64, u64)> + '_ {
+  (0..c.height).map(move |r| (c.src + r * c.src_pitch, c.dst + r * c.dst_pitch))
+}
+
+/// Copies `read` out of `storage` (a chunk's whole storage, laid out as `layout`) into `dst`, a row-major buffer
+/// of `dst_sizes`, fixing each row up as `fixup` says.
+pub fn copy_chunk(
+  storage: &[u8],
+  layout: &StoredLayout,
+  fixup: Option<&Fixup>,
   read: &ChunkRead,
   dst: &mut [u8],
   dst_sizes: &[u64],
-) -> std::io::Result<()> {
-  let layout = StoredLayout {
-    stride: rec.stride.clone(),
-    storage_offset: rec.storage_offset,
-    elem_size: rec.dtype.size() as u64,
-  };
-  let copies = lower(&layout, read, dst_sizes).map_err(std::io::Error::other)?;
-  let fix = Fixup::of(rec);
+) -> Result<(), CopyError> {
+  let copies = lower(layout, read, dst_sizes)?;
+  if let Some((_, end)) = source_extent(&copies) {
+    if end > storage.len() as u64 {
+      return Err(CopyError::Bounds(format!("reads up to byte {end} of a {}-byte storage", storage.len())));
+    }
+  }
   for c in copies {
-    let width = c.width as usize;
-    for row in 0..c.height {
-      let (s, t) = ((c.src + row * c.src_pitch) as usize, (c.dst + row * c.dst_pitch) as usize);
-      let dst_len = dst.len();
-      let out = dst.get_mut(t..t + width).ok_or_else(|| {
-        std::io::Error::other(format!("destination too small: bytes {t}..{} of {dst_len}", t + width))
-      })?;
-      storage.copy_run(s, out)?;
-      if let Some(f) = &fix {
+    for (s, t) in rows(&c) {
+      let out = dst_row(dst, t, c.width)?;
+      // in bounds: the extent check above covers every row
+      out.copy_from_slice(&storage[s as usize..(s + c.width) as usize]);
+      if let Some(f) = fixup {
         f.apply(out);
       }
     }
@@ -53,92 +75,89 @@ pub fn copy_chunk<S: RunSource + ?Sized>(
   Ok(())
 }
 
-/// What must happen to stored bytes to give the values torch would show: byte order, lazy conj/neg bits.
-struct Fixup {
-  dtype: DType,
-  swap: bool,
-  conj: bool,
-  neg: bool,
-}
-
-impl Fixup {
-  fn of(rec: &TensorRecord) -> Option<Fixup> {
-    (rec.big_endian || rec.conj || rec.neg).then_some(Fixup {
-      dtype: rec.dtype,
-      swap: rec.big_endian,
-      conj: rec.conj,
-      neg: rec.neg,
-    })
-  }
-
-  fn apply(&self, bytes: &mut [u8]) {
-    if self.swap {
-      let unit = self.dtype.swap_unit();
-      if unit > 1 {
-        for u in bytes.chunks_exact_mut(unit) {
-          u.reverse();
-        }
-      }
-    }
-    let es = self.dtype.size();
-    let is_float = matches!(
-      self.dtype,
-      DType::Float64
-        | DType::Float32
-        | DType::Float16
-        | DType::BFloat16
-        | DType::Float8E4M3Fn
-        | DType::Float8E5M2
-        | DType::Complex128
-        | DType::Complex64
-        | DType::Complex32
-    );
-    for e in bytes.chunks_exact_mut(es) {
-      if self.dtype.is_complex() {
-        let half = es / 2;
-        if self.neg {
-          e[half - 1] ^= 0x80;
-        }
-        if self.neg != self.conj {
-          e[es - 1] ^= 0x80;
-        }
-      } else if self.neg && is_float {
-        e[es - 1] ^= 0x80;
-      } else if self.neg {
-        negate_int(e);
-      }
+/// Copies `read` of a resolved chunk into `dst`, a row-major buffer of `dst_sizes`.
+pub fn copy_resolved(
+  chunk: &ResolvedChunk,
+  read: &ChunkRead,
+  dst: &mut [u8],
+  dst_sizes: &[u64],
+) -> Result<(), CopyError> {
+  match &chunk.source {
+    Source::Memory(bytes) => copy_chunk(bytes, &chunk.layout, chunk.fixup.as_ref(), read, dst, dst_sizes),
+    Source::File { file, offset, len } => {
+      copy_from_file(file, *offset, *len, &chunk.layout, chunk.fixup.as_ref(), read, dst, dst_sizes)
     }
   }
 }
 
-fn negate_int(e: &mut [u8]) {
-  // two's complement: invert and add one, little-endian
-  let mut carry = true;
-  for b in e.iter_mut() {
-    *b = !*b;
-    if carry {
-      let (v, c) = b.overflowing_add(1);
-      *b = v;
-      carry = c;
+/// [`copy_chunk`] from storage at byte `base` of `file` (`storage_len` bytes), with positional reads.
+#[allow(clippy::too_many_arguments)]
+pub fn copy_from_file(
+  file: &DataFile,
+  base: u64,
+  storage_len: u64,
+  layout: &StoredLayout,
+  fixup: Option<&Fixup>,
+  read: &ChunkRead,
+  dst: &mut [u8],
+  dst_sizes: &[u64],
+) -> Result<(), CopyError> {
+  let copies = lower(layout, read, dst_sizes)?;
+  let Some((first, end)) = source_extent(&copies) else { return Ok(()) };
+  if end > storage_len {
+    return Err(CopyError::Bounds(format!("reads up to byte {end} of a {storage_len}-byte storage")));
+  }
+  let at = |s: u64| base.checked_add(s).ok_or(CopyError::Lower(LowerError::Overflow));
+  let shape = copies.shape();
+  if shape.width >= PREAD_MIN {
+    for c in copies {
+      for (s, t) in rows(&c) {
+        let out = dst_row(dst, t, c.width)?;
+        file.read_exact_at(out, at(s)?).map_err(CopyError::Read)?;
+        if let Some(f) = fixup {
+          f.apply(out);
+        }
+      }
+    }
+    return Ok(());
+  }
+  // Small rows: read the source through scratch. Rows visited in file order need only a sliding window; others
+  // (a transposed chunk) jump around, so their whole extent is read at once when it is not too large.
+  let span = end - first;
+  let ascending = copies.is_ascending();
+  let window = if ascending { span.min(WINDOW) } else { span.min(STRIDED_SCRATCH_BYTES) };
+  let mut scratch: Vec<u8> = Vec::new();
+  let cap = usize::try_from(window).map_err(|_| CopyError::Alloc(window))?;
+  scratch.try_reserve_exact(cap).map_err(|_| CopyError::Alloc(window))?;
+  scratch.resize(cap, 0);
+  // the window holds storage bytes [w0, w0 + filled)
+  let (mut w0, mut filled) = (0u64, 0u64);
+  for c in copies {
+    for (s, t) in rows(&c) {
+      if s < w0 || s + c.width > w0 + filled {
+        // out of order, start the window as early as still covers this row, so it also covers earlier ones
+        let r = if ascending { s } else { s.min(end - window).max(first) };
+        let n = window.min(end - r);
+        file.read_exact_at(&mut scratch[..n as usize], at(r)?).map_err(CopyError::Read)?;
+        (w0, filled) = (r, n);
+      }
+      let out = dst_row(dst, t, c.width)?;
+      let from = (s - w0) as usize;
+      out.copy_from_slice(&scratch[from..from + c.width as usize]);
+      if let Some(f) = fixup {
+        f.apply(out);
+      }
     }
   }
+  Ok(())
 }
 
 #[cfg(test)]
 mod tests {
   use super::*;
 
-  fn rec(shape: &[u64], stride: &[u64], offset: u64, storage_len: usize) -> TensorRecord {
-    TensorRecord {
-      dtype: DType::Int32,
-      shape: shape.to_vec(),
-      stride: stride.to_vec(),
-      storage_offset: offset,
-      storage: 0..storage_len * 4,
-      big_endian: false,
-      conj: false,
-      neg: false,
-    }
+  fn rec(_shape: &[u64], stride: &[u64], offset: u64, _storage_len: usize) -> StoredLayout {
+    StoredLayout { stride: stride.to_vec(), storage_offset: offset, elem_size: 4 }
   }
 
   fn i32s(v: &[i32]) -> Vec<u8> {
@@ -156,7 +175,7 @@ mod tests {
     let r = rec(&[3, 2], &[1, 3], 0, 6);
     let read = ChunkRead { chunk: 0, src_start: vec![0, 0], dst_start: vec![0, 0], lengths: vec![3, 2] };
     let mut dst = vec![0u8; 24];
-    copy_chunk(&storage[..], &r, &read, &mut dst, &[3, 2]).unwrap();
+    copy_chunk(&storage[..], &r, None, &read, &mut dst, &[3, 2]).unwrap();
     assert_eq!(read_i32(&dst), vec![0, 3, 1, 4, 2, 5]);
   }
 
@@ -167,7 +186,7 @@ mod tests {
     let r = rec(&[2, 3], &[3, 1], 0, 6);
     let read = ChunkRead { chunk: 0, src_start: vec![0, 1], dst_start: vec![0, 3], lengths: vec![2, 2] };
     let mut dst = vec![0u8; 48];
-    copy_chunk(&storage[..], &r, &read, &mut dst, &[2, 6]).unwrap();
+    copy_chunk(&storage[..], &r, None, &read, &mut dst, &[2, 6]).unwrap();
     assert_eq!(read_i32(&dst), vec![0, 0, 0, 2, 3, 0, 0, 0, 0, 5, 6, 0]);
   }
 
@@ -177,19 +196,67 @@ mod tests {
     let r = rec(&[], &[], 2, 3);
     let read = ChunkRead { chunk: 0, src_start: vec![], dst_start: vec![], lengths: vec![] };
     let mut dst = vec![0u8; 4];
-    copy_chunk(&storage[..], &r, &read, &mut dst, &[]).unwrap();
+    copy_chunk(&storage[..], &r, None, &read, &mut dst, &[]).unwrap();
     assert_eq!(read_i32(&dst), vec![7]);
   }
 
   #[test]
   fn big_endian_and_neg() {
     let storage: Vec<u8> = [5i32, -7].iter().flat_map(|x| x.to_be_bytes()).collect();
-    let mut r = rec(&[2], &[1], 0, 2);
-    r.big_endian = true;
-    r.neg = true;
+    let r = rec(&[2], &[1], 0, 2);
+    let fix = Fixup::new(crate::dtype::DType::Int32, true, false, true);
     let read = ChunkRead { chunk: 0, src_start: vec![0], dst_start: vec![0], lengths: vec![2] };
     let mut dst = vec![0u8; 8];
-    copy_chunk(&storage[..], &r, &read, &mut dst, &[2]).unwrap();
+    copy_chunk(&storage[..], &r, fix.as_ref(), &read, &mut dst, &[2]).unwrap();
     assert_eq!(read_i32(&dst), vec![-5, 7]);
+  }
+
+  /// Reads from a file (through windows and whole-extent scratch) give the same bytes as reads from memory.
+  #[test]
+  fn file_reads_match_memory_reads() {
+    let (rows, cols) = (3000u64, 1500u64); // 18 MB: more than one window
+    let storage: Vec<u8> = (0..rows * cols).flat_map(|i| (i as i32).to_le_bytes()).collect();
+    let dir = std::env::temp_dir().join(format!("distcp-copy-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("storage.bin");
+    // 8 bytes of something else first, so the storage starts at a non-zero file offset
+    std::fs::write(&path, [&[7u8; 8][..], &storage].concat()).unwrap();
+    let file = DataFile::open(path).unwrap();
+    let cases = [
+      // narrow columns of every row: small rows, ascending, several windows
+      (
+        rec(&[rows, cols], &[cols, 1], 0, 0),
+        ChunkRead { chunk: 0, src_start: vec![0, 7], dst_start: vec![0, 0], lengths: vec![rows, 3] },
+        vec![rows, 3],
+      ),
+      // transposed view (cols × rows, stride (1, cols)): rows jump around, whole extent read once
+      (
+        rec(&[cols, rows], &[1, cols], 0, 0),
+        ChunkRead { chunk: 0, src_start: vec![1, 2], dst_start: vec![0, 0], lengths: vec![20, rows - 2] },
+        vec![20, rows - 2],
+      ),
+      // whole rows: one large pread into the destination
+      (
+        rec(&[rows, cols], &[cols, 1], 0, 0),
+        ChunkRead { chunk: 0, src_start: vec![10, 0], dst_start: vec![0, 0], lengths: vec![100, cols] },
+        vec![100, cols],
+      ),
+    ];
+    for (layout, read, dst_sizes) in cases {
+      let n = (dst_sizes.iter().product::<u64>() * 4) as usize;
+      let (mut a, mut b) = (vec![0u8; n], vec![1u8; n]);
+      copy_chunk(&storage, &layout, None, &read, &mut a, &dst_sizes).unwrap();
+      copy_from_file(&file, 8, storage.len() as u64, &layout, None, &read, &mut b, &dst_sizes).unwrap();
+      assert!(a == b, "{read:?}");
+    }
+    // a storage that is shorter on disk than promised: a short read, not a crash
+    let layout = rec(&[rows, cols], &[cols, 1], 0, 0);
+    let read =
+      ChunkRead { chunk: 0, src_start: vec![0, 0], dst_start: vec![0, 0], lengths: vec![rows, cols] };
+    let mut dst = vec![0u8; storage.len()];
+    let short =
+      copy_from_file(&file, 16, storage.len() as u64, &layout, None, &read, &mut dst, &[rows, cols]);
+    assert!(matches!(short, Err(CopyError::Read(ReadFail::Short { .. }))), "{short:?}");
+    std::fs::remove_dir_all(dir).unwrap();
   }
 }

@@ -69,6 +69,35 @@ pub enum Error {
     "{output}: the output {relation} the input {input}; choose a folder outside it (nothing was written)"
   )]
   OutputOverlapsInput { output: PathBuf, input: PathBuf, relation: &'static str },
+
+  // --- read layer: sizes, limits, files (keep together; appended after the variants above) ---
+  /// A size computed from input (elements, bytes, offsets) does not fit in 64 bits.
+  #[error("{path}: key `{key}`: {what} overflows 64 bits")]
+  SizeOverflow { path: PathBuf, key: String, what: String },
+
+  /// Input asks for more than one of the named limits in `limits.rs` allows.
+  #[error("{path}: {what} is {value} bytes, over distcp's limit of {limit} ({limit_name})")]
+  LimitExceeded { path: PathBuf, what: String, value: u64, limit: u64, limit_name: &'static str },
+
+  /// A FIFO, device, socket or folder where a regular file must be.
+  #[error("{path}: is a {kind}, not a regular file")]
+  NotARegularFile { path: PathBuf, kind: &'static str },
+
+  /// The file ended before the bytes `.metadata` promised: it was truncated or rewritten while open.
+  #[error("{path}: key `{key}`: expected {expected} bytes at offset {offset}, the file ended after {got} (was it changed while open?)")]
+  ShortRead { path: PathBuf, key: String, offset: u64, expected: u64, got: u64 },
+
+  /// A zstd-compressed item decompresses to more than `.metadata` implies, or is not valid zstd.
+  #[error("{path}: key `{key}`: {reason}")]
+  Decompress { path: PathBuf, key: String, reason: String },
+
+  /// `.metadata` describes chunks that are outside their tensor, overlap, or leave a gap.
+  #[error("{path}: key `{key}`: {reason}")]
+  ChunkLayout { path: PathBuf, key: String, reason: String },
+
+  /// Memory for a result could not be reserved.
+  #[error("{path}: key `{key}`: cannot allocate {bytes} bytes")]
+  OutOfMemory { path: PathBuf, key: String, bytes: u64 },
 }
 
 fn holder(pid: &Option<u32>) -> String {
@@ -101,6 +130,13 @@ impl Error {
       Error::Aborted { .. } => "ERR_DISTCP_ABORTED",
       Error::Locked { .. } => "ERR_DISTCP_LOCKED",
       Error::OutputOverlapsInput { .. } => "ERR_DISTCP_OUTPUT_OVERLAPS_INPUT",
+      Error::SizeOverflow { .. } => "ERR_DISTCP_SIZE_OVERFLOW",
+      Error::LimitExceeded { .. } => "ERR_DISTCP_LIMIT_EXCEEDED",
+      Error::NotARegularFile { .. } => "ERR_DISTCP_NOT_A_FILE",
+      Error::ShortRead { .. } => "ERR_DISTCP_SHORT_READ",
+      Error::Decompress { .. } => "ERR_DISTCP_DECOMPRESS",
+      Error::ChunkLayout { .. } => "ERR_DISTCP_CHUNK_LAYOUT",
+      Error::OutOfMemory { .. } => "ERR_DISTCP_OUT_OF_MEMORY",
     }
   }
 }

@@ -93,6 +93,26 @@ impl Copies {
     self.template
   }
 
+  /// Whether the copies' rows, in the order the iterator yields them, read the source at increasing,
+  /// non-overlapping offsets (a row-major chunk: yes; a transposed one: no). A reader that streams the source
+  /// through a window needs this.
+  pub fn is_ascending(&self) -> bool {
+    let t = &self.template;
+    if t.height > 1 && t.src_pitch < t.width {
+      return false;
+    }
+    // bytes spanned by one copy, then by each outer dimension from the innermost out
+    let mut span = (t.height - 1).saturating_mul(t.src_pitch).saturating_add(t.width);
+    for d in self.outer.iter().rev() {
+      let step = d.src.saturating_mul(self.elem_size);
+      if d.len > 1 && step < span {
+        return false;
+      }
+      span = (d.len - 1).saturating_mul(step).saturating_add(span);
+    }
+    true
+  }
+
   /// How many copies the iterator yields in all.
   pub fn copy_count(&self) -> u64 {
     if self.done {
@@ -282,6 +302,8 @@ mod tests {
     let c: Vec<_> =
       lower(&layout(&[4, 1], 0, 4), &read(&[0, 0], &[0, 4], &[3, 4]), &[3, 8]).unwrap().collect();
     assert_eq!(c, vec![Copy2D { src: 0, src_pitch: 16, dst: 16, dst_pitch: 32, width: 16, height: 3 }]);
+    let c = lower(&layout(&[8, 1], 0, 4), &read(&[0, 4], &[0, 0], &[3, 4]), &[3, 4]).unwrap();
+    assert!(c.is_ascending());
   }
 
   #[test]
@@ -289,6 +311,7 @@ mod tests {
     // x.t(): shape (3,2) stride (1,3)
     let mut c = lower(&layout(&[1, 3], 0, 4), &read(&[0, 0], &[0, 0], &[3, 2]), &[3, 2]).unwrap();
     assert_eq!(c.copy_count(), 3);
+    assert!(!c.is_ascending());
     assert_eq!(source_extent(&c), Some((0, 24)));
     assert_eq!(c.next(), Some(Copy2D { src: 0, src_pitch: 12, dst: 0, dst_pitch: 4, width: 4, height: 2 }));
     assert_eq!(c.next(), Some(Copy2D { src: 4, src_pitch: 12, dst: 8, dst_pitch: 4, width: 4, height: 2 }));

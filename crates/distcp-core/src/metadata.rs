@@ -2,6 +2,7 @@
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::limits::{checked_nbytes, checked_numel, MAX_CHUNK_COMPARISONS, MAX_DIMS};
 use crate::pickle::{self, Global, Object, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -31,8 +32,9 @@ pub struct Chunk {
 }
 
 impl Chunk {
+  /// Elements of the chunk; [`Metadata::validate`] refused chunks where this overflows.
   pub fn numel(&self) -> u64 {
-    self.sizes.iter().product()
+    checked_numel(&self.sizes).unwrap_or(u64::MAX)
   }
 }
 
@@ -48,8 +50,14 @@ impl TensorMetadata {
     self.properties.dtype
   }
 
+  /// Elements of the tensor; [`Metadata::validate`] refused tensors where this (or the byte size) overflows.
   pub fn numel(&self) -> u64 {
-    self.size.iter().product()
+    checked_numel(&self.size).unwrap_or(u64::MAX)
+  }
+
+  /// Bytes of the tensor, or `None` when that overflows 64 bits.
+  pub fn nbytes(&self) -> Option<u64> {
+    checked_nbytes(&self.size, self.dtype().size())
   }
 }
 
@@ -416,6 +424,97 @@ impl Metadata {
     Ok(md)
   }
 
+  /// Checks, in one pass, everything reads rely on: every size fits in 64 bits (elements and bytes), tensors
+  /// have at most [`MAX_DIMS`] dimensions, every chunk lies inside its tensor, no two chunks overlap, the chunks
+  /// cover the tensor exactly, and every chunk and non-tensor value has a storage entry. `path` is for messages.
+  pub fn validate(&self, path: &Path) -> Result<()> {
+    let layout_err = |key: &str, reason: String| Error::ChunkLayout {
+      path: path.to_path_buf(),
+      key: key.to_owned(),
+      reason,
+    };
+    for (key, item) in &self.items {
+      let t = match item {
+        ItemMetadata::Tensor(t) => t,
+        ItemMetadata::Bytes => {
+          let sk = StorageKey { fqn: key.clone(), offset: None };
+          if !self.storage_data.contains_key(&sk) {
+            return Err(Error::Metadata {
+              path: path.to_path_buf(),
+              reason: format!("key `{key}`: no storage entry"),
+            });
+          }
+          continue;
+        }
+      };
+      if t.size.len() > MAX_DIMS {
+        return Err(layout_err(key, format!("{} dimensions (distcp reads up to {MAX_DIMS})", t.size.len())));
+      }
+      let Some(numel) = checked_numel(&t.size) else {
+        return Err(Error::SizeOverflow {
+          path: path.to_path_buf(),
+          key: key.clone(),
+          what: format!("the element count of shape {:?}", t.size),
+        });
+      };
+      if t.nbytes().is_none() {
+        return Err(Error::SizeOverflow {
+          path: path.to_path_buf(),
+          key: key.clone(),
+          what: format!("the byte size of a {} tensor of shape {:?}", t.dtype(), t.size),
+        });
+      }
+      let mut covered = 0u64;
+      // non-empty chunks; empty ones hold nothing (torch ≥ 2.8 writes them with offsets at the end of a dim)
+      let mut boxes: Vec<&Chunk> = Vec::with_capacity(t.chunks.len());
+      for c in &t.chunks {
+        // parse checked the rank of every chunk against the tensor's
+        let Some(n) = checked_numel(&c.sizes) else {
+          return Err(Error::SizeOverflow {
+            path: path.to_path_buf(),
+            key: key.clone(),
+            what: format!("the element count of chunk {:?} at {:?}", c.sizes, c.offsets),
+          });
+        };
+        if n == 0 {
+          continue;
+        }
+        for (d, ((&o, &s), &dim)) in c.offsets.iter().zip(&c.sizes).zip(&t.size).enumerate() {
+          if o.checked_add(s).is_none_or(|end| end > dim) {
+            return Err(layout_err(
+              key,
+              format!(
+                "chunk {:?} at {:?} lies outside the tensor {:?} in dimension {d}",
+                c.sizes, c.offsets, t.size
+              ),
+            ));
+          }
+        }
+        let sk = StorageKey { fqn: key.clone(), offset: Some(c.offsets.clone()) };
+        if !self.storage_data.contains_key(&sk) {
+          return Err(Error::Metadata {
+            path: path.to_path_buf(),
+            reason: format!("key `{key}`: no storage entry for the chunk at {:?}", c.offsets),
+          });
+        }
+        // chunks lie inside the tensor and do not overlap (checked below), so this sum is at most numel
+        covered = covered.saturating_add(n);
+        boxes.push(c);
+      }
+      check_disjoint(&boxes).map_err(|r| layout_err(key, r))?;
+      if covered != numel {
+        return Err(layout_err(
+          key,
+          format!(
+            "the stored chunks cover {covered} of the tensor's {numel} elements (a gap in {:?})",
+            t.size
+          ),
+        ));
+      }
+    }
+    Ok(())
+  }
+
   pub fn item(&self, key: &str) -> Option<&ItemMetadata> {
     // `items` is public: trust the index only while it still points at the key
     match self.index.get(key).and_then(|&i| self.items.get(i)) {
@@ -430,5 +529,128 @@ impl Metadata {
       ItemMetadata::Tensor(t) => Some(t.properties.module.as_str()),
       ItemMetadata::Bytes => None,
     })
+  }
+}
+
+fn overlaps(a: &Chunk, b: &Chunk) -> bool {
+  // both lie inside the tensor (checked first), so these sums cannot overflow
+  a.offsets
+    .iter()
+    .zip(&a.sizes)
+    .zip(b.offsets.iter().zip(&b.sizes))
+    .all(|((&ao, &asz), (&bo, &bsz))| ao < bo + bsz && bo < ao + asz)
+}
+
+/// Fails when two of `chunks` (non-empty, inside their tensor) overlap. A sweep along dimension 0 compares only
+/// chunks whose row ranges meet, which for sharded tensors is a handful; the total work is bounded.
+fn check_disjoint(chunks: &[&Chunk]) -> std::result::Result<(), String> {
+  if chunks.len() < 2 || chunks[0].sizes.is_empty() {
+    // a 0-dim tensor has one element: two non-empty chunks of it overlap
+    return match chunks {
+      [a, b, ..] => Err(format!("chunks at {:?} and {:?} overlap", a.offsets, b.offsets)),
+      _ => Ok(()),
+    };
+  }
+  let mut order: Vec<&Chunk> = chunks.to_vec();
+  order.sort_by_key(|c| c.offsets[0]);
+  let mut active: Vec<&Chunk> = Vec::new();
+  let mut work = 0u64;
+  for c in order {
+    let start = c.offsets[0];
+    active.retain(|a| a.offsets[0] + a.sizes[0] > start);
+    for a in &active {
+      work += 1;
+      if work > MAX_CHUNK_COMPARISONS {
+        return Err(format!(
+          "too many chunks to check for overlaps (limits::MAX_CHUNK_COMPARISONS = {MAX_CHUNK_COMPARISONS})"
+        ));
+      }
+      if overlaps(a, c) {
+        return Err(format!(
+          "chunks {:?} at {:?} and {:?} at {:?} overlap",
+          a.sizes, a.offsets, c.sizes, c.offsets
+        ));
+      }
+    }
+    active.push(c);
+  }
+  Ok(())
+}
+
+#[cfg(test)]
+mod validate_tests {
+  use super::*;
+
+  fn md(size: &[u64], chunks: &[(&[u64], &[u64])]) -> Metadata {
+    let mut m = Metadata::default();
+    let t = TensorMetadata {
+      properties: TensorProperties {
+        dtype: DType::Float32,
+        requires_grad: false,
+        pin_memory: false,
+        module: String::new(),
+      },
+      size: size.to_vec(),
+      chunks: chunks.iter().map(|(o, s)| Chunk { offsets: o.to_vec(), sizes: s.to_vec() }).collect(),
+    };
+    for c in &t.chunks {
+      let info = StorageInfo {
+        relative_path: "__0_0.distcp".into(),
+        offset: 0,
+        length: 0,
+        transform_descriptors: vec![],
+      };
+      m.storage_data.insert(StorageKey { fqn: "w".into(), offset: Some(c.offsets.clone()) }, info);
+    }
+    m.items.push(("w".into(), ItemMetadata::Tensor(t)));
+    m
+  }
+
+  fn code(m: &Metadata) -> Option<&'static str> {
+    m.validate(Path::new(".metadata")).err().map(|e| e.code())
+  }
+
+  #[test]
+  fn exact_tilings_pass() {
+    assert_eq!(code(&md(&[4, 6], &[(&[0, 0], &[2, 6]), (&[2, 0], &[2, 6])])), None);
+    assert_eq!(code(&md(&[4, 6], &[(&[0, 0], &[4, 3]), (&[0, 3], &[4, 3]), (&[4, 0], &[0, 6])])), None);
+    assert_eq!(code(&md(&[], &[(&[], &[])])), None);
+    assert_eq!(code(&md(&[0, 5], &[])), None);
+  }
+
+  #[test]
+  fn overlap_plus_gap_is_refused() {
+    // the sizes add up to the tensor (8 + 8 = 16), but rows 0..2 are stored twice and rows 2..4 not at all
+    let m = md(&[4, 4], &[(&[0, 0], &[2, 4]), (&[0, 0], &[2, 4])]);
+    let e = m.validate(Path::new(".metadata")).unwrap_err();
+    assert_eq!(e.code(), "ERR_DISTCP_CHUNK_LAYOUT");
+    assert!(e.to_string().contains("overlap"), "{e}");
+  }
+
+  #[test]
+  fn gaps_outside_and_overflow_are_refused() {
+    assert_eq!(code(&md(&[4, 4], &[(&[0, 0], &[2, 4])])), Some("ERR_DISTCP_CHUNK_LAYOUT"));
+    assert_eq!(
+      code(&md(&[4, 4], &[(&[0, 0], &[4, 4]), (&[3, 0], &[2, 4])])),
+      Some("ERR_DISTCP_CHUNK_LAYOUT")
+    );
+    // element count wraps to 2 with unchecked arithmetic
+    assert_eq!(
+      code(&md(&[3, 6148914691236517206], &[(&[0, 0], &[3, 6148914691236517206])])),
+      Some("ERR_DISTCP_SIZE_OVERFLOW")
+    );
+    // numel fits, bytes (× 4) do not
+    assert_eq!(code(&md(&[1 << 62], &[(&[0], &[1 << 62])])), Some("ERR_DISTCP_SIZE_OVERFLOW"));
+    assert_eq!(code(&md(&[u64::MAX, 2], &[(&[u64::MAX, 0], &[1, 2])])), Some("ERR_DISTCP_SIZE_OVERFLOW"));
+  }
+
+  #[test]
+  fn missing_storage_entries_are_refused() {
+    let mut m = md(&[4], &[(&[0], &[4])]);
+    m.storage_data.clear();
+    assert_eq!(code(&m), Some("ERR_DISTCP_METADATA"));
+    let mut m = Metadata::default();
+    m.items.push(("n".into(), ItemMetadata::Bytes));
+    assert_eq!(code(&m), Some("ERR_DISTCP_METADATA"));
   }
 }

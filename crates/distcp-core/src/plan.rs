@@ -15,8 +15,9 @@ impl Region {
     Region { offsets: vec![0; shape.len()], sizes: shape.to_vec() }
   }
 
-  pub fn numel(&self) -> u64 {
-    self.sizes.iter().product()
+  /// Elements in the box, or `None` when the count overflows 64 bits.
+  pub fn numel(&self) -> Option<u64> {
+    crate::limits::checked_numel(&self.sizes)
   }
 }
 
@@ -31,8 +32,9 @@ pub struct ChunkRead {
 }
 
 impl ChunkRead {
+  /// Elements copied; a read planned inside a checked region never saturates.
   pub fn numel(&self) -> u64 {
-    self.lengths.iter().product()
+    crate::limits::checked_numel(&self.lengths).unwrap_or(u64::MAX)
   }
 }
 
@@ -122,7 +124,7 @@ mod tests {
         ChunkRead { chunk: 1, src_start: vec![1, 0], dst_start: vec![0, 2], lengths: vec![2, 2] },
       ]
     );
-    assert_eq!(plan.iter().map(ChunkRead::numel).sum::<u64>(), r.numel());
+    assert_eq!(Some(plan.iter().map(ChunkRead::numel).sum::<u64>()), r.numel());
   }
 
   #[test]

@@ -2,9 +2,11 @@
 //! [`TensorRecord`]s pointing at their bytes inside the archive. Nothing is copied here.
 
 use crate::dtype::DType;
+use crate::limits::{checked_numel, MAX_DIMS, MAX_NESTING, MAX_OBJECT_BYTES};
 use crate::metadata::torch_value_global;
 use crate::pickle::{self, BigInt, Object, Value};
-use crate::zip::{self, Archive, ZipError};
+use crate::source::ReadAt;
+use crate::zip::{self, Archive, Entry, ZipError};
 use std::ops::Range;
 
 /// A tensor as `data.pkl` describes it.
@@ -26,8 +28,23 @@ pub struct TensorRecord {
 }
 
 impl TensorRecord {
+  /// Elements of the view; `parse` refused records where this overflows.
   pub fn numel(&self) -> u64 {
-    self.shape.iter().product()
+    checked_numel(&self.shape).unwrap_or(u64::MAX)
+  }
+
+  /// How the view's elements sit in the storage, for [`crate::exec::lower`].
+  pub fn layout(&self) -> crate::exec::StoredLayout {
+    crate::exec::StoredLayout {
+      stride: self.stride.clone(),
+      storage_offset: self.storage_offset,
+      elem_size: self.dtype.size() as u64,
+    }
+  }
+
+  /// The fixup copied bytes need, if any.
+  pub fn fixup(&self) -> Option<crate::source::Fixup> {
+    crate::source::Fixup::new(self.dtype, self.big_endian, self.conj, self.neg)
   }
 
   pub fn is_row_major(&self) -> bool {
@@ -94,14 +111,36 @@ pub fn record_allows(module: &str, name: &str) -> bool {
   }
 }
 
-/// Parses the archive in `blob` and rebuilds its root object.
-pub fn parse(blob: &[u8]) -> Result<PyObject, RecordError> {
-  let archive = zip::parse(blob).map_err(RecordError::Zip)?;
+fn entry_bytes<R: ReadAt + ?Sized>(r: &R, e: &Entry, limit: u64) -> Result<Vec<u8>, RecordError> {
+  let len = e.data.len() as u64;
+  if len > limit {
+    return invalid(format!("record {} is {len} bytes, over the limit of {limit}", e.name));
+  }
+  let mut buf = Vec::new();
+  if buf.try_reserve_exact(e.data.len()).is_err() {
+    return invalid(format!("cannot allocate {len} bytes for record {}", e.name));
+  }
+  buf.resize(e.data.len(), 0);
+  r.read_at(e.data.start as u64, &mut buf).map_err(|err| {
+    RecordError::Zip(ZipError::Read {
+      offset: e.data.start as u64,
+      len,
+      kind: err.kind(),
+      message: err.to_string(),
+    })
+  })?;
+  Ok(buf)
+}
+
+/// Parses the archive `r` holds and rebuilds its root object, reading only the zip structures, `byteorder` and
+/// `data.pkl` (tensor bytes stay where they are).
+pub fn parse<R: ReadAt + ?Sized>(r: &R) -> Result<PyObject, RecordError> {
+  let archive = zip::parse(r).map_err(RecordError::Zip)?;
   let Some(pkl) = archive.get("data.pkl") else {
     return invalid("the archive has no data.pkl");
   };
   let big_endian = match archive.get("byteorder") {
-    Some(e) => match &blob[e.data.clone()] {
+    Some(e) => match &entry_bytes(r, e, 16)?[..] {
       b"little" => false,
       b"big" => true,
       other => return invalid(format!("unknown byteorder {:?}", String::from_utf8_lossy(other))),
@@ -109,7 +148,8 @@ pub fn parse(blob: &[u8]) -> Result<PyObject, RecordError> {
     // archives from torch ≤ 2.0 have no byteorder record: they are little-endian
     None => false,
   };
-  let root = pickle::unpickle(&blob[pkl.data.clone()], &record_allows).map_err(|e| match e {
+  let pkl = entry_bytes(r, pkl, MAX_OBJECT_BYTES)?;
+  let root = pickle::unpickle(&pkl, &record_allows).map_err(|e| match e {
     pickle::UnpickleError::Forbidden { module, name } => RecordError::Forbidden { module, name },
     pickle::UnpickleError::Malformed { pos, reason } => {
       RecordError::Invalid(format!("data.pkl is not a valid pickle: {reason} (at byte {pos})"))
@@ -144,7 +184,7 @@ fn ints(v: &Value, what: &str) -> Result<Vec<u64>, RecordError> {
 
 impl Rebuild<'_> {
   fn convert(&self, v: &Value, depth: usize) -> Result<PyObject, RecordError> {
-    if depth > 100 {
+    if depth > MAX_NESTING {
       return invalid("value nested too deeply");
     }
     let many = |items: &[Value]| -> Result<Vec<PyObject>, RecordError> {
@@ -250,6 +290,12 @@ impl Rebuild<'_> {
     if shape.len() != stride.len() {
       return invalid(format!("size {shape:?} and stride {stride:?} have different lengths"));
     }
+    if shape.len() > MAX_DIMS {
+      return invalid(format!("a tensor with {} dimensions (distcp reads up to {MAX_DIMS})", shape.len()));
+    }
+    let Some(numel) = checked_numel(&shape) else {
+      return invalid(format!("the element count of shape {shape:?} overflows 64 bits"));
+    };
     let meta_arg = if v3 { a.get(7) } else { a.get(6) };
     let flag =
       |name: &str| meta_arg.and_then(|m| m.get(name)).is_some_and(|v| matches!(v, Value::Bool(true)));
@@ -264,12 +310,13 @@ impl Rebuild<'_> {
       neg: flag("neg"),
     };
     // every element the view can address must lie inside the storage
-    if rec.numel() > 0 {
-      let mut last = u128::from(rec.storage_offset);
+    if numel > 0 {
+      // at most MAX_DIMS terms below 2^128 each: the sum fits in u128 unless a term is huge, checked anyway
+      let mut last = Some(u128::from(rec.storage_offset));
       for (&s, &st) in rec.shape.iter().zip(&rec.stride) {
-        last += u128::from(s - 1) * u128::from(st);
+        last = last.and_then(|l| l.checked_add(u128::from(s - 1) * u128::from(st)));
       }
-      let need = (last + 1) * dtype.size() as u128;
+      let need = last.and_then(|l| (l + 1).checked_mul(dtype.size() as u128)).unwrap_or(u128::MAX);
       if need > u128::from(record_len) {
         return invalid(format!(
           "a {dtype} tensor of shape {:?} (stride {:?}, offset {}) needs {need} bytes, its record data/{key} has {record_len}",

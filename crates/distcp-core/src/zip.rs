@@ -1,15 +1,27 @@
 //! Reading the `torch.save` zip archive: the central directory says where each stored entry's bytes are. Nothing
-//! is decompressed: torch stores every record, so an entry is just a byte range of the blob.
+//! is decompressed: torch stores every record, so an entry is just a byte range of the archive, which is read
+//! through [`ReadAt`] (positional reads of a file, or memory) so that only the structures are read.
 //!
 //! Sizes come from the central directory, never from local headers (miniz writes zeros there and uses data
 //! descriptors). CRCs are not checked: torch can be configured to write none.
 
+use crate::source::ReadAt;
 use std::ops::Range;
 
 #[derive(Debug, PartialEq)]
 pub enum ZipError {
   Malformed(String),
-  Compressed { entry: String, method: u16 },
+  Compressed {
+    entry: String,
+    method: u16,
+  },
+  /// Reading the archive's bytes failed (e.g. the file shrank under us).
+  Read {
+    offset: u64,
+    len: u64,
+    kind: std::io::ErrorKind,
+    message: String,
+  },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -82,21 +94,45 @@ fn to_usize(v: u64, what: &str) -> Result<usize, ZipError> {
   usize::try_from(v).or_else(|_| bad(format!("{what} does not fit in memory")))
 }
 
-/// Parses the archive that occupies exactly `blob` (DCP records are self-contained archives).
-pub fn parse(blob: &[u8]) -> Result<Archive, ZipError> {
-  if blob.len() < 22 {
-    return bad(format!("{} bytes is too short for a zip archive", blob.len()));
+fn read<R: ReadAt + ?Sized>(r: &R, offset: u64, len: u64) -> Result<Vec<u8>, ZipError> {
+  let end = offset.checked_add(len);
+  if end.is_none_or(|e| e > r.size()) {
+    return bad("truncated zip structure");
   }
-  if blob[..4] != LOCAL_SIG.to_le_bytes() {
+  let n = to_usize(len, "zip structure")?;
+  let mut buf = Vec::new();
+  buf.try_reserve_exact(n).or_else(|_| bad(format!("cannot allocate {n} bytes for a zip structure")))?;
+  buf.resize(n, 0);
+  r.read_at(offset, &mut buf).map_err(|e| ZipError::Read {
+    offset,
+    len,
+    kind: e.kind(),
+    message: e.to_string(),
+  })?;
+  Ok(buf)
+}
+
+/// Parses the archive that occupies exactly `r` (DCP records are self-contained archives), reading only its
+/// first bytes, the end records, the central directory and each entry's local header.
+pub fn parse<R: ReadAt + ?Sized>(r: &R) -> Result<Archive, ZipError> {
+  let total = r.size();
+  if total < 22 {
+    return bad(format!("{total} bytes is too short for a zip archive"));
+  }
+  if read(r, 0, 4)?[..] != LOCAL_SIG.to_le_bytes() {
     return bad("does not start with a zip local header (PK\\x03\\x04)");
   }
-  // The end-of-central-directory record; torch writes no comment, but allow one.
-  let search_from = blob.len().saturating_sub(22 + 0xffff);
-  let Some(eocd) = (search_from..=blob.len() - 22).rev().find(|&i| blob[i..i + 4] == EOCD_SIG.to_le_bytes())
+  // The end-of-central-directory record; torch writes no comment, but allow one. The tail read also covers the
+  // zip64 locator just before it.
+  let tail_len = total.min(22 + 0xffff + 20);
+  let tail_start = total - tail_len;
+  let tail = read(r, tail_start, tail_len)?;
+  let search_from = tail.len().saturating_sub(22 + 0xffff);
+  let Some(eocd) = (search_from..=tail.len() - 22).rev().find(|&i| tail[i..i + 4] == EOCD_SIG.to_le_bytes())
   else {
     return bad("no end-of-central-directory record (truncated?)");
   };
-  let mut c = Cursor::at(blob, eocd + 4);
+  let mut c = Cursor::at(&tail, eocd + 4);
   let _disk = c.u16()?;
   let _cd_disk = c.u16()?;
   let _n_here = c.u16()?;
@@ -104,11 +140,12 @@ pub fn parse(blob: &[u8]) -> Result<Archive, ZipError> {
   let mut cd_size = u64::from(c.u32()?);
   let mut cd_offset = u64::from(c.u32()?);
 
-  if eocd >= 20 && blob[eocd - 20..eocd - 16] == ZIP64_LOCATOR_SIG.to_le_bytes() {
-    let mut l = Cursor::at(blob, eocd - 16);
+  if eocd >= 20 && tail[eocd - 20..eocd - 16] == ZIP64_LOCATOR_SIG.to_le_bytes() {
+    let mut l = Cursor::at(&tail, eocd - 16);
     let _disk = l.u32()?;
-    let z64 = to_usize(l.u64()?, "zip64 record offset")?;
-    let mut z = Cursor::at(blob, z64);
+    let z64 = l.u64()?;
+    let rec = read(r, z64, 56)?;
+    let mut z = Cursor::at(&rec, 0);
     if z.u32()? != ZIP64_EOCD_SIG {
       return bad("zip64 locator points to no zip64 end record");
     }
@@ -123,19 +160,18 @@ pub fn parse(blob: &[u8]) -> Result<Archive, ZipError> {
     cd_offset = z.u64()?;
   }
 
-  let cd_start = to_usize(cd_offset, "central directory offset")?;
-  let cd_end = cd_start.checked_add(to_usize(cd_size, "central directory size")?);
-  if cd_end.is_none_or(|e| e > blob.len()) {
+  if cd_offset.checked_add(cd_size).is_none_or(|e| e > total) {
     return bad("central directory lies outside the archive");
   }
   // each central record is at least 46 bytes: a bigger count is a lie, don't allocate for it
   if count > cd_size / 46 + 1 {
     return bad("central directory entry count is inconsistent with its size");
   }
+  let cd = read(r, cd_offset, cd_size)?;
 
   let mut entries = Vec::with_capacity(count as usize);
   let mut prefix: Option<String> = None;
-  let mut c = Cursor::at(blob, cd_start);
+  let mut c = Cursor::at(&cd, 0);
   for _ in 0..count {
     if c.u32()? != CDIR_SIG {
       return bad("corrupt central directory entry");
@@ -198,18 +234,27 @@ pub fn parse(blob: &[u8]) -> Result<Archive, ZipError> {
       return bad(format!("stored entry `{full_name}` has different compressed and uncompressed sizes"));
     }
 
-    let local = to_usize(local, "local header offset")?;
-    let mut l = Cursor::at(blob, local);
+    let lh = match read(r, local, 30) {
+      Ok(lh) => lh,
+      Err(ZipError::Malformed(_)) => {
+        return bad(format!("entry `{full_name}`: no local header at offset {local}"))
+      }
+      Err(e) => return Err(e),
+    };
+    let mut l = Cursor::at(&lh, 0);
     if l.u32()? != LOCAL_SIG {
       return bad(format!("entry `{full_name}`: no local header at offset {local}"));
     }
-    let mut lh = Cursor::at(blob, local + 26);
-    let lname = usize::from(lh.u16()?);
-    let lextra = usize::from(lh.u16()?);
+    let mut lf = Cursor::at(&lh, 26);
+    let lname = u64::from(lf.u16()?);
+    let lextra = u64::from(lf.u16()?);
     let start = local + 30 + lname + lextra;
-    let end = start.checked_add(to_usize(csize, "entry size")?);
+    let end = start.checked_add(csize);
     match end {
-      Some(end) if end <= blob.len() => entries.push(Entry { name: name.to_owned(), data: start..end }),
+      Some(end) if end <= total => {
+        let data = to_usize(start, "entry offset")?..to_usize(end, "entry end")?;
+        entries.push(Entry { name: name.to_owned(), data })
+      }
       _ => return bad(format!("entry `{full_name}` runs past the end of the archive")),
     }
   }

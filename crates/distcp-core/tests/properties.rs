@@ -9,7 +9,8 @@ use distcp_core::Checkpoint;
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
 
-const DTYPES: [DType; 6] = [DType::Float32, DType::BFloat16, DType::Int64, DType::UInt8, DType::Float64, DType::Int16];
+const DTYPES: [DType; 6] =
+  [DType::Float32, DType::BFloat16, DType::Int64, DType::UInt8, DType::Float64, DType::Int16];
 
 #[derive(Debug, Clone)]
 struct T {

@@ -2,8 +2,7 @@
 
 use crate::errors::{guarded, invalid_arg, to_js};
 use crate::values;
-use distcp_core::checkpoint::MappedTensor;
-use distcp_core::metadata::{ItemMetadata, PathElem};
+use distcp_core::metadata::ItemMetadata;
 use distcp_core::plan::Region;
 use distcp_core::Checkpoint;
 use napi::bindgen_prelude::{AsyncTask, Buffer, BufferSlice, Uint8Array};
@@ -87,21 +86,9 @@ impl NativeCheckpoint {
     offsets: Option<Vec<f64>>,
     sizes: Option<Vec<f64>>,
   ) -> napi::Result<Region> {
-    let t = ck.tensor(key).map_err(to_js)?;
-    match (offsets, sizes) {
-      (None, None) => Ok(Region::whole(&t.size)),
-      (offsets, sizes) => {
-        let offsets = match offsets {
-          Some(o) => to_u64s(&o, "offsets")?,
-          None => vec![0; t.size.len()],
-        };
-        let sizes = match sizes {
-          Some(s) => to_u64s(&s, "sizes")?,
-          None => t.size.iter().zip(&offsets).map(|(n, o)| n.saturating_sub(*o)).collect(),
-        };
-        Ok(Region { offsets, sizes })
-      }
-    }
+    let offsets = offsets.map(|o| to_u64s(&o, "offsets")).transpose()?;
+    let sizes = sizes.map(|s| to_u64s(&s, "sizes")).transpose()?;
+    ck.region(key, offsets, sizes).map_err(to_js)
   }
 }
 
@@ -136,7 +123,6 @@ pub enum ReadOutput {
   Owned(Vec<u8>),
   /// Fresh anonymous memory, for large results.
   Anonymous(memmap2::MmapMut),
-  Mapped(MappedTensor),
 }
 
 /// Results at least this large get their own anonymous mapping, advised to use huge pages: filling 1 GB of fresh
@@ -172,7 +158,8 @@ pub struct ReadTask {
   ck: Arc<Checkpoint>,
   key: String,
   region: Region,
-  whole: bool,
+  /// Bytes of the result (checked by `read`).
+  len: usize,
 }
 
 impl<'env> ScopedTask<'env> for ReadTask {
@@ -181,13 +168,7 @@ impl<'env> ScopedTask<'env> for ReadTask {
 
   fn compute(&mut self) -> napi::Result<ReadOutput> {
     guarded(|| {
-      if self.whole {
-        if let Some(mapped) = self.ck.map_stored(&self.key).map_err(to_js)? {
-          return Ok(ReadOutput::Mapped(mapped));
-        }
-      }
-      let dtype = self.ck.dtype(&self.key).map_err(to_js)?;
-      let len = self.region.numel() as usize * dtype.size();
+      let len = self.len;
       if len >= ANON_MIN {
         let mut map = alloc_output(len).map_err(|e| to_js(distcp_core::Error::io(&self.ck.root, e)))?;
         self.ck.read_into(&self.key, &self.region, &mut map).map_err(to_js)?;
@@ -205,14 +186,6 @@ impl<'env> ScopedTask<'env> for ReadTask {
       ReadOutput::Anonymous(mut m) => {
         let (ptr, len) = (m.as_mut_ptr(), m.len());
         // SAFETY: the mapping is ours alone, `len` bytes long, and owned by the finalizer until JS drops the buffer.
-        unsafe { BufferSlice::from_external(env, ptr, len, m, |_, m| drop(m)) }
-      }
-      ReadOutput::Mapped(mut m) => {
-        let bytes = m.bytes_mut();
-        let (ptr, len) = (bytes.as_mut_ptr(), bytes.len());
-        // SAFETY: `ptr..ptr+len` lies inside the mapping `m`, which the finalizer owns and drops only when JS
-        // collects the buffer (moving `m` does not move the mapped pages). Each read maps afresh, so no two
-        // buffers share a pointer. The mapping is private copy-on-write, so JS may write to it.
         unsafe { BufferSlice::from_external(env, ptr, len, m, |_, m| drop(m)) }
       }
     }
@@ -288,13 +261,14 @@ impl NativeCheckpoint {
     let ck = self.get()?;
     match ck.item(&key).map_err(to_js)? {
       ItemMetadata::Tensor(t) => {
+        let nbytes = ck.tensor_bytes(&key).map_err(to_js)?;
         let chunks = ck.chunk_locations(&key).map_err(to_js)?;
         let files: BTreeSet<String> = chunks.iter().map(|c| c.info.relative_path.clone()).collect();
         Ok(ItemInfo {
           kind: "tensor".into(),
           dtype: Some(t.dtype().name().into()),
           shape: Some(dims(&t.size)),
-          nbytes: (t.numel() * t.dtype().size() as u64) as f64,
+          nbytes: nbytes as f64,
           chunks: chunks
             .into_iter()
             .map(|c| ChunkInfo {
@@ -328,53 +302,28 @@ impl NativeCheckpoint {
   /// null when the checkpoint has none.
   #[napi(catch_unwind)]
   pub fn planner_paths_json(&self) -> napi::Result<Option<String>> {
-    let ck = self.get()?;
-    let Some(pd) = &ck.metadata.planner_data else {
-      return Ok(None);
-    };
-    let mut map = serde_json::Map::new();
-    for key in ck.keys() {
-      if let Some(path) = pd.get(key) {
-        let elems: Vec<serde_json::Value> = path
-          .iter()
-          .map(|p| match p {
-            PathElem::Key(k) => serde_json::Value::String(k.clone()),
-            PathElem::Index(i) => serde_json::Value::from(*i),
-          })
-          .collect();
-        map.insert(key.to_owned(), serde_json::Value::Array(elems));
-      }
-    }
-    Ok(Some(serde_json::Value::Object(map).to_string()))
+    Ok(self.get()?.planner_paths_json())
   }
 
   #[napi(catch_unwind)]
   pub fn summary(&self) -> napi::Result<CheckpointSummary> {
     let ck = self.get()?;
-    let md = &ck.metadata;
-    let files: BTreeSet<String> = md.storage_data.values().map(|i| i.relative_path.clone()).collect();
-    let ranks: BTreeSet<&str> =
-      files.iter().filter_map(|f| f.strip_prefix("__").and_then(|r| r.split('_').next())).collect();
+    let s = ck.summary();
     Ok(CheckpointSummary {
       path: ck.root.to_string_lossy().into_owned(),
-      metadata_file: ck
-        .metadata_path
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default(),
-      version: md.version.clone(),
-      tensor_properties_module: md.tensor_properties_module().map(str::to_owned),
-      save_id: md.storage_meta.as_ref().and_then(|s| s.save_id.clone()),
-      checkpoint_id: md.storage_meta.as_ref().and_then(|s| s.checkpoint_id.clone()),
-      ranks: ranks.len() as u32,
-      files: files.into_iter().collect(),
-      has_planner_data: md.planner_data.is_some(),
-      has_storage_meta: md.storage_meta.is_some(),
+      metadata_file: s.metadata_file,
+      version: s.version,
+      tensor_properties_module: s.tensor_properties_module,
+      save_id: s.save_id,
+      checkpoint_id: s.checkpoint_id,
+      ranks: u32::try_from(s.ranks).unwrap_or(u32::MAX),
+      files: s.files,
+      has_planner_data: s.has_planner_data,
+      has_storage_meta: s.has_storage_meta,
     })
   }
 
-  /// Reads a tensor, or the box `offsets`/`sizes` of it, into a new Buffer (row-major). A whole tensor stored
-  /// plainly comes back as a copy-on-write mapping of the file, without a copy.
+  /// Reads a tensor, or the box `offsets`/`sizes` of it, into a new Buffer (row-major).
   #[napi(ts_return_type = "Promise<Buffer>")]
   pub fn read(
     &self,
@@ -383,10 +332,9 @@ impl NativeCheckpoint {
     sizes: Option<Vec<f64>>,
   ) -> napi::Result<AsyncTask<ReadTask>> {
     let ck = self.get()?;
-    let whole = offsets.is_none() && sizes.is_none();
     let region = self.region(&ck, &key, offsets, sizes)?;
     let dtype = ck.dtype(&key).map_err(to_js)?;
-    let bytes = region.numel().saturating_mul(dtype.size() as u64);
+    let bytes = distcp_core::limits::checked_nbytes(&region.sizes, dtype.size()).unwrap_or(u64::MAX);
     if bytes >= MAX_BUFFER {
       return Err(invalid_arg(format!(
         "{}: key `{key}`: {bytes} bytes is more than one Node buffer can hold ({MAX_BUFFER}); read it in boxes with \
@@ -394,7 +342,7 @@ impl NativeCheckpoint {
         ck.root.display()
       )));
     }
-    Ok(AsyncTask::new(ReadTask { ck, key, region, whole }))
+    Ok(AsyncTask::new(ReadTask { ck, key, region, len: bytes as usize }))
   }
 
   /// Reads a tensor (or a box of it) straight into `into`, which must hold exactly its bytes.

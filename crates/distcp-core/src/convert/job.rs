@@ -4,10 +4,10 @@
 
 use super::cast::cast_parallel;
 use super::ConvertPlan;
-use crate::checkpoint::Blob;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::plan::Region;
+use crate::source::Source;
 use crate::Checkpoint;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -108,7 +108,8 @@ impl ConvertJob {
     let t = ck.tensor(&tp.key)?.clone();
     let from = t.dtype();
     let to = DType::from_name(&tp.dtype).unwrap_or(from);
-    let row_elems: u64 = t.size.iter().skip(1).product();
+    // nbytes > 0, so every partial product of the (validated) shape fits
+    let row_elems = crate::limits::checked_numel(t.size.get(1..).unwrap_or(&[])).unwrap_or(u64::MAX);
     let rows = t.size.first().copied().unwrap_or(1);
 
     // fast path: every chunk is whole rows, stored plainly, and no cast
@@ -121,17 +122,12 @@ impl ConvertJob {
         if c.numel() == 0 {
           continue;
         }
-        let (blob, rec) = ck.chunk_record(&tp.key, ci)?;
-        match blob {
-          Blob::Mapped { file, range } if rec.is_plain() => {
+        let chunk = ck.resolve_chunk(&tp.key, ci)?;
+        match &chunk.source {
+          Source::File { file, offset, .. } if chunk.is_plain() => {
             let first_row = c.offsets.first().copied().unwrap_or(0);
             let dst = tp.offset + first_row * row_elems * from.size() as u64;
-            sources.push((
-              file,
-              (range.start + rec.storage.start) as u64,
-              dst,
-              c.numel() * from.size() as u64,
-            ));
+            sources.push((file.clone(), *offset, dst, chunk.nbytes()));
           }
           _ => all_plain = false,
         }
@@ -167,7 +163,8 @@ impl ConvertJob {
         sizes[0] = n;
         Region { offsets, sizes }
       };
-      let src_len = (region.numel() * from.size() as u64) as usize;
+      // a slab of a validated tensor: its byte size fits
+      let src_len = crate::limits::checked_nbytes(&region.sizes, from.size()).unwrap_or(0) as usize;
       self.buf.resize(src_len, 0);
       ck.read_into(&tp.key, &region, &mut self.buf[..src_len])?;
       let dst_off = tp.offset + r0 * row_elems * to.size() as u64;
@@ -178,7 +175,7 @@ impl ConvertJob {
       if from == to {
         out.write_all_at(&self.buf[..src_len], dst_off).map_err(|e| io_err(&shard_path, e))?;
       } else {
-        let dst_len = (region.numel() * to.size() as u64) as usize;
+        let dst_len = src_len / from.size() * to.size();
         self.cast_buf.resize(dst_len, 0);
         cast_parallel(&self.buf[..src_len], from, &mut self.cast_buf[..dst_len], to);
         out.write_all_at(&self.cast_buf[..dst_len], dst_off).map_err(|e| io_err(&shard_path, e))?;

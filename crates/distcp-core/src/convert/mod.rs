@@ -111,7 +111,11 @@ pub fn plan(
         reason: format!("two tensors would both be named `{}` in the output", e.name),
       });
     }
-    let nbytes = t.numel() * to.size() as u64;
+    let nbytes = crate::limits::checked_nbytes(&t.size, to.size()).ok_or_else(|| Error::SizeOverflow {
+      path: ck.metadata_path.clone(),
+      key: e.key.clone(),
+      what: format!("the byte size of a {to} tensor of shape {:?}", t.size),
+    })?;
     items.push(Item { key: e.key.clone(), name: e.name.clone(), from, to, shape: t.size.clone(), nbytes });
   }
 
@@ -318,7 +322,8 @@ pub fn tensors_equal(ck: &Checkpoint, a: &str, b: &str) -> Result<bool> {
       sizes[0] = n;
       crate::plan::Region { offsets, sizes }
     };
-    let len = (region.numel() * es) as usize;
+    // the region is part of a validated tensor, so its byte size fits
+    let len = crate::limits::checked_nbytes(&region.sizes, es as usize).unwrap_or(0) as usize;
     ba.resize(len, 0);
     bb.resize(len, 0);
     ck.read_into(a, &region, &mut ba)?;

@@ -5,5 +5,5 @@
 mod unpickler;
 mod value;
 
-pub use unpickler::{unpickle, AllowList, UnpickleError};
+pub use unpickler::{unpickle, unpickle_with_budget, AllowList, UnpickleError};
 pub use value::{BigInt, Global, Object, Value};

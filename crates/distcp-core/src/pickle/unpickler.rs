@@ -39,8 +39,7 @@ enum Node {
   PersistentId(Id),
 }
 
-/// Deepest nesting accepted; real checkpoints need < 20, and each level costs stack.
-const MAX_DEPTH: usize = 100;
+use crate::limits::{unpickle_budget, MAX_NESTING as MAX_DEPTH};
 
 struct Machine<'a, A: AllowList + ?Sized> {
   data: &'a [u8],
@@ -50,9 +49,23 @@ struct Machine<'a, A: AllowList + ?Sized> {
   marks: Vec<usize>,
   memo: HashMap<u64, Id>,
   allow: &'a A,
+  /// Heap bytes held by nodes beyond their fixed size (strings, item lists), for the memory budget.
+  extra: usize,
+  /// Memory this unpickling may use ([`unpickle_budget`]).
+  budget: usize,
 }
 
+/// Unpickles `data`, using at most [`unpickle_budget`] bytes of memory for it.
 pub fn unpickle<A: AllowList + ?Sized>(data: &[u8], allow: &A) -> Result<Value, UnpickleError> {
+  unpickle_with_budget(data, allow, unpickle_budget(data.len()))
+}
+
+/// [`unpickle`] with an explicit memory budget in bytes (tests measure real files against the limit with it).
+pub fn unpickle_with_budget<A: AllowList + ?Sized>(
+  data: &[u8],
+  allow: &A,
+  budget: usize,
+) -> Result<Value, UnpickleError> {
   let mut m = Machine {
     data,
     pos: 0,
@@ -61,10 +74,13 @@ pub fn unpickle<A: AllowList + ?Sized>(data: &[u8], allow: &A) -> Result<Value, 
     marks: Vec::new(),
     memo: HashMap::new(),
     allow,
+    extra: 0,
+    budget,
   };
   let root = m.run()?;
-  // Bound the materialised tree: shared memo references could otherwise expand exponentially.
-  let mut budget = 16 * data.len() + 1024;
+  // The materialised tree gets what the VM left of the budget: shared memo references could otherwise expand
+  // exponentially.
+  let mut budget = m.budget.saturating_sub(m.used());
   m.materialise(root, 0, &mut budget)
 }
 
@@ -123,6 +139,14 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
     }
   }
 
+  /// Approximate heap bytes the VM holds now.
+  fn used(&self) -> usize {
+    self.arena.capacity() * std::mem::size_of::<Node>()
+      + (self.stack.capacity() + self.marks.capacity()) * std::mem::size_of::<usize>()
+      + self.memo.capacity() * 2 * std::mem::size_of::<u64>()
+      + self.extra
+  }
+
   fn alloc(&mut self, node: Node) -> Id {
     self.arena.push(node);
     self.arena.len() - 1
@@ -134,6 +158,12 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
   }
 
   fn push_scalar(&mut self, v: Value) {
+    self.extra += match &v {
+      Value::Str(s) => s.len(),
+      Value::Bytes(b) => b.len(),
+      Value::BigInt(b) => b.0.len(),
+      _ => 0,
+    };
     self.push(Node::Scalar(v));
   }
 
@@ -178,9 +208,12 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
     }
   }
 
-  fn tuple_items(&self, id: Id, what: &str) -> Result<Vec<Id>, UnpickleError> {
+  fn tuple_items(&mut self, id: Id, what: &str) -> Result<Vec<Id>, UnpickleError> {
     match &self.arena[id] {
-      Node::Tuple(items) => Ok(items.clone()),
+      Node::Tuple(items) => {
+        self.extra += items.len() * std::mem::size_of::<Id>();
+        Ok(items.clone())
+      }
       _ => self.err(format!("{what} expects an argument tuple")),
     }
   }
@@ -196,6 +229,7 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
         Some(Node::List(v)) | Some(Node::Tuple(v)) | Some(Node::Set(v)) => v.clone(),
         _ => Vec::new(),
       };
+      self.extra += items.len() * std::mem::size_of::<Id>();
       return Node::Set(items);
     }
     // protocol 2 has no bytes opcode: CPython pickles bytes as `_codecs.encode(latin-1 text, 'latin1')`, and
@@ -239,6 +273,8 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
       return self.err("SETITEMS with an odd number of items");
     }
     let pairs: Vec<(Id, Id)> = items.chunks(2).map(|c| (c[0], c[1])).collect();
+    // growth of the target's list, with the slack a doubling Vec keeps
+    self.extra += 2 * pairs.len() * std::mem::size_of::<(Id, Id)>();
     match &mut self.arena[target] {
       Node::Dict(d) => {
         d.extend(pairs);
@@ -249,6 +285,7 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
   }
 
   fn append_items(&mut self, target: Id, items: Vec<Id>) -> Result<(), UnpickleError> {
+    self.extra += 2 * items.len() * std::mem::size_of::<Id>();
     match &mut self.arena[target] {
       Node::List(l) | Node::Set(l) => {
         l.extend(items);
@@ -260,6 +297,13 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
 
   fn run(&mut self) -> Result<Id, UnpickleError> {
     loop {
+      if self.used() > self.budget {
+        return self.err(format!(
+          "the pickle expands past {} bytes of memory ({} per byte of pickle, limits::UNPICKLE_BYTES_PER_INPUT_BYTE)",
+          self.budget,
+          crate::limits::UNPICKLE_BYTES_PER_INPUT_BYTE
+        ));
+      }
       let op = self.u8()?;
       match op {
         0x80 => {
@@ -588,10 +632,22 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
     if depth > MAX_DEPTH {
       return self.err("nesting too deep (a reference cycle?)");
     }
-    if *budget == 0 {
-      return self.err("the pickle expands to far more objects than it has bytes");
+    // each value costs its own size plus what it owns on the heap (strings, globals' names, an object's box)
+    let cost = std::mem::size_of::<Value>()
+      + match &self.arena[id] {
+        Node::Scalar(Value::Str(s)) => s.len(),
+        Node::Scalar(Value::Bytes(b)) => b.len(),
+        Node::Scalar(Value::BigInt(b)) => b.0.len(),
+        Node::Global(g) => g.module.len() + g.name.len(),
+        Node::Object { class, .. } => std::mem::size_of::<Object>() + class.module.len() + class.name.len(),
+        _ => 0,
+      };
+    match budget.checked_sub(cost) {
+      Some(left) => *budget = left,
+      None => {
+        return self.err("the pickle expands to far more memory than it has bytes (shared references?)")
+      }
     }
-    *budget -= 1;
     let many = |ids: &[Id], budget: &mut usize| -> Result<Vec<Value>, UnpickleError> {
       ids.iter().map(|&i| self.materialise(i, depth + 1, budget)).collect()
     };
@@ -744,5 +800,38 @@ mod tests {
     let bytes = b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01X\x01\x00\x00\x00aq\x02K\x01s.";
     let v = load(bytes).unwrap();
     assert_eq!(v, Value::Dict(vec![(Value::Str("a".into()), Value::Int(1))]));
+  }
+
+  #[test]
+  fn an_empty_list_flood_stops_at_the_memory_budget() {
+    // 4 MB of EMPTY_LIST: one arena node per byte, far more memory than the budget allows per byte
+    let mut bytes = vec![0x80, 2];
+    bytes.extend(std::iter::repeat_n(b']', 4 << 20));
+    bytes.push(b'.');
+    match unpickle(&bytes[..], &|_: &str, _: &str| false) {
+      Err(UnpickleError::Malformed { reason, pos }) => {
+        assert!(reason.contains("expands past"), "{reason}");
+        // stopped well before the end: memory stayed within the budget
+        assert!(pos < bytes.len(), "{pos}");
+      }
+      other => panic!("{other:?}"),
+    }
+  }
+
+  #[test]
+  fn shared_references_to_a_big_string_stop_at_the_memory_budget() {
+    // one 64 KiB string, then a list of 20 000 memo references to it: 1.3 GB if materialised
+    let mut bytes = vec![0x80, 2, b']', b'q', 0, b'X'];
+    bytes.extend((64u32 << 10).to_le_bytes());
+    bytes.extend(std::iter::repeat_n(b'a', 64 << 10));
+    bytes.extend([b'q', 1, b'0', b'(']);
+    for _ in 0..20_000 {
+      bytes.extend([b'h', 1]);
+    }
+    bytes.extend([b'e', b'.']);
+    match unpickle(&bytes[..], &|_: &str, _: &str| false) {
+      Err(UnpickleError::Malformed { reason, .. }) => assert!(reason.contains("expands"), "{reason}"),
+      other => panic!("{:?}", other.map(|_| ())),
+    }
   }
 }

@@ -6,7 +6,8 @@ use crate::pickle::BigInt;
 use crate::write::pickler::bigint_from_decimal;
 
 /// Deepest nesting the writer accepts (each level costs stack in the traversal and the pickler).
-pub const MAX_DEPTH: usize = 200;
+/// One limit for reading and writing, so whatever is saved reads back.
+pub const MAX_DEPTH: usize = crate::limits::MAX_NESTING;
 
 /// A dense, row-major, little-endian tensor whose bytes belong to the caller (never copied by the writer).
 #[derive(Debug, Clone, PartialEq)]

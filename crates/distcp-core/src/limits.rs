@@ -1,0 +1,75 @@
+//! Every limit distcp applies to what it reads, in one place. Each size a file declares is checked against one of
+//! these (and against what the files can actually hold) before anything is allocated or looped over.
+
+/// Deepest nesting of values accepted anywhere: the unpickler, rebuilding `torch.save` values, and the writer (so
+/// that whatever distcp saves, it can read back). Real checkpoints need fewer than 20 levels; each costs stack.
+pub const MAX_NESTING: usize = 100;
+
+/// Largest `.metadata` file read. Real ones reach hundreds of MB (millions of chunks); past this the file is
+/// refused with a message naming the limit instead of being read into memory.
+pub const MAX_METADATA_BYTES: u64 = 2 << 30;
+
+/// Unpickling may use at most this many bytes of memory per byte of pickle, plus [`UNPICKLE_BASE_BYTES`]: the VM's
+/// objects and the materialised value tree together. Torch-written `.metadata` files use 40-61 (VM nodes are ~100
+/// bytes each); a stream built to expand (memo references to big strings, empty-container floods) is stopped here.
+pub const UNPICKLE_BYTES_PER_INPUT_BYTE: usize = 64;
+
+/// The fixed part of the unpickling memory budget (small pickles hold a few fixed-size objects).
+pub const UNPICKLE_BASE_BYTES: usize = 1 << 20;
+
+/// Memory one unpickling may use, for a pickle of `len` bytes.
+pub fn unpickle_budget(len: usize) -> usize {
+  len.saturating_mul(UNPICKLE_BYTES_PER_INPUT_BYTE).saturating_add(UNPICKLE_BASE_BYTES)
+}
+
+/// Most dimensions a tensor may have (torch itself supports up to 64 in practice).
+pub const MAX_DIMS: usize = 64;
+
+/// Largest non-tensor item (after zstd decompression), and the most bytes of tensors materialised out of one
+/// non-tensor value (an `expand`ed tensor stores one element but reads back as all of them).
+pub const MAX_OBJECT_BYTES: u64 = 1 << 30;
+
+/// Bytes a compressed tensor record may hold beyond its tensor's bytes: `data.pkl`, the zip headers and the
+/// alignment padding torch adds. Decompression stops at tensor bytes + this.
+pub const ARCHIVE_OVERHEAD_BYTES: u64 = 1 << 20;
+
+/// Largest decompressed item of any kind (a tensor chunk larger than this is refused when compressed).
+pub const MAX_DECOMPRESSED_BYTES: u64 = 64 << 30;
+
+/// Decompressed items kept in memory per open checkpoint (least recently resolved dropped first), so repeated
+/// box reads of a compressed tensor decompress it once without a whole compressed checkpoint piling up.
+pub const RESOLVED_MEMORY_CACHE_BYTES: u64 = 1 << 30;
+
+/// Pairwise chunk comparisons spent checking that a tensor's chunks do not overlap; a `.metadata` needing more
+/// (hundreds of thousands of mutually overlapping-in-dim-0 chunks) is refused.
+pub const MAX_CHUNK_COMPARISONS: u64 = 1 << 28;
+
+/// Scratch memory for reading a strided (e.g. transposed) chunk whose rows are visited out of file order: its
+/// whole source extent is read at once, up to this size; beyond it, in row order with bounded windows.
+pub const STRIDED_SCRATCH_BYTES: u64 = 1 << 30;
+
+/// Number of elements of `sizes`, or `None` when it overflows 64 bits.
+pub fn checked_numel(sizes: &[u64]) -> Option<u64> {
+  sizes.iter().try_fold(1u64, |acc, &s| acc.checked_mul(s))
+}
+
+/// Bytes of a tensor of `sizes` with `elem_size`-byte elements, or `None` when it overflows 64 bits.
+pub fn checked_nbytes(sizes: &[u64], elem_size: usize) -> Option<u64> {
+  checked_numel(sizes)?.checked_mul(elem_size as u64)
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+
+  #[test]
+  fn numel_overflow_is_caught() {
+    // the wrapping product of these is 2
+    assert_eq!(checked_numel(&[3, 6148914691236517206]), None);
+    assert_eq!(3u64.wrapping_mul(6148914691236517206), 2);
+    assert_eq!(checked_numel(&[]), Some(1));
+    assert_eq!(checked_numel(&[4, 0, u64::MAX]), Some(0));
+    assert_eq!(checked_nbytes(&[1 << 62], 4), None);
+    assert_eq!(checked_nbytes(&[2, 3], 4), Some(24));
+  }
+}
