@@ -842,6 +842,7 @@ module.exports.beginConvertOutput = nativeBinding.beginConvertOutput
 module.exports.checkConvertOutput = nativeBinding.checkConvertOutput
 module.exports.createConvertJob = nativeBinding.createConvertJob
 module.exports.flattenStateDictKeys = nativeBinding.flattenStateDictKeys
+module.exports.maxNesting = nativeBinding.maxNesting
 module.exports.openNativeCheckpoint = nativeBinding.openNativeCheckpoint
 module.exports.panicForTest = nativeBinding.panicForTest
 module.exports.parseSize = nativeBinding.parseSize

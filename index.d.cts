@@ -128,6 +128,12 @@ export interface ItemInfo {
   files: Array<string>
 }
 
+/**
+ * The deepest nesting a state dict may have (`distcp_core::limits::MAX_NESTING`), so the TypeScript encoder
+ * refuses what the core would refuse, with the same number.
+ */
+export declare function maxNesting(): number
+
 export interface NativeSaveOptions {
   /** `"2.4"` (default: torch ≥ 2.4's flat keys) or `"2.3"` (torch ≤ 2.3's). */
   layout?: string

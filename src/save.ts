@@ -55,8 +55,8 @@ export function pyTuple(...items: unknown[]): PyTuple {
   return new PyTuple(items as ConstructorParameters<typeof PyTuple>[0])
 }
 
-/** Deeper than this is refused (torch's own limit is Python's recursion depth; JSON between JS and Rust has one). */
-const MAX_DEPTH = 40
+/** Deeper than this is refused: the core's limit (`limits::MAX_NESTING`), one value for every layer. */
+const MAX_DEPTH = native.maxNesting()
 
 function describe(v: unknown): string {
   if (typeof v === 'function') return 'a function'

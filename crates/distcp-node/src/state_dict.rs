@@ -39,3 +39,10 @@ pub fn flatten_state_dict_keys(
       .collect(),
   )
 }
+
+/// The deepest nesting a state dict may have (`distcp_core::limits::MAX_NESTING`), so the TypeScript encoder
+/// refuses what the core would refuse, with the same number.
+#[napi]
+pub fn max_nesting() -> u32 {
+  distcp_core::limits::MAX_NESTING as u32
+}
