@@ -835,11 +835,15 @@ function __napiStampBindingTarget(exportsObject, target) {
 // linked import resolves to `undefined`.
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
+module.exports.FolderLock = nativeBinding.FolderLock
 module.exports.NativeCheckpoint = nativeBinding.NativeCheckpoint
 module.exports.NativeConvertJob = nativeBinding.NativeConvertJob
 module.exports.NativeConvertOutput = nativeBinding.NativeConvertOutput
 module.exports.beginConvertOutput = nativeBinding.beginConvertOutput
 module.exports.checkConvertOutput = nativeBinding.checkConvertOutput
+module.exports.commitSyncDir = nativeBinding.commitSyncDir
+module.exports.commitTempName = nativeBinding.commitTempName
+module.exports.commitWriterIsDead = nativeBinding.commitWriterIsDead
 module.exports.createConvertJob = nativeBinding.createConvertJob
 module.exports.flattenStateDictKeys = nativeBinding.flattenStateDictKeys
 module.exports.maxNesting = nativeBinding.maxNesting

@@ -9,6 +9,14 @@
  */
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
+/** The core's folder lock ([`distcp_core::commit::DirLock`]) held by JS until `release()` (or the process ends). */
+export declare class FolderLock {
+  /** Takes the lock of folder `dir` (which must exist); `ERR_DISTCP_LOCKED` when another writer holds it. */
+  static acquire(dir: string): FolderLock
+  /** Releases the lock (removing the lock file); a second call does nothing. */
+  release(): void
+}
+
 export declare class NativeCheckpoint {
   /** Flat keys in `.metadata` order. */
   keys(): Array<string>
@@ -87,6 +95,15 @@ export interface ChunkInfo {
   /** Length of the record (a `torch.save` archive, or its compressed form). */
   byteLength: number
 }
+
+/** fsyncs a folder, so that renames and removals in it are durable. */
+export declare function commitSyncDir(dir: string): void
+
+/** A temporary name `<prefix><pid>-<boot id>-<random>` ([`distcp_core::commit::temp_name`]). */
+export declare function commitTempName(prefix: string): string
+
+/** Whether the writer that made `name` with [`commit_temp_name`] and `prefix` is certainly gone. */
+export declare function commitWriterIsDead(name: string, prefix: string): boolean
 
 export interface ConvertEntryJs {
   /** Key in the checkpoint. */

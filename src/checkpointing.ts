@@ -6,6 +6,7 @@ import { join } from 'node:path'
 import { DistcpError } from './errors.js'
 import { resolveModel, TOKENIZER_DIRS, TOKENIZER_FILES } from './hf.js'
 import { load, type InternalLoadOptions, type LoadReport } from './load.js'
+import { asyncSaver, type AsyncSaver, type StagedInfo } from './async-save.js'
 import { save } from './save.js'
 import { ModelState, OptimizerState, type LRScheduler, type Model, type Optimizer } from './stateful.js'
 
@@ -30,6 +31,21 @@ export interface SaveCheckpointOptions {
   layout?: '2.4' | '2.3'
   /** Receives the seed's progress lines (`Saving tokenizer (or processor) to …`); default: silent. */
   log?: (line: string) => void
+  /**
+   * Save behind the trainer (see `saveAsync`): `saveCheckpoint` then returns an {@link AsyncCheckpointSave} at
+   * once instead of a promise of the whole save.
+   */
+  async?: boolean
+  /** With `async`: the saver that queues the writes (default: the process-wide one `saveAsync` uses). */
+  saver?: AsyncSaver
+}
+
+/** What `saveCheckpoint(…, { async: true })` returns. */
+export interface AsyncCheckpointSave {
+  /** Settles when the weights (and optimizer state) are copied into staging memory: the model may change from then on. */
+  staged: Promise<StagedInfo[]>
+  /** Settles when the weights, optimizer state and tokenizer are on disk. */
+  committed: Promise<void>
 }
 
 /** Options of {@link loadCheckpoint}: the seed's keyword arguments in camelCase, plus `log`. */
@@ -58,7 +74,14 @@ export interface LoadCheckpointResult {
  *    state"), then the tokenizer files are written there.
  * As in the seed, a missing path is found only after the steps before it are done (the weights are on disk).
  */
-export async function saveCheckpoint(model: Model, weightsPath: string, options: SaveCheckpointOptions = {}): Promise<void> {
+export function saveCheckpoint(model: Model, weightsPath: string, options: SaveCheckpointOptions & { async: true }): AsyncCheckpointSave
+export function saveCheckpoint(model: Model, weightsPath: string, options?: SaveCheckpointOptions): Promise<void>
+export function saveCheckpoint(model: Model, weightsPath: string, options: SaveCheckpointOptions = {}): Promise<void> | AsyncCheckpointSave {
+  if (options.async) return saveCheckpointAsync(model, weightsPath, options)
+  return saveCheckpointSync(model, weightsPath, options)
+}
+
+async function saveCheckpointSync(model: Model, weightsPath: string, options: SaveCheckpointOptions): Promise<void> {
   const { optimizer, scheduler, optimizerPath, tokenizer, tokenizerPath, layout, log } = options
   await save({ model: new ModelState(model) }, { checkpointId: weightsPath, layout })
   if (optimizer) {
@@ -74,6 +97,45 @@ export async function saveCheckpoint(model: Model, weightsPath: string, options:
     log?.(`Saving tokenizer (or processor) to ${tokenizerPath}`)
     await saveTokenizer(tokenizer, tokenizerPath)
   }
+}
+
+/**
+ * The same steps, in the same order, with the two DCP saves queued on the saver: both stage in the call (when
+ * the saver is idle), then write one after the other; the tokenizer is copied once both are committed. A
+ * missing `optimizerPath` / `tokenizerPath` rejects both promises, after the steps before it were queued (as the
+ * seed, which has the weights on disk by then).
+ */
+function saveCheckpointAsync(model: Model, weightsPath: string, options: SaveCheckpointOptions): AsyncCheckpointSave {
+  const { optimizer, scheduler, optimizerPath, tokenizer, tokenizerPath, layout, log } = options
+  const saver = options.saver ?? asyncSaver()
+  const saves = [saver.save({ model: new ModelState(model) }, { checkpointId: weightsPath, layout })]
+  let missing: DistcpError | undefined
+  if (optimizer) {
+    if (optimizerPath == null) {
+      missing = new DistcpError('ERR_DISTCP_INVALID_INPUT', 'optimizerPath must be provided when saving optimizer state')
+    } else {
+      saves.push(saver.save({ optim: new OptimizerState(model, optimizer, scheduler) }, { checkpointId: optimizerPath, layout }))
+    }
+  }
+  if (!missing && tokenizer && tokenizerPath == null) {
+    missing = new DistcpError('ERR_DISTCP_INVALID_INPUT', 'tokenizerPath must be provided when saving tokenizer state')
+  }
+  const staged = Promise.all(saves.map((s) => s.staged)).then((infos) => {
+    if (missing) throw missing
+    return infos
+  })
+  staged.catch(() => undefined)
+  const committed = (async () => {
+    // every save settles before this one does (no write is left running unobserved)
+    const results = await Promise.allSettled(saves.map((s) => s.committed))
+    for (const r of results) if (r.status === 'rejected') throw r.reason
+    if (missing) throw missing
+    if (tokenizer && tokenizerPath != null) {
+      log?.(`Saving tokenizer (or processor) to ${tokenizerPath}`)
+      await saveTokenizer(tokenizer, tokenizerPath)
+    }
+  })()
+  return { staged, committed }
 }
 
 /**

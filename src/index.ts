@@ -42,3 +42,11 @@ export type {
 } from './stateful.js'
 export { saveCheckpoint, loadCheckpoint, saveTokenizer } from './checkpointing.js'
 export type { SaveCheckpointOptions, LoadCheckpointOptions, LoadCheckpointResult, TokenizerSource } from './checkpointing.js'
+// asynchronous save and the checkpoint manager
+export { saveAsync, closeAsyncSaves, asyncSaver, AsyncSaver } from './async-save.js'
+export type { AsyncSave, AsyncSaveOptions, AsyncSaverOptions, AsyncSaverStats, StagedInfo } from './async-save.js'
+export { StagingPool, stagingPool } from './staging.js'
+export type { StagingStats } from './staging.js'
+export type { AsyncCheckpointSave } from './checkpointing.js'
+export { CheckpointManager, MANAGER_MARKER } from './manager.js'
+export type { CheckpointManagerOptions, StepCheckpoint, CheckpointEntry, ResumePaths } from './manager.js'

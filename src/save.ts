@@ -1,6 +1,7 @@
 import { awaitNative, DistcpError } from './errors.js'
 import { native } from './native.js'
 import { elementSize, type DType } from './tensor.js'
+import { stagingPool, type StagingLease, type StagingPool } from './staging.js'
 import { floatBits, PyFloat, PyTuple, type Encoded } from './values.js'
 
 /** What `save` needs of a top-level value to replace it by its state dict: a `stateDict()` (see `Stateful`). */
@@ -86,14 +87,13 @@ function meantAsTensor(v: object): boolean {
 }
 
 /**
- * The bytes of `view`, owned by the save from now on. A save runs on a worker thread: bytes it only borrowed
- * could be freed under it (an ArrayBuffer transferred away with `structuredClone(…, { transfer })` and collected),
- * so they are copied when `save` is called — after that the caller may change or transfer its buffers. Shared
- * memory cannot be detached and is used in place.
+ * The bytes of `view`. They are copied into staging memory (`stagingPool`) before `save` returns its promise: a
+ * save runs on a worker thread, and bytes it only borrowed could be changed or freed under it (an ArrayBuffer
+ * transferred away with `structuredClone(…, { transfer })` and collected), so after the copy the caller may
+ * change or transfer its buffers.
  */
-function owned(view: ArrayBufferView): Uint8Array {
-  const bytes = new Uint8Array(view.buffer, view.byteOffset, view.byteLength)
-  return view.buffer instanceof SharedArrayBuffer ? bytes : bytes.slice()
+function bytesOf(view: ArrayBufferView): Uint8Array {
+  return new Uint8Array(view.buffer, view.byteOffset, view.byteLength)
 }
 
 /**
@@ -153,7 +153,7 @@ export class Encoder {
         `a ${dtype} tensor of shape [${t.shape}] needs ${want} bytes (shape × ${size}), its data has ${t.data.byteLength}`,
       )
     }
-    this.buffers.push(owned(t.data))
+    this.buffers.push(bytesOf(t.data))
     return { $tensor: this.buffers.length - 1, dtype, shape: t.shape as number[] }
   }
 
@@ -186,7 +186,7 @@ export class Encoder {
     try {
       if (o instanceof PyTuple) return { $t: o.items.map((x, i) => this.value(x, `${path}.${i}`, depth + 1)) }
       if (o instanceof Uint8Array) {
-        this.buffers.push(this.lenient ? o : owned(o))
+        this.buffers.push(o)
         return { $b: this.buffers.length - 1 }
       }
       if (ArrayBuffer.isView(o)) {
@@ -234,12 +234,26 @@ export class Encoder {
 }
 
 /**
- * Saves a state dict as a DCP checkpoint that `torch.distributed.checkpoint.load` reads (torch's `dcp.save` for
- * one rank): one data file `__0_0.distcp` and `.metadata`, written and fsynced in torch's commit order. Tensor
- * bytes are copied when `save` is called (before it returns its promise), so the caller may change, reuse or
- * transfer its buffers at once; the copy costs host memory the size of the tensors until the save settles.
+ * A state dict whose bytes are copied into staging memory and that is ready to be written: what `save` and
+ * `saveAsync` make when they are called. {@link writeStaged} writes it and gives its staging memory back.
+ * @internal
  */
-export async function save(stateDict: SaveStateDict, options: SaveOptions): Promise<SaveResult> {
+export interface StagedSave {
+  checkpointId: string
+  layout?: '2.4' | '2.3'
+  tree: string
+  buffers: Uint8Array[]
+  lease: StagingLease
+  failAt?: SaveOptions['_testFailAt']
+}
+
+/**
+ * Checks the options and the state dict, calls top-level `stateDict()`s, and copies every tensor's bytes into
+ * staging blocks of `pool` (reused across saves). When no top-level value is Stateful this runs to the end before
+ * the returned promise exists: the copy is done when the call returns.
+ * @internal
+ */
+export async function stageSave(stateDict: SaveStateDict, options: SaveOptions, pool: StagingPool = stagingPool): Promise<StagedSave> {
   const { checkpointId, layout } = options ?? ({} as SaveOptions)
   if (typeof checkpointId !== 'string' || checkpointId === '') {
     throw new DistcpError('ERR_DISTCP_INVALID_INPUT', 'save: options.checkpointId must be a folder path')
@@ -262,14 +276,33 @@ export async function save(stateDict: SaveStateDict, options: SaveOptions): Prom
     top.set(k, stateful ? await (v as HasStateDict).stateDict() : v)
   }
   const enc = new Encoder(checkpointId)
-  const tree = enc.value(top, '', 0)
-  const fail = options._testFailAt
-  const result = await awaitNative(() =>
-    native.saveCheckpoint(checkpointId, JSON.stringify(tree), enc.buffers, {
-      layout,
-      failAt: fail?.point,
-      failAbort: fail?.abort,
-    }),
-  )
-  return result
+  const tree = JSON.stringify(enc.value(top, '', 0))
+  const { copies, lease } = pool.stage(enc.buffers)
+  return { checkpointId, layout, tree, buffers: copies, lease, failAt: options._testFailAt }
+}
+
+/** Writes a staged save (on a worker thread) and gives its staging memory back when it settles. @internal */
+export async function writeStaged(s: StagedSave): Promise<SaveResult> {
+  try {
+    return await awaitNative(() =>
+      native.saveCheckpoint(s.checkpointId, s.tree, s.buffers, {
+        layout: s.layout,
+        failAt: s.failAt?.point,
+        failAbort: s.failAt?.abort,
+      }),
+    )
+  } finally {
+    s.lease.release()
+  }
+}
+
+/**
+ * Saves a state dict as a DCP checkpoint that `torch.distributed.checkpoint.load` reads (torch's `dcp.save` for
+ * one rank): one data file `__0_0.distcp` and `.metadata`, written and fsynced in torch's commit order. Tensor
+ * bytes are copied when `save` is called (before it returns its promise), into staging memory that distcp reuses
+ * across saves (see `stagingPool`), so the caller may change, reuse or transfer its buffers at once. For a save
+ * that lets the caller go on while it writes, see `saveAsync`.
+ */
+export async function save(stateDict: SaveStateDict, options: SaveOptions): Promise<SaveResult> {
+  return writeStaged(await stageSave(stateDict, options))
 }

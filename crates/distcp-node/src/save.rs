@@ -97,3 +97,48 @@ pub fn save_checkpoint(
   }
   Ok(AsyncTask::new(SaveTask { dir, tree, buffers, options: opts }))
 }
+
+// What `CheckpointManager` (src/manager.ts) needs of the core's commit rules: the folder lock, temporary names
+// that tell a dead writer's leftovers from a live one's, and durable renames.
+
+/// The core's folder lock ([`distcp_core::commit::DirLock`]) held by JS until `release()` (or the process ends).
+#[napi]
+pub struct FolderLock {
+  inner: Option<distcp_core::commit::DirLock>,
+}
+
+#[napi]
+impl FolderLock {
+  /// Takes the lock of folder `dir` (which must exist); `ERR_DISTCP_LOCKED` when another writer holds it.
+  #[napi(factory)]
+  pub fn acquire(dir: String) -> napi::Result<FolderLock> {
+    guarded(|| {
+      let lock = distcp_core::commit::DirLock::acquire(std::path::Path::new(&dir)).map_err(to_js)?;
+      Ok(FolderLock { inner: Some(lock) })
+    })
+  }
+
+  /// Releases the lock (removing the lock file); a second call does nothing.
+  #[napi]
+  pub fn release(&mut self) {
+    self.inner = None;
+  }
+}
+
+/// A temporary name `<prefix><pid>-<boot id>-<random>` ([`distcp_core::commit::temp_name`]).
+#[napi]
+pub fn commit_temp_name(prefix: String) -> String {
+  distcp_core::commit::temp_name(&prefix)
+}
+
+/// Whether the writer that made `name` with [`commit_temp_name`] and `prefix` is certainly gone.
+#[napi]
+pub fn commit_writer_is_dead(name: String, prefix: String) -> bool {
+  distcp_core::commit::writer_is_dead(&name, &prefix)
+}
+
+/// fsyncs a folder, so that renames and removals in it are durable.
+#[napi]
+pub fn commit_sync_dir(dir: String) -> napi::Result<()> {
+  guarded(|| distcp_core::commit::sync_dir(std::path::Path::new(&dir)).map_err(to_js))
+}

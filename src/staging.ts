@@ -1,0 +1,153 @@
+// Staging memory: the copy `save` makes of the caller's tensor bytes when it is called (so the caller may change
+// its buffers at once) goes into distcp-owned blocks that are reused across saves, instead of fresh allocations.
+// A trainer that saves every N steps pays the allocation (and the first-touch page faults) once; after that a
+// save's staging is one memcpy per tensor. `saveAsync` settles `staged` when this copy is done.
+
+/** Blocks are at most this large (a bigger tensor gets a block of its own size): one ArrayBuffer need not hold 2 GB. */
+const BLOCK_BYTES = 1 << 30
+/** Each tensor starts at a multiple of this inside a block (cache-line aligned copies, any dtype's alignment). */
+const ALIGN = 64
+/** A new block is rounded up to a multiple of this, so a state dict that grows a little still fits the block. */
+const ROUND = 1 << 20
+
+function alignUp(n: number, a: number): number {
+  return Math.ceil(n / a) * a
+}
+
+/** Counters of a {@link StagingPool} (for tests and monitoring). */
+export interface StagingStats {
+  /** Blocks allocated since the pool was made (a warm pool allocates none per save). */
+  allocations: number
+  bytesAllocated: number
+  /** Blocks handed out again from the idle list. */
+  reuses: number
+  /** Blocks held by saves that have not settled. */
+  blocksInUse: number
+  /** Idle blocks kept for the next save, and their bytes. */
+  idleBlocks: number
+  idleBytes: number
+}
+
+/** The staging memory of one save, returned to its pool by {@link StagingLease.release} once the save settled. */
+export class StagingLease {
+  #released = false
+  constructor(
+    readonly pool: StagingPool,
+    readonly blocks: ArrayBuffer[],
+    /** Bytes copied. */
+    readonly bytes: number,
+  ) {}
+
+  release(): void {
+    if (this.#released) return
+    this.#released = true
+    this.pool.giveBack(this.blocks)
+  }
+}
+
+/**
+ * Reusable staging blocks. {@link StagingPool.stage} copies a list of byte views into blocks taken from the idle
+ * list (the smallest that fits) or allocated, and returns the copies; {@link StagingLease.release} gives the
+ * blocks back. At most `maxIdleBlocks` idle blocks are kept (the largest), so a one-off save of a large state
+ * dict keeps that much host memory until {@link StagingPool.clear} — what lets the next save skip allocating.
+ */
+export class StagingPool {
+  #idle: ArrayBuffer[] = []
+  #inUse = 0
+  #allocations = 0
+  #bytesAllocated = 0
+  #reuses = 0
+
+  constructor(readonly maxIdleBlocks = 4) {}
+
+  stats(): StagingStats {
+    return {
+      allocations: this.#allocations,
+      bytesAllocated: this.#bytesAllocated,
+      reuses: this.#reuses,
+      blocksInUse: this.#inUse,
+      idleBlocks: this.#idle.length,
+      idleBytes: this.#idle.reduce((s, b) => s + b.byteLength, 0),
+    }
+  }
+
+  /** Drops the idle blocks (the memory is freed when the garbage collector runs). */
+  clear(): void {
+    this.#idle = []
+  }
+
+  #take(need: number): ArrayBuffer {
+    let best = -1
+    for (let i = 0; i < this.#idle.length; i++) {
+      const b = this.#idle[i]
+      if (b.byteLength >= need && (best < 0 || b.byteLength < this.#idle[best].byteLength)) best = i
+    }
+    this.#inUse++
+    if (best >= 0) {
+      this.#reuses++
+      return this.#idle.splice(best, 1)[0]
+    }
+    const size = alignUp(Math.max(need, 1), ROUND)
+    const block = new ArrayBuffer(size)
+    this.#allocations++
+    this.#bytesAllocated += size
+    return block
+  }
+
+  /** @internal */
+  giveBack(blocks: ArrayBuffer[]): void {
+    this.#inUse -= blocks.length
+    this.#idle.push(...blocks)
+    if (this.#idle.length > this.maxIdleBlocks) {
+      this.#idle.sort((a, b) => b.byteLength - a.byteLength)
+      this.#idle.length = this.maxIdleBlocks
+    }
+  }
+
+  /**
+   * Copies `views` into staging blocks: returns the copies (same order) and the lease that owns them. Views are
+   * packed in order into blocks of up to 1 GiB; the block sizes depend only on the view sizes, so the same state
+   * dict saved again reuses the same blocks.
+   */
+  stage(views: readonly Uint8Array[]): { copies: Uint8Array[]; lease: StagingLease } {
+    // plan: consecutive views share a block while they fit in BLOCK_BYTES
+    const plan: { need: number; members: number[]; offsets: number[] }[] = []
+    let cur: { need: number; members: number[]; offsets: number[] } | undefined
+    let total = 0
+    for (let i = 0; i < views.length; i++) {
+      const n = views[i].byteLength
+      total += n
+      if (n === 0) continue
+      const at = cur ? alignUp(cur.need, ALIGN) : 0
+      if (!cur || at + n > BLOCK_BYTES) {
+        cur = { need: 0, members: [], offsets: [] }
+        plan.push(cur)
+      }
+      const off = alignUp(cur.need, ALIGN)
+      cur.members.push(i)
+      cur.offsets.push(off)
+      cur.need = off + n
+    }
+    const copies: Uint8Array[] = views.map(() => new Uint8Array(0))
+    const blocks: ArrayBuffer[] = []
+    try {
+      for (const p of plan) {
+        const block = this.#take(p.need)
+        blocks.push(block)
+        for (let j = 0; j < p.members.length; j++) {
+          const v = views[p.members[j]]
+          const dst = new Uint8Array(block, p.offsets[j], v.byteLength)
+          dst.set(v)
+          copies[p.members[j]] = dst
+        }
+      }
+    } catch (e) {
+      this.giveBack(blocks)
+      throw e
+    }
+    return { copies, lease: new StagingLease(this, blocks, total) }
+  }
+}
+
+/** The process-wide pool `save` and `saveAsync` stage into. */
+export const stagingPool = new StagingPool()
