@@ -1,0 +1,42 @@
+// A child process for the async-save and manager kill tests: one async save (or a manager loop), killed on purpose.
+//   node --import @oxc-node/core/register __test__/async-child.ts saveAsync <ckpt> <variant>
+//     prints `staged` once the copy is done, `ok` once committed (DISTCP_TEST_CRASH_AT kills it in between);
+//   node --import @oxc-node/core/register __test__/async-child.ts managerLoop <run dir> <first step> <steps>
+//     begin → saveCheckpoint({ async: true }) → finalizeAsync(committed), for steps first…first+steps-1; prints
+//     `finalized <step>` after each; the parent kills it at random moments.
+import { join } from 'node:path'
+
+import { CheckpointManager, saveAsync, saveCheckpoint, type Model } from '../src/index.js'
+import { smallState } from './save-child.js'
+
+/** A one-parameter model whose values depend on `variant` (as data-loss-child.ts's, which runs on import). */
+export function tinyModel(variant: number): Model {
+  const w = { dtype: 'float32' as const, shape: [2, 2], data: new Uint8Array(new Float32Array([variant, variant + 1, variant + 2, variant + 3]).buffer) }
+  return {
+    namedParameters: () => [['w', w]],
+    stateDict: () => ({ w }),
+    loadStateDict: () => undefined,
+  }
+}
+
+const [mode, a, b, c] = process.argv.slice(2)
+if (mode === 'saveAsync') {
+  const h = saveAsync(smallState(Number(b)), { checkpointId: a })
+  await h.staged
+  console.log('staged')
+  await h.committed
+  console.log('ok')
+} else if (mode === 'managerLoop') {
+  const mgr = new CheckpointManager({ dir: a, savePeriod: 2, keepTopK: 2, metricName: 'val:loss', keepLatestK: 2 })
+  const first = Number(b)
+  for (let step = first; step < first + Number(c); step++) {
+    const ck = await mgr.begin(step, { step, 'val:loss': (step * 7) % 5 })
+    const h = saveCheckpoint(tinyModel(step), join(ck.path, 'policy', 'weights'), { async: true })
+    await h.staged
+    await mgr.finalizeAsync(ck, h.committed)
+    await mgr.pending()
+    console.log(`finalized ${step}`)
+  }
+  await mgr.shutdown()
+  console.log('ok')
+} else throw new Error(`unknown mode ${mode}`)

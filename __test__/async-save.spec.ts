@@ -1,0 +1,241 @@
+import test from 'ava'
+import { spawnSync } from 'node:child_process'
+import { existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+
+import { AsyncSaver, DistcpError, PyTuple, StagingPool, loadCheckpoint, openCheckpoint, saveAsync, saveCheckpoint, stagingPool, save } from '../src/index.js'
+import { Adam, StepLR, TinyMLP } from '../examples/tiny-trainer/index.js'
+import { checkFixture, diffTyped, loadExpected, root, runPython } from './helpers.js'
+import { fullState, smallState, toExact } from './save-child.js'
+
+// saveAsync: the call copies (stages) and returns; the write runs behind, one writer at a time. What torch loads
+// from an async checkpoint is what was staged, bit for bit, whatever the caller did to its buffers afterwards.
+
+const work = mkdtempSync(join(tmpdir(), 'distcp-async-'))
+test.after.always(() => {
+  if (!process.env.DISTCP_KEEP_TMP) rmSync(work, { recursive: true, force: true })
+})
+
+function f32(values: number[]): { dtype: 'float32'; shape: number[]; data: Float32Array } {
+  return { dtype: 'float32', shape: [values.length], data: new Float32Array(values) }
+}
+
+/** A deep copy that copies tensor bytes and keeps class instances (PyFloat, PyTuple) as they are. */
+function cloneState<T>(v: T): T {
+  if (ArrayBuffer.isView(v)) return (v as unknown as Uint8Array).slice() as T
+  if (v instanceof PyTuple) return new PyTuple(v.items.map(cloneState) as PyTuple['items']) as T
+  if (v instanceof Map) return new Map([...v].map(([k, x]) => [k, cloneState(x)])) as T
+  if (Array.isArray(v)) return v.map(cloneState) as T
+  if (v && typeof v === 'object' && Object.getPrototypeOf(v) === Object.prototype) {
+    return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, cloneState(x)])) as T
+  }
+  return v
+}
+
+async function readF32(ckpt: string, key: string): Promise<number[]> {
+  const ck = await openCheckpoint(ckpt)
+  try {
+    const t = await ck.read(key)
+    return [...new Float32Array(new Uint8Array(t.data).slice().buffer)]
+  } finally {
+    ck.close()
+  }
+}
+
+test('staged settles before committed, and the copy is done when saveAsync returns', async (t) => {
+  const w = f32([1, 2, 3, 4])
+  const events: string[] = []
+  const h = saveAsync({ w, step: 7 }, { checkpointId: join(work, 'order') })
+  // the caller changes its buffer at once, without awaiting anything: the checkpoint has the values of the call
+  w.data[0] = 99
+  h.staged.then(() => events.push('staged'))
+  h.committed.then(() => events.push('committed'))
+  const info = await h.staged
+  t.is(info.bytes, 16)
+  const r = await h.committed
+  t.deepEqual(events, ['staged', 'committed'])
+  t.deepEqual(r.keys, ['w', 'step'])
+  t.deepEqual(await readF32(join(work, 'order'), 'w'), [1, 2, 3, 4])
+})
+
+test('buffers changed after staged do not change the checkpoint; torch loads it bit for bit', async (t) => {
+  const ckpt = join(work, 'full')
+  const sd = fullState()
+  // what the checkpoint must hold: the state as it was at the call
+  const before = cloneState(sd)
+  const h = saveAsync(sd, { checkpointId: ckpt })
+  await h.staged
+  // scribble over every tensor the caller owns while the write may still run
+  const scribble = (v: unknown): void => {
+    if (v && typeof v === 'object') {
+      if (ArrayBuffer.isView(v)) new Uint8Array(v.buffer, v.byteOffset, v.byteLength).fill(0xa5)
+      else for (const x of v instanceof Map ? v.values() : Object.values(v)) scribble(x)
+    }
+  }
+  scribble(sd)
+  await h.committed
+  const dir = join(work, 'torch-full')
+  const summary = JSON.parse(runPython(['interop/load_with_torch.py', ckpt, dir]).trim().split('\n').at(-1)!) as { methods: Record<string, string> }
+  t.is(summary.methods.dcp_load, 'ok')
+  const methodDir = join(dir, 'dcp_load')
+  const { expected, bytes } = loadExpected(methodDir)
+  const errors: string[] = []
+  diffTyped(toExact(before), expected.tree, bytes, 'saved', errors)
+  t.deepEqual(errors, [], `torch ${expected.torch_version} sees something else than what was staged`)
+  symlinkSync(ckpt, join(methodDir, 'ckpt'))
+  await checkFixture(t, methodDir)
+})
+
+test.serial('a second save waits for the first: one writer, commits in call order', async (t) => {
+  // the first save sleeps holding its folder lock (the core's pause hook), long enough to see the second wait
+  process.env.DISTCP_TEST_PAUSE_AT = 'save:locked'
+  process.env.DISTCP_TEST_PAUSE_MS = '1500'
+  const saver = new AsyncSaver()
+  const a = join(work, 'wait-a')
+  const b = join(work, 'wait-b')
+  const events: string[] = []
+  try {
+    const ha = saver.save(smallState(1), { checkpointId: a })
+    const hb = saver.save(smallState(2), { checkpointId: b })
+    // both staged at once (maxStaged 1: one writes, one waits staged)
+    await Promise.all([ha.staged, hb.staged])
+    ha.committed.then(() => events.push('a'))
+    hb.committed.then(() => events.push('b'))
+    await new Promise((r) => setTimeout(r, 700))
+    t.true(saver.stats().writing)
+    t.is(saver.stats().inFlight, 2)
+    // the second writer has not started: its folder does not exist yet
+    t.true(existsSync(a))
+    t.false(existsSync(b))
+    delete process.env.DISTCP_TEST_PAUSE_AT
+    await Promise.all([ha.committed, hb.committed])
+  } finally {
+    delete process.env.DISTCP_TEST_PAUSE_AT
+  }
+  t.deepEqual(events, ['a', 'b'])
+  t.deepEqual(saver.stats(), { inFlight: 0, writing: false, committed: 2, failed: 0, cancelled: 0 })
+})
+
+test.serial("ifBusy: 'reject' refuses while a save is in flight, and writes nothing", async (t) => {
+  const saver = new AsyncSaver()
+  const first = saver.save(smallState(1), { checkpointId: join(work, 'busy-a') })
+  const second = saver.save(smallState(2), { checkpointId: join(work, 'busy-b'), ifBusy: 'reject' })
+  const e = await t.throwsAsync(second.committed, { instanceOf: DistcpError })
+  t.is(e?.code, 'ERR_DISTCP_BUSY')
+  await t.throwsAsync(second.staged, { instanceOf: DistcpError })
+  await first.committed
+  t.false(existsSync(join(work, 'busy-b')))
+  // idle again: accepted
+  await saver.save(smallState(3), { checkpointId: join(work, 'busy-b'), ifBusy: 'reject' }).committed
+  t.deepEqual(await readF32(join(work, 'busy-b'), 'model.b'), [1.5])
+})
+
+test('staging buffers are reused across saves: no allocation once warm', async (t) => {
+  const pool = new StagingPool()
+  const saver = new AsyncSaver({ pool })
+  const w = f32(Array.from({ length: 1000 }, (_, i) => i))
+  for (let i = 0; i < 4; i++) {
+    w.data[0] = i
+    await saver.save({ w }, { checkpointId: join(work, 'reuse') }).committed
+    t.deepEqual((await readF32(join(work, 'reuse'), 'w')).slice(0, 2), [i, 1])
+  }
+  const s = pool.stats()
+  t.is(s.allocations, 1)
+  t.is(s.reuses, 3)
+  t.is(s.blocksInUse, 0)
+  // the blocking save shares the process-wide pool: warm after one save
+  const before = stagingPool.stats().allocations
+  await save({ w }, { checkpointId: join(work, 'reuse-sync') })
+  const warm = stagingPool.stats().allocations
+  await save({ w }, { checkpointId: join(work, 'reuse-sync') })
+  t.true(warm >= before)
+  t.is(stagingPool.stats().allocations, warm)
+})
+
+test.serial('close({ cancel: true }) rejects the saves not yet writing, lets the writing one commit, refuses new ones', async (t) => {
+  const saver = new AsyncSaver({ maxStaged: 2 })
+  process.env.DISTCP_TEST_PAUSE_AT = 'save:locked'
+  process.env.DISTCP_TEST_PAUSE_MS = '800'
+  let closing: Promise<void>
+  const h1 = saver.save(smallState(1), { checkpointId: join(work, 'cancel-1') })
+  const h2 = saver.save(smallState(2), { checkpointId: join(work, 'cancel-2') })
+  const h3 = saver.save(smallState(3), { checkpointId: join(work, 'cancel-3') })
+  try {
+    while (!saver.stats().writing) await new Promise((r) => setImmediate(r))
+    closing = saver.close({ cancel: true })
+  } finally {
+    delete process.env.DISTCP_TEST_PAUSE_AT
+  }
+  await h1.committed
+  for (const h of [h2, h3]) t.is((await t.throwsAsync(h.committed, { instanceOf: DistcpError }))?.code, 'ERR_DISTCP_CANCELLED')
+  await closing
+  t.false(existsSync(join(work, 'cancel-2')))
+  t.false(existsSync(join(work, 'cancel-3')))
+  t.is((await t.throwsAsync(saver.save(smallState(4), { checkpointId: join(work, 'cancel-4') }).committed))?.code, 'ERR_DISTCP_CLOSED')
+  t.deepEqual(saver.stats(), { inFlight: 0, writing: false, committed: 1, failed: 0, cancelled: 2 })
+  t.is(saver.pool.stats().blocksInUse, 0)
+})
+
+test('an invalid state dict rejects staged and committed with the save error', async (t) => {
+  const saver = new AsyncSaver()
+  const h = saver.save({ w: { dtype: 'float32', shape: [3], data: new Float32Array(2) } }, { checkpointId: join(work, 'bad') })
+  t.is((await t.throwsAsync(h.staged, { instanceOf: DistcpError }))?.code, 'ERR_DISTCP_INVALID_INPUT')
+  t.is((await t.throwsAsync(h.committed, { instanceOf: DistcpError }))?.code, 'ERR_DISTCP_INVALID_INPUT')
+  t.false(existsSync(join(work, 'bad')))
+  // the queue goes on
+  await saver.save(smallState(5), { checkpointId: join(work, 'after-bad') }).committed
+  t.deepEqual(saver.stats().failed, 1)
+})
+
+test('saveCheckpoint(…, { async: true }): weights and optimizer staged at once, loadCheckpoint reads what was staged', async (t) => {
+  const model = new TinyMLP({ inFeatures: 4, hidden: 4, outFeatures: 1, seed: 3 })
+  const optimizer = new Adam(model.namedParameters().map(([, p]) => p), { lr: 0.001 })
+  const scheduler = new StepLR(optimizer, { stepSize: 1, gamma: 0.1 })
+  const dir = join(work, 'ckpt-async')
+  const snapshot = model.namedParameters().map(([n, p]) => [n, new Uint8Array(p.data.buffer, p.data.byteOffset, p.data.byteLength).slice()] as const)
+  const h = saveCheckpoint(model, join(dir, 'weights'), { async: true, optimizer, scheduler, optimizerPath: join(dir, 'optimizer') })
+  const staged = await h.staged
+  t.is(staged.length, 2)
+  // the trainer goes on: every parameter changes before the write is done
+  for (const [, p] of model.namedParameters()) new Uint8Array(p.data.buffer, p.data.byteOffset, p.data.byteLength).fill(0x3f)
+  await h.committed
+  const fresh = new TinyMLP({ inFeatures: 4, hidden: 4, outFeatures: 1, seed: 9 })
+  const freshOpt = new Adam(fresh.namedParameters().map(([, p]) => p), { lr: 0.5 })
+  const freshSched = new StepLR(freshOpt, { stepSize: 1, gamma: 0.1 })
+  await loadCheckpoint(fresh, join(dir, 'weights'), { optimizer: freshOpt, scheduler: freshSched, optimizerPath: join(dir, 'optimizer') })
+  for (const [[n, want], [m, p]] of snapshot.map((s, i) => [s, fresh.namedParameters()[i]] as const)) {
+    t.is(n, m)
+    t.deepEqual(new Uint8Array(p.data.buffer, p.data.byteOffset, p.data.byteLength), want)
+  }
+  // a missing optimizerPath rejects both promises; the weights are still written (as the seed)
+  const bad = saveCheckpoint(model, join(dir, 'weights2'), { async: true, optimizer })
+  t.is((await t.throwsAsync(bad.committed, { instanceOf: DistcpError }))?.message, 'optimizerPath must be provided when saving optimizer state')
+  t.true(existsSync(join(dir, 'weights2', '.metadata')))
+})
+
+// kill -9 during an async save (at each of the core's crash points): the folder holds the previous checkpoint or
+// the new one, complete — distcp and torch agree on which.
+const CHILD = join(root, '__test__', 'async-child.ts')
+for (const point of ['save:locked', 'save:afterFirstItem', 'save:beforeCommit', 'save:afterCommit', 'save:afterLink', 'save:afterFinalCommit']) {
+  test(`kill -9 at ${point} of an async save leaves a complete checkpoint`, async (t) => {
+    const ckpt = join(work, `kill-${point.replace(':', '-')}`)
+    await save(smallState(1), { checkpointId: ckpt })
+    const r = spawnSync(process.execPath, ['--import', '@oxc-node/core/register', CHILD, 'saveAsync', ckpt, '2'], {
+      cwd: root,
+      encoding: 'utf8',
+      env: { ...process.env, DISTCP_TEST_CRASH_AT: point },
+      timeout: 120_000,
+    })
+    t.is(r.signal, 'SIGKILL', r.stderr)
+    t.true(r.stdout.includes('staged'), 'the child was killed after staging, while writing')
+    const step = Number(await (await openCheckpoint(ckpt)).readObject('step'))
+    // before the commit point the old checkpoint, after it the new one
+    const committedAt = ['save:afterCommit', 'save:afterLink', 'save:afterFinalCommit'].includes(point)
+    t.is(step, committedAt ? 2 : 1)
+    const dir = join(work, `torch-kill-${point.replace(':', '-')}`)
+    runPython(['interop/load_with_torch.py', ckpt, dir])
+    const exp = JSON.parse(readFileSync(join(dir, 'dcp_load', 'expected.json'), 'utf8')) as { objects: { step: { v: string } } }
+    t.is(Number(exp.objects.step.v), step)
+  })
+}
