@@ -3,7 +3,7 @@
 // conv=fsync, dcp.save's default sync_files, distcp always); loads go into preallocated memory with a warm page cache
 // (each contestant reads its own files once untimed first), either fresh (never touched: every page faults in
 // during the load) or touched (written before timing, like the parameters of a model being resumed).
-// usage: node bench/save-load/run.mjs [--reps N]
+// usage: node bench/save-load/run.mjs [--reps N]; the async case (saveAsync blocked time, loop slowdown): bench/save-load/async.mjs
 import { spawnSync } from 'node:child_process'
 import { mkdirSync, rmSync, statSync, readdirSync } from 'node:fs'
 import { join } from 'node:path'

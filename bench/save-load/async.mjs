@@ -1,0 +1,103 @@
+// bench/save-load/async.mjs: how long saveAsync blocks the trainer (until `staged`: the copy into reused staging
+// memory) against a blocking `save` (until the checkpoint is on disk, fsynced), on the same 1.08 GB bf16
+// Llama-shaped state dict; and how much a CPU-bound "training loop" slows down while a save writes behind it.
+// usage: node bench/save-load/async.mjs [--reps N] [--layers L]   (after `npm run build`)
+import { randomFillSync } from 'node:crypto'
+import { mkdirSync, rmSync } from 'node:fs'
+import { join } from 'node:path'
+import { save, saveAsync, stagingPool } from '../../dist/index.js'
+import { llamaShapes } from '../lib/llama_shapes.mjs'
+
+const root = new URL('../..', import.meta.url).pathname
+const arg = (name, dflt) => (process.argv.includes(name) ? Number(process.argv[process.argv.indexOf(name) + 1]) : dflt)
+const reps = arg('--reps', 3)
+const work = join(root, 'bench/out/save-load-async')
+rmSync(work, { recursive: true, force: true })
+mkdirSync(work, { recursive: true })
+
+const model = {}
+let bytes = 0
+for (const [name, shape] of llamaShapes({ layers: arg('--layers', 8) })) {
+  const data = new Uint8Array(shape.reduce((a, b) => a * b, 1) * 2)
+  randomFillSync(data)
+  model[name] = { dtype: 'bfloat16', shape, data }
+  bytes += data.byteLength
+}
+const fresh = (name) => {
+  const d = join(work, name)
+  rmSync(d, { recursive: true, force: true })
+  return d
+}
+const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]
+
+// blocking save (its staging copy included: it is part of what the trainer waits for)
+const blocking = []
+await save({ model }, { checkpointId: fresh('warmup') }) // warms the pool and the page cache paths
+for (let i = 0; i < reps; i++) {
+  const dir = fresh('blocking')
+  const t0 = performance.now()
+  await save({ model }, { checkpointId: dir })
+  blocking.push(performance.now() - t0)
+}
+
+// saveAsync: blocked = from the call until `staged`; the first one after a cold pool is reported apart
+stagingPool.clear()
+const cold = saveAsync({ model }, { checkpointId: fresh('async-cold') })
+const coldMs = (await cold.staged).ms
+await cold.committed
+const blocked = []
+const commitMs = []
+for (let i = 0; i < reps; i++) {
+  const dir = fresh('async')
+  const t0 = performance.now()
+  const h = saveAsync({ model }, { checkpointId: dir })
+  blocked.push((await h.staged).ms)
+  await h.committed
+  commitMs.push(performance.now() - t0)
+}
+
+// a CPU-bound loop (fixed work units) alone, and while a save writes behind it
+function unit() {
+  let x = 0
+  for (let i = 0; i < 2_000_000; i++) x = (x * 1664525 + 1013904223) >>> 0
+  return x
+}
+async function loop(ms) {
+  const t0 = performance.now()
+  let units = 0
+  while (performance.now() - t0 < ms) {
+    unit()
+    units++
+    if (units % 8 === 0) await new Promise((r) => setImmediate(r)) // a trainer yields to the event loop now and then
+  }
+  return units / ((performance.now() - t0) / 1000)
+}
+const window = Math.max(1000, median(commitMs))
+const alone = await loop(window)
+const h = saveAsync({ model }, { checkpointId: fresh('async-loop') })
+await h.staged
+const during = await loop(window)
+await h.committed
+const aloneAfter = await loop(window)
+
+const ratio = median(blocked) / median(blocking)
+console.log(
+  JSON.stringify(
+    {
+      bytes,
+      reps,
+      blockingSaveMs: blocking.map(Math.round),
+      saveAsyncBlockedMs: blocked.map((x) => Math.round(x * 10) / 10),
+      saveAsyncColdBlockedMs: Math.round(coldMs),
+      saveAsyncCommitMs: commitMs.map(Math.round),
+      blockedRatio: Math.round(ratio * 1000) / 1000,
+      target: '≤ 0.15',
+      loopUnitsPerSecond: { alone: Math.round(alone), whileWriting: Math.round(during), aloneAfter: Math.round(aloneAfter) },
+      loopSlowdown: Math.round((1 - during / ((alone + aloneAfter) / 2)) * 1000) / 1000,
+      pool: stagingPool.stats(),
+    },
+    null,
+    2,
+  ),
+)
+rmSync(work, { recursive: true, force: true })
