@@ -172,7 +172,7 @@ test.serial('close({ cancel: true }) rejects the saves not yet writing, lets the
   await closing
   t.false(existsSync(join(work, 'cancel-2')))
   t.false(existsSync(join(work, 'cancel-3')))
-  t.is((await t.throwsAsync(saver.save(smallState(4), { checkpointId: join(work, 'cancel-4') }).committed))?.code, 'ERR_DISTCP_CLOSED')
+  t.is((await t.throwsAsync(saver.save(smallState(4), { checkpointId: join(work, 'cancel-4') }).committed, { instanceOf: DistcpError }))?.code, 'ERR_DISTCP_CLOSED')
   t.deepEqual(saver.stats(), { inFlight: 0, writing: false, committed: 1, failed: 0, cancelled: 2 })
   t.is(saver.pool.stats().blocksInUse, 0)
 })

@@ -34,7 +34,7 @@ const CASES: Case[] = [
   { name: 'latest-k with top-1', options: { savePeriod: 3, keepTopK: 1, metricName: 'val:loss', keepLatestK: 2 }, steps: losses.map((l, i) => [i + 1, { 'val:loss': l }]) },
   { name: 'latest-k only: every periodic step kept', options: { savePeriod: 4, keepLatestK: 1 }, steps: losses.map((l, i) => [i + 1, { 'val:loss': l }]) },
   { name: 'no metric: top-k by recency', options: { savePeriod: 1, keepTopK: 2 }, steps: losses.map((l, i) => [i + 1, { 'val:loss': l }]) },
-  { name: 'missing metric in some steps', options: { savePeriod: 1, keepTopK: 2, metricName: 'val:loss' }, steps: losses.map((l, i) => [i + 1, i % 3 === 0 ? { step: i + 1 } : { 'val:loss': l }]) },
+  { name: 'missing metric in some steps', options: { savePeriod: 1, keepTopK: 2, metricName: 'val:loss' }, steps: losses.map((l, i): [number, Info] => [i + 1, i % 3 === 0 ? { step: i + 1 } : { 'val:loss': l }]) },
   { name: 'keep everything', options: { savePeriod: 1 }, steps: losses.slice(0, 4).map((l, i) => [i * 10, { 'val:loss': l }]) },
 ]
 
@@ -67,8 +67,8 @@ for (const c of CASES) {
       best: string | null
     }
     t.deepEqual(stepsOf(dir), py.survivors)
-    t.is(basename(mgr.latest()!), py.latest)
-    t.is(basename(mgr.best()!), py.best)
+    t.is<string | null>(basename(mgr.latest()!), py.latest)
+    t.is<string | null>(basename(mgr.best()!), py.best)
     // NeMo-RL reads the folder the manager made: same history (training_info.json as Python loads it), latest, best
     const seen = JSON.parse(runPython(['interop/nemo_rl_checkpoint.py', 'inspect', dir, pyConfig(c.options)]).trim()) as {
       history: [number, string, Record<string, unknown>][]
