@@ -67,8 +67,8 @@ for (const c of CASES) {
       best: string | null
     }
     t.deepEqual(stepsOf(dir), py.survivors)
-    t.is<string | null>(basename(mgr.latest()!), py.latest)
-    t.is<string | null>(basename(mgr.best()!), py.best)
+    t.is<string | null, string | null>(basename(mgr.latest()!), py.latest)
+    t.is<string | null, string | null>(basename(mgr.best()!), py.best)
     // NeMo-RL reads the folder the manager made: same history (training_info.json as Python loads it), latest, best
     const seen = JSON.parse(runPython(['interop/nemo_rl_checkpoint.py', 'inspect', dir, pyConfig(c.options)]).trim()) as {
       history: [number, string, Record<string, unknown>][]
