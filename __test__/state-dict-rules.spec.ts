@@ -3,7 +3,7 @@ import { mkdtempSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
-import { save, load, openCheckpoint, flattenStateDict, pyFloat } from '../src/index.js'
+import { save, load, openCheckpoint, flattenStateDict, pyFloat, type LoadStateDict } from '../src/index.js'
 import { runPython } from './helpers.js'
 
 // Python's str(key) has one owner (the Rust core). Float keys are where copies of that rule used to disagree: JS
@@ -35,7 +35,7 @@ test('float dict keys: flat keys are Python str(); save → load and readAll rou
 
   // distcp's own load finds every key (it used to report them missing) and fills the targets
   const target = new Map<unknown, unknown>(FLOATS.map((x) => [pyFloat(x), f32(-1)]))
-  const report = await load({ m: target } as Record<string, never>, { checkpointId: dir })
+  const report = await load({ m: target } as unknown as LoadStateDict, { checkpointId: dir })
   t.deepEqual(report.missing, [])
   t.deepEqual(report.unexpected, [])
   t.deepEqual([...target.values()].map((v) => (v as ReturnType<typeof f32>).data[0]), FLOATS.map((_, i) => i))
