@@ -175,9 +175,9 @@ test('concurrent saves: the second writer fails fast with ERR_DISTCP_LOCKED nami
   const ckpt = join(work, 'race')
   await save(smallState(1), { checkpointId: ckpt })
   const a = await pausedChild(['save', ckpt, '2'], 'save:beforeCommit')
-  const started = Date.now()
+  // a second writer that waited for the lock would succeed once the first is done: LOCKED proves it did not wait
+  // (a wall-clock bound here was flaky on a loaded machine, where starting node alone can take seconds)
   const b = child(['save', ckpt, '3'])
-  t.true(Date.now() - started < 3500, 'the second writer does not wait for the first')
   t.is(b.status, 3, b.stderr)
   t.regex(b.stdout, /^error ERR_DISTCP_LOCKED /)
   t.true(b.stdout.includes(ckpt) && b.stdout.includes(`pid ${a.pid}`), b.stdout)
