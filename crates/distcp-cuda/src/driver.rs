@@ -398,3 +398,37 @@ pub fn check_device_range(dev: &Arc<Device>, ptr: u64, len: u64) -> Result<()> {
   }
   Ok(())
 }
+
+/// The pinned-copy ceiling: `total` bytes uploaded from one pinned buffer of `chunk` bytes into device memory with
+/// `cuMemcpyHtoDAsync` on one stream, timed from the first call to the stream's completion (bytes, seconds).
+pub fn measure_pinned_upload(dev: &Arc<Device>, total: u64, chunk: usize) -> Result<(u64, f64)> {
+  guard(|| {
+    let src = PinnedBuffer::new(dev, chunk)?;
+    let dst = DeviceBuffer::alloc(dev, chunk as u64)?;
+    dev.bind()?;
+    let mut stream: sys::CUstream = std::ptr::null_mut();
+    // SAFETY: writes one stream handle.
+    check("cuStreamCreate", unsafe { sys::cuStreamCreate(&mut stream, 1) })?;
+    let n = total.div_ceil(chunk as u64).max(1);
+    // one warm-up copy: the first touches page tables and is not representative
+    // SAFETY: both buffers hold `chunk` bytes and outlive the synchronisation below.
+    check("cuMemcpyHtoDAsync", unsafe {
+      sys::cuMemcpyHtoDAsync_v2(dst.ptr(), src.ptr().cast(), chunk, stream)
+    })?;
+    // SAFETY: our stream.
+    check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(stream) })?;
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+      // SAFETY: as above.
+      check("cuMemcpyHtoDAsync", unsafe {
+        sys::cuMemcpyHtoDAsync_v2(dst.ptr(), src.ptr().cast(), chunk, stream)
+      })?;
+    }
+    // SAFETY: our stream.
+    check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(stream) })?;
+    let secs = t.elapsed().as_secs_f64();
+    // SAFETY: synchronised above; destroyed once.
+    unsafe { sys::cuStreamDestroy_v2(stream) };
+    Ok((n * chunk as u64, secs))
+  })
+}

@@ -80,7 +80,7 @@ fn split(
     return Ok(());
   }
   let step = measure(&with_range(&read, d, 0, 2))?.saturating_sub(one);
-  let k = if step == 0 { len } else { (1 + (cap - one) / step).clamp(1, len) };
+  let k = (cap - one).checked_div(step).map_or(len, |n| (n + 1).clamp(1, len));
   let mut start = 0;
   while start < len {
     let n = k.min(len - start);
