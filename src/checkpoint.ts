@@ -1,9 +1,10 @@
 import { awaitNative, callNative, DistcpError } from './errors.js'
 import { native, type NativeCheckpoint, type CheckpointSummary } from './native.js'
 import { elementSize, numel, type DType, type Tensor } from './tensor.js'
+import { isDeviceRead, readToDevice, type DeviceReadOptions, type DeviceTarget, type DeviceTensor } from './cuda.js'
 import { decodeValue, type PyValue } from './values.js'
 
-export type { CheckpointSummary }
+export type { CheckpointSummary, DeviceReadOptions }
 
 /** One stored chunk of a tensor: a box in global coordinates, and where its record lies. */
 export interface ChunkInfo {
@@ -97,11 +98,15 @@ export class Checkpoint {
    * dimension it was sharded on. A whole tensor stored as one plain chunk comes back without a copy (a
    * copy-on-write mapping of the file).
    */
-  async read(key: string, options: ReadOptions = {}): Promise<Tensor> {
+  async read(key: string, options: DeviceReadOptions & ({ device: string } | { into: DeviceTarget })): Promise<DeviceTensor>
+  async read(key: string, options?: ReadOptions): Promise<Tensor>
+  async read(key: string, options: ReadOptions | DeviceReadOptions = {}): Promise<Tensor | DeviceTensor> {
     const info = this.info(key)
     if (info.kind !== 'tensor') throw new DistcpError('ERR_DISTCP_BAD_REQUEST', `key \`${key}\` is not a tensor`)
-    const { into, offsets, sizes } = options
+    const { offsets, sizes } = options
     const shape = sizes ?? (offsets ? info.shape.map((n, d) => n - (offsets[d] ?? 0)) : info.shape)
+    if (isDeviceRead(options)) return readToDevice(this.#native, key, info.dtype, shape, options)
+    const into = (options as ReadOptions).into
     if (into) {
       const bytes = new Uint8Array(into.buffer, into.byteOffset, into.byteLength)
       const want = numel(shape) * elementSize(info.dtype)

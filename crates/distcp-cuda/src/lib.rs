@@ -83,9 +83,17 @@ impl CudaReader {
   }
 }
 
-/// Bytes of the box `region` of tensor `key`.
+/// Bytes of the box `region` of tensor `key`, after checking that the box lies inside the tensor (so a bad request
+/// is reported as such before any device work).
 pub fn region_bytes(ck: &Checkpoint, key: &str, region: &Region) -> Result<u64> {
   let t = ck.tensor(key)?;
+  distcp_core::plan::check_region(&t.size, region).map_err(|reason| {
+    CudaError::Core(distcp_core::Error::BadRequest {
+      checkpoint: ck.root.clone(),
+      key: key.to_owned(),
+      reason,
+    })
+  })?;
   region.numel().checked_mul(t.dtype().size() as u64).ok_or_else(|| {
     CudaError::Core(distcp_core::Error::BadRequest {
       checkpoint: ck.root.clone(),
@@ -117,7 +125,10 @@ pub fn with_reader<T>(index: usize, f: impl FnOnce(&mut CudaReader) -> Result<T>
 
 /// Reads the box `region` of `key` into new memory on `cuda:index`.
 pub fn read_to_device(ck: &Checkpoint, key: &str, region: &Region, index: usize) -> Result<DeviceBuffer> {
-  driver::guard(|| with_reader(index, |r| r.read_alloc(ck, key, region)))
+  driver::guard(|| {
+    region_bytes(ck, key, region)?;
+    with_reader(index, |r| r.read_alloc(ck, key, region))
+  })
 }
 
 /// Reads the box `region` of `key` into the caller's device memory `ptr .. ptr + len` on `cuda:index`; `len` must be
@@ -131,6 +142,7 @@ pub fn read_into_device(
   len: u64,
 ) -> Result<()> {
   driver::guard(|| {
+    region_bytes(ck, key, region)?;
     let dev = Device::open(index)?;
     driver::check_device_range(&dev, ptr, len)?;
     with_reader(index, |r| {

@@ -5,12 +5,14 @@
 
 mod checkpoint;
 mod convert;
+mod cuda;
 mod errors;
 mod save;
 mod values;
 
 pub use checkpoint::*;
 pub use convert::*;
+pub use cuda::*;
 pub use save::*;
 
 /// Throws from Rust code that panics, on the JS thread (sync) or on a worker (async). Used by the tests to prove
