@@ -43,6 +43,19 @@ export declare class NativeConvertJob {
   cancel(): void
 }
 
+/** Device memory allocated by distcp; freed by `dispose()` or when JS collects this object. */
+export declare class NativeDeviceBuffer {
+  /** Device address of the first byte (throws ERR_DISTCP_DISPOSED after dispose()). */
+  get ptr(): bigint
+  get byteLength(): number
+  get deviceIndex(): number
+  get disposed(): boolean
+  /** Frees the memory now; a second call does nothing. */
+  dispose(): void
+  /** Copies the bytes back to a new host Buffer (on a worker thread). */
+  toHost(): Promise<Buffer>
+}
+
 export interface CheckpointSummary {
   path: string
   metadataFile: string
@@ -79,6 +92,15 @@ export interface ConvertEntryJs {
 /** Starts a conversion into `dir` (an existing empty folder; the caller renames it into place when done). */
 export declare function createConvertJob(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number, dir: string): NativeConvertJob
 
+/**
+ * Probes the CUDA driver (loaded at run time) and lists the devices; without one, `available` is false and
+ * `reason` says why.
+ */
+export declare function cudaInfo(): NativeCudaInfo
+
+/** Test hook: makes the CUDA layer panic at its next entry point (proves the panic comes back as a coded error). */
+export declare function cudaInjectPanicForTest(on: boolean): void
+
 export interface EncodedObject {
   /** Tagged JSON (see `src/values.ts`). */
   json: string
@@ -95,6 +117,20 @@ export interface ItemInfo {
   nbytes: number
   chunks: Array<ChunkInfo>
   files: Array<string>
+}
+
+export interface NativeCudaDevice {
+  index: number
+  name: string
+  totalMemory: number
+  pciBusId: string
+}
+
+export interface NativeCudaInfo {
+  available: boolean
+  reason?: string
+  driverVersion?: string
+  devices: Array<NativeCudaDevice>
 }
 
 export interface NativeSaveOptions {
@@ -122,6 +158,12 @@ export declare function parseSize(text: string): number | null
 
 /** The conversion plan (shards, tensors, offsets, index) as JSON, from `.metadata` alone. */
 export declare function planConvert(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number): string
+
+/** Reads a tensor (or a box) into the caller's device memory `ptr .. ptr + byteLength` on `cuda:device`. */
+export declare function readIntoDevice(ck: NativeCheckpoint, key: string, device: number, ptr: bigint, byteLength: number, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null): Promise<void>
+
+/** Reads a tensor (or the box `offsets`/`sizes`) into new memory on `cuda:device`. */
+export declare function readToDevice(ck: NativeCheckpoint, key: string, device: number, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null): Promise<NativeDeviceBuffer>
 
 /**
  * Saves a state dict into the checkpoint folder `dir` (created if needed; an existing checkpoint is replaced

@@ -52,7 +52,8 @@ test('device requests are checked before any device work', async (t) => {
   ck.close()
 })
 
-test('a panic inside the CUDA layer surfaces as a coded error, not a crash', async (t) => {
+// serial: the hook is process-wide, and ava runs serial tests before the concurrent ones
+test.serial('a panic inside the CUDA layer surfaces as a coded error, not a crash', async (t) => {
   const ck = await openCheckpoint(example)
   native.cudaInjectPanicForTest(true)
   try {
