@@ -91,10 +91,11 @@ test('a DeviceTensor over caller memory: DLPack fields, dispose twice, use after
 
 test('on a GPU: device reads equal host reads (whole, boxes, Shard(1)); dispose frees once', async (t) => {
   if (!gpu) return t.pass('no GPU on this machine')
-  for (const [dir, k, box] of [
+  const cases: [string, string, { offsets: number[]; sizes: number[] }][] = [
     [example, key, { offsets: [3, 5], sizes: [7, 11] }],
     [shard1, 'shard1', { offsets: [1, 3], sizes: [2, 4] }],
-  ] as const) {
+  ]
+  for (const [dir, k, box] of cases) {
     const ck = await openCheckpoint(dir)
     const host = await ck.read(k)
     const dev = await ck.read(k, { device: 'cuda:0' })
