@@ -70,6 +70,7 @@ table() {
   row "Shard(1): GPU read == host read" "$(g verify_shard1.verify_gpu_eq_host)" ""
   row "Shard(1): GPU sha256 == torch dcp.load" "$(g verify_shard1.verify_sha_eq_torch)" "host read: $(g hostsums_shard1.host_sha_eq_torch)"
   row "Shard(1): random boxes GPU == host" "$(g verify_shard1.verify_boxes)" ""
+  row "save from device == host save (files)" "$(g savecheck.save_device_eq_host)" "D2H via pinned staging $(g savecheck.download_gbps) GB/s"
   local failed=""
   for k in "${!R[@]}"; do case $k in *.failed) failed="$failed ${k%.failed}(${R[$k]})";; esac; done
   echo "failed steps: ${failed:-none}"
@@ -96,7 +97,7 @@ run ceiling 60 bench ceiling --gb 16
 step "torch writes the checkpoints ($GB GB on 3 ranks + Shard(1)) into $WORK"
 if run make 300 "$PY" "$HERE/make_ckpt.py" --out "$WORK" --gb "$GB"; then
   R[ckpt_gb]=$(du -sb "$WORK/big" | awk '{ printf "%.2f", $1 / 1e9 }')
-  R[ckpt_note]="$(ls "$WORK/big" | grep -c distcp) data files, Shard(0) uneven"
+  R[ckpt_note]="$(ls "$WORK/big" | grep -c distcp) files, Shard(0), on $(df -T "$WORK" | awk 'NR==2 { print $2 }')"
 fi
 [ -f "$WORK/big/.metadata" ] || { echo "!! no checkpoint, stopping"; exit 1; }
 
@@ -128,3 +129,6 @@ run hostsums_big 300 bench hostsums --ckpt "$WORK/big" --sums "$WORK/big.sha256"
 run verify_big 300 bench verify --ckpt "$WORK/big" --sums "$WORK/big.sha256" --boxes 2
 run hostsums_shard1 120 bench hostsums --ckpt "$WORK/shard1" --sums "$WORK/shard1.sha256"
 run verify_shard1 120 bench verify --ckpt "$WORK/shard1" --sums "$WORK/shard1.sha256" --boxes 4
+
+step "save from device memory == host save (Shard(1) checkpoint's tensors)"
+run savecheck 180 bench savecheck --ckpt "$WORK/shard1" --out "$WORK/saves"

@@ -10,6 +10,7 @@
 //! gpu_bench verify --ckpt DIR [--sums FILE] [--boxes N]
 //!                                                 GPU read == host read (bit for bit), sha256 == torch's, boxes
 //! gpu_bench hostsums --ckpt DIR --sums FILE       distcp's host read == torch's sha256 (no GPU needed)
+//! gpu_bench savecheck --ckpt DIR --out DIR        a save from device memory == a save of the host read (files)
 //! ```
 //! Machine-readable results are lines `RESULT <name> <value>`.
 
@@ -380,6 +381,76 @@ fn hostsums(a: &Args) -> Res<bool> {
   Ok(equal == keys.len() && keys.len() == sums.len())
 }
 
+/// A save from device memory (device → pinned staging → distcp's writer) equals a save of the host read, file for
+/// file and byte for byte.
+fn savecheck(a: &Args) -> Res<bool> {
+  use distcp_core::write::save::{save, SaveOptions};
+  use distcp_core::write::value::{SaveValue, TensorRef};
+  let ck = a.ckpt()?;
+  let out = std::path::PathBuf::from(a.get("out").ok_or("--out DIR is required")?);
+  let mut reader = CudaReader::new(0, a.reader_options()).map_err(|e| e.to_string())?;
+  let keys = tensor_keys(&ck);
+  let mut from_dev = Vec::new();
+  let mut from_host = Vec::new();
+  let (mut bytes, mut secs) = (0u64, 0f64);
+  for k in &keys {
+    let t = ck.tensor(k).map_err(|e| e.to_string())?;
+    let (dtype, shape) = (t.dtype(), t.size.clone());
+    let whole = Region::whole(&shape);
+    let buf = reader.read_alloc(&ck, k, &whole).map_err(|e| e.to_string())?;
+    let mut host = vec![0u8; buf.len() as usize];
+    let t0 = Instant::now();
+    reader.download(buf.ptr(), &mut host).map_err(|e| e.to_string())?;
+    secs += t0.elapsed().as_secs_f64();
+    bytes += buf.len();
+    from_dev.push((k.clone(), dtype, shape.clone(), host));
+    from_host.push((k.clone(), dtype, shape.clone(), host_read(&ck, k, &whole)?));
+  }
+  let opts = SaveOptions { sync: false, ..SaveOptions::default() };
+  let mut dirs = Vec::new();
+  for (name, set) in [("from_device", &from_dev), ("from_host", &from_host)] {
+    let items = set
+      .iter()
+      .map(|(k, dtype, shape, data)| {
+        (
+          SaveValue::Str(k.clone()),
+          SaveValue::Tensor(TensorRef { dtype: *dtype, shape: shape.clone(), data }),
+        )
+      })
+      .collect();
+    let dir = out.join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    save(&dir, &SaveValue::Dict(items), &opts).map_err(|e| e.to_string())?;
+    dirs.push(dir);
+  }
+  let list = |d: &std::path::Path| -> Res<Vec<String>> {
+    let mut v: Vec<String> = std::fs::read_dir(d)
+      .map_err(|e| e.to_string())?
+      .flatten()
+      .map(|e| e.file_name().to_string_lossy().into_owned())
+      .collect();
+    v.sort();
+    Ok(v)
+  };
+  let (a_files, b_files) = (list(&dirs[0])?, list(&dirs[1])?);
+  let mut same = a_files == b_files;
+  for f in &a_files {
+    let (x, y) = (std::fs::read(dirs[0].join(f)), std::fs::read(dirs[1].join(f)));
+    same &= matches!((x, y), (Ok(x), Ok(y)) if x == y);
+  }
+  println!(
+    "savecheck: {} tensors, {:.2} GB device -> pinned -> host at {:.2} GB/s; files {:?}: save from device {} host save",
+    keys.len(),
+    gb(bytes),
+    gb(bytes) / secs.max(1e-9),
+    a_files,
+    if same { "==" } else { "!=" }
+  );
+  println!("RESULT save_device_eq_host {}", if same { "yes" } else { "NO" });
+  println!("RESULT download_gbps {:.2}", gb(bytes) / secs.max(1e-9));
+  Ok(same)
+}
+
 fn main() -> ExitCode {
   let a = Args::parse();
   let r: Res<bool> = match a.cmd.as_str() {
@@ -396,7 +467,10 @@ fn main() -> ExitCode {
     "load" => load(&a).map(|()| true),
     "verify" => verify(&a),
     "hostsums" => hostsums(&a),
-    other => Err(format!("unknown command `{other}` (info, smoke, ceiling, disk, load, verify, hostsums)")),
+    "savecheck" => savecheck(&a),
+    other => Err(format!(
+      "unknown command `{other}` (info, smoke, ceiling, disk, load, verify, hostsums, savecheck)"
+    )),
   };
   match r {
     Ok(true) => ExitCode::SUCCESS,

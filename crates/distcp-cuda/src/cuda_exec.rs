@@ -95,6 +95,42 @@ impl CudaExecutor {
   }
 }
 
+impl CudaExecutor {
+  /// Copies device bytes `src .. src + out.len()` into `out` through the two pinned slots: the DMA of one slot
+  /// overlaps the host copy out of the other (the path a save from device memory takes).
+  pub fn download(&mut self, src: u64, out: &mut [u8]) -> Result<()> {
+    self.dev.bind()?;
+    let slot_len = self.slot_len();
+    let pieces: Vec<(usize, usize)> =
+      (0..out.len()).step_by(slot_len).map(|at| (at, slot_len.min(out.len() - at))).collect();
+    let mut queued: Option<(usize, usize, usize)> = None; // (slot, at, len) in flight
+    for (i, &(at, len)) in pieces.iter().enumerate() {
+      let slot = i % 2;
+      // SAFETY: the slot holds `slot_len` ≥ `len` bytes and is not read by the host until its event completes;
+      // the caller vouches that `src .. src + out.len()` is device memory of this context.
+      check("cuMemcpyDtoHAsync", unsafe {
+        sys::cuMemcpyDtoHAsync_v2(self.slots[slot].ptr().cast(), src + at as u64, len, self.stream)
+      })?;
+      // SAFETY: event and stream belong to this executor.
+      check("cuEventRecord", unsafe { sys::cuEventRecord(self.events[slot], self.stream) })?;
+      if let Some((s, a, l)) = queued.replace((slot, at, len)) {
+        self.drain(s, &mut out[a..a + l])?;
+      }
+    }
+    if let Some((s, a, l)) = queued {
+      self.drain(s, &mut out[a..a + l])?;
+    }
+    Ok(())
+  }
+
+  fn drain(&mut self, slot: usize, out: &mut [u8]) -> Result<()> {
+    // SAFETY: the event was recorded after the slot's DMA on our stream.
+    check("cuEventSynchronize", unsafe { sys::cuEventSynchronize(self.events[slot]) })?;
+    out.copy_from_slice(&self.slots[slot].as_slice()[..out.len()]);
+    Ok(())
+  }
+}
+
 impl StagedExecutor for CudaExecutor {
   type Error = CudaError;
 

@@ -83,6 +83,33 @@ impl CudaReader {
   }
 }
 
+impl CudaReader {
+  /// Copies device bytes `src .. src + out.len()` (memory on this reader's device) into `out` through pinned
+  /// staging, the reader threads each taking one contiguous part.
+  pub fn download(&mut self, src: u64, out: &mut [u8]) -> Result<()> {
+    let execs = &mut self.execs;
+    driver::guard(|| {
+      let per = out.len().div_ceil(execs.len()).max(pipeline::MIN_SLOT);
+      std::thread::scope(|s| {
+        let handles: Vec<_> = out
+          .chunks_mut(per)
+          .zip(execs.iter_mut())
+          .enumerate()
+          .map(|(i, (part, ex))| s.spawn(move || driver::guard(|| ex.download(src + (i * per) as u64, part))))
+          .collect();
+        handles
+          .into_iter()
+          .try_for_each(|h| h.join().unwrap_or_else(|_| Err(CudaError::Panic("a download thread".into()))))
+      })
+    })
+  }
+}
+
+/// Copies `out.len()` bytes of device memory at `src` on `cuda:index` into `out`, through pinned staging.
+pub fn download(index: usize, src: u64, out: &mut [u8]) -> Result<()> {
+  driver::guard(|| with_reader(index, |r| r.download(src, out)))
+}
+
 /// Bytes of the box `region` of tensor `key`, after checking that the box lies inside the tensor (so a bad request
 /// is reported as such before any device work).
 pub fn region_bytes(ck: &Checkpoint, key: &str, region: &Region) -> Result<u64> {

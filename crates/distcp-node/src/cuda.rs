@@ -108,7 +108,7 @@ impl NativeDeviceBuffer {
     drop(taken);
   }
 
-  /// Copies the bytes back to a new host Buffer (on a worker thread).
+  /// Copies the bytes back to a new host Buffer (on a worker thread, through pinned staging).
   #[napi(ts_return_type = "Promise<Buffer>")]
   pub fn to_host(&self) -> napi::Result<AsyncTask<ToHostTask>> {
     self.live()?;
@@ -131,7 +131,7 @@ impl Task for ToHostTask {
       let b = guard.as_ref().ok_or_else(|| cuda_js(CudaError::Disposed))?;
       let mut out =
         vec![0u8; usize::try_from(b.len()).map_err(|_| cuda_js(CudaError::BadRequest("too large".into())))?];
-      distcp_cuda::driver::copy_to_host(b.device(), b.ptr(), &mut out).map_err(cuda_js)?;
+      distcp_cuda::download(b.device().index, b.ptr(), &mut out).map_err(cuda_js)?;
       Ok(out)
     })
   }
