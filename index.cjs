@@ -838,6 +838,7 @@ module.exports = nativeBinding
 module.exports.NativeCheckpoint = nativeBinding.NativeCheckpoint
 module.exports.NativeConvertJob = nativeBinding.NativeConvertJob
 module.exports.NativeDeviceBuffer = nativeBinding.NativeDeviceBuffer
+module.exports.copyFromDevice = nativeBinding.copyFromDevice
 module.exports.createConvertJob = nativeBinding.createConvertJob
 module.exports.cudaInfo = nativeBinding.cudaInfo
 module.exports.cudaInjectPanicForTest = nativeBinding.cudaInjectPanicForTest

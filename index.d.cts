@@ -52,7 +52,7 @@ export declare class NativeDeviceBuffer {
   get disposed(): boolean
   /** Frees the memory now; a second call does nothing. */
   dispose(): void
-  /** Copies the bytes back to a new host Buffer (on a worker thread). */
+  /** Copies the bytes back to a new host Buffer (on a worker thread, through pinned staging). */
   toHost(): Promise<Buffer>
 }
 
@@ -88,6 +88,9 @@ export interface ConvertEntryJs {
   /** Tensor name in the output. */
   name: string
 }
+
+/** Copies `byteLength` bytes of the caller's device memory at `ptr` on `cuda:device` into a new host Buffer. */
+export declare function copyFromDevice(device: number, ptr: bigint, byteLength: number): Promise<Buffer>
 
 /** Starts a conversion into `dir` (an existing empty folder; the caller renames it into place when done). */
 export declare function createConvertJob(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number, dir: string): NativeConvertJob

@@ -1,7 +1,9 @@
 import test from 'ava'
+import { existsSync, mkdtempSync, readFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
-import { openCheckpoint, cudaInfo, DeviceTensor, DistcpError } from '../src/index.js'
+import { openCheckpoint, cudaInfo, DeviceTensor, DistcpError, flattenStateDict, load, save } from '../src/index.js'
 import { native } from '../src/native.js'
 import { root } from './helpers.js'
 
@@ -114,4 +116,51 @@ test('on a GPU: device reads equal host reads (whole, boxes, Shard(1)); dispose 
     db.dispose()
     ck.close()
   }
+})
+
+test('load and save with device leaves: without a GPU they reject with ERR_DISTCP_NO_CUDA before any work', async (t) => {
+  if (gpu) return t.pass('this machine has a GPU')
+  const target = { data: new Uint8Array(320 * 64 * 4).fill(7), dtype: 'float32' as const, shape: [320, 64] }
+  const devLeaf = { dtype: 'float32' as const, shape: [320, 64], device: 'cuda:0', ptr: 1n << 40n, byteLength: 320 * 64 * 4 }
+  // a device leaf: nothing is read, not even the host tensor beside it
+  const sd = { model: { model: { embed_tokens: { weight: devLeaf } }, lm_head: { weight: target } } }
+  await t.throwsAsync(load(sd, { checkpointId: example, strict: false }), noCuda)
+  t.true(target.data.every((b) => b === 7))
+  // device: 'cuda:0' for tensors that replace non-tensor leaves
+  await t.throwsAsync(load({ model: { model: { embed_tokens: { weight: null } } } }, { checkpointId: example, strict: false, device: 'cuda:0' }), noCuda)
+  // a save of a device tensor: no folder is created
+  const dir = join(mkdtempSync(join(tmpdir(), 'distcp-cuda-')), 'ck')
+  await t.throwsAsync(save({ w: devLeaf }, { checkpointId: dir }), noCuda)
+  await t.throwsAsync(save({ w: new DeviceTensor('float32', [2], 'cuda:0', 8, undefined, 1n << 40n) }, { checkpointId: dir }), noCuda)
+  t.false(existsSync(dir))
+})
+
+test('device leaves flatten like host tensors (a list of them is walked into)', (t) => {
+  const dev = (i: number) => new DeviceTensor('bfloat16', [2], 'cuda:0', 4, undefined, BigInt(4096 * (i + 1)))
+  const host = (i: number) => ({ dtype: 'bfloat16' as const, shape: [2], data: new Uint8Array(4).fill(i) })
+  for (const layout of ['2.4', '2.3'] as const) {
+    const d = [...flattenStateDict({ a: [dev(0), dev(1)], b: { c: dev(2) } }, layout).keys()]
+    const h = [...flattenStateDict({ a: [host(0), host(1)], b: { c: host(2) } }, layout).keys()]
+    t.deepEqual(d, h)
+    t.deepEqual(d, ['a.0', 'a.1', 'b.c'])
+  }
+})
+
+test('on a GPU: load fills device leaves and a save of device tensors equals the host save', async (t) => {
+  if (!gpu) return t.pass('no GPU on this machine')
+  const ck = await openCheckpoint(example)
+  const host = await ck.read(key)
+  const dev = await ck.read(key, { device: 'cuda:0' })
+  const empty = await ck.read(key, { device: 'cuda:0', sizes: [320, 64] })
+  await load({ model: { model: { embed_tokens: { weight: empty } } } }, { checkpointId: example, strict: false })
+  t.deepEqual(Buffer.from(await empty.toHost()), Buffer.from(host.data))
+  const base = mkdtempSync(join(tmpdir(), 'distcp-cuda-'))
+  await save({ w: dev }, { checkpointId: join(base, 'dev') })
+  await save({ w: host }, { checkpointId: join(base, 'host') })
+  for (const f of ['.metadata', '__0_0.distcp']) {
+    t.deepEqual(readFileSync(join(base, 'dev', f)), readFileSync(join(base, 'host', f)))
+  }
+  dev.dispose()
+  empty.dispose()
+  ck.close()
 })

@@ -53,7 +53,7 @@ export interface ObjectReadOptions {
 
 /** A nested state dict as torch saved it: dicts, lists, tensors and plain values. */
 export type StateDict = { [key: string]: StateValue }
-export type StateValue = PyValue | Tensor | StateValue[] | StateDict
+export type StateValue = PyValue | Tensor | DeviceTensor | StateValue[] | StateDict
 
 /** An open DCP checkpoint folder. Reads run on worker threads; only the chunks a read needs are touched. */
 export class Checkpoint {

@@ -136,14 +136,12 @@ export class DeviceTensor {
     this.#native?.dispose()
   }
 
-  /** Copies the bytes back into a new host buffer. */
+  /** Copies the bytes back into a new host buffer (through pinned staging). */
   async toHost(): Promise<Uint8Array> {
     this.#live()
-    if (!this.#native) {
-      throw new DistcpError('ERR_DISTCP_BAD_REQUEST', 'toHost() copies distcp-owned memory only; read the target yourself')
-    }
     const n = this.#native
-    return awaitNative(() => n.toHost())
+    if (n) return awaitNative(() => n.toHost())
+    return awaitNative(() => native.copyFromDevice(parseDevice(this.device), this.#ptr, this.byteLength))
   }
 
   /** The DLPack fields describing this tensor (no copy; valid until disposed). */
@@ -219,4 +217,75 @@ export async function readToDevice(
   const index = parseDevice(options.device ?? 'cuda:0')
   const buf = await awaitNative(() => native.readToDevice(ck, key, index, offsets, sizes))
   return new DeviceTensor(dtype, shape, `cuda:${index}`, buf.byteLength, buf, buf.ptr)
+}
+
+/** Throws `ERR_DISTCP_NO_CUDA` (with the reason) unless `device` (`cuda:N`) can be used: checked before work starts. */
+export function requireCuda(device: string): void {
+  const index = parseDevice(device)
+  const i = cudaInfo()
+  if (!i.available) throw new DistcpError('ERR_DISTCP_NO_CUDA', i.reason ?? 'no CUDA')
+  if (index >= i.devices.length) {
+    throw new DistcpError(
+      'ERR_DISTCP_NO_CUDA',
+      `no CUDA: ${device} was requested, but this machine has ${i.devices.length} CUDA device(s)`,
+    )
+  }
+}
+
+/** A leaf of a state dict that lives in device memory: a {@link DeviceTensor}, or a caller's target with its type. */
+export type DeviceLeaf = DeviceTarget & { dtype: DType; shape: number[] }
+
+/** The leaf as a device target with its dtype and shape, or null when it is not one (a disposed tensor is not). */
+export function asDeviceLeaf(v: unknown): DeviceLeaf | null {
+  if (v instanceof DeviceTensor) {
+    return v.disposed ? null : { dtype: v.dtype, shape: v.shape, device: v.device, ptr: v.ptr, byteLength: v.byteLength }
+  }
+  if (typeof v !== 'object' || v === null) return null
+  const t = v as Partial<DeviceLeaf>
+  const ok =
+    typeof t.dtype === 'string' &&
+    Array.isArray(t.shape) &&
+    typeof t.device === 'string' &&
+    typeof t.ptr === 'bigint' &&
+    typeof t.byteLength === 'number'
+  return ok ? (v as DeviceLeaf) : null
+}
+
+/**
+ * Host copies of every device leaf under `root` (plain objects, Maps, arrays and tuples are walked), for a save:
+ * the writer takes host bytes. Keyed by the leaf object.
+ */
+export async function hostCopiesOfDeviceLeaves(root: unknown): Promise<Map<object, Uint8Array>> {
+  const found: [object, DeviceLeaf][] = []
+  const seen = new Set<object>()
+  const walk = (v: unknown): void => {
+    if (typeof v !== 'object' || v === null || seen.has(v) || ArrayBuffer.isView(v)) return
+    seen.add(v)
+    const leaf = asDeviceLeaf(v)
+    if (leaf) {
+      found.push([v, leaf])
+      return
+    }
+    if (v instanceof Map) for (const x of v.values()) walk(x)
+    else if (Array.isArray(v)) v.forEach(walk)
+    else if (Array.isArray((v as { items?: unknown }).items)) (v as { items: unknown[] }).items.forEach(walk)
+    else if (Object.getPrototypeOf(v) === Object.prototype || Object.getPrototypeOf(v) === null) Object.values(v).forEach(walk)
+  }
+  walk(root)
+  const out = new Map<object, Uint8Array>()
+  for (const [obj, leaf] of found) {
+    const want = numel(leaf.shape) * elementSize(leaf.dtype)
+    if (leaf.byteLength !== want) {
+      throw new DistcpError(
+        'ERR_DISTCP_INVALID_INPUT',
+        `a ${leaf.dtype} device tensor of shape [${leaf.shape}] needs ${want} bytes, it has ${leaf.byteLength}`,
+      )
+    }
+    const data =
+      obj instanceof DeviceTensor
+        ? await obj.toHost()
+        : await awaitNative(() => native.copyFromDevice(parseDevice(leaf.device), leaf.ptr, leaf.byteLength))
+    out.set(obj, data)
+  }
+  return out
 }

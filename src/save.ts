@@ -2,6 +2,7 @@ import { awaitNative, DistcpError } from './errors.js'
 import { native } from './native.js'
 import { elementSize, type DType } from './tensor.js'
 import { floatBits, PyFloat, PyTuple, type Encoded } from './values.js'
+import { hostCopiesOfDeviceLeaves } from './cuda.js'
 
 /** What `save` needs of a top-level value to replace it by its state dict: a `stateDict()` (see `Stateful`). */
 export interface HasStateDict {
@@ -11,6 +12,8 @@ export interface HasStateDict {
 /**
  * A state dict to save: plain objects (or Maps) and arrays whose leaves are tensors and Python-like values.
  * - tensor: `{ dtype, shape, data }`, row-major little-endian bytes in any ArrayBufferView (not copied);
+ * - device tensor: a `DeviceTensor`, or `{ dtype, shape, device, ptr, byteLength }` in CUDA memory (copied to the
+ *   host through pinned staging first; the files are the same as a host save's);
  * - `null` → None, booleans → bool, strings → str, `Uint8Array`/`Buffer` → bytes;
  * - numbers: integers → int, others (and NaN, ±Infinity, -0) → float; `pyFloat(1)` forces a float (`1.0`);
  * - bigint → int of any size; `pyTuple(a, b)` / `new PyTuple([...])` → tuple; arrays → lists;
@@ -80,7 +83,11 @@ class Encoder {
   readonly buffers: Uint8Array[] = []
   readonly #ancestors = new Set<object>()
 
-  constructor(readonly checkpointId: string) {}
+  /** Host copies of device tensors in the tree (see {@link hostCopiesOfDeviceLeaves}). */
+  constructor(
+    readonly checkpointId: string,
+    readonly deviceCopies: Map<object, Uint8Array> = new Map(),
+  ) {}
 
   fail(path: string, reason: string): never {
     throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `${this.checkpointId}: cannot save key \`${path}\`: ${reason}`)
@@ -170,6 +177,8 @@ class Encoder {
         }
         return { $d: pairs }
       }
+      const fromDevice = this.deviceCopies.get(o)
+      if (fromDevice) return this.tensor({ ...(o as { dtype: unknown; shape: unknown[] }), data: fromDevice }, path)
       if (looksLikeTensor(o)) return this.tensor(o as { dtype: unknown; shape: unknown[]; data: ArrayBufferView }, path)
       if (typeof (o as Partial<HasStateDict>).stateDict === 'function') {
         return this.fail(path, 'a Stateful below the top level: dcp.save only calls state_dict() on top-level values')
@@ -215,7 +224,8 @@ export async function save(stateDict: SaveStateDict, options: SaveOptions): Prom
     const stateful = typeof v === 'object' && v !== null && typeof (v as Partial<HasStateDict>).stateDict === 'function'
     top.set(k, stateful ? await (v as HasStateDict).stateDict() : v)
   }
-  const enc = new Encoder(checkpointId)
+  // device tensors: device -> pinned staging -> host copies the writer streams (the same bytes a host save writes)
+  const enc = new Encoder(checkpointId, await hostCopiesOfDeviceLeaves(top))
   const tree = enc.value(top, '', 0)
   const fail = options._testFailAt
   const result = await awaitNative(() =>

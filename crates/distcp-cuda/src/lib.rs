@@ -110,6 +110,15 @@ pub fn download(index: usize, src: u64, out: &mut [u8]) -> Result<()> {
   driver::guard(|| with_reader(index, |r| r.download(src, out)))
 }
 
+/// [`download`] from a caller's pointer: first checks that `src .. src + out.len()` is one allocation on the device.
+pub fn download_checked(index: usize, src: u64, out: &mut [u8]) -> Result<()> {
+  driver::guard(|| {
+    let dev = Device::open(index)?;
+    driver::check_device_range(&dev, src, out.len() as u64)?;
+    with_reader(index, |r| r.download(src, out))
+  })
+}
+
 /// Bytes of the box `region` of tensor `key`, after checking that the box lies inside the tensor (so a bad request
 /// is reported as such before any device work).
 pub fn region_bytes(ck: &Checkpoint, key: &str, region: &Region) -> Result<u64> {

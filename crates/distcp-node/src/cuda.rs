@@ -239,3 +239,38 @@ pub fn read_into_device(
   }
   Ok(AsyncTask::new(ReadIntoDeviceTask { ck: ck_, key, region, device, ptr, len: byte_length as u64 }))
 }
+
+pub struct CopyFromDeviceTask {
+  device: u32,
+  ptr: u64,
+  len: usize,
+}
+
+impl Task for CopyFromDeviceTask {
+  type Output = Vec<u8>;
+  type JsValue = Buffer;
+
+  fn compute(&mut self) -> napi::Result<Vec<u8>> {
+    guarded(|| {
+      let mut out = vec![0u8; self.len];
+      distcp_cuda::download_checked(self.device as usize, self.ptr, &mut out).map_err(cuda_js)?;
+      Ok(out)
+    })
+  }
+
+  fn resolve(&mut self, _env: Env, out: Vec<u8>) -> napi::Result<Buffer> {
+    Ok(out.into())
+  }
+}
+
+/// Copies `byteLength` bytes of the caller's device memory at `ptr` on `cuda:device` into a new host Buffer.
+#[napi(ts_return_type = "Promise<Buffer>")]
+pub fn copy_from_device(device: u32, ptr: BigInt, byte_length: f64) -> napi::Result<AsyncTask<CopyFromDeviceTask>> {
+  let ptr = device_ptr(&ptr)?;
+  if !(byte_length >= 0.0 && byte_length.fract() == 0.0 && byte_length < (1u64 << 32) as f64) {
+    return Err(crate::errors::invalid_arg(format!(
+      "byteLength must be a byte count below 4 GiB (one Node buffer), got {byte_length}"
+    )));
+  }
+  Ok(AsyncTask::new(CopyFromDeviceTask { device, ptr, len: byte_length as usize }))
+}
