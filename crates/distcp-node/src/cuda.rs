@@ -265,7 +265,11 @@ impl Task for CopyFromDeviceTask {
 
 /// Copies `byteLength` bytes of the caller's device memory at `ptr` on `cuda:device` into a new host Buffer.
 #[napi(ts_return_type = "Promise<Buffer>")]
-pub fn copy_from_device(device: u32, ptr: BigInt, byte_length: f64) -> napi::Result<AsyncTask<CopyFromDeviceTask>> {
+pub fn copy_from_device(
+  device: u32,
+  ptr: BigInt,
+  byte_length: f64,
+) -> napi::Result<AsyncTask<CopyFromDeviceTask>> {
   let ptr = device_ptr(&ptr)?;
   if !(byte_length >= 0.0 && byte_length.fract() == 0.0 && byte_length < (1u64 << 32) as f64) {
     return Err(crate::errors::invalid_arg(format!(
