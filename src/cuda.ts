@@ -109,7 +109,14 @@ export class DeviceTensor {
   #disposed = false
 
   /** @internal */
-  constructor(dtype: DType, shape: number[], device: string, byteLength: number, owned: NativeDeviceBuffer | undefined, ptr: bigint) {
+  constructor(
+    dtype: DType,
+    shape: number[],
+    device: string,
+    byteLength: number,
+    owned: NativeDeviceBuffer | undefined,
+    ptr: bigint,
+  ) {
     this.dtype = dtype
     this.shape = shape
     this.device = device
@@ -164,7 +171,9 @@ export class DeviceTensor {
   }
 
   #live(): void {
-    if (this.#disposed) throw new DistcpError('ERR_DISTCP_DISPOSED', `the ${this.dtype} device tensor on ${this.device} was disposed`)
+    if (this.#disposed) {
+      throw new DistcpError('ERR_DISTCP_DISPOSED', `the ${this.dtype} device tensor on ${this.device} was disposed`)
+    }
   }
 }
 
@@ -185,7 +194,10 @@ export function isDeviceRead(options: { device?: string; into?: unknown }): opti
   const into = options.into
   return (
     options.device !== undefined ||
-    (typeof into === 'object' && into !== null && !ArrayBuffer.isView(into) && typeof (into as DeviceTarget).ptr === 'bigint')
+    (typeof into === 'object' &&
+      into !== null &&
+      !ArrayBuffer.isView(into) &&
+      typeof (into as DeviceTarget).ptr === 'bigint')
   )
 }
 
@@ -202,7 +214,10 @@ export async function readToDevice(
   if (into) {
     const index = parseDevice(into.device)
     if (options.device !== undefined && parseDevice(options.device) !== index) {
-      throw new DistcpError('ERR_DISTCP_BAD_REQUEST', `key \`${key}\`: device '${options.device}' and into.device '${into.device}' differ`)
+      throw new DistcpError(
+        'ERR_DISTCP_BAD_REQUEST',
+        `key \`${key}\`: device '${options.device}' and into.device '${into.device}' differ`,
+      )
     }
     const want = numel(shape) * elementSize(dtype)
     if (into.byteLength !== want) {
@@ -238,7 +253,8 @@ export type DeviceLeaf = DeviceTarget & { dtype: DType; shape: number[] }
 /** The leaf as a device target with its dtype and shape, or null when it is not one (a disposed tensor is not). */
 export function asDeviceLeaf(v: unknown): DeviceLeaf | null {
   if (v instanceof DeviceTensor) {
-    return v.disposed ? null : { dtype: v.dtype, shape: v.shape, device: v.device, ptr: v.ptr, byteLength: v.byteLength }
+    if (v.disposed) return null
+    return { dtype: v.dtype, shape: v.shape, device: v.device, ptr: v.ptr, byteLength: v.byteLength }
   }
   if (typeof v !== 'object' || v === null) return null
   const t = v as Partial<DeviceLeaf>
@@ -269,7 +285,7 @@ export async function hostCopiesOfDeviceLeaves(root: unknown): Promise<Map<objec
     if (v instanceof Map) for (const x of v.values()) walk(x)
     else if (Array.isArray(v)) v.forEach(walk)
     else if (Array.isArray((v as { items?: unknown }).items)) (v as { items: unknown[] }).items.forEach(walk)
-    else if (Object.getPrototypeOf(v) === Object.prototype || Object.getPrototypeOf(v) === null) Object.values(v).forEach(walk)
+    else if ([Object.prototype, null].includes(Object.getPrototypeOf(v))) Object.values(v).forEach(walk)
   }
   walk(root)
   const out = new Map<object, Uint8Array>()
