@@ -14,6 +14,7 @@ BIN="${GPU_BENCH:-$HERE/bin/gpu_bench}"
 PY="${PYTHON:-python3}"
 WORK="${WORK:-/tmp/distcp-gpu}"
 GB="${GB:-8.6}"
+DEADLINE="${DEADLINE:-345}" # seconds: every step's time limit is cut so the whole run ends before this
 # only for the binary: a python linked against its own libpython must not pick up the system's
 BIN_LD_PATH="/usr/local/nvidia/lib64:/usr/local/nvidia/lib:/usr/lib/x86_64-linux-gnu:/usr/lib64:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 bench() { LD_LIBRARY_PATH="$BIN_LD_PATH" "$BIN" "$@"; }
@@ -26,6 +27,9 @@ step() { echo; echo "== [$(( $(date +%s) - T0 ))s] $*"; }
 # run NAME TIMEOUT CMD...: runs a step with a time limit, keeps its log, records its RESULT lines
 run() {
   local name=$1 limit=$2; shift 2
+  local left=$(( DEADLINE - ($(date +%s) - T0) ))
+  if [ "$left" -lt 10 ]; then echo "!! skipping $name: the ${DEADLINE}s budget is spent"; R["$name.failed"]="skipped (time)"; return 1; fi
+  [ "$limit" -le "$left" ] || limit=$left
   echo "\$ $*"
   if [ "$(type -t "$1")" = function ]; then
     timeout "$limit" env LD_LIBRARY_PATH="$BIN_LD_PATH" "$BIN" "${@:2}" > >(tee "$LOG/$name.log") 2>&1
@@ -75,8 +79,9 @@ table() {
   for k in "${!R[@]}"; do case $k in *.failed) failed="$failed ${k%.failed}(${R[$k]})";; esac; done
   echo "failed steps: ${failed:-none}"
   echo "logs: $LOG"
+  if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then cp -r "$LOG" "$OUT/" 2>/dev/null; fi
 }
-trap table EXIT
+trap 'if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then table | tee "$OUT/table.txt"; else table; fi' EXIT
 
 step "binary and driver"
 if [ ! -x "$BIN" ]; then echo "!! $BIN is missing (build it: see bench/gpu/README.md)"; R[bin.failed]=missing; exit 1; fi
