@@ -61,6 +61,19 @@ export declare class NativeConvertOutput {
   abort(): void
 }
 
+/** Device memory allocated by distcp; freed by `dispose()` or when JS collects this object. */
+export declare class NativeDeviceBuffer {
+  /** Device address of the first byte (throws ERR_DISTCP_DISPOSED after dispose()). */
+  get ptr(): bigint
+  get byteLength(): number
+  get deviceIndex(): number
+  get disposed(): boolean
+  /** Frees the memory now; a second call does nothing. */
+  dispose(): void
+  /** Copies the bytes back to a new host Buffer (on a worker thread, through pinned staging). */
+  toHost(): Promise<Buffer>
+}
+
 /**
  * Locks `out` (created if needed), finishes or removes a dead writer's leftovers and stages a temporary folder.
  * Fails with ERR_DISTCP_LOCKED while another process writes there.
@@ -112,8 +125,20 @@ export interface ConvertEntryJs {
   name: string
 }
 
+/** Copies `byteLength` bytes of the caller's device memory at `ptr` on `cuda:device` into a new host Buffer. */
+export declare function copyFromDevice(device: number, ptr: bigint, byteLength: number): Promise<Buffer>
+
 /** Starts a conversion into `dir` (an existing empty folder; the caller renames it into place when done). */
 export declare function createConvertJob(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number, dir: string): NativeConvertJob
+
+/**
+ * Probes the CUDA driver (loaded at run time) and lists the devices; without one, `available` is false and
+ * `reason` says why.
+ */
+export declare function cudaInfo(): NativeCudaInfo
+
+/** Test hook: makes the CUDA layer panic at its next entry point (proves the panic comes back as a coded error). */
+export declare function cudaInjectPanicForTest(on: boolean): void
 
 export interface EncodedObject {
   /** Tagged JSON (see `src/values.ts`). */
@@ -151,6 +176,20 @@ export interface ItemInfo {
  */
 export declare function maxNesting(): number
 
+export interface NativeCudaDevice {
+  index: number
+  name: string
+  totalMemory: number
+  pciBusId: string
+}
+
+export interface NativeCudaInfo {
+  available: boolean
+  reason?: string
+  driverVersion?: string
+  devices: Array<NativeCudaDevice>
+}
+
 export interface NativeSaveOptions {
   /** `"2.4"` (default: torch ≥ 2.4's flat keys) or `"2.3"` (torch ≤ 2.3's). */
   layout?: string
@@ -176,6 +215,12 @@ export declare function parseSize(text: string): number | null
 
 /** The conversion plan (shards, tensors, offsets, index) as JSON, from `.metadata` alone. */
 export declare function planConvert(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number): string
+
+/** Reads a tensor (or a box) into the caller's device memory `ptr .. ptr + byteLength` on `cuda:device`. */
+export declare function readIntoDevice(ck: NativeCheckpoint, key: string, device: number, ptr: bigint, byteLength: number, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null): Promise<void>
+
+/** Reads a tensor (or the box `offsets`/`sizes`) into new memory on `cuda:device`. */
+export declare function readToDevice(ck: NativeCheckpoint, key: string, device: number, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null): Promise<NativeDeviceBuffer>
 
 /**
  * Saves a state dict into the checkpoint folder `dir` (created if needed; an existing checkpoint is replaced

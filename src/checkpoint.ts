@@ -1,9 +1,10 @@
 import { awaitNative, callNative, DistcpError } from './errors.js'
 import { native, type NativeCheckpoint, type CheckpointSummary } from './native.js'
 import { elementSize, numel, type DType, type Tensor } from './tensor.js'
+import { isDeviceRead, readToDevice, type DeviceReadOptions, type DeviceTarget, type DeviceTensor } from './cuda.js'
 import { decodeValue, type PyValue } from './values.js'
 
-export type { CheckpointSummary }
+export type { CheckpointSummary, DeviceReadOptions }
 
 /** One stored chunk of a tensor: a box in global coordinates, and where its record lies. */
 export interface ChunkInfo {
@@ -52,7 +53,7 @@ export interface ObjectReadOptions {
 
 /** A nested state dict as torch saved it: dicts, lists, tensors and plain values. */
 export type StateDict = { [key: string]: StateValue }
-export type StateValue = PyValue | Tensor | StateValue[] | StateDict
+export type StateValue = PyValue | Tensor | DeviceTensor | StateValue[] | StateDict
 
 function describe(v: unknown): string {
   if (v === null) return 'null'
@@ -124,18 +125,22 @@ export class Checkpoint {
    * dimension it was sharded on. The result is always a fresh buffer, read with positional reads: a file changed
    * under an open checkpoint gives an error, never a crash.
    */
-  async read(key: string, options: ReadOptions = {}): Promise<Tensor> {
+  async read(key: string, options: DeviceReadOptions & ({ device: string } | { into: DeviceTarget })): Promise<DeviceTensor>
+  async read(key: string, options?: ReadOptions): Promise<Tensor>
+  async read(key: string, options: ReadOptions | DeviceReadOptions = {}): Promise<Tensor | DeviceTensor> {
     checkString(key, 'key')
     checkOptions(options)
     checkDims(options.offsets, 'offsets')
     checkDims(options.sizes, 'sizes')
-    if (options.into !== undefined && !ArrayBuffer.isView(options.into)) {
-      throw badArgument('into', 'an ArrayBufferView (a Buffer or typed array)', options.into)
+    if (!isDeviceRead(options) && options.into !== undefined && !ArrayBuffer.isView(options.into)) {
+      throw badArgument('into', 'an ArrayBufferView (a Buffer or typed array) or a device target { device, ptr, byteLength }', options.into)
     }
     const info = this.info(key)
     if (info.kind !== 'tensor') throw new DistcpError('ERR_DISTCP_BAD_REQUEST', `key \`${key}\` is not a tensor`)
-    const { into, offsets, sizes } = options
+    const { offsets, sizes } = options
     const shape = sizes ?? (offsets ? info.shape.map((n, d) => n - (offsets[d] ?? 0)) : info.shape)
+    if (isDeviceRead(options)) return readToDevice(this.#native, key, info.dtype, shape, options)
+    const into = (options as ReadOptions).into
     if (into) {
       const bytes = new Uint8Array(into.buffer, into.byteOffset, into.byteLength)
       const want = numel(shape) * elementSize(info.dtype)

@@ -10,6 +10,7 @@ export type {
   ReadOptions,
   ObjectReadOptions,
   OpenOptions,
+  DeviceReadOptions,
   StateDict,
   StateValue,
   CheckpointSummary,
@@ -19,6 +20,8 @@ export type { DType, Tensor, TypedArrayFor } from './tensor.js'
 export { PyFloat, PyTuple } from './values.js'
 export type { PyValue } from './values.js'
 export { DistcpError } from './errors.js'
+export { cudaInfo, DeviceTensor } from './cuda.js'
+export type { CudaInfo, CudaDeviceInfo, DeviceTarget, DLPackDescriptor } from './cuda.js'
 export { convertDcpToHf, planDcpToHf } from './convert.js'
 export type { ConvertOptions, ConvertProgress, ConvertPlan, PlannedTensor } from './convert.js'
 export { resolveModel, hubCacheDir } from './hf.js'

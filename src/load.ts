@@ -8,6 +8,7 @@ import { callNative } from './errors.js'
 import { native } from './native.js'
 import { Encoder } from './save.js'
 import type { Stateful } from './stateful.js'
+import { asDeviceLeaf, requireCuda, type DeviceLeaf } from './cuda.js'
 
 /** What {@link load} accepts: a state dict whose top-level values may be {@link Stateful} objects. */
 export type LoadStateDict = { [key: string]: StateValue | Stateful }
@@ -22,6 +23,12 @@ export interface LoadOptions {
    * `false`: load what matches and report the rest.
    */
   strict?: boolean
+  /**
+   * `cuda:N`: tensors that replace non-tensor leaves are read into new device memory there ({@link DeviceTensor}s).
+   * Leaves that already are device tensors (or `{ dtype, shape, device, ptr, byteLength }` targets) are always
+   * filled on their device, whatever this says; host leaves stay on the host.
+   */
+  device?: string
 }
 
 /** One tensor (or value) that could not be loaded as it is. */
@@ -187,7 +194,7 @@ export interface InternalLoadOptions extends LoadOptions {
  * error in the middle of step 4 can leave some tensors loaded.
  */
 export async function load(stateDict: LoadStateDict, options: LoadOptions): Promise<LoadReport> {
-  const { checkpointId, strict = true, ignoreUnexpected } = options as InternalLoadOptions
+  const { checkpointId, strict = true, ignoreUnexpected, device } = options as InternalLoadOptions
   if (typeof checkpointId !== 'string' || checkpointId === '') {
     throw new DistcpError('ERR_DISTCP_INVALID_INPUT', 'load: options.checkpointId must be a folder path')
   }
@@ -219,6 +226,7 @@ export async function load(stateDict: LoadStateDict, options: LoadOptions): Prom
 
     report = { missing: [], unexpected: [], mismatched: [], layout }
     const tensorReads: { key: string; target: Tensor & { data: ArrayBufferView } }[] = []
+    const deviceReads: { key: string; target: DeviceLeaf }[] = []
     const objectReads: { key: string; path: PathItem[]; tensor: TensorInfo | null }[] = []
     for (const [key, { path, value }] of flat) {
       if (!inCk.has(key)) {
@@ -226,7 +234,7 @@ export async function load(stateDict: LoadStateDict, options: LoadOptions): Prom
         continue
       }
       const info = ck.info(key)
-      const target = asTensor(value)
+      const target = asTensor(value) ?? asDeviceLeaf(value)
       if (target) {
         if (info.kind !== 'tensor') {
           report.mismatched.push({ key, reason: `checkpoint has a non-tensor value, the state dict has a tensor` })
@@ -237,13 +245,15 @@ export async function load(stateDict: LoadStateDict, options: LoadOptions): Prom
           })
         } else {
           const want = numel(info.shape) * elementSize(info.dtype)
-          if (target.data.byteLength !== want) {
+          const have = 'data' in target ? target.data.byteLength : target.byteLength
+          if (have !== want) {
             throw new DistcpError(
               'ERR_DISTCP_INVALID_INPUT',
-              `${checkpointId}: key \`${key}\`: the state dict's ${fmtTensor(target.dtype, target.shape)} tensor holds ${target.data.byteLength} bytes, not ${want}`,
+              `${checkpointId}: key \`${key}\`: the state dict's ${fmtTensor(target.dtype, target.shape)} tensor holds ${have} bytes, not ${want}`,
             )
           }
-          tensorReads.push({ key, target })
+          if ('data' in target) tensorReads.push({ key, target })
+          else deviceReads.push({ key, target })
         }
       } else {
         // a non-tensor leaf is replaced by whatever the checkpoint holds (a tensor becomes a new tensor)
@@ -266,13 +276,24 @@ export async function load(stateDict: LoadStateDict, options: LoadOptions): Prom
       throw new LoadMismatchError(lines.join('\n'), report)
     }
 
+    // no device, no load: found before any tensor is overwritten
+    for (const d of new Set([...deviceReads.map((r) => r.target.device), ...(device !== undefined ? [device] : [])])) {
+      requireCuda(d)
+    }
     // values first (a bad record fails before any tensor is overwritten), then tensors into their buffers
     const values: { path: PathItem[]; value: unknown }[] = []
     for (const r of objectReads) {
-      const value = r.tensor ? await ck.read(r.key) : plainDicts(await ck.readObject(r.key, { exact: true }))
+      const value = r.tensor
+        ? device !== undefined
+          ? await ck.read(r.key, { device })
+          : await ck.read(r.key)
+        : plainDicts(await ck.readObject(r.key, { exact: true }))
       values.push({ path: r.path, value })
     }
     await readTensors(ck, tensorReads)
+    for (const { key, target } of deviceReads) {
+      await ck.read(key, { into: { device: target.device, ptr: target.ptr, byteLength: target.byteLength } })
+    }
     for (const { path, value } of values) setElement(sd, path, value)
   } finally {
     ck.close()

@@ -5,4 +5,4 @@ import type * as Native from '../index.cjs'
 const require = createRequire(import.meta.url)
 
 export const native: typeof Native = require('../index.cjs')
-export type { NativeCheckpoint, ItemInfo as NativeItemInfo, CheckpointSummary } from '../index.cjs'
+export type { NativeCheckpoint, NativeDeviceBuffer, ItemInfo as NativeItemInfo, CheckpointSummary } from '../index.cjs'

@@ -3,6 +3,7 @@ import { native } from './native.js'
 import { elementSize, type DType } from './tensor.js'
 import { stagingPool, type StagingLease, type StagingPool } from './staging.js'
 import { floatBits, PyFloat, PyTuple, type Encoded } from './values.js'
+import { asDeviceLeaf, hostCopiesOfDeviceLeaves } from './cuda.js'
 
 /** What `save` needs of a top-level value to replace it by its state dict: a `stateDict()` (see `Stateful`). */
 export interface HasStateDict {
@@ -12,6 +13,8 @@ export interface HasStateDict {
 /**
  * A state dict to save: plain objects (or Maps) and arrays whose leaves are tensors and Python-like values.
  * - tensor: `{ dtype, shape, data }`, row-major little-endian bytes in any ArrayBufferView (copied when `save` is called);
+ * - device tensor: a `DeviceTensor`, or `{ dtype, shape, device, ptr, byteLength }` in CUDA memory (copied to the
+ *   host through pinned staging first; the files are the same as a host save's);
  * - `null` → None, booleans → bool, strings → str, `Uint8Array`/`Buffer` → bytes;
  * - numbers: integers → int, others (and NaN, ±Infinity, -0) → float; `pyFloat(1)` forces a float (`1.0`);
  * - bigint → int of any size; `pyTuple(a, b)` / `new PyTuple([...])` → tuple; arrays → lists;
@@ -106,9 +109,11 @@ export class Encoder {
   readonly buffers: Uint8Array[] = []
   readonly #ancestors = new Set<object>()
 
+  /** `deviceCopies`: host copies of device tensors in the tree (see {@link hostCopiesOfDeviceLeaves}). */
   constructor(
     readonly checkpointId: string,
     readonly lenient = false,
+    readonly deviceCopies: Map<object, Uint8Array> = new Map(),
   ) {}
 
   fail(path: string, reason: string): never {
@@ -205,6 +210,9 @@ export class Encoder {
         }
         return { $d: pairs }
       }
+      if (this.lenient && asDeviceLeaf(o)) return this.tensor(o as { dtype: unknown; shape: unknown[]; data: ArrayBufferView }, path)
+      const fromDevice = this.deviceCopies.get(o)
+      if (fromDevice) return this.tensor({ ...(o as { dtype: unknown; shape: unknown[] }), data: fromDevice }, path)
       if (looksLikeTensor(o)) return this.tensor(o as { dtype: unknown; shape: unknown[]; data: ArrayBufferView }, path)
       if (!this.lenient && isPlainObject(o) && meantAsTensor(o)) {
         const t = o as { dtype?: unknown; shape?: unknown; data?: unknown }
@@ -275,7 +283,8 @@ export async function stageSave(stateDict: SaveStateDict, options: SaveOptions, 
     const stateful = typeof v === 'object' && v !== null && typeof (v as Partial<HasStateDict>).stateDict === 'function'
     top.set(k, stateful ? await (v as HasStateDict).stateDict() : v)
   }
-  const enc = new Encoder(checkpointId)
+  // device tensors: device -> pinned staging -> host copies the writer streams (the same bytes a host save writes)
+  const enc = new Encoder(checkpointId, false, await hostCopiesOfDeviceLeaves(top))
   const tree = JSON.stringify(enc.value(top, '', 0))
   const { copies, lease } = pool.stage(enc.buffers)
   return { checkpointId, layout, tree, buffers: copies, lease, failAt: options._testFailAt }

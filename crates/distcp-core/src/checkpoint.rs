@@ -510,7 +510,8 @@ impl Checkpoint {
     (0..n).map(|i| self.resolve_chunk(key, i)).collect()
   }
 
-  fn copy_error(&self, chunk: &ResolvedChunk, key: &str, e: CopyError) -> Error {
+  /// The coded error for a failed copy out of `chunk` (shared by every executor, so they report alike).
+  pub fn copy_error(&self, chunk: &ResolvedChunk, key: &str, e: CopyError) -> Error {
     let path = chunk.source.path().map_or_else(|| self.root.clone(), Path::to_path_buf);
     match e {
       CopyError::Read(f) => f.into_error(&path, key),

@@ -277,6 +277,31 @@ pub fn source_extent(copies: &Copies) -> Option<(u64, u64)> {
   Some((first, last * es + (t.height - 1) * t.src_pitch + t.width))
 }
 
+/// An executor that moves bytes from host staging slots to a destination address space (device memory for
+/// CUDA, host memory standing in for it in tests). A reader thread owns one: it fills a slot from disk or from a
+/// host read, queues the slot's [`Copy2D`]s with [`StagedExecutor::upload`], and fills the other slot while
+/// those copies run. Copies' `src` offsets are relative to the slot's start, `dst` offsets relative to `dst_base`.
+pub trait StagedExecutor {
+  /// Why a slot could not be lent or an upload failed.
+  type Error;
+
+  /// Number of staging slots (two for double buffering).
+  fn slot_count(&self) -> usize;
+
+  /// Bytes in each slot.
+  fn slot_len(&self) -> usize;
+
+  /// Waits until the uploads queued from slot `slot` have finished reading it, then lends it for filling.
+  fn slot(&mut self, slot: usize) -> Result<&mut [u8], Self::Error>;
+
+  /// Queues `copies` from slot `slot` to the destination that starts at address `dst_base`. May return before
+  /// the bytes have moved; the slot is not lent again until they have.
+  fn upload(&mut self, slot: usize, dst_base: u64, copies: &[Copy2D]) -> Result<(), Self::Error>;
+
+  /// Waits until every queued upload has landed.
+  fn finish(&mut self) -> Result<(), Self::Error>;
+}
+
 #[cfg(test)]
 mod tests {
   use super::*;

@@ -79,7 +79,7 @@ impl NativeCheckpoint {
     guard.clone().ok_or_else(|| invalid_arg("the checkpoint was closed"))
   }
 
-  fn region(
+  pub(crate) fn region(
     &self,
     ck: &Checkpoint,
     key: &str,

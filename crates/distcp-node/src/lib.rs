@@ -5,6 +5,7 @@
 
 mod checkpoint;
 mod convert;
+mod cuda;
 mod errors;
 mod save;
 mod state_dict;
@@ -12,6 +13,7 @@ mod values;
 
 pub use checkpoint::*;
 pub use convert::*;
+pub use cuda::*;
 pub use save::*;
 pub use state_dict::*;
 
