@@ -42,3 +42,9 @@ export type {
 } from './stateful.js'
 export { saveCheckpoint, loadCheckpoint, saveTokenizer } from './checkpointing.js'
 export type { SaveCheckpointOptions, LoadCheckpointOptions, LoadCheckpointResult, TokenizerSource } from './checkpointing.js'
+// multi-rank: process groups over c10d's TCPStore (torchrun), save/load with `processGroup`
+export { initProcessGroup, ProcessGroup, CheckpointError, CollectiveTimeoutError } from './distributed/group.js'
+export type { ProcessGroupOptions } from './distributed/group.js'
+export { TcpStore, TcpStoreServer } from './distributed/store.js'
+export type { StoreOptions, StoreValue } from './distributed/store.js'
+export type { ShardedTensor, RanksSaveResult } from './distributed/save.js'

@@ -6,12 +6,14 @@
 mod checkpoint;
 mod convert;
 mod errors;
+mod ranks;
 mod save;
 mod state_dict;
 mod values;
 
 pub use checkpoint::*;
 pub use convert::*;
+pub use ranks::*;
 pub use save::*;
 pub use state_dict::*;
 
