@@ -6,7 +6,7 @@
 // two saves differ. Writes <report prefix>.<rank>.json: the save result, the loaded values, or the error.
 import { writeFileSync } from 'node:fs'
 
-import { initProcessGroup, load, save, type DType } from '../src/index.js'
+import { initProcessGroup, load, save, type DType, type LoadStateDict } from '../src/index.js'
 
 const [mode, ckpt, report, baseArg] = process.argv.slice(2)
 const base = Number(baseArg ?? '0')
@@ -55,7 +55,7 @@ try {
     out = { ok: r }
   } else {
     const sd = state(pg.rank, pg.worldSize, false)
-    await load(sd, { checkpointId: ckpt, processGroup: pg })
+    await load(sd as unknown as LoadStateDict, { checkpointId: ckpt, processGroup: pg })
     out = {
       ok: {
         w: [...sd.model.w.data],
@@ -63,7 +63,8 @@ try {
         b: [...sd.model.b.data],
         expAvg: [...sd.optim.state['model.w'].exp_avg.data],
         step: sd.step,
-        lr: sd.optim.param_groups[0].lr,
+        // a loaded float is a PyFloat (exact Python types)
+        lr: Number((sd.optim.param_groups[0].lr as unknown as { value?: number }).value ?? sd.optim.param_groups[0].lr),
       },
       expected: (() => {
         const e = state(pg.rank, pg.worldSize, true)
