@@ -114,7 +114,7 @@ export class ProcessGroup {
   }
 
   /** Waits for `key/{r}/n` of every rank in `ranks`; on timeout lists the ranks whose key never came. */
-  async #arrivals(key: string, ranks: number[], timeoutMs: number, what: string): Promise<number[]> {
+  async #arrivals(key: string, ranks: number[], timeoutMs: number): Promise<number[]> {
     const keys = ranks.map((r) => `${key}/${r}/n`)
     try {
       await this.store.wait(keys, timeoutMs)
@@ -124,8 +124,7 @@ export class ProcessGroup {
     }
     const missing: number[] = []
     for (let i = 0; i < ranks.length; i++) if (!(await this.store.check([keys[i]]))) missing.push(ranks[i])
-    if (missing.length === 0) return []
-    void what
+    // an empty list here means everything arrived just after the timeout
     return missing
   }
 
@@ -143,7 +142,7 @@ export class ProcessGroup {
     await this.#put(`${key}/${this.rank}`, data)
     if (this.rank !== root) return null
     const all = [...Array(this.worldSize).keys()]
-    const missing = await this.#arrivals(key, all, timeoutMs, 'gather')
+    const missing = await this.#arrivals(key, all, timeoutMs)
     if (missing.length) throw this.#timeout('gather', missing, timeoutMs)
     return Promise.all(all.map((r) => this.#take(`${key}/${r}`)))
   }
@@ -159,7 +158,7 @@ export class ProcessGroup {
       for (let r = 0; r < this.worldSize; r++) await this.#put(`${key}/${r}`, parts[r])
       return Buffer.from(parts[root])
     }
-    const missing = await this.#arrivals(key, [this.rank], timeoutMs, 'scatter')
+    const missing = await this.#arrivals(key, [this.rank], timeoutMs)
     if (missing.length) throw this.#timeout(`scatter from rank ${root}`, [root], timeoutMs)
     return this.#take(`${key}/${this.rank}`)
   }
@@ -173,7 +172,7 @@ export class ProcessGroup {
       await this.#put(`${key}/${root}`, data)
       return Buffer.from(data)
     }
-    const missing = await this.#arrivals(key, [root], timeoutMs, 'broadcast')
+    const missing = await this.#arrivals(key, [root], timeoutMs)
     if (missing.length) throw this.#timeout(`broadcast from rank ${root}`, [root], timeoutMs)
     return this.#take(`${key}/${root}`)
   }
@@ -184,7 +183,7 @@ export class ProcessGroup {
     const key = this.#key('allgather')
     await this.#put(`${key}/${this.rank}`, data)
     const all = [...Array(this.worldSize).keys()]
-    const missing = await this.#arrivals(key, all, timeoutMs, 'allGather')
+    const missing = await this.#arrivals(key, all, timeoutMs)
     if (missing.length) throw this.#timeout('allGather', missing, timeoutMs)
     return Promise.all(all.map((r) => this.#take(`${key}/${r}`)))
   }
@@ -195,7 +194,7 @@ export class ProcessGroup {
     const key = this.#key('barrier')
     await this.store.set(`${key}/${this.rank}/n`, '0')
     const all = [...Array(this.worldSize).keys()]
-    const missing = await this.#arrivals(key, all, timeoutMs, 'barrier')
+    const missing = await this.#arrivals(key, all, timeoutMs)
     if (missing.length) throw this.#timeout('barrier', missing, timeoutMs)
   }
 
@@ -232,7 +231,7 @@ export class ProcessGroup {
     if (this.rank !== 0) return null
     const all = [...Array(this.worldSize).keys()]
     const failures: Record<number, string> = {}
-    const missing = await this.#arrivals(key, all, this.timeoutMs, step)
+    const missing = await this.#arrivals(key, all, this.timeoutMs)
     for (const r of missing) failures[r] = `did not report within ${this.timeoutMs} ms (crashed, killed or hung)`
     const outcomes: Outcome<T>[] = []
     for (const r of all) {
@@ -260,7 +259,7 @@ export class ProcessGroup {
     } else {
       // rank 0 answers after its own wait for the slowest rank: allow for both
       const wait = 2 * this.timeoutMs + 1000
-      const missing = await this.#arrivals(key, [this.rank], wait, step)
+      const missing = await this.#arrivals(key, [this.rank], wait)
       if (missing.length) {
         throw new CheckpointError(step, { 0: `rank 0 did not answer within ${wait} ms (store ${this.store.host}:${this.store.port})` })
       }
@@ -279,7 +278,8 @@ export class ProcessGroup {
     try {
       const n = await this.store.add(`${key}/count`, 1)
       if (n === BigInt(this.worldSize)) await this.store.set(`${key}/n`, '0')
-      if (this.#server) await this.store.wait([`${key}/n`], this.timeoutMs).catch(() => undefined)
+      // bounded: a rank that died never leaves
+      if (this.#server) await this.store.wait([`${key}/n`], Math.min(this.timeoutMs, 30_000)).catch(() => undefined)
     } finally {
       this.store.close()
       await this.#server?.close()
