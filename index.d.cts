@@ -74,6 +74,22 @@ export declare class NativeDeviceBuffer {
   toHost(): Promise<Buffer>
 }
 
+/** The coordinator's (rank 0's) handle on a multi-rank save: holds the folder lock until `release()`. */
+export declare class RanksSaveHandle {
+  /** Creates the folder, takes its lock (`ERR_DISTCP_LOCKED`), removes a dead writer's leftovers. */
+  static begin(dir: string, worldSize: number): RanksSaveHandle
+  /** The file each rank writes, by rank. */
+  fileNames(worldSize: number): Array<string>
+  /** Whether something was at the path before (the ranks write temporary names). */
+  replacing(): boolean
+  /** Commits the merged `.metadata` (JSON, see the module docs); returns its size in bytes. */
+  commit(metadata: string): number
+  /** Removes the files this save named (after a failure); the previous checkpoint is untouched. */
+  abort(): void
+  /** Releases the folder lock. */
+  release(): void
+}
+
 /**
  * Locks `out` (created if needed), finishes or removes a dead writer's leftovers and stages a temporary folder.
  * Fails with ERR_DISTCP_LOCKED while another process writes there.
@@ -216,6 +232,19 @@ export declare function parseSize(text: string): number | null
 /** The conversion plan (shards, tensors, offsets, index) as JSON, from `.metadata` alone. */
 export declare function planConvert(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number): string
 
+/**
+ * One flat item of a rank's state dict: its key, its path (JSON `[str | int, …]`, for `planner_data`) and whether
+ * it is a tensor.
+ */
+export interface RankFlatItem {
+  key: string
+  path: string
+  tensor: boolean
+}
+
+/** torch's flattening of one rank's state dict (tagged JSON with `tensorCount` placeholder tensors), with paths. */
+export declare function rankFlatten(tree: string, tensorCount: number, layout?: string | undefined | null): Array<RankFlatItem>
+
 /** Reads a tensor (or a box) into the caller's device memory `ptr .. ptr + byteLength` on `cuda:device`. */
 export declare function readIntoDevice(ck: NativeCheckpoint, key: string, device: number, ptr: bigint, byteLength: number, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null): Promise<void>
 
@@ -248,3 +277,9 @@ export interface TensorWrittenJs {
   bytes: number
   kernelCopied: number
 }
+
+/**
+ * Writes one rank's data file `dir/fileName` with the items of `plan` (JSON `[[key, offsets | null], …]`) from the
+ * state dict `tree`; resolves to the storage entries as JSON.
+ */
+export declare function writeRankDataFile(dir: string, fileName: string, tree: string, buffers: Array<Uint8Array>, plan: string, layout?: string | undefined | null): Promise<string>

@@ -9,6 +9,9 @@ import { native } from './native.js'
 import { Encoder } from './save.js'
 import type { Stateful } from './stateful.js'
 import { asDeviceLeaf, requireCuda, type DeviceLeaf } from './cuda.js'
+import type { ProcessGroup } from './distributed/group.js'
+import { loadRanks } from './distributed/load.js'
+import { shardOf } from './distributed/save.js'
 
 /** What {@link load} accepts: a state dict whose top-level values may be {@link Stateful} objects. */
 export type LoadStateDict = { [key: string]: StateValue | Stateful }
@@ -29,6 +32,12 @@ export interface LoadOptions {
    * filled on their device, whatever this says; host leaves stay on the host.
    */
   device?: string
+  /**
+   * Load together with the other ranks of this group (see `initProcessGroup`): each rank reads its own slices
+   * (tensors with `globalShape`/`globalOffsets` read that box of the whole tensor, whatever number of ranks wrote
+   * it), and if any rank fails every rank rejects with the same `CheckpointError` naming it.
+   */
+  processGroup?: ProcessGroup
 }
 
 /** One tensor (or value) that could not be loaded as it is. */
@@ -170,6 +179,12 @@ export function isStateful(v: unknown): v is Stateful {
   )
 }
 
+/** The whole tensor's shape: a rank's slice gives it as `globalShape` (checked by `shardOf`). */
+function wholeShape(t: Tensor | DeviceLeaf, key: string, checkpointId: string): readonly number[] {
+  const s = shardOf(t, key, checkpointId)
+  return s ? s.globalShape : t.shape
+}
+
 const fmtTensor = (dtype: DType | string, shape: readonly number[]): string => `${dtype} [${shape.join(', ')}]`
 
 /** @internal extra knobs for the checkpointing layer */
@@ -194,6 +209,7 @@ export interface InternalLoadOptions extends LoadOptions {
  * error in the middle of step 4 can leave some tensors loaded.
  */
 export async function load(stateDict: LoadStateDict, options: LoadOptions): Promise<LoadReport> {
+  if (options?.processGroup) return loadRanks(stateDict, options, load)
   const { checkpointId, strict = true, ignoreUnexpected, device } = options as InternalLoadOptions
   if (typeof checkpointId !== 'string' || checkpointId === '') {
     throw new DistcpError('ERR_DISTCP_INVALID_INPUT', 'load: options.checkpointId must be a folder path')
@@ -238,13 +254,13 @@ export async function load(stateDict: LoadStateDict, options: LoadOptions): Prom
       if (target) {
         if (info.kind !== 'tensor') {
           report.mismatched.push({ key, reason: `checkpoint has a non-tensor value, the state dict has a tensor` })
-        } else if (info.dtype !== target.dtype || info.shape.join(',') !== target.shape.join(',')) {
+        } else if (info.dtype !== target.dtype || info.shape.join(',') !== wholeShape(target, key, checkpointId).join(',')) {
           report.mismatched.push({
             key,
-            reason: `checkpoint has ${fmtTensor(info.dtype, info.shape)}, the state dict has ${fmtTensor(target.dtype, target.shape)}`,
+            reason: `checkpoint has ${fmtTensor(info.dtype, info.shape)}, the state dict has ${fmtTensor(target.dtype, wholeShape(target, key, checkpointId))}`,
           })
         } else {
-          const want = numel(info.shape) * elementSize(info.dtype)
+          const want = numel(target.shape) * elementSize(info.dtype)
           const have = 'data' in target ? target.data.byteLength : target.byteLength
           if (have !== want) {
             throw new DistcpError(
@@ -314,7 +330,9 @@ async function readTensors(ck: Checkpoint, reads: { key: string; target: Tensor 
   const worker = async (): Promise<void> => {
     while (next < reads.length) {
       const { key, target } = reads[next++]
-      await ck.read(key, { into: target.data })
+      // a rank's slice (`globalOffsets`, see src/distributed/save.ts) is a box of the whole tensor: resharding
+      const offsets = (target as { globalOffsets?: number[] }).globalOffsets
+      await ck.read(key, offsets ? { into: target.data, offsets, sizes: target.shape } : { into: target.data })
     }
   }
   await Promise.all(Array.from({ length: Math.min(width, reads.length) }, worker))

@@ -4,6 +4,8 @@ import { elementSize, type DType } from './tensor.js'
 import { stagingPool, type StagingLease, type StagingPool } from './staging.js'
 import { floatBits, PyFloat, PyTuple, type Encoded } from './values.js'
 import { asDeviceLeaf, hostCopiesOfDeviceLeaves } from './cuda.js'
+import type { ProcessGroup } from './distributed/group.js'
+import { saveRanks } from './distributed/save.js'
 
 /** What `save` needs of a top-level value to replace it by its state dict: a `stateDict()` (see `Stateful`). */
 export interface HasStateDict {
@@ -32,6 +34,12 @@ export interface SaveOptions {
    * reads back the old way) or `'2.3'` (a container without tensors is one item, for torch ≤ 2.3 readers).
    */
   layout?: '2.4' | '2.3'
+  /**
+   * Save together with the other ranks of this group (see `initProcessGroup`): tensors may be a rank's slice
+   * (`{ dtype, shape, data, globalShape, globalOffsets }`), replicated tensors are written once, each rank writes
+   * `__{rank}_0.distcp` and rank 0 writes `.metadata` last, after every rank succeeded (`src/distributed/save.ts`).
+   */
+  processGroup?: ProcessGroup
   /** @internal test hook: stop the save at a point, with an error or (abort: true) by killing the process. */
   _testFailAt?: { point: string; abort?: boolean }
 }
@@ -313,5 +321,12 @@ export async function writeStaged(s: StagedSave): Promise<SaveResult> {
  * that lets the caller go on while it writes, see `saveAsync`.
  */
 export async function save(stateDict: SaveStateDict, options: SaveOptions): Promise<SaveResult> {
+  if (options?.processGroup) {
+    const { checkpointId, layout, processGroup } = options
+    if (typeof checkpointId !== 'string' || checkpointId === '') {
+      throw new DistcpError('ERR_DISTCP_INVALID_INPUT', 'save: options.checkpointId must be a folder path')
+    }
+    return saveRanks(stateDict, { checkpointId, layout, processGroup })
+  }
   return writeStaged(await stageSave(stateDict, options))
 }

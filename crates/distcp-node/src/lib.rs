@@ -7,6 +7,7 @@ mod checkpoint;
 mod convert;
 mod cuda;
 mod errors;
+mod ranks;
 mod save;
 mod state_dict;
 mod values;
@@ -14,6 +15,7 @@ mod values;
 pub use checkpoint::*;
 pub use convert::*;
 pub use cuda::*;
+pub use ranks::*;
 pub use save::*;
 pub use state_dict::*;
 

@@ -7,6 +7,7 @@
 pub mod flatten;
 pub mod metadata_writer;
 pub mod pickler;
+pub mod ranks;
 pub mod record;
 pub mod save;
 pub mod value;

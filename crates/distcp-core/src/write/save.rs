@@ -44,11 +44,11 @@ use std::path::{Path, PathBuf};
 
 /// The data file torch's rank 0 writes.
 pub const DATA_FILE: &str = "__0_0.distcp";
-const METADATA: &str = ".metadata";
-const METADATA_TMP: &str = ".metadata.tmp";
+pub(crate) const METADATA: &str = ".metadata";
+pub(crate) const METADATA_TMP: &str = ".metadata.tmp";
 const TMP_PREFIX: &str = "__0_0.distcp.";
-const TMP_SUFFIX: &str = ".tmp";
-const SHARD_METADATA: &str = "torch.distributed._shard.sharded_tensor.metadata";
+pub(crate) const TMP_SUFFIX: &str = ".tmp";
+pub(crate) const SHARD_METADATA: &str = "torch.distributed._shard.sharded_tensor.metadata";
 
 /// Where [`save`] stops on purpose, to test crash safety (see [`SaveOptions::fail_at`]).
 #[doc(hidden)]
@@ -239,7 +239,7 @@ pub fn save(dir: impl AsRef<Path>, root: &SaveValue, options: &SaveOptions) -> R
   })
 }
 
-fn token() -> String {
+pub(crate) fn token() -> String {
   let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
   format!("{:x}{:x}", std::process::id(), nanos & 0xffff_ffff_ffff)
 }
@@ -335,7 +335,7 @@ fn metadata_bytes(
 }
 
 /// `.metadata.tmp` → fsync → rename over `.metadata` → fsync the folder.
-fn commit_metadata(dir: &Path, bytes: &[u8], sync: bool) -> Result<()> {
+pub(crate) fn commit_metadata(dir: &Path, bytes: &[u8], sync: bool) -> Result<()> {
   let tmp = dir.join(METADATA_TMP);
   let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
   f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
@@ -352,10 +352,10 @@ fn commit_metadata(dir: &Path, bytes: &[u8], sync: bool) -> Result<()> {
 }
 
 /// The checkpoint a folder holds before a save.
-struct OldCheckpoint {
-  exists: bool,
+pub(crate) struct OldCheckpoint {
+  pub(crate) exists: bool,
   /// Files of the old checkpoint directly in the folder: data files its metadata names, rank-local metadata.
-  files: Vec<String>,
+  pub(crate) files: Vec<String>,
 }
 
 fn is_plain_name(rel: &str) -> bool {
@@ -368,18 +368,30 @@ fn is_plain_name(rel: &str) -> bool {
 
 /// A file name DCP data lives under: torch's `__<rank>_<n>.distcp`, distcp's temporary `__0_0.distcp.<token>.tmp`,
 /// or a rank-local `__<rank>.metadata`. Nothing else is ever removed as part of an old checkpoint.
-fn is_data_file_name(name: &str) -> bool {
+pub(crate) fn is_data_file_name(name: &str) -> bool {
   let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
   let torch = name
     .strip_prefix("__")
     .and_then(|s| s.strip_suffix(".distcp"))
     .and_then(|s| s.split_once('_'))
     .is_some_and(|(r, n)| digits(r) && digits(n));
-  let ours = name
-    .strip_prefix(TMP_PREFIX)
-    .and_then(|s| s.strip_suffix(TMP_SUFFIX))
-    .is_some_and(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric()));
+  let ours = is_temp_data_name(name);
   torch || ours || is_rank_metadata(name)
+}
+
+/// distcp's temporary data file name `__<rank>_<n>.distcp.<token>.tmp` (rank 0's single-rank save, or any rank of a
+/// multi-rank save, [`crate::write::ranks`]).
+pub(crate) fn is_temp_data_name(name: &str) -> bool {
+  let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+  name
+    .strip_prefix("__")
+    .and_then(|s| s.strip_suffix(TMP_SUFFIX))
+    .and_then(|s| s.split_once(".distcp."))
+    .is_some_and(|(rn, t)| {
+      rn.split_once('_').is_some_and(|(r, n)| digits(r) && digits(n))
+        && !t.is_empty()
+        && t.bytes().all(|b| b.is_ascii_alphanumeric())
+    })
 }
 
 fn is_rank_metadata(name: &str) -> bool {
@@ -390,7 +402,7 @@ fn is_rank_metadata(name: &str) -> bool {
 }
 
 impl OldCheckpoint {
-  fn scan(dir: &Path) -> Result<OldCheckpoint> {
+  pub(crate) fn scan(dir: &Path) -> Result<OldCheckpoint> {
     let mut metadata_files: Vec<PathBuf> = Vec::new();
     let mut files = Vec::new();
     if dir.join(METADATA).is_file() {
@@ -421,23 +433,19 @@ impl OldCheckpoint {
   }
 
   /// Leftovers of interrupted saves: `.metadata.tmp`, and temporary data files no metadata names.
-  fn remove_stale(&self, dir: &Path) {
+  pub(crate) fn remove_stale(&self, dir: &Path) {
     let _ = fs::remove_file(dir.join(METADATA_TMP));
     let Ok(entries) = fs::read_dir(dir) else { return };
     for e in entries.flatten() {
       let name = e.file_name().to_string_lossy().into_owned();
-      if is_data_file_name(&name)
-        && name.starts_with(TMP_PREFIX)
-        && name.ends_with(TMP_SUFFIX)
-        && !self.files.contains(&name)
-      {
+      if is_temp_data_name(&name) && !self.files.contains(&name) {
         let _ = fs::remove_file(e.path());
       }
     }
   }
 
   /// Removes the old checkpoint's files (regular files only; never `keep`).
-  fn remove_files(&self, dir: &Path, keep: &str) {
+  pub(crate) fn remove_files(&self, dir: &Path, keep: &str) {
     for name in &self.files {
       if name == keep {
         continue;

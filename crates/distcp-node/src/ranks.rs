@@ -1,0 +1,304 @@
+//! Multi-rank save (`distcp_core::write::ranks`): the TypeScript layer plans and coordinates over c10d's TCPStore;
+//! this converts its JSON to the core's types, writes one rank's data file on a worker thread, and holds the
+//! coordinator's folder lock between calls. JSON shapes (all produced by `src/distributed/`):
+//! - plan: `[[key, offsets | null], …]`;
+//! - storage entries: `[[fqn, offsets | null, relativePath, offset, length], …]`;
+//! - metadata: `{ items: [[key, null | { dtype, size, chunks: [[offsets, sizes], …] }], …],
+//!   planner: [[key, [str | int, …]], …], storage: […], version: str | null }`;
+//! - a path in `rankFlatten`: `[str | int, …]` (dict key, list index).
+
+use crate::errors::{guarded, to_js};
+use distcp_core::dtype::DType;
+use distcp_core::metadata::{
+  Chunk, ItemMetadata, PathElem, StorageInfo, StorageKey, TensorMetadata, TensorProperties,
+};
+use distcp_core::write::ranks::{write_rank_data, PlannedItem, RanksMetadata, RanksSave};
+use distcp_core::write::{flatten, from_tagged_json, Layout, SaveValue};
+use napi::bindgen_prelude::{AsyncTask, Uint8Array};
+use napi::{Env, Error, Status, Task};
+use napi_derive::napi;
+use serde_json::{json, Value};
+use std::sync::Mutex;
+
+const SHARD_METADATA: &str = "torch.distributed._shard.sharded_tensor.metadata";
+
+fn bad(msg: impl std::fmt::Display) -> Error {
+  Error::new(Status::InvalidArg, format!("[ERR_DISTCP_INVALID_INPUT] {msg}"))
+}
+
+fn layout_of(name: Option<String>) -> napi::Result<Layout> {
+  match name {
+    None => Ok(Layout::Torch24),
+    Some(l) => {
+      Layout::from_name(&l).ok_or_else(|| bad(format!("layout must be \"2.4\" or \"2.3\", not {l:?}")))
+    }
+  }
+}
+
+fn parse(what: &str, s: &str) -> napi::Result<Value> {
+  serde_json::from_str(s).map_err(|e| bad(format!("{what}: {e}")))
+}
+
+fn arr<'v>(v: &'v Value, what: &str) -> napi::Result<&'v Vec<Value>> {
+  v.as_array().ok_or_else(|| bad(format!("{what}: expected an array")))
+}
+
+fn string(v: &Value, what: &str) -> napi::Result<String> {
+  v.as_str().map(str::to_owned).ok_or_else(|| bad(format!("{what}: expected a string")))
+}
+
+fn uint(v: &Value, what: &str) -> napi::Result<u64> {
+  v.as_u64().ok_or_else(|| bad(format!("{what}: expected a non-negative integer")))
+}
+
+fn dims(v: &Value, what: &str) -> napi::Result<Vec<u64>> {
+  arr(v, what)?.iter().map(|d| uint(d, what)).collect()
+}
+
+fn offsets(v: &Value, what: &str) -> napi::Result<Option<Vec<u64>>> {
+  if v.is_null() {
+    Ok(None)
+  } else {
+    dims(v, what).map(Some)
+  }
+}
+
+fn storage_from_json(v: &Value) -> napi::Result<Vec<(StorageKey, StorageInfo)>> {
+  arr(v, "storage")?
+    .iter()
+    .map(|e| {
+      let e = arr(e, "storage entry")?;
+      if e.len() != 5 {
+        return Err(bad("storage entry: expected [fqn, offsets, relativePath, offset, length]"));
+      }
+      Ok((
+        StorageKey { fqn: string(&e[0], "fqn")?, offset: offsets(&e[1], "offsets")? },
+        StorageInfo {
+          relative_path: string(&e[2], "relativePath")?,
+          offset: uint(&e[3], "offset")?,
+          length: uint(&e[4], "length")?,
+          transform_descriptors: vec![],
+        },
+      ))
+    })
+    .collect()
+}
+
+fn storage_to_json(s: &[(StorageKey, StorageInfo)]) -> String {
+  Value::Array(s.iter().map(|(k, i)| json!([k.fqn, k.offset, i.relative_path, i.offset, i.length])).collect())
+    .to_string()
+}
+
+fn path_to_json(p: &[PathElem]) -> Value {
+  Value::Array(
+    p.iter()
+      .map(|e| match e {
+        PathElem::Key(k) => json!(k),
+        PathElem::Index(i) => json!(i),
+      })
+      .collect(),
+  )
+}
+
+fn path_from_json(v: &Value) -> napi::Result<Vec<PathElem>> {
+  arr(v, "planner path")?
+    .iter()
+    .map(|e| match e {
+      Value::String(s) => Ok(PathElem::Key(s.clone())),
+      Value::Number(n) => n.as_i64().map(PathElem::Index).ok_or_else(|| bad("planner path: bad index")),
+      _ => Err(bad("planner path: expected strings and integers")),
+    })
+    .collect()
+}
+
+/// One flat item of a rank's state dict: its key, its path (JSON `[str | int, …]`, for `planner_data`) and whether
+/// it is a tensor.
+#[napi(object)]
+pub struct RankFlatItem {
+  pub key: String,
+  pub path: String,
+  pub tensor: bool,
+}
+
+/// torch's flattening of one rank's state dict (tagged JSON with `tensorCount` placeholder tensors), with paths.
+#[napi]
+pub fn rank_flatten(
+  tree: String,
+  tensor_count: u32,
+  layout: Option<String>,
+) -> napi::Result<Vec<RankFlatItem>> {
+  let layout = layout_of(layout)?;
+  let json = parse("state dict", &tree)?;
+  let empty: Vec<&[u8]> = vec![&[]; tensor_count as usize];
+  let value = from_tagged_json(&json, &empty).map_err(|e| bad(format!("state dict: {e}")))?;
+  let items =
+    flatten(&value, layout).map_err(|e| bad(format!("cannot flatten key `{}`: {}", e.key, e.reason)))?;
+  Ok(
+    items
+      .into_iter()
+      .map(|i| RankFlatItem {
+        path: path_to_json(&i.path).to_string(),
+        tensor: matches!(i.value, SaveValue::Tensor(_)),
+        key: i.key,
+      })
+      .collect(),
+  )
+}
+
+pub struct RankWriteTask {
+  dir: String,
+  file_name: String,
+  tree: String,
+  buffers: Vec<Uint8Array>,
+  plan: Vec<PlannedItem>,
+  layout: Layout,
+}
+
+impl Task for RankWriteTask {
+  type Output = String;
+  type JsValue = String;
+
+  fn compute(&mut self) -> napi::Result<String> {
+    guarded(|| {
+      let json = parse(&self.dir, &self.tree)?;
+      // the buffers are the save's own copies (src/save.ts `owned`), alive until the promise settles
+      let slices: Vec<&[u8]> = self.buffers.iter().map(|b| &**b).collect();
+      let value = from_tagged_json(&json, &slices).map_err(|e| bad(format!("{}: {e}", self.dir)))?;
+      let storage =
+        write_rank_data(self.dir.as_ref(), &self.file_name, &value, self.layout, &self.plan, true)
+          .map_err(to_js)?;
+      Ok(storage_to_json(&storage))
+    })
+  }
+
+  fn resolve(&mut self, _env: Env, s: String) -> napi::Result<String> {
+    Ok(s)
+  }
+}
+
+/// Writes one rank's data file `dir/fileName` with the items of `plan` (JSON `[[key, offsets | null], …]`) from the
+/// state dict `tree`; resolves to the storage entries as JSON.
+#[napi(ts_return_type = "Promise<string>")]
+pub fn write_rank_data_file(
+  dir: String,
+  file_name: String,
+  tree: String,
+  buffers: Vec<Uint8Array>,
+  plan: String,
+  layout: Option<String>,
+) -> napi::Result<AsyncTask<RankWriteTask>> {
+  let layout = layout_of(layout)?;
+  let plan = arr(&parse("plan", &plan)?, "plan")?
+    .iter()
+    .map(|e| {
+      let e = arr(e, "plan item")?;
+      match e.as_slice() {
+        [k, o] => Ok(PlannedItem { key: string(k, "plan key")?, offsets: offsets(o, "plan offsets")? }),
+        _ => Err(bad("plan item: expected [key, offsets]")),
+      }
+    })
+    .collect::<napi::Result<Vec<_>>>()?;
+  Ok(AsyncTask::new(RankWriteTask { dir, file_name, tree, buffers, plan, layout }))
+}
+
+fn metadata_from_json(v: &Value) -> napi::Result<RanksMetadata> {
+  let items = arr(&v["items"], "items")?
+    .iter()
+    .map(|e| {
+      let e = arr(e, "item")?;
+      let [k, m] = e.as_slice() else { return Err(bad("item: expected [key, meta]")) };
+      let key = string(k, "item key")?;
+      if m.is_null() {
+        return Ok((key, ItemMetadata::Bytes));
+      }
+      let dtype_name = string(&m["dtype"], "dtype")?;
+      let dtype =
+        DType::from_name(&dtype_name).ok_or_else(|| bad(format!("`{key}`: unknown dtype {dtype_name}")))?;
+      let chunks = arr(&m["chunks"], "chunks")?
+        .iter()
+        .map(|c| {
+          let c = arr(c, "chunk")?;
+          let [o, s] = c.as_slice() else { return Err(bad("chunk: expected [offsets, sizes]")) };
+          Ok(Chunk { offsets: dims(o, "chunk offsets")?, sizes: dims(s, "chunk sizes")? })
+        })
+        .collect::<napi::Result<Vec<_>>>()?;
+      let properties = TensorProperties {
+        dtype,
+        requires_grad: false,
+        pin_memory: false,
+        module: SHARD_METADATA.to_owned(),
+      };
+      Ok((key, ItemMetadata::Tensor(TensorMetadata { properties, size: dims(&m["size"], "size")?, chunks })))
+    })
+    .collect::<napi::Result<Vec<_>>>()?;
+  let planner_data = arr(&v["planner"], "planner")?
+    .iter()
+    .map(|e| {
+      let e = arr(e, "planner entry")?;
+      let [k, p] = e.as_slice() else { return Err(bad("planner entry: expected [key, path]")) };
+      Ok((string(k, "planner key")?, path_from_json(p)?))
+    })
+    .collect::<napi::Result<Vec<_>>>()?;
+  let storage = storage_from_json(&v["storage"])?;
+  let version = if v["version"].is_null() { None } else { Some(string(&v["version"], "version")?) };
+  Ok(RanksMetadata { items, planner_data, storage, version })
+}
+
+/// The coordinator's (rank 0's) handle on a multi-rank save: holds the folder lock until `release()`.
+#[napi]
+pub struct RanksSaveHandle {
+  inner: Mutex<Option<RanksSave>>,
+}
+
+#[napi]
+impl RanksSaveHandle {
+  /// Creates the folder, takes its lock (`ERR_DISTCP_LOCKED`), removes a dead writer's leftovers.
+  #[napi(factory, catch_unwind)]
+  pub fn begin(dir: String, world_size: u32) -> napi::Result<RanksSaveHandle> {
+    let save = RanksSave::begin(&dir, world_size as usize).map_err(to_js)?;
+    Ok(RanksSaveHandle { inner: Mutex::new(Some(save)) })
+  }
+
+  fn with<T>(&self, f: impl FnOnce(&RanksSave) -> napi::Result<T>) -> napi::Result<T> {
+    let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+    match guard.as_ref() {
+      Some(s) => f(s),
+      None => Err(Error::new(Status::GenericFailure, "[ERR_DISTCP_CLOSED] the save was already released")),
+    }
+  }
+
+  /// The file each rank writes, by rank.
+  #[napi(catch_unwind)]
+  pub fn file_names(&self, world_size: u32) -> napi::Result<Vec<String>> {
+    self.with(|s| Ok((0..world_size as usize).map(|r| s.file_name(r)).collect()))
+  }
+
+  /// Whether something was at the path before (the ranks write temporary names).
+  #[napi(catch_unwind)]
+  pub fn replacing(&self) -> napi::Result<bool> {
+    self.with(|s| Ok(s.replacing))
+  }
+
+  /// Commits the merged `.metadata` (JSON, see the module docs); returns its size in bytes.
+  #[napi(catch_unwind)]
+  pub fn commit(&self, metadata: String) -> napi::Result<f64> {
+    let md = metadata_from_json(&parse("metadata", &metadata)?)?;
+    self.with(|s| s.commit(&md, true).map(|n| n as f64).map_err(to_js))
+  }
+
+  /// Removes the files this save named (after a failure); the previous checkpoint is untouched.
+  #[napi(catch_unwind)]
+  pub fn abort(&self) -> napi::Result<()> {
+    self.with(|s| {
+      s.abort();
+      Ok(())
+    })
+  }
+
+  /// Releases the folder lock.
+  #[napi]
+  pub fn release(&self) {
+    let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+    *guard = None;
+  }
+}

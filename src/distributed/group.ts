@@ -1,0 +1,332 @@
+/**
+ * A process group of Node ranks coordinated through c10d's TCPStore, as torch's `init_process_group('env://')`
+ * sets one up under torchrun, and the store-based collectives DCP needs (c10d's `StoreCollectives` scheme: each rank
+ * publishes under its own key, the root waits for all of them; a payload over the store's 8 MiB value limit is
+ * split into parts). Every collective has a timeout, and a timeout names the ranks that never arrived.
+ */
+import { DistcpError } from '../errors.js'
+import { MAX_VALUE_BYTES, TcpStore, TcpStoreServer } from './store.js'
+
+/** How to join (or form) a group; each field defaults to torchrun's environment variable. */
+export interface ProcessGroupOptions {
+  /** `RANK`. */
+  rank?: number
+  /** `WORLD_SIZE`. */
+  worldSize?: number
+  /** `LOCAL_RANK` (default: `rank`). */
+  localRank?: number
+  /** `MASTER_ADDR` (default `127.0.0.1`). */
+  masterAddr?: string
+  /** `MASTER_PORT`. */
+  masterPort?: number
+  /**
+   * Whether the launcher's agent already serves the store at `masterAddr:masterPort`
+   * (`TORCHELASTIC_USE_AGENT_STORE=True`, as torchrun sets); otherwise rank 0 hosts it, as torch does.
+   */
+  useAgentStore?: boolean
+  /** Bounds connecting and every collective (default 300 000 ms, torch's store timeout). */
+  timeoutMs?: number
+  /** Namespace of this group's keys in the store (default `distcp/<TORCHELASTIC_RESTART_COUNT>`). */
+  prefix?: string
+}
+
+/** Every rank failed together: `failures` maps each failed rank to why (torch's `CheckpointException`). */
+export class CheckpointError extends DistcpError {
+  readonly step: string
+  readonly failures: Record<number, string>
+
+  constructor(step: string, failures: Record<number, string>, code = 'ERR_DISTCP_RANK_FAILED') {
+    const list = Object.entries(failures)
+      .map(([r, why]) => `rank ${r}: ${why}`)
+      .join('; ')
+    super(code, `step \`${step}\` failed on ${Object.keys(failures).length} rank(s): ${list}`)
+    this.name = 'CheckpointError'
+    this.step = step
+    this.failures = failures
+  }
+}
+
+/** A collective that did not complete in time; `missing` are the ranks that never arrived. */
+export class CollectiveTimeoutError extends DistcpError {
+  readonly missing: number[]
+  constructor(message: string, missing: number[]) {
+    super('ERR_DISTCP_COLLECTIVE_TIMEOUT', message)
+    this.name = 'CollectiveTimeoutError'
+    this.missing = missing
+  }
+}
+
+type Outcome<T> = { ok: T } | { err: string }
+type Verdict<R> = { ok: R } | { fail: Record<number, string> }
+
+function envInt(name: string): number | undefined {
+  const v = process.env[name]
+  if (v === undefined || v === '') return undefined
+  const n = Number(v)
+  if (!Number.isSafeInteger(n) || n < 0) throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `${name}=${v} is not a non-negative integer`)
+  return n
+}
+
+function message(e: unknown): string {
+  if (e instanceof DistcpError) return `[${e.code}] ${e.message}`
+  return e instanceof Error ? e.message : String(e)
+}
+
+/** A group of ranks sharing one TCPStore. Collectives must be called by every rank in the same order. */
+export class ProcessGroup {
+  readonly rank: number
+  readonly worldSize: number
+  readonly localRank: number
+  readonly store: TcpStore
+  readonly timeoutMs: number
+  readonly #server: TcpStoreServer | null
+  readonly #prefix: string
+  #seq = 0
+
+  /** @internal use {@link initProcessGroup} */
+  constructor(rank: number, worldSize: number, localRank: number, store: TcpStore, server: TcpStoreServer | null, timeoutMs: number, prefix: string) {
+    this.rank = rank
+    this.worldSize = worldSize
+    this.localRank = localRank
+    this.store = store
+    this.#server = server
+    this.timeoutMs = timeoutMs
+    this.#prefix = prefix
+  }
+
+  #key(name: string): string {
+    return `${this.#prefix}/${this.#seq++}/${name}`
+  }
+
+  async #put(key: string, data: Uint8Array): Promise<void> {
+    const parts: Uint8Array[] = []
+    for (let at = 0; at < data.length; at += MAX_VALUE_BYTES) parts.push(data.subarray(at, at + MAX_VALUE_BYTES))
+    if (parts.length) await this.store.multiSet(parts.map((_, i) => `${key}/p${i}`), parts)
+    // the count last: whoever sees it finds every part
+    await this.store.set(`${key}/n`, String(parts.length))
+  }
+
+  async #take(key: string): Promise<Buffer> {
+    const n = Number((await this.store.get(`${key}/n`)).toString())
+    if (n === 0) return Buffer.alloc(0)
+    const parts = await this.store.multiGet(Array.from({ length: n }, (_, i) => `${key}/p${i}`))
+    return parts.length === 1 ? parts[0] : Buffer.concat(parts)
+  }
+
+  /** Waits for `key/{r}/n` of every rank in `ranks`; on timeout lists the ranks whose key never came. */
+  async #arrivals(key: string, ranks: number[], timeoutMs: number): Promise<number[]> {
+    const keys = ranks.map((r) => `${key}/${r}/n`)
+    try {
+      await this.store.wait(keys, timeoutMs)
+      return []
+    } catch (e) {
+      if (!(e instanceof DistcpError) || e.code !== 'ERR_DISTCP_STORE_TIMEOUT') throw e
+    }
+    const missing: number[] = []
+    for (let i = 0; i < ranks.length; i++) if (!(await this.store.check([keys[i]]))) missing.push(ranks[i])
+    // an empty list here means everything arrived just after the timeout
+    return missing
+  }
+
+  #timeout(what: string, missing: number[], timeoutMs: number): CollectiveTimeoutError {
+    return new CollectiveTimeoutError(
+      `${what}: rank(s) ${missing.join(', ')} of ${this.worldSize} did not arrive within ${timeoutMs} ms (store ${this.store.host}:${this.store.port}, seen from rank ${this.rank})`,
+      missing,
+    )
+  }
+
+  /** Every rank's `data` on `root` (in rank order), `null` elsewhere. */
+  async gather(data: Uint8Array, options: { root?: number; timeoutMs?: number } = {}): Promise<Buffer[] | null> {
+    const { root = 0, timeoutMs = this.timeoutMs } = options
+    const key = this.#key('gather')
+    await this.#put(`${key}/${this.rank}`, data)
+    if (this.rank !== root) return null
+    const all = [...Array(this.worldSize).keys()]
+    const missing = await this.#arrivals(key, all, timeoutMs)
+    if (missing.length) throw this.#timeout('gather', missing, timeoutMs)
+    return Promise.all(all.map((r) => this.#take(`${key}/${r}`)))
+  }
+
+  /** `root` sends `parts[r]` to rank r. */
+  async scatter(parts: Uint8Array[] | null, options: { root?: number; timeoutMs?: number } = {}): Promise<Buffer> {
+    const { root = 0, timeoutMs = this.timeoutMs } = options
+    const key = this.#key('scatter')
+    if (this.rank === root) {
+      if (!parts || parts.length !== this.worldSize) {
+        throw new DistcpError('ERR_DISTCP_INVALID_ARGUMENT', `scatter: the root needs ${this.worldSize} parts`)
+      }
+      for (let r = 0; r < this.worldSize; r++) await this.#put(`${key}/${r}`, parts[r])
+      return Buffer.from(parts[root])
+    }
+    const missing = await this.#arrivals(key, [this.rank], timeoutMs)
+    if (missing.length) throw this.#timeout(`scatter from rank ${root}`, [root], timeoutMs)
+    return this.#take(`${key}/${this.rank}`)
+  }
+
+  /** `root`'s `data` on every rank. */
+  async broadcast(data: Uint8Array | null, options: { root?: number; timeoutMs?: number } = {}): Promise<Buffer> {
+    const { root = 0, timeoutMs = this.timeoutMs } = options
+    const key = this.#key('broadcast')
+    if (this.rank === root) {
+      if (!data) throw new DistcpError('ERR_DISTCP_INVALID_ARGUMENT', 'broadcast: the root needs data')
+      await this.#put(`${key}/${root}`, data)
+      return Buffer.from(data)
+    }
+    const missing = await this.#arrivals(key, [root], timeoutMs)
+    if (missing.length) throw this.#timeout(`broadcast from rank ${root}`, [root], timeoutMs)
+    return this.#take(`${key}/${root}`)
+  }
+
+  /** Every rank's `data`, on every rank. */
+  async allGather(data: Uint8Array, options: { timeoutMs?: number } = {}): Promise<Buffer[]> {
+    const { timeoutMs = this.timeoutMs } = options
+    const key = this.#key('allgather')
+    await this.#put(`${key}/${this.rank}`, data)
+    const all = [...Array(this.worldSize).keys()]
+    const missing = await this.#arrivals(key, all, timeoutMs)
+    if (missing.length) throw this.#timeout('allGather', missing, timeoutMs)
+    return Promise.all(all.map((r) => this.#take(`${key}/${r}`)))
+  }
+
+  /** Returns once every rank has called it; the error lists the ranks that did not within the timeout. */
+  async barrier(options: { timeoutMs?: number } = {}): Promise<void> {
+    const { timeoutMs = this.timeoutMs } = options
+    const key = this.#key('barrier')
+    await this.store.set(`${key}/${this.rank}/n`, '0')
+    const all = [...Array(this.worldSize).keys()]
+    const missing = await this.#arrivals(key, all, timeoutMs)
+    if (missing.length) throw this.#timeout('barrier', missing, timeoutMs)
+  }
+
+  /**
+   * torch's `_DistWrapper.reduce_scatter`: every rank runs `local` (an error becomes a value), the root gathers the
+   * outcomes; if any rank failed or never arrived, every rank rejects with the same {@link CheckpointError};
+   * otherwise the root's `reduce` gives one result per rank.
+   */
+  async reduceScatter<T, R>(step: string, local: () => Promise<T>, reduce: (all: T[]) => Promise<R[]> | R[]): Promise<R> {
+    const verdicts = await this.#decide<T, R[]>(step, local, reduce)
+    const mine = await this.#spread(step, verdicts, (v) => ('ok' in v ? v.ok.map((ok) => ({ ok })) : this.#copies(v)))
+    return mine
+  }
+
+  /** torch's `_DistWrapper.all_reduce`: as {@link reduceScatter}, with one result for every rank. */
+  async allReduce<T, R>(step: string, local: () => Promise<T>, reduce: (all: T[]) => Promise<R> | R): Promise<R> {
+    const verdict = await this.#decide<T, R>(step, local, reduce)
+    return this.#spread(step, verdict, (v) => ('ok' in v ? Array.from({ length: this.worldSize }, () => v) : this.#copies(v)))
+  }
+
+  #copies<X>(v: Verdict<X>): Verdict<never>[] {
+    return Array.from({ length: this.worldSize }, () => v as Verdict<never>)
+  }
+
+  async #decide<T, R>(step: string, local: () => Promise<T>, reduce: (all: T[]) => Promise<R> | R): Promise<Verdict<R> | null> {
+    let outcome: Outcome<T>
+    try {
+      outcome = { ok: await local() }
+    } catch (e) {
+      outcome = { err: message(e) }
+    }
+    const key = this.#key(`${step}/gather`)
+    await this.#put(`${key}/${this.rank}`, Buffer.from(JSON.stringify(outcome)))
+    if (this.rank !== 0) return null
+    const all = [...Array(this.worldSize).keys()]
+    const failures: Record<number, string> = {}
+    const missing = await this.#arrivals(key, all, this.timeoutMs)
+    for (const r of missing) failures[r] = `did not report within ${this.timeoutMs} ms (crashed, killed or hung)`
+    const outcomes: Outcome<T>[] = []
+    for (const r of all) {
+      if (missing.includes(r)) continue
+      const o = JSON.parse((await this.#take(`${key}/${r}`)).toString('utf8')) as Outcome<T>
+      if ('err' in o) failures[r] = o.err
+      outcomes[r] = o
+    }
+    if (Object.keys(failures).length) return { fail: failures }
+    try {
+      return { ok: await reduce(outcomes.map((o) => (o as { ok: T }).ok)) }
+    } catch (e) {
+      return { fail: { 0: message(e) } }
+    }
+  }
+
+  async #spread<X, R>(step: string, verdict: Verdict<X> | null, split: (v: Verdict<X>) => Verdict<R>[]): Promise<R> {
+    const key = this.#key(`${step}/result`)
+    let mine: Verdict<R>
+    if (this.rank === 0) {
+      const parts = split(verdict as Verdict<X>)
+      const bodies = parts.map((p) => Buffer.from(JSON.stringify(p)))
+      for (let r = 1; r < this.worldSize; r++) await this.#put(`${key}/${r}`, bodies[r])
+      mine = parts[0]
+    } else {
+      // rank 0 answers after its own wait for the slowest rank: allow for both
+      const wait = 2 * this.timeoutMs + 1000
+      const missing = await this.#arrivals(key, [this.rank], wait)
+      if (missing.length) {
+        throw new CheckpointError(step, { 0: `rank 0 did not answer within ${wait} ms (store ${this.store.host}:${this.store.port})` })
+      }
+      mine = JSON.parse((await this.#take(`${key}/${this.rank}`)).toString('utf8')) as Verdict<R>
+    }
+    if ('fail' in mine) throw new CheckpointError(step, mine.fail)
+    return mine.ok
+  }
+
+  /**
+   * Leaves the group. The rank hosting the store keeps serving until every rank has left (or the timeout passed),
+   * so no rank loses the store in the middle of its last collective.
+   */
+  async destroy(): Promise<void> {
+    const key = `${this.#prefix}/left`
+    try {
+      const n = await this.store.add(`${key}/count`, 1)
+      if (n === BigInt(this.worldSize)) await this.store.set(`${key}/n`, '0')
+      // bounded: a rank that died never leaves
+      if (this.#server) await this.store.wait([`${key}/n`], Math.min(this.timeoutMs, 30_000)).catch(() => undefined)
+    } finally {
+      this.store.close()
+      await this.#server?.close()
+    }
+  }
+}
+
+let groups = 0
+
+/**
+ * Joins the group torchrun (or any launcher setting `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`) describes,
+ * or the one `options` describes: connects to the launcher's agent store (`TORCHELASTIC_USE_AGENT_STORE=True`), or
+ * on rank 0 hosts a TCPStore on `MASTER_PORT` that the other ranks connect to, as torch's `env://` rendezvous does.
+ * Every rank must call it (in the same order as any other group it forms).
+ */
+export async function initProcessGroup(options: ProcessGroupOptions = {}): Promise<ProcessGroup> {
+  const rank = options.rank ?? envInt('RANK')
+  const worldSize = options.worldSize ?? envInt('WORLD_SIZE')
+  const port = options.masterPort ?? envInt('MASTER_PORT')
+  const host = options.masterAddr ?? process.env.MASTER_ADDR ?? '127.0.0.1'
+  if (rank === undefined || worldSize === undefined || port === undefined) {
+    const lacking = [rank === undefined && 'RANK', worldSize === undefined && 'WORLD_SIZE', port === undefined && 'MASTER_PORT'].filter(Boolean)
+    throw new DistcpError(
+      'ERR_DISTCP_INVALID_INPUT',
+      `initProcessGroup: ${lacking.join(', ')} not given (set by torchrun, or pass { rank, worldSize, masterPort })`,
+    )
+  }
+  if (worldSize < 1 || rank >= worldSize || port > 65535) {
+    throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `initProcessGroup: rank ${rank} of world size ${worldSize}, port ${port}: out of range`)
+  }
+  const timeoutMs = options.timeoutMs ?? 300_000
+  const agent = options.useAgentStore ?? process.env.TORCHELASTIC_USE_AGENT_STORE === 'True'
+  const attempt = process.env.TORCHELASTIC_RESTART_COUNT ?? '0'
+  const prefix = options.prefix ?? `distcp/${attempt}/g${groups++}`
+  let server: TcpStoreServer | null = null
+  if (!agent && rank === 0) {
+    try {
+      server = await TcpStoreServer.listen(port, '0.0.0.0')
+    } catch (e) {
+      throw new DistcpError('ERR_DISTCP_STORE_LISTEN', `rank 0: cannot host the TCPStore on port ${port}: ${(e as Error).message}`, { cause: e })
+    }
+  }
+  try {
+    const store = await TcpStore.connect({ host, port, timeoutMs, rank })
+    return new ProcessGroup(rank, worldSize, options.localRank ?? envInt('LOCAL_RANK') ?? rank, store, server, timeoutMs, prefix)
+  } catch (e) {
+    await server?.close()
+    throw e
+  }
+}

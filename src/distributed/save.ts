@@ -1,0 +1,164 @@
+/**
+ * `dcp.save` across Node ranks (torch's `_save_state_dict` with its `_DistWrapper`): every rank plans its items;
+ * `reduce_scatter("plan")` — rank 0 gathers the plans, removes replicated duplicates, takes the folder lock and
+ * names every rank's file, sends each rank its final plan; each rank writes its data file; `all_reduce("write")` —
+ * rank 0 gathers the write results and, only when every rank succeeded, writes `.metadata` last. Any failure makes
+ * every rank reject with the same {@link CheckpointError} naming the failed ranks, and no `.metadata` is written.
+ */
+import { stagingPool } from '../staging.js'
+import { DistcpError } from '../errors.js'
+import { flattenStateDict } from '../load.js'
+import { native } from '../native.js'
+import { Encoder, type HasStateDict, type SaveResult, type SaveStateDict } from '../save.js'
+import type { DType } from '../tensor.js'
+import type { ProcessGroup } from './group.js'
+import { dedupSavePlans, globalMetadata, type LocalPlan, type WriteItem } from './plan.js'
+
+/** A rank's slice of a tensor: its own bytes (`shape` is the slice's) and where they sit in the whole tensor. */
+export interface ShardedTensor {
+  dtype: DType
+  shape: number[]
+  data: ArrayBufferView
+  /** The whole tensor's shape (DTensor's `size()`, `CheckpointableTensor`'s global shape). */
+  globalShape: number[]
+  /** Where this slice starts in the whole tensor, per dimension. */
+  globalOffsets: number[]
+}
+
+/** What a multi-rank save reports on every rank. */
+export interface RanksSaveResult extends SaveResult {
+  rank: number
+  worldSize: number
+}
+
+/** @internal */
+export interface RanksSaveOptions {
+  checkpointId: string
+  processGroup: ProcessGroup
+  layout?: '2.4' | '2.3'
+  /** torch's `dedup_save_to_lowest_rank`. */
+  saveToLowestRank?: boolean
+}
+
+function isInt(n: unknown): n is number {
+  return typeof n === 'number' && Number.isSafeInteger(n) && n >= 0
+}
+
+/** The slice description of a tensor leaf, checked; `null` for a plain (replicated) tensor. */
+export function shardOf(v: unknown, key: string, checkpointId: string): { globalShape: number[]; globalOffsets: number[] } | null {
+  const t = v as Partial<ShardedTensor>
+  if (t.globalShape === undefined && t.globalOffsets === undefined) return null
+  const shape = t.shape as number[]
+  const bad = (why: string): never => {
+    throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `${checkpointId}: key \`${key}\`: ${why}`)
+  }
+  if (!Array.isArray(t.globalShape) || !Array.isArray(t.globalOffsets)) bad('a slice needs both globalShape and globalOffsets')
+  const gs = t.globalShape as number[]
+  const go = t.globalOffsets as number[]
+  if (gs.length !== shape.length || go.length !== shape.length) {
+    bad(`globalShape [${gs}] and globalOffsets [${go}] must have one entry per dimension of the slice's shape [${shape}]`)
+  }
+  if (![...gs, ...go].every(isInt)) bad('globalShape and globalOffsets must hold non-negative integers')
+  shape.forEach((s, d) => {
+    if (go[d] + s > gs[d]) bad(`the slice [${go}] + [${shape}] lies outside the whole tensor [${gs}]`)
+  })
+  return { globalShape: gs, globalOffsets: go }
+}
+
+/** Saves one checkpoint together with the other ranks of `processGroup`; see the module docs. */
+export async function saveRanks(stateDict: SaveStateDict, options: RanksSaveOptions): Promise<RanksSaveResult> {
+  const { checkpointId, processGroup: pg, layout = '2.4', saveToLowestRank = false } = options
+  let enc: Encoder | null = null
+  let staged: ReturnType<typeof stagingPool.stage> | null = null
+  let treeJson = ''
+  const plan = async (): Promise<LocalPlan> => {
+    const entries: [unknown, unknown][] = stateDict instanceof Map ? [...stateDict.entries()] : Object.entries(stateDict)
+    const top = new Map<unknown, unknown>()
+    for (const [k, v] of entries) {
+      const stateful = typeof v === 'object' && v !== null && typeof (v as Partial<HasStateDict>).stateDict === 'function'
+      top.set(k, stateful ? await (v as HasStateDict).stateDict() : v)
+    }
+    enc = new Encoder(checkpointId)
+    treeJson = JSON.stringify(enc.value(top, '', 0))
+    // the save owns copies of the tensor bytes from here on (as a single-rank save does): the caller's buffers may
+    // change or be transferred away while the ranks coordinate and write
+    staged = stagingPool.stage(enc.buffers)
+    const flat = native.rankFlatten(treeJson, enc.buffers.length, layout)
+    const leaves = flattenStateDict(top as unknown as Record<string, unknown>, layout)
+    const items: WriteItem[] = []
+    for (const f of flat) {
+      if (!f.tensor) {
+        items.push({ fqn: f.key, type: 'bytes' })
+        continue
+      }
+      const t = leaves.get(f.key)?.value as ShardedTensor
+      const shard = shardOf(t, f.key, checkpointId)
+      items.push({
+        fqn: f.key,
+        type: shard ? 'shard' : 'tensor',
+        dtype: t.dtype,
+        size: shard ? shard.globalShape : [...t.shape],
+        offsets: shard ? shard.globalOffsets : t.shape.map(() => 0),
+        sizes: [...t.shape],
+      })
+    }
+    return { items, planner: flat.map((f) => [f.key, JSON.parse(f.path) as unknown[]]) }
+  }
+
+  let handle: InstanceType<typeof native.RanksSaveHandle> | null = null
+  let merged: ReturnType<typeof globalMetadata> | null = null
+  let committed = false
+  try {
+    const mine = await pg.reduceScatter('plan', plan, (plans: LocalPlan[]) => {
+      const finals = dedupSavePlans(plans.map((p) => p.items), saveToLowestRank)
+      merged = globalMetadata(finals, plans)
+      handle = native.RanksSaveHandle.begin(checkpointId, pg.worldSize)
+      const files = handle.fileNames(pg.worldSize)
+      return finals.map((items, r) => ({
+        file: files[r],
+        replacing: (handle as InstanceType<typeof native.RanksSaveHandle>).replacing(),
+        items: items.map((w) => [w.fqn, w.type === 'bytes' ? null : w.offsets] as [string, number[] | null]),
+        tensors: items.filter((w) => w.type !== 'bytes').length,
+      }))
+    })
+    type Written = { storage: [string, number[] | null, string, number, number][] }
+    const summary = await pg.allReduce(
+      'write',
+      async (): Promise<Written> => {
+        const copies = (staged as unknown as ReturnType<typeof stagingPool.stage>).copies
+        // test hook: `write:<rank>` kills this rank (kill -9) after the plan, while the others write
+        if (process.env.DISTCP_TEST_KILL_AT === `write:${pg.rank}`) process.kill(process.pid, 'SIGKILL')
+        const s = await native.writeRankDataFile(checkpointId, mine.file, treeJson, copies, JSON.stringify(mine.items), layout)
+        return { storage: JSON.parse(s) as Written['storage'] }
+      },
+      (all: Written[]) => {
+        const md = merged as ReturnType<typeof globalMetadata>
+        const h = handle as InstanceType<typeof native.RanksSaveHandle>
+        const storage = all.flatMap((w) => w.storage)
+        const metadataBytes = h.commit(JSON.stringify({ items: md.items, planner: md.planner, storage, version: '1.0.0' }))
+        committed = true
+        const bytes = all.map((w) => w.storage.reduce((n, e) => Math.max(n, e[3] + e[4]), 0))
+        return { keys: md.items.map(([k]) => k), tensors: md.items.filter(([, m]) => m).length, metadataBytes, bytes }
+      },
+    )
+    const fin = mine.file.replace(/\.distcp\.[0-9a-z]+\.tmp$/, '.distcp')
+    return {
+      keys: summary.keys,
+      tensors: summary.tensors,
+      objects: summary.keys.length - summary.tensors,
+      dataFile: fin,
+      dataBytes: summary.bytes[pg.rank],
+      metadataBytes: summary.metadataBytes,
+      replaced: mine.replacing,
+      rank: pg.rank,
+      worldSize: pg.worldSize,
+    }
+  } finally {
+    ;(staged as ReturnType<typeof stagingPool.stage> | null)?.lease.release()
+    const h = handle as InstanceType<typeof native.RanksSaveHandle> | null
+    if (h) {
+      if (!committed) h.abort()
+      h.release()
+    }
+  }
+}
