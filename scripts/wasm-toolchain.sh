@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Unpacks, under .wasm-toolchain/ (gitignored, no system install), what a wasm32-wasip1 build of the binding needs on
+# a Debian 12 machine where rustup cannot install Rust's std for wasm targets:
+#   - Debian's rustc-web 1.96 (a rustc whose LLVM has the wasm backend) + its host std, and rust-web-src, so cargo can
+#     build std for wasm32-wasip1 itself (-Zbuild-std, RUSTC_BOOTSTRAP=1);
+#   - wasi-libc (the C library and sysroot for wasm32-wasi) and clang-19 with the wasm32 compiler-rt builtins, for the
+#     C code of zstd-sys.
+# Linking uses rustup's rust-lld, which every rustup toolchain ships. Idempotent: a second run does nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=.wasm-toolchain
+[ -f "$dir/.done" ] && { echo "wasm toolchain: $dir is ready"; exit 0; }
+mkdir -p "$dir/debs" "$dir/root"
+pkgs=(rustc-web libstd-rust-web-dev libstd-rust-web-1.96 rust-web-src wasi-libc
+      libllvm22 clang-19 libclang-cpp19 libllvm19 libclang1-19 libclang-common-19-dev libclang-rt-19-dev-wasm32 llvm-19-linker-tools)
+(cd "$dir/debs" && apt-get download "${pkgs[@]}")
+for deb in "$dir"/debs/*.deb; do dpkg -x "$deb" "$dir/root"; done
+touch "$dir/.done"
+echo "wasm toolchain: unpacked into $dir/root"
