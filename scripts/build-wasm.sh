@@ -21,7 +21,7 @@ export CARGO_TARGET_WASM32_WASIP1_LINKER="$rust_lld"
 export CARGO_TARGET_WASM32_WASIP1_RUSTFLAGS="-C link-self-contained=no -L $tc/usr/lib/wasm32-wasi"
 export CC_wasm32_wasip1="$tc/usr/bin/clang-19"
 export CFLAGS_wasm32_wasip1="--target=wasm32-wasi --sysroot=$tc/usr -resource-dir=$tc/usr/lib/llvm-19/lib/clang/19"
-export AR_wasm32_wasip1="$tc/usr/bin/llvm-ar-19"
+export AR_wasm32_wasip1="$tc/usr/lib/llvm-19/bin/llvm-ar"
 export CARGO_TARGET_DIR="$PWD/target/wasm"
 build_std=(-Zbuild-std=std,panic_abort)
 

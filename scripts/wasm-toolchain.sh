@@ -12,7 +12,7 @@ dir=.wasm-toolchain
 [ -f "$dir/.done" ] && { echo "wasm toolchain: $dir is ready"; exit 0; }
 mkdir -p "$dir/debs" "$dir/root"
 pkgs=(rustc-web libstd-rust-web-dev libstd-rust-web-1.96 rust-web-src wasi-libc
-      libllvm22 clang-19 libclang-cpp19 libllvm19 libclang1-19 libclang-common-19-dev libclang-rt-19-dev-wasm32 llvm-19-linker-tools)
+      libllvm22 clang-19 libclang-cpp19 libllvm19 libclang1-19 libclang-common-19-dev libclang-rt-19-dev-wasm32 llvm-19-linker-tools llvm-19)
 (cd "$dir/debs" && apt-get download "${pkgs[@]}")
 for deb in "$dir"/debs/*.deb; do dpkg -x "$deb" "$dir/root"; done
 touch "$dir/.done"
