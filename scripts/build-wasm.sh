@@ -8,16 +8,19 @@
 #   1. The toolchain works: std, core, alloc and every dependency (zstd-sys's C through clang-19 + wasi-libc included)
 #      compile for wasm32-wasip1.
 #   2. `check` on this tree stops in distcp-core: 14 errors, all unix-only file APIs (std::os::unix FileExt pread /
-#      pwrite in source.rs and convert/job.rs, FileTypeExt and OpenOptionsExt::custom_flags in source.rs).
-#      scripts/wasm/distcp-core-wasip1.patch (a `pio` module: pread/pwrite on unix, seek + read/write elsewhere; the
-#      two unix-only checks under cfg(unix)) makes distcp-core type-check clean for wasm32-wasip1:
-#        git apply scripts/wasm/distcp-core-wasip1.patch && bash scripts/build-wasm.sh check
-#   3. distcp-node then stops in napi-build 2.6.0's build script, before any Rust of the binding is compiled: it
-#      links emnapi's `libemnapi-basic-napi-rs.a` ("Install emnapi v2"), and the newest emnapi on the registry,
-#      1.11.3, ships only libemnapi-basic.a / libemnapi.a (whose napi_* imports use another wasm import module).
-#      Next: an emnapi release with the napi-rs archives (or napi-build/CLI versions matching emnapi 1.x); then
-#      distcp-node's anonymous maps (memmap2::MmapMut::map_anon in checkpoint.rs alloc_output) need a heap fallback:
-#      memmap2 compiles for wasi as a stub that fails at run time.
+#      pwrite in source.rs and convert/job.rs, FileTypeExt and OpenOptionsExt::custom_flags in source.rs), then 2 in
+#      distcp-node (memmap2's `advise` is unix-only, checkpoint.rs alloc_output).
+#      scripts/wasm/distcp-wasip1.patch (a core `pio` module: pread/pwrite on unix, seek + read/write elsewhere; the
+#      unix-only calls under cfg(unix)) makes both crates type-check clean for wasm32-wasip1:
+#        git apply scripts/wasm/distcp-wasip1.patch && bash scripts/build-wasm.sh check
+#      (memmap2's anonymous maps still compile to a stub that fails at run time on wasi: alloc_output needs a heap
+#      fallback there.)
+#   3. Linking stops in napi-build 2.6.0's build script: it links emnapi's `libemnapi-basic-napi-rs.a` ("Install
+#      emnapi v2"), and the newest emnapi on the registry, 1.11.3, ships only libemnapi-basic.a / libemnapi.a, whose
+#      napi_* imports use another wasm import module (`check` passes with EMNAPI_LINK_DIR pointing at a folder where
+#      libemnapi-basic.a is copied under that name; a link would not be right). napi build also resolves emnapi
+#      from the napi CLI's own folder, so the CLI must be installed beside it (.wasm-toolchain/js).
+#      Next: an emnapi release with the napi-rs archives (or napi-build/CLI versions matching emnapi 1.x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/wasm-toolchain.sh
