@@ -99,6 +99,23 @@ test('main + platform tarballs install without cargo or scripts; import, require
   t.is(cjs.status, 0, cjs.stderr)
   t.is(cjs.stdout.trim(), '21 function function')
 
+  // TypeScript consumers, ESM and CommonJS (`import x = require`), resolve the real typings through `types`/`exports`
+  writeFileSync(join(c.dir, 'app', 'use.mts'), [
+    "import { openCheckpoint, type Tensor } from 'distcp'",
+    "const ck = await openCheckpoint('x')",
+    'const t: Tensor = await ck.read(ck.keys()[0])',
+    'export const rank: number = t.shape.length',
+    '// @ts-expect-error: the typings are real, not any',
+    'export const wrong: string = t.shape',
+  ].join('\n'))
+  writeFileSync(join(c.dir, 'app', 'use.cts'), [
+    "import distcp = require('distcp')",
+    "const p: Promise<distcp.Checkpoint> = distcp.openCheckpoint('x')",
+    'export = p',
+  ].join('\n'))
+  const tsc = c.run('node', [join(root, 'node_modules', 'typescript', 'bin', 'tsc'), '--noEmit', '--strict', '--module', 'nodenext', '--moduleResolution', 'nodenext', '--target', 'es2022', '--skipLibCheck', join('app', 'use.mts'), join('app', 'use.cts')])
+  t.is(tsc.status, 0, tsc.stdout)
+
   const inspect = c.run('npx', ['--offline', 'distcp', 'inspect', dcp, '--json'])
   t.is(inspect.status, 0, inspect.stderr)
   t.is((JSON.parse(inspect.stdout) as { totals: { tensors: number } }).totals.tensors, 21)
