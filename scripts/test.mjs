@@ -46,7 +46,7 @@ function setupVenv() {
 let passed = 0
 let failed = 0
 
-if (!existsSync(join(root, 'dist', 'index.js')) || !existsSync(join(root, 'index.cjs'))) {
+if (!existsSync(join(root, 'dist', 'index.js')) || !existsSync(join(root, 'binding.cjs'))) {
   console.log('npm test: no build found, running npm run build')
   const r = run('npm', ['run', 'build'], { stdio: 'inherit' })
   if (r.status !== 0) process.exit(1)
