@@ -35,7 +35,7 @@ async function readEverything(path: string): Promise<void> {
 
 async function rejectsWith(t: import('ava').ExecutionContext, p: Promise<unknown>, code: string, ...mentions: string[]) {
   const e = await t.throwsAsync(p, { instanceOf: DistcpError })
-  t.is(e?.code, code, e?.message)
+  t.is(e?.code as string | undefined, code, e?.message)
   for (const m of mentions) t.true(e?.message.includes(m), `message should mention ${m}: ${e?.message}`)
 }
 

@@ -26,7 +26,7 @@ function copyOfBase(name: string): string {
 
 async function rejectsWith(t: import('ava').ExecutionContext, p: Promise<unknown>, code: string, ...mentions: string[]) {
   const e = await t.throwsAsync(p, { instanceOf: DistcpError })
-  t.is(e?.code, code, e?.message)
+  t.is(e?.code as string | undefined, code, e?.message)
   for (const m of mentions) t.true(e?.message.includes(m), `message should mention ${m}: ${e?.message}`)
   return e
 }

@@ -195,7 +195,7 @@ test('a new folder is created; a failed first save leaves it empty', async (t) =
 
 async function rejects(t: ExecutionContext, p: Promise<unknown>, code: string, ...mentions: (string | RegExp)[]) {
   const e = await t.throwsAsync(p, { instanceOf: DistcpError })
-  t.is(e?.code, code, e?.message)
+  t.is(e?.code as string | undefined, code, e?.message)
   for (const m of mentions) {
     if (typeof m === 'string') t.true(e?.message.includes(m), `message should mention ${m}: ${e?.message}`)
     else t.regex(e?.message ?? '', m)

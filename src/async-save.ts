@@ -1,7 +1,7 @@
 // saveAsync: torch's `dcp.async_save` for Node trainers. The call stages (copies every tensor's bytes into reused
 // staging blocks, see staging.ts) and returns; the write runs behind on a worker thread. Writes are serialised:
 // at most one save writes at a time, and at most `maxStaged` more wait staged behind it — never two writers.
-import { DistcpError } from './errors.js'
+import { DistcpError, type DistcpErrorCode } from './errors.js'
 import { stageSave, writeStaged, type SaveOptions, type SaveResult, type SaveStateDict, type StagedSave } from './save.js'
 import { stagingPool, type StagingPool } from './staging.js'
 
@@ -105,7 +105,7 @@ export class AsyncSaver {
   save(stateDict: SaveStateDict, options: AsyncSaveOptions): AsyncSave {
     const t0 = performance.now()
     const checkpointId = String(options?.checkpointId)
-    const refuse = (code: string, msg: string): AsyncSave => {
+    const refuse = (code: DistcpErrorCode, msg: string): AsyncSave => {
       const e = new DistcpError(code, `${checkpointId}: ${msg}`)
       const staged = Promise.reject(e)
       staged.catch(() => undefined)

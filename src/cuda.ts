@@ -269,9 +269,10 @@ export function asDeviceLeaf(v: unknown): DeviceLeaf | null {
 
 /**
  * Host copies of every device leaf under `root` (plain objects, Maps, arrays and tuples are walked), for a save:
- * the writer takes host bytes. Keyed by the leaf object.
+ * the writer takes host bytes. Keyed by the leaf object. With no device leaf it returns an empty map at once,
+ * without awaiting, so a host-only save still copies the caller's buffers before `save` returns.
  */
-export async function hostCopiesOfDeviceLeaves(root: unknown): Promise<Map<object, Uint8Array>> {
+export function hostCopiesOfDeviceLeaves(root: unknown): Map<object, Uint8Array> | Promise<Map<object, Uint8Array>> {
   const found: [object, DeviceLeaf][] = []
   const seen = new Set<object>()
   const walk = (v: unknown): void => {
@@ -288,6 +289,10 @@ export async function hostCopiesOfDeviceLeaves(root: unknown): Promise<Map<objec
     else if ([Object.prototype, null].includes(Object.getPrototypeOf(v))) Object.values(v).forEach(walk)
   }
   walk(root)
+  return found.length === 0 ? new Map() : downloadDeviceLeaves(found)
+}
+
+async function downloadDeviceLeaves(found: [object, DeviceLeaf][]): Promise<Map<object, Uint8Array>> {
   const out = new Map<object, Uint8Array>()
   for (const [obj, leaf] of found) {
     const want = numel(leaf.shape) * elementSize(leaf.dtype)

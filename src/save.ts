@@ -292,7 +292,9 @@ export async function stageSave(stateDict: SaveStateDict, options: SaveOptions, 
     top.set(k, stateful ? await (v as HasStateDict).stateDict() : v)
   }
   // device tensors: device -> pinned staging -> host copies the writer streams (the same bytes a host save writes)
-  const enc = new Encoder(checkpointId, false, await hostCopiesOfDeviceLeaves(top))
+  // (no await unless there are device leaves: the host copy must happen before `save` returns)
+  const fromDevice = hostCopiesOfDeviceLeaves(top)
+  const enc = new Encoder(checkpointId, false, fromDevice instanceof Map ? fromDevice : await fromDevice)
   const tree = JSON.stringify(enc.value(top, '', 0))
   const { copies, lease } = pool.stage(enc.buffers)
   return { checkpointId, layout, tree, buffers: copies, lease, failAt: options._testFailAt }

@@ -4,7 +4,7 @@
  * publishes under its own key, the root waits for all of them; a payload over the store's 8 MiB value limit is
  * split into parts). Every collective has a timeout, and a timeout names the ranks that never arrived.
  */
-import { DistcpError } from '../errors.js'
+import { DistcpError, type DistcpErrorCode } from '../errors.js'
 import { MAX_VALUE_BYTES, TcpStore, TcpStoreServer } from './store.js'
 
 /** How to join (or form) a group; each field defaults to torchrun's environment variable. */
@@ -35,7 +35,7 @@ export class CheckpointError extends DistcpError {
   readonly step: string
   readonly failures: Record<number, string>
 
-  constructor(step: string, failures: Record<number, string>, code = 'ERR_DISTCP_RANK_FAILED') {
+  constructor(step: string, failures: Record<number, string>, code: DistcpErrorCode = 'ERR_DISTCP_RANK_FAILED') {
     const list = Object.entries(failures)
       .map(([r, why]) => `rank ${r}: ${why}`)
       .join('; ')

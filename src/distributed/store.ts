@@ -11,7 +11,7 @@
  *   connection beyond), so larger values are refused here before anything is sent.
  */
 import { createServer, connect, type Server, type Socket } from 'node:net'
-import { DistcpError } from '../errors.js'
+import { DistcpError, type DistcpErrorCode } from '../errors.js'
 
 export const VALIDATION_MAGIC = 0x3c85f7ce
 /** The libuv store's limits (`TCPStoreLibUvBackend.cpp`): a connection that exceeds them is closed. */
@@ -187,7 +187,7 @@ export class TcpStore {
     return `${this.host}:${this.port}${this.rank === undefined ? '' : ` (rank ${this.rank})`}`
   }
 
-  error(code: string, what: string): DistcpError {
+  error(code: DistcpErrorCode, what: string): DistcpError {
     return new DistcpError(code, `TCPStore ${this.where}: ${what}`)
   }
 
