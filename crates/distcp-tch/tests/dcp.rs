@@ -357,3 +357,79 @@ fn cuda_variables_go_through_host_memory() {
     assert_eq!(raw(&cpu.variables()[&name]), raw(&saved[&name]), "{name}: CUDA → DCP → CPU");
   }
 }
+
+/// Adds `tensor` under a dotted name (`Path::add` refuses dots: each element is a sub-path).
+fn add_dotted(vs: &VarStore, name: &str, tensor: Tensor) {
+  let mut parts: Vec<&str> = name.split('.').collect();
+  let last = parts.pop().expect("a name");
+  let path = parts.into_iter().fold(vs.root(), |p, part| p.sub(part));
+  let _ = path.add(last, tensor, false);
+}
+
+/// A tch model saved as DCP converts with `distcp convert` and loads in transformers with torch's exact logits.
+/// Needs `npm run build` (done by `npm test` first) and the main venv with torch + transformers (`DISTCP_PYTHON`,
+/// else `<repo>/.venv/bin/python`).
+#[test]
+fn tch_checkpoint_converts_to_hugging_face() {
+  let main_python = std::env::var_os("DISTCP_PYTHON")
+    .map(PathBuf::from)
+    .unwrap_or_else(|| repo_root().join(".venv/bin/python"));
+  let cli = repo_root().join("bin/distcp.js");
+  assert!(repo_root().join("dist/cli.js").exists(), "no build: run `npm run build` first");
+  let dir = TempDir::new("to-hf");
+  let case = dir.0.join("case");
+  let status = Command::new(&main_python)
+    .args(["interop/make_hf_case.py", &case.to_string_lossy(), "--tied", "--ranks", "1", "--seed", "11"])
+    .current_dir(repo_root())
+    .output()
+    .expect("make_hf_case.py runs");
+  assert!(status.status.success(), "make_hf_case.py: {}", String::from_utf8_lossy(&status.stderr));
+
+  // a tch store with the variables of torch's Llama checkpoint, loaded from it, then saved by tch
+  let torch_dcp = distcp_core::Checkpoint::open(case.join("dcp"), None).expect("open the torch checkpoint");
+  let vs = VarStore::new(Device::Cpu);
+  for key in torch_dcp.keys() {
+    let t = torch_dcp.tensor(key).expect("a tensor");
+    let kind = kind_of_dtype(t.dtype()).expect("a tch kind");
+    let shape: Vec<i64> = t.size.iter().map(|&d| d as i64).collect();
+    add_dotted(
+      &vs,
+      key.strip_prefix("model.").expect("under model."),
+      Tensor::zeros(&shape, (kind, Device::Cpu)),
+    );
+  }
+  let mut vs = vs;
+  load_var_store(&mut vs, case.join("dcp")).expect("load the torch checkpoint");
+  let tch_dcp = dir.0.join("tch-dcp");
+  save_var_store(&vs, &tch_dcp).expect("save");
+
+  let hf = dir.0.join("hf");
+  let out = Command::new("node")
+    .arg(&cli)
+    .args(["convert", &tch_dcp.to_string_lossy(), &hf.to_string_lossy()])
+    .args([
+      "--config",
+      &case.join("model").to_string_lossy(),
+      "--tokenizer",
+      &case.join("tokenizer").to_string_lossy(),
+    ])
+    .current_dir(repo_root())
+    .output()
+    .expect("node runs");
+  assert!(
+    out.status.success(),
+    "distcp convert: {}\n{}",
+    String::from_utf8_lossy(&out.stdout),
+    String::from_utf8_lossy(&out.stderr)
+  );
+
+  let out = Command::new(&main_python)
+    .args(["interop/check_hf_output.py", &hf.to_string_lossy(), &case.to_string_lossy()])
+    .current_dir(repo_root())
+    .output()
+    .expect("check_hf_output.py runs");
+  let report = String::from_utf8_lossy(&out.stdout);
+  assert!(out.status.success(), "check_hf_output.py: {report}\n{}", String::from_utf8_lossy(&out.stderr));
+  let report: serde_json::Value = serde_json::from_str(&report).expect("a JSON report");
+  assert_eq!(report["errors"], serde_json::json!([]), "{report}");
+}
