@@ -10,6 +10,19 @@
 //! [`distcp_core`]; this crate only maps [`tch::Kind`] to [`DType`] and moves bytes between tensors and host
 //! buffers. Tensors on a CUDA device are copied through host memory, one at a time when loading.
 //!
+//! ```no_run
+//! use tch::nn::{self, VarStore};
+//!
+//! # fn main() -> distcp_tch::Result<()> {
+//! let mut vs = VarStore::new(tch::Device::cuda_if_available());
+//! let _layer = nn::linear(&vs.root() / "0", 4, 8, Default::default()); // saved as `model.0.weight`, `model.0.bias`
+//! distcp_tch::save_var_store(&vs, "ckpt/step-100")?;
+//! let loaded = distcp_tch::load_var_store(&mut vs, "ckpt/step-100")?;
+//! assert_eq!(loaded, ["model.0.bias", "model.0.weight"]);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Optimizer state is not covered: `tch` 0.26 keeps its optimizers behind an opaque libtorch handle whose C API
 //! (`ato_*` in torch-sys) can add parameters, set hyperparameters, step and zero gradients, but not read or write
 //! Adam's moments or step counts. See the README.
