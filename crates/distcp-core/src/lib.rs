@@ -1,6 +1,6 @@
 //! distcp-core: read PyTorch Distributed Checkpoints (DCP) exactly as `torch.distributed.checkpoint` writes them.
 //!
-//! Layers: [`pickle`] (restricted unpickler) → [`metadata`] (typed `.metadata`) and [`torch_save`] (one stored
+//! Layers: [`pickle`] (restricted unpickler and the pickler, `pickle::{read, write}`) → [`metadata`] (typed `.metadata`) and [`torch_save`] (one stored
 //! item) → [`plan`] (which chunk bytes land where; pure data) → [`copy`] (executes a plan) → [`checkpoint`].
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::all)]

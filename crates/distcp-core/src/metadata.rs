@@ -102,9 +102,10 @@ pub struct Metadata {
   pub version: Option<String>,
 }
 
-const DCP_METADATA: &str = "torch.distributed.checkpoint.metadata";
-const SHARD_METADATA: &str = "torch.distributed._shard.sharded_tensor.metadata";
-const DCP_FILESYSTEM: &str = "torch.distributed.checkpoint.filesystem";
+// The modules `.metadata`'s classes live in: the reader's allow-list and the writer's globals share these.
+pub(crate) const DCP_METADATA: &str = "torch.distributed.checkpoint.metadata";
+pub(crate) const SHARD_METADATA: &str = "torch.distributed._shard.sharded_tensor.metadata";
+pub(crate) const DCP_FILESYSTEM: &str = "torch.distributed.checkpoint.filesystem";
 
 /// The globals a `.metadata` written by the default planner and file system writer can contain.
 pub fn metadata_allows(module: &str, name: &str) -> bool {

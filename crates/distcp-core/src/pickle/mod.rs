@@ -2,8 +2,9 @@
 //! runs anything. Globals are not imported; each one must be on the caller's allow-list or loading stops with an
 //! error naming it.
 
-mod unpickler;
+mod read;
 mod value;
+pub mod write;
 
-pub use unpickler::{unpickle, unpickle_with_budget, AllowList, UnpickleError};
+pub use read::{unpickle, unpickle_with_budget, AllowList, UnpickleError};
 pub use value::{BigInt, Global, Object, Value};

@@ -8,9 +8,7 @@ use crate::metadata::{ItemMetadata, Metadata, PathElem, StorageInfo, StorageKey,
 use crate::write::pickler::Pickler;
 use std::path::Path;
 
-const DCP_METADATA: &str = "torch.distributed.checkpoint.metadata";
-const SHARD_METADATA: &str = "torch.distributed._shard.sharded_tensor.metadata";
-const DCP_FILESYSTEM: &str = "torch.distributed.checkpoint.filesystem";
+use crate::metadata::{DCP_FILESYSTEM, DCP_METADATA, SHARD_METADATA};
 
 /// `CURRENT_DCP_VERSION` of torch ≥ 2.9.
 pub const DCP_VERSION: &str = "1.0.0";

@@ -6,13 +6,14 @@
 
 pub mod flatten;
 pub mod metadata_writer;
-pub mod pickler;
 pub mod ranks;
 pub mod record;
 pub mod save;
 pub mod value;
-pub mod zip_writer;
 
+// the formats' writers live beside their readers (`pickle::write`, `zip::write`); these names stay for callers
+pub use crate::pickle::write as pickler;
+pub use crate::zip::write as zip_writer;
 pub use flatten::{flatten, FlatItem, Layout};
 pub use save::{save, SaveOptions, SaveSummary};
 pub use value::{from_tagged_json, SaveValue, TensorRef};

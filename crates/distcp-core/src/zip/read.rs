@@ -45,11 +45,9 @@ impl Archive {
   }
 }
 
-const EOCD_SIG: u32 = 0x0605_4b50;
-const ZIP64_LOCATOR_SIG: u32 = 0x0706_4b50;
-const ZIP64_EOCD_SIG: u32 = 0x0606_4b50;
-const CDIR_SIG: u32 = 0x0201_4b50;
-const LOCAL_SIG: u32 = 0x0403_4b50;
+use super::{
+  CENTRAL_SIG as CDIR_SIG, END_SIG as EOCD_SIG, LOCAL_SIG, ZIP64_END_SIG as ZIP64_EOCD_SIG, ZIP64_LOCATOR_SIG,
+};
 
 fn bad<T>(reason: impl Into<String>) -> Result<T, ZipError> {
   Err(ZipError::Malformed(reason.into()))

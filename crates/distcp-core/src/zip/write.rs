@@ -27,12 +27,7 @@ pub const ALIGNMENT: u64 = 64;
 /// What torch.save writes as `version` (`kMinProducedFileFormatVersion`).
 pub const FILE_FORMAT_VERSION: &[u8] = b"3\n";
 
-const LOCAL_SIG: u32 = 0x0403_4b50;
-const DESCRIPTOR_SIG: u32 = 0x0807_4b50;
-const CENTRAL_SIG: u32 = 0x0201_4b50;
-const ZIP64_END_SIG: u32 = 0x0606_4b50;
-const ZIP64_LOCATOR_SIG: u32 = 0x0706_4b50;
-const END_SIG: u32 = 0x0605_4b50;
+use super::{CENTRAL_SIG, DESCRIPTOR_SIG, END_SIG, LOCAL_SIG, ZIP64_END_SIG, ZIP64_LOCATOR_SIG};
 const U32_MAX: u64 = 0xffff_ffff;
 const FLAG_UTF8: u16 = 0x0800;
 const FLAG_DESCRIPTOR: u16 = 0x0008;
