@@ -251,12 +251,6 @@ export declare function readIntoDevice(ck: NativeCheckpoint, key: string, device
 /** Reads a tensor (or the box `offsets`/`sizes`) into new memory on `cuda:device`. */
 export declare function readToDevice(ck: NativeCheckpoint, key: string, device: number, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null): Promise<NativeDeviceBuffer>
 
-/**
- * Saves a state dict into the checkpoint folder `dir` (created if needed; an existing checkpoint is replaced
- * crash-safely). `tree` is the state dict as tagged JSON; tensors and bytes refer to `buffers` by index.
- */
-export declare function saveCheckpoint(dir: string, tree: string, buffers: Array<Uint8Array>, options?: NativeSaveOptions | undefined | null): Promise<SaveResult>
-
 export interface SaveResult {
   /** Flat keys, in `.metadata` order. */
   keys: Array<string>
@@ -283,3 +277,9 @@ export interface TensorWrittenJs {
  * state dict `tree`; resolves to the storage entries as JSON.
  */
 export declare function writeRankDataFile(dir: string, fileName: string, tree: string, buffers: Array<Uint8Array>, plan: string, layout?: string | undefined | null): Promise<string>
+
+/**
+ * Saves a state dict into the checkpoint folder `dir` (created if needed; an existing checkpoint is replaced
+ * crash-safely). `tree` is the state dict as tagged JSON; tensors and bytes refer to `buffers` by index.
+ */
+export declare function writeStateDict(dir: string, tree: string, buffers: Array<Uint8Array>, options?: NativeSaveOptions | undefined | null): Promise<SaveResult>

@@ -304,7 +304,7 @@ export async function stageSave(stateDict: SaveStateDict, options: SaveOptions, 
 export async function writeStaged(s: StagedSave): Promise<SaveResult> {
   try {
     return await awaitNative(() =>
-      native.saveCheckpoint(s.checkpointId, s.tree, s.buffers, {
+      native.writeStateDict(s.checkpointId, s.tree, s.buffers, {
         layout: s.layout,
         failAt: s.failAt?.point,
         failAbort: s.failAt?.abort,

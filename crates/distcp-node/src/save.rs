@@ -1,4 +1,4 @@
-//! `saveCheckpoint`: writes a DCP checkpoint on a worker thread. The state dict arrives as tagged JSON (the tags
+//! `writeStateDict` (the native half of `save`; `saveCheckpoint` is the NeMo-style API in TypeScript): writes a DCP checkpoint on a worker thread. The state dict arrives as tagged JSON (the tags
 //! `distcp_core::write::from_tagged_json` documents, the same ones `values.rs` uses for reading) plus the
 //! caller's buffers, referenced (not copied) until the promise settles.
 
@@ -77,7 +77,7 @@ impl Task for SaveTask {
 /// Saves a state dict into the checkpoint folder `dir` (created if needed; an existing checkpoint is replaced
 /// crash-safely). `tree` is the state dict as tagged JSON; tensors and bytes refer to `buffers` by index.
 #[napi(ts_return_type = "Promise<SaveResult>")]
-pub fn save_checkpoint(
+pub fn write_state_dict(
   dir: String,
   tree: String,
   buffers: Vec<Uint8Array>,
