@@ -5,10 +5,13 @@ import { DistcpError } from './errors.js'
 const USAGE = `usage:
   distcp inspect <checkpoint-dir> [--json] [--rank N]
   distcp convert <dcp-dir> <hf-out> --config <model dir or hub name> [--tokenizer <dir or hub name>]
-                 [--dtype bf16|fp16|fp32] [--max-shard-size 5GB] [--overwrite] [--dry-run] [--json]
+                 [--dtype bf16|fp16|fp32] [--max-shard-size 5GB] [--hf-override key=value]... [--overwrite]
+                 [--dry-run] [--json]
 
-  inspect   list every key of a PyTorch DCP checkpoint (dtype, shape, chunks, bytes, files) and totals
-  convert   write a Hugging Face folder (safetensors shards, config, tokenizer) from a DCP checkpoint
+  inspect   list every key of a checkpoint (dtype, shape, chunks, bytes, files), its layout and writer, and totals
+  convert   write a Hugging Face folder (safetensors shards, config, tokenizer) from a checkpoint: DCP (torch.save
+            or safetensors records), torch's HF storage shards, a Hugging Face folder or a NeMo-RL run folder
+            (with no --tokenizer, the tokenizer NeMo-RL saved beside the weights is used when there is one)
 
 exit codes: 0 done, 1 failed (the message says why), 2 bad usage
 `
@@ -37,6 +40,10 @@ interface Inventory {
     files: string[]
   }
   format: {
+    layout: string
+    writer: string
+    nemoRlWeights: string | null
+    tokenizerBeside: string | null
     metadataFile: string
     dcpVersion: string | null
     writtenBy: string
@@ -75,6 +82,10 @@ export function inventory(ck: Checkpoint): Inventory {
       files: s.files,
     },
     format: {
+      layout: s.layout,
+      writer: s.writer,
+      nemoRlWeights: s.nemoRlWeights ?? null,
+      tokenizerBeside: s.tokenizerBeside ?? null,
       metadataFile: s.metadataFile,
       dcpVersion: s.version ?? null,
       writtenBy,
@@ -107,9 +118,20 @@ function printInventory(inv: Inventory): void {
   console.log(`keys         ${t.keys} (${t.tensors} tensors in ${t.chunks} chunks, ${t.objects} other values)`)
   console.log(`bytes        ${humanBytes(t.tensorBytes)} of tensors, ${humanBytes(t.objectBytes)} of other values`)
   console.log(`ranks        ${t.ranks} (${t.files.length} data files)`)
-  console.log(`written by   ${f.writtenBy}`)
+  console.log(`layout       ${f.layout}: ${f.writer}`)
+  if (f.nemoRlWeights) console.log(`NeMo-RL      weights ${f.nemoRlWeights}${f.tokenizerBeside ? `, tokenizer ${f.tokenizerBeside}` : ''}`)
+  if (f.layout === 'dcp' || f.layout === 'dcp-safetensors') console.log(`written by   ${f.writtenBy}`)
   console.log(`key layout   ${f.keyLayout}`)
   console.log(`metadata     ${f.metadataFile}${f.tensorPropertiesModule ? `, TensorProperties from ${f.tensorPropertiesModule}` : ''}`)
+}
+
+/** A `--hf-override` value: JSON when it parses (numbers, booleans, null, lists, objects), else the string. */
+function parseOverride(v: string): unknown {
+  try {
+    return JSON.parse(v)
+  } catch {
+    return v
+  }
 }
 
 function usageError(msg: string): number {
@@ -152,7 +174,7 @@ async function convertCommand(rest: string[]): Promise<number> {
   let config: string | undefined
   let tokenizer: string | undefined
   let json = false
-  const valued = new Set(['--config', '--tokenizer', '--dtype', '--max-shard-size'])
+  const valued = new Set(['--config', '--tokenizer', '--dtype', '--max-shard-size', '--hf-override'])
   for (let i = 0; i < rest.length; i++) {
     const a = rest[i]
     if (valued.has(a)) {
@@ -161,6 +183,11 @@ async function convertCommand(rest: string[]): Promise<number> {
       if (a === '--config') config = v
       else if (a === '--tokenizer') tokenizer = v
       else if (a === '--dtype') opts.dtype = v as ConvertOptions['dtype']
+      else if (a === '--hf-override') {
+        const eq = v.indexOf('=')
+        if (eq < 1) return usageError(`--hf-override needs key=value, got \`${v}\``)
+        opts.hfOverrides = { ...opts.hfOverrides, [v.slice(0, eq)]: parseOverride(v.slice(eq + 1)) }
+      }
       else opts.maxShardSize = /^\d+$/.test(v) ? Number(v) : v
     } else if (a === '--overwrite') opts.overwrite = true
     else if (a === '--dry-run') opts.dryRun = true
@@ -190,10 +217,15 @@ async function convertCommand(rest: string[]): Promise<number> {
       bytes: plan.totalSize,
       seconds,
       skipped: plan.skipped,
+      layout: plan.layout,
+      writer: plan.writer,
+      tokenizer: plan.tokenizer,
     }
     if (json) console.log(JSON.stringify(summary, null, 2))
     else {
       console.log(`wrote ${out}: ${summary.tensors} tensors, ${(summary.bytes / 1e9).toFixed(2)} GB in ${plan.shards.length} shard(s), ${seconds.toFixed(1)} s (${(summary.bytes / 1e9 / seconds).toFixed(2)} GB/s)`)
+      console.log(`  input: ${plan.layout} (${plan.writer})`)
+      console.log(`  tokenizer: ${plan.tokenizer ? `${plan.tokenizer.dir} (${plan.tokenizer.source})` : 'none'}`)
       for (const s of plan.skipped) console.log(`  skipped ${s.key}: ${s.reason}`)
     }
     return 0

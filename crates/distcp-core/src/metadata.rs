@@ -371,6 +371,16 @@ fn describe(v: &Value) -> String {
 }
 
 impl Metadata {
+  /// Metadata built from another source than a `.metadata` file (a folder of safetensors headers), with no
+  /// planner data; `items` in the order reads list them. Validate it like a parsed one.
+  pub fn from_parts(
+    items: Vec<(String, ItemMetadata)>,
+    storage_data: HashMap<StorageKey, StorageInfo>,
+  ) -> Metadata {
+    let index = items.iter().enumerate().map(|(i, (k, _))| (k.clone(), i)).collect();
+    Metadata { items, index, planner_data: None, storage_data, storage_meta: None, version: None }
+  }
+
   /// Parses the bytes of a `.metadata` (or rank-local `__{rank}.metadata`) file. `path` is only for messages.
   pub fn parse(bytes: &[u8], path: &Path) -> Result<Metadata> {
     let root = pickle::unpickle(bytes, &metadata_allows).map_err(|e| crate::unpickle_error(e, path))?;

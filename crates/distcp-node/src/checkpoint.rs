@@ -50,6 +50,14 @@ pub struct CheckpointSummary {
   pub ranks: u32,
   pub has_planner_data: bool,
   pub has_storage_meta: bool,
+  /// `dcp`, `dcp-safetensors`, `hf-storage-sharded` or `hf-safetensors`.
+  pub layout: String,
+  /// Which writer produced the checkpoint, in words.
+  pub writer: String,
+  /// The NeMo-RL weights folder the checkpoint was found in.
+  pub nemo_rl_weights: Option<String>,
+  /// The tokenizer NeMo-RL saved beside the weights (`policy/tokenizer`).
+  pub tokenizer_beside: Option<String>,
 }
 
 fn dims(v: &[u64]) -> Vec<f64> {
@@ -320,6 +328,10 @@ impl NativeCheckpoint {
       files: s.files,
       has_planner_data: s.has_planner_data,
       has_storage_meta: s.has_storage_meta,
+      layout: s.layout.to_owned(),
+      writer: s.writer,
+      nemo_rl_weights: s.nemo_rl_weights,
+      tokenizer_beside: s.tokenizer_beside,
     })
   }
 
