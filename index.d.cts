@@ -75,6 +75,14 @@ export interface CheckpointSummary {
   ranks: number
   hasPlannerData: boolean
   hasStorageMeta: boolean
+  /** `dcp`, `dcp-safetensors`, `hf-storage-sharded` or `hf-safetensors`. */
+  layout: string
+  /** Which writer produced the checkpoint, in words. */
+  writer: string
+  /** The NeMo-RL weights folder the checkpoint was found in. */
+  nemoRlWeights?: string
+  /** The tokenizer NeMo-RL saved beside the weights (`policy/tokenizer`). */
+  tokenizerBeside?: string
 }
 
 /** One stored chunk of a tensor (a box in global coordinates) and where its record is. */
