@@ -847,5 +847,6 @@ module.exports.openNativeCheckpoint = nativeBinding.openNativeCheckpoint
 module.exports.panicForTest = nativeBinding.panicForTest
 module.exports.parseSize = nativeBinding.parseSize
 module.exports.planConvert = nativeBinding.planConvert
+module.exports.retargetCheckpoint = nativeBinding.retargetCheckpoint
 module.exports.saveCheckpoint = nativeBinding.saveCheckpoint
 module.exports.tensorsEqual = nativeBinding.tensorsEqual

@@ -83,6 +83,8 @@ export interface CheckpointSummary {
   nemoRlWeights?: string
   /** The tokenizer NeMo-RL saved beside the weights (`policy/tokenizer`). */
   tokenizerBeside?: string
+  /** The oldest torch (`"2.15"`) whose `dcp.load` reads the `.metadata`; absent for layouts without one. */
+  oldestTorch?: string
 }
 
 /** One stored chunk of a tensor (a box in global coordinates) and where its record is. */
@@ -167,6 +169,20 @@ export declare function parseSize(text: string): number | null
 
 /** The conversion plan (shards, tensors, offsets, index) as JSON, from `.metadata` alone. */
 export declare function planConvert(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number): string
+
+/** Rewrites only `.metadata` of the checkpoint at `path` so that torch `torch` ("2.13") loads it. */
+export declare function retargetCheckpoint(path: string, torch: string, keepOriginal: boolean): RetargetResult
+
+/** What `retargetCheckpoint` did. */
+export interface RetargetResult {
+  /** The oldest torch that loaded the checkpoint before, and after (`"2.15"`). */
+  before: string
+  after: string
+  /** False when it already loaded on the target torch (nothing was written). */
+  rewritten: boolean
+  /** Where the original `.metadata` was kept. */
+  original?: string
+}
 
 /**
  * Saves a state dict into the checkpoint folder `dir` (created if needed; an existing checkpoint is replaced

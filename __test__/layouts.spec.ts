@@ -169,6 +169,27 @@ test('NeMo-RL v2 run folder: found from step_N, policy/weights or weights/model;
   t.true(readFileSync(join(out2, 'tokenizer_config.json'), 'utf8').includes('given'))
 })
 
+test('NeMo-RL v2 run of a tiny Llama (HF-storage shards of 2 FSDP2 ranks): converted with input, output and config only, transformers loads it with the original logits and the tokenizer beside', async (t) => {
+  t.timeout(900_000)
+  const caseDir = fresh('llama-case')
+  runPython(['interop/make_hf_case.py', caseDir, '--ranks', '2', '--writer', 'hf-storage', '--untied'], 840_000)
+  const step = join(fresh('nemo-llama'), 'step_5')
+  cpSync(join(caseDir, 'dcp'), join(step, 'policy', 'weights', 'model'), { recursive: true })
+  cpSync(join(caseDir, 'tokenizer'), join(step, 'policy', 'tokenizer'), { recursive: true })
+  const out = fresh('nemo-llama-out')
+  const log = console.log
+  console.log = () => {}
+  let code: number
+  try {
+    code = await cli(['convert', step, out, '--config', join(caseDir, 'model')])
+  } finally {
+    console.log = log
+  }
+  t.is(code, 0)
+  const report = JSON.parse(runPython(['interop/check_hf_output.py', out, caseDir], 600_000)) as Record<string, unknown>
+  t.like(report, { ok: true }, JSON.stringify(report, null, 1).slice(0, 4000))
+})
+
 test('NeMo-RL with model_save_format torch_save (v2): DCP in weights/model is found and read', async (t) => {
   const step = nemoRun('dtensor-2rank', false)
   const ck = await openCheckpoint(step)

@@ -1,4 +1,4 @@
-import { openCheckpoint, type Checkpoint, type TensorInfo, type ObjectInfo } from './checkpoint.js'
+import { openCheckpoint, retarget, type Checkpoint, type TensorInfo, type ObjectInfo } from './checkpoint.js'
 import { convertDcpToHf, planDcpToHf, printPlan, type ConvertOptions, type ConvertPlan, type ConvertProgress } from './convert.js'
 import { DistcpError } from './errors.js'
 
@@ -7,11 +7,14 @@ const USAGE = `usage:
   distcp convert <dcp-dir> <hf-out> --config <model dir or hub name> [--tokenizer <dir or hub name>]
                  [--dtype bf16|fp16|fp32] [--max-shard-size 5GB] [--hf-override key=value]... [--overwrite]
                  [--dry-run] [--json]
+  distcp retarget <checkpoint-dir> --torch 2.13 [--no-keep-original] [--json]
 
   inspect   list every key of a checkpoint (dtype, shape, chunks, bytes, files), its layout and writer, and totals
   convert   write a Hugging Face folder (safetensors shards, config, tokenizer) from a checkpoint: DCP (torch.save
             or safetensors records), torch's HF storage shards, a Hugging Face folder or a NeMo-RL run folder
             (with no --tokenizer, the tokenizer NeMo-RL saved beside the weights is used when there is one)
+  retarget  rewrite only .metadata so that an older torch loads the checkpoint (torch 2.15's .metadata needs
+            torch >= 2.15); the original is kept as .metadata.orig
 
 exit codes: 0 done, 1 failed (the message says why), 2 bad usage
 `
@@ -44,6 +47,7 @@ interface Inventory {
     writer: string
     nemoRlWeights: string | null
     tokenizerBeside: string | null
+    loadableByTorch: string | null
     metadataFile: string
     dcpVersion: string | null
     writtenBy: string
@@ -86,6 +90,7 @@ export function inventory(ck: Checkpoint): Inventory {
       writer: s.writer,
       nemoRlWeights: s.nemoRlWeights ?? null,
       tokenizerBeside: s.tokenizerBeside ?? null,
+      loadableByTorch: s.oldestTorch ? `>= ${s.oldestTorch}` : s.layout.startsWith('hf') ? '>= 2.9 (HuggingFaceStorageReader)' : null,
       metadataFile: s.metadataFile,
       dcpVersion: s.version ?? null,
       writtenBy,
@@ -122,6 +127,10 @@ function printInventory(inv: Inventory): void {
   if (f.nemoRlWeights) console.log(`NeMo-RL      weights ${f.nemoRlWeights}${f.tokenizerBeside ? `, tokenizer ${f.tokenizerBeside}` : ''}`)
   if (f.layout === 'dcp' || f.layout === 'dcp-safetensors') console.log(`written by   ${f.writtenBy}`)
   console.log(`key layout   ${f.keyLayout}`)
+  if (f.loadableByTorch) {
+    const warn = f.layout === 'dcp' && f.loadableByTorch !== '>= 2.0' ? ` (older torch fails on it; \`distcp retarget <dir> --torch <version>\` rewrites .metadata for it)` : ''
+    console.log(`torch        loads with torch ${f.loadableByTorch}${warn}`)
+  }
   console.log(`metadata     ${f.metadataFile}${f.tensorPropertiesModule ? `, TensorProperties from ${f.tensorPropertiesModule}` : ''}`)
 }
 
@@ -234,6 +243,33 @@ async function convertCommand(rest: string[]): Promise<number> {
   }
 }
 
+function retargetCommand(rest: string[]): number {
+  let torch: string | undefined
+  let keepOriginal = true
+  let json = false
+  const positional: string[] = []
+  for (let i = 0; i < rest.length; i++) {
+    const a = rest[i]
+    if (a === '--torch') {
+      torch = rest[++i]
+      if (torch === undefined) return usageError('--torch needs a version, e.g. 2.13')
+    } else if (a === '--no-keep-original') keepOriginal = false
+    else if (a === '--json') json = true
+    else if (a.startsWith('-')) return usageError(`unknown option \`${a}\``)
+    else positional.push(a)
+  }
+  if (positional.length !== 1 || !torch) return usageError('retarget needs <checkpoint-dir> and --torch <version>')
+  try {
+    const r = retarget(positional[0], { torch, keepOriginal })
+    if (json) console.log(JSON.stringify(r, null, 2))
+    else if (!r.rewritten) console.log(`${positional[0]}: already loads with torch >= ${r.before}; nothing written`)
+    else console.log(`${positional[0]}: .metadata rewritten (torch >= ${r.before} → >= ${r.after})${r.original ? `, original kept as ${r.original}` : ''}`)
+    return 0
+  } catch (e) {
+    return fail(e)
+  }
+}
+
 export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv
   if (!command || command === '--help' || command === '-h') {
@@ -241,6 +277,7 @@ export async function main(argv: string[]): Promise<number> {
     return command ? 0 : 2
   }
   if (command === 'convert') return convertCommand(rest)
+  if (command === 'retarget') return retargetCommand(rest)
   if (command !== 'inspect') {
     process.stderr.write(`distcp: unknown command \`${command}\`\n${USAGE}`)
     return 2

@@ -71,6 +71,9 @@ pub struct Summary {
   pub nemo_rl_weights: Option<String>,
   /// The tokenizer saved beside a NeMo-RL run's weights (`policy/tokenizer`), if any.
   pub tokenizer_beside: Option<String>,
+  /// The oldest torch (major, minor) whose `dcp.load` reads this `.metadata` (see [`Metadata::oldest_torch`]);
+  /// `None` for the layouts without one (torch's HF storage reader: torch ≥ 2.9).
+  pub oldest_torch: Option<(u32, u32)>,
 }
 
 type ChunkId = (String, usize);
@@ -201,7 +204,7 @@ fn check_relative_path(rel: &str) -> bool {
 }
 
 /// Reads `.metadata` (a regular file, at most [`limits::MAX_METADATA_BYTES`]) into memory.
-fn read_metadata_file(path: &Path) -> Result<Vec<u8>> {
+pub(crate) fn read_metadata_file(path: &Path) -> Result<Vec<u8>> {
   let (file, len) = open_regular(path)?;
   if len > limits::MAX_METADATA_BYTES {
     return Err(Error::LimitExceeded {
@@ -952,6 +955,8 @@ impl Checkpoint {
       writer: self.layout.writer.clone(),
       nemo_rl_weights: self.layout.nemo_rl.as_ref().map(|n| path_text(&n.weights_dir)),
       tokenizer_beside: self.layout.nemo_rl.as_ref().and_then(|n| n.tokenizer_dir.as_deref()).map(path_text),
+      oldest_torch: matches!(self.layout.kind, LayoutKind::Dcp | LayoutKind::DcpSafetensors)
+        .then(|| md.oldest_torch()),
     }
   }
 

@@ -327,11 +327,11 @@ pub fn read_folder(dir: &Path) -> Result<(Metadata, Layout, OpenedFiles)> {
     }
     files.insert(name.clone(), file);
   }
-  let (kind, writer) = if sharded > 0 {
-    let ranks: BTreeSet<&str> = names.iter().filter_map(|n| shard_rank(n)).collect();
+  let ranks: BTreeSet<&str> = names.iter().filter_map(|n| shard_rank(n)).collect();
+  let (kind, writer) = if sharded > 0 && !ranks.is_empty() {
     (
       LayoutKind::HfStorageSharded,
-      format!("torch HuggingFaceStorageWriter(save_distributed=True), {} rank file(s)", ranks.len().max(1)),
+      format!("torch HuggingFaceStorageWriter(save_distributed=True), {} rank file(s)", ranks.len()),
     )
   } else if safetensors_files(&dir.join(HF_SHARDED_DIR)).iter().any(|n| shard_rank(n).is_some()) {
     // torch's consolidation writes headers without __metadata__; the per-rank shards beside tell it apart
@@ -340,7 +340,8 @@ pub fn read_folder(dir: &Path) -> Result<(Metadata, Layout, OpenedFiles)> {
       "torch HuggingFaceStorageWriter(enable_consolidation=True): consolidated, per-rank shards in sharded/"
         .to_owned(),
     )
-  } else if torch_written {
+  } else if torch_written || sharded > 0 {
+    // save_distributed=False: one process wrote whole tensors (saved_offsets all 0)
     (LayoutKind::HfSafetensors, "torch HuggingFaceStorageWriter".to_owned())
   } else {
     (LayoutKind::HfSafetensors, "Hugging Face safetensors (save_pretrained or compatible)".to_owned())

@@ -17,6 +17,7 @@ pub mod limits;
 pub mod metadata;
 pub mod pickle;
 pub mod plan;
+pub mod retarget;
 pub mod safetensors;
 pub mod source;
 pub mod torch_save;
