@@ -251,6 +251,13 @@ const BAD: [string, string, (dir: string) => void, string][] = [
   // (a missing last rank shrinks every sharded tensor to what the others hold, for torch's reader as for distcp:
   // no file says how many ranks there were)
   ['a missing rank shard', 'layout-hf-sharded-3rank', (d) => unlinkSync(join(d, 'shard-00002-model-00001-of-00001.safetensors')), 'ERR_DISTCP_CHUNK_LAYOUT'],
+  ['an index that puts a tensor in a file that does not hold it', 'layout-hf-folder-sharded', (d) => {
+    const p = join(d, 'model.safetensors.index.json')
+    const index = JSON.parse(readFileSync(p, 'utf8')) as { weight_map: Record<string, string> }
+    const [key, file] = Object.entries(index.weight_map)[0]
+    index.weight_map[key] = Object.values(index.weight_map).find((f) => f !== file) ?? file
+    writeFileSync(p, JSON.stringify(index))
+  }, 'ERR_DISTCP_METADATA'],
   ['a shard the index names is missing', 'layout-hf-folder-sharded', (d) => unlinkSync(join(d, 'model-00002-of-00003.safetensors')), 'ERR_DISTCP_MISSING_DATA_FILE'],
   ['a DCP safetensors blob whose sharding info disagrees with .metadata', 'layout-dcp-st-2rank', (d) => {
     const f = join(d, '__1_0.distcp')

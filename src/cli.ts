@@ -125,8 +125,10 @@ function printInventory(inv: Inventory): void {
   console.log(`ranks        ${t.ranks} (${t.files.length} data files)`)
   console.log(`layout       ${f.layout}: ${f.writer}`)
   if (f.nemoRlWeights) console.log(`NeMo-RL      weights ${f.nemoRlWeights}${f.tokenizerBeside ? `, tokenizer ${f.tokenizerBeside}` : ''}`)
-  if (f.layout === 'dcp' || f.layout === 'dcp-safetensors') console.log(`written by   ${f.writtenBy}`)
-  console.log(`key layout   ${f.keyLayout}`)
+  if (f.layout === 'dcp' || f.layout === 'dcp-safetensors') {
+    console.log(`written by   ${f.writtenBy}`)
+    console.log(`key layout   ${f.keyLayout}`)
+  }
   if (f.loadableByTorch) {
     const warn = f.layout === 'dcp' && f.loadableByTorch !== '>= 2.0' ? ` (older torch fails on it; \`distcp retarget <dir> --torch <version>\` rewrites .metadata for it)` : ''
     console.log(`torch        loads with torch ${f.loadableByTorch}${warn}`)

@@ -206,18 +206,10 @@ pub type OpenedFiles = HashMap<String, Arc<DataFile>>;
 pub fn read_folder(dir: &Path) -> Result<(Metadata, Layout, OpenedFiles)> {
   let index_path = dir.join(HF_INDEX_FILE);
   // with an index, its files (as transformers reads them); without, every .safetensors file (as torch does)
-  let names: Vec<String> = match std::fs::read(&index_path) {
-    Ok(bytes) if bytes.len() as u64 <= limits::MAX_METADATA_BYTES => index_files(&bytes, &index_path)?,
-    Ok(bytes) => {
-      return Err(Error::LimitExceeded {
-        path: index_path,
-        what: "the safetensors index".into(),
-        value: bytes.len() as u64,
-        limit: limits::MAX_METADATA_BYTES,
-        limit_name: "limits::MAX_METADATA_BYTES",
-      })
-    }
-    Err(_) => safetensors_files(dir),
+  let (names, listed) = if index_path.symlink_metadata().is_ok() {
+    index_files(&read_index(&index_path)?, &index_path)?
+  } else {
+    (safetensors_files(dir), Vec::new())
   };
   if names.len() > limits::MAX_SAFETENSORS_FILES {
     return Err(Error::LimitExceeded {
@@ -327,6 +319,15 @@ pub fn read_folder(dir: &Path) -> Result<(Metadata, Layout, OpenedFiles)> {
     }
     files.insert(name.clone(), file);
   }
+  // the index must not promise a tensor its file does not hold (transformers would fail on it at load)
+  for (key, file) in &listed {
+    if !storage.iter().any(|(k, i)| k.fqn == *key && i.relative_path == *file) {
+      return Err(Error::Metadata {
+        path: index_path,
+        reason: format!("weight_map puts `{key}` in {file}, which does not hold it"),
+      });
+    }
+  }
   let ranks: BTreeSet<&str> = names.iter().filter_map(|n| shard_rank(n)).collect();
   let (kind, writer) = if sharded > 0 && !ranks.is_empty() {
     (
@@ -350,6 +351,28 @@ pub fn read_folder(dir: &Path) -> Result<(Metadata, Layout, OpenedFiles)> {
   Ok((md, Layout { kind, writer, dir: dir.to_path_buf(), nemo_rl: None }, files))
 }
 
+/// The bytes of a `model.safetensors.index.json` (a regular file of at most [`limits::MAX_METADATA_BYTES`]).
+fn read_index(path: &Path) -> Result<Vec<u8>> {
+  use std::io::Read;
+  let (file, len) = crate::source::open_regular(path)?;
+  let too_big = |value: u64| Error::LimitExceeded {
+    path: path.to_path_buf(),
+    what: "the safetensors index".into(),
+    value,
+    limit: limits::MAX_METADATA_BYTES,
+    limit_name: "limits::MAX_METADATA_BYTES",
+  };
+  if len > limits::MAX_METADATA_BYTES {
+    return Err(too_big(len));
+  }
+  let mut bytes = Vec::new();
+  file.take(limits::MAX_METADATA_BYTES + 1).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+  if bytes.len() as u64 > limits::MAX_METADATA_BYTES {
+    return Err(too_big(bytes.len() as u64));
+  }
+  Ok(bytes)
+}
+
 /// `SSSSS` of torch's per-rank name `shard-SSSSS-model-XXXXX-of-YYYYY.safetensors`.
 pub fn shard_rank(name: &str) -> Option<&str> {
   let rest = name.strip_prefix("shard-")?;
@@ -357,9 +380,10 @@ pub fn shard_rank(name: &str) -> Option<&str> {
   (tail.starts_with("model-") && rank.bytes().all(|b| b.is_ascii_digit())).then_some(rank)
 }
 
-/// The files a `model.safetensors.index.json` names, in order of first mention; each must be a plain file
-/// name in the folder.
-fn index_files(bytes: &[u8], path: &Path) -> Result<Vec<String>> {
+/// The files a `model.safetensors.index.json` names (sorted), each a plain file name in the folder, and its
+/// `(key, file)` entries.
+type IndexFiles = (Vec<String>, Vec<(String, String)>);
+fn index_files(bytes: &[u8], path: &Path) -> Result<IndexFiles> {
   let bad = |reason: String| Error::Metadata { path: path.to_path_buf(), reason };
   let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
   let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) else {
@@ -367,6 +391,7 @@ fn index_files(bytes: &[u8], path: &Path) -> Result<Vec<String>> {
   };
   let mut seen = BTreeSet::new();
   let mut out = Vec::new();
+  let mut entries = Vec::with_capacity(map.len());
   for (key, file) in map {
     let Some(f) = file.as_str() else {
       return Err(bad(format!("weight_map entry `{key}` is not a file name")));
@@ -382,9 +407,10 @@ fn index_files(bytes: &[u8], path: &Path) -> Result<Vec<String>> {
     if seen.insert(f.to_owned()) {
       out.push(f.to_owned());
     }
+    entries.push((key.clone(), f.to_owned()));
   }
   out.sort();
-  Ok(out)
+  Ok((out, entries))
 }
 
 #[cfg(test)]
@@ -403,7 +429,8 @@ mod tests {
     let p = Path::new("i.json");
     assert_eq!(
       index_files(br#"{"weight_map":{"a":"b.safetensors","c":"a.safetensors","d":"b.safetensors"}}"#, p)
-        .unwrap(),
+        .unwrap()
+        .0,
       ["a.safetensors", "b.safetensors"]
     );
     let e = index_files(br#"{"weight_map":{"a":"../x.safetensors"}}"#, p).unwrap_err();
