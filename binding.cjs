@@ -859,6 +859,7 @@ module.exports.planConvert = nativeBinding.planConvert
 module.exports.rankFlatten = nativeBinding.rankFlatten
 module.exports.readIntoDevice = nativeBinding.readIntoDevice
 module.exports.readToDevice = nativeBinding.readToDevice
+module.exports.retargetCheckpoint = nativeBinding.retargetCheckpoint
 module.exports.tensorsEqual = nativeBinding.tensorsEqual
 module.exports.writeRankDataFile = nativeBinding.writeRankDataFile
 module.exports.writeStateDict = nativeBinding.writeStateDict

@@ -112,6 +112,16 @@ export interface CheckpointSummary {
   ranks: number
   hasPlannerData: boolean
   hasStorageMeta: boolean
+  /** `dcp`, `dcp-safetensors`, `hf-storage-sharded` or `hf-safetensors`. */
+  layout: string
+  /** Which writer produced the checkpoint, in words. */
+  writer: string
+  /** The NeMo-RL weights folder the checkpoint was found in. */
+  nemoRlWeights?: string
+  /** The tokenizer NeMo-RL saved beside the weights (`policy/tokenizer`). */
+  tokenizerBeside?: string
+  /** The oldest torch (`"2.15"`) whose `dcp.load` reads the `.metadata`; absent for layouts without one. */
+  oldestTorch?: string
 }
 
 /** One stored chunk of a tensor (a box in global coordinates) and where its record is. */
@@ -250,6 +260,20 @@ export declare function readIntoDevice(ck: NativeCheckpoint, key: string, device
 
 /** Reads a tensor (or the box `offsets`/`sizes`) into new memory on `cuda:device`. */
 export declare function readToDevice(ck: NativeCheckpoint, key: string, device: number, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null): Promise<NativeDeviceBuffer>
+
+/** Rewrites only `.metadata` of the checkpoint at `path` so that torch `torch` ("2.13") loads it. */
+export declare function retargetCheckpoint(path: string, torch: string, keepOriginal: boolean): RetargetResult
+
+/** What `retargetCheckpoint` did. */
+export interface RetargetResult {
+  /** The oldest torch that loaded the checkpoint before, and after (`"2.15"`). */
+  before: string
+  after: string
+  /** False when it already loaded on the target torch (nothing was written). */
+  rewritten: boolean
+  /** Where the original `.metadata` was kept. */
+  original?: string
+}
 
 export interface SaveResult {
   /** Flat keys, in `.metadata` order. */

@@ -2,13 +2,16 @@
 DCP → Hugging Face conversion tests.
 
 usage: python interop/make_hf_case.py <out-dir> [--tied|--untied] [--ranks 1|2] [--seed N] [--arch llama|qwen2|qwen3]
+                                     [--writer dcp|hf-storage]
 
 Writes, under <out-dir>:
   model/       config.json + generation_config.json (save_pretrained of the config objects only, no weights)
   tokenizer/   a BPE tokenizer trained here with `tokenizers`, saved as a transformers fast tokenizer
   dcp/         `dcp.save({"model": ModelState(model)}, checkpoint_id=…)`, ModelState.state_dict() being
                `get_model_state_dict(model, options=StateDictOptions(cpu_offload=True))` (NeMo-RL's ModelState);
-               on 2 ranks (gloo, CPU) the model is FSDP2-sharded (`fully_shard`), so the weights are DTensors
+               on 2 ranks (gloo, CPU) the model is FSDP2-sharded (`fully_shard`), so the weights are DTensors.
+               --writer hf-storage: NeMo-RL v2's default instead, the HF-named model state dict saved with
+               `HuggingFaceStorageWriter(save_distributed=True)` (per-rank `shard-*.safetensors`, no .metadata)
   reference_logits.safetensors   {"input_ids": int64 [2, 12], "logits": float32} of the original float32 model
   reference_state.safetensors    every state-dict tensor as torch has it, plus `<name>.bf16` = `.to(torch.bfloat16)`
   case.json    what was built (tied, ranks, seed, arch, sample text, how the weights were sharded)
@@ -117,7 +120,17 @@ def build_model(cfg, seed):
     return model
 
 
-def rank_worker(rank, world, port, model_dir, seed, dcp_dir, info_path):
+def save_weights(model, dcp_dir, writer):
+    if writer == "hf-storage":
+        from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
+
+        sd = get_model_state_dict(model)
+        dcp.save(sd, storage_writer=HuggingFaceStorageWriter(dcp_dir, save_distributed=True), no_dist=not dist.is_initialized())
+    else:
+        dcp.save({"model": ModelState(model)}, checkpoint_id=dcp_dir)
+
+
+def rank_worker(rank, world, port, model_dir, seed, dcp_dir, info_path, writer="dcp"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -148,7 +161,7 @@ def rank_worker(rank, world, port, model_dir, seed, dcp_dir, info_path):
         how = f"distribute_tensor(..., [Shard(0)]) per parameter (fully_shard failed: {e})"
     sd = ModelState(model).state_dict()
     kinds = sorted({type(v).__name__ for v in sd.values()})
-    dcp.save({"model": ModelState(model)}, checkpoint_id=dcp_dir)
+    save_weights(model, dcp_dir, writer)
     dist.barrier()
     if rank == 0:
         with open(info_path, "w") as f:
@@ -165,6 +178,7 @@ def main():
     ap.add_argument("--ranks", type=int, choices=[1, 2], default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--arch", choices=["llama", "qwen2", "qwen3"], default="llama")
+    ap.add_argument("--writer", choices=["dcp", "hf-storage"], default="dcp")
     a = ap.parse_args()
     torch.set_num_threads(1)  # logits must be reproducible bit for bit by check_hf_output.py
 
@@ -207,13 +221,13 @@ def main():
     if a.ranks == 1:
         sd = ModelState(model).state_dict()
         info["state_dict_types"] = sorted({type(v).__name__ for v in sd.values()})
-        dcp.save({"model": ModelState(model)}, checkpoint_id=dcp_dir)
+        save_weights(model, dcp_dir, a.writer)
     else:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         info_path = os.path.join(out, ".rank-info.json")
-        mp.spawn(rank_worker, args=(a.ranks, port, os.path.join(out, "model"), a.seed, dcp_dir, info_path), nprocs=a.ranks, join=True)
+        mp.spawn(rank_worker, args=(a.ranks, port, os.path.join(out, "model"), a.seed, dcp_dir, info_path, a.writer), nprocs=a.ranks, join=True)
         with open(info_path) as f:
             info = json.load(f)
         os.remove(info_path)
@@ -223,6 +237,7 @@ def main():
         "arch": a.arch,
         "tied": a.tied,
         "ranks": a.ranks,
+        "writer": a.writer,
         "seed": a.seed,
         "vocab_size": vocab,
         "tokenizer_len": len(tok),

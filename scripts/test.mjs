@@ -43,6 +43,33 @@ function setupVenv() {
   }
 }
 
+// The second venv, .venv-tch: torch 2.13.0 exactly. distcp-tch links its libtorch (tch 0.26 needs that version),
+// and the older-torch tests (`distcp retarget`) load checkpoints with it. Made once per machine (pip's cache keeps
+// the ~4 GB wheel for the next one). Returns its python and torch's lib folder, or null when it cannot be made.
+function setupTchVenv() {
+  const started = Date.now()
+  const venv = process.env.DISTCP_TCH_VENV ?? join(root, '.venv-tch')
+  const py = join(venv, 'bin', 'python')
+  const reqs = join('interop', 'requirements-tch.txt')
+  const want = /^torch==(.+)$/m.exec(readFileSync(join(root, reqs), 'utf8'))?.[1]
+  const torchDir = () => spawnSync(py, ['-c', 'import torch, safetensors, numpy, os; print(torch.__version__); print(os.path.dirname(torch.__file__))'], { cwd: root, encoding: 'utf8' })
+  let probe = existsSync(py) ? torchDir() : null
+  let ok = probe?.status === 0 && want !== undefined && probe.stdout.startsWith(want)
+  if (!ok) {
+    console.log(`npm test: setting up .venv-tch with torch ${want} (once per machine)`)
+    const made = existsSync(py) || spawnSync(process.env.PYTHON ?? 'python3', ['-m', 'venv', venv], { cwd: root, stdio: 'inherit' }).status === 0
+    ok = made && spawnSync(py, ['-m', 'pip', 'install', '-q', '-r', reqs], { cwd: root, stdio: 'inherit' }).status === 0
+    probe = ok ? torchDir() : null
+    ok = probe?.status === 0
+    console.log(`npm test: .venv-tch setup took ${Math.round((Date.now() - started) / 1000)} s`)
+  }
+  if (!ok) {
+    console.error(`npm test: could not set up ${venv} (pip install -r ${reqs})`)
+    return null
+  }
+  return { venv, py, lib: join(probe.stdout.trim().split('\n')[1], 'lib') }
+}
+
 let passed = 0
 let failed = 0
 
@@ -53,6 +80,8 @@ if (!existsSync(join(root, 'dist', 'index.js')) || !existsSync(join(root, 'bindi
 }
 setupVenv()
 if (process.argv.includes('--setup-only')) process.exit(0)
+const tch = setupTchVenv()
+if (!tch) failed += 1
 
 // Rust
 {
@@ -70,13 +99,40 @@ if (process.argv.includes('--setup-only')) process.exit(0)
 
 // ava (TypeScript suites, interop included)
 {
-  const r = run('npx', ['ava', '--tap'], { env: { ...process.env, DISTCP_PYTHON: venvPython } })
+  const r = run('npx', ['ava', '--tap'], {
+    env: { ...process.env, DISTCP_PYTHON: venvPython, ...(tch ? { DISTCP_PYTHON_OLD_TORCH: tch.py } : {}) },
+  })
   show(r)
   const ok = (r.stdout.match(/^ok \d+/gm) ?? []).length
   const notOk = (r.stdout.match(/^not ok \d+/gm) ?? []).length
   passed += ok
   failed += notOk
   if (r.status !== 0 && notOk === 0) failed += 1 // crashed or found no tests
+}
+
+// distcp-tch (its own cargo workspace), against the libtorch of .venv-tch
+if (tch) {
+  const started = Date.now()
+  const env = {
+    ...process.env,
+    PATH: `${join(tch.venv, 'bin')}:${process.env.PATH}`, // torch-sys asks `python` where torch is
+    VIRTUAL_ENV: tch.venv,
+    LIBTORCH_USE_PYTORCH: '1',
+    LD_LIBRARY_PATH: [tch.lib, process.env.LD_LIBRARY_PATH].filter(Boolean).join(':'),
+    DISTCP_TCH_PYTHON: tch.py,
+    DISTCP_PYTHON: venvPython, // torch 2.15 + transformers, for the convert test
+  }
+  const r = run('cargo', ['test', '--locked', '--manifest-path', join('crates', 'distcp-tch', 'Cargo.toml')], { env })
+  show(r)
+  const text = `${r.stdout}\n${r.stderr}`
+  let counted = false
+  for (const m of text.matchAll(/test result: \w+\. (\d+) passed; (\d+) failed/g)) {
+    passed += Number(m[1])
+    failed += Number(m[2])
+    counted = true
+  }
+  if (r.status !== 0 && !counted) failed += 1 // did not build
+  console.log(`npm test: distcp-tch step took ${Math.round((Date.now() - started) / 1000)} s`)
 }
 
 // fuzzing: every target for a bounded time on the fixture-seeded corpus (fuzz/run.sh), so a regression fails CI
@@ -92,52 +148,6 @@ if (process.argv.includes('--setup-only')) process.exit(0)
   if (r.status !== 0 && bad === 0) failed += 1 // did not build
 }
 
-// distcp-tch (its own cargo workspace): tch 0.26 links libtorch 2.13.0 exactly, taken from a pip torch in a second
-// venv, .venv-tch (made once per machine; pip's cache keeps the ~4 GB wheel for the next one)
-{
-  const started = Date.now()
-  const venv = process.env.DISTCP_TCH_VENV ?? join(root, '.venv-tch')
-  const py = join(venv, 'bin', 'python')
-  const reqs = join('interop', 'requirements-tch.txt')
-  const want = /^torch==(.+)$/m.exec(readFileSync(join(root, reqs), 'utf8'))?.[1]
-  const torchDir = () => spawnSync(py, ['-c', 'import torch, safetensors, numpy, os; print(torch.__version__); print(os.path.dirname(torch.__file__))'], { cwd: root, encoding: 'utf8' })
-  let probe = existsSync(py) ? torchDir() : null
-  let ok = probe?.status === 0 && want !== undefined && probe.stdout.startsWith(want)
-  if (!ok) {
-    console.log(`npm test: setting up .venv-tch with torch ${want} for distcp-tch (once per machine)`)
-    const made = existsSync(py) || spawnSync(process.env.PYTHON ?? 'python3', ['-m', 'venv', venv], { cwd: root, stdio: 'inherit' }).status === 0
-    ok = made && spawnSync(py, ['-m', 'pip', 'install', '-q', '-r', reqs], { cwd: root, stdio: 'inherit' }).status === 0
-    probe = ok ? torchDir() : null
-    ok = probe?.status === 0
-    console.log(`npm test: .venv-tch setup took ${Math.round((Date.now() - started) / 1000)} s`)
-  }
-  if (!ok) {
-    console.error(`npm test: could not set up ${venv} (pip install -r ${reqs})`)
-    failed += 1
-  } else {
-    const lib = join(probe.stdout.trim().split('\n')[1], 'lib')
-    const env = {
-      ...process.env,
-      PATH: `${join(venv, 'bin')}:${process.env.PATH}`, // torch-sys asks `python` where torch is
-      VIRTUAL_ENV: venv,
-      LIBTORCH_USE_PYTORCH: '1',
-      LD_LIBRARY_PATH: [lib, process.env.LD_LIBRARY_PATH].filter(Boolean).join(':'),
-      DISTCP_TCH_PYTHON: py,
-      DISTCP_PYTHON: venvPython, // torch 2.15 + transformers, for the convert test
-    }
-    const r = run('cargo', ['test', '--locked', '--manifest-path', join('crates', 'distcp-tch', 'Cargo.toml')], { env })
-    show(r)
-    const text = `${r.stdout}\n${r.stderr}`
-    let counted = false
-    for (const m of text.matchAll(/test result: \w+\. (\d+) passed; (\d+) failed/g)) {
-      passed += Number(m[1])
-      failed += Number(m[2])
-      counted = true
-    }
-    if (r.status !== 0 && !counted) failed += 1 // did not build
-  }
-  console.log(`npm test: distcp-tch step took ${Math.round((Date.now() - started) / 1000)} s`)
-}
 
 console.log(`${passed} passed, ${failed} failed`)
 process.exit(failed === 0 ? 0 : 1)

@@ -242,3 +242,35 @@ export async function openCheckpoint(path: string, options: OpenOptions = {}): P
   const n = await awaitNative(() => native.openNativeCheckpoint(path, options.rank))
   return new Checkpoint(n, path)
 }
+
+/** Options of {@link retarget}. */
+export interface RetargetOptions {
+  /** The torch version that must load the checkpoint, e.g. `'2.13'`. */
+  torch: string
+  /** Keep the original as `.metadata.orig` (default true; an existing `.metadata.orig` is an error, never replaced). */
+  keepOriginal?: boolean
+}
+
+/** What {@link retarget} did. */
+export interface RetargetResult {
+  /** The oldest torch that loaded the checkpoint before, and after (`'2.15'`, `'2.0'`). */
+  before: string
+  after: string
+  /** False when the checkpoint already loaded on that torch: nothing was written. */
+  rewritten: boolean
+  /** Where the original `.metadata` was kept. */
+  original?: string
+}
+
+/**
+ * Rewrites only the `.metadata` of the DCP checkpoint in `path` so that an older torch loads it (torch 2.15 writes
+ * 6-value `TensorProperties` that torch ≤ 2.14 cannot unpickle). The data files are untouched; the new file
+ * describes the same keys, chunks and storage, and replaces the old one atomically.
+ */
+export function retarget(path: string, options: RetargetOptions): RetargetResult {
+  checkString(path, 'path')
+  if (typeof options !== 'object' || options === null) throw new DistcpError('ERR_DISTCP_BAD_REQUEST', 'retarget: options.torch is required')
+  checkString(options.torch, 'torch')
+  const r = callNative(() => native.retargetCheckpoint(path, options.torch, options.keepOriginal ?? true))
+  return { before: r.before, after: r.after, rewritten: r.rewritten, ...(r.original ? { original: r.original } : {}) }
+}

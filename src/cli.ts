@@ -1,14 +1,20 @@
-import { openCheckpoint, type Checkpoint, type TensorInfo, type ObjectInfo } from './checkpoint.js'
+import { openCheckpoint, retarget, type Checkpoint, type TensorInfo, type ObjectInfo } from './checkpoint.js'
 import { convertDcpToHf, planDcpToHf, printPlan, type ConvertOptions, type ConvertPlan, type ConvertProgress } from './convert.js'
 import { DistcpError } from './errors.js'
 
 const USAGE = `usage:
   distcp inspect <checkpoint-dir> [--json] [--rank N]
   distcp convert <dcp-dir> <hf-out> --config <model dir or hub name> [--tokenizer <dir or hub name>]
-                 [--dtype bf16|fp16|fp32] [--max-shard-size 5GB] [--overwrite] [--dry-run] [--json]
+                 [--dtype bf16|fp16|fp32] [--max-shard-size 5GB] [--hf-override key=value]... [--overwrite]
+                 [--dry-run] [--json]
+  distcp retarget <checkpoint-dir> --torch 2.13 [--no-keep-original] [--json]
 
-  inspect   list every key of a PyTorch DCP checkpoint (dtype, shape, chunks, bytes, files) and totals
-  convert   write a Hugging Face folder (safetensors shards, config, tokenizer) from a DCP checkpoint
+  inspect   list every key of a checkpoint (dtype, shape, chunks, bytes, files), its layout and writer, and totals
+  convert   write a Hugging Face folder (safetensors shards, config, tokenizer) from a checkpoint: DCP (torch.save
+            or safetensors records), torch's HF storage shards, a Hugging Face folder or a NeMo-RL run folder
+            (with no --tokenizer, the tokenizer NeMo-RL saved beside the weights is used when there is one)
+  retarget  rewrite only .metadata so that an older torch loads the checkpoint (torch 2.15's .metadata needs
+            torch >= 2.15); the original is kept as .metadata.orig
 
 exit codes: 0 done, 1 failed (the message says why), 2 bad usage
 `
@@ -37,6 +43,11 @@ interface Inventory {
     files: string[]
   }
   format: {
+    layout: string
+    writer: string
+    nemoRlWeights: string | null
+    tokenizerBeside: string | null
+    loadableByTorch: string | null
     metadataFile: string
     dcpVersion: string | null
     writtenBy: string
@@ -75,6 +86,11 @@ export function inventory(ck: Checkpoint): Inventory {
       files: s.files,
     },
     format: {
+      layout: s.layout,
+      writer: s.writer,
+      nemoRlWeights: s.nemoRlWeights ?? null,
+      tokenizerBeside: s.tokenizerBeside ?? null,
+      loadableByTorch: s.oldestTorch ? `>= ${s.oldestTorch}` : s.layout.startsWith('hf') ? '>= 2.9 (HuggingFaceStorageReader)' : null,
       metadataFile: s.metadataFile,
       dcpVersion: s.version ?? null,
       writtenBy,
@@ -107,9 +123,26 @@ function printInventory(inv: Inventory): void {
   console.log(`keys         ${t.keys} (${t.tensors} tensors in ${t.chunks} chunks, ${t.objects} other values)`)
   console.log(`bytes        ${humanBytes(t.tensorBytes)} of tensors, ${humanBytes(t.objectBytes)} of other values`)
   console.log(`ranks        ${t.ranks} (${t.files.length} data files)`)
-  console.log(`written by   ${f.writtenBy}`)
-  console.log(`key layout   ${f.keyLayout}`)
+  console.log(`layout       ${f.layout}: ${f.writer}`)
+  if (f.nemoRlWeights) console.log(`NeMo-RL      weights ${f.nemoRlWeights}${f.tokenizerBeside ? `, tokenizer ${f.tokenizerBeside}` : ''}`)
+  if (f.layout === 'dcp' || f.layout === 'dcp-safetensors') {
+    console.log(`written by   ${f.writtenBy}`)
+    console.log(`key layout   ${f.keyLayout}`)
+  }
+  if (f.loadableByTorch) {
+    const warn = f.layout === 'dcp' && f.loadableByTorch !== '>= 2.0' ? ` (older torch fails on it; \`distcp retarget <dir> --torch <version>\` rewrites .metadata for it)` : ''
+    console.log(`torch        loads with torch ${f.loadableByTorch}${warn}`)
+  }
   console.log(`metadata     ${f.metadataFile}${f.tensorPropertiesModule ? `, TensorProperties from ${f.tensorPropertiesModule}` : ''}`)
+}
+
+/** A `--hf-override` value: JSON when it parses (numbers, booleans, null, lists, objects), else the string. */
+function parseOverride(v: string): unknown {
+  try {
+    return JSON.parse(v)
+  } catch {
+    return v
+  }
 }
 
 function usageError(msg: string): number {
@@ -152,7 +185,7 @@ async function convertCommand(rest: string[]): Promise<number> {
   let config: string | undefined
   let tokenizer: string | undefined
   let json = false
-  const valued = new Set(['--config', '--tokenizer', '--dtype', '--max-shard-size'])
+  const valued = new Set(['--config', '--tokenizer', '--dtype', '--max-shard-size', '--hf-override'])
   for (let i = 0; i < rest.length; i++) {
     const a = rest[i]
     if (valued.has(a)) {
@@ -161,6 +194,11 @@ async function convertCommand(rest: string[]): Promise<number> {
       if (a === '--config') config = v
       else if (a === '--tokenizer') tokenizer = v
       else if (a === '--dtype') opts.dtype = v as ConvertOptions['dtype']
+      else if (a === '--hf-override') {
+        const eq = v.indexOf('=')
+        if (eq < 1) return usageError(`--hf-override needs key=value, got \`${v}\``)
+        opts.hfOverrides = { ...opts.hfOverrides, [v.slice(0, eq)]: parseOverride(v.slice(eq + 1)) }
+      }
       else opts.maxShardSize = /^\d+$/.test(v) ? Number(v) : v
     } else if (a === '--overwrite') opts.overwrite = true
     else if (a === '--dry-run') opts.dryRun = true
@@ -190,12 +228,44 @@ async function convertCommand(rest: string[]): Promise<number> {
       bytes: plan.totalSize,
       seconds,
       skipped: plan.skipped,
+      layout: plan.layout,
+      writer: plan.writer,
+      tokenizer: plan.tokenizer,
     }
     if (json) console.log(JSON.stringify(summary, null, 2))
     else {
       console.log(`wrote ${out}: ${summary.tensors} tensors, ${(summary.bytes / 1e9).toFixed(2)} GB in ${plan.shards.length} shard(s), ${seconds.toFixed(1)} s (${(summary.bytes / 1e9 / seconds).toFixed(2)} GB/s)`)
+      console.log(`  input: ${plan.layout} (${plan.writer})`)
+      console.log(`  tokenizer: ${plan.tokenizer ? `${plan.tokenizer.dir} (${plan.tokenizer.source})` : 'none'}`)
       for (const s of plan.skipped) console.log(`  skipped ${s.key}: ${s.reason}`)
     }
+    return 0
+  } catch (e) {
+    return fail(e)
+  }
+}
+
+function retargetCommand(rest: string[]): number {
+  let torch: string | undefined
+  let keepOriginal = true
+  let json = false
+  const positional: string[] = []
+  for (let i = 0; i < rest.length; i++) {
+    const a = rest[i]
+    if (a === '--torch') {
+      torch = rest[++i]
+      if (torch === undefined) return usageError('--torch needs a version, e.g. 2.13')
+    } else if (a === '--no-keep-original') keepOriginal = false
+    else if (a === '--json') json = true
+    else if (a.startsWith('-')) return usageError(`unknown option \`${a}\``)
+    else positional.push(a)
+  }
+  if (positional.length !== 1 || !torch) return usageError('retarget needs <checkpoint-dir> and --torch <version>')
+  try {
+    const r = retarget(positional[0], { torch, keepOriginal })
+    if (json) console.log(JSON.stringify(r, null, 2))
+    else if (!r.rewritten) console.log(`${positional[0]}: already loads with torch >= ${r.before}; nothing written`)
+    else console.log(`${positional[0]}: .metadata rewritten (torch >= ${r.before} → >= ${r.after})${r.original ? `, original kept as ${r.original}` : ''}`)
     return 0
   } catch (e) {
     return fail(e)
@@ -209,6 +279,7 @@ export async function main(argv: string[]): Promise<number> {
     return command ? 0 : 2
   }
   if (command === 'convert') return convertCommand(rest)
+  if (command === 'retarget') return retargetCommand(rest)
   if (command !== 'inspect') {
     process.stderr.write(`distcp: unknown command \`${command}\`\n${USAGE}`)
     return 2

@@ -53,6 +53,11 @@ export interface ConvertOptions {
   onWarning?: (message: string) => void
   /** Called with the plan before any data moves. */
   onPlan?: (plan: ConvertPlan) => void
+  /**
+   * Fields set on the model's config before it is written, as NeMo-RL's `convert_dcp_to_hf(hf_overrides=...)`
+   * passes them to `AutoConfig.from_pretrained(name, **hf_overrides)`: the written `config.json` carries them.
+   */
+  hfOverrides?: Record<string, unknown>
 }
 
 export interface PlannedTensor {
@@ -75,8 +80,14 @@ export interface ConvertPlan {
   skipped: { key: string; reason: string }[]
   /** Files copied next to the weights (config, generation config, tokenizer). */
   extraFiles: string[]
-  /** The folder `.metadata` was found in. */
+  /** The folder the checkpoint was found in (`.metadata`, or the safetensors files). */
   checkpoint: string
+  /** The layout found there: `dcp`, `dcp-safetensors`, `hf-storage-sharded` or `hf-safetensors`. */
+  layout: string
+  /** Which writer produced the input, in words. */
+  writer: string
+  /** The folder the tokenizer files are copied from (null: none), and why that one. */
+  tokenizer: { dir: string; source: 'given' | 'model' | 'nemo-rl' } | null
 }
 
 const DEFAULT_MAX_SHARD = 50e9
@@ -88,14 +99,23 @@ function globToRegExp(glob: string): RegExp {
   return new RegExp(`^${esc}$`)
 }
 
-/** The seed's layout detection: `.metadata` in the folder (DTensor v1) or in `model/` (v2). */
-function findCheckpointDir(dcpPath: string): string {
-  if (existsSync(join(dcpPath, '.metadata'))) return dcpPath
-  if (existsSync(join(dcpPath, 'model', '.metadata'))) return join(dcpPath, 'model')
-  throw new DistcpError(
-    'ERR_DISTCP_NO_CHECKPOINT',
-    `No metadata file found in ${dcpPath}(Dtensor V1 ckpt path) or ${join(dcpPath, 'model')}(Dtensor V2 ckpt path).`,
-  )
+/**
+ * Opens the input whatever its layout (the core detects it: `.metadata` in the folder (DTensor v1) or in
+ * `model/` (v2), safetensors files, a NeMo-RL run folder); when there is none, the seed's error.
+ */
+async function openInput(dcpPath: string): Promise<Checkpoint> {
+  try {
+    return await openCheckpoint(dcpPath)
+  } catch (e) {
+    if (e instanceof DistcpError && e.code === 'ERR_DISTCP_NO_CHECKPOINT') {
+      throw new DistcpError(
+        'ERR_DISTCP_NO_CHECKPOINT',
+        `No metadata file found in ${dcpPath}(Dtensor V1 ckpt path) or ${join(dcpPath, 'model')}(Dtensor V2 ckpt path).`,
+        { cause: e },
+      )
+    }
+    throw e
+  }
 }
 
 function parseMaxShard(v: number | string | undefined): number {
@@ -119,6 +139,9 @@ function resolveDtype(d: ConvertOptions['dtype']): DType | undefined {
 interface Prepared {
   ck: Checkpoint
   ckDir: string
+  layout: string
+  writer: string
+  tokenizer: ConvertPlan['tokenizer']
   entries: { key: string; name: string }[]
   skipped: { key: string; reason: string }[]
   dtype?: DType
@@ -132,11 +155,36 @@ const EMBEDDING_NAMES = ['model.embed_tokens.weight', 'transformer.wte.weight', 
 
 async function prepare(dcpPath: string, hfPath: string, modelNameOrPath: string, tokenizerNameOrPath: string | undefined, options: ConvertOptions): Promise<Prepared> {
   const warn = options.onWarning ?? ((m: string) => console.warn(`distcp: ${m}`))
-  const ckDir = findCheckpointDir(dcpPath)
   // the output may not be, contain or lie inside the input (after realpath): the rule lives in the core
-  callNative(() => native.checkConvertOutput(hfPath, [dcpPath, ckDir]))
+  callNative(() => native.checkConvertOutput(hfPath, [dcpPath]))
   const dtype = resolveDtype(options.dtype)
   const maxShard = parseMaxShard(options.maxShardSize)
+  const overrides = options.hfOverrides ?? {}
+  if (typeof overrides !== 'object' || overrides === null || Array.isArray(overrides)) {
+    throw new DistcpError('ERR_DISTCP_BAD_REQUEST', 'hfOverrides: expected an object of config fields')
+  }
+  const ck = await openInput(dcpPath)
+  try {
+    return await prepareOpen(ck, dcpPath, hfPath, modelNameOrPath, tokenizerNameOrPath, options, { warn, dtype, maxShard, overrides })
+  } catch (e) {
+    ck.close()
+    throw e
+  }
+}
+
+async function prepareOpen(
+  ck: Checkpoint,
+  dcpPath: string,
+  hfPath: string,
+  modelNameOrPath: string,
+  tokenizerNameOrPath: string | undefined,
+  options: ConvertOptions,
+  o: { warn: (m: string) => void; dtype: DType | undefined; maxShard: number; overrides: Record<string, unknown> },
+): Promise<Prepared> {
+  const { warn, dtype, maxShard } = o
+  const summary = ck.summary()
+  const ckDir = summary.path
+  callNative(() => native.checkConvertOutput(hfPath, [dcpPath, ckDir]))
 
   const model = resolveModel(modelNameOrPath)
   if ('looked' in model) {
@@ -146,8 +194,11 @@ async function prepare(dcpPath: string, hfPath: string, modelNameOrPath: string,
   if (!existsSync(configPath)) {
     throw new DistcpError('ERR_DISTCP_NOT_FOUND', `${configPath} does not exist: the model folder needs a config.json`)
   }
-  const config = JSON.parse(readFileSync(configPath, 'utf8')) as Record<string, unknown>
-  const tok = resolveModel(tokenizerNameOrPath ?? modelNameOrPath)
+  const config = { ...(JSON.parse(readFileSync(configPath, 'utf8')) as Record<string, unknown>), ...o.overrides }
+  // NeMo-RL's converter prefers the tokenizer saved beside the weights (`policy/tokenizer`) when none is given
+  const beside = tokenizerNameOrPath === undefined ? summary.tokenizerBeside ?? undefined : undefined
+  const tokenizerSource: 'given' | 'model' | 'nemo-rl' = tokenizerNameOrPath !== undefined ? 'given' : beside ? 'nemo-rl' : 'model'
+  const tok = resolveModel(tokenizerNameOrPath ?? beside ?? modelNameOrPath)
   if ('looked' in tok) {
     throw new DistcpError('ERR_DISTCP_NOT_FOUND', `tokenizer ${JSON.stringify(tokenizerNameOrPath)} is neither a folder nor in the Hugging Face cache (looked at ${tok.looked.join(', ')})`)
   }
@@ -157,7 +208,6 @@ async function prepare(dcpPath: string, hfPath: string, modelNameOrPath: string,
     warn(`no tokenizer files in ${tok.dir}; the output will have none`)
   }
 
-  const ck = await openCheckpoint(ckDir)
   const paths = ck.paths()
   const tops = new Set([...paths.values()].map((p) => String(p[0])))
   const unwrap = tops.size === 1 && tops.has('model')
@@ -200,7 +250,20 @@ async function prepare(dcpPath: string, hfPath: string, modelNameOrPath: string,
       warn(`config.json ties word embeddings, but lm_head.weight differs from ${embed.name}: keeping both (the config is probably wrong)`)
     }
   }
-  return { ck, ckDir, entries, skipped, dtype, maxShard, config, modelDir: model.dir, tokenizerDir: hasTokenizer ? tok.dir : null }
+  return {
+    ck,
+    ckDir,
+    layout: summary.layout,
+    writer: summary.writer,
+    tokenizer: hasTokenizer ? { dir: tok.dir, source: tokenizerSource } : null,
+    entries,
+    skipped,
+    dtype,
+    maxShard,
+    config,
+    modelDir: model.dir,
+    tokenizerDir: hasTokenizer ? tok.dir : null,
+  }
 }
 
 function extraFileList(p: Prepared): { from: string; to: string }[] {
@@ -224,8 +287,16 @@ function extraFileList(p: Prepared): { from: string; to: string }[] {
 
 function planOf(p: Prepared): ConvertPlan {
   const raw = callNative(() => native.planConvert(p.ck.nativeHandle(), p.entries, p.dtype, p.maxShard))
-  const plan = JSON.parse(raw) as Omit<ConvertPlan, 'skipped' | 'extraFiles' | 'checkpoint'>
-  return { ...plan, skipped: p.skipped, extraFiles: ['config.json', ...extraFileList(p).map((f) => f.to)], checkpoint: p.ckDir }
+  const plan = JSON.parse(raw) as Omit<ConvertPlan, 'skipped' | 'extraFiles' | 'checkpoint' | 'layout' | 'writer' | 'tokenizer'>
+  return {
+    ...plan,
+    skipped: p.skipped,
+    extraFiles: ['config.json', ...extraFileList(p).map((f) => f.to)],
+    checkpoint: p.ckDir,
+    layout: p.layout,
+    writer: p.writer,
+    tokenizer: p.tokenizer,
+  }
 }
 
 /** The config with its dtype field(s) set to what the weights are stored as. */
@@ -370,6 +441,8 @@ function human(n: number): string {
 
 export function printPlan(plan: ConvertPlan, out: string): void {
   console.log(`plan: ${plan.checkpoint} → ${out}`)
+  console.log(`  input: ${plan.layout} (${plan.writer})`)
+  console.log(`  tokenizer: ${plan.tokenizer ? `${plan.tokenizer.dir} (${plan.tokenizer.source})` : 'none'}`)
   for (const s of plan.shards) {
     console.log(`  ${s.file}  ${human(s.size)}  ${s.tensors.length} tensors`)
     for (const i of s.tensors) {

@@ -2,7 +2,7 @@
  * distcp: PyTorch Distributed Checkpoints (DCP) from Node.js.
  * @packageDocumentation
  */
-export { openCheckpoint, Checkpoint } from './checkpoint.js'
+export { openCheckpoint, Checkpoint, retarget } from './checkpoint.js'
 export type {
   ChunkInfo,
   TensorInfo,
@@ -14,6 +14,8 @@ export type {
   StateDict,
   StateValue,
   CheckpointSummary,
+  RetargetOptions,
+  RetargetResult,
 } from './checkpoint.js'
 export { typedArray, elementSize, numel, isTensor } from './tensor.js'
 export type { DType, Tensor, TypedArrayFor } from './tensor.js'

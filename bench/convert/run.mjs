@@ -1,7 +1,7 @@
 // bench/convert: DCP → Hugging Face safetensors. distcp vs `cp -r` of the same checkpoint vs the PyTorch ways, same data,
 // same run, warm and cold page cache.
 //
-// usage: node bench/convert/run.mjs [--layers 38] [--reps 2] [--dtype <cast>] [--only a,b] [--keep]
+// usage: node bench/convert/run.mjs [--layers 38] [--ranks 2] [--reps 2] [--dtype <cast>] [--only a,b] [--keep]
 //   --layers   Llama layers of the generated checkpoint (hidden 2048, intermediate 5632, vocab 32000, bf16, 2 ranks,
 //              Shard(0) DTensors, the seed's {"model": …} layout; bench/lib/make_llama_checkpoint.py). 38 → 4.17 GB.
 //   --dtype    make distcp cast (e.g. float32); default: keep bf16 (what the PyTorch ways do)
@@ -13,6 +13,8 @@
 //   distcp            convertDcpToHf (library call): shards + config, fsync, atomic rename
 //   torch (seed way)  NeMo-RL's convert_dcp_to_hf path ending in safetensors: dcp_to_torch_save → torch.load →
 //                     safetensors.torch.save_file (bench/convert/torch_convert.py seed)
+//   distcp (hf shards) convertDcpToHf of those HuggingFaceStorageWriter shards (the layout NeMo-RL v2 writes by default):
+//                     the same job as `torch consolidate`, checked against its output tensor for tensor first
 //   torch consolidate torch's consolidate_safetensors_files. It consumes HuggingFaceStorageWriter(save_distributed=True)
 //                     shards, not a DCP checkpoint, so it gets its own input: the same tensors saved that way
 //                     (bench/convert/make_hf_sharded.py, generated once, not timed)
@@ -33,6 +35,7 @@ const flag = (name, dflt) => {
   return i >= 0 ? args[i + 1] : dflt
 }
 const layers = Number(flag('--layers', '38'))
+const ranks = Number(flag('--ranks', '2'))
 const reps = Number(flag('--reps', process.env.REPS ?? '2'))
 const castTo = flag('--dtype', '')
 const onlyList = (flag('--only', '') ?? '').split(',').filter(Boolean)
@@ -40,10 +43,10 @@ const only = onlyList.length ? onlyList : null
 const keep = args.includes('--keep')
 
 const shape = { hidden: 2048, intermediate: 5632, vocab: 32000 }
-const genArgs = ['--ranks', '2', '--layers', String(layers), '--hidden', String(shape.hidden), '--intermediate', String(shape.intermediate), '--vocab', String(shape.vocab), '--dtype', 'bfloat16']
+const genArgs = ['--ranks', String(ranks), '--layers', String(layers), '--hidden', String(shape.hidden), '--intermediate', String(shape.intermediate), '--vocab', String(shape.vocab), '--dtype', 'bfloat16']
 const data = join(root, 'bench/data')
-const ckpt = join(data, `convert-llama-${layers}L-2rank`)
-const hfSharded = join(data, `convert-llama-${layers}L-2rank-hf-sharded`)
+const ckpt = join(data, `convert-llama-${layers}L-${ranks}rank`)
+const hfSharded = join(data, `convert-llama-${layers}L-${ranks}rank-hf-sharded`)
 const modelDir = join(data, `convert-llama-${layers}L-config`)
 const outRoot = join(root, 'bench/out/convert')
 
@@ -58,10 +61,10 @@ const duBytes = (dir) => files(dir).reduce((a, f) => a + statSync(f).size, 0)
 // ---- data (generated with real torch; not timed)
 mkdirSync(data, { recursive: true })
 if (!existsSync(join(ckpt, '.metadata'))) {
-  console.log(`generating ${ckpt} with torch (2 gloo ranks) …`)
+  console.log(`generating ${ckpt} with torch (${ranks} gloo ranks) …`)
   console.log(run(python, ['bench/lib/make_llama_checkpoint.py', ckpt, ...genArgs]).stdout.trim())
 }
-const wantConsolidate = !only || only.includes('torch consolidate')
+const wantConsolidate = !only || only.includes('torch consolidate') || only.includes('distcp (hf shards)')
 let haveConsolidate = false
 if (wantConsolidate) {
   const probe = spawnSync(python, ['-c', 'from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files'], { encoding: 'utf8' })
@@ -118,6 +121,7 @@ const contestants = {
   'torch (seed way)': { inputs: ckptFiles, run: (out) => inner(timed(python, ['bench/convert/torch_convert.py', 'seed', ckpt, out])) },
 }
 if (haveConsolidate) {
+  contestants['distcp (hf shards)'] = { inputs: files(hfSharded), run: (out) => inner(timed('node', ['bench/convert/distcp_convert.mjs', hfSharded, out, modelDir, castTo])) }
   contestants['torch consolidate'] = { inputs: files(hfSharded), run: (out) => inner(timed(python, ['bench/convert/torch_convert.py', 'consolidate', hfSharded, out])) }
 }
 for (const name of Object.keys(contestants)) if (only && !only.includes(name)) delete contestants[name]
@@ -159,6 +163,17 @@ print(f"verified: distcp's model.safetensors = torch's, {len(list(a.keys()))} te
   for (const d of [a, b]) rmSync(d, { recursive: true, force: true })
 }
 
+// ---- distcp's consolidation of the HF-storage shards equals torch's consolidate_safetensors_files, bit for bit
+if (contestants['distcp (hf shards)'] && !castTo) {
+  const a = join(outRoot, 'verify-distcp-hf')
+  rmSync(a, { recursive: true, force: true })
+  run('node', ['bench/convert/distcp_convert.mjs', hfSharded, a, modelDir])
+  const v = JSON.parse(run(python, ['interop/check_consolidated.py', hfSharded, a]).stdout.trim().split('\n').pop())
+  if (v.mismatches.length) throw new Error(`distcp (hf shards) differs from torch's consolidation: ${v.mismatches.slice(0, 5).join('; ')}`)
+  console.log(`verified: distcp's consolidation of the HF-storage shards = torch's consolidate_safetensors_files, ${v.keys.length} tensors bit for bit`)
+  rmSync(a, { recursive: true, force: true })
+}
+
 const commit = spawnSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: root, encoding: 'utf8' }).stdout.trim()
 const torchVersion = run(python, ['-c', 'import torch; print(torch.__version__)']).stdout.trim()
 const fsType = run('df', ['-T', data]).stdout.trim().split('\n').pop().split(/\s+/)[1]
@@ -179,17 +194,17 @@ for (const cache of ['warm', 'cold']) {
   console.log(
     `\n${cache} page cache: ${(tensorBytes / 1e9).toFixed(2)} GB of tensors, checkpoint ${(ckptBytes / 1e9).toFixed(2)} GB in ${ckptFiles.length} files; best of ${reps}${castTo ? `; distcp casts to ${castTo}` : ''}`,
   )
-  console.log('contestant            GB/s   seconds   peak RSS   vs cp -r   vs cp+sync   vs torch')
+  console.log('contestant            GB/s   seconds   peak RSS   vs cp -r   vs cp+sync   vs torch   vs consolidate')
   for (const [name, r] of Object.entries(results)) {
     const gbs = r.bytes / r.seconds / 1e9
     const ratio = (ref) => (results[ref] ? `${(results[ref].seconds / r.seconds).toFixed(2)}×` : '-')
     console.log(
-      `${name.padEnd(20)} ${gbs.toFixed(2).padStart(6)}  ${r.seconds.toFixed(2).padStart(8)}  ${(r.maxRssKb / 1024).toFixed(0).padStart(6)} MiB  ${ratio('cp -r').padStart(8)}  ${ratio('cp -r + sync').padStart(10)}  ${ratio('torch (seed way)').padStart(8)}`,
+      `${name.padEnd(20)} ${gbs.toFixed(2).padStart(6)}  ${r.seconds.toFixed(2).padStart(8)}  ${(r.maxRssKb / 1024).toFixed(0).padStart(6)} MiB  ${ratio('cp -r').padStart(8)}  ${ratio('cp -r + sync').padStart(10)}  ${ratio('torch (seed way)').padStart(8)}  ${ratio('torch consolidate').padStart(13)}`,
     )
     tableRows.push({ cache, name, ...r })
   }
 }
-writeFileSync(join(outRoot, 'results.json'), JSON.stringify({ layers, reps, castTo: castTo || null, ckptBytes, rows: tableRows }, null, 2))
+writeFileSync(join(outRoot, 'results.json'), JSON.stringify({ layers, ranks, reps, castTo: castTo || null, ckptBytes, rows: tableRows }, null, 2))
 console.log(`\n(ratios are speed-ups: the other's seconds / this one's seconds; results also in ${join(outRoot, 'results.json')})`)
 
 if (!keep) {

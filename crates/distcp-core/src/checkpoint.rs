@@ -8,6 +8,8 @@
 use crate::copy::{copy_resolved, CopyError};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::exec::row_major_strides;
+use crate::layout::{self, Found, Layout, LayoutKind};
 use crate::limits::{self, checked_nbytes};
 use crate::metadata::{ItemMetadata, Metadata, PathElem, StorageInfo, StorageKey, TensorMetadata};
 use crate::plan::{check_region, plan_region, ChunkRead, Region};
@@ -15,7 +17,7 @@ use crate::source::{open_regular, FileRegion};
 pub use crate::source::{DataFile, Fixup, ResolvedChunk, Source};
 use crate::torch_save::{self, PyObject, RecordError, TensorRecord};
 use crate::zip::ZipError;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io::Read;
 use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
@@ -61,6 +63,17 @@ pub struct Summary {
   pub ranks: usize,
   pub has_planner_data: bool,
   pub has_storage_meta: bool,
+  /// [`LayoutKind::name`]: `dcp`, `dcp-safetensors`, `hf-storage-sharded`, `hf-safetensors`.
+  pub layout: &'static str,
+  /// Which writer produced the checkpoint, in words.
+  pub writer: String,
+  /// The NeMo-RL weights folder the checkpoint was found in, if any.
+  pub nemo_rl_weights: Option<String>,
+  /// The tokenizer saved beside a NeMo-RL run's weights (`policy/tokenizer`), if any.
+  pub tokenizer_beside: Option<String>,
+  /// The oldest torch (major, minor) whose `dcp.load` reads this `.metadata` (see [`Metadata::oldest_torch`]);
+  /// `None` for the layouts without one (torch's HF storage reader: torch ≥ 2.9).
+  pub oldest_torch: Option<(u32, u32)>,
 }
 
 type ChunkId = (String, usize);
@@ -150,8 +163,13 @@ pub struct Checkpoint {
   pub root: PathBuf,
   pub metadata_path: PathBuf,
   pub metadata: Metadata,
+  /// Which layout the folder holds and who wrote it.
+  pub layout: Layout,
   canonical_root: PathBuf,
   files: Mutex<HashMap<String, Arc<DataFile>>>,
+  /// Data files whose tensor chunks' storage entries point at plain row-major bytes (safetensors), not at
+  /// `torch.save` records.
+  raw_files: HashSet<String>,
   resolved: Mutex<ResolvedCache>,
 }
 
@@ -186,7 +204,7 @@ fn check_relative_path(rel: &str) -> bool {
 }
 
 /// Reads `.metadata` (a regular file, at most [`limits::MAX_METADATA_BYTES`]) into memory.
-fn read_metadata_file(path: &Path) -> Result<Vec<u8>> {
+pub(crate) fn read_metadata_file(path: &Path) -> Result<Vec<u8>> {
   let (file, len) = open_regular(path)?;
   if len > limits::MAX_METADATA_BYTES {
     return Err(Error::LimitExceeded {
@@ -218,22 +236,18 @@ fn read_metadata_file(path: &Path) -> Result<Vec<u8>> {
 }
 
 impl Checkpoint {
-  /// Opens the checkpoint folder `root`: `.metadata`, or a rank-local `__{rank}.metadata` when there is none.
-  /// The metadata is parsed and validated ([`Metadata::validate`]) before anything else is read.
+  /// Opens the checkpoint at `root`, whichever layout it has (see [`crate::layout`]): `.metadata` (or a
+  /// rank-local `__{rank}.metadata` when there is none) with `torch.save` records or safetensors blobs, a folder of
+  /// safetensors files (torch's HF storage, Hugging Face), or a NeMo-RL run folder. The metadata is parsed (or
+  /// built from the safetensors headers) and validated ([`Metadata::validate`]) before anything else is read.
   pub fn open(root: impl AsRef<Path>, rank: Option<u32>) -> Result<Checkpoint> {
-    let root = root.as_ref().to_path_buf();
-    let rank_hint = match rank {
-      Some(r) => format!(" or __{r}.metadata"),
-      None => " or __0.metadata".to_owned(),
-    };
-    if !root.is_dir() {
-      return Err(Error::NoCheckpoint { path: root, rank_hint });
+    match layout::find(root.as_ref(), rank)? {
+      Found::DcpMetadata { dir, metadata_path, nemo_rl } => Self::open_dcp(dir, metadata_path, nemo_rl),
+      Found::Safetensors { dir, nemo_rl } => Self::open_safetensors(dir, nemo_rl),
     }
-    // anything by that name counts (a FIFO or folder named .metadata is refused by name, not skipped)
-    let candidates = [root.join(".metadata"), root.join(format!("__{}.metadata", rank.unwrap_or(0)))];
-    let Some(metadata_path) = candidates.into_iter().find(|p| p.symlink_metadata().is_ok()) else {
-      return Err(Error::NoCheckpoint { path: root, rank_hint });
-    };
+  }
+
+  fn open_dcp(root: PathBuf, metadata_path: PathBuf, nemo_rl: Option<layout::NemoRl>) -> Result<Checkpoint> {
     let bytes = read_metadata_file(&metadata_path)?;
     let metadata = Metadata::parse(&bytes, &metadata_path)?;
     drop(bytes);
@@ -250,14 +264,129 @@ impl Checkpoint {
         relative_path: info.relative_path.clone(),
       });
     }
+    let layout = Layout {
+      kind: LayoutKind::Dcp,
+      writer: "torch.distributed.checkpoint FileSystemWriter (torch.save records)".into(),
+      dir: root.clone(),
+      nemo_rl,
+    };
+    let mut ck = Checkpoint {
+      root,
+      metadata_path,
+      metadata,
+      layout,
+      canonical_root,
+      files: Mutex::new(HashMap::new()),
+      raw_files: HashSet::new(),
+      resolved: Mutex::new(ResolvedCache::default()),
+    };
+    ck.find_safetensors_blobs()?;
+    Ok(ck)
+  }
+
+  fn open_safetensors(root: PathBuf, nemo_rl: Option<layout::NemoRl>) -> Result<Checkpoint> {
+    let (metadata, mut layout, files) = layout::read_folder(&root)?;
+    let index = root.join(layout::HF_INDEX_FILE);
+    let metadata_path = if index.is_file() { index } else { root.clone() };
+    metadata.validate(&metadata_path)?;
+    layout.nemo_rl = nemo_rl;
+    let canonical_root = root.canonicalize().map_err(|e| Error::io(&root, e))?;
     Ok(Checkpoint {
       root,
       metadata_path,
       metadata,
+      layout,
       canonical_root,
-      files: Mutex::new(HashMap::new()),
+      raw_files: files.keys().cloned().collect(),
+      files: Mutex::new(files),
       resolved: Mutex::new(ResolvedCache::default()),
     })
+  }
+
+  /// torch ≥ 2.9 with `serialization_format=SAFETENSORS` writes each data file as its non-tensor records
+  /// followed by one safetensors blob holding every tensor chunk of the file (keyed by FQN, `saved_offsets` in
+  /// `DCP_SHARDING_INFO`); `.metadata` gives each chunk the blob's start as offset. The blob headers are read
+  /// and checked against `.metadata` here, and each chunk's storage entry is pointed at its bytes.
+  fn find_safetensors_blobs(&mut self) -> Result<()> {
+    let mut per_file: HashMap<&str, Vec<(&str, usize)>> = HashMap::new();
+    for (key, item) in &self.metadata.items {
+      if let ItemMetadata::Tensor(t) = item {
+        for (i, c) in t.chunks.iter().enumerate() {
+          let sk = StorageKey { fqn: key.clone(), offset: Some(c.offsets.clone()) };
+          if let Some(info) = self.metadata.storage_data.get(&sk) {
+            per_file.entry(info.relative_path.as_str()).or_default().push((key.as_str(), i));
+          }
+        }
+      }
+    }
+    let mut updates: Vec<(StorageKey, StorageInfo)> = Vec::new();
+    let mut raw = Vec::new();
+    let mut rels: Vec<&str> = per_file.keys().copied().collect();
+    rels.sort_unstable();
+    for rel in rels {
+      let chunks = &per_file[rel];
+      let Some(&(key0, i0)) = chunks.first() else { continue };
+      let base = self.storage_info(key0, Some(&self.tensor(key0)?.chunks[i0].offsets))?.offset;
+      // a missing or short file is reported by the read that needs it, as for torch.save records
+      let Ok(file) = self.data_file(key0, rel) else { continue };
+      if !crate::safetensors::looks_like_header(&file, base) {
+        // torch.save records: opened again when first read, exactly as without this look
+        self.files.lock().unwrap_or_else(|p| p.into_inner()).remove(rel);
+        continue;
+      }
+      let header = crate::safetensors::read_header(&file, base, file.len())?;
+      let sharding = header.sharding_info(&file.path)?.unwrap_or_default();
+      let bad = |reason: String| Error::SafetensorsHeader { path: file.path.clone(), reason };
+      for &(key, i) in chunks {
+        let t = self.tensor(key)?;
+        let c = &t.chunks[i];
+        let info = self.storage_info(key, Some(&c.offsets))?;
+        if info.offset != base {
+          return Err(bad(format!(
+            "key `{key}`: .metadata puts this chunk at byte {}, not in the safetensors blob at byte {base}",
+            info.offset
+          )));
+        }
+        let Some(ht) = header.tensor(key) else {
+          if c.numel() == 0 {
+            continue;
+          }
+          return Err(bad(format!("key `{key}`: not in the file's safetensors blob")));
+        };
+        if sharding.get(key) != Some(&c.offsets) {
+          return Err(bad(format!(
+            "key `{key}`: DCP_SHARDING_INFO says saved_offsets {:?}, .metadata says {:?}",
+            sharding.get(key),
+            c.offsets
+          )));
+        }
+        if ht.dtype != t.dtype() || ht.shape != c.sizes || ht.len != info.length {
+          return Err(bad(format!(
+            "key `{key}`: the blob holds {} {:?} ({} bytes), .metadata says {} {:?} ({} bytes)",
+            ht.dtype,
+            ht.shape,
+            ht.len,
+            t.dtype(),
+            c.sizes,
+            info.length
+          )));
+        }
+        let sk = StorageKey { fqn: key.to_owned(), offset: Some(c.offsets.clone()) };
+        updates.push((sk, StorageInfo { offset: ht.start, length: ht.len, ..info.clone() }));
+      }
+      raw.push(rel.to_owned());
+    }
+    if raw.is_empty() {
+      return Ok(());
+    }
+    for (k, v) in updates {
+      self.metadata.storage_data.insert(k, v);
+    }
+    self.raw_files.extend(raw);
+    self.layout.kind = LayoutKind::DcpSafetensors;
+    self.layout.writer =
+      "torch.distributed.checkpoint FileSystemWriter(serialization_format=SAFETENSORS) (torch ≥ 2.9)".into();
+    Ok(())
   }
 
   pub fn keys(&self) -> impl Iterator<Item = &str> {
@@ -440,6 +569,9 @@ impl Checkpoint {
       .unwrap_or(u64::MAX)
       .min(limits::MAX_DECOMPRESSED_BYTES);
     let bytes = self.record_bytes(key, info, bound)?;
+    if self.raw_files.contains(&info.relative_path) {
+      return self.raw_record(key, bytes, &t.chunks[chunk].sizes, t.dtype());
+    }
     let rec = match bytes.parse().map_err(|e| self.record_error(bytes.path(), key, e))? {
       PyObject::Tensor(rec) => rec,
       _ => {
@@ -464,6 +596,48 @@ impl Checkpoint {
         ),
       });
     }
+    Ok((bytes, rec))
+  }
+
+  /// A chunk stored as plain row-major bytes (safetensors): its record is implied by the metadata, whose byte
+  /// length was checked against dtype × shape when the header was read.
+  fn raw_record(
+    &self,
+    key: &str,
+    bytes: RecordBytes,
+    sizes: &[u64],
+    dtype: DType,
+  ) -> Result<(RecordBytes, TensorRecord)> {
+    let path = bytes.path().to_path_buf();
+    let RecordBytes::File { len, .. } = &bytes else {
+      return Err(Error::Unsupported {
+        checkpoint: self.root.clone(),
+        key: key.to_owned(),
+        reason: "a stream transform on a safetensors-stored chunk".into(),
+      });
+    };
+    let nbytes = checked_nbytes(sizes, dtype.size());
+    let (Some(stride), Some(n), Ok(storage_len)) = (row_major_strides(sizes), nbytes, usize::try_from(*len))
+    else {
+      return Err(Error::SizeOverflow { path, key: key.to_owned(), what: format!("the chunk {sizes:?}") });
+    };
+    if n != *len {
+      return Err(Error::Record {
+        path,
+        key: key.to_owned(),
+        reason: format!("the stored chunk holds {len} bytes, a {dtype} {sizes:?} chunk needs {n}"),
+      });
+    }
+    let rec = TensorRecord {
+      dtype,
+      shape: sizes.to_vec(),
+      stride,
+      storage_offset: 0,
+      storage: 0..storage_len,
+      big_endian: false,
+      conj: false,
+      neg: false,
+    };
     Ok((bytes, rec))
   }
 
@@ -756,22 +930,34 @@ impl Checkpoint {
     let md = &self.metadata;
     let files: BTreeSet<String> = md.storage_data.values().map(|i| i.relative_path.clone()).collect();
     // torch names data files `__{rank}_{n}.distcp`
-    let ranks: BTreeSet<&str> =
-      files.iter().filter_map(|f| f.strip_prefix("__").and_then(|r| r.split('_').next())).collect();
+    // torch names DCP data files `__{rank}_{n}.distcp`, HF-storage shards `shard-{rank}-model-…`
+    let ranks: BTreeSet<&str> = files
+      .iter()
+      .filter_map(|f| {
+        f.strip_prefix("__").and_then(|r| r.split('_').next()).or_else(|| layout::shard_rank(f))
+      })
+      .collect();
+    let path_text = |p: &Path| p.to_string_lossy().into_owned();
     Summary {
-      metadata_file: self
-        .metadata_path
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default(),
+      metadata_file: if self.metadata_path == self.root {
+        "(safetensors headers)".to_owned()
+      } else {
+        self.metadata_path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+      },
       version: md.version.clone(),
-      tensor_properties_module: md.tensor_properties_module().map(str::to_owned),
+      tensor_properties_module: md.tensor_properties_module().filter(|m| !m.is_empty()).map(str::to_owned),
       save_id: md.storage_meta.as_ref().and_then(|s| s.save_id.clone()),
       checkpoint_id: md.storage_meta.as_ref().and_then(|s| s.checkpoint_id.clone()),
       ranks: ranks.len(),
       files: files.into_iter().collect(),
       has_planner_data: md.planner_data.is_some(),
       has_storage_meta: md.storage_meta.is_some(),
+      layout: self.layout.kind.name(),
+      writer: self.layout.writer.clone(),
+      nemo_rl_weights: self.layout.nemo_rl.as_ref().map(|n| path_text(&n.weights_dir)),
+      tokenizer_beside: self.layout.nemo_rl.as_ref().and_then(|n| n.tokenizer_dir.as_deref()).map(path_text),
+      oldest_torch: matches!(self.layout.kind, LayoutKind::Dcp | LayoutKind::DcpSafetensors)
+        .then(|| md.oldest_torch()),
     }
   }
 

@@ -168,6 +168,11 @@ impl DType {
       _ => return None,
     })
   }
+
+  /// The dtype a safetensors dtype string names (the inverse of [`DType::safetensors_name`]).
+  pub fn from_safetensors_name(name: &str) -> Option<DType> {
+    ALL.iter().copied().find(|d| d.safetensors_name() == Some(name))
+  }
 }
 
 impl fmt::Display for DType {

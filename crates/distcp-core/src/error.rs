@@ -98,6 +98,11 @@ pub enum Error {
   /// Memory for a result could not be reserved.
   #[error("{path}: key `{key}`: cannot allocate {bytes} bytes")]
   OutOfMemory { path: PathBuf, key: String, bytes: u64 },
+
+  // --- layouts (safetensors-based checkpoints; appended) ---
+  /// A safetensors header that is not what the format allows or what the rest of the checkpoint says.
+  #[error("{path}: bad safetensors header: {reason}")]
+  SafetensorsHeader { path: PathBuf, reason: String },
 }
 
 fn holder(pid: &Option<u32>) -> String {
@@ -137,6 +142,7 @@ impl Error {
       Error::Decompress { .. } => "ERR_DISTCP_DECOMPRESS",
       Error::ChunkLayout { .. } => "ERR_DISTCP_CHUNK_LAYOUT",
       Error::OutOfMemory { .. } => "ERR_DISTCP_OUT_OF_MEMORY",
+      Error::SafetensorsHeader { .. } => "ERR_DISTCP_SAFETENSORS_HEADER",
     }
   }
 }

@@ -48,6 +48,14 @@ pub const MAX_CHUNK_COMPARISONS: u64 = 1 << 28;
 /// whole source extent is read at once, up to this size; beyond it, in row order with bounded windows.
 pub const STRIDED_SCRATCH_BYTES: u64 = 1 << 30;
 
+/// Largest safetensors JSON header read: the limit of the `safetensors` library itself (its `MAX_HEADER_SIZE`,
+/// 100 MB), so that distcp refuses exactly the headers Python's `safe_open` refuses, before allocating.
+pub const MAX_SAFETENSORS_HEADER_BYTES: u64 = 100_000_000;
+
+/// Most `.safetensors` files one folder may contribute to a checkpoint (each is opened and its header read at
+/// open).
+pub const MAX_SAFETENSORS_FILES: usize = 100_000;
+
 /// Number of elements of `sizes`, or `None` when it overflows 64 bits.
 pub fn checked_numel(sizes: &[u64]) -> Option<u64> {
   sizes.iter().try_fold(1u64, |acc, &s| acc.checked_mul(s))

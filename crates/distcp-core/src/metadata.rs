@@ -100,6 +100,8 @@ pub struct Metadata {
   pub storage_data: HashMap<StorageKey, StorageInfo>,
   pub storage_meta: Option<StorageMeta>,
   pub version: Option<String>,
+  /// Longest `TensorProperties` pickle state found (5 up to torch 2.14, 6 from 2.15 on; 0 when none).
+  pub properties_state_len: usize,
 }
 
 // The modules `.metadata`'s classes live in: the reader's allow-list and the writer's globals share these.
@@ -158,6 +160,8 @@ pub fn torch_value_global(name: &str) -> bool {
 
 struct Ctx<'a> {
   path: &'a Path,
+  /// Longest `TensorProperties` state tuple seen (torch 2.15 pickles 6 values, older torch unpacks exactly 5).
+  properties_len: std::cell::Cell<usize>,
 }
 
 impl Ctx<'_> {
@@ -227,11 +231,14 @@ impl Ctx<'_> {
     let o = self.object(v, "TensorProperties", &what)?;
     let (dtype, requires_grad, pin_memory) = match &o.state {
       // __getstate__ → (dtype, layout, requires_grad, memory_format, pin_memory)
-      Some(Value::Tuple(t)) if !t.is_empty() => (
-        self.dtype(&t[0], &what)?,
-        matches!(t.get(2), Some(Value::Bool(true))),
-        matches!(t.get(4), Some(Value::Bool(true))),
-      ),
+      Some(Value::Tuple(t)) if !t.is_empty() => {
+        self.properties_len.set(self.properties_len.get().max(t.len()));
+        (
+          self.dtype(&t[0], &what)?,
+          matches!(t.get(2), Some(Value::Bool(true))),
+          matches!(t.get(4), Some(Value::Bool(true))),
+        )
+      }
       Some(d @ Value::Dict(_)) => match d.get("dtype") {
         Some(dt) => (
           self.dtype(dt, &what)?,
@@ -372,10 +379,28 @@ fn describe(v: &Value) -> String {
 }
 
 impl Metadata {
+  /// Metadata built from another source than a `.metadata` file (a folder of safetensors headers), with no
+  /// planner data; `items` in the order reads list them. Validate it like a parsed one.
+  pub fn from_parts(
+    items: Vec<(String, ItemMetadata)>,
+    storage_data: HashMap<StorageKey, StorageInfo>,
+  ) -> Metadata {
+    let index = items.iter().enumerate().map(|(i, (k, _))| (k.clone(), i)).collect();
+    Metadata {
+      items,
+      index,
+      planner_data: None,
+      storage_data,
+      storage_meta: None,
+      version: None,
+      properties_state_len: 0,
+    }
+  }
+
   /// Parses the bytes of a `.metadata` (or rank-local `__{rank}.metadata`) file. `path` is only for messages.
   pub fn parse(bytes: &[u8], path: &Path) -> Result<Metadata> {
     let root = pickle::unpickle(bytes, &metadata_allows).map_err(|e| crate::unpickle_error(e, path))?;
-    let cx = Ctx { path };
+    let cx = Ctx { path, properties_len: std::cell::Cell::new(0) };
     let o = cx.object(&root, "Metadata", ".metadata")?;
     let st = cx.state(o, "Metadata")?;
     let mut md = Metadata::default();
@@ -422,6 +447,7 @@ impl Metadata {
     if let Some(Value::Str(v)) = st.get("version") {
       md.version = Some(v.clone());
     }
+    md.properties_state_len = cx.properties_len.get();
     Ok(md)
   }
 
@@ -521,6 +547,21 @@ impl Metadata {
     match self.index.get(key).and_then(|&i| self.items.get(i)) {
       Some((k, item)) if k == key => Some(item),
       _ => self.items.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+    }
+  }
+
+  /// The oldest torch (major, minor) that can unpickle this `.metadata`: 2.15 for 6-value `TensorProperties`
+  /// (torch ≤ 2.14 unpacks exactly 5), 2.4 for `StorageMeta` (the class is new in 2.4), 2.3 for
+  /// `TensorProperties` from `torch.distributed.checkpoint.metadata`, else 2.0.
+  pub fn oldest_torch(&self) -> (u32, u32) {
+    if self.properties_state_len > 5 {
+      (2, 15)
+    } else if self.storage_meta.is_some() {
+      (2, 4)
+    } else if self.tensor_properties_module() == Some(DCP_METADATA) {
+      (2, 3)
+    } else {
+      (2, 0)
     }
   }
 

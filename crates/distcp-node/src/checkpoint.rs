@@ -50,6 +50,48 @@ pub struct CheckpointSummary {
   pub ranks: u32,
   pub has_planner_data: bool,
   pub has_storage_meta: bool,
+  /// `dcp`, `dcp-safetensors`, `hf-storage-sharded` or `hf-safetensors`.
+  pub layout: String,
+  /// Which writer produced the checkpoint, in words.
+  pub writer: String,
+  /// The NeMo-RL weights folder the checkpoint was found in.
+  pub nemo_rl_weights: Option<String>,
+  /// The tokenizer NeMo-RL saved beside the weights (`policy/tokenizer`).
+  pub tokenizer_beside: Option<String>,
+  /// The oldest torch (`"2.15"`) whose `dcp.load` reads the `.metadata`; absent for layouts without one.
+  pub oldest_torch: Option<String>,
+}
+
+/// What `retargetCheckpoint` did.
+#[napi(object)]
+pub struct RetargetResult {
+  /// The oldest torch that loaded the checkpoint before, and after (`"2.15"`).
+  pub before: String,
+  pub after: String,
+  /// False when it already loaded on the target torch (nothing was written).
+  pub rewritten: bool,
+  /// Where the original `.metadata` was kept.
+  pub original: Option<String>,
+}
+
+fn version_text((major, minor): (u32, u32)) -> String {
+  format!("{major}.{minor}")
+}
+
+/// Rewrites only `.metadata` of the checkpoint at `path` so that torch `torch` ("2.13") loads it.
+#[napi(catch_unwind)]
+pub fn retarget_checkpoint(path: String, torch: String, keep_original: bool) -> napi::Result<RetargetResult> {
+  use distcp_core::retarget;
+  let Some(target) = retarget::parse_torch_version(&torch) else {
+    return Err(invalid_arg(format!("torch: expected a version like 2.13, got {torch:?}")));
+  };
+  let r = retarget::retarget(std::path::Path::new(&path), target, keep_original).map_err(to_js)?;
+  Ok(RetargetResult {
+    before: version_text(r.before),
+    after: version_text(r.after),
+    rewritten: r.rewritten,
+    original: r.original.map(|p| p.to_string_lossy().into_owned()),
+  })
 }
 
 fn dims(v: &[u64]) -> Vec<f64> {
@@ -320,6 +362,11 @@ impl NativeCheckpoint {
       files: s.files,
       has_planner_data: s.has_planner_data,
       has_storage_meta: s.has_storage_meta,
+      layout: s.layout.to_owned(),
+      writer: s.writer,
+      nemo_rl_weights: s.nemo_rl_weights,
+      tokenizer_beside: s.tokenizer_beside,
+      oldest_torch: s.oldest_torch.map(version_text),
     })
   }
 

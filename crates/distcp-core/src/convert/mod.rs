@@ -9,6 +9,7 @@ pub use job::{ConvertJob, TensorWritten};
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::safetensors::{encode_header, WriteEntry};
 use crate::Checkpoint;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -60,9 +61,6 @@ pub struct ConvertPlan {
   #[serde(skip)]
   pub entry_order: Vec<usize>,
 }
-
-/// transformers' header metadata; older transformers fail on a file without `format`.
-const FORMAT_PT: &str = "pt";
 
 fn shard_name(i: usize, n: usize) -> String {
   if n == 1 {
@@ -150,36 +148,19 @@ pub fn plan(
       items[b].to.size().cmp(&items[a].to.size()).then_with(|| items[a].name.cmp(&items[b].name))
     });
     let file = shard_name(si, n);
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), serde_json::json!({ "format": FORMAT_PT }));
-    let mut offset = 0u64;
+    let mut entries = Vec::with_capacity(group.len());
     for &i in &group {
       let it = &items[i];
-      header.insert(
-        it.name.clone(),
-        serde_json::json!({
-          "dtype": it.to.safetensors_name().unwrap_or_default(),
-          "shape": it.shape,
-          "data_offsets": [offset, offset + it.nbytes],
-        }),
-      );
+      entries.push(WriteEntry { name: &it.name, dtype: it.to, shape: &it.shape, nbytes: it.nbytes });
       weight_map.insert(it.name.clone(), file.clone());
-      offset += it.nbytes;
     }
-    let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| Error::BadRequest {
+    let bytes = encode_header(&entries).map_err(|reason| Error::BadRequest {
       checkpoint: ck.root.clone(),
       key: String::new(),
-      reason: format!("cannot encode the safetensors header: {e}"),
+      reason,
     })?;
-    // pad with spaces to a multiple of 8, as the safetensors writer does
-    while json.len() % 8 != 0 {
-      json.push(b' ');
-    }
-    let header_len = json.len() as u64;
-    let data_start = 8 + header_len;
-    let mut bytes = Vec::with_capacity(json.len() + 8);
-    bytes.extend_from_slice(&header_len.to_le_bytes());
-    bytes.extend_from_slice(&json);
+    let header_len = bytes.len() as u64 - crate::safetensors::HEADER_LEN_BYTES;
+    let data_start = bytes.len() as u64;
     let mut indices = Vec::with_capacity(group.len());
     let mut off = data_start;
     for &i in &group {
