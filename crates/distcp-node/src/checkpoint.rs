@@ -148,47 +148,10 @@ fn advise_huge_pages(dst: &mut [u8]) {
 }
 
 fn alloc_output(len: usize) -> std::io::Result<memmap2::MmapMut> {
-  let mut map = memmap2::MmapOptions::new().len(len).map_anon()?;
+  let map = memmap2::MmapOptions::new().len(len).map_anon()?;
   // advice only: without transparent huge pages this is a no-op
   let _ = map.advise(memmap2::Advice::HugePage);
-  prefault(&mut map);
   Ok(map)
-}
-
-/// Results at least this large are faulted in by several threads, this many bytes (or more) each.
-const PREFAULT_PIECE: usize = 16 << 20;
-
-/// Faults a fresh mapping in before the read fills it, split over threads: the kernel zeroes every new page, and
-/// inside one `pread` that zeroing runs page by page on the reading thread, interleaved with the copy. Advice:
-/// where `MADV_POPULATE_WRITE` is missing (Linux < 5.14) the read faults the pages in as before.
-fn prefault(map: &mut [u8]) {
-  #[cfg(target_os = "linux")]
-  {
-    if std::env::var_os("DISTCP_BENCH_NO_PREFAULT").is_some() {
-      return;
-    }
-    const HUGE: usize = 2 << 20;
-    let populate = |part: &mut [u8]| {
-      // SAFETY: `part` is memory of a mapping we own and may write; MADV_POPULATE_WRITE only faults its pages in
-      // (zero-filled, as they would read anyway), and an error leaves them to be faulted by the read.
-      unsafe { libc::madvise(part.as_mut_ptr().cast(), part.len(), libc::MADV_POPULATE_WRITE) };
-    };
-    let threads =
-      std::thread::available_parallelism().map_or(1, |n| n.get()).min(map.len() / PREFAULT_PIECE).max(1);
-    if threads == 1 {
-      populate(map);
-      return;
-    }
-    // pieces start on huge-page boundaries of the (page-aligned) mapping
-    let per = map.len().div_ceil(threads).next_multiple_of(HUGE);
-    std::thread::scope(|s| {
-      for part in map.chunks_mut(per) {
-        s.spawn(move || populate(part));
-      }
-    });
-  }
-  #[cfg(not(target_os = "linux"))]
-  let _ = map;
 }
 
 pub struct ReadTask {

@@ -20,6 +20,7 @@ pub fn f32_to_bf16(f: f32) -> u16 {
   (u.wrapping_add(rounding_bias) >> 16) as u16
 }
 
+#[cfg(test)]
 pub fn bf16_to_f32(b: u16) -> f32 {
   f32::from_bits(u32::from(b) << 16)
 }
@@ -49,6 +50,7 @@ pub fn f32_to_f16(f: f32) -> u16 {
 }
 
 /// torch's `fp16_ieee_to_fp32_value` (exact).
+#[cfg(test)]
 pub fn f16_to_f32(h: u16) -> f32 {
   let w = u32::from(h) << 16;
   let sign = w & 0x8000_0000;
