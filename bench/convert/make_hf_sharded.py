@@ -39,7 +39,8 @@ def worker(rank, a, port):
     sd = {}
     for name, shape in _mlc.shapes(a):  # identical generation to make_llama_checkpoint.py
         full = torch.empty(shape, dtype=torch.float32).uniform_(-0.05, 0.05, generator=g).to(dtype)
-        sd[name] = distribute_tensor(full, mesh, [Shard(0)])
+        dim = 1 if a.tp and name.endswith("_proj.weight") else 0  # as make_llama_checkpoint.py --tp
+        sd[name] = distribute_tensor(full, mesh, [Shard(dim)])
     dcp.save(sd, storage_writer=HuggingFaceStorageWriter(a.out, save_distributed=True))
     dist.barrier()
     dist.destroy_process_group()
@@ -54,6 +55,7 @@ def main():
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--tp", action="store_true")
     a = ap.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,9 +1,12 @@
 // bench/convert: DCP → Hugging Face safetensors. distcp vs `cp -r` of the same checkpoint vs the PyTorch ways, same data,
 // same run, warm and cold page cache.
 //
-// usage: node bench/convert/run.mjs [--layers 38] [--ranks 2] [--reps 2] [--dtype <cast>] [--only a,b] [--keep]
+// usage: node bench/convert/run.mjs [--layers 38] [--ranks 2] [--tp] [--reps 2] [--dtype <cast>] [--only a,b] [--keep]
 //   --layers   Llama layers of the generated checkpoint (hidden 2048, intermediate 5632, vocab 32000, bf16, 2 ranks,
 //              Shard(0) DTensors, the seed's {"model": …} layout; bench/lib/make_llama_checkpoint.py). 38 → 4.17 GB.
+//   --ranks    ranks of the generated checkpoint (3 gives uneven shards)
+//   --tp       tensor-parallel layout: the attention/MLP projections Shard(1) (column-sharded), the rest Shard(0);
+//              distcp cannot move these with copy_file_range and goes through its slab path
 //   --dtype    make distcp cast (e.g. float32); default: keep bf16 (what the PyTorch ways do)
 //   --keep     keep the generated checkpoints (bench/data/convert-*) for the next run; deleted otherwise
 //
@@ -41,12 +44,15 @@ const castTo = flag('--dtype', '')
 const onlyList = (flag('--only', '') ?? '').split(',').filter(Boolean)
 const only = onlyList.length ? onlyList : null
 const keep = args.includes('--keep')
+const ranks = Number(flag('--ranks', '2'))
+const tp = args.includes('--tp')
 
 const shape = { hidden: 2048, intermediate: 5632, vocab: 32000 }
-const genArgs = ['--ranks', String(ranks), '--layers', String(layers), '--hidden', String(shape.hidden), '--intermediate', String(shape.intermediate), '--vocab', String(shape.vocab), '--dtype', 'bfloat16']
+const genArgs = [...(tp ? ['--tp'] : []), '--ranks', String(ranks), '--layers', String(layers), '--hidden', String(shape.hidden), '--intermediate', String(shape.intermediate), '--vocab', String(shape.vocab), '--dtype', 'bfloat16']
 const data = join(root, 'bench/data')
-const ckpt = join(data, `convert-llama-${layers}L-${ranks}rank`)
-const hfSharded = join(data, `convert-llama-${layers}L-${ranks}rank-hf-sharded`)
+const tag = `${layers}L-${ranks}rank${tp ? '-tp' : ''}`
+const ckpt = join(data, `convert-llama-${tag}`)
+const hfSharded = join(data, `convert-llama-${tag}-hf-sharded`)
 const modelDir = join(data, `convert-llama-${layers}L-config`)
 const outRoot = join(root, 'bench/out/convert')
 
@@ -61,7 +67,7 @@ const duBytes = (dir) => files(dir).reduce((a, f) => a + statSync(f).size, 0)
 // ---- data (generated with real torch; not timed)
 mkdirSync(data, { recursive: true })
 if (!existsSync(join(ckpt, '.metadata'))) {
-  console.log(`generating ${ckpt} with torch (${ranks} gloo ranks) …`)
+  console.log(`generating ${ckpt} with torch (${ranks} gloo ranks${tp ? ', projections Shard(1)' : ''}) …`)
   console.log(run(python, ['bench/lib/make_llama_checkpoint.py', ckpt, ...genArgs]).stdout.trim())
 }
 const wantConsolidate = !only || only.includes('torch consolidate') || only.includes('distcp (hf shards)')
@@ -204,7 +210,7 @@ for (const cache of ['warm', 'cold']) {
     tableRows.push({ cache, name, ...r })
   }
 }
-writeFileSync(join(outRoot, 'results.json'), JSON.stringify({ layers, ranks, reps, castTo: castTo || null, ckptBytes, rows: tableRows }, null, 2))
+writeFileSync(join(outRoot, 'results.json'), JSON.stringify({ layers, ranks, tp, reps, castTo: castTo || null, ckptBytes, rows: tableRows }, null, 2))
 console.log(`\n(ratios are speed-ups: the other's seconds / this one's seconds; results also in ${join(outRoot, 'results.json')})`)
 
 if (!keep) {

@@ -1,7 +1,9 @@
 """Writes a Llama-shaped DCP checkpoint with real torch (gloo, CPU), sharded over N ranks (DTensor Shard(0)).
 
 usage: python bench/lib/make_llama_checkpoint.py <out-dir> [--ranks 2] [--layers 8] [--hidden 2048]
-       [--intermediate 5632] [--vocab 32000] [--dtype bfloat16]
+       [--intermediate 5632] [--vocab 32000] [--dtype bfloat16] [--tp]
+--tp: tensor-parallel layout, the attention and MLP projections column-sharded (Shard(1)) over the ranks, the rest
+Shard(0); with a rank count that does not divide the sizes the shards are uneven, as torch makes them.
 Defaults give ≈1.1 GB of bf16 weights (Llama layout: embed_tokens, q/k/v/o_proj, gate/up/down_proj, norms, lm_head),
 saved the seed's way: {"model": state_dict}.
 """
@@ -51,7 +53,8 @@ def worker(rank, a, port):
     for name, shape in shapes(a):
         # same full tensor on every rank, then each keeps its shard
         full = torch.empty(shape, dtype=torch.float32).uniform_(-0.05, 0.05, generator=g).to(dtype)
-        sd[name] = distribute_tensor(full, mesh, [Shard(0)])
+        dim = 1 if a.tp and name.endswith("_proj.weight") else 0
+        sd[name] = distribute_tensor(full, mesh, [Shard(dim)])
     dcp.save({"model": sd}, checkpoint_id=a.out)
     dist.barrier()
     dist.destroy_process_group()
@@ -66,6 +69,7 @@ def main():
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--tp", action="store_true")
     a = ap.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,6 +14,24 @@ const PREAD_MIN: u64 = 64 * 1024;
 /// Scratch window for rows visited in file order: large enough that a read costs little per byte.
 const WINDOW: u64 = 8 << 20;
 
+std::thread_local! {
+  /// Scratch kept between copies on a thread: a slab conversion makes thousands of windowed reads, and a fresh
+  /// window each time costs its page faults and zero-fill again.
+  static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+fn take_scratch() -> Vec<u8> {
+  SCRATCH.with(std::cell::Cell::take)
+}
+
+/// Keeps `v` for the thread's next copy when it is no larger than a window (whole-extent scratch for a transposed
+/// chunk can be much larger; that is freed).
+fn keep_scratch(v: Vec<u8>) {
+  if v.capacity() as u64 <= WINDOW {
+    SCRATCH.with(|s| s.set(v));
+  }
+}
+
 /// Why a copy failed.
 #[derive(Debug)]
 pub enum CopyError {
@@ -126,10 +144,12 @@ pub fn copy_from_file(
   let span = end - first;
   let ascending = copies.is_ascending();
   let window = if ascending { span.min(WINDOW) } else { span.min(STRIDED_SCRATCH_BYTES) };
-  let mut scratch: Vec<u8> = Vec::new();
   let cap = usize::try_from(window).map_err(|_| CopyError::Alloc(window))?;
-  scratch.try_reserve_exact(cap).map_err(|_| CopyError::Alloc(window))?;
-  scratch.resize(cap, 0);
+  let mut scratch = take_scratch();
+  if scratch.len() < cap {
+    scratch.try_reserve_exact(cap - scratch.len()).map_err(|_| CopyError::Alloc(window))?;
+    scratch.resize(cap, 0);
+  }
   // the window holds storage bytes [w0, w0 + filled)
   let (mut w0, mut filled) = (0u64, 0u64);
   for c in copies {
@@ -149,6 +169,7 @@ pub fn copy_from_file(
       }
     }
   }
+  keep_scratch(scratch);
   Ok(())
 }
 

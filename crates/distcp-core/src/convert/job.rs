@@ -2,7 +2,7 @@
 //! (a chunk covering whole rows, no cast) move with `copy_file_range` — the kernel copies, and some filesystems
 //! share extents; everything else goes through bounded row slabs (gather → optional cast → `pwrite`).
 
-use super::cast::cast_parallel;
+use super::cast::{cast, cast_parallel};
 use super::ConvertPlan;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -16,8 +16,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// Bytes of source data gathered per slab: memory stays bounded whatever the tensor size.
-const SLAB_BYTES: u64 = 32 << 20;
+/// Bytes of source data gathered per slab: memory stays bounded whatever the tensor size, and a slab (with its
+/// cast) stays close to the core's caches between the read that fills it and the write that drains it.
+const SLAB_BYTES: u64 = 4 << 20;
+
+/// Threads that move one tensor's slabs at once (each reads, casts and writes its own rows). Four keep two disks'
+/// worth of reads in flight and bound the buffers at 4 × (slab + cast slab).
+const MAX_SLAB_WORKERS: usize = 4;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TensorWritten {
@@ -31,8 +36,8 @@ pub struct ConvertJob {
   dir: PathBuf,
   files: Vec<Option<File>>,
   cancel: Arc<AtomicBool>,
-  buf: Vec<u8>,
-  cast_buf: Vec<u8>,
+  /// One (slab, cast slab) pair per slab worker, kept from tensor to tensor.
+  bufs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> Error {
@@ -48,8 +53,7 @@ impl ConvertJob {
       dir: dir.into(),
       files: (0..n).map(|_| None).collect(),
       cancel: Arc::new(AtomicBool::new(false)),
-      buf: Vec::new(),
-      cast_buf: Vec::new(),
+      bufs: Vec::new(),
     }
   }
 
@@ -59,10 +63,7 @@ impl ConvertJob {
   }
 
   fn check_cancel(&self) -> Result<()> {
-    if self.cancel.load(Ordering::Relaxed) {
-      return Err(Error::Aborted { what: "the conversion".into() });
-    }
-    Ok(())
+    check_cancel(&self.cancel)
   }
 
   fn shard_file(&mut self, shard: usize) -> Result<&File> {
@@ -147,41 +148,74 @@ impl ConvertJob {
       }
     }
 
-    // slab path: gather whole rows (from every chunk), cast if asked, write
+    // slab path: gather whole rows (from every chunk), cast if asked, write; slabs spread over a few threads
     let row_src = row_elems * from.size() as u64;
     let rows_per_slab = SLAB_BYTES.checked_div(row_src).map_or(rows, |r| r.max(1));
-    let mut r0 = 0u64;
-    while r0 < rows {
-      self.check_cancel()?;
-      let n = rows_per_slab.min(rows - r0);
-      let region = if t.size.is_empty() {
-        Region::whole(&[])
-      } else {
-        let mut offsets = vec![0; t.size.len()];
-        offsets[0] = r0;
-        let mut sizes = t.size.clone();
-        sizes[0] = n;
-        Region { offsets, sizes }
-      };
-      // a slab of a validated tensor: its byte size fits
-      let src_len = crate::limits::checked_nbytes(&region.sizes, from.size()).unwrap_or(0) as usize;
-      self.buf.resize(src_len, 0);
-      ck.read_into(&tp.key, &region, &mut self.buf[..src_len])?;
-      let dst_off = tp.offset + r0 * row_elems * to.size() as u64;
-      let out = match &self.files[tp.shard] {
-        Some(f) => f,
-        None => return Err(Error::io(&shard_path, std::io::ErrorKind::NotFound.into())),
-      };
-      if from == to {
-        out.write_all_at(&self.buf[..src_len], dst_off).map_err(|e| io_err(&shard_path, e))?;
-      } else {
-        let dst_len = src_len / from.size() * to.size();
-        self.cast_buf.resize(dst_len, 0);
-        cast_parallel(&self.buf[..src_len], from, &mut self.cast_buf[..dst_len], to);
-        out.write_all_at(&self.cast_buf[..dst_len], dst_off).map_err(|e| io_err(&shard_path, e))?;
-      }
-      r0 += n;
-    }
+    // a 0-d tensor is one slab of one element
+    let slabs = if t.size.is_empty() { 1 } else { rows.div_ceil(rows_per_slab.max(1)) };
+    let workers = std::thread::available_parallelism()
+      .map_or(1, |p| p.get())
+      .min(MAX_SLAB_WORKERS)
+      .min(usize::try_from(slabs).unwrap_or(usize::MAX))
+      .max(1);
+    let out = match &self.files[tp.shard] {
+      Some(f) => f,
+      None => return Err(Error::io(&shard_path, std::io::ErrorKind::NotFound.into())),
+    };
+    let mut bufs = std::mem::take(&mut self.bufs);
+    bufs.resize_with(bufs.len().max(workers), Default::default);
+    let slab = SlabCopy {
+      ck,
+      key: &tp.key,
+      shape: &t.size,
+      from,
+      to,
+      rows,
+      rows_per_slab,
+      row_elems,
+      dst_base: tp.offset,
+      out,
+      shard_path: &shard_path,
+      cancel: &self.cancel,
+      // one worker: the cast itself may use every core
+      cast_threads: workers == 1,
+    };
+    let result = if workers == 1 {
+      let (buf, cast_buf) = &mut bufs[0];
+      (0..slabs).try_for_each(|k| slab.run(k, buf, cast_buf))
+    } else {
+      let next = std::sync::atomic::AtomicU64::new(0);
+      std::thread::scope(|s| {
+        let handles: Vec<_> = bufs[..workers]
+          .iter_mut()
+          .map(|(buf, cast_buf)| {
+            let (slab, next) = (&slab, &next);
+            s.spawn(move || loop {
+              let k = next.fetch_add(1, Ordering::Relaxed);
+              if k >= slabs {
+                return Ok(());
+              }
+              if let Err(e) = slab.run(k, buf, cast_buf) {
+                // the others stop at their next slab
+                next.store(slabs, Ordering::Relaxed);
+                return Err(e);
+              }
+            })
+          })
+          .collect();
+        handles.into_iter().try_for_each(|h| {
+          h.join().unwrap_or_else(|_| {
+            Err(Error::BadRequest {
+              checkpoint: ck.root.clone(),
+              key: tp.key.clone(),
+              reason: "a conversion thread panicked".into(),
+            })
+          })
+        })
+      })
+    };
+    self.bufs = bufs;
+    result?;
     Ok(TensorWritten { bytes: tp.nbytes, kernel_copied: 0 })
   }
 
@@ -248,9 +282,69 @@ impl ConvertJob {
       f.sync_all().map_err(|e| io_err(&path, e))?;
     }
     self.files.clear();
-    self.buf = Vec::new();
-    self.cast_buf = Vec::new();
+    self.bufs = Vec::new();
     Ok(())
+  }
+}
+
+fn check_cancel(cancel: &AtomicBool) -> Result<()> {
+  if cancel.load(Ordering::Relaxed) {
+    return Err(Error::Aborted { what: "the conversion".into() });
+  }
+  Ok(())
+}
+
+/// One tensor's slab path: slab `k` is rows `[k × rows_per_slab, …)` of every column, read from all the chunks
+/// that hold them, cast if asked, and written at its place in the shard. Slabs are independent (disjoint rows,
+/// disjoint output bytes), so any thread may take any slab.
+struct SlabCopy<'a> {
+  ck: &'a Checkpoint,
+  key: &'a str,
+  shape: &'a [u64],
+  from: DType,
+  to: DType,
+  rows: u64,
+  rows_per_slab: u64,
+  row_elems: u64,
+  dst_base: u64,
+  out: &'a File,
+  shard_path: &'a Path,
+  cancel: &'a AtomicBool,
+  cast_threads: bool,
+}
+
+impl SlabCopy<'_> {
+  fn run(&self, k: u64, buf: &mut Vec<u8>, cast_buf: &mut Vec<u8>) -> Result<()> {
+    check_cancel(self.cancel)?;
+    let r0 = k * self.rows_per_slab;
+    let n = self.rows_per_slab.min(self.rows - r0);
+    let region = if self.shape.is_empty() {
+      Region::whole(&[])
+    } else {
+      let mut offsets = vec![0; self.shape.len()];
+      offsets[0] = r0;
+      let mut sizes = self.shape.to_vec();
+      sizes[0] = n;
+      Region { offsets, sizes }
+    };
+    // a slab of a validated tensor: its byte size fits
+    let src_len = crate::limits::checked_nbytes(&region.sizes, self.from.size()).unwrap_or(0) as usize;
+    buf.resize(src_len, 0);
+    self.ck.read_into(self.key, &region, &mut buf[..src_len])?;
+    let dst_off = self.dst_base + r0 * self.row_elems * self.to.size() as u64;
+    let bytes = if self.from == self.to {
+      &buf[..src_len]
+    } else {
+      let dst_len = src_len / self.from.size() * self.to.size();
+      cast_buf.resize(dst_len, 0);
+      if self.cast_threads {
+        cast_parallel(&buf[..src_len], self.from, &mut cast_buf[..dst_len], self.to);
+      } else {
+        cast(&buf[..src_len], self.from, &mut cast_buf[..dst_len], self.to);
+      }
+      &cast_buf[..dst_len]
+    };
+    self.out.write_all_at(bytes, dst_off).map_err(|e| io_err(self.shard_path, e))
   }
 }
 
