@@ -44,7 +44,6 @@ const castTo = flag('--dtype', '')
 const onlyList = (flag('--only', '') ?? '').split(',').filter(Boolean)
 const only = onlyList.length ? onlyList : null
 const keep = args.includes('--keep')
-const ranks = Number(flag('--ranks', '2'))
 const tp = args.includes('--tp')
 
 const shape = { hidden: 2048, intermediate: 5632, vocab: 32000 }
