@@ -167,7 +167,7 @@ fn load(a: &Args) -> Res<()> {
     let region = Region::whole(&ck.tensor(k).map_err(|e| e.to_string())?.size);
     let len = distcp_cuda::region_bytes(&ck, k, &region).map_err(|e| e.to_string())?;
     let buf = DeviceBuffer::alloc(reader.device(), len).map_err(|e| e.to_string())?;
-    reqs.push(Request { key: k.clone(), region, dst: buf.ptr(), dst_len: len });
+    reqs.push(Request { key: k.clone(), region, dst: buf.ptr(), dst_len: len, dtype: None });
     bufs.push(buf);
   }
   let runs = a.num("runs", 1.0).max(1.0) as usize;
@@ -212,7 +212,7 @@ impl Rng {
 }
 
 fn device_read(reader: &mut CudaReader, ck: &Checkpoint, key: &str, region: &Region) -> Res<Vec<u8>> {
-  let buf = reader.read_alloc(ck, key, region).map_err(|e| e.to_string())?;
+  let buf = reader.read_alloc(ck, key, region, None).map_err(|e| e.to_string())?;
   let mut out = vec![0u8; buf.len() as usize];
   copy_to_host(reader.device(), buf.ptr(), &mut out).map_err(|e| e.to_string())?;
   Ok(out)
@@ -397,7 +397,7 @@ fn savecheck(a: &Args) -> Res<bool> {
     let t = ck.tensor(k).map_err(|e| e.to_string())?;
     let (dtype, shape) = (t.dtype(), t.size.clone());
     let whole = Region::whole(&shape);
-    let buf = reader.read_alloc(&ck, k, &whole).map_err(|e| e.to_string())?;
+    let buf = reader.read_alloc(&ck, k, &whole, None).map_err(|e| e.to_string())?;
     let mut host = vec![0u8; buf.len() as usize];
     let t0 = Instant::now();
     reader.download(buf.ptr(), &mut host).map_err(|e| e.to_string())?;
