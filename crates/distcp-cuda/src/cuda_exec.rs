@@ -249,7 +249,7 @@ impl WidenExecutor for CudaExecutor {
         )
       })?;
     }
-    let wide_len = (n * 4) as u64;
+    let wide_len = n * 4;
     for c in copies {
       if c.src_end() > wide_len {
         return Err(CudaError::Panic(format!("a widened copy reads past the {wide_len} widened bytes")));

@@ -255,7 +255,7 @@ fn stage(sh: &Shared<'_>, buf: &mut [u8], band: &Band, copies: &mut Vec<Copy2D>)
 /// lowered copy is a whole number of elements).
 fn rescale(c: &Copy2D, from: u64, to: u64) -> Result<Copy2D> {
   let f = |x: u64| {
-    if x % from != 0 {
+    if !x.is_multiple_of(from) {
       return Err(CudaError::Panic(format!("a copy field of {x} bytes is not whole {from}-byte elements")));
     }
     (x / from).checked_mul(to).ok_or_else(|| CudaError::Panic("a cast copy overflows".into()))
