@@ -138,8 +138,8 @@ run verify_big 300 bench verify --ckpt "$WORK/big" --sums "$WORK/big.sha256" --b
 run hostsums_shard1 120 bench hostsums --ckpt "$WORK/shard1" --sums "$WORK/shard1.sha256"
 run verify_shard1 120 bench verify --ckpt "$WORK/shard1" --sums "$WORK/shard1.sha256" --boxes 4
 
-step "save from device memory == host save (Shard(1) checkpoint's tensors)"
-run savecheck 180 bench savecheck --ckpt "$WORK/shard1" --out "$WORK/saves"
-
 step "castcheck: Shard(1) read to the GPU as float32 (device widening) == host cast == torch CUDA .to(float32)"
 run castcheck 120 bench castcheck --ckpt "$WORK/shard1" --out "$WORK/cast" --sums "$WORK/shard1.fp32.sha256"
+
+step "save from device memory == host save (Shard(1) checkpoint's tensors)"
+run savecheck 180 bench savecheck --ckpt "$WORK/shard1" --out "$WORK/saves"

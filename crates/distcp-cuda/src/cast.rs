@@ -108,7 +108,7 @@ pub const WIDEN_PTX: &std::ffi::CStr = c"
   cvt.u64.u32 %rd5, %r3;
   add.u64 %rd4, %rd4, %rd5;
   setp.ge.u64 %p, %rd4, %rd3;
-  @%p bra DONE;
+  @%p bra DONE_BF16;
   cvta.to.global.u64 %rd1, %rd1;
   cvta.to.global.u64 %rd2, %rd2;
   shl.b64 %rd5, %rd4, 1;
@@ -119,7 +119,7 @@ pub const WIDEN_PTX: &std::ffi::CStr = c"
   shl.b64 %rd5, %rd4, 2;
   add.u64 %rd7, %rd2, %rd5;
   st.global.b32 [%rd7], %r1;
-DONE:
+DONE_BF16:
   ret;
 }
 
@@ -140,7 +140,7 @@ DONE:
   cvt.u64.u32 %rd5, %r3;
   add.u64 %rd4, %rd4, %rd5;
   setp.ge.u64 %p, %rd4, %rd3;
-  @%p bra DONE;
+  @%p bra DONE_F16;
   cvta.to.global.u64 %rd1, %rd1;
   cvta.to.global.u64 %rd2, %rd2;
   shl.b64 %rd5, %rd4, 1;
@@ -150,7 +150,7 @@ DONE:
   shl.b64 %rd5, %rd4, 2;
   add.u64 %rd7, %rd2, %rd5;
   st.global.f32 [%rd7], %f;
-DONE:
+DONE_F16:
   ret;
 }
 ";

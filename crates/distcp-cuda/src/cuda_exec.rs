@@ -14,12 +14,17 @@ use std::sync::Arc;
 /// Threads per block of the widening kernels.
 const WIDEN_BLOCK: u32 = 256;
 
-/// Device-side widening, set up on the first band that needs it: the kernels and two scratch buffers (the stored
-/// band, and it widened). One of each suffices for both slots: every step runs in order on the executor's stream.
+/// The widening kernels, loaded on the first band that needs them and kept with the executor.
 struct Widen {
   module: sys::CUmodule,
   bf16: sys::CUfunction,
   f16: sys::CUfunction,
+}
+
+/// Device scratch of a read that widens: the stored band, and it widened. One of each suffices for both slots
+/// (every step runs in order on the executor's stream); freed when the read finishes, so that idle readers hold
+/// no device memory.
+struct Scratch {
   stage: DeviceBuffer,
   wide: DeviceBuffer,
 }
@@ -36,6 +41,7 @@ pub struct CudaExecutor {
   events: Vec<sys::CUevent>,
   pending: Vec<bool>,
   widen: Option<Widen>,
+  scratch: Option<Scratch>,
 }
 
 // SAFETY: the stream and event handles may be used from any thread once the context is current there, which
@@ -58,6 +64,7 @@ impl CudaExecutor {
       events: Vec::new(),
       pending: Vec::new(),
       widen: None,
+      scratch: None,
     };
     for _ in 0..2 {
       ex.slots.push(PinnedBuffer::new(dev, slot_len)?);
@@ -72,7 +79,7 @@ impl CudaExecutor {
     Ok(ex)
   }
 
-  fn widen_setup(&mut self) -> Result<&Widen> {
+  fn widen_setup(&mut self) -> Result<(&Widen, &Scratch)> {
     if self.widen.is_none() {
       let mut module: sys::CUmodule = std::ptr::null_mut();
       // SAFETY: the image is NUL-terminated PTX text that outlives the call; writes one module handle.
@@ -85,13 +92,8 @@ impl CudaExecutor {
         })?;
         Ok(f)
       };
-      let fns = get(DType::BFloat16).and_then(|b| Ok((b, get(DType::Float16)?)));
-      let bufs = fns.and_then(|f| {
-        let len = self.slot_len() as u64;
-        Ok((f, DeviceBuffer::alloc(&self.dev, len)?, DeviceBuffer::alloc(&self.dev, len * 2)?))
-      });
-      match bufs {
-        Ok(((bf16, f16), stage, wide)) => self.widen = Some(Widen { module, bf16, f16, stage, wide }),
+      match get(DType::BFloat16).and_then(|b| Ok((b, get(DType::Float16)?))) {
+        Ok((bf16, f16)) => self.widen = Some(Widen { module, bf16, f16 }),
         Err(e) => {
           // SAFETY: loaded above, unloaded once; nothing was launched from it.
           unsafe { sys::cuModuleUnload(module) };
@@ -99,7 +101,15 @@ impl CudaExecutor {
         }
       }
     }
-    self.widen.as_ref().ok_or_else(|| CudaError::Panic("widening kernels missing after setup".into()))
+    if self.scratch.is_none() {
+      let len = self.slot_len() as u64;
+      let stage = DeviceBuffer::alloc(&self.dev, len)?;
+      self.scratch = Some(Scratch { stage, wide: DeviceBuffer::alloc(&self.dev, len * 2)? });
+    }
+    match (&self.widen, &self.scratch) {
+      (Some(w), Some(s)) => Ok((w, s)),
+      _ => Err(CudaError::Panic("widening kernels missing after setup".into())),
+    }
   }
 
   fn copy(&self, from: *const u8, dst_base: u64, c: &Copy2D) -> Result<()> {
@@ -214,10 +224,10 @@ impl WidenExecutor for CudaExecutor {
   ) -> Result<()> {
     self.dev.bind()?;
     let (stream, src) = (self.stream, self.slots[slot].ptr());
-    let w = self.widen_setup()?;
-    let (stage, wide) = (w.stage.ptr(), w.wide.ptr());
+    let (w, sc) = self.widen_setup()?;
+    let (stage, wide) = (sc.stage.ptr(), sc.wide.ptr());
     let f = if from == DType::BFloat16 { w.bf16 } else { w.f16 };
-    if staged > w.stage.len() as usize {
+    if staged > sc.stage.len() as usize {
       return Err(CudaError::Panic(format!("a widened band of {staged} bytes is over the device scratch")));
     }
     let mut n = (staged / 2) as u64;
@@ -301,6 +311,8 @@ impl StagedExecutor for CudaExecutor {
     // SAFETY: our own stream.
     check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(self.stream) })?;
     self.pending.iter_mut().for_each(|p| *p = false);
+    // nothing on the stream uses the scratch any more
+    self.scratch = None;
     Ok(())
   }
 }
