@@ -189,8 +189,9 @@ export interface DeviceReadOptions {
   sizes?: number[]
   /**
    * Land the elements in this dtype (default: as stored). Casts are between `float64`, `float32`, `float16` and
-   * `bfloat16`, bit-identical to torch's `.to()`; they run where fewer bytes cross PCIe: a narrowing cast on the
-   * host before the copy, `bfloat16`/`float16` → `float32` on the device after it.
+   * `bfloat16`, and run where fewer bytes cross PCIe: a narrowing cast on the host before the copy (bit-identical
+   * to torch's CPU `.to()`, NaN encodings included), `bfloat16`/`float16` → `float32` on the device after it
+   * (exact, bit-identical to torch's `.to(torch.float32)` on CUDA, NaN payloads kept).
    */
   dtype?: DType
 }
@@ -217,10 +218,10 @@ export async function readToDevice(
 ): Promise<DeviceTensor> {
   const { offsets, sizes } = options
   const cast = options.dtype
+  // DLPACK_CODE has one entry per DType: a name check only; whether the cast exists is the native layer's rule
   if (cast !== undefined && !(typeof cast === 'string' && Object.hasOwn(DLPACK_CODE, cast))) {
     throw new DistcpError('ERR_DISTCP_BAD_REQUEST', `key \`${key}\`: \`dtype\` must be a torch dtype name, got ${String(cast)}`)
   }
-  // the stored dtype unless a cast was asked for; whether the cast exists is the native layer's rule
   dtype = cast ?? dtype
   const into = options.into
   if (into) {
