@@ -256,10 +256,10 @@ export interface RankFlatItem {
 export declare function rankFlatten(tree: string, tensorCount: number, layout?: string | undefined | null): Array<RankFlatItem>
 
 /** Reads a tensor (or a box) into the caller's device memory `ptr .. ptr + byteLength` on `cuda:device`. */
-export declare function readIntoDevice(ck: NativeCheckpoint, key: string, device: number, ptr: bigint, byteLength: number, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null): Promise<void>
+export declare function readIntoDevice(ck: NativeCheckpoint, key: string, device: number, ptr: bigint, byteLength: number, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null, dtype?: string | undefined | null): Promise<void>
 
-/** Reads a tensor (or the box `offsets`/`sizes`) into new memory on `cuda:device`. */
-export declare function readToDevice(ck: NativeCheckpoint, key: string, device: number, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null): Promise<NativeDeviceBuffer>
+/** Reads a tensor (or the box `offsets`/`sizes`) into new memory on `cuda:device`, as `dtype` (default: stored). */
+export declare function readToDevice(ck: NativeCheckpoint, key: string, device: number, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null, dtype?: string | undefined | null): Promise<NativeDeviceBuffer>
 
 /** Rewrites only `.metadata` of the checkpoint at `path` so that torch `torch` ("2.13") loads it. */
 export declare function retargetCheckpoint(path: string, torch: string, keepOriginal: boolean): RetargetResult

@@ -164,3 +164,33 @@ test('on a GPU: load fills device leaves and a save of device tensors equals the
   empty.dispose()
   ck.close()
 })
+
+test('the dtype option of device reads is validated; a valid cast without a GPU rejects with ERR_DISTCP_NO_CUDA', async (t) => {
+  const ck = await openCheckpoint(example)
+  const bad = { instanceOf: DistcpError, code: 'ERR_DISTCP_BAD_REQUEST' } as const
+  const stored = ck.info(key)
+  if (stored.kind !== 'tensor') throw new Error('the example key is a tensor')
+  const n = stored.shape.reduce((a, b) => a * b, 1)
+  // not a dtype name
+  const e1 = await t.throwsAsync(ck.read(key, { device: 'cuda:0', dtype: 'float33' as 'float32' }), bad)
+  t.regex(e1?.message ?? '', /float33/)
+  // a dtype, but no cast to it exists (the rule is the native layer's, checked before any device work)
+  const e2 = await t.throwsAsync(ck.read(key, { device: 'cuda:0', dtype: 'int64' }), bad)
+  t.regex(e2?.message ?? '', /casts are between/)
+  // the caller's memory must hold the box in the wanted dtype
+  const e3 = await t.throwsAsync(
+    ck.read(key, { into: { device: 'cuda:0', ptr: 1n << 40n, byteLength: n * 2 }, dtype: 'float64' }),
+    bad,
+  )
+  t.regex(e3?.message ?? '', new RegExp(`holds ${n * 2} bytes, the float64 box`))
+  // casts are a device-read option
+  await t.throwsAsync(ck.read(key, { dtype: 'float32' } as never), bad)
+  if (!gpu) {
+    for (const dtype of ['float32', 'bfloat16', 'float16', 'float64', stored.dtype] as const) {
+      await t.throwsAsync(ck.read(key, { device: 'cuda:0', dtype }), noCuda)
+      await t.throwsAsync(ck.read(key, { device: 'cuda', dtype, offsets: [1, 2], sizes: [3, 4] }), noCuda)
+    }
+    await t.throwsAsync(ck.read(key, { into: { device: 'cuda:0', ptr: 1n << 40n, byteLength: n * 8 }, dtype: 'float64' }), noCuda)
+  }
+  ck.close()
+})

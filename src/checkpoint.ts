@@ -140,6 +140,9 @@ export class Checkpoint {
     const { offsets, sizes } = options
     const shape = sizes ?? (offsets ? info.shape.map((n, d) => n - (offsets[d] ?? 0)) : info.shape)
     if (isDeviceRead(options)) return readToDevice(this.#native, key, info.dtype, shape, options)
+    if ((options as DeviceReadOptions).dtype !== undefined) {
+      throw new DistcpError('ERR_DISTCP_BAD_REQUEST', `key \`${key}\`: \`dtype\` casts apply to device reads only`)
+    }
     const into = (options as ReadOptions).into
     if (into) {
       const bytes = new Uint8Array(into.buffer, into.byteOffset, into.byteLength)

@@ -187,6 +187,13 @@ export interface DeviceReadOptions {
   offsets?: number[]
   /** Size of the box to read, per dimension (default: to the end). */
   sizes?: number[]
+  /**
+   * Land the elements in this dtype (default: as stored). Casts are between `float64`, `float32`, `float16` and
+   * `bfloat16`, and run where fewer bytes cross PCIe: a narrowing cast on the host before the copy (bit-identical
+   * to torch's CPU `.to()`, NaN encodings included), `bfloat16`/`float16` → `float32` on the device after it
+   * (exact, bit-identical to torch's `.to(torch.float32)` on CUDA, NaN payloads kept).
+   */
+  dtype?: DType
 }
 
 /** Whether read options ask for device memory (a `device`, or an `into` that is a {@link DeviceTarget}). */
@@ -210,6 +217,12 @@ export async function readToDevice(
   options: DeviceReadOptions,
 ): Promise<DeviceTensor> {
   const { offsets, sizes } = options
+  const cast = options.dtype
+  // DLPACK_CODE has one entry per DType: a name check only; whether the cast exists is the native layer's rule
+  if (cast !== undefined && !(typeof cast === 'string' && Object.hasOwn(DLPACK_CODE, cast))) {
+    throw new DistcpError('ERR_DISTCP_BAD_REQUEST', `key \`${key}\`: \`dtype\` must be a torch dtype name, got ${String(cast)}`)
+  }
+  dtype = cast ?? dtype
   const into = options.into
   if (into) {
     const index = parseDevice(into.device)
@@ -226,11 +239,11 @@ export async function readToDevice(
         `key \`${key}\`: \`into\` holds ${into.byteLength} bytes, the ${dtype} box [${shape}] needs ${want}`,
       )
     }
-    await awaitNative(() => native.readIntoDevice(ck, key, index, into.ptr, into.byteLength, offsets, sizes))
+    await awaitNative(() => native.readIntoDevice(ck, key, index, into.ptr, into.byteLength, offsets, sizes, cast))
     return new DeviceTensor(dtype, shape, `cuda:${index}`, want, undefined, into.ptr)
   }
   const index = parseDevice(options.device ?? 'cuda:0')
-  const buf = await awaitNative(() => native.readToDevice(ck, key, index, offsets, sizes))
+  const buf = await awaitNative(() => native.readToDevice(ck, key, index, offsets, sizes, cast))
   return new DeviceTensor(dtype, shape, `cuda:${index}`, buf.byteLength, buf, buf.ptr)
 }
 

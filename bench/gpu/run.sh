@@ -75,6 +75,8 @@ table() {
   row "Shard(1): GPU sha256 == torch dcp.load" "$(g verify_shard1.verify_sha_eq_torch)" "host read: $(g hostsums_shard1.host_sha_eq_torch)"
   row "Shard(1): random boxes GPU == host" "$(g verify_shard1.verify_boxes)" ""
   row "save from device == host save (files)" "$(g savecheck.save_device_eq_host)" "D2H via pinned staging $(g savecheck.download_gbps) GB/s"
+  row "castcheck: Shard(1) as fp32 == host cast" "$(g castcheck.castcheck_eq_host)" "bf16 widened on the GPU (PTX), bit for bit"
+  row "castcheck: sha256 == torch CUDA .to(fp32)" "$(g castcheck.castcheck_sha_eq_torch)" "all 65536 bf16/fp16: $(g castcheck.castcheck_patterns)"
   local failed=""
   for k in "${!R[@]}"; do case $k in *.failed) failed="$failed ${k%.failed}(${R[$k]})";; esac; done
   echo "failed steps: ${failed:-none}"
@@ -127,13 +129,17 @@ done
 
 step "torch dcp.load -> CUDA (cold, warm) and torch's sha256 of every tensor"
 run torch 300 "$PY" "$HERE/torch_load.py" --ckpt "$WORK/big" --runs cold,warm --sums "$WORK/big.sha256"
-run torch_shard1 120 "$PY" "$HERE/torch_load.py" --ckpt "$WORK/shard1" --runs warm --sums "$WORK/shard1.sha256"
+run torch_shard1 120 "$PY" "$HERE/torch_load.py" --ckpt "$WORK/shard1" --runs warm --sums "$WORK/shard1.sha256" \
+  --fp32-sums "$WORK/shard1.fp32.sha256"
 
 step "correctness: GPU read == host read == torch"
 run hostsums_big 300 bench hostsums --ckpt "$WORK/big" --sums "$WORK/big.sha256"
 run verify_big 300 bench verify --ckpt "$WORK/big" --sums "$WORK/big.sha256" --boxes 2
 run hostsums_shard1 120 bench hostsums --ckpt "$WORK/shard1" --sums "$WORK/shard1.sha256"
 run verify_shard1 120 bench verify --ckpt "$WORK/shard1" --sums "$WORK/shard1.sha256" --boxes 4
+
+step "castcheck: Shard(1) read to the GPU as float32 (device widening) == host cast == torch CUDA .to(float32)"
+run castcheck 120 bench castcheck --ckpt "$WORK/shard1" --out "$WORK/cast" --sums "$WORK/shard1.fp32.sha256"
 
 step "save from device memory == host save (Shard(1) checkpoint's tensors)"
 run savecheck 180 bench savecheck --ckpt "$WORK/shard1" --out "$WORK/saves"

@@ -11,6 +11,10 @@
 //!                                                 GPU read == host read (bit for bit), sha256 == torch's, boxes
 //! gpu_bench hostsums --ckpt DIR --sums FILE       distcp's host read == torch's sha256 (no GPU needed)
 //! gpu_bench savecheck --ckpt DIR --out DIR        a save from device memory == a save of the host read (files)
+//! gpu_bench castcheck --ckpt DIR --out DIR [--sums FILE]
+//!                                                 every tensor read to the GPU as float32 (device widening) ==
+//!                                                 host read + core cast == torch's CUDA `.to(float32)` sha256;
+//!                                                 also all 65536 bf16 and fp16 bit patterns
 //! ```
 //! Machine-readable results are lines `RESULT <name> <value>`.
 
@@ -167,7 +171,7 @@ fn load(a: &Args) -> Res<()> {
     let region = Region::whole(&ck.tensor(k).map_err(|e| e.to_string())?.size);
     let len = distcp_cuda::region_bytes(&ck, k, &region).map_err(|e| e.to_string())?;
     let buf = DeviceBuffer::alloc(reader.device(), len).map_err(|e| e.to_string())?;
-    reqs.push(Request { key: k.clone(), region, dst: buf.ptr(), dst_len: len });
+    reqs.push(Request { key: k.clone(), region, dst: buf.ptr(), dst_len: len, dtype: None });
     bufs.push(buf);
   }
   let runs = a.num("runs", 1.0).max(1.0) as usize;
@@ -212,7 +216,7 @@ impl Rng {
 }
 
 fn device_read(reader: &mut CudaReader, ck: &Checkpoint, key: &str, region: &Region) -> Res<Vec<u8>> {
-  let buf = reader.read_alloc(ck, key, region).map_err(|e| e.to_string())?;
+  let buf = reader.read_alloc(ck, key, region, None).map_err(|e| e.to_string())?;
   let mut out = vec![0u8; buf.len() as usize];
   copy_to_host(reader.device(), buf.ptr(), &mut out).map_err(|e| e.to_string())?;
   Ok(out)
@@ -397,7 +401,7 @@ fn savecheck(a: &Args) -> Res<bool> {
     let t = ck.tensor(k).map_err(|e| e.to_string())?;
     let (dtype, shape) = (t.dtype(), t.size.clone());
     let whole = Region::whole(&shape);
-    let buf = reader.read_alloc(&ck, k, &whole).map_err(|e| e.to_string())?;
+    let buf = reader.read_alloc(&ck, k, &whole, None).map_err(|e| e.to_string())?;
     let mut host = vec![0u8; buf.len() as usize];
     let t0 = Instant::now();
     reader.download(buf.ptr(), &mut host).map_err(|e| e.to_string())?;
@@ -451,6 +455,89 @@ fn savecheck(a: &Args) -> Res<bool> {
   Ok(same)
 }
 
+/// Keys of the all-bit-patterns tensors (torch_load.py --fp32-sums writes the same keys).
+const PATTERN_KEYS: [(&str, distcp_core::DType); 2] = [
+  ("__all_bf16_patterns__", distcp_core::DType::BFloat16),
+  ("__all_f16_patterns__", distcp_core::DType::Float16),
+];
+
+/// Reads `key` whole to the GPU as float32, copies it back, and compares it with the host read cast by the core
+/// (and with torch's sha256 of its CUDA `.to(torch.float32)` when `sums` has the key).
+fn cast_one(
+  reader: &mut CudaReader,
+  ck: &Checkpoint,
+  key: &str,
+  sums: &HashMap<String, String>,
+  eq_host: &mut usize,
+  eq_torch: &mut usize,
+) -> Res<()> {
+  use distcp_core::DType;
+  let t = ck.tensor(key).map_err(|e| e.to_string())?;
+  let (from, whole) = (t.dtype(), Region::whole(&t.size));
+  let buf = reader.read_alloc(ck, key, &whole, Some(DType::Float32)).map_err(|e| e.to_string())?;
+  let mut dev = vec![0u8; buf.len() as usize];
+  reader.download(buf.ptr(), &mut dev).map_err(|e| e.to_string())?;
+  let stored = host_read(ck, key, &whole)?;
+  let mut host = vec![0u8; stored.len() / from.size() * 4];
+  distcp_core::convert::cast_parallel(&stored, from, &mut host, DType::Float32);
+  if dev == host {
+    *eq_host += 1;
+  } else {
+    let first = dev.chunks(4).zip(host.chunks(4)).position(|(a, b)| a != b).unwrap_or(0);
+    println!(
+      "castcheck: FAIL {key}: {from} -> float32 on the GPU differs from the host cast (element {first})"
+    );
+  }
+  match sums.get(key) {
+    Some(want) if *want == sha_hex(&dev) => *eq_torch += 1,
+    Some(_) => println!("castcheck: FAIL {key}: sha256 differs from torch's CUDA .to(torch.float32)"),
+    None => println!("castcheck: {key}: no torch sha256"),
+  }
+  Ok(())
+}
+
+/// Device-side widening (bf16/fp16 → fp32) against the host cast and torch's CUDA cast.
+fn castcheck(a: &Args) -> Res<bool> {
+  use distcp_core::write::save::{save, SaveOptions};
+  use distcp_core::write::value::{SaveValue, TensorRef};
+  let ck = a.ckpt()?;
+  let sums = read_sums(a)?;
+  let out = std::path::PathBuf::from(a.get("out").ok_or("--out DIR is required")?).join("patterns");
+  let mut reader = CudaReader::new(0, a.reader_options()).map_err(|e| e.to_string())?;
+  let t0 = Instant::now();
+  let keys = tensor_keys(&ck);
+  let (mut eq_host, mut eq_torch) = (0, 0);
+  for k in &keys {
+    cast_one(&mut reader, &ck, k, &sums, &mut eq_host, &mut eq_torch)?;
+  }
+  // every bit pattern once, through distcp's own writer and the same GPU read
+  let bits: Vec<u8> = (0..=u16::MAX).flat_map(u16::to_le_bytes).collect();
+  let items = PATTERN_KEYS
+    .iter()
+    .map(|&(k, dtype)| {
+      (SaveValue::Str(k.into()), SaveValue::Tensor(TensorRef { dtype, shape: vec![65536], data: &bits }))
+    })
+    .collect();
+  let _ = std::fs::remove_dir_all(&out);
+  save(&out, &SaveValue::Dict(items), &SaveOptions { sync: false, ..SaveOptions::default() })
+    .map_err(|e| e.to_string())?;
+  let pck = Checkpoint::open(&out, None).map_err(|e| e.to_string())?;
+  let (mut p_host, mut p_torch) = (0, 0);
+  for (k, _) in PATTERN_KEYS {
+    cast_one(&mut reader, &pck, k, &sums, &mut p_host, &mut p_torch)?;
+  }
+  println!(
+    "castcheck: {} tensors read to the GPU as float32 in {:.1} s: == host cast {eq_host}, sha256 == torch CUDA \
+     .to(float32) {eq_torch}; all bit patterns (bf16, fp16): == host cast {p_host}/2, == torch {p_torch}/2",
+    keys.len(),
+    t0.elapsed().as_secs_f64()
+  );
+  println!("RESULT castcheck_eq_host {eq_host}/{}", keys.len());
+  println!("RESULT castcheck_sha_eq_torch {eq_torch}/{}", keys.len());
+  println!("RESULT castcheck_patterns {p_host}/2 host, {p_torch}/2 torch");
+  Ok(eq_host == keys.len() && eq_torch == keys.len() && p_host == 2 && p_torch == 2)
+}
+
 fn main() -> ExitCode {
   let a = Args::parse();
   let r: Res<bool> = match a.cmd.as_str() {
@@ -468,8 +555,9 @@ fn main() -> ExitCode {
     "verify" => verify(&a),
     "hostsums" => hostsums(&a),
     "savecheck" => savecheck(&a),
+    "castcheck" => castcheck(&a),
     other => Err(format!(
-      "unknown command `{other}` (info, smoke, ceiling, disk, load, verify, hostsums, savecheck)"
+      "unknown command `{other}` (info, smoke, ceiling, disk, load, verify, hostsums, savecheck, castcheck)"
     )),
   };
   match r {

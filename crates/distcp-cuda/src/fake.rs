@@ -4,7 +4,9 @@
 //! before waiting for it would land wrong bytes here too.
 
 use crate::error::{CudaError, Result};
+use crate::pipeline::WidenExecutor;
 use distcp_core::exec::{Copy2D, StagedExecutor};
+use distcp_core::DType;
 use std::sync::{Arc, Mutex};
 
 /// Device memory simulated in host memory: addresses `base .. base + len`.
@@ -55,7 +57,14 @@ impl FakeDevice {
 pub struct FakeExecutor {
   dev: Arc<FakeDevice>,
   slots: Vec<Vec<u8>>,
-  pending: Vec<Option<(u64, Vec<Copy2D>)>>,
+  pending: Vec<Option<Pending>>,
+}
+
+struct Pending {
+  dst_base: u64,
+  copies: Vec<Copy2D>,
+  /// `(stored dtype, staged bytes)` when the slot's elements are widened to float32 "on the device" first.
+  widen: Option<(DType, usize)>,
 }
 
 impl FakeExecutor {
@@ -65,8 +74,18 @@ impl FakeExecutor {
   }
 
   fn land(&mut self, slot: usize) -> Result<()> {
-    if let Some((base, copies)) = self.pending[slot].take() {
-      self.dev.apply(&self.slots[slot], base, &copies)?;
+    if let Some(p) = self.pending[slot].take() {
+      match p.widen {
+        None => self.dev.apply(&self.slots[slot], p.dst_base, &p.copies)?,
+        Some((from, staged)) => {
+          let src = self.slots[slot]
+            .get(..staged)
+            .ok_or_else(|| CudaError::BadRequest("fake device: a widen reads past its slot".into()))?;
+          let mut wide = vec![0u8; staged / 2 * 4];
+          crate::cast::widen_slice(from, src, &mut wide);
+          self.dev.apply(&wide, p.dst_base, &p.copies)?;
+        }
+      }
     }
     Ok(())
   }
@@ -96,13 +115,30 @@ impl StagedExecutor for FakeExecutor {
         "fake device: a slot was uploaded twice without being waited for".into(),
       ));
     }
-    self.pending[slot] = Some((dst_base, copies.to_vec()));
+    self.pending[slot] = Some(Pending { dst_base, copies: copies.to_vec(), widen: None });
     Ok(())
   }
 
   fn finish(&mut self) -> Result<()> {
     for s in 0..self.slots.len() {
       self.land(s)?;
+    }
+    Ok(())
+  }
+}
+
+impl WidenExecutor for FakeExecutor {
+  fn upload_widened(
+    &mut self,
+    slot: usize,
+    staged: usize,
+    from: DType,
+    dst_base: u64,
+    copies: &[Copy2D],
+  ) -> Result<()> {
+    self.upload(slot, dst_base, copies)?;
+    if let Some(p) = self.pending[slot].as_mut() {
+      p.widen = Some((from, staged));
     }
     Ok(())
   }

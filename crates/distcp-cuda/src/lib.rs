@@ -8,6 +8,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::all)]
 
+pub mod cast;
 pub mod cuda_exec;
 pub mod driver;
 pub mod error;
@@ -21,7 +22,7 @@ pub use pipeline::{Request, Stats};
 
 use cuda_exec::CudaExecutor;
 use distcp_core::plan::Region;
-use distcp_core::Checkpoint;
+use distcp_core::{Checkpoint, DType};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -73,12 +74,20 @@ impl CudaReader {
     driver::guard(|| pipeline::run(execs, ck, reqs))
   }
 
-  /// Reads the box `region` of `key` into new device memory.
-  pub fn read_alloc(&mut self, ck: &Checkpoint, key: &str, region: &Region) -> Result<DeviceBuffer> {
-    let bytes = region_bytes(ck, key, region)?;
+  /// Reads the box `region` of `key` into new device memory, as `dtype` (`None`: as stored).
+  pub fn read_alloc(
+    &mut self,
+    ck: &Checkpoint,
+    key: &str,
+    region: &Region,
+    dtype: Option<DType>,
+  ) -> Result<DeviceBuffer> {
+    let bytes = box_bytes(ck, key, region, dtype)?;
     let buf = DeviceBuffer::alloc(&self.dev, bytes)?;
-    self
-      .read(ck, &[Request { key: key.to_owned(), region: region.clone(), dst: buf.ptr(), dst_len: bytes }])?;
+    self.read(
+      ck,
+      &[Request { key: key.to_owned(), region: region.clone(), dst: buf.ptr(), dst_len: bytes, dtype }],
+    )?;
     Ok(buf)
   }
 }
@@ -122,7 +131,25 @@ pub fn download_checked(index: usize, src: u64, out: &mut [u8]) -> Result<()> {
 /// Bytes of the box `region` of tensor `key`, after checking that the box lies inside the tensor (so a bad request
 /// is reported as such before any device work).
 pub fn region_bytes(ck: &Checkpoint, key: &str, region: &Region) -> Result<u64> {
+  box_bytes(ck, key, region, None)
+}
+
+/// [`region_bytes`] in elements of `dtype` (`None`: the stored dtype), after checking that the cast exists.
+pub fn box_bytes(ck: &Checkpoint, key: &str, region: &Region, dtype: Option<DType>) -> Result<u64> {
   let t = ck.tensor(key)?;
+  let es = match dtype {
+    Some(want) => {
+      cast::choose(t.dtype(), want).map_err(|e| {
+        CudaError::Core(distcp_core::Error::BadRequest {
+          checkpoint: ck.root.clone(),
+          key: key.to_owned(),
+          reason: e.to_string(),
+        })
+      })?;
+      want.size()
+    }
+    None => t.dtype().size(),
+  };
   distcp_core::plan::check_region(&t.size, region).map_err(|reason| {
     CudaError::Core(distcp_core::Error::BadRequest {
       checkpoint: ck.root.clone(),
@@ -130,7 +157,7 @@ pub fn region_bytes(ck: &Checkpoint, key: &str, region: &Region) -> Result<u64> 
       reason,
     })
   })?;
-  region.numel().and_then(|n| n.checked_mul(t.dtype().size() as u64)).ok_or_else(|| {
+  region.numel().and_then(|n| n.checked_mul(es as u64)).ok_or_else(|| {
     CudaError::Core(distcp_core::Error::BadRequest {
       checkpoint: ck.root.clone(),
       key: key.to_owned(),
@@ -159,16 +186,23 @@ pub fn with_reader<T>(index: usize, f: impl FnOnce(&mut CudaReader) -> Result<T>
   r
 }
 
-/// Reads the box `region` of `key` into new memory on `cuda:index`.
-pub fn read_to_device(ck: &Checkpoint, key: &str, region: &Region, index: usize) -> Result<DeviceBuffer> {
+/// Reads the box `region` of `key` into new memory on `cuda:index`, as `dtype` (`None`: as stored; casts run on
+/// the side that moves fewer bytes, see [`cast`]).
+pub fn read_to_device(
+  ck: &Checkpoint,
+  key: &str,
+  region: &Region,
+  index: usize,
+  dtype: Option<DType>,
+) -> Result<DeviceBuffer> {
   driver::guard(|| {
-    region_bytes(ck, key, region)?;
-    with_reader(index, |r| r.read_alloc(ck, key, region))
+    box_bytes(ck, key, region, dtype)?;
+    with_reader(index, |r| r.read_alloc(ck, key, region, dtype))
   })
 }
 
-/// Reads the box `region` of `key` into the caller's device memory `ptr .. ptr + len` on `cuda:index`; `len` must be
-/// exactly the box's bytes. distcp never frees it.
+/// Reads the box `region` of `key` into the caller's device memory `ptr .. ptr + len` on `cuda:index`, as `dtype`
+/// (`None`: as stored); `len` must be exactly the box's bytes in that dtype. distcp never frees it.
 pub fn read_into_device(
   ck: &Checkpoint,
   key: &str,
@@ -176,13 +210,14 @@ pub fn read_into_device(
   index: usize,
   ptr: u64,
   len: u64,
+  dtype: Option<DType>,
 ) -> Result<()> {
   driver::guard(|| {
-    region_bytes(ck, key, region)?;
+    box_bytes(ck, key, region, dtype)?;
     let dev = Device::open(index)?;
     driver::check_device_range(&dev, ptr, len)?;
     with_reader(index, |r| {
-      r.read(ck, &[Request { key: key.to_owned(), region: region.clone(), dst: ptr, dst_len: len }])
+      r.read(ck, &[Request { key: key.to_owned(), region: region.clone(), dst: ptr, dst_len: len, dtype }])
     })?;
     Ok(())
   })

@@ -3,12 +3,13 @@
 //! Reader threads each own one executor (two slots): while one slot's copies run, the next band is read into the
 //! other. Host memory is bounded by threads × slots × slot size, whatever the checkpoint size.
 
+use crate::cast::{choose, CastMode};
 use crate::error::{CudaError, Result};
 use crate::source::{chunk_source, ChunkSource};
 use distcp_core::copy::copy_resolved;
 use distcp_core::exec::{lower, row_major_strides, source_extent, Copy2D, StagedExecutor, StoredLayout};
 use distcp_core::plan::{check_region, plan_region, ChunkRead, Region};
-use distcp_core::{Checkpoint, Error};
+use distcp_core::{Checkpoint, DType, Error};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// The smallest slot the pipeline accepts: the largest element (16 bytes, complex128) must fit with room to spare.
@@ -21,8 +22,25 @@ pub struct Request {
   pub region: Region,
   /// Address of the destination's first byte (device pointer, or fake-device address).
   pub dst: u64,
-  /// Bytes the destination holds; must equal the box's bytes.
+  /// Bytes the destination holds; must equal the box's bytes (in the wanted dtype).
   pub dst_len: u64,
+  /// The dtype to land the elements in (`None`: as stored). See [`crate::cast`] for where the cast runs.
+  pub dtype: Option<DType>,
+}
+
+/// An executor that can also widen bfloat16/float16 to float32 on its device ([`CastMode::Device`]).
+pub trait WidenExecutor: StagedExecutor<Error = CudaError> {
+  /// Queues: the first `staged` bytes of slot `slot` (elements of `from`) to device scratch, widened there to
+  /// float32, then `copies` (in float32 bytes, sources relative to the widened scratch) to `dst_base`. Like
+  /// [`StagedExecutor::upload`], the slot is not lent again until its bytes have been read.
+  fn upload_widened(
+    &mut self,
+    slot: usize,
+    staged: usize,
+    from: DType,
+    dst_base: u64,
+    copies: &[Copy2D],
+  ) -> Result<()>;
 }
 
 /// What a run moved.
@@ -38,6 +56,7 @@ pub struct Stats {
 
 struct Band {
   req: usize,
+  mode: CastMode,
   src: usize,
   read: ChunkRead,
 }
@@ -104,16 +123,24 @@ fn plan(ck: &Checkpoint, reqs: &[Request], slot_len: u64) -> Result<(Vec<ChunkSo
     let t = ck.tensor(key)?;
     check_region(&t.size, &req.region).map_err(bad)?;
     let es = t.dtype().size() as u64;
+    let wanted = req.dtype.unwrap_or(t.dtype());
+    let mode = choose(t.dtype(), wanted).map_err(|e| bad(e.to_string()))?;
+    let es_out = wanted.size() as u64;
+    // a band's stored bytes, once cast on the host, must still fit the slot
+    let cap = match mode {
+      CastMode::Host { .. } if es_out > es => slot_len / es_out * es,
+      _ => slot_len,
+    };
     let numel = req.region.numel().ok_or_else(|| bad("the box's element count overflows".into()))?;
-    let want = numel.checked_mul(es);
+    let want = numel.checked_mul(es_out);
     if want != Some(req.dst_len) {
       return Err(
         bad(format!(
           "the destination holds {} bytes, the {} box {:?} needs {}",
           req.dst_len,
-          t.dtype(),
+          wanted,
           req.region.sizes,
-          numel.saturating_mul(es)
+          numel.saturating_mul(es_out)
         ))
         .into(),
       );
@@ -139,16 +166,16 @@ fn plan(ck: &Checkpoint, reqs: &[Request], slot_len: u64) -> Result<(Vec<ChunkSo
             let c = lower(layout, r, &req.region.sizes).map_err(|e| lower_err(ck, key, e))?;
             Ok(source_extent(&c).map_or(0, |(a, b)| b - a))
           };
-          split(read, 0, &measure, slot_len, &mut pieces)?;
+          split(read, 0, &measure, cap, &mut pieces)?;
         }
         ChunkSource::Host { .. } => {
           let measure = |r: &ChunkRead| -> Result<u64> {
             r.numel().checked_mul(es).ok_or_else(|| bad("the box's byte size overflows".into()).into())
           };
-          split(read, 0, &measure, slot_len, &mut pieces)?;
+          split(read, 0, &measure, cap, &mut pieces)?;
         }
       }
-      bands.extend(pieces.into_iter().map(|read| Band { req: ri, src, read }));
+      bands.extend(pieces.into_iter().map(|read| Band { req: ri, mode, src, read }));
     }
   }
   Ok((sources, bands))
@@ -163,14 +190,9 @@ struct Shared<'a> {
   stop: AtomicBool,
 }
 
-/// Fills the slot with one band's bytes and returns the band's copies (sources relative to the slot).
-fn stage<E: StagedExecutor<Error = CudaError>>(
-  sh: &Shared<'_>,
-  ex: &mut E,
-  slot: usize,
-  band: &Band,
-  copies: &mut Vec<Copy2D>,
-) -> Result<u64> {
+/// Fills `buf` with one band's stored bytes and returns the band's copies (sources relative to `buf`, sizes in
+/// stored bytes).
+fn stage(sh: &Shared<'_>, buf: &mut [u8], band: &Band, copies: &mut Vec<Copy2D>) -> Result<u64> {
   let req = &sh.reqs[band.req];
   let key = req.key.as_str();
   match &sh.sources[band.src] {
@@ -194,7 +216,6 @@ fn stage<E: StagedExecutor<Error = CudaError>>(
         x
       }));
       let n = (end - first) as usize;
-      let buf = ex.slot(slot)?;
       let buf =
         buf.get_mut(..n).ok_or_else(|| CudaError::Panic(format!("band of {n} bytes over the slot")))?;
       // the core's positional read: a file truncated under an open checkpoint is a coded error, never SIGBUS
@@ -212,7 +233,6 @@ fn stage<E: StagedExecutor<Error = CudaError>>(
         dst_start: zeros.clone(),
         lengths: lengths.clone(),
       };
-      let buf = ex.slot(slot)?;
       let buf =
         buf.get_mut(..n).ok_or_else(|| CudaError::Panic(format!("band of {n} bytes over the slot")))?;
       copy_resolved(chunk, &local, buf, lengths).map_err(|e| sh.ck.copy_error(chunk, key, e))?;
@@ -231,9 +251,33 @@ fn stage<E: StagedExecutor<Error = CudaError>>(
   }
 }
 
-fn work<E: StagedExecutor<Error = CudaError>>(sh: &Shared<'_>, ex: &mut E) -> Result<Stats> {
+/// A copy in stored bytes re-expressed in bytes of an element `to` bytes wide (every offset, pitch and width of a
+/// lowered copy is a whole number of elements).
+fn rescale(c: &Copy2D, from: u64, to: u64) -> Result<Copy2D> {
+  let f = |x: u64| {
+    if !x.is_multiple_of(from) {
+      return Err(CudaError::Panic(format!("a copy field of {x} bytes is not whole {from}-byte elements")));
+    }
+    (x / from).checked_mul(to).ok_or_else(|| CudaError::Panic("a cast copy overflows".into()))
+  };
+  let width = f(c.width)?;
+  // a single row's pitches are never used to step: keep them valid without requiring whole elements
+  let pitch = |x: u64| if c.height <= 1 { Ok(width) } else { f(x) };
+  Ok(Copy2D {
+    src: f(c.src)?,
+    src_pitch: pitch(c.src_pitch)?,
+    dst: f(c.dst)?,
+    dst_pitch: pitch(c.dst_pitch)?,
+    width,
+    height: c.height,
+  })
+}
+
+fn work<E: WidenExecutor>(sh: &Shared<'_>, ex: &mut E) -> Result<Stats> {
   let mut stats = Stats::default();
   let mut copies = Vec::new();
+  // host casts read the stored bytes here, then cast them into the slot (allocated on the first such band)
+  let mut scratch: Vec<u8> = Vec::new();
   let mut k = 0usize;
   while !sh.stop.load(Ordering::Relaxed) {
     let i = sh.next.fetch_add(1, Ordering::Relaxed);
@@ -241,7 +285,37 @@ fn work<E: StagedExecutor<Error = CudaError>>(sh: &Shared<'_>, ex: &mut E) -> Re
     let slot = k % ex.slot_count();
     k += 1;
     copies.clear();
-    let staged = stage(sh, ex, slot, band, &mut copies)?;
+    let staged = match band.mode {
+      CastMode::Host { from, to } => {
+        if scratch.is_empty() {
+          scratch = vec![0u8; ex.slot_len()];
+        }
+        let n = stage(sh, &mut scratch, band, &mut copies)? as usize;
+        let (ef, et) = (from.size(), to.size());
+        let m = n / ef * et;
+        let buf = ex.slot(slot)?;
+        let out = buf
+          .get_mut(..m)
+          .ok_or_else(|| CudaError::Panic(format!("cast band of {m} bytes over the slot")))?;
+        distcp_core::convert::cast(&scratch[..n / ef * ef], from, out, to);
+        for c in copies.iter_mut() {
+          *c = rescale(c, ef as u64, et as u64)?;
+        }
+        n as u64
+      }
+      CastMode::Device { from } => {
+        let buf = ex.slot(slot)?;
+        let n = stage(sh, buf, band, &mut copies)?;
+        for c in copies.iter_mut() {
+          *c = rescale(c, from.size() as u64, 4)?;
+        }
+        n
+      }
+      CastMode::None => {
+        let buf = ex.slot(slot)?;
+        stage(sh, buf, band, &mut copies)?
+      }
+    };
     let req = &sh.reqs[band.req];
     for c in &copies {
       if c.dst_end() > req.dst_len {
@@ -253,7 +327,10 @@ fn work<E: StagedExecutor<Error = CudaError>>(sh: &Shared<'_>, ex: &mut E) -> Re
       }
       stats.bytes += c.bytes();
     }
-    ex.upload(slot, req.dst, &copies)?;
+    match band.mode {
+      CastMode::Device { from } => ex.upload_widened(slot, staged as usize, from, req.dst, &copies)?,
+      _ => ex.upload(slot, req.dst, &copies)?,
+    }
     stats.staged += staged;
     stats.bands += 1;
   }
@@ -264,7 +341,7 @@ fn work<E: StagedExecutor<Error = CudaError>>(sh: &Shared<'_>, ex: &mut E) -> Re
 /// fails (no copy is left in flight into a destination the caller may free).
 pub fn run<E>(execs: &mut [E], ck: &Checkpoint, reqs: &[Request]) -> Result<Stats>
 where
-  E: StagedExecutor<Error = CudaError> + Send,
+  E: WidenExecutor + Send,
 {
   let Some(first) = execs.first() else {
     return Err(CudaError::BadRequest("no reader threads".into()));

@@ -4,7 +4,7 @@
 
 use distcp_core::metadata::ItemMetadata;
 use distcp_core::plan::Region;
-use distcp_core::Checkpoint;
+use distcp_core::{Checkpoint, DType};
 use distcp_cuda::fake::{FakeDevice, FakeExecutor};
 use distcp_cuda::pipeline::{run, Request};
 use std::path::{Path, PathBuf};
@@ -39,13 +39,24 @@ const FILL: u8 = 0x5A;
 
 /// Reads `reqs` (boxes, dst assigned here) onto a fresh fake device; returns each box's bytes.
 fn fake_read(ck: &Checkpoint, boxes: &[(String, Region)], slot_len: usize, threads: usize) -> Vec<Vec<u8>> {
-  let sizes: Vec<u64> = boxes.iter().map(|(k, r)| distcp_cuda::region_bytes(ck, k, r).unwrap()).collect();
+  fake_read_as(ck, boxes, slot_len, threads, None)
+}
+
+/// [`fake_read`] with every box read as `dtype`.
+fn fake_read_as(
+  ck: &Checkpoint,
+  boxes: &[(String, Region)],
+  slot_len: usize,
+  threads: usize,
+  dtype: Option<DType>,
+) -> Vec<Vec<u8>> {
+  let sizes: Vec<u64> = boxes.iter().map(|(k, r)| distcp_cuda::box_bytes(ck, k, r, dtype).unwrap()).collect();
   let total: u64 = sizes.iter().map(|s| s + PAD).sum::<u64>() + PAD;
   let dev = FakeDevice::new(total as usize, FILL);
   let mut at = PAD;
   let mut reqs = Vec::new();
   for ((key, region), &len) in boxes.iter().zip(&sizes) {
-    reqs.push(Request { key: key.clone(), region: region.clone(), dst: dev.addr(at), dst_len: len });
+    reqs.push(Request { key: key.clone(), region: region.clone(), dst: dev.addr(at), dst_len: len, dtype });
     at += len + PAD;
   }
   let mut execs: Vec<_> = (0..threads).map(|_| FakeExecutor::new(&dev, slot_len)).collect();
@@ -152,8 +163,96 @@ fn a_destination_of_the_wrong_size_is_refused_before_any_copy() {
   let len = distcp_cuda::region_bytes(&ck, key, &region).unwrap();
   let dev = FakeDevice::new(len as usize * 2, FILL);
   let mut execs = vec![FakeExecutor::new(&dev, 4096)];
-  let req = Request { key: key.into(), region, dst: dev.addr(0), dst_len: len - 1 };
+  let req = Request { key: key.into(), region, dst: dev.addr(0), dst_len: len - 1, dtype: None };
   let e = run(&mut execs, &ck, &[req]).unwrap_err();
   assert_eq!(e.code(), "ERR_DISTCP_BAD_REQUEST", "{e}");
   assert!(dev.read(dev.addr(0), len as usize * 2).iter().all(|&b| b == FILL));
+}
+
+const FLOATS: [DType; 4] = [DType::Float64, DType::Float32, DType::Float16, DType::BFloat16];
+
+/// The host read followed by the core's host cast: what a device read as `to` must land.
+fn host_read_as(ck: &Checkpoint, key: &str, region: &Region, to: DType) -> Vec<u8> {
+  let stored = host_read(ck, key, region);
+  let from = ck.tensor(key).unwrap().dtype();
+  let mut out = vec![0u8; stored.len() / from.size() * to.size()];
+  distcp_core::convert::cast(&stored, from, &mut out, to);
+  out
+}
+
+#[test]
+fn every_float_fixture_tensor_read_as_every_float_dtype_equals_the_host_cast() {
+  let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+  let (mut checked, mut device_widened, mut host_cast, mut shard1) = (0, 0, 0, 0);
+  for path in fixture_checkpoints() {
+    let ck = Checkpoint::open(&path, None).expect("open");
+    let mut boxes = Vec::new();
+    for k in tensor_keys(&ck) {
+      let t = ck.tensor(&k).unwrap();
+      if !FLOATS.contains(&t.dtype()) {
+        continue;
+      }
+      if t.chunks.iter().any(|c| c.offsets.get(1).is_some_and(|&o| o > 0)) {
+        shard1 += 1;
+      }
+      boxes.push((k.clone(), Region::whole(&t.size)));
+      if !t.size.contains(&0) {
+        let offsets: Vec<u64> = t.size.iter().map(|&n| rng.below(n)).collect();
+        let sizes: Vec<u64> = t.size.iter().zip(&offsets).map(|(&n, &o)| 1 + rng.below(n - o)).collect();
+        boxes.push((k.clone(), Region { offsets, sizes }));
+      }
+    }
+    for to in FLOATS {
+      // the boxes are grouped by stored dtype so that each run exercises one cast path
+      for from in FLOATS {
+        let group: Vec<_> =
+          boxes.iter().filter(|(k, _)| ck.tensor(k).unwrap().dtype() == from).cloned().collect();
+        if group.is_empty() {
+          continue;
+        }
+        let want: Vec<Vec<u8>> = group.iter().map(|(k, r)| host_read_as(&ck, k, r, to)).collect();
+        for (slot, threads) in [(64, 1), (96, 3), (1 << 20, 2)] {
+          let got = fake_read_as(&ck, &group, slot, threads, Some(to));
+          for (((k, r), g), w) in group.iter().zip(&got).zip(&want) {
+            assert!(
+              g == w,
+              "{}: `{k}` {r:?} {from} as {to} differs with {slot}-byte slots, {threads} threads",
+              path.display()
+            );
+          }
+        }
+        match distcp_cuda::cast::choose(from, to).unwrap() {
+          distcp_cuda::cast::CastMode::Device { .. } => device_widened += group.len(),
+          distcp_cuda::cast::CastMode::Host { .. } => host_cast += group.len(),
+          distcp_cuda::cast::CastMode::None => {}
+        }
+        checked += group.len();
+      }
+    }
+  }
+  assert!(checked > 200, "{checked}");
+  assert!(device_widened > 5 && host_cast > 50, "device {device_widened}, host {host_cast}");
+  assert!(shard1 >= 3, "{shard1}");
+}
+
+#[test]
+fn the_fake_device_widening_equals_the_core_host_cast_on_every_bit_pattern() {
+  for from in [DType::BFloat16, DType::Float16] {
+    let src: Vec<u8> = (0..=u16::MAX).flat_map(u16::to_le_bytes).collect();
+    let mut host = vec![0u8; src.len() * 2];
+    distcp_core::convert::cast(&src, from, &mut host, DType::Float32);
+    let mut dev = vec![0u8; src.len() * 2];
+    distcp_cuda::cast::widen_slice(from, &src, &mut dev);
+    for (i, (h, d)) in host.chunks_exact(4).zip(dev.chunks_exact(4)).enumerate() {
+      assert_eq!(h, d, "{from} {i:#06x}");
+    }
+  }
+}
+
+#[test]
+fn casts_between_non_float_dtypes_are_refused() {
+  let e = distcp_cuda::cast::choose(DType::Int64, DType::Float32).unwrap_err();
+  assert_eq!(e.code(), "ERR_DISTCP_BAD_REQUEST", "{e}");
+  assert!(distcp_cuda::cast::choose(DType::Float32, DType::Int8).is_err());
+  assert_eq!(distcp_cuda::cast::choose(DType::Int8, DType::Int8).unwrap(), distcp_cuda::cast::CastMode::None);
 }

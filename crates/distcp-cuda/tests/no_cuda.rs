@@ -21,8 +21,8 @@ fn no_cuda_is_a_coded_error_and_panics_are_caught() {
     assert!(reason.starts_with("no CUDA: "), "{reason}");
     for e in [
       CudaReader::new(0, ReaderOptions::default()).err().unwrap(),
-      read_to_device(&ck, key, &whole, 0).err().unwrap(),
-      read_into_device(&ck, key, &whole, 0, 1 << 40, 64 * 320 * 4).unwrap_err(),
+      read_to_device(&ck, key, &whole, 0, None).err().unwrap(),
+      read_into_device(&ck, key, &whole, 0, 1 << 40, 64 * 320 * 4, None).unwrap_err(),
     ] {
       assert_eq!(e.code(), "ERR_DISTCP_NO_CUDA", "{e}");
       assert_eq!(e.to_string(), reason);
@@ -30,10 +30,10 @@ fn no_cuda_is_a_coded_error_and_panics_are_caught() {
   }
   // a bad box is reported as such, before any device work
   let bad = Region { offsets: vec![0, 0], sizes: vec![9999, 1] };
-  assert_eq!(read_to_device(&ck, key, &bad, 0).err().unwrap().code(), "ERR_DISTCP_BAD_REQUEST");
+  assert_eq!(read_to_device(&ck, key, &bad, 0, None).err().unwrap().code(), "ERR_DISTCP_BAD_REQUEST");
 
   inject_panic_for_test(true);
-  let e = read_to_device(&ck, key, &whole, 0).err().unwrap();
+  let e = read_to_device(&ck, key, &whole, 0, None).err().unwrap();
   let during = cuda_info();
   inject_panic_for_test(false);
   assert_eq!(e.code(), "ERR_DISTCP_INTERNAL", "{e}");

@@ -4,7 +4,7 @@
 use crate::checkpoint::NativeCheckpoint;
 use crate::errors::guarded;
 use distcp_core::plan::Region;
-use distcp_core::Checkpoint;
+use distcp_core::{Checkpoint, DType};
 use distcp_cuda::{CudaError, DeviceBuffer};
 use napi::bindgen_prelude::{AsyncTask, BigInt, Buffer};
 use napi::{Env, Error, Status, Task};
@@ -146,6 +146,7 @@ pub struct ReadDeviceTask {
   key: String,
   region: Region,
   device: u32,
+  dtype: Option<DType>,
 }
 
 impl Task for ReadDeviceTask {
@@ -154,7 +155,8 @@ impl Task for ReadDeviceTask {
 
   fn compute(&mut self) -> napi::Result<DeviceBuffer> {
     guarded(|| {
-      distcp_cuda::read_to_device(&self.ck, &self.key, &self.region, self.device as usize).map_err(cuda_js)
+      distcp_cuda::read_to_device(&self.ck, &self.key, &self.region, self.device as usize, self.dtype)
+        .map_err(cuda_js)
     })
   }
 
@@ -175,6 +177,7 @@ pub struct ReadIntoDeviceTask {
   device: u32,
   ptr: u64,
   len: u64,
+  dtype: Option<DType>,
 }
 
 impl Task for ReadIntoDeviceTask {
@@ -184,7 +187,7 @@ impl Task for ReadIntoDeviceTask {
   fn compute(&mut self) -> napi::Result<()> {
     guarded(|| {
       let (ck, key, region) = (&self.ck, self.key.as_str(), &self.region);
-      distcp_cuda::read_into_device(ck, key, region, self.device as usize, self.ptr, self.len)
+      distcp_cuda::read_into_device(ck, key, region, self.device as usize, self.ptr, self.len, self.dtype)
         .map_err(cuda_js)
     })
   }
@@ -204,7 +207,16 @@ fn device_ptr(ptr: &BigInt) -> napi::Result<u64> {
   }
 }
 
-/// Reads a tensor (or the box `offsets`/`sizes`) into new memory on `cuda:device`.
+fn wanted_dtype(dtype: Option<String>) -> napi::Result<Option<DType>> {
+  dtype
+    .map(|d| {
+      DType::from_name(&d)
+        .ok_or_else(|| crate::errors::invalid_arg(format!("`dtype` '{d}' is not a torch dtype")))
+    })
+    .transpose()
+}
+
+/// Reads a tensor (or the box `offsets`/`sizes`) into new memory on `cuda:device`, as `dtype` (default: stored).
 #[napi(ts_return_type = "Promise<NativeDeviceBuffer>")]
 pub fn read_to_device(
   ck: &NativeCheckpoint,
@@ -212,13 +224,17 @@ pub fn read_to_device(
   device: u32,
   offsets: Option<Vec<f64>>,
   sizes: Option<Vec<f64>>,
+  dtype: Option<String>,
 ) -> napi::Result<AsyncTask<ReadDeviceTask>> {
   let ck_ = ck.get()?;
   let region = ck.region(&ck_, &key, offsets, sizes)?;
-  Ok(AsyncTask::new(ReadDeviceTask { ck: ck_, key, region, device }))
+  let dtype = wanted_dtype(dtype)?;
+  Ok(AsyncTask::new(ReadDeviceTask { ck: ck_, key, region, device, dtype }))
 }
 
 /// Reads a tensor (or a box) into the caller's device memory `ptr .. ptr + byteLength` on `cuda:device`.
+// napi passes the JS call's positional arguments; an options object would only move the same count elsewhere
+#[allow(clippy::too_many_arguments)]
 #[napi(ts_return_type = "Promise<void>")]
 pub fn read_into_device(
   ck: &NativeCheckpoint,
@@ -228,16 +244,18 @@ pub fn read_into_device(
   byte_length: f64,
   offsets: Option<Vec<f64>>,
   sizes: Option<Vec<f64>>,
+  dtype: Option<String>,
 ) -> napi::Result<AsyncTask<ReadIntoDeviceTask>> {
   let ck_ = ck.get()?;
   let region = ck.region(&ck_, &key, offsets, sizes)?;
   let ptr = device_ptr(&ptr)?;
+  let dtype = wanted_dtype(dtype)?;
   if !(byte_length >= 0.0 && byte_length.fract() == 0.0 && byte_length <= 9_007_199_254_740_991.0) {
     return Err(crate::errors::invalid_arg(format!(
       "`into.byteLength` must be a byte count, got {byte_length}"
     )));
   }
-  Ok(AsyncTask::new(ReadIntoDeviceTask { ck: ck_, key, region, device, ptr, len: byte_length as u64 }))
+  Ok(AsyncTask::new(ReadIntoDeviceTask { ck: ck_, key, region, device, ptr, len: byte_length as u64, dtype }))
 }
 
 pub struct CopyFromDeviceTask {
