@@ -51,11 +51,11 @@ export type { SaveCheckpointOptions, LoadCheckpointOptions, LoadCheckpointResult
 // asynchronous save and the checkpoint manager
 export { saveAsync, closeAsyncSaves, asyncSaver, AsyncSaver } from './async-save.js'
 export type { AsyncSave, AsyncSaveOptions, AsyncSaverOptions, AsyncSaverStats, StagedInfo } from './async-save.js'
-export { StagingPool, stagingPool } from './staging.js'
+export { StagingPool, StagingLease, stagingPool } from './staging.js'
 export type { StagingStats } from './staging.js'
 export type { AsyncCheckpointSave } from './checkpointing.js'
 export { CheckpointManager, MANAGER_MARKER } from './manager.js'
-export type { CheckpointManagerOptions, StepCheckpoint, CheckpointEntry, ResumePaths } from './manager.js'
+export type { CheckpointManagerOptions, StepCheckpoint, CheckpointEntry, ResumePaths, TrainingInfo } from './manager.js'
 // multi-rank: process groups over c10d's TCPStore (torchrun), save/load with `processGroup`
 export { initProcessGroup, ProcessGroup, CheckpointError, CollectiveTimeoutError } from './distributed/group.js'
 export type { ProcessGroupOptions } from './distributed/group.js'

@@ -76,7 +76,8 @@ export interface ResumePaths {
   optimizerPath: string | null
 }
 
-type TrainingInfo = Record<string, unknown>
+/** What `training_info.json` holds: the step, the metrics (e.g. `val:loss`) and anything else the trainer records. */
+export type TrainingInfo = Record<string, unknown>
 
 /** A value of `training_info.json` written as Python's `json.dump` writes it (", " and ": ", NaN, ensure_ascii). */
 function pyJson(v: unknown): string {
