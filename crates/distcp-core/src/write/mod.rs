@@ -5,14 +5,19 @@
 //! [`metadata_writer`] (`.metadata`) → [`save`] (the data file, fsyncs and the crash-safe commit).
 
 pub mod flatten;
+#[doc(hidden)]
 pub mod metadata_writer;
+#[doc(hidden)]
 pub mod ranks;
+#[doc(hidden)]
 pub mod record;
 pub mod save;
 pub mod value;
 
 // the formats' writers live beside their readers (`pickle::write`, `zip::write`); these names stay for callers
+#[doc(hidden)]
 pub use crate::pickle::write as pickler;
+#[doc(hidden)]
 pub use crate::zip::write as zip_writer;
 pub use flatten::{flatten, FlatItem, Layout};
 pub use save::{save, SaveOptions, SaveSummary};
