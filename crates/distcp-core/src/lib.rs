@@ -6,7 +6,7 @@
 //!   chunks ([`Checkpoint::item`], [`metadata::TensorMetadata`]), and read tensors whole
 //!   ([`Checkpoint::read_tensor`]) or a box of one into your own buffer ([`Checkpoint::read_into`] with a
 //!   [`plan::Region`]). Reads touch only the chunks that overlap the box; bytes are row-major, little-endian.
-//! - [`write::save`] a state dict given as a [`write::SaveValue`] tree; tensors borrow your bytes
+//! - [`write::save()`] a state dict given as a [`write::SaveValue`] tree; tensors borrow your bytes
 //!   ([`write::TensorRef`]). The folder is what `torch.distributed.checkpoint.save` writes on one rank, and the
 //!   save is atomic: complete or absent.
 //! - [`convert`] a checkpoint to safetensors, planned from `.metadata` and written tensor by tensor.

@@ -1,8 +1,8 @@
 //! Writing DCP checkpoints that `torch.distributed.checkpoint.load` reads, byte for byte as torch writes them.
 //!
-//! Layers: [`value`] (what the caller saves; tensors borrow the caller's bytes) → [`flatten`] (torch's flat keys)
+//! Layers: [`value`] (what the caller saves; tensors borrow the caller's bytes) → [`mod@flatten`] (torch's flat keys)
 //! → [`record`] (one item as a `torch.save` archive: [`pickler`] for `data.pkl`, [`zip_writer`] for the zip) →
-//! [`metadata_writer`] (`.metadata`) → [`save`] (the data file, fsyncs and the crash-safe commit).
+//! [`metadata_writer`] (`.metadata`) → [`mod@save`] (the data file, fsyncs and the crash-safe commit).
 
 pub mod flatten;
 #[doc(hidden)]
