@@ -31,10 +31,12 @@ pub struct Blob {
 }
 
 impl Blob {
+  /// The record's bytes, with any transform (compression) undone.
   pub fn bytes(&self) -> &[u8] {
     &self.bytes
   }
 
+  /// The data file the record was read from.
   pub fn path(&self) -> &Path {
     &self.path
   }
@@ -43,8 +45,11 @@ impl Blob {
 /// Where one chunk of a tensor is stored.
 #[derive(Debug, Clone)]
 pub struct ChunkLocation {
+  /// Where the chunk starts in the whole tensor, per dimension.
   pub offsets: Vec<u64>,
+  /// The chunk's extent per dimension.
   pub sizes: Vec<u64>,
+  /// The data file and byte range holding the chunk's record.
   pub info: StorageInfo,
 }
 
@@ -53,15 +58,21 @@ pub struct ChunkLocation {
 pub struct Summary {
   /// `.metadata` or `__{rank}.metadata`.
   pub metadata_file: String,
+  /// The DCP metadata version torch recorded (`None` before torch wrote one).
   pub version: Option<String>,
+  /// The module torch pickled `TensorProperties` from (it moved between torch versions).
   pub tensor_properties_module: Option<String>,
+  /// The `save_id` of the storage metadata, if torch recorded one.
   pub save_id: Option<String>,
+  /// The `checkpoint_id` of the storage metadata, if torch recorded one.
   pub checkpoint_id: Option<String>,
   /// Data files, sorted.
   pub files: Vec<String>,
   /// Number of ranks that wrote data files (`__{rank}_{n}.distcp`).
   pub ranks: usize,
+  /// Whether `.metadata` carries `planner_data` (each key's path in the nested state dict).
   pub has_planner_data: bool,
+  /// Whether `.metadata` carries `storage_meta` (torch ≥ 2.4 writers).
   pub has_storage_meta: bool,
   /// [`LayoutKind::name`]: `dcp`, `dcp-safetensors`, `hf-storage-sharded`, `hf-safetensors`.
   pub layout: &'static str,
@@ -158,10 +169,15 @@ fn zstd_bounded(src: &[u8], bound: u64) -> std::result::Result<Vec<u8>, String> 
   Ok(out)
 }
 
+/// An open DCP checkpoint folder: start here with [`Checkpoint::open`], then read tensors with
+/// [`Checkpoint::read_tensor`] or [`Checkpoint::read_into`]. Safe to share between threads.
 #[derive(Debug)]
 pub struct Checkpoint {
+  /// The folder as given to [`Checkpoint::open`].
   pub root: PathBuf,
+  /// The metadata file that was read (`.metadata`, or a rank's `__{rank}.metadata`).
   pub metadata_path: PathBuf,
+  /// The parsed and validated metadata: every key, its type, shape and chunks.
   pub metadata: Metadata,
   /// Which layout the folder holds and who wrote it.
   pub layout: Layout,
@@ -389,10 +405,12 @@ impl Checkpoint {
     Ok(())
   }
 
+  /// Every key of the flat state dict, in `.metadata` order.
   pub fn keys(&self) -> impl Iterator<Item = &str> {
     self.metadata.items.iter().map(|(k, _)| k.as_str())
   }
 
+  /// What `.metadata` says about `key`: a tensor (dtype, shape, chunks) or a non-tensor value.
   pub fn item(&self, key: &str) -> Result<&ItemMetadata> {
     self
       .metadata
@@ -400,6 +418,7 @@ impl Checkpoint {
       .ok_or_else(|| Error::NoSuchKey { checkpoint: self.root.clone(), key: key.to_owned() })
   }
 
+  /// The tensor metadata of `key`; an error if `key` is missing or a non-tensor value.
   pub fn tensor(&self, key: &str) -> Result<&TensorMetadata> {
     match self.item(key)? {
       ItemMetadata::Tensor(t) => Ok(t),
@@ -437,6 +456,7 @@ impl Checkpoint {
       .collect()
   }
 
+  /// Where the pickled record of non-tensor value `key` is stored.
   pub fn object_location(&self, key: &str) -> Result<StorageInfo> {
     Ok(self.storage_info(key, None)?.clone())
   }

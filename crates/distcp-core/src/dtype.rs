@@ -2,28 +2,50 @@
 
 use std::fmt;
 
+/// The element type of a stored tensor; [`DType::name`] is torch's name for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
+  /// `torch.float64` (IEEE binary64).
   Float64,
+  /// `torch.float32` (IEEE binary32).
   Float32,
+  /// `torch.float16` (IEEE binary16).
   Float16,
+  /// `torch.bfloat16`: the top 16 bits of a binary32.
   BFloat16,
+  /// `torch.float8_e4m3fn`: 4 exponent bits, 3 mantissa bits, no infinities.
   Float8E4M3Fn,
+  /// `torch.float8_e5m2`: 5 exponent bits, 2 mantissa bits.
   Float8E5M2,
+  /// `torch.float8_e4m3fnuz`: e4m3 without negative zero (one NaN).
   Float8E4M3Fnuz,
+  /// `torch.float8_e5m2fnuz`: e5m2 without negative zero (one NaN).
   Float8E5M2Fnuz,
+  /// `torch.float8_e8m0fnu`: an unsigned power-of-two scale (MX formats).
   Float8E8M0Fnu,
+  /// `torch.int64`.
   Int64,
+  /// `torch.int32`.
   Int32,
+  /// `torch.int16`.
   Int16,
+  /// `torch.int8`.
   Int8,
+  /// `torch.uint64`.
   UInt64,
+  /// `torch.uint32`.
   UInt32,
+  /// `torch.uint16`.
   UInt16,
+  /// `torch.uint8`.
   UInt8,
+  /// `torch.bool`: one byte per element, 0 or 1.
   Bool,
+  /// `torch.complex128`: two float64 (real, imaginary).
   Complex128,
+  /// `torch.complex64`: two float32 (real, imaginary).
   Complex64,
+  /// `torch.complex32`: two float16 (real, imaginary).
   Complex32,
 }
 
@@ -99,6 +121,7 @@ impl DType {
     ALL.iter().copied().find(|d| d.name() == primary)
   }
 
+  /// Bytes per element (complex types count both components).
   pub fn size(self) -> usize {
     match self {
       Float64 | Int64 | UInt64 | Complex64 => 8,
@@ -117,6 +140,7 @@ impl DType {
     }
   }
 
+  /// Whether elements are (real, imaginary) pairs, which byte swapping and casts treat per component.
   pub fn is_complex(self) -> bool {
     matches!(self, Complex128 | Complex64 | Complex32)
   }
@@ -141,6 +165,7 @@ impl DType {
     })
   }
 
+  /// The dtype a legacy typed-storage class stands for (the inverse of [`DType::legacy_storage_class`]).
   pub fn from_legacy_storage_class(class: &str) -> Option<DType> {
     ALL.iter().copied().find(|d| d.legacy_storage_class() == Some(class))
   }

@@ -3,10 +3,17 @@
 
 use std::path::PathBuf;
 
+/// `Result` with this crate's [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Everything that can go wrong in distcp-core; [`Error::code`] gives a stable name per variant.
+///
+/// Fields are named for what they hold (`path`, `checkpoint`, `key`, `reason`, byte counts) and all appear in the
+/// `Display` message, so they carry no docs of their own.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum Error {
+  /// An operating-system I/O error on a file or folder of the checkpoint.
   #[error("{path}: {source}")]
   Io {
     path: PathBuf,
@@ -14,42 +21,55 @@ pub enum Error {
     source: std::io::Error,
   },
 
+  /// The folder has no `.metadata`, so it is not a DCP checkpoint.
   #[error("{path}: no DCP checkpoint here (looked for .metadata{rank_hint})")]
   NoCheckpoint { path: PathBuf, rank_hint: String },
 
+  /// `.metadata` or a stored object is not a pickle the restricted unpickler can read.
   #[error("{path}: not a valid pickle: {reason} (at byte {pos})")]
   Pickle { path: PathBuf, pos: usize, reason: String },
 
+  /// A pickle names a class outside the allow-list; distcp never runs code from a checkpoint.
   #[error("{path}: refusing to unpickle global `{module}.{name}`: it is not one of the classes a DCP checkpoint uses, and distcp never runs code from a checkpoint")]
   ForbiddenGlobal { path: PathBuf, module: String, name: String },
 
+  /// `.metadata` unpickled but does not have the shape torch writes.
   #[error("{path}: unexpected content in .metadata: {reason}")]
   Metadata { path: PathBuf, reason: String },
 
+  /// A stored `torch.save` item does not have the shape torch writes.
   #[error("{path}: key `{key}`: {reason}")]
   Record { path: PathBuf, key: String, reason: String },
 
+  /// An item's byte range in its data file lies past the end of the file.
   #[error("{path}: key `{key}`: bytes {offset}..{end} lie past the end of the file ({file_len} bytes)")]
   OutOfBounds { path: PathBuf, key: String, offset: u64, end: u64, file_len: u64 },
 
+  /// A `torch.save` zip entry is compressed, which torch never does for DCP items.
   #[error("{path}: key `{key}`: zip entry `{entry}` is compressed (method {method}); torch.save records must be stored")]
   CompressedEntry { path: PathBuf, key: String, entry: String, method: u16 },
 
+  /// A data file path in `.metadata` points outside the checkpoint folder.
   #[error("{checkpoint}: key `{key}`: relative_path `{relative_path}` escapes the checkpoint folder")]
   UnsafePath { checkpoint: PathBuf, key: String, relative_path: String },
 
+  /// A data file named in `.metadata` does not exist.
   #[error("{checkpoint}: key `{key}`: data file `{relative_path}` is missing")]
   MissingDataFile { checkpoint: PathBuf, key: String, relative_path: String },
 
+  /// The requested key is not in the checkpoint.
   #[error("{checkpoint}: no key `{key}` in the checkpoint")]
   NoSuchKey { checkpoint: PathBuf, key: String },
 
+  /// A read request does not fit the tensor (box out of range, buffer of the wrong size, wrong kind of item).
   #[error("{checkpoint}: key `{key}`: {reason}")]
   BadRequest { checkpoint: PathBuf, key: String, reason: String },
 
+  /// The caller stopped the operation (for example through a convert job's abort flag).
   #[error("stopped: {what} was aborted")]
   Aborted { what: String },
 
+  /// The checkpoint uses a feature distcp does not implement for this operation.
   #[error("{checkpoint}: key `{key}`: {reason}")]
   Unsupported { checkpoint: PathBuf, key: String, reason: String },
 
@@ -57,6 +77,7 @@ pub enum Error {
   #[error("{checkpoint}: cannot save key `{key}`: {reason}")]
   InvalidInput { checkpoint: PathBuf, key: String, reason: String },
 
+  /// The save or convert target exists and is not a folder.
   #[error("{path}: exists and is not a directory (a checkpoint is a folder)")]
   NotADirectory { path: PathBuf },
 
@@ -110,6 +131,7 @@ fn holder(pid: &Option<u32>) -> String {
 }
 
 impl Error {
+  /// An [`Error::Io`] for `path`, for `map_err` on `std::io` calls.
   pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
     Error::Io { path: path.into(), source }
   }

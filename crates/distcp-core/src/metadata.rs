@@ -10,14 +10,20 @@ use std::path::{Path, PathBuf};
 /// One element of a key's path in the original nested state dict (`planner_data`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum PathElem {
+  /// A dict key.
   Key(String),
+  /// A list or tuple index.
   Index(i64),
 }
 
+/// The `TensorProperties` torch records per tensor (only `dtype` matters for reading).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorProperties {
+  /// Element type.
   pub dtype: DType,
+  /// `requires_grad` of the saved tensor (recorded, not applied by distcp).
   pub requires_grad: bool,
+  /// `pin_memory` of the saved tensor (recorded, not applied by distcp).
   pub pin_memory: bool,
   /// The module the class was pickled from: `torch.distributed.checkpoint.metadata` (torch ≥ 2.3) or
   /// `torch.distributed._shard.sharded_tensor.metadata` (older).
@@ -27,7 +33,9 @@ pub struct TensorProperties {
 /// One saved box of a tensor, in global coordinates.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chunk {
+  /// Where the box starts, per dimension.
   pub offsets: Vec<u64>,
+  /// The box's extent per dimension.
   pub sizes: Vec<u64>,
 }
 
@@ -38,14 +46,19 @@ impl Chunk {
   }
 }
 
+/// A stored tensor: its properties, global shape and the boxes (chunks) it was saved in.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorMetadata {
+  /// dtype and the flags torch records.
   pub properties: TensorProperties,
+  /// Global shape (the whole tensor, not one rank's shard).
   pub size: Vec<u64>,
+  /// The saved boxes; validated to tile the tensor exactly, without overlap or gap.
   pub chunks: Vec<Chunk>,
 }
 
 impl TensorMetadata {
+  /// Element type (shortcut for `properties.dtype`).
   pub fn dtype(&self) -> DType {
     self.properties.dtype
   }
@@ -61,8 +74,10 @@ impl TensorMetadata {
   }
 }
 
+/// What one key of the flat state dict holds.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ItemMetadata {
+  /// A tensor, possibly saved in several chunks.
   Tensor(TensorMetadata),
   /// A non-tensor value, stored as one `torch.save` blob.
   Bytes,
@@ -71,34 +86,50 @@ pub enum ItemMetadata {
 /// Identifies one stored item: a tensor chunk by `(fqn, chunk offsets)`, a non-tensor value by `(fqn, None)`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct StorageKey {
+  /// The flat key.
   pub fqn: String,
+  /// The chunk's offsets for a tensor chunk; `None` for a non-tensor value.
   pub offset: Option<Vec<u64>>,
 }
 
+/// Where one stored item's bytes are: a byte range of a data file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StorageInfo {
+  /// The data file, relative to the checkpoint folder.
   pub relative_path: String,
+  /// First byte of the item in the file.
   pub offset: u64,
+  /// Bytes of the item in the file (after any transform, e.g. compressed size).
   pub length: u64,
+  /// Transforms applied on save (e.g. zstd compression), in torch's names.
   pub transform_descriptors: Vec<String>,
 }
 
+/// The `StorageMeta` newer torch writers record about the save itself.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StorageMeta {
+  /// The checkpoint id (usually the folder) the writer was given.
   pub checkpoint_id: Option<String>,
+  /// An id unique to this save.
   pub save_id: Option<String>,
+  /// Modules the writer recorded as needed to load the checkpoint.
   pub modules: Vec<String>,
 }
 
+/// The parsed `.metadata` of a checkpoint (torch's `Metadata`).
 #[derive(Debug, Clone, Default)]
 pub struct Metadata {
   /// Every flat key, in the order the file lists them.
   pub items: Vec<(String, ItemMetadata)>,
   /// Position of each key in `items`, filled by `parse`.
   index: HashMap<String, usize>,
+  /// Each key's path in the original nested state dict, when the writer recorded it.
   pub planner_data: Option<HashMap<String, Vec<PathElem>>>,
+  /// Where every stored item (tensor chunk or non-tensor value) is.
   pub storage_data: HashMap<StorageKey, StorageInfo>,
+  /// What the writer recorded about the save (torch ≥ 2.4).
   pub storage_meta: Option<StorageMeta>,
+  /// The metadata format version torch recorded, if any.
   pub version: Option<String>,
   /// Longest `TensorProperties` pickle state found (5 up to torch 2.14, 6 from 2.15 on; 0 when none).
   pub properties_state_len: usize,
@@ -542,6 +573,7 @@ impl Metadata {
     Ok(())
   }
 
+  /// What `key` holds, or `None` when there is no such key.
   pub fn item(&self, key: &str) -> Option<&ItemMetadata> {
     // `items` is public: trust the index only while it still points at the key
     match self.index.get(key).and_then(|&i| self.items.get(i)) {

@@ -6,11 +6,14 @@ use crate::metadata::{Chunk, TensorMetadata};
 /// A box of a tensor in global coordinates.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Region {
+  /// Where the box starts, per dimension.
   pub offsets: Vec<u64>,
+  /// The box's extent per dimension.
   pub sizes: Vec<u64>,
 }
 
 impl Region {
+  /// The box covering a whole tensor of `shape`.
   pub fn whole(shape: &[u64]) -> Region {
     Region { offsets: vec![0; shape.len()], sizes: shape.to_vec() }
   }
@@ -25,9 +28,13 @@ impl Region {
 /// region (starting at `dst_start`, region-local).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkRead {
+  /// Index of the chunk in [`TensorMetadata::chunks`].
   pub chunk: usize,
+  /// First element to copy, in the chunk's coordinates.
   pub src_start: Vec<u64>,
+  /// Where it lands, in the requested region's coordinates.
   pub dst_start: Vec<u64>,
+  /// Elements to copy per dimension.
   pub lengths: Vec<u64>,
 }
 

@@ -24,14 +24,18 @@ const SLAB_BYTES: u64 = 4 << 20;
 /// worth of reads in flight and bound the buffers at 4 × (slab + cast slab).
 const MAX_SLAB_WORKERS: usize = 4;
 
+/// What writing one tensor did, for progress reports.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TensorWritten {
+  /// Bytes of the tensor written.
   pub bytes: u64,
   /// Bytes moved by `copy_file_range` (the rest went through memory).
   pub kernel_copied: u64,
 }
 
+/// A conversion in progress: writes its plan tensor by tensor, so the caller can report progress and stop.
 pub struct ConvertJob {
+  /// What the job writes.
   pub plan: ConvertPlan,
   dir: PathBuf,
   files: Vec<Option<File>>,

@@ -17,39 +17,56 @@ use std::collections::BTreeMap;
 /// One tensor to convert: its DCP key and its name in the output.
 #[derive(Debug, Clone)]
 pub struct ConvertEntry {
+  /// The tensor's flat key in the checkpoint.
   pub key: String,
+  /// The tensor's name in the safetensors output.
   pub name: String,
 }
 
+/// Where one tensor goes in the output, decided before any byte is written.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TensorPlan {
+  /// The tensor's flat key in the checkpoint.
   pub key: String,
+  /// The tensor's name in the output.
   pub name: String,
+  /// The stored dtype (torch name).
   pub source_dtype: String,
+  /// The output dtype (torch name); differs from `source_dtype` when the conversion casts.
   pub dtype: String,
+  /// Shape.
   pub shape: Vec<u64>,
   /// Absolute byte offset of the tensor's data in its shard file.
   pub offset: u64,
+  /// Bytes of the tensor in the output dtype.
   pub nbytes: u64,
+  /// Index into [`ConvertPlan::shards`] of the file it goes to.
   pub shard: usize,
 }
 
+/// One output safetensors file.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ShardPlan {
+  /// File name inside the output folder.
   pub file: String,
   /// Bytes of the file: 8-byte length, JSON header, tensor data.
   pub size: u64,
+  /// Bytes of the JSON header.
   pub header_len: u64,
+  /// The JSON header, padded as safetensors requires.
   #[serde(skip)]
   pub header: Vec<u8>,
+  /// Indices into [`ConvertPlan::tensors`] of the tensors in this file, in file order.
   pub tensors: Vec<usize>,
 }
 
+/// The whole conversion, computed from `.metadata` alone: files, headers and every tensor's offset.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConvertPlan {
+  /// The output files.
   pub shards: Vec<ShardPlan>,
   /// Tensors in the order they are written (shard by shard, in file order).
   pub tensors: Vec<TensorPlan>,

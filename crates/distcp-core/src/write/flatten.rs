@@ -17,6 +17,7 @@ pub enum Layout {
 }
 
 impl Layout {
+  /// The layout for a torch version string as users write it (`2.4`/`torch24`, `2.3`/`torch23`).
   pub fn from_name(name: &str) -> Option<Layout> {
     match name {
       "2.4" | "torch24" => Some(Layout::Torch24),
@@ -36,13 +37,16 @@ pub struct FlatItem<'v, 'a> {
   /// The same path as positions: the index of each step among its dict's entries (in order) or its list's items,
   /// so a caller holding the original tree (with its original key objects) can find the leaf without `str(key)`.
   pub positions: Vec<usize>,
+  /// The leaf value saved under `key`.
   pub value: &'v SaveValue<'a>,
 }
 
 /// Why a state dict cannot be flattened; `key` is the flat key (or the path so far).
 #[derive(Debug, Clone, PartialEq)]
 pub struct FlattenError {
+  /// The flat key (or path so far) where flattening failed.
   pub key: String,
+  /// What is wrong with the value there.
   pub reason: String,
 }
 

@@ -6,7 +6,7 @@
 //! - [`RanksSave`]: the coordinator (rank 0) holds the folder lock for the whole save, names every rank's data file,
 //!   and after every rank reported success writes the merged `.metadata` last ([`RanksSave::commit`]).
 //!
-//! Crash safety as a single-rank save ([`crate::write::save`]): when the folder already holds a checkpoint (or a file
+//! Crash safety as a single-rank save ([`crate::write::save()`]): when the folder already holds a checkpoint (or a file
 //! under one of the final names), every rank writes `__{rank}_0.distcp.<token>.tmp`; `.metadata` first names those,
 //! then the old checkpoint's files are removed, each temporary file is linked to its final name and `.metadata` is
 //! committed again. A rank that dies leaves no `.metadata` change: the previous checkpoint stays loadable.

@@ -90,6 +90,7 @@ impl FailPoint {
   }
 }
 
+/// How [`save`] writes; [`SaveOptions::default`] writes what torch ≥ 2.4 writes, fsynced.
 #[derive(Debug, Clone)]
 pub struct SaveOptions {
   /// Which torch traversal makes the flat keys (default: torch ≥ 2.4's).
@@ -114,11 +115,15 @@ impl Default for SaveOptions {
 pub struct SaveSummary {
   /// Flat keys, in `.metadata` order.
   pub keys: Vec<String>,
+  /// Tensors written.
   pub tensors: usize,
+  /// Non-tensor values written (each a pickled `torch.save` item).
   pub objects: usize,
   /// The data file `.metadata` names (`__0_0.distcp`).
   pub data_file: String,
+  /// Size of the data file.
   pub data_bytes: u64,
+  /// Size of `.metadata`.
   pub metadata_bytes: u64,
   /// An older checkpoint was replaced.
   pub replaced: bool,

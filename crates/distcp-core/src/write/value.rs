@@ -12,8 +12,11 @@ pub const MAX_DEPTH: usize = crate::limits::MAX_NESTING;
 /// A dense, row-major, little-endian tensor whose bytes belong to the caller (never copied by the writer).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorRef<'a> {
+  /// Element type.
   pub dtype: DType,
+  /// Shape; `[]` for a scalar.
   pub shape: Vec<u64>,
+  /// Exactly `numel × dtype.size()` bytes, row-major, little-endian.
   pub data: &'a [u8],
 }
 
@@ -55,21 +58,32 @@ impl TensorRef<'_> {
 /// A value to save: what a state dict holds.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SaveValue<'a> {
+  /// Python `None`.
   None,
+  /// Python `bool`.
   Bool(bool),
+  /// Python `int` that fits in 64 bits.
   Int(i64),
+  /// Python `int` beyond 64 bits.
   BigInt(BigInt),
+  /// Python `float`.
   Float(f64),
+  /// Python `str`.
   Str(String),
+  /// Python `bytes` (borrowed from the caller).
   Bytes(&'a [u8]),
+  /// Python `list`: recursed into by torch's flattening when it holds tensors (see [`crate::write::Layout`]).
   List(Vec<SaveValue<'a>>),
+  /// Python `tuple`: always one leaf, saved as a pickled object.
   Tuple(Vec<SaveValue<'a>>),
   /// Keys in insertion order (the order torch iterates, hence the order of the flat keys).
   Dict(Vec<(SaveValue<'a>, SaveValue<'a>)>),
+  /// A tensor, saved as one chunk covering the whole tensor.
   Tensor(TensorRef<'a>),
 }
 
 impl SaveValue<'_> {
+  /// The Python type name of the value, for error messages.
   pub fn type_name(&self) -> &'static str {
     match self {
       SaveValue::None => "None",
