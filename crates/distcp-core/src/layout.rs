@@ -68,11 +68,13 @@ pub struct NemoRl {
 /// The layout of an open checkpoint, for `inspect` and for conversion defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
+  /// What kind of files hold the checkpoint.
   pub kind: LayoutKind,
   /// Which writer produced it, in words.
   pub writer: String,
   /// The folder the checkpoint's files are in (the input, or a weights folder inside a NeMo-RL run).
   pub dir: PathBuf,
+  /// The NeMo-RL run the weights were found in, when they were.
   pub nemo_rl: Option<NemoRl>,
 }
 

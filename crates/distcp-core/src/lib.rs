@@ -115,6 +115,11 @@ pub mod zip;
 pub use checkpoint::Checkpoint;
 pub use dtype::DType;
 pub use error::{Error, Result};
+// Types the documented API hands out although their modules are internal: re-exported here so they are named,
+// documented and part of the semver surface (`Checkpoint::read_object`, `SaveValue::BigInt`, `Checkpoint::layout`).
+pub use layout::{Layout, LayoutKind, NemoRl};
+pub use pickle::BigInt;
+pub use torch_save::PyObject;
 
 pub(crate) fn unpickle_error(e: pickle::UnpickleError, path: &std::path::Path) -> Error {
   match e {

@@ -67,22 +67,35 @@ impl TensorRecord {
 /// A Python value from a BYTE_IO item (or a tensor item's root).
 #[derive(Debug, Clone, PartialEq)]
 pub enum PyObject {
+  /// `None`.
   None,
+  /// `bool`.
   Bool(bool),
+  /// `int` that fits in 64 bits.
   Int(i64),
+  /// `int` wider than 64 bits.
   BigInt(BigInt),
+  /// `float` (exact bits: NaN payloads, ±0 and ±∞ kept).
   Float(f64),
+  /// `str`.
   Str(String),
+  /// `bytes`.
   Bytes(Vec<u8>),
+  /// `list`.
   List(Vec<PyObject>),
+  /// `tuple`.
   Tuple(Vec<PyObject>),
+  /// `dict`, keys in insertion order (Python's iteration order).
   Dict(Vec<(PyObject, PyObject)>),
   /// A tensor inside the archive (not yet read).
   Tensor(TensorRecord),
   /// A tensor's values, row-major, copied out of its archive.
   TensorData {
+    /// Element type.
     dtype: DType,
+    /// Size of each dimension.
     shape: Vec<u64>,
+    /// Row-major, little-endian bytes.
     data: Vec<u8>,
   },
 }
