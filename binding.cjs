@@ -856,7 +856,6 @@ module.exports.openNativeCheckpoint = nativeBinding.openNativeCheckpoint
 module.exports.panicForTest = nativeBinding.panicForTest
 module.exports.parseSize = nativeBinding.parseSize
 module.exports.planConvert = nativeBinding.planConvert
-module.exports.rankFlatten = nativeBinding.rankFlatten
 module.exports.readIntoDevice = nativeBinding.readIntoDevice
 module.exports.readToDevice = nativeBinding.readToDevice
 module.exports.retargetCheckpoint = nativeBinding.retargetCheckpoint

@@ -172,10 +172,15 @@ export interface EncodedObject {
   buffers: Array<Buffer>
 }
 
-/** One flat key and the path to its leaf as positions (index among a dict's entries in order, or a list index). */
+/**
+ * One flat key: the path to its leaf as positions (index among a dict's entries in order, or a list index), its
+ * path as torch records it in `planner_data` (JSON `[str | int, …]`), and whether the leaf is a tensor.
+ */
 export interface FlatKey {
   key: string
   positions: Array<number>
+  plannerPath: string
+  tensor: boolean
 }
 
 /**
@@ -241,19 +246,6 @@ export declare function parseSize(text: string): number | null
 
 /** The conversion plan (shards, tensors, offsets, index) as JSON, from `.metadata` alone. */
 export declare function planConvert(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number): string
-
-/**
- * One flat item of a rank's state dict: its key, its path (JSON `[str | int, …]`, for `planner_data`) and whether
- * it is a tensor.
- */
-export interface RankFlatItem {
-  key: string
-  path: string
-  tensor: boolean
-}
-
-/** torch's flattening of one rank's state dict (tagged JSON with `tensorCount` placeholder tensors), with paths. */
-export declare function rankFlatten(tree: string, tensorCount: number, layout?: string | undefined | null): Array<RankFlatItem>
 
 /** Reads a tensor (or a box) into the caller's device memory `ptr .. ptr + byteLength` on `cuda:device`. */
 export declare function readIntoDevice(ck: NativeCheckpoint, key: string, device: number, ptr: bigint, byteLength: number, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null, dtype?: string | undefined | null): Promise<void>

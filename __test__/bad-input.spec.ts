@@ -1,11 +1,11 @@
 import test from 'ava'
-import { mkdtempSync, existsSync, truncateSync, statSync, renameSync, symlinkSync, unlinkSync, readFileSync, writeFileSync, cpSync, mkdirSync } from 'node:fs'
+import { mkdtempSync, existsSync, truncateSync, statSync, renameSync, symlinkSync, unlinkSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 import { openCheckpoint, DistcpError } from '../src/index.js'
 import { native } from '../src/native.js'
-import { runPython } from './helpers.js'
+import { badInputs, rejectsWith } from './helpers.js'
 
 interface Variant {
   ckpt: string
@@ -14,16 +14,7 @@ interface Variant {
   relative_path?: string
 }
 
-const out = mkdtempSync(join(tmpdir(), 'distcp-bad-'))
-const manifest = JSON.parse(runPython(['interop/make_bad_inputs.py', out])) as Record<string, Variant>
-
-/** A fresh copy of torch's base checkpoint to damage. */
-function copyOfBase(name: string): string {
-  const dst = join(out, 'copies', name)
-  mkdirSync(dst, { recursive: true })
-  cpSync(manifest.base.ckpt, dst, { recursive: true })
-  return dst
-}
+const { out, manifest, copyOfBase } = badInputs<Variant>('distcp-bad-')
 
 async function readEverything(path: string): Promise<void> {
   const ck = await openCheckpoint(path)
@@ -33,11 +24,6 @@ async function readEverything(path: string): Promise<void> {
   }
 }
 
-async function rejectsWith(t: import('ava').ExecutionContext, p: Promise<unknown>, code: string, ...mentions: string[]) {
-  const e = await t.throwsAsync(p, { instanceOf: DistcpError })
-  t.is(e?.code as string | undefined, code, e?.message)
-  for (const m of mentions) t.true(e?.message.includes(m), `message should mention ${m}: ${e?.message}`)
-}
 
 test('the untouched base checkpoint reads', async (t) => {
   await t.notThrowsAsync(readEverything(manifest.base.ckpt))

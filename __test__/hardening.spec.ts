@@ -1,11 +1,11 @@
 import test from 'ava'
 import { spawnSync } from 'node:child_process'
-import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, statSync, truncateSync, unlinkSync, writeFileSync, promises as fsp } from 'node:fs'
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, statSync, truncateSync, unlinkSync, writeFileSync, promises as fsp } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 import { convertDcpToHf, openCheckpoint, DistcpError, type Checkpoint } from '../src/index.js'
-import { runPython } from './helpers.js'
+import { badInputs, rejectsWith } from './helpers.js'
 
 // Hostile and changing inputs: every case must end in a coded DistcpError, quickly, with the process alive.
 interface Variant {
@@ -14,22 +14,8 @@ interface Variant {
   compressed_bytes?: number
 }
 
-const out = mkdtempSync(join(tmpdir(), 'distcp-hard-'))
-const manifest = JSON.parse(runPython(['interop/make_bad_inputs.py', out])) as Record<string, Variant>
+const { out, manifest, copyOfBase } = badInputs<Variant>('distcp-hard-')
 
-function copyOfBase(name: string): string {
-  const dst = join(out, 'copies', name)
-  mkdirSync(dst, { recursive: true })
-  cpSync(manifest.base.ckpt, dst, { recursive: true })
-  return dst
-}
-
-async function rejectsWith(t: import('ava').ExecutionContext, p: Promise<unknown>, code: string, ...mentions: string[]) {
-  const e = await t.throwsAsync(p, { instanceOf: DistcpError })
-  t.is(e?.code as string | undefined, code, e?.message)
-  for (const m of mentions) t.true(e?.message.includes(m), `message should mention ${m}: ${e?.message}`)
-  return e
-}
 
 function mkfifo(path: string): void {
   const r = spawnSync('mkfifo', [path])

@@ -1,9 +1,10 @@
 import { spawnSync } from 'node:child_process'
-import { readFileSync, existsSync } from 'node:fs'
+import { readFileSync, existsSync, cpSync, mkdirSync, mkdtempSync } from 'node:fs'
+import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { ExecutionContext } from 'ava'
 
-import { openCheckpoint, PyFloat, PyTuple, isTensor, elementSize, type PyValue, type Tensor, type DType } from '../src/index.js'
+import { openCheckpoint, DistcpError, PyFloat, PyTuple, isTensor, elementSize, type PyValue, type Tensor, type DType } from '../src/index.js'
 
 export const root = new URL('..', import.meta.url).pathname
 
@@ -220,4 +221,32 @@ export async function checkFixture(t: ExecutionContext, dir: string): Promise<vo
   diffTyped(await ck.readAll({ exact: true }), expected.tree, bytes, 'readAll()', errors)
   ck.close()
   t.deepEqual(errors, [], `${dir} (torch ${expected.torch_version}, ${expected.world_size} ranks)`)
+}
+
+/**
+ * The bad inputs of `interop/make_bad_inputs.py`: torch writes a good checkpoint into a fresh temp folder and the
+ * script derives damaged variants from it. `copyOfBase(name)` is a fresh copy of torch's good one to damage.
+ */
+export function badInputs<V extends { ckpt: string }>(prefix: string): {
+  out: string
+  manifest: Record<string, V>
+  copyOfBase: (name: string) => string
+} {
+  const out = mkdtempSync(join(tmpdir(), prefix))
+  const manifest = JSON.parse(runPython(['interop/make_bad_inputs.py', out])) as Record<string, V>
+  const copyOfBase = (name: string): string => {
+    const dst = join(out, 'copies', name)
+    mkdirSync(dst, { recursive: true })
+    cpSync(manifest.base.ckpt, dst, { recursive: true })
+    return dst
+  }
+  return { out, manifest, copyOfBase }
+}
+
+/** `p` rejects with a `DistcpError` of `code` whose message mentions every one of `mentions`. */
+export async function rejectsWith(t: ExecutionContext, p: Promise<unknown>, code: string, ...mentions: string[]) {
+  const e = await t.throwsAsync(p, { instanceOf: DistcpError })
+  t.is(e?.code as string | undefined, code, e?.message)
+  for (const m of mentions) t.true(e?.message.includes(m), `message should mention ${m}: ${e?.message}`)
+  return e
 }

@@ -90,8 +90,29 @@ function asTensor(v: unknown): (Tensor & { data: ArrayBufferView }) | null {
  */
 export function flattenStateDict(stateDict: Record<string, unknown>, layout: '2.4' | '2.3'): Flat {
   const enc = new Encoder('flatten', true)
-  const tree = enc.value(stateDict, '', 0)
-  const keys = callNative(() => native.flattenStateDictKeys(JSON.stringify(tree), enc.buffers.length, layout))
+  const tree = JSON.stringify(enc.value(stateDict, '', 0))
+  return new Map(flattenEncoded(stateDict, tree, enc.buffers.length, layout).map((l) => [l.key, { path: l.path, value: l.value }]))
+}
+
+/** One leaf of a flattened state dict. @internal */
+export interface FlatLeaf {
+  key: string
+  /** The original JS keys (Map keys as they are) and list indices. */
+  path: PathItem[]
+  value: unknown
+  /** Whether the core saw a tensor there. */
+  tensor: boolean
+  /** The path as torch records it in `planner_data` (JSON `[str | int, …]`). */
+  plannerPath: string
+}
+
+/**
+ * Flattens `root` given the tagged JSON `tree` the {@link Encoder} made of it (with `tensorCount` buffers): the
+ * core decides the keys, and each leaf is found in `root` by position, so no JS code re-derives `str(key)`.
+ * @internal
+ */
+export function flattenEncoded(root: object, tree: string, tensorCount: number, layout: '2.4' | '2.3'): FlatLeaf[] {
+  const keys = callNative(() => native.flattenStateDictKeys(tree, tensorCount, layout))
   // children of each container in the order the encoder walked them (Object.keys / Map order / indices)
   const children = new Map<object, [PathItem, unknown][]>()
   const childrenOf = (c: object): [PathItem, unknown][] => {
@@ -104,18 +125,16 @@ export function flattenStateDict(stateDict: Record<string, unknown>, layout: '2.
     }
     return list
   }
-  const out: Flat = new Map()
-  for (const { key, positions } of keys) {
-    let cur: unknown = stateDict
+  return keys.map(({ key, positions, plannerPath, tensor }) => {
+    let cur: unknown = root
     const path: PathItem[] = []
     for (const p of positions) {
       const [k, v] = childrenOf(cur as object)[p]
       path.push(k)
       cur = v
     }
-    out.set(key, { path, value: cur })
-  }
-  return out
+    return { key, path, value: cur, tensor, plannerPath }
+  })
 }
 
 /** torch's `set_element`: creates missing dicts (`{}` before a str key, `[]` before an int) and pads lists. */

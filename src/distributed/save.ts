@@ -7,7 +7,7 @@
  */
 import { stagingPool } from '../staging.js'
 import { DistcpError } from '../errors.js'
-import { flattenStateDict } from '../load.js'
+import { flattenEncoded } from '../load.js'
 import { native } from '../native.js'
 import { Encoder, type HasStateDict, type SaveResult, type SaveStateDict } from '../save.js'
 import type { DType } from '../tensor.js'
@@ -83,15 +83,15 @@ export async function saveRanks(stateDict: SaveStateDict, options: RanksSaveOpti
     // the save owns copies of the tensor bytes from here on (as a single-rank save does): the caller's buffers may
     // change or be transferred away while the ranks coordinate and write
     staged = stagingPool.stage(enc.buffers)
-    const flat = native.rankFlatten(treeJson, enc.buffers.length, layout)
-    const leaves = flattenStateDict(top as unknown as Record<string, unknown>, layout)
+    // one flattening: keys, planner paths and which leaves are tensors from the core, the leaves themselves by position
+    const flat = flattenEncoded(top, treeJson, enc.buffers.length, layout)
     const items: WriteItem[] = []
     for (const f of flat) {
       if (!f.tensor) {
         items.push({ fqn: f.key, type: 'bytes' })
         continue
       }
-      const t = leaves.get(f.key)?.value as ShardedTensor
+      const t = f.value as ShardedTensor
       const shard = shardOf(t, f.key, checkpointId)
       items.push({
         fqn: f.key,
@@ -102,7 +102,7 @@ export async function saveRanks(stateDict: SaveStateDict, options: RanksSaveOpti
         sizes: [...t.shape],
       })
     }
-    return { items, planner: flat.map((f) => [f.key, JSON.parse(f.path) as unknown[]]) }
+    return { items, planner: flat.map((f) => [f.key, JSON.parse(f.plannerPath) as unknown[]]) }
   }
 
   let handle: InstanceType<typeof native.RanksSaveHandle> | null = null

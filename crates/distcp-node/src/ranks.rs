@@ -5,7 +5,7 @@
 //! - storage entries: `[[fqn, offsets | null, relativePath, offset, length], …]`;
 //! - metadata: `{ items: [[key, null | { dtype, size, chunks: [[offsets, sizes], …] }], …],
 //!   planner: [[key, [str | int, …]], …], storage: […], version: str | null }`;
-//! - a path in `rankFlatten`: `[str | int, …]` (dict key, list index).
+//! - a planner path (from `flattenStateDictKeys`): `[str | int, …]` (dict key, list index).
 
 use crate::errors::{guarded, to_js};
 use distcp_core::dtype::DType;
@@ -13,7 +13,7 @@ use distcp_core::metadata::{
   Chunk, ItemMetadata, PathElem, StorageInfo, StorageKey, TensorMetadata, TensorProperties,
 };
 use distcp_core::write::ranks::{write_rank_data, PlannedItem, RanksMetadata, RanksSave};
-use distcp_core::write::{flatten, from_tagged_json, Layout, SaveValue};
+use distcp_core::write::{from_tagged_json, Layout};
 use napi::bindgen_prelude::{AsyncTask, Uint8Array};
 use napi::{Env, Error, Status, Task};
 use napi_derive::napi;
@@ -89,17 +89,6 @@ fn storage_to_json(s: &[(StorageKey, StorageInfo)]) -> String {
     .to_string()
 }
 
-fn path_to_json(p: &[PathElem]) -> Value {
-  Value::Array(
-    p.iter()
-      .map(|e| match e {
-        PathElem::Key(k) => json!(k),
-        PathElem::Index(i) => json!(i),
-      })
-      .collect(),
-  )
-}
-
 fn path_from_json(v: &Value) -> napi::Result<Vec<PathElem>> {
   arr(v, "planner path")?
     .iter()
@@ -109,40 +98,6 @@ fn path_from_json(v: &Value) -> napi::Result<Vec<PathElem>> {
       _ => Err(bad("planner path: expected strings and integers")),
     })
     .collect()
-}
-
-/// One flat item of a rank's state dict: its key, its path (JSON `[str | int, …]`, for `planner_data`) and whether
-/// it is a tensor.
-#[napi(object)]
-pub struct RankFlatItem {
-  pub key: String,
-  pub path: String,
-  pub tensor: bool,
-}
-
-/// torch's flattening of one rank's state dict (tagged JSON with `tensorCount` placeholder tensors), with paths.
-#[napi]
-pub fn rank_flatten(
-  tree: String,
-  tensor_count: u32,
-  layout: Option<String>,
-) -> napi::Result<Vec<RankFlatItem>> {
-  let layout = layout_of(layout)?;
-  let json = parse("state dict", &tree)?;
-  let empty: Vec<&[u8]> = vec![&[]; tensor_count as usize];
-  let value = from_tagged_json(&json, &empty).map_err(|e| bad(format!("state dict: {e}")))?;
-  let items =
-    flatten(&value, layout).map_err(|e| bad(format!("cannot flatten key `{}`: {}", e.key, e.reason)))?;
-  Ok(
-    items
-      .into_iter()
-      .map(|i| RankFlatItem {
-        path: path_to_json(&i.path).to_string(),
-        tensor: matches!(i.value, SaveValue::Tensor(_)),
-        key: i.key,
-      })
-      .collect(),
-  )
 }
 
 pub struct RankWriteTask {

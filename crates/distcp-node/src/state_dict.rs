@@ -1,19 +1,36 @@
 //! State-dict rules the TypeScript layer needs without saving: torch's flattening (flat keys and where each leaf
 //! sits). The rules themselves live in `distcp_core::write::flatten`; this converts and returns.
 
-use distcp_core::write::{flatten, from_tagged_json, Layout};
+use distcp_core::metadata::PathElem;
+use distcp_core::write::{flatten, from_tagged_json, Layout, SaveValue};
 use napi::{Error, Status};
 use napi_derive::napi;
+use serde_json::{json, Value};
 
-/// One flat key and the path to its leaf as positions (index among a dict's entries in order, or a list index).
+/// One flat key: the path to its leaf as positions (index among a dict's entries in order, or a list index), its
+/// path as torch records it in `planner_data` (JSON `[str | int, …]`), and whether the leaf is a tensor.
 #[napi(object)]
 pub struct FlatKey {
   pub key: String,
   pub positions: Vec<u32>,
+  pub planner_path: String,
+  pub tensor: bool,
 }
 
 fn invalid(msg: impl std::fmt::Display) -> Error {
   Error::new(Status::InvalidArg, format!("[ERR_DISTCP_INVALID_INPUT] {msg}"))
+}
+
+/// A `planner_data` path as JSON: `[str | int, …]` (dict key, list index). Read back by `ranks.rs`.
+pub(crate) fn planner_path_json(p: &[PathElem]) -> Value {
+  Value::Array(
+    p.iter()
+      .map(|e| match e {
+        PathElem::Key(k) => json!(k),
+        PathElem::Index(i) => json!(i),
+      })
+      .collect(),
+  )
 }
 
 /// torch's `flatten_state_dict` over `tree` (the tagged JSON `save` sends, whose `$tensor` entries index
@@ -35,7 +52,12 @@ pub fn flatten_state_dict_keys(
   Ok(
     items
       .into_iter()
-      .map(|i| FlatKey { key: i.key, positions: i.positions.into_iter().map(|p| p as u32).collect() })
+      .map(|i| FlatKey {
+        planner_path: planner_path_json(&i.path).to_string(),
+        tensor: matches!(i.value, SaveValue::Tensor(_)),
+        positions: i.positions.into_iter().map(|p| p as u32).collect(),
+        key: i.key,
+      })
       .collect(),
   )
 }
