@@ -10,7 +10,8 @@ import { join } from 'node:path'
 
 const root = new URL('../..', import.meta.url).pathname
 const python = process.env.DISTCP_PYTHON ?? join(root, '.venv/bin/python')
-const reps = Number(process.argv[process.argv.indexOf('--reps') + 1] || 3)
+const repsAt = process.argv.indexOf('--reps')
+const reps = repsAt >= 0 ? Number(process.argv[repsAt + 1]) : 3 // (argv[0] is node's path: never read it as a count)
 const work = join(root, 'bench/out/save-load')
 rmSync(work, { recursive: true, force: true })
 mkdirSync(work, { recursive: true })
