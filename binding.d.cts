@@ -230,6 +230,8 @@ export interface NativeSaveOptions {
    */
   failAt?: string
   failAbort?: boolean
+  /** Write on a thread of lower CPU priority (`saveAsync`: the trainer goes on meanwhile), see `background.rs`. */
+  background?: boolean
 }
 
 /** Opens a checkpoint folder on a worker thread (parses `.metadata`). */

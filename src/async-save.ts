@@ -168,7 +168,7 @@ export class AsyncSaver {
       this.#writing = true
       if (!holdThroughWrite) leave()
       try {
-        const r = await writeStaged(s)
+        const r = await writeStaged(s, { background: true })
         this.#counts.committed++
         return r
       } catch (e) {

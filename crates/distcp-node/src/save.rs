@@ -2,6 +2,7 @@
 //! `distcp_core::write::from_tagged_json` documents, the same ones `values.rs` uses for reading) plus the
 //! caller's buffers, referenced (not copied) until the promise settles.
 
+use crate::background::at_background_priority;
 use crate::errors::{guarded, to_js};
 use distcp_core::write::save::FailPoint;
 use distcp_core::write::{from_tagged_json, save, Layout, SaveOptions, SaveSummary};
@@ -21,6 +22,8 @@ pub struct NativeSaveOptions {
   /// `afterFinalCommit`) with an error, or with a process abort when `failAbort` is set.
   pub fail_at: Option<String>,
   pub fail_abort: Option<bool>,
+  /// Write on a thread of lower CPU priority (`saveAsync`: the trainer goes on meanwhile), see `background.rs`.
+  pub background: Option<bool>,
 }
 
 #[napi(object)]
@@ -42,6 +45,7 @@ pub struct SaveTask {
   tree: String,
   buffers: Vec<Uint8Array>,
   options: SaveOptions,
+  background: bool,
 }
 
 impl Task for SaveTask {
@@ -57,7 +61,12 @@ impl Task for SaveTask {
       let slices: Vec<&[u8]> = self.buffers.iter().map(|b| &**b).collect();
       let value =
         from_tagged_json(&json, &slices).map_err(|e| invalid_input(format!("{}: {e}", self.dir)))?;
-      save(&self.dir, &value, &self.options).map_err(to_js)
+      let write = || save(&self.dir, &value, &self.options).map_err(to_js);
+      if self.background {
+        at_background_priority(write)
+      } else {
+        write()
+      }
     })
   }
 
@@ -84,6 +93,7 @@ pub fn write_state_dict(
   options: Option<NativeSaveOptions>,
 ) -> napi::Result<AsyncTask<SaveTask>> {
   let mut opts = SaveOptions::default();
+  let background = options.as_ref().and_then(|o| o.background).unwrap_or(false);
   if let Some(o) = options {
     if let Some(l) = o.layout {
       opts.layout = Layout::from_name(&l)
@@ -95,7 +105,7 @@ pub fn write_state_dict(
       opts.fail_at = Some((point, o.fail_abort.unwrap_or(false)));
     }
   }
-  Ok(AsyncTask::new(SaveTask { dir, tree, buffers, options: opts }))
+  Ok(AsyncTask::new(SaveTask { dir, tree, buffers, options: opts, background }))
 }
 
 // What `CheckpointManager` (src/manager.ts) needs of the core's commit rules: the folder lock, temporary names
