@@ -82,8 +82,8 @@ export declare class RanksSaveHandle {
   fileNames(worldSize: number): Array<string>
   /** Whether something was at the path before (the ranks write temporary names). */
   replacing(): boolean
-  /** Commits the merged `.metadata` (JSON, see the module docs); returns its size in bytes. */
-  commit(metadata: string): number
+  /** Commits the merged `.metadata` (JSON, see the module docs) on a worker thread; resolves to its size in bytes. */
+  commit(metadata: string): Promise<number>
   /** Removes the files this save named (after a failure); the previous checkpoint is untouched. */
   abort(): void
   /** Releases the folder lock. */
