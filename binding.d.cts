@@ -255,7 +255,7 @@ export declare function readIntoDevice(ck: NativeCheckpoint, key: string, device
 /** Reads a tensor (or the box `offsets`/`sizes`) into new memory on `cuda:device`, as `dtype` (default: stored). */
 export declare function readToDevice(ck: NativeCheckpoint, key: string, device: number, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null, dtype?: string | undefined | null): Promise<NativeDeviceBuffer>
 
-/** Rewrites only `.metadata` of the checkpoint at `path` so that torch `torch` ("2.13") loads it. */
+/** Rewrites only the metadata files (`.metadata`, `__{rank}.metadata`) of the checkpoint at `path` so that torch `torch` ("2.13") loads it. */
 export declare function retargetCheckpoint(path: string, torch: string, keepOriginal: boolean): RetargetResult
 
 /** What `retargetCheckpoint` did. */
@@ -267,6 +267,8 @@ export interface RetargetResult {
   rewritten: boolean
   /** Where the original `.metadata` was kept. */
   original?: string
+  /** Every metadata file rewritten (`.metadata` and rank-local `__{rank}.metadata`). */
+  files: Array<string>
 }
 
 export interface SaveResult {
