@@ -133,9 +133,11 @@ test.serial('distcp talks to torch’s TCPStore server (libuv and legacy), and t
   t.regex(e?.message ?? '', new RegExp(`127\\.0\\.0\\.1:${port} \\(rank 3\\)`))
 })
 
+// 4 ranks split the 6 rows/columns 2, 2, 2, 0 (torch.chunk): the last rank holds an empty slice
 for (const [n, m] of [
   [2, 3],
   [3, 2],
+  [4, 3],
 ]) {
   test.serial(`${n} Node ranks under torchrun save what ${n} torch ranks save: same .metadata, same bytes`, async (t) => {
     const ours = join(work, `node${n}`)
@@ -152,7 +154,13 @@ for (const [n, m] of [
     t.is((a.storage as unknown[][]).filter((s) => s[0] === 'model.b').length, 1)
     const files = readdirSync(ours).sort()
     t.deepEqual(files, ['.metadata', ...Array.from({ length: n }, (_, r) => `__${r}_0.distcp`)])
-    for (const f of files.slice(1)) t.deepEqual(readFileSync(join(ours, f)), readFileSync(join(theirs, f)), f)
+    for (const f of files.slice(1)) {
+      // an empty slice (4 ranks: rank 3 holds none of the 6 rows/columns) is pickled by torch with the strides of
+      // the view it was cut from (e.g. (2, 1) for a (3, 0) slice), which a rank's bytes do not carry; its
+      // .metadata entries are compared above and torch loads it in the next test
+      if (n === 4 && f === '__3_0.distcp') continue
+      t.deepEqual(readFileSync(join(ours, f)), readFileSync(join(theirs, f)), f)
+    }
   })
 
   // each test stays well inside ava's timeout on a busy machine
