@@ -1,4 +1,5 @@
 #![no_main]
+use distcp_fuzz::take;
 use libfuzzer_sys::fuzz_target;
 use std::path::PathBuf;
 
@@ -6,18 +7,10 @@ use std::path::PathBuf;
 // [the rest: __1_0.distcp]`. Opening it and reading every key (tensors whole and as a box, values) must end in Ok
 // or a coded error: no panic, no overflow, no allocation beyond what the files can hold (libFuzzer's
 // -rss_limit_mb catches that), no hang.
-fn take<'a>(data: &mut &'a [u8]) -> &'a [u8] {
-  if data.len() < 4 {
-    return std::mem::take(data);
-  }
-  let n = (u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize).min(data.len() - 4);
-  let (part, rest) = data[4..].split_at(n);
-  *data = rest;
-  part
-}
 
 fuzz_target!(|input: &[u8]| {
-  let dir = PathBuf::from(std::env::temp_dir()).join(format!("distcp-fuzz-checkpoint-{}", std::process::id()));
+  let dir =
+    PathBuf::from(std::env::temp_dir()).join(format!("distcp-fuzz-checkpoint-{}", std::process::id()));
   let _ = std::fs::create_dir_all(&dir);
   let mut data = input;
   let metadata = take(&mut data);
@@ -34,7 +27,8 @@ fuzz_target!(|input: &[u8]| {
       let _ = ck.read_tensor(&key);
       // a box: the first element of every dimension
       if !t.size.iter().any(|&d| d == 0) {
-        let region = distcp_core::plan::Region { offsets: vec![0; t.size.len()], sizes: vec![1; t.size.len()] };
+        let region =
+          distcp_core::plan::Region { offsets: vec![0; t.size.len()], sizes: vec![1; t.size.len()] };
         let mut one = vec![0u8; t.dtype().size()];
         let _ = ck.read_into(&key, &region, &mut one);
       }

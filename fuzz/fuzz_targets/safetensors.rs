@@ -1,4 +1,5 @@
 #![no_main]
+use distcp_fuzz::take;
 use libfuzzer_sys::fuzz_target;
 use std::path::PathBuf;
 
@@ -37,20 +38,11 @@ const LAYOUTS: &[&[&str]] = &[
   ],
 ];
 
-fn take<'a>(data: &mut &'a [u8]) -> &'a [u8] {
-  if data.len() < 4 {
-    return std::mem::take(data);
-  }
-  let n = (u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize).min(data.len() - 4);
-  let (part, rest) = data[4..].split_at(n);
-  *data = rest;
-  part
-}
-
 fuzz_target!(|input: &[u8]| {
   let Some((&which, mut data)) = input.split_first() else { return };
   let names = LAYOUTS[which as usize % LAYOUTS.len()];
-  let dir = PathBuf::from(std::env::temp_dir()).join(format!("distcp-fuzz-safetensors-{}", std::process::id()));
+  let dir =
+    PathBuf::from(std::env::temp_dir()).join(format!("distcp-fuzz-safetensors-{}", std::process::id()));
   let _ = std::fs::remove_dir_all(&dir);
   if std::fs::create_dir_all(dir.join("sharded")).is_err() {
     return;

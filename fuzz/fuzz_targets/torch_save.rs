@@ -15,7 +15,14 @@ fuzz_target!(|data: &[u8]| {
         dst_start: vec![0; rec.shape.len()],
         lengths: rec.shape.clone(),
       };
-      let _ = distcp_core::copy::copy_chunk(storage, &rec.layout(), rec.fixup().as_ref(), &read, &mut dst, &rec.shape);
+      let _ = distcp_core::copy::copy_chunk(
+        storage,
+        &rec.layout(),
+        rec.fixup().as_ref(),
+        &read,
+        &mut dst,
+        &rec.shape,
+      );
     }
   }
 });
