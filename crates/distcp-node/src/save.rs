@@ -58,8 +58,8 @@ struct Gate {
   /// (buffers filled, aborted)
   state: Mutex<(u32, bool)>,
   filled: Condvar,
-  /// Start address and length of each buffer, by index; set when the save starts.
-  ranges: Mutex<Vec<(usize, usize)>>,
+  /// (start address, length, index) of each non-empty buffer, sorted by address; set when the save starts.
+  ranges: Mutex<Vec<(usize, usize, usize)>>,
 }
 
 impl Gate {
@@ -76,9 +76,13 @@ impl BytesReady for Gate {
     }
     let (start, len) = (data.as_ptr() as usize, data.len());
     let ranges = self.ranges.lock().unwrap_or_else(|e| e.into_inner());
-    // bytes outside every buffer (none today) wait for all of them
-    let need =
-      ranges.iter().position(|&(s, l)| start >= s && start + len <= s + l).map_or(ranges.len(), |i| i + 1);
+    // sorted by address (a binary search: a MoE state dict has tens of thousands of buffers); bytes outside every
+    // buffer (none today) wait for all of them
+    let at = ranges.partition_point(|&(s, _, _)| s <= start);
+    let need = match at.checked_sub(1).map(|k| ranges[k]) {
+      Some((s, l, i)) if start + len <= s + l => i + 1,
+      _ => ranges.iter().map(|r| r.2 + 1).max().unwrap_or(0),
+    };
     drop(ranges);
     let mut st = self.state();
     while (st.0 as usize) < need && !st.1 {
@@ -158,8 +162,14 @@ pub fn write_state_dict(
 ) -> napi::Result<AsyncTask<SaveTask>> {
   let mut opts = SaveOptions::default();
   if let Some(g) = gate {
-    *g.inner.ranges.lock().unwrap_or_else(|e| e.into_inner()) =
-      buffers.iter().map(|b| (b.as_ptr() as usize, b.len())).collect();
+    let mut ranges: Vec<(usize, usize, usize)> = buffers
+      .iter()
+      .enumerate()
+      .filter(|(_, b)| !b.is_empty())
+      .map(|(i, b)| (b.as_ptr() as usize, b.len(), i))
+      .collect();
+    ranges.sort_unstable();
+    *g.inner.ranges.lock().unwrap_or_else(|e| e.into_inner()) = ranges;
     opts.ready = Some(g.inner.clone());
   }
   if let Some(o) = options {
