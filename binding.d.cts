@@ -91,6 +91,26 @@ export declare class RanksSaveHandle {
 }
 
 /**
+ * How far the JS thread has copied a save's tensors into staging memory while the writer already runs (see
+ * `save` in src/save.ts): buffers are filled in index order, and the writer reads buffer `i` only once
+ * `advance(i + 1)` has been called, or stops the save when `abort()` is.
+ */
+export declare class StagingGate {
+  constructor()
+  /** Buffers `0..filled` hold their bytes. */
+  advance(filled: number): void
+  /** The copy failed: the writer stops (and removes what it wrote) instead of waiting. */
+  abort(): void
+}
+
+/**
+ * Staging memory for `save` (src/staging.ts): `len` bytes of anonymous memory with every page already faulted in
+ * ([`distcp_core::copy::alloc_host`]), as an ArrayBuffer that unmaps it when collected. A fresh `ArrayBuffer`
+ * would take one page fault per 4 KiB during the copy, which costs more than the copy.
+ */
+export declare function allocStaging(len: number): ArrayBuffer
+
+/**
  * Locks `out` (created if needed), finishes or removes a dead writer's leftovers and stages a temporary folder.
  * Fails with ERR_DISTCP_LOCKED while another process writes there.
  */
@@ -300,6 +320,7 @@ export declare function writeRankDataFile(dir: string, fileName: string, tree: s
 
 /**
  * Saves a state dict into the checkpoint folder `dir` (created if needed; an existing checkpoint is replaced
- * crash-safely). `tree` is the state dict as tagged JSON; tensors and bytes refer to `buffers` by index.
+ * crash-safely). `tree` is the state dict as tagged JSON; tensors and bytes refer to `buffers` by index. With a
+ * `gate`, the buffers may still be being filled: each is read only once the gate says it is.
  */
-export declare function writeStateDict(dir: string, tree: string, buffers: Array<Uint8Array>, options?: NativeSaveOptions | undefined | null): Promise<SaveResult>
+export declare function writeStateDict(dir: string, tree: string, buffers: Array<Uint8Array>, options?: NativeSaveOptions | undefined | null, gate?: StagingGate | undefined | null): Promise<SaveResult>

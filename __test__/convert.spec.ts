@@ -459,6 +459,42 @@ test("dtype casts equal torch's .to() bit for bit: specials, ties, subnormals, o
   t.deepEqual(problems, [])
 })
 
+test("fp8 casts equal torch's .to() bit for bit, NaN included: every fp8 byte out, every bfloat16 and many float32/16/64 in", async (t) => {
+  const dir = join(work, 'cast-case-fp8')
+  const r = await py(['interop/make_cast_case.py', dir, '--fp8'])
+  t.is(r.status, 0, r.stderr)
+  const h = parseSafetensorsHeader(join(dir, 'expected.safetensors'))
+  const expected = new Map(h.tensors.map((x) => [x.name, { dtype: x.dtype, data: h.bytes.subarray(h.dataStart + x.begin, h.dataStart + x.end) }]))
+  const problems: string[] = []
+  let compared = 0
+  for (const target of ['float8_e4m3fn', 'float8_e5m2', 'bfloat16', 'float16', 'float32', 'float64']) {
+    const { out } = freshOut(`cast-fp8-${target}`)
+    await convertDcpToHf(join(dir, 'dcp'), out, join(dir, 'model'), undefined, { ...quiet, dtype: target as 'float32' })
+    const got = readOutput(t, out)
+    t.is(got.size, 6)
+    for (const [name, g] of got) {
+      const e = expected.get(`${name}.${target}`)
+      if (!e) continue // neither side fp8: the plain cast case covers it
+      compared++
+      if (g.tensor.dtype !== e.dtype || g.data.length !== e.data.length) {
+        problems.push(`${target}: ${name} is ${g.tensor.dtype} of ${g.data.length} bytes, torch's is ${e.dtype} of ${e.data.length}`)
+        continue
+      }
+      const es = g.data.length / g.tensor.shape.reduce((a, b) => a * b, 1)
+      let bad = 0
+      const examples: string[] = []
+      for (let i = 0; i < e.data.length; i += es) {
+        if (e.data.subarray(i, i + es).equals(g.data.subarray(i, i + es))) continue
+        bad++
+        if (examples.length < 4) examples.push(`[${i / es}] torch 0x${Buffer.from(e.data.subarray(i, i + es)).reverse().toString('hex')} distcp 0x${Buffer.from(g.data.subarray(i, i + es)).reverse().toString('hex')}`)
+      }
+      if (bad) problems.push(`${target}: ${name}: ${bad} elements differ from torch, e.g. ${examples.join(', ')}`)
+    }
+  }
+  t.deepEqual(problems, [])
+  t.is(compared, expected.size) // every pair torch computed was compared
+})
+
 // ---------------------------------------------------------------------------------------------------------------
 // Seed parity
 

@@ -250,3 +250,55 @@ test('Python values round-trip through distcp exactly (ints stay ints, floats st
   t.true(exact.t instanceof PyTuple)
   t.deepEqual(exact.l, [true, 'y'])
 })
+
+// The copy into staging memory and the write overlap (the writer starts first and waits for each item's bytes);
+// the copy still completes before `save` returns its promise.
+test('buffers changed right after save returns do not change the checkpoint, though the write overlaps the copy', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'distcp-save-overlap-'))
+  const model: Record<string, unknown> = {}
+  const want = new Map<string, Buffer>()
+  for (let i = 0; i < 48; i++) {
+    const data = new Uint8Array((1 << 20) + i * 4)
+    for (let j = 0; j < data.length; j += 4093) data[j] = (i * 31 + j) & 0xff
+    model[`layer${i}.weight`] = { dtype: 'float32', shape: [data.length / 4], data }
+    want.set(`model.layer${i}.weight`, Buffer.from(data))
+  }
+  const extra = new Uint8Array([1, 2, 3, 4, 5])
+  model.blob = extra // a bytes value inside an object item: written first, gated too
+  const done = save({ model }, { checkpointId: dir })
+  for (const v of Object.values(model)) {
+    if (v instanceof Uint8Array) v.fill(0xee)
+    else (v as { data: Uint8Array }).data.fill(0xee)
+  }
+  await done
+  const ck = await openCheckpoint(dir)
+  for (const [k, bytes] of want) {
+    const got = await ck.read(k)
+    t.true(Buffer.from(got.data).equals(bytes), k)
+  }
+  t.deepEqual([...((await ck.readObject('model.blob')) as Uint8Array)], [1, 2, 3, 4, 5])
+  ck.close()
+})
+
+test('the native writer waits for the staging gate, and an aborted gate fails the save and leaves nothing', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'distcp-save-gate-'))
+  const tree = JSON.stringify({ $d: [['w', { $tensor: 0, dtype: 'float32', shape: [4] }]] })
+  const buf = new Uint8Array(16)
+  const gate = new native.StagingGate()
+  let settled = false
+  const p = native.writeStateDict(join(dir, 'a'), tree, [buf], {}, gate).finally(() => (settled = true))
+  await new Promise((r) => setTimeout(r, 300))
+  t.false(settled, 'the writer finished before the gate let it read the buffer')
+  buf.set(new Uint8Array(new Float32Array([1, 2, 3, 4]).buffer))
+  gate.advance(1)
+  await p
+  const ck = await openCheckpoint(join(dir, 'a'))
+  t.deepEqual([...new Float32Array((await ck.read('w')).data.slice().buffer)], [1, 2, 3, 4])
+  ck.close()
+
+  const gate2 = new native.StagingGate()
+  const p2 = native.writeStateDict(join(dir, 'b'), tree, [buf], {}, gate2)
+  gate2.abort()
+  await t.throwsAsync(p2, { message: /staging/ })
+  t.deepEqual(readdirSync(join(dir, 'b')).filter((f) => f !== '.distcp.lock'), [])
+})

@@ -6,7 +6,7 @@ import { DistcpError } from './errors.js'
 const USAGE = `usage:
   distcp inspect <checkpoint-dir> [--json] [--rank N]
   distcp convert <dcp-dir> <hf-out> --config <model dir or hub name> [--tokenizer <dir or hub name>]
-                 [--dtype bf16|fp16|fp32] [--max-shard-size 5GB] [--hf-override key=value]... [--overwrite]
+                 [--dtype bf16|fp16|fp32|float8_e4m3fn|float8_e5m2] [--max-shard-size 5GB] [--hf-override key=value]... [--overwrite]
                  [--dry-run] [--json]
   distcp retarget <checkpoint-dir> --torch 2.13 [--no-keep-original] [--json]
 

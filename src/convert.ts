@@ -29,7 +29,10 @@ export interface ConvertOptions {
    * the output path is refused (`ERR_DISTCP_NOT_A_DIRECTORY`).
    */
   overwrite?: boolean
-  /** Cast floating tensors (round to nearest even, as torch's `.to()`); default: keep what was stored. */
+  /**
+   * Cast floating tensors (round to nearest even, as torch's `.to()`, fp8 included: into `float8_e4m3fn` an overflow
+   * saturates to ±448 as torch ≥ 2.15 does, into `float8_e5m2` it becomes ±inf); default: keep what was stored.
+   */
   dtype?: DType | 'bf16' | 'fp16' | 'fp32'
   /** Largest shard: bytes, or "5GB" / "500MB" / "2GiB". Default 50GB, as transformers v5. */
   maxShardSize?: number | string
@@ -92,7 +95,7 @@ export interface ConvertPlan {
 
 const DEFAULT_MAX_SHARD = 50e9
 const DTYPE_ALIASES: Record<string, DType> = { bf16: 'bfloat16', fp16: 'float16', half: 'float16', fp32: 'float32', float: 'float32' }
-const CAST_TARGETS = new Set<DType>(['bfloat16', 'float16', 'float32', 'float64'])
+const CAST_TARGETS = new Set<DType>(['bfloat16', 'float16', 'float32', 'float64', 'float8_e4m3fn', 'float8_e5m2'])
 
 function globToRegExp(glob: string): RegExp {
   const esc = glob.replace(/[.+^${}()|[\]\\]/g, '\\$&').replace(/\*/g, '.*').replace(/\?/g, '.')

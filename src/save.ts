@@ -263,13 +263,23 @@ export interface StagedSave {
   failAt?: SaveOptions['_testFailAt']
 }
 
+/** A state dict encoded for the native layer, its tensors' bytes still the caller's. */
+interface EncodedSave {
+  checkpointId: string
+  layout?: '2.4' | '2.3'
+  tree: string
+  views: Uint8Array[]
+  /** Whether a view is memory this save made (a device tensor's host copy), which needs no staging copy. */
+  owned: (view: Uint8Array) => boolean
+  failAt?: SaveOptions['_testFailAt']
+}
+
 /**
- * Checks the options and the state dict, calls top-level `stateDict()`s, and copies every tensor's bytes into
- * staging blocks of `pool` (reused across saves). When no top-level value is Stateful this runs to the end before
- * the returned promise exists: the copy is done when the call returns.
- * @internal
+ * Checks the options and the state dict, calls top-level `stateDict()`s and encodes the tree. Returns a promise
+ * only when it has to wait (a Stateful's `stateDict()`, device tensors' host copies): otherwise it runs to the end
+ * in the call, which is what lets `save` copy every tensor before it returns.
  */
-export async function stageSave(stateDict: SaveStateDict, options: SaveOptions, pool: StagingPool = stagingPool): Promise<StagedSave> {
+function encodeSave(stateDict: SaveStateDict, options: SaveOptions): EncodedSave | Promise<EncodedSave> {
   const { checkpointId, layout } = options ?? ({} as SaveOptions)
   if (typeof checkpointId !== 'string' || checkpointId === '') {
     throw new DistcpError('ERR_DISTCP_INVALID_INPUT', 'save: options.checkpointId must be a folder path')
@@ -286,18 +296,88 @@ export async function stageSave(stateDict: SaveStateDict, options: SaveOptions, 
   }
   // dcp.save: top-level Stateful values are replaced by their state dicts
   const entries: [unknown, unknown][] = isMap ? [...stateDict.entries()] : Object.entries(stateDict)
-  const top = new Map<unknown, unknown>()
-  for (const [k, v] of entries) {
-    const stateful = typeof v === 'object' && v !== null && typeof (v as Partial<HasStateDict>).stateDict === 'function'
-    top.set(k, stateful ? await (v as HasStateDict).stateDict() : v)
+  const isStateful = (v: unknown): v is HasStateDict =>
+    typeof v === 'object' && v !== null && typeof (v as Partial<HasStateDict>).stateDict === 'function'
+  const encode = (top: Map<unknown, unknown>): EncodedSave | Promise<EncodedSave> => {
+    // device tensors: device -> pinned staging -> host copies the writer streams (the same bytes a host save writes)
+    const fromDevice = hostCopiesOfDeviceLeaves(top)
+    const finish = (copies: Map<object, Uint8Array>): EncodedSave => {
+      const enc = new Encoder(checkpointId, false, copies)
+      const tree = JSON.stringify(enc.value(top, '', 0))
+      const ours = new Set<ArrayBufferLike>([...copies.values()].map((c) => c.buffer))
+      return { checkpointId, layout, tree, views: enc.buffers, owned: (v) => ours.has(v.buffer), failAt: options._testFailAt }
+    }
+    return fromDevice instanceof Map ? finish(fromDevice) : fromDevice.then(finish)
   }
-  // device tensors: device -> pinned staging -> host copies the writer streams (the same bytes a host save writes)
-  // (no await unless there are device leaves: the host copy must happen before `save` returns)
-  const fromDevice = hostCopiesOfDeviceLeaves(top)
-  const enc = new Encoder(checkpointId, false, fromDevice instanceof Map ? fromDevice : await fromDevice)
-  const tree = JSON.stringify(enc.value(top, '', 0))
-  const { copies, lease } = pool.stage(enc.buffers)
-  return { checkpointId, layout, tree, buffers: copies, lease, failAt: options._testFailAt }
+  if (entries.some(([, v]) => isStateful(v))) {
+    return (async () => {
+      const top = new Map<unknown, unknown>()
+      for (const [k, v] of entries) top.set(k, isStateful(v) ? await v.stateDict() : v)
+      return encode(top)
+    })()
+  }
+  return encode(new Map(entries))
+}
+
+/**
+ * Checks the options and the state dict, calls top-level `stateDict()`s, and copies every tensor's bytes into
+ * staging blocks of `pool` (reused across saves). When no top-level value is Stateful this runs to the end before
+ * the returned promise exists: the copy is done when the call returns.
+ * @internal
+ */
+export async function stageSave(stateDict: SaveStateDict, options: SaveOptions, pool: StagingPool = stagingPool): Promise<StagedSave> {
+  const e = encodeSave(stateDict, options)
+  const { checkpointId, layout, tree, views, owned, failAt } = e instanceof Promise ? await e : e
+  const { copies, lease } = pool.stage(views, owned)
+  return { checkpointId, layout, tree, buffers: copies, lease, failAt }
+}
+
+/** The writer is told how far the copy has got after at least this many bytes (and at the end). */
+const ADVANCE_BYTES = 8 << 20
+
+/**
+ * `save` for one process: the copy into staging memory and the write overlap. The writer (a worker thread) starts
+ * first, on staging views that are still empty, and writes each item once the copy (on this thread, in the
+ * call, as before) has filled it — a `StagingGate` tells it how far the copy has got. The copy is still complete
+ * before `save` returns its promise, and the writer only ever reads distcp's own staging memory.
+ */
+async function saveOverlapped(stateDict: SaveStateDict, options: SaveOptions, pool: StagingPool = stagingPool): Promise<SaveResult> {
+  const e = encodeSave(stateDict, options)
+  const s = e instanceof Promise ? await e : e
+  const { copies, lease, fill } = pool.reserve(s.views, s.owned)
+  const gate = new native.StagingGate()
+  let written: Promise<SaveResult>
+  try {
+    written = awaitNative(() =>
+      native.writeStateDict(s.checkpointId, s.tree, copies, { layout: s.layout, failAt: s.failAt?.point, failAbort: s.failAt?.abort }, gate),
+    )
+  } catch (err) {
+    lease.release()
+    throw err
+  }
+  try {
+    let since = 0
+    let last = 0
+    fill((filled) => {
+      since += s.views[filled - 1].byteLength
+      if (since >= ADVANCE_BYTES) {
+        gate.advance(filled)
+        since = 0
+        last = filled
+      }
+    })
+    if (last < s.views.length) gate.advance(s.views.length)
+  } catch (err) {
+    gate.abort()
+    await written.catch(() => undefined)
+    lease.release()
+    throw err
+  }
+  try {
+    return await written
+  } finally {
+    lease.release()
+  }
 }
 
 /**
@@ -334,5 +414,5 @@ export async function save(stateDict: SaveStateDict, options: SaveOptions): Prom
     }
     return saveRanks(stateDict, { checkpointId, layout, processGroup })
   }
-  return writeStaged(await stageSave(stateDict, options))
+  return saveOverlapped(stateDict, options)
 }

@@ -3,12 +3,27 @@
 // A trainer that saves every N steps pays the allocation (and the first-touch page faults) once; after that a
 // save's staging is one memcpy per tensor. `saveAsync` settles `staged` when this copy is done.
 
+import { native } from './native.js'
+
 /** Blocks are at most this large (a bigger tensor gets a block of its own size): one ArrayBuffer need not hold 2 GB. */
 const BLOCK_BYTES = 1 << 30
 /** Each tensor starts at a multiple of this inside a block (cache-line aligned copies, any dtype's alignment). */
 const ALIGN = 64
 /** A new block is rounded up to a multiple of this, so a state dict that grows a little still fits the block. */
 const ROUND = 1 << 20
+
+/**
+ * A block whose pages are already faulted in (native, huge pages where the kernel has them): a fresh
+ * `ArrayBuffer` takes a page fault per 4 KiB during the copy, which costs several times the copy itself. A plain
+ * `ArrayBuffer` if the native allocation fails.
+ */
+function allocBlock(size: number): ArrayBuffer {
+  try {
+    return native.allocStaging(size)
+  } catch {
+    return new ArrayBuffer(size)
+  }
+}
 
 function alignUp(n: number, a: number): number {
   return Math.ceil(n / a) * a
@@ -88,7 +103,7 @@ export class StagingPool {
       return this.#idle.splice(best, 1)[0]
     }
     const size = alignUp(Math.max(need, 1), ROUND)
-    const block = new ArrayBuffer(size)
+    const block = allocBlock(size)
     this.#allocations++
     this.#bytesAllocated += size
     return block
@@ -109,15 +124,35 @@ export class StagingPool {
    * packed in order into blocks of up to 1 GiB; the block sizes depend only on the view sizes, so the same state
    * dict saved again reuses the same blocks.
    */
-  stage(views: readonly Uint8Array[]): { copies: Uint8Array[]; lease: StagingLease } {
+  stage(views: readonly Uint8Array[], owned?: (view: Uint8Array) => boolean): { copies: Uint8Array[]; lease: StagingLease } {
+    const r = this.reserve(views, owned)
+    try {
+      r.fill()
+    } catch (e) {
+      r.lease.release()
+      throw e
+    }
+    return { copies: r.copies, lease: r.lease }
+  }
+
+  /**
+   * {@link StagingPool.stage} in two steps: takes the blocks and returns the views the copies will be (not yet
+   * holding their bytes), and `fill`, which copies `views[i]` into `copies[i]` in index order, calling
+   * `onFilled(i + 1)` after each — so that a writer given `copies` can start on the first while the rest are
+   * being copied. The caller releases the lease (also when `fill` throws). Views for which `owned` is true are
+   * memory the save already owns (host copies of device tensors): they are used as they are, not copied again.
+   * @internal
+   */
+  reserve(views: readonly Uint8Array[], owned?: (view: Uint8Array) => boolean): { copies: Uint8Array[]; lease: StagingLease; fill: (onFilled?: (filled: number) => void) => void } {
     // plan: consecutive views share a block while they fit in BLOCK_BYTES
     const plan: { need: number; members: number[]; offsets: number[] }[] = []
     let cur: { need: number; members: number[]; offsets: number[] } | undefined
     let total = 0
+    const keep = views.map((v) => v.byteLength > 0 && owned?.(v) === true)
     for (let i = 0; i < views.length; i++) {
       const n = views[i].byteLength
       total += n
-      if (n === 0) continue
+      if (n === 0 || keep[i]) continue
       const at = cur ? alignUp(cur.need, ALIGN) : 0
       if (!cur || at + n > BLOCK_BYTES) {
         cur = { need: 0, members: [], offsets: [] }
@@ -128,24 +163,27 @@ export class StagingPool {
       cur.offsets.push(off)
       cur.need = off + n
     }
-    const copies: Uint8Array[] = views.map(() => new Uint8Array(0))
+    const copies: Uint8Array[] = views.map((v, i) => (keep[i] ? v : new Uint8Array(0)))
     const blocks: ArrayBuffer[] = []
     try {
       for (const p of plan) {
         const block = this.#take(p.need)
         blocks.push(block)
         for (let j = 0; j < p.members.length; j++) {
-          const v = views[p.members[j]]
-          const dst = new Uint8Array(block, p.offsets[j], v.byteLength)
-          dst.set(v)
-          copies[p.members[j]] = dst
+          copies[p.members[j]] = new Uint8Array(block, p.offsets[j], views[p.members[j]].byteLength)
         }
       }
     } catch (e) {
       this.giveBack(blocks)
       throw e
     }
-    return { copies, lease: new StagingLease(this, blocks, total) }
+    const fill = (onFilled?: (filled: number) => void): void => {
+      for (let i = 0; i < views.length; i++) {
+        if (!keep[i]) copies[i].set(views[i])
+        onFilled?.(i + 1)
+      }
+    }
+    return { copies, lease: new StagingLease(this, blocks, total), fill }
   }
 }
 

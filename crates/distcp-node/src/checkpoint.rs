@@ -193,10 +193,7 @@ fn advise_huge_pages(dst: &mut [u8]) {
 }
 
 fn alloc_output(len: usize) -> std::io::Result<memmap2::MmapMut> {
-  let map = memmap2::MmapOptions::new().len(len).map_anon()?;
-  // advice only: without transparent huge pages this is a no-op
-  let _ = map.advise(memmap2::Advice::HugePage);
-  Ok(map)
+  distcp_core::copy::alloc_host(len)
 }
 
 pub struct ReadTask {

@@ -4,11 +4,12 @@
 
 use crate::background::at_background_priority;
 use crate::errors::{guarded, to_js};
-use distcp_core::write::save::FailPoint;
+use distcp_core::write::save::{BytesReady, FailPoint};
 use distcp_core::write::{from_tagged_json, save, Layout, SaveOptions, SaveSummary};
-use napi::bindgen_prelude::{AsyncTask, Uint8Array};
+use napi::bindgen_prelude::{ArrayBuffer, AsyncTask, Uint8Array};
 use napi::{Env, Error, Status, Task};
 use napi_derive::napi;
+use std::sync::{Arc, Condvar, Mutex};
 
 fn invalid_input(msg: impl std::fmt::Display) -> Error {
   Error::new(Status::InvalidArg, format!("[ERR_DISTCP_INVALID_INPUT] {msg}"))
@@ -48,6 +49,80 @@ pub struct SaveTask {
   background: bool,
 }
 
+/// How far the JS thread has copied a save's tensors into staging memory while the writer already runs (see
+/// `save` in src/save.ts): buffers are filled in index order, and the writer reads buffer `i` only once
+/// `advance(i + 1)` has been called, or stops the save when `abort()` is.
+#[napi]
+pub struct StagingGate {
+  inner: Arc<Gate>,
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+  /// (buffers filled, aborted)
+  state: Mutex<(u32, bool)>,
+  filled: Condvar,
+  /// (start address, length, index) of each non-empty buffer, sorted by address; set when the save starts.
+  ranges: Mutex<Vec<(usize, usize, usize)>>,
+}
+
+impl Gate {
+  fn state(&self) -> std::sync::MutexGuard<'_, (u32, bool)> {
+    // the lock guards two plain numbers: a panic while it was held cannot have left them half-written
+    self.state.lock().unwrap_or_else(|e| e.into_inner())
+  }
+}
+
+impl BytesReady for Gate {
+  fn wait(&self, data: &[u8]) -> std::io::Result<()> {
+    if data.is_empty() {
+      return Ok(());
+    }
+    let (start, len) = (data.as_ptr() as usize, data.len());
+    let ranges = self.ranges.lock().unwrap_or_else(|e| e.into_inner());
+    // sorted by address (a binary search: a MoE state dict has tens of thousands of buffers); bytes outside every
+    // buffer (none today) wait for all of them
+    let at = ranges.partition_point(|&(s, _, _)| s <= start);
+    let need = match at.checked_sub(1).map(|k| ranges[k]) {
+      Some((s, l, i)) if start + len <= s + l => i + 1,
+      _ => ranges.iter().map(|r| r.2 + 1).max().unwrap_or(0),
+    };
+    drop(ranges);
+    let mut st = self.state();
+    while (st.0 as usize) < need && !st.1 {
+      st = self.filled.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+    if st.1 {
+      return Err(std::io::Error::other("the copy of the state dict into staging memory failed"));
+    }
+    Ok(())
+  }
+}
+
+#[napi]
+impl StagingGate {
+  #[napi(constructor)]
+  #[allow(clippy::new_without_default)]
+  pub fn new() -> Self {
+    StagingGate { inner: Arc::new(Gate::default()) }
+  }
+
+  /// Buffers `0..filled` hold their bytes.
+  #[napi]
+  pub fn advance(&self, filled: u32) {
+    let mut st = self.inner.state();
+    st.0 = st.0.max(filled);
+    self.inner.filled.notify_all();
+  }
+
+  /// The copy failed: the writer stops (and removes what it wrote) instead of waiting.
+  #[napi]
+  pub fn abort(&self) {
+    self.inner.state().1 = true;
+    self.inner.filled.notify_all();
+  }
+}
+
 impl Task for SaveTask {
   type Output = SaveSummary;
   type JsValue = SaveResult;
@@ -84,16 +159,29 @@ impl Task for SaveTask {
 }
 
 /// Saves a state dict into the checkpoint folder `dir` (created if needed; an existing checkpoint is replaced
-/// crash-safely). `tree` is the state dict as tagged JSON; tensors and bytes refer to `buffers` by index.
+/// crash-safely). `tree` is the state dict as tagged JSON; tensors and bytes refer to `buffers` by index. With a
+/// `gate`, the buffers may still be being filled: each is read only once the gate says it is.
 #[napi(ts_return_type = "Promise<SaveResult>")]
 pub fn write_state_dict(
   dir: String,
   tree: String,
   buffers: Vec<Uint8Array>,
   options: Option<NativeSaveOptions>,
+  gate: Option<&StagingGate>,
 ) -> napi::Result<AsyncTask<SaveTask>> {
   let mut opts = SaveOptions::default();
   let background = options.as_ref().and_then(|o| o.background).unwrap_or(false);
+  if let Some(g) = gate {
+    let mut ranges: Vec<(usize, usize, usize)> = buffers
+      .iter()
+      .enumerate()
+      .filter(|(_, b)| !b.is_empty())
+      .map(|(i, b)| (b.as_ptr() as usize, b.len(), i))
+      .collect();
+    ranges.sort_unstable();
+    *g.inner.ranges.lock().unwrap_or_else(|e| e.into_inner()) = ranges;
+    opts.ready = Some(g.inner.clone());
+  }
   if let Some(o) = options {
     if let Some(l) = o.layout {
       opts.layout = Layout::from_name(&l)
@@ -106,6 +194,36 @@ pub fn write_state_dict(
     }
   }
   Ok(AsyncTask::new(SaveTask { dir, tree, buffers, options: opts, background }))
+}
+
+/// Staging memory for `save` (src/staging.ts): `len` bytes of anonymous memory with every page already faulted in
+/// ([`distcp_core::copy::alloc_host`]), as an ArrayBuffer that unmaps it when collected. A fresh `ArrayBuffer`
+/// would take one page fault per 4 KiB during the copy, which costs more than the copy.
+#[napi(ts_return_type = "ArrayBuffer")]
+pub fn alloc_staging(env: &Env, len: f64) -> napi::Result<ArrayBuffer<'_>> {
+  if !((1.0..=9_007_199_254_740_991.0).contains(&len) && len.fract() == 0.0) {
+    return Err(invalid_input(format!("staging size must be a positive integer, not {len}")));
+  }
+  let n =
+    usize::try_from(len as u64).map_err(|_| invalid_input(format!("staging size {len} is too large")))?;
+  let mut map = guarded(|| {
+    distcp_core::copy::alloc_host(n).map_err(|e| {
+      Error::new(
+        Status::GenericFailure,
+        format!("[ERR_DISTCP_IO] cannot map {n} bytes of staging memory: {e}"),
+      )
+    })
+  })?;
+  let ptr = map.as_mut_ptr();
+  // V8 does not see this memory: say how much it is, so that garbage collection weighs dropped blocks
+  let _ = env.adjust_external_memory(n as i64);
+  // SAFETY: the mapping is ours alone, `n` bytes long, and owned by the finalizer until JS drops the buffer.
+  unsafe {
+    ArrayBuffer::from_external(env, ptr, n, map, move |env, m| {
+      let _ = env.adjust_external_memory(-(n as i64));
+      drop(m)
+    })
+  }
 }
 
 // What `CheckpointManager` (src/manager.ts) needs of the core's commit rules: the folder lock, temporary names

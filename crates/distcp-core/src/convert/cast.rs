@@ -3,12 +3,128 @@
 //! last few elements: bf16 NaN is 0xFFFF, f16 NaN keeps sign and top payload bits with the quiet bit set (F16C
 //! `vcvtps2ph`). torch's scalar tail loop encodes NaN differently (0x7FC0, 0x7E00), so a NaN among the last
 //! elements of a tensor may differ from torch in its payload bits; it is still a NaN.
+//!
+//! fp8 (`float8_e4m3fn`, `float8_e5m2`) follows torch 2.15's `c10/util/Float8_*.h` and its vectorised copies,
+//! which agree with each other: every cast goes through float32. Into e4m3fn a finite overflow or an infinity
+//! saturates to ±448 (0x7E/0xFE; torch ≥ 2.15, older releases produced NaN) and NaN becomes 0x7F with its sign;
+//! into e5m2 an overflow becomes ±inf and NaN 0x7F with its sign. Out of fp8 a NaN becomes 0x7FC0 in bf16 and, in
+//! float32, keeps its payload with the quiet bit set (the F16C widening torch's kernels use for e5m2).
 
 use crate::dtype::DType;
 
 pub fn is_float(d: DType) -> bool {
-  matches!(d, DType::Float64 | DType::Float32 | DType::Float16 | DType::BFloat16)
+  matches!(
+    d,
+    DType::Float64
+      | DType::Float32
+      | DType::Float16
+      | DType::BFloat16
+      | DType::Float8E4M3Fn
+      | DType::Float8E5M2
+  )
 }
+
+/// torch's `fp8e4m3fn_from_fp32_value` (torch 2.15: saturating), written as the header writes it.
+#[cfg(test)]
+pub fn f32_to_e4m3fn(f: f32) -> u8 {
+  let mut bits = f.to_bits();
+  let sign = bits & 0x8000_0000;
+  bits ^= sign;
+  let result = if bits >= 1087 << 20 {
+    if bits > 0x7F80_0000 {
+      0x7F
+    } else {
+      0x7E
+    }
+  } else if bits < 121 << 23 {
+    let denorm_mask = 141u32 << 23;
+    (f32::from_bits(bits) + f32::from_bits(denorm_mask)).to_bits().wrapping_sub(denorm_mask) as u8
+  } else {
+    let mant_odd = (bits >> 20) & 1;
+    let r = (bits.wrapping_add(((7i32 - 127) as u32) << 23).wrapping_add(0x7FFFF).wrapping_add(mant_odd)
+      >> 20) as u8;
+    if r == 0x7F {
+      0x7E
+    } else {
+      r
+    }
+  };
+  result | (sign >> 24) as u8
+}
+
+/// torch's `fp8e5m2_from_fp32_value`, written as the header writes it.
+#[cfg(test)]
+pub fn f32_to_e5m2(f: f32) -> u8 {
+  let mut bits = f.to_bits();
+  let sign = bits & 0x8000_0000;
+  bits ^= sign;
+  let result = if bits >= 143 << 23 {
+    if bits > 0x7F80_0000 {
+      0x7F
+    } else {
+      0x7C
+    }
+  } else if bits < 113 << 23 {
+    let denorm_mask = 134u32 << 23;
+    (f32::from_bits(bits) + f32::from_bits(denorm_mask)).to_bits().wrapping_sub(denorm_mask) as u8
+  } else {
+    let mant_odd = (bits >> 21) & 1;
+    (bits.wrapping_add(((15i32 - 127) as u32) << 23).wrapping_add(0xFFFFF).wrapping_add(mant_odd) >> 21) as u8
+  };
+  result | (sign >> 24) as u8
+}
+
+/// torch's `fp8e4m3fn_to_fp32_value` (exact; NaN 0x7F becomes 0x7FF00000 with the sign).
+pub const fn e4m3fn_to_f32_bits(b: u8) -> u32 {
+  let w = (b as u32) << 24;
+  let sign = w & 0x8000_0000;
+  let nonsign = w & 0x7FFF_FFFF;
+  let lz = nonsign.leading_zeros();
+  let renorm_shift = lz.saturating_sub(4);
+  let inf_nan_mask = ((nonsign.wrapping_add(0x0100_0000) as i32) >> 8) as u32 & 0x7F80_0000;
+  let zero_mask = (nonsign.wrapping_sub(1) as i32 >> 31) as u32;
+  sign
+    | ((((nonsign << renorm_shift) >> 4).wrapping_add((0x78 - renorm_shift) << 23) | inf_nan_mask)
+      & !zero_mask)
+}
+
+/// e5m2 is the top byte of a float16; widened as the F16C instruction torch's kernels use does (exact for
+/// numbers, NaN quieted).
+pub const fn e5m2_to_f32_bits(b: u8) -> u32 {
+  let h = (b as u32) << 8;
+  let sign = (h & 0x8000) << 16;
+  let exp = (h >> 10) & 0x1F;
+  let mant = h & 0x3FF;
+  if exp == 0x1F {
+    // infinity, or NaN with the quiet bit forced
+    sign | 0x7F80_0000 | (mant << 13) | if mant != 0 { 0x0040_0000 } else { 0 }
+  } else if exp == 0 {
+    if mant == 0 {
+      sign
+    } else {
+      // subnormal: mant · 2^-24, normalised (mant has at most 10 significant bits)
+      let shift = mant.leading_zeros() - 21; // brings the leading 1 to bit 10
+      let m = (mant << shift) & 0x3FF;
+      sign | ((127 - 15 + 1 - shift) << 23) | (m << 13)
+    }
+  } else {
+    sign | ((exp + 127 - 15) << 23) | (mant << 13)
+  }
+}
+
+const fn fp8_table(e4m3: bool) -> [u32; 256] {
+  let mut t = [0u32; 256];
+  let mut i = 0;
+  while i < 256 {
+    t[i] = if e4m3 { e4m3fn_to_f32_bits(i as u8) } else { e5m2_to_f32_bits(i as u8) };
+    i += 1;
+  }
+  t
+}
+
+/// Widening an fp8 byte is a table lookup: 256 entries, computed once by the definitions above.
+static E4M3FN_F32: [u32; 256] = fp8_table(true);
+static E5M2_F32: [u32; 256] = fp8_table(false);
 
 /// torch's `round_to_nearest_even` (c10/util/BFloat16.h).
 pub fn f32_to_bf16(f: f32) -> u16 {
@@ -72,6 +188,16 @@ fn read_f32(src: &[u8], from: DType, i: usize) -> f32 {
     DType::Float32 => f32::from_le_bytes([src[4 * i], src[4 * i + 1], src[4 * i + 2], src[4 * i + 3]]),
     DType::BFloat16 => bf16_to_f32(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])),
     DType::Float16 => f16_to_f32(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])),
+    DType::Float8E4M3Fn => f32::from_bits(e4m3fn_to_f32_bits(src[i])),
+    DType::Float8E5M2 => {
+      // the top byte of a float16, widened with the quiet bit forced on NaN (F16C)
+      let v = f16_to_f32(u16::from(src[i]) << 8);
+      if v.is_nan() {
+        f32::from_bits(v.to_bits() | 0x0040_0000)
+      } else {
+        v
+      }
+    }
     _ => {
       let mut b = [0u8; 8];
       b.copy_from_slice(&src[8 * i..8 * i + 8]);
@@ -90,8 +216,12 @@ fn cast_reference(src: &[u8], from: DType, dst: &mut [u8], to: DType) {
   }
   match to {
     DType::BFloat16 => {
-      // torch converts float16 → bfloat16 with the scalar rule (NaN → 0x7FC0), seen against torch 2.15
-      let nan = if from == DType::Float16 { 0x7FC0u16 } else { 0xFFFF };
+      // torch converts float16 and fp8 → bfloat16 with the scalar rule (NaN → 0x7FC0), seen against torch 2.15
+      let nan = if matches!(from, DType::Float16 | DType::Float8E4M3Fn | DType::Float8E5M2) {
+        0x7FC0u16
+      } else {
+        0xFFFF
+      };
       for i in 0..n {
         let v = read_f32(src, from, i);
         let b = if v.is_nan() { nan } else { f32_to_bf16(v) };
@@ -106,6 +236,16 @@ fn cast_reference(src: &[u8], from: DType, dst: &mut [u8], to: DType) {
     DType::Float32 => {
       for i in 0..n {
         dst[4 * i..4 * i + 4].copy_from_slice(&read_f32(src, from, i).to_le_bytes());
+      }
+    }
+    DType::Float8E4M3Fn => {
+      for (i, y) in dst.iter_mut().enumerate().take(n) {
+        *y = f32_to_e4m3fn(read_f32(src, from, i));
+      }
+    }
+    DType::Float8E5M2 => {
+      for (i, y) in dst.iter_mut().enumerate().take(n) {
+        *y = f32_to_e5m2(read_f32(src, from, i));
       }
     }
     _ => {
@@ -200,6 +340,103 @@ fn v_f16_to_bf16(h: u16) -> u16 {
   }
 }
 
+/// [`f32_to_e4m3fn`] without branches, so that it vectorises: both candidate results are computed and one is
+/// selected (the float add of the subnormal path is exact IEEE arithmetic whichever lane uses it).
+#[inline(always)]
+fn v_f32_to_e4m3fn(f: f32) -> u8 {
+  let w = f.to_bits();
+  let sign = w & 0x8000_0000;
+  let a = w ^ sign;
+  let denorm_mask = 141u32 << 23;
+  let denorm = (f32::from_bits(a) + f32::from_bits(denorm_mask)).to_bits().wrapping_sub(denorm_mask);
+  let normal =
+    a.wrapping_add((((7i32 - 127) as u32) << 23).wrapping_add(0x7FFFF)).wrapping_add((a >> 20) & 1) >> 20;
+  let normal = if normal & 0xFF == 0x7F { 0x7E } else { normal };
+  let over = if a > 0x7F80_0000 { 0x7F } else { 0x7E };
+  let r = if a >= 1087 << 20 {
+    over
+  } else if a < 121 << 23 {
+    denorm
+  } else {
+    normal
+  };
+  (r as u8) | (sign >> 24) as u8
+}
+
+/// [`f32_to_e5m2`] without branches.
+#[inline(always)]
+fn v_f32_to_e5m2(f: f32) -> u8 {
+  let w = f.to_bits();
+  let sign = w & 0x8000_0000;
+  let a = w ^ sign;
+  let denorm_mask = 134u32 << 23;
+  let denorm = (f32::from_bits(a) + f32::from_bits(denorm_mask)).to_bits().wrapping_sub(denorm_mask);
+  let normal =
+    a.wrapping_add((((15i32 - 127) as u32) << 23).wrapping_add(0xFFFFF)).wrapping_add((a >> 21) & 1) >> 21;
+  let over = if a > 0x7F80_0000 { 0x7F } else { 0x7C };
+  let r = if a >= 143 << 23 {
+    over
+  } else if a < 113 << 23 {
+    denorm
+  } else {
+    normal
+  };
+  (r as u8) | (sign >> 24) as u8
+}
+
+#[inline(always)]
+fn v_e4m3fn_to_f32(b: u8) -> f32 {
+  f32::from_bits(E4M3FN_F32[usize::from(b)])
+}
+
+#[inline(always)]
+fn v_e5m2_to_f32(b: u8) -> f32 {
+  f32::from_bits(E5M2_F32[usize::from(b)])
+}
+
+/// An fp8 number widened to bf16: exact (the top half of its float32), NaN → 0x7FC0 as torch's scalar
+/// `round_to_nearest_even`, which is what its fp8 copies reach.
+#[inline(always)]
+fn v_fp8_f32_to_bf16(f: f32) -> u16 {
+  let u = f.to_bits();
+  if u & 0x7FFF_FFFF > 0x7F80_0000 {
+    0x7FC0
+  } else {
+    (u >> 16) as u16
+  }
+}
+
+/// The pairs with an fp8 side. Every one goes through float32, as torch's do (float64 is narrowed to float32
+/// first, as `static_cast<Float8_e4m3fn>(double)` does).
+#[inline(always)]
+fn cast_fp8_kernels(src: &[u8], from: DType, dst: &mut [u8], to: DType) -> bool {
+  use DType::{
+    BFloat16 as Bf, Float16 as F16, Float32 as F32, Float64 as F64, Float8E4M3Fn as E4, Float8E5M2 as E5,
+  };
+  match (from, to) {
+    (E4, F32) => map(src, dst, |[x]: [u8; 1]| v_e4m3fn_to_f32(x).to_le_bytes()),
+    (E5, F32) => map(src, dst, |[x]: [u8; 1]| v_e5m2_to_f32(x).to_le_bytes()),
+    (E4, Bf) => map(src, dst, |[x]: [u8; 1]| v_fp8_f32_to_bf16(v_e4m3fn_to_f32(x)).to_le_bytes()),
+    (E5, Bf) => map(src, dst, |[x]: [u8; 1]| v_fp8_f32_to_bf16(v_e5m2_to_f32(x)).to_le_bytes()),
+    (E4, F16) => map(src, dst, |[x]: [u8; 1]| v_f32_to_f16(v_e4m3fn_to_f32(x)).to_le_bytes()),
+    (E5, F16) => map(src, dst, |[x]: [u8; 1]| v_f32_to_f16(v_e5m2_to_f32(x)).to_le_bytes()),
+    (E4, F64) => map(src, dst, |[x]: [u8; 1]| f64::from(v_e4m3fn_to_f32(x)).to_le_bytes()),
+    (E5, F64) => map(src, dst, |[x]: [u8; 1]| f64::from(v_e5m2_to_f32(x)).to_le_bytes()),
+    (E4, E5) => map(src, dst, |[x]: [u8; 1]| [v_f32_to_e5m2(v_e4m3fn_to_f32(x))]),
+    (E5, E4) => map(src, dst, |[x]: [u8; 1]| [v_f32_to_e4m3fn(v_e5m2_to_f32(x))]),
+    (F32, E4) => map(src, dst, |x| [v_f32_to_e4m3fn(f(x))]),
+    (F32, E5) => map(src, dst, |x| [v_f32_to_e5m2(f(x))]),
+    (Bf, E4) => map(src, dst, |x| [v_f32_to_e4m3fn(v_bf16_to_f32(h(x)))]),
+    (Bf, E5) => map(src, dst, |x| [v_f32_to_e5m2(v_bf16_to_f32(h(x)))]),
+    (F16, E4) => map(src, dst, |x| [v_f32_to_e4m3fn(v_f16_to_f32(h(x)))]),
+    (F16, E5) => map(src, dst, |x| [v_f32_to_e5m2(v_f16_to_f32(h(x)))]),
+    (F64, E4) => map(src, dst, |x| [v_f32_to_e4m3fn(d(x) as f32)]),
+    (F64, E5) => map(src, dst, |x| [v_f32_to_e5m2(d(x) as f32)]),
+    _ => return false,
+  }
+  true
+}
+
 /// Every floating pair through the block kernels. `#[inline(always)]` so that each caller compiled for a wider
 /// instruction set gets its own copy.
 #[inline(always)]
@@ -218,7 +455,7 @@ fn cast_kernels(src: &[u8], from: DType, dst: &mut [u8], to: DType) -> bool {
     (F32, F64) => map(src, dst, |x| f64::from(f(x)).to_le_bytes()),
     (Bf, F64) => map(src, dst, |x| f64::from(v_bf16_to_f32(h(x))).to_le_bytes()),
     (F16, F64) => map(src, dst, |x| f64::from(v_f16_to_f32(h(x))).to_le_bytes()),
-    _ => return false,
+    _ => return cast_fp8_kernels(src, from, dst, to),
   }
   true
 }
@@ -238,14 +475,14 @@ fn cast_vectorised(src: &[u8], from: DType, dst: &mut [u8], to: DType) -> bool {
   cast_kernels(src, from, dst, to)
 }
 
-/// Casts `src` (elements of `from`) into `dst` (elements of `to`); both floating dtypes, same element count.
-/// float64 goes through float32 first, as torch's `static_cast<BFloat16>(double)` does.
+/// Casts `src` (elements of `from`) into `dst` (elements of `to`); both floating dtypes ([`is_float`]), same
+/// element count. float64 goes through float32 first, as torch's `static_cast<BFloat16>(double)` does.
 pub fn cast(src: &[u8], from: DType, dst: &mut [u8], to: DType) {
   if from == to {
     dst.copy_from_slice(src);
     return;
   }
-  // every pair of the four floating dtypes has a kernel; anything else is not a cast this module makes
+  // every pair of the six floating dtypes has a kernel; anything else is not a cast this module makes
   let done = cast_vectorised(src, from, dst, to);
   debug_assert!(done, "no cast from {from} to {to}");
 }
@@ -294,7 +531,57 @@ mod tests {
     assert_eq!(f32_to_f16(f32::NAN) & 0x7E00, 0x7E00);
   }
 
-  const FLOATS: [DType; 4] = [DType::Float64, DType::Float32, DType::Float16, DType::BFloat16];
+  /// The header's worked values: saturation into e4m3fn, overflow to inf into e5m2, ties to even, subnormals.
+  #[test]
+  fn fp8_edges() {
+    let e4 = |x: f32| f32_to_e4m3fn(x);
+    assert_eq!(e4(448.0), 0x7E);
+    assert_eq!(e4(464.0), 0x7E); // halfway between 448 and the NaN pattern: even is 448
+    assert_eq!(e4(470.0), 0x7E); // would round into 0x7F, which is NaN: saturates
+    assert_eq!(e4(480.0), 0x7E);
+    assert_eq!(e4(f32::INFINITY), 0x7E);
+    assert_eq!(e4(f32::NEG_INFINITY), 0xFE);
+    assert_eq!(e4(-f32::NAN), 0xFF);
+    assert_eq!(e4(2f32.powi(-9)), 0x01); // smallest subnormal
+    assert_eq!(e4(2f32.powi(-10)), 0x00); // half of it: ties to even (0)
+    assert_eq!(e4(3.0 * 2f32.powi(-10)), 0x02); // one and a half: ties to even (2)
+    let e5 = |x: f32| f32_to_e5m2(x);
+    assert_eq!(e5(57344.0), 0x7B);
+    assert_eq!(e5(61440.0), 0x7C); // the tie above the largest finite rounds to even: inf
+    assert_eq!(e5(-1e9), 0xFC);
+    assert_eq!(e5(f32::NAN), 0x7F);
+    assert_eq!(e5(2f32.powi(-16)), 0x01);
+    for b in 0..=255u8 {
+      let x = f32::from_bits(e4m3fn_to_f32_bits(b));
+      if b & 0x7F == 0x7F {
+        assert!(x.is_nan());
+      } else {
+        assert_eq!(e4(x), b, "e4m3fn {b:#x} round trip");
+      }
+      let y = f32::from_bits(e5m2_to_f32_bits(b));
+      if y.is_nan() {
+        assert_eq!(e5(y), 0x7F | (b & 0x80));
+      } else {
+        assert_eq!(e5(y), b, "e5m2 {b:#x} round trip");
+      }
+    }
+  }
+
+  /// Every fp8 input to every floating dtype, and every 16-bit input into fp8.
+  #[test]
+  fn fp8_vectorised_equals_reference_on_every_input() {
+    let bytes: Vec<u8> = (0..=255u8).collect();
+    let all16: Vec<u8> = (0..=u16::MAX).flat_map(u16::to_le_bytes).collect();
+    for from in [DType::Float8E4M3Fn, DType::Float8E5M2] {
+      for to in FLOATS {
+        check_all_builds(&bytes, from, to);
+        check_all_builds(&all16, to, from);
+      }
+    }
+  }
+
+  const FLOATS: [DType; 6] =
+    [DType::Float64, DType::Float32, DType::Float16, DType::BFloat16, DType::Float8E4M3Fn, DType::Float8E5M2];
 
   /// Both kernel builds (the baseline one and the AVX2 one when the CPU has it) against the reference.
   fn check_all_builds(src: &[u8], from: DType, to: DType) {
@@ -363,6 +650,9 @@ mod tests {
       (DType::Float32, DType::Float16),
       (DType::Float16, DType::Float32),
       (DType::Float64, DType::BFloat16),
+      (DType::BFloat16, DType::Float8E4M3Fn),
+      (DType::Float32, DType::Float8E5M2),
+      (DType::Float8E4M3Fn, DType::BFloat16),
     ] {
       let s = &src[..n * from.size()];
       let mut d = vec![0u8; n * to.size()];
@@ -397,7 +687,7 @@ mod tests {
       /// Random bit patterns (NaN payloads, subnormals, infinities included) of any length, so every block/tail
       /// split is exercised.
       #[test]
-      fn vectorised_equals_reference(words in proptest::collection::vec(any::<u64>(), 0..600), from in 0usize..4, to in 0usize..4) {
+      fn vectorised_equals_reference(words in proptest::collection::vec(any::<u64>(), 0..600), from in 0usize..6, to in 0usize..6) {
         let (from, to) = (FLOATS[from], FLOATS[to]);
         let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
         let n = bytes.len() / 8;

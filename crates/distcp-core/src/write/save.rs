@@ -102,11 +102,28 @@ pub struct SaveOptions {
   /// Test hook: stop at this point, with an I/O error (`abort == false`) or by aborting the process (a crash).
   #[doc(hidden)]
   pub fail_at: Option<(FailPoint, bool)>,
+  /// Asked before the bytes of each item are read, when the caller is still filling them (default: none, every
+  /// byte is in place when `save` is called).
+  pub ready: Option<std::sync::Arc<dyn BytesReady>>,
+}
+
+/// Lets a save start writing while its caller still fills the tensors' memory (the binding copies the state dict
+/// into staging memory on the JS thread while the writer already writes the first items): the writer waits here
+/// for the bytes it is about to read.
+pub trait BytesReady: Send + Sync + std::fmt::Debug {
+  /// Returns once `data` (a tensor's or a bytes value's memory) holds its final bytes; an error stops the save.
+  fn wait(&self, data: &[u8]) -> io::Result<()>;
 }
 
 impl Default for SaveOptions {
   fn default() -> Self {
-    SaveOptions { layout: Layout::Torch24, version: Some(DCP_VERSION.to_owned()), sync: true, fail_at: None }
+    SaveOptions {
+      layout: Layout::Torch24,
+      version: Some(DCP_VERSION.to_owned()),
+      sync: true,
+      fail_at: None,
+      ready: None,
+    }
   }
 }
 
@@ -156,6 +173,10 @@ pub fn save(dir: impl AsRef<Path>, root: &SaveValue, options: &SaveOptions) -> R
       SaveValue::Tensor(t) => Kind::Tensor(t),
       _ => Kind::Object,
     };
+    if let (Kind::Object, Some(ready)) = (&kind, &options.ready) {
+      // pickling an object reads its bytes values now (they go into data.pkl), not when it is written
+      wait_inside(item.value, ready.as_ref()).map_err(|e| Error::io(dir, e))?;
+    }
     let pickled = pickle_value(item.value).map_err(|r| invalid(item.key.clone(), r))?;
     planned.push(Planned { key: item.key, path: item.path, kind, pickled });
   }
@@ -244,6 +265,20 @@ pub fn save(dir: impl AsRef<Path>, root: &SaveValue, options: &SaveOptions) -> R
   })
 }
 
+/// Waits (see [`SaveOptions::ready`]) for every bytes value and tensor inside `v`.
+fn wait_inside(v: &SaveValue, ready: &dyn BytesReady) -> io::Result<()> {
+  match v {
+    SaveValue::Bytes(b) => ready.wait(b),
+    SaveValue::Tensor(t) => ready.wait(t.data),
+    SaveValue::List(items) | SaveValue::Tuple(items) => items.iter().try_for_each(|x| wait_inside(x, ready)),
+    SaveValue::Dict(pairs) => pairs.iter().try_for_each(|(k, x)| {
+      wait_inside(k, ready)?;
+      wait_inside(x, ready)
+    }),
+    _ => Ok(()),
+  }
+}
+
 pub(crate) fn token() -> String {
   let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
   format!("{:x}{:x}", std::process::id(), nanos & 0xffff_ffff_ffff)
@@ -279,6 +314,11 @@ fn write_data(
   let mut storage = Vec::with_capacity(planned.len());
   let mut pos = 0u64;
   for (i, p) in order.enumerate() {
+    if let Some(ready) = &options.ready {
+      for s in &p.pickled.storages {
+        ready.wait(s).map_err(io_err)?;
+      }
+    }
     let (_, len) = write_archive(&mut out, &p.pickled).map_err(io_err)?;
     let offset = match p.kind {
       Kind::Tensor(t) => Some(vec![0; t.shape.len()]),
