@@ -1,12 +1,12 @@
 //! `NativeCheckpoint`: an open checkpoint shared by JS and by worker-thread reads.
 
-use crate::errors::{guarded, invalid_arg, to_js};
+use crate::errors::{internal, invalid_arg, job, to_js, Job, Result, Work};
 use crate::values;
 use distcp_core::metadata::ItemMetadata;
 use distcp_core::plan::Region;
 use distcp_core::Checkpoint;
 use napi::bindgen_prelude::{AsyncTask, Buffer, BufferSlice, Uint8Array};
-use napi::{Env, ScopedTask, Task};
+use napi::Env;
 use napi_derive::napi;
 use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
@@ -80,7 +80,7 @@ fn version_text((major, minor): (u32, u32)) -> String {
 
 /// Rewrites only `.metadata` of the checkpoint at `path` so that torch `torch` ("2.13") loads it.
 #[napi(catch_unwind)]
-pub fn retarget_checkpoint(path: String, torch: String, keep_original: bool) -> napi::Result<RetargetResult> {
+pub fn retarget_checkpoint(path: String, torch: String, keep_original: bool) -> Result<RetargetResult> {
   use distcp_core::retarget;
   let Some(target) = retarget::parse_torch_version(&torch) else {
     return Err(invalid_arg(format!("torch: expected a version like 2.13, got {torch:?}")));
@@ -98,7 +98,7 @@ fn dims(v: &[u64]) -> Vec<f64> {
   v.iter().map(|&x| x as f64).collect()
 }
 
-fn to_u64s(v: &[f64], what: &str) -> napi::Result<Vec<u64>> {
+fn to_u64s(v: &[f64], what: &str) -> Result<Vec<u64>> {
   v.iter()
     .map(|&x| {
       if x >= 0.0 && x.fract() == 0.0 && x <= 9_007_199_254_740_991.0 {
@@ -116,7 +116,7 @@ pub struct NativeCheckpoint {
 }
 
 impl NativeCheckpoint {
-  pub(crate) fn get(&self) -> napi::Result<Arc<Checkpoint>> {
+  pub(crate) fn get(&self) -> Result<Arc<Checkpoint>> {
     let guard = self.inner.read().unwrap_or_else(|p| p.into_inner());
     guard.clone().ok_or_else(|| invalid_arg("the checkpoint was closed"))
   }
@@ -127,7 +127,7 @@ impl NativeCheckpoint {
     key: &str,
     offsets: Option<Vec<f64>>,
     sizes: Option<Vec<f64>>,
-  ) -> napi::Result<Region> {
+  ) -> Result<Region> {
     let offsets = offsets.map(|o| to_u64s(&o, "offsets")).transpose()?;
     let sizes = sizes.map(|s| to_u64s(&s, "sizes")).transpose()?;
     ck.region(key, offsets, sizes).map_err(to_js)
@@ -139,23 +139,23 @@ pub struct OpenTask {
   rank: Option<u32>,
 }
 
-impl Task for OpenTask {
+impl Work<'_> for OpenTask {
   type Output = Checkpoint;
   type JsValue = NativeCheckpoint;
 
-  fn compute(&mut self) -> napi::Result<Checkpoint> {
-    guarded(|| Checkpoint::open(&self.path, self.rank).map_err(to_js))
+  fn compute(&mut self) -> Result<Checkpoint> {
+    Checkpoint::open(&self.path, self.rank).map_err(to_js)
   }
 
-  fn resolve(&mut self, _env: Env, ck: Checkpoint) -> napi::Result<NativeCheckpoint> {
+  fn resolve(&mut self, _env: &Env, ck: Checkpoint) -> Result<NativeCheckpoint> {
     Ok(NativeCheckpoint { inner: Arc::new(RwLock::new(Some(Arc::new(ck)))) })
   }
 }
 
 /// Opens a checkpoint folder on a worker thread (parses `.metadata`).
 #[napi(ts_return_type = "Promise<NativeCheckpoint>")]
-pub fn open_native_checkpoint(path: String, rank: Option<u32>) -> AsyncTask<OpenTask> {
-  AsyncTask::new(OpenTask { path, rank })
+pub fn open_native_checkpoint(path: String, rank: Option<u32>) -> AsyncTask<Job<OpenTask>> {
+  job(OpenTask { path, rank })
 }
 
 /// Node's largest Buffer on 64-bit Node 20.
@@ -204,25 +204,23 @@ pub struct ReadTask {
   len: usize,
 }
 
-impl<'env> ScopedTask<'env> for ReadTask {
+impl<'env> Work<'env> for ReadTask {
   type Output = ReadOutput;
   type JsValue = BufferSlice<'env>;
 
-  fn compute(&mut self) -> napi::Result<ReadOutput> {
-    guarded(|| {
-      let len = self.len;
-      if len >= ANON_MIN {
-        let mut map = alloc_output(len).map_err(|e| to_js(distcp_core::Error::io(&self.ck.root, e)))?;
-        self.ck.read_into(&self.key, &self.region, &mut map).map_err(to_js)?;
-        return Ok(ReadOutput::Anonymous(map));
-      }
-      let mut buf = vec![0u8; len];
-      self.ck.read_into(&self.key, &self.region, &mut buf).map_err(to_js)?;
-      Ok(ReadOutput::Owned(buf))
-    })
+  fn compute(&mut self) -> Result<ReadOutput> {
+    let len = self.len;
+    if len >= ANON_MIN {
+      let mut map = alloc_output(len).map_err(|e| to_js(distcp_core::Error::io(&self.ck.root, e)))?;
+      self.ck.read_into(&self.key, &self.region, &mut map).map_err(to_js)?;
+      return Ok(ReadOutput::Anonymous(map));
+    }
+    let mut buf = vec![0u8; len];
+    self.ck.read_into(&self.key, &self.region, &mut buf).map_err(to_js)?;
+    Ok(ReadOutput::Owned(buf))
   }
 
-  fn resolve(&mut self, env: &'env Env, output: ReadOutput) -> napi::Result<BufferSlice<'env>> {
+  fn resolve(&mut self, env: &'env Env, output: ReadOutput) -> Result<BufferSlice<'env>> {
     match output {
       ReadOutput::Owned(v) => BufferSlice::from_data(env, v),
       ReadOutput::Anonymous(mut m) => {
@@ -231,6 +229,7 @@ impl<'env> ScopedTask<'env> for ReadTask {
         unsafe { BufferSlice::from_external(env, ptr, len, m, |_, m| drop(m)) }
       }
     }
+    .map_err(internal)
   }
 }
 
@@ -241,21 +240,19 @@ pub struct ReadIntoTask {
   into: Uint8Array,
 }
 
-impl Task for ReadIntoTask {
+impl Work<'_> for ReadIntoTask {
   type Output = ();
   type JsValue = ();
 
-  fn compute(&mut self) -> napi::Result<()> {
-    guarded(|| {
-      // SAFETY: the caller promised (documented on `read`) not to touch `into` until the promise settles; the
-      // Uint8Array reference keeps its memory alive meanwhile.
-      let dst = unsafe { self.into.as_mut() };
-      advise_huge_pages(dst);
-      self.ck.read_into(&self.key, &self.region, dst).map_err(to_js)
-    })
+  fn compute(&mut self) -> Result<()> {
+    // SAFETY: the caller promised (documented on `read`) not to touch `into` until the promise settles; the
+    // Uint8Array reference keeps its memory alive meanwhile.
+    let dst = unsafe { self.into.as_mut() };
+    advise_huge_pages(dst);
+    self.ck.read_into(&self.key, &self.region, dst).map_err(to_js)
   }
 
-  fn resolve(&mut self, _env: Env, _output: ()) -> napi::Result<()> {
+  fn resolve(&mut self, _env: &Env, _output: ()) -> Result<()> {
     Ok(())
   }
 }
@@ -272,20 +269,18 @@ pub struct ReadObjectTask {
   key: String,
 }
 
-impl Task for ReadObjectTask {
+impl Work<'_> for ReadObjectTask {
   type Output = (String, Vec<Vec<u8>>);
   type JsValue = EncodedObject;
 
-  fn compute(&mut self) -> napi::Result<(String, Vec<Vec<u8>>)> {
-    guarded(|| {
-      let obj = self.ck.read_object(&self.key).map_err(to_js)?;
-      let mut buffers = Vec::new();
-      let json = values::encode(obj, &mut buffers);
-      Ok((json.to_string(), buffers))
-    })
+  fn compute(&mut self) -> Result<(String, Vec<Vec<u8>>)> {
+    let obj = self.ck.read_object(&self.key).map_err(to_js)?;
+    let mut buffers = Vec::new();
+    let json = values::encode(obj, &mut buffers);
+    Ok((json.to_string(), buffers))
   }
 
-  fn resolve(&mut self, _env: Env, (json, buffers): (String, Vec<Vec<u8>>)) -> napi::Result<EncodedObject> {
+  fn resolve(&mut self, _env: &Env, (json, buffers): (String, Vec<Vec<u8>>)) -> Result<EncodedObject> {
     Ok(EncodedObject { json, buffers: buffers.into_iter().map(Buffer::from).collect() })
   }
 }
@@ -294,12 +289,12 @@ impl Task for ReadObjectTask {
 impl NativeCheckpoint {
   /// Flat keys in `.metadata` order.
   #[napi(catch_unwind)]
-  pub fn keys(&self) -> napi::Result<Vec<String>> {
+  pub fn keys(&self) -> Result<Vec<String>> {
     Ok(self.get()?.keys().map(str::to_owned).collect())
   }
 
   #[napi(catch_unwind)]
-  pub fn info(&self, key: String) -> napi::Result<ItemInfo> {
+  pub fn info(&self, key: String) -> Result<ItemInfo> {
     let ck = self.get()?;
     match ck.item(&key).map_err(to_js)? {
       ItemMetadata::Tensor(t) => {
@@ -343,12 +338,12 @@ impl NativeCheckpoint {
   /// Each key's path in the original nested state dict (`planner_data`), as JSON `{key: [str|int, ...]}`, or
   /// null when the checkpoint has none.
   #[napi(catch_unwind)]
-  pub fn planner_paths_json(&self) -> napi::Result<Option<String>> {
+  pub fn planner_paths_json(&self) -> Result<Option<String>> {
     Ok(self.get()?.planner_paths_json())
   }
 
   #[napi(catch_unwind)]
-  pub fn summary(&self) -> napi::Result<CheckpointSummary> {
+  pub fn summary(&self) -> Result<CheckpointSummary> {
     let ck = self.get()?;
     let s = ck.summary();
     Ok(CheckpointSummary {
@@ -377,7 +372,7 @@ impl NativeCheckpoint {
     key: String,
     offsets: Option<Vec<f64>>,
     sizes: Option<Vec<f64>>,
-  ) -> napi::Result<AsyncTask<ReadTask>> {
+  ) -> Result<AsyncTask<Job<ReadTask>>> {
     let ck = self.get()?;
     let region = self.region(&ck, &key, offsets, sizes)?;
     let dtype = ck.dtype(&key).map_err(to_js)?;
@@ -389,7 +384,7 @@ impl NativeCheckpoint {
         ck.root.display()
       )));
     }
-    Ok(AsyncTask::new(ReadTask { ck, key, region, len: bytes as usize }))
+    Ok(job(ReadTask { ck, key, region, len: bytes as usize }))
   }
 
   /// Reads a tensor (or a box of it) straight into `into`, which must hold exactly its bytes.
@@ -400,16 +395,16 @@ impl NativeCheckpoint {
     into: Uint8Array,
     offsets: Option<Vec<f64>>,
     sizes: Option<Vec<f64>>,
-  ) -> napi::Result<AsyncTask<ReadIntoTask>> {
+  ) -> Result<AsyncTask<Job<ReadIntoTask>>> {
     let ck = self.get()?;
     let region = self.region(&ck, &key, offsets, sizes)?;
-    Ok(AsyncTask::new(ReadIntoTask { ck, key, region, into }))
+    Ok(job(ReadIntoTask { ck, key, region, into }))
   }
 
   /// Reads a non-tensor value (encoded, see `src/values.ts`).
   #[napi(ts_return_type = "Promise<EncodedObject>")]
-  pub fn read_object(&self, key: String) -> napi::Result<AsyncTask<ReadObjectTask>> {
-    Ok(AsyncTask::new(ReadObjectTask { ck: self.get()?, key }))
+  pub fn read_object(&self, key: String) -> Result<AsyncTask<Job<ReadObjectTask>>> {
+    Ok(job(ReadObjectTask { ck: self.get()?, key }))
   }
 
   /// Drops the metadata and data-file mappings held by this handle (buffers already handed out stay valid).

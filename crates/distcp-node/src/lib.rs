@@ -24,9 +24,9 @@ pub use state_dict::*;
 #[napi_derive::napi(catch_unwind, ts_return_type = "Promise<void> | null")]
 pub fn panic_for_test(
   where_: String,
-) -> napi::Result<Option<napi::bindgen_prelude::AsyncTask<errors::PanicTask>>> {
+) -> errors::Result<Option<napi::bindgen_prelude::AsyncTask<errors::Job<errors::PanicTask>>>> {
   if where_ == "sync" {
     panic!("deliberate panic for the no-panic-crosses-into-Node test");
   }
-  Ok(Some(napi::bindgen_prelude::AsyncTask::new(errors::PanicTask)))
+  Ok(Some(errors::job(errors::PanicTask)))
 }

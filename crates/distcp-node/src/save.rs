@@ -2,16 +2,12 @@
 //! `distcp_core::write::from_tagged_json` documents, the same ones `values.rs` uses for reading) plus the
 //! caller's buffers, referenced (not copied) until the promise settles.
 
-use crate::errors::{guarded, to_js};
+use crate::errors::{guarded, invalid_input, job, to_js, Job, Result, Work};
 use distcp_core::write::save::FailPoint;
 use distcp_core::write::{from_tagged_json, save, Layout, SaveOptions, SaveSummary};
 use napi::bindgen_prelude::{AsyncTask, Uint8Array};
-use napi::{Env, Error, Status, Task};
+use napi::Env;
 use napi_derive::napi;
-
-fn invalid_input(msg: impl std::fmt::Display) -> Error {
-  Error::new(Status::InvalidArg, format!("[ERR_DISTCP_INVALID_INPUT] {msg}"))
-}
 
 #[napi(object)]
 pub struct NativeSaveOptions {
@@ -44,24 +40,21 @@ pub struct SaveTask {
   options: SaveOptions,
 }
 
-impl Task for SaveTask {
+impl Work<'_> for SaveTask {
   type Output = SaveSummary;
   type JsValue = SaveResult;
 
-  fn compute(&mut self) -> napi::Result<SaveSummary> {
-    guarded(|| {
-      let json: serde_json::Value =
-        serde_json::from_str(&self.tree).map_err(|e| invalid_input(format!("{}: {e}", self.dir)))?;
-      // the caller promised not to touch these buffers until the promise settles (see `save` in src/save.ts);
-      // the Uint8Array references keep their memory alive meanwhile
-      let slices: Vec<&[u8]> = self.buffers.iter().map(|b| &**b).collect();
-      let value =
-        from_tagged_json(&json, &slices).map_err(|e| invalid_input(format!("{}: {e}", self.dir)))?;
-      save(&self.dir, &value, &self.options).map_err(to_js)
-    })
+  fn compute(&mut self) -> Result<SaveSummary> {
+    let json: serde_json::Value =
+      serde_json::from_str(&self.tree).map_err(|e| invalid_input(format!("{}: {e}", self.dir)))?;
+    // the caller promised not to touch these buffers until the promise settles (see `save` in src/save.ts);
+    // the Uint8Array references keep their memory alive meanwhile
+    let slices: Vec<&[u8]> = self.buffers.iter().map(|b| &**b).collect();
+    let value = from_tagged_json(&json, &slices).map_err(|e| invalid_input(format!("{}: {e}", self.dir)))?;
+    save(&self.dir, &value, &self.options).map_err(to_js)
   }
 
-  fn resolve(&mut self, _env: Env, s: SaveSummary) -> napi::Result<SaveResult> {
+  fn resolve(&mut self, _env: &Env, s: SaveSummary) -> Result<SaveResult> {
     Ok(SaveResult {
       keys: s.keys,
       tensors: s.tensors as u32,
@@ -82,7 +75,7 @@ pub fn write_state_dict(
   tree: String,
   buffers: Vec<Uint8Array>,
   options: Option<NativeSaveOptions>,
-) -> napi::Result<AsyncTask<SaveTask>> {
+) -> Result<AsyncTask<Job<SaveTask>>> {
   let mut opts = SaveOptions::default();
   if let Some(o) = options {
     if let Some(l) = o.layout {
@@ -95,7 +88,7 @@ pub fn write_state_dict(
       opts.fail_at = Some((point, o.fail_abort.unwrap_or(false)));
     }
   }
-  Ok(AsyncTask::new(SaveTask { dir, tree, buffers, options: opts }))
+  Ok(job(SaveTask { dir, tree, buffers, options: opts }))
 }
 
 // What `CheckpointManager` (src/manager.ts) needs of the core's commit rules: the folder lock, temporary names
@@ -111,7 +104,7 @@ pub struct FolderLock {
 impl FolderLock {
   /// Takes the lock of folder `dir` (which must exist); `ERR_DISTCP_LOCKED` when another writer holds it.
   #[napi(factory)]
-  pub fn acquire(dir: String) -> napi::Result<FolderLock> {
+  pub fn acquire(dir: String) -> Result<FolderLock> {
     guarded(|| {
       let lock = distcp_core::commit::DirLock::acquire(std::path::Path::new(&dir)).map_err(to_js)?;
       Ok(FolderLock { inner: Some(lock) })
@@ -139,6 +132,6 @@ pub fn commit_writer_is_dead(name: String, prefix: String) -> bool {
 
 /// fsyncs a folder, so that renames and removals in it are durable.
 #[napi]
-pub fn commit_sync_dir(dir: String) -> napi::Result<()> {
+pub fn commit_sync_dir(dir: String) -> Result<()> {
   guarded(|| distcp_core::commit::sync_dir(std::path::Path::new(&dir)).map_err(to_js))
 }
