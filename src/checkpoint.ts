@@ -1,10 +1,10 @@
 import { awaitNative, callNative, DistcpError } from './errors.js'
-import { native, type NativeCheckpoint, type CheckpointSummary } from './native.js'
+import { native, type NativeCheckpoint, type CheckpointSummary, type CheckpointLayout } from './native.js'
 import { elementSize, numel, type DType, type Tensor } from './tensor.js'
 import { isDeviceRead, readToDevice, type DeviceReadOptions, type DeviceTarget, type DeviceTensor } from './cuda.js'
 import { decodeValue, type PyValue } from './values.js'
 
-export type { CheckpointSummary, DeviceReadOptions }
+export type { CheckpointSummary, CheckpointLayout, DeviceReadOptions }
 
 /** One stored chunk of a tensor: a box in global coordinates, and where its record lies. */
 export interface ChunkInfo {
@@ -100,19 +100,7 @@ export class Checkpoint {
   /** dtype, shape and chunks of a tensor, or the size of a non-tensor value. */
   info(key: string): TensorInfo | ObjectInfo {
     checkString(key, 'key')
-    const i = callNative(() => this.#native.info(key))
-    if (i.kind === 'tensor') {
-      return {
-        key,
-        kind: 'tensor',
-        dtype: i.dtype as DType,
-        shape: i.shape ?? [],
-        nbytes: i.nbytes,
-        chunks: i.chunks,
-        files: i.files,
-      }
-    }
-    return { key, kind: 'object', nbytes: i.nbytes, files: i.files }
+    return callNative(() => this.#native.info(key))
   }
 
   /** Files, ranks and format details recorded in `.metadata`. */

@@ -1,5 +1,6 @@
 //! `NativeCheckpoint`: an open checkpoint shared by JS and by worker-thread reads.
 
+use crate::enums::{CheckpointLayout, DType};
 use crate::errors::{internal, invalid_arg, job, to_js, Job, Result, Work};
 use crate::values;
 use distcp_core::metadata::ItemMetadata;
@@ -23,17 +24,23 @@ pub struct ChunkInfo {
   pub byte_length: f64,
 }
 
-#[napi(object)]
-pub struct ItemInfo {
-  pub key: String,
-  /// `"tensor"` or `"object"` (a non-tensor value).
-  pub kind: String,
-  pub dtype: Option<String>,
-  pub shape: Option<Vec<f64>>,
-  /// Tensor: bytes of the whole tensor. Object: bytes of its stored record.
-  pub nbytes: f64,
-  pub chunks: Vec<ChunkInfo>,
-  pub files: Vec<String>,
+/// What `.metadata` says of one key: a tensor (`kind: "tensor"`, `nbytes` of the whole tensor) or a non-tensor
+/// value (`kind: "object"`, `nbytes` of its stored record).
+#[napi(discriminant = "kind", discriminant_case = "lowercase")]
+pub enum ItemInfo {
+  Tensor {
+    key: String,
+    dtype: DType,
+    shape: Vec<f64>,
+    nbytes: f64,
+    chunks: Vec<ChunkInfo>,
+    files: Vec<String>,
+  },
+  Object {
+    key: String,
+    nbytes: f64,
+    files: Vec<String>,
+  },
 }
 
 #[napi(object)]
@@ -50,8 +57,7 @@ pub struct CheckpointSummary {
   pub ranks: u32,
   pub has_planner_data: bool,
   pub has_storage_meta: bool,
-  /// `dcp`, `dcp-safetensors`, `hf-storage-sharded` or `hf-safetensors`.
-  pub layout: String,
+  pub layout: CheckpointLayout,
   /// Which writer produced the checkpoint, in words.
   pub writer: String,
   /// The NeMo-RL weights folder the checkpoint was found in.
@@ -301,10 +307,9 @@ impl NativeCheckpoint {
         let nbytes = ck.tensor_bytes(&key).map_err(to_js)?;
         let chunks = ck.chunk_locations(&key).map_err(to_js)?;
         let files: BTreeSet<String> = chunks.iter().map(|c| c.info.relative_path.clone()).collect();
-        Ok(ItemInfo {
-          kind: "tensor".into(),
-          dtype: Some(t.dtype().name().into()),
-          shape: Some(dims(&t.size)),
+        Ok(ItemInfo::Tensor {
+          dtype: t.dtype().into(),
+          shape: dims(&t.size),
           nbytes: nbytes as f64,
           chunks: chunks
             .into_iter()
@@ -322,15 +327,7 @@ impl NativeCheckpoint {
       }
       ItemMetadata::Bytes => {
         let loc = ck.object_location(&key).map_err(to_js)?;
-        Ok(ItemInfo {
-          kind: "object".into(),
-          dtype: None,
-          shape: None,
-          nbytes: loc.length as f64,
-          chunks: Vec::new(),
-          files: vec![loc.relative_path],
-          key,
-        })
+        Ok(ItemInfo::Object { nbytes: loc.length as f64, files: vec![loc.relative_path], key })
       }
     }
   }
@@ -357,7 +354,7 @@ impl NativeCheckpoint {
       files: s.files,
       has_planner_data: s.has_planner_data,
       has_storage_meta: s.has_storage_meta,
-      layout: s.layout.to_owned(),
+      layout: ck.layout.kind.into(),
       writer: s.writer,
       nemo_rl_weights: s.nemo_rl_weights,
       tokenizer_beside: s.tokenizer_beside,

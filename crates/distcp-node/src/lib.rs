@@ -6,6 +6,7 @@
 mod checkpoint;
 mod convert;
 mod cuda;
+mod enums;
 mod errors;
 mod ranks;
 mod save;
@@ -15,6 +16,7 @@ mod values;
 pub use checkpoint::*;
 pub use convert::*;
 pub use cuda::*;
+pub use enums::*;
 pub use ranks::*;
 pub use save::*;
 pub use state_dict::*;
