@@ -26,6 +26,11 @@ export declare class NativeCheckpoint {
    * null when the checkpoint has none.
    */
   plannerPathsJson(): string | null
+  /**
+   * The nested state dict torch saved, as JSON leaves (indices into `keys()`), dicts and lists (see
+   * `state_dict::nested_json`); rebuilt from `planner_data` by the core.
+   */
+  nestedJson(): string
   summary(): CheckpointSummary
   /** Reads a tensor, or the box `offsets`/`sizes` of it, into a new Buffer (row-major). */
   read(key: string, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null): Promise<Buffer>

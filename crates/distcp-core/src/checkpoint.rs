@@ -1001,6 +1001,20 @@ impl Checkpoint {
     Some(serde_json::Value::Object(map).to_string())
   }
 
+  /// The nested state dict torch saved, without the values ([`crate::write::unflatten`] over each key's
+  /// `planner_data` path, in [`Checkpoint::keys`] order; a key without a path is its own one-step path). Leaves
+  /// index [`Checkpoint::keys`].
+  pub fn nested(&self) -> Result<crate::write::Nested> {
+    let pd = self.metadata.planner_data.as_ref();
+    let own: Vec<(&str, [PathElem; 1])> = self.keys().map(|k| (k, [PathElem::Key(k.to_owned())])).collect();
+    let items =
+      own.iter().map(|(k, single)| (*k, pd.and_then(|pd| pd.get(*k)).map_or(&single[..], Vec::as_slice)));
+    crate::write::unflatten(items).map_err(|e| Error::Metadata {
+      path: self.metadata_path.clone(),
+      reason: format!("key `{}`: {}", e.key, e.reason),
+    })
+  }
+
   /// Element type of a tensor.
   pub fn dtype(&self, key: &str) -> Result<DType> {
     Ok(self.tensor(key)?.dtype())

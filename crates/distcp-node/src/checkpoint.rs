@@ -339,6 +339,14 @@ impl NativeCheckpoint {
     Ok(self.get()?.planner_paths_json())
   }
 
+  /// The nested state dict torch saved, as JSON leaves (indices into `keys()`), dicts and lists (see
+  /// `state_dict::nested_json`); rebuilt from `planner_data` by the core.
+  #[napi(catch_unwind)]
+  pub fn nested_json(&self) -> Result<String> {
+    let ck = self.get()?;
+    Ok(crate::state_dict::nested_json(&ck.nested().map_err(to_js)?).to_string())
+  }
+
   #[napi(catch_unwind)]
   pub fn summary(&self) -> Result<CheckpointSummary> {
     let ck = self.get()?;

@@ -3,7 +3,7 @@
 
 use crate::errors::{invalid_input as invalid, Result};
 use distcp_core::metadata::PathElem;
-use distcp_core::write::{flatten, from_tagged_json, Layout, SaveValue};
+use distcp_core::write::{flatten, from_tagged_json, Layout, Nested, SaveValue};
 use napi_derive::napi;
 use serde_json::{json, Value};
 
@@ -52,6 +52,20 @@ pub fn flatten_state_dict_keys(tree: String, tensor_count: u32, layout: String) 
       })
       .collect(),
   )
+}
+
+/// A checkpoint's nested state dict without values ([`distcp_core::write::unflatten`]) as JSON: a leaf is the
+/// index of its key, a dict `{"$d": [[key, child], …]}` (in order), a list an array (`null` for a hole).
+pub(crate) fn nested_json(n: &Nested) -> Value {
+  match n {
+    Nested::Leaf(i) => json!(i),
+    Nested::Dict(entries) => {
+      json!({ "$d": entries.iter().map(|(k, c)| json!([k, nested_json(c)])).collect::<Vec<_>>() })
+    }
+    Nested::List(items) => {
+      Value::Array(items.iter().map(|c| c.as_ref().map_or(Value::Null, nested_json)).collect())
+    }
+  }
 }
 
 /// The deepest nesting a state dict may have (`distcp_core::limits::MAX_NESTING`), so the TypeScript encoder
