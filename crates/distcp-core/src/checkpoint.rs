@@ -593,7 +593,7 @@ impl Checkpoint {
       return self.raw_record(key, bytes, &t.chunks[chunk].sizes, t.dtype());
     }
     let rec = match bytes.parse().map_err(|e| self.record_error(bytes.path(), key, e))? {
-      PyObject::Tensor(rec) => rec,
+      PyObject::Record(rec) => rec,
       _ => {
         return Err(Error::Record {
           path: bytes.path().to_path_buf(),
@@ -870,7 +870,7 @@ impl Checkpoint {
       v.into_iter().map(|o| self.materialise(o, bytes, key, left, depth + 1)).collect()
     };
     Ok(match obj {
-      PyObject::Tensor(rec) => {
+      PyObject::Record(rec) => {
         let n = checked_nbytes(&rec.shape, rec.dtype.size()).ok_or_else(|| Error::SizeOverflow {
           path: path.clone(),
           key: key.to_owned(),
@@ -913,7 +913,7 @@ impl Checkpoint {
           };
           copy_resolved(&chunk, &read, &mut data, &rec.shape).map_err(|e| self.copy_error(&chunk, key, e))?;
         }
-        PyObject::TensorData { dtype: rec.dtype, shape: rec.shape, data }
+        PyObject::Tensor(crate::value::Tensor { dtype: rec.dtype, shape: rec.shape, data })
       }
       PyObject::List(v) => PyObject::List(many(v, left)?),
       PyObject::Tuple(v) => PyObject::Tuple(many(v, left)?),

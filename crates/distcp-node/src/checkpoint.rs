@@ -2,7 +2,6 @@
 
 use crate::enums::{CheckpointLayout, DType};
 use crate::errors::{internal, invalid_arg, job, to_js, Job, Result, Work};
-use crate::values;
 use distcp_core::metadata::ItemMetadata;
 use distcp_core::plan::Region;
 use distcp_core::Checkpoint;
@@ -282,7 +281,7 @@ impl Work<'_> for ReadObjectTask {
   fn compute(&mut self) -> Result<(String, Vec<Vec<u8>>)> {
     let obj = self.ck.read_object(&self.key).map_err(to_js)?;
     let mut buffers = Vec::new();
-    let json = values::encode(obj, &mut buffers);
+    let json = distcp_core::value::to_tagged_json(obj, &mut buffers);
     Ok((json.to_string(), buffers))
   }
 

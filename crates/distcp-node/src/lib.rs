@@ -11,7 +11,6 @@ mod errors;
 mod ranks;
 mod save;
 mod state_dict;
-mod values;
 
 pub use checkpoint::*;
 pub use convert::*;

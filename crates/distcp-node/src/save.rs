@@ -1,5 +1,5 @@
 //! `writeStateDict` (the native half of `save`; `saveCheckpoint` is the NeMo-style API in TypeScript): writes a DCP checkpoint on a worker thread. The state dict arrives as tagged JSON (the tags
-//! `distcp_core::write::from_tagged_json` documents, the same ones `values.rs` uses for reading) plus the
+//! `distcp_core::value::from_tagged_json` documents: the codec reads are encoded with) plus the
 //! caller's buffers, referenced (not copied) until the promise settles.
 
 use crate::errors::{guarded, invalid_input, job, to_js, Job, Result, Work};
