@@ -87,8 +87,8 @@ export declare class RanksSaveHandle {
   fileNames(worldSize: number): Array<string>
   /** Whether something was at the path before (the ranks write temporary names). */
   replacing(): boolean
-  /** Commits the merged `.metadata` (JSON, see the module docs); returns its size in bytes. */
-  commit(metadata: string): number
+  /** Commits the merged `.metadata` (JSON, see the module docs) on a worker thread; resolves to its size in bytes. */
+  commit(metadata: string): Promise<number>
   /** Removes the files this save named (after a failure); the previous checkpoint is untouched. */
   abort(): void
   /** Releases the folder lock. */
@@ -236,6 +236,8 @@ export interface NativeSaveOptions {
    */
   failAt?: string
   failAbort?: boolean
+  /** Write on a thread of lower CPU priority (`saveAsync`: the trainer goes on meanwhile), see `background.rs`. */
+  background?: boolean
 }
 
 /** Opens a checkpoint folder on a worker thread (parses `.metadata`). */
@@ -259,7 +261,7 @@ export declare function readIntoDevice(ck: NativeCheckpoint, key: string, device
 /** Reads a tensor (or the box `offsets`/`sizes`) into new memory on `cuda:device`, as `dtype` (default: stored). */
 export declare function readToDevice(ck: NativeCheckpoint, key: string, device: number, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null, dtype?: string | undefined | null): Promise<NativeDeviceBuffer>
 
-/** Rewrites only `.metadata` of the checkpoint at `path` so that torch `torch` ("2.13") loads it. */
+/** Rewrites only the metadata files (`.metadata`, `__{rank}.metadata`) of the checkpoint at `path` so that torch `torch` ("2.13") loads it. */
 export declare function retargetCheckpoint(path: string, torch: string, keepOriginal: boolean): RetargetResult
 
 /** What `retargetCheckpoint` did. */
@@ -271,6 +273,8 @@ export interface RetargetResult {
   rewritten: boolean
   /** Where the original `.metadata` was kept. */
   original?: string
+  /** Every metadata file rewritten (`.metadata` and rank-local `__{rank}.metadata`). */
+  files: Array<string>
 }
 
 export interface SaveResult {

@@ -4,6 +4,9 @@
 //   node --import @oxc-node/core/register __test__/async-child.ts managerLoop <run dir> <first step> <steps>
 //     begin → saveCheckpoint({ async: true }) → finalizeAsync(committed), for steps first…first+steps-1; prints
 //     `finalized <step>` after each; the parent kills it at random moments.
+//   node --import @oxc-node/core/register __test__/async-child.ts managerSwap <run dir> <step> <aside|in>
+//     finalizes <step> with weights <step>, then saves it again with weights <step> + 100 and is killed inside
+//     that second finalize's swap (the manager's test hook).
 import { join } from 'node:path'
 
 import { CheckpointManager, saveAsync, saveCheckpoint, type Model } from '../src/index.js'
@@ -39,4 +42,15 @@ if (mode === 'saveAsync') {
   }
   await mgr.shutdown()
   console.log('ok')
+} else if (mode === 'managerSwap') {
+  const step = Number(b)
+  const killAt = c === 'aside' || c === 'in' ? c : undefined
+  for (const [variant, hook] of [[step, undefined], [step + 100, killAt]] as const) {
+    const mgr = new CheckpointManager({ dir: a, _testKillInSwap: hook })
+    const ck = await mgr.begin(step, { step, variant })
+    const h = saveCheckpoint(tinyModel(variant), join(ck.path, 'policy', 'weights'), { async: true })
+    await mgr.finalizeAsync(ck, h.committed)
+    await mgr.shutdown()
+    console.log(`finalized ${step} with ${variant}`)
+  }
 } else throw new Error(`unknown mode ${mode}`)

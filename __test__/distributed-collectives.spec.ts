@@ -1,10 +1,14 @@
 // Store collectives of a process group, several ranks in one process (rank 0 hosts the TCPStore): payloads across
 // the store's 8 MiB value limit, torch's reduce_scatter failure model (every rank rejects with the same error naming
-// the failed rank), timeouts that list the ranks that never arrived, and torchrun's environment variables.
+// the failed rank), timeouts that list the ranks that never arrived, torchrun's environment variables, keys removed
+// once read, and the NeMo-style saveCheckpoint / loadCheckpoint across ranks.
 import test from 'ava'
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:net'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 
-import { CheckpointError, initProcessGroup, type ProcessGroup } from '../src/index.js'
+import { AsyncSaver, CheckpointError, initProcessGroup, loadCheckpoint, openCheckpoint, saveCheckpoint, type Model, type ProcessGroup } from '../src/index.js'
 
 async function freePort(): Promise<number> {
   return new Promise((resolve) => {
@@ -38,6 +42,27 @@ test('gather, scatter, broadcast, allGather and barrier carry payloads of 0 B, 1
   await Promise.all(pgs.map((pg) => pg.destroy()))
 })
 
+test('collectives leave nothing behind in the store: a trainer saving for weeks does not grow it', async (t) => {
+  const pgs = await group(3)
+  const round = async (i: number) => {
+    await Promise.all(pgs.map((pg) => pg.reduceScatter('plan', async () => pg.rank + i, (all) => all.map((x) => x * 2))))
+    await Promise.all(pgs.map((pg) => pg.allReduce('write', async () => pg.rank, (all) => all.length)))
+    await Promise.all(pgs.map((pg) => pg.gather(Buffer.alloc(100, i))))
+    await Promise.all(pgs.map((pg) => pg.scatter(pg.rank === 0 ? [0, 1, 2].map(() => Buffer.alloc(100)) : null)))
+    await Promise.all(pgs.map((pg) => pg.broadcast(pg.rank === 0 ? Buffer.alloc(100) : null)))
+    await Promise.all(pgs.map((pg) => pg.allGather(Buffer.alloc(100))))
+    await Promise.all(pgs.map((pg) => pg.barrier()))
+  }
+  await round(0)
+  const after1 = await pgs[0].store.numKeys()
+  for (let i = 1; i < 20; i++) await round(i)
+  const after20 = await pgs[0].store.numKeys()
+  // what is left is the last round's shared keys (removed by the next collective) and the group's own few
+  t.is(after20, after1, `keys after 1 round: ${after1}, after 20: ${after20}`)
+  t.true(after1 < 20, `${after1} keys`)
+  await Promise.all(pgs.map((pg) => pg.destroy()))
+})
+
 test('reduceScatter: a rank that fails makes every rank reject with the same error naming it', async (t) => {
   const pgs = await group(3)
   const ok = await Promise.all(pgs.map((pg) => pg.reduceScatter('plan', async () => pg.rank * 10, (all) => all.map((x) => x + 1))))
@@ -67,7 +92,9 @@ test('reduceScatter: a rank that fails makes every rank reject with the same err
   await Promise.all(pgs.map((pg) => pg.destroy()))
 })
 
-test('a barrier or collective that a rank never reaches times out listing the missing ranks', async (t) => {
+// serial: ava runs serial tests before the concurrent ones, so no 8 MiB payload test shares the event loop with
+// these 400 ms timeouts
+test.serial('a barrier or collective that a rank never reaches times out listing the missing ranks', async (t) => {
   const pgs = await group(4, 400)
   const e = await t.throwsAsync(Promise.all([pgs[0].barrier(), pgs[2].barrier()]), { code: 'ERR_DISTCP_COLLECTIVE_TIMEOUT' })
   t.deepEqual((e as unknown as { missing: number[] }).missing, [1, 3])
@@ -103,4 +130,81 @@ test('initProcessGroup reads torchrun’s variables and says which are missing',
     for (const k of ['RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'TORCHELASTIC_USE_AGENT_STORE']) delete process.env[k]
     Object.assign(process.env, saved)
   }
+})
+
+test('saveCheckpoint / loadCheckpoint with a process group (also async): each rank its slice, the tokenizer written once by rank 0 before any rank returns', async (t) => {
+  const pgs = await group(2)
+  const dir = mkdtempSync(join(tmpdir(), 'distcp-ranks-ckpt-'))
+  const full = new Float32Array([0, 1, 2, 3, 4, 5, 6, 7])
+  // rank r holds rows 2r..2r+1 of a 4 x 2 weight (Shard(0))
+  const slice = (r: number) => ({
+    dtype: 'float32' as const,
+    shape: [2, 2],
+    data: new Uint8Array(full.slice(4 * r, 4 * r + 4).buffer),
+    globalShape: [4, 2],
+    globalOffsets: [2 * r, 0],
+  })
+  const model = (r: number, w = slice(r)): Model => ({
+    namedParameters: () => [['w', w]],
+    stateDict: () => ({ w }),
+    loadStateDict: () => undefined,
+  })
+  const calls: number[] = []
+  let written = 0
+  const tokenizer = (r: number) => ({
+    async savePretrained(to: string) {
+      calls.push(r)
+      await new Promise((res) => setTimeout(res, 300))
+      mkdirSync(to, { recursive: true })
+      writeFileSync(join(to, 'tokenizer.json'), '{}')
+      written = performance.now()
+    },
+  })
+  const returned = await Promise.all(
+    pgs.map(async (pg) => {
+      await saveCheckpoint(model(pg.rank), join(dir, 'weights'), { processGroup: pg, tokenizer: tokenizer(pg.rank), tokenizerPath: join(dir, 'tokenizer') })
+      return performance.now()
+    }),
+  )
+  t.deepEqual(calls, [0], 'only rank 0 wrote the tokenizer')
+  t.true(returned.every((at) => at >= written), 'no rank returned before the tokenizer was written')
+  t.true(existsSync(join(dir, 'tokenizer', 'tokenizer.json')))
+  t.deepEqual(readdirSync(join(dir, 'weights')).sort(), ['.metadata', '__0_0.distcp', '__1_0.distcp'])
+  const ck = await openCheckpoint(join(dir, 'weights'))
+  t.deepEqual([...new Float32Array(new Uint8Array((await ck.read('model.w')).data).slice().buffer)], [...full])
+  ck.close()
+  // and each rank loads its own slice back
+  const into = pgs.map((pg) => ({ ...slice(pg.rank), data: new Uint8Array(16) }))
+  await Promise.all(pgs.map((pg) => loadCheckpoint(model(pg.rank, into[pg.rank]), join(dir, 'weights'), { processGroup: pg })))
+  for (const pg of pgs) t.deepEqual([...new Float32Array(into[pg.rank].data.slice().buffer)], [...full.slice(4 * pg.rank, 4 * pg.rank + 4)])
+  // async: each rank's slice is staged at once (the trainer may change it from then on), the ranks coordinate as
+  // they write, and the tokenizer is written once after both saves committed
+  calls.length = 0
+  const live = pgs.map((pg) => slice(pg.rank))
+  // one saver per rank, as each rank's process would have (the ranks of this test share one process)
+  const savers = pgs.map(() => new AsyncSaver())
+  const handles = pgs.map((pg) =>
+    saveCheckpoint(model(pg.rank, live[pg.rank]), join(dir, 'w2'), {
+      processGroup: pg,
+      async: true,
+      saver: savers[pg.rank],
+      tokenizer: tokenizer(pg.rank),
+      tokenizerPath: join(dir, 'tok2'),
+    }),
+  )
+  await Promise.all(handles.map((h) => h.staged))
+  for (const w of live) w.data.fill(0xff)
+  await Promise.all(handles.map((h) => h.committed))
+  t.deepEqual(calls, [0])
+  t.true(existsSync(join(dir, 'tok2', 'tokenizer.json')))
+  const ck2 = await openCheckpoint(join(dir, 'w2'))
+  t.deepEqual([...new Float32Array(new Uint8Array((await ck2.read('model.w')).data).slice().buffer)], [...full], 'what was staged, not what changed after')
+  ck2.close()
+  // a rank whose staging fails makes every rank's save reject with the same error, and nothing is committed
+  const bad = (r: number): Model => ({ namedParameters: () => [], stateDict: () => ({ w: r === 1 ? { dtype: 'float32', shape: 3, data: 1 } : slice(0) }), loadStateDict: () => undefined })
+  const failing = pgs.map((pg) => saveCheckpoint(bad(pg.rank), join(dir, 'w3'), { processGroup: pg, async: true, saver: savers[pg.rank] }))
+  const errs = await Promise.all(failing.map((h) => t.throwsAsync(h.committed, { instanceOf: CheckpointError })))
+  t.true(errs.every((e) => e?.message === errs[0]?.message && e.message.includes('rank 1')), errs.map((e) => e?.message).join(' | '))
+  t.false(existsSync(join(dir, 'w3', '.metadata')))
+  await Promise.all(pgs.map((pg) => pg.destroy()))
 })

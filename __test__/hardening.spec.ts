@@ -1,8 +1,9 @@
 import test from 'ava'
-import { spawnSync } from 'node:child_process'
+import { execFile, spawnSync } from 'node:child_process'
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, statSync, truncateSync, unlinkSync, writeFileSync, promises as fsp } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { promisify } from 'node:util'
 
 import { convertDcpToHf, openCheckpoint, DistcpError, type Checkpoint } from '../src/index.js'
 import { badInputs, rejectsWith } from './helpers.js'
@@ -73,13 +74,60 @@ test('a huge (sparse) .metadata is refused by size, without reading it', async (
   t.true(process.memoryUsage().rss - rss0 < 256 * 2 ** 20, 'the file was not read into memory')
 })
 
-test('a .metadata of 8 MB of EMPTY_LIST opcodes stops at the unpickling memory budget', async (t) => {
-  const dir = copyOfBase('list-flood')
+/** Opens `dir` in a fresh Node process; its error code and message, and the process's peak RSS. */
+async function openInChild(dir: string): Promise<{ code?: string; message?: string; maxRssBytes: number }> {
+  const index = new URL('../dist/index.js', import.meta.url).href
+  const script = `import(${JSON.stringify(index)}).then(async (m) => {
+    let code, message
+    try { await m.openCheckpoint(${JSON.stringify(dir)}) } catch (e) { code = e.code; message = e.message }
+    console.log(JSON.stringify({ code, message, maxRssBytes: process.resourceUsage().maxRSS * 1024 }))
+  })`
+  // asynchronously: a blocked event loop would starve this file's timing-sensitive tests
+  const { stdout } = await promisify(execFile)(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8' })
+  return JSON.parse(stdout.trim().split('\n').pop() ?? '{}')
+}
+
+test('floods of one opcode in .metadata end in a coded error within the unpickling memory budget', async (t) => {
+  // the baseline: a process that opens a real checkpoint
+  const base = (await openInChild(copyOfBase('list-flood-baseline'))).maxRssBytes
+  const n = 8 * 2 ** 20
+  const floods: Record<string, Buffer> = {
+    // 8 M empty lists: 20 bytes of VM per byte; gathered into one list, 28 bytes per byte once materialised
+    'empty lists': Buffer.concat([Buffer.from([0x80, 0x02, 0x28]), Buffer.alloc(n, ']'.charCodeAt(0)), Buffer.from('l.')]),
+    // 4 M small ints gathered into one list
+    'small ints': Buffer.concat([Buffer.from([0x80, 0x02, 0x28]), Buffer.from('K\x00'.repeat(n / 2), 'latin1'), Buffer.from('l.')]),
+  }
+  for (const [name, bytes] of Object.entries(floods)) {
+    const dir = copyOfBase(`flood-${name.replace(' ', '-')}`)
+    const md = join(dir, '.metadata')
+    writeFileSync(md, bytes)
+    const r = await openInChild(dir)
+    t.regex(r.code ?? '', /^ERR_DISTCP_(PICKLE|METADATA)$/, `${name}: ${r.code} ${r.message}`)
+    t.true(r.message?.includes(md), `${name}: the error names the file: ${r.message}`)
+    // limits::UNPICKLE_BYTES_PER_INPUT_BYTE (32) per byte, plus 64 MiB for the allocator's and V8's slack
+    const grew = r.maxRssBytes - base
+    t.true(grew < 32 * bytes.length + 64 * 2 ** 20, `${name}: peak RSS grew by ${grew} bytes for ${bytes.length} bytes of pickle`)
+  }
+})
+
+test('a .metadata built to expand through shared references stops at the unpickling memory budget', async (t) => {
+  // one 64 KiB string, then a list of 20 000 memo references to it: 1.3 GB if each were materialised
+  const dir = copyOfBase('shared-refs')
   const md = join(dir, '.metadata')
-  const body = Buffer.alloc(8 * 2 ** 20, ']'.charCodeAt(0))
-  writeFileSync(md, Buffer.concat([Buffer.from([0x80, 0x02]), body, Buffer.from('.')]))
-  await rejectsWith(t, openCheckpoint(dir), 'ERR_DISTCP_PICKLE', md, 'expands past')
-  t.true(statSync(md).size > 8e6)
+  const len = Buffer.alloc(4)
+  len.writeUInt32LE(64 * 1024)
+  writeFileSync(
+    md,
+    Buffer.concat([
+      Buffer.from([0x80, 0x02, ']'.charCodeAt(0), 'q'.charCodeAt(0), 0, 'X'.charCodeAt(0)]),
+      len,
+      Buffer.alloc(64 * 1024, 'a'.charCodeAt(0)),
+      Buffer.from('q\x010(', 'latin1'),
+      Buffer.from('h\x01'.repeat(20000), 'latin1'),
+      Buffer.from('e.'),
+    ]),
+  )
+  await rejectsWith(t, openCheckpoint(dir), 'ERR_DISTCP_PICKLE', md, 'expands')
 })
 
 test('an element count that overflows 64 bits is refused by read and by convert', async (t) => {

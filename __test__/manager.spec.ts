@@ -194,6 +194,32 @@ test('finalizeAsync after saveCheckpoint({ async: true }); resumePaths points at
   await mgr.shutdown()
 })
 
+// a real kill inside the swap of a finalize that replaces step_N (the manager's test hook sends SIGKILL there):
+// after it, latest() is a complete step_N (the old one when killed before the new one was in place, else the new
+// one), and the next begin leaves exactly step_N
+for (const at of ['aside', 'in'] as const) {
+  test(`kill -9 inside a finalize's swap (after the ${at === 'aside' ? 'old step went aside' : 'new step went in'}): step_N survives whole`, async (t) => {
+    const dir = fresh(`swap-kill-${at}`)
+    const child = spawn(process.execPath, ['--import', '@oxc-node/core/register', join(root, '__test__', 'async-child.ts'), 'managerSwap', dir, '5', at], { cwd: root })
+    let out = ''
+    child.stdout.on('data', (d) => (out += d))
+    await new Promise((r) => (child.exitCode !== null || child.signalCode !== null ? r(null) : child.on('exit', r)))
+    t.is(child.signalCode, 'SIGKILL', out)
+    t.is(out.trim(), 'finalized 5 with 5', 'the second finalize never returned')
+    const expected = at === 'aside' ? 5 : 105
+    t.deepEqual(readdirSync(dir).filter((d) => !d.startsWith('.')).sort(), at === 'aside' ? ['old_step_5', 'tmp_step_5'] : ['old_step_5', 'step_5'])
+    const mgr = new CheckpointManager({ dir, warn: () => undefined })
+    const latest = mgr.latest()!
+    t.deepEqual(mgr.loadTrainingInfo(latest), { step: 5, variant: expected })
+    t.deepEqual(await weightOf(latest), [expected, expected + 1, expected + 2, expected + 3])
+    // the next begin repairs: step_5 back (or kept), old_step_5 and the half-finalized tmp_step_5 gone
+    await mgr.finalize(await mgr.begin(6, { step: 6 }))
+    await mgr.shutdown()
+    t.deepEqual(readdirSync(dir).filter((d) => !d.startsWith('.')).sort(), ['step_5', 'step_6'])
+    t.deepEqual(await weightOf(join(dir, 'step_5')), [expected, expected + 1, expected + 2, expected + 3])
+  })
+}
+
 // kill -9 at random moments of a begin → async save → finalizeAsync loop; after every kill `latest()` is a
 // complete checkpoint that loads with the weights of its step, and every step_* folder is complete.
 test('kill -9 at random points of an async save + finalize loop: latest() always loads', async (t) => {

@@ -3,7 +3,8 @@
 # -C passes=sancov-module, overflow checks and debug assertions on; no ASan, which needs nightly), seeds the corpora
 # from the torch-written fixtures and runs every target for SECONDS (default 60). Exits non-zero on any crash,
 # panic, overflow, timeout or out-of-memory; the input that did it is left in fuzz/artifacts/<target>/.
-# `npm test` runs it with a short budget so a regression fails CI; longer campaigns: `bash fuzz/run.sh 3600`.
+# `npm test` runs it with a short budget so a regression fails CI; longer campaigns: `bash fuzz/run.sh 3600`
+# (DISTCP_FUZZ_TARGETS="safetensors checkpoint" to run only some).
 set -euo pipefail
 cd "$(dirname "$0")"
 SECONDS_EACH="${1:-60}"
@@ -12,7 +13,7 @@ export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4
 cargo build --release --locked --target "$TARGET" --target-dir ../target/fuzz
 (cd .. && bash fuzz/seed-corpus.sh)
 status=0
-for t in unpickle metadata torch_save checkpoint; do
+for t in ${DISTCP_FUZZ_TARGETS:-unpickle metadata torch_save checkpoint safetensors}; do
   mkdir -p "artifacts/$t"
   echo "fuzz: $t for ${SECONDS_EACH}s"
   if ! "../target/fuzz/$TARGET/release/$t" "corpus/$t" -max_total_time="$SECONDS_EACH" -rss_limit_mb=2048 -timeout=10 \

@@ -3,6 +3,7 @@
 // at most one save writes at a time, and at most `maxStaged` more wait staged behind it — never two writers.
 import { DistcpError, type DistcpErrorCode } from './errors.js'
 import { stageSave, writeStaged, type SaveOptions, type SaveResult, type SaveStateDict, type StagedSave } from './save.js'
+import { stageRanks, type StagedRanks } from './distributed/save.js'
 import { stagingPool, type StagingPool } from './staging.js'
 
 /** What {@link saveAsync} reports once the copy is done. */
@@ -140,25 +141,32 @@ export class AsyncSaver {
       leaveSlot()
     }
 
-    const doStage = (): Promise<StagedSave> => {
+    // with a process group this rank stages its part, and the write coordinates with the other ranks (a staging
+    // failure on this rank still goes through that write, so that every rank rejects with it, as in `save`)
+    const pg = options?.processGroup
+    const doStage = (): Promise<StagedSave | StagedRanks> => {
       if (job.cancelled) return Promise.reject(job.cancelled)
+      if (pg) return stageRanks(stateDict, { checkpointId, processGroup: pg, layout: options.layout }, this.pool)
       return stageSave(stateDict, options, this.pool)
     }
-    // when a slot is free the copy runs in this call (stageSave is synchronous up to its first await)
-    const staging: Promise<StagedSave> = slotFree ? doStage() : slotBefore.then(doStage)
-    const staged = staging.then((s) => ({ bytes: s.lease.bytes, ms: performance.now() - t0 }))
+    // when a slot is free the copy runs in this call (staging is synchronous up to its first await)
+    const staging: Promise<StagedSave | StagedRanks> = slotFree ? doStage() : slotBefore.then(doStage)
+    const staged = staging.then((s) => {
+      if ('error' in s && s.error !== undefined) throw s.error
+      return { bytes: s.lease?.bytes ?? 0, ms: performance.now() - t0 }
+    })
     staged.catch(() => undefined)
 
     const writeBefore = this.#tail
     const committed = (async (): Promise<SaveResult> => {
-      let s: StagedSave | undefined
+      let s: StagedSave | StagedRanks | undefined
       try {
         s = await staging
         await writeBefore
         if (job.cancelled) throw job.cancelled
       } catch (e) {
         leave()
-        s?.lease.release()
+        s?.lease?.release()
         this.#jobs.delete(job)
         if (e instanceof DistcpError && e.code === 'ERR_DISTCP_CANCELLED') this.#counts.cancelled++
         else this.#counts.failed++
@@ -168,7 +176,7 @@ export class AsyncSaver {
       this.#writing = true
       if (!holdThroughWrite) leave()
       try {
-        const r = await writeStaged(s)
+        const r = 'write' in s ? await s.write() : await writeStaged(s, { background: true })
         this.#counts.committed++
         return r
       } catch (e) {
@@ -251,7 +259,8 @@ export function asyncSaver(): AsyncSaver {
  * are copied into distcp's (reused) staging memory — normally before `saveAsync` returns — and `committed` when
  * the checkpoint is on disk. Saves are written one at a time in call order (a second waits, or is refused with
  * `ifBusy: 'reject'`). The checkpoint folder is replaced crash-safely: killed mid-write, the previous checkpoint
- * stays.
+ * stays. With `processGroup`, each rank stages its part in the call and the ranks coordinate as they write (as
+ * `save` with a process group; torch's `dcp.async_save`); every rank must queue its saves in the same order.
  */
 export function saveAsync(stateDict: SaveStateDict, options: AsyncSaveOptions): AsyncSave {
   return asyncSaver().save(stateDict, options)

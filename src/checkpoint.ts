@@ -233,19 +233,25 @@ export interface RetargetResult {
   after: string
   /** False when the checkpoint already loaded on that torch: nothing was written. */
   rewritten: boolean
-  /** Where the original `.metadata` was kept. */
+  /** Where the original `.metadata` was kept (without one: the first rank-local file's original). */
   original?: string
+  /**
+   * Every metadata file that was rewritten: `.metadata` and the rank-local `__{rank}.metadata` that torch writes
+   * when it saves without rank coordination (`use_collectives=False`); each original is kept beside it as `.orig`.
+   */
+  files: string[]
 }
 
 /**
- * Rewrites only the `.metadata` of the DCP checkpoint in `path` so that an older torch loads it (torch 2.15 writes
- * 6-value `TensorProperties` that torch ≤ 2.14 cannot unpickle). The data files are untouched; the new file
- * describes the same keys, chunks and storage, and replaces the old one atomically.
+ * Rewrites only the metadata files of the DCP checkpoint in `path` (`.metadata` and any rank-local
+ * `__{rank}.metadata`) so that an older torch loads it (torch 2.15 writes 6-value `TensorProperties` that torch ≤ 2.14
+ * cannot unpickle). The data files are untouched; each new file describes the same keys, chunks and storage, and
+ * replaces the old one atomically; all are checked and written aside before the first replaces its original.
  */
 export function retarget(path: string, options: RetargetOptions): RetargetResult {
   checkString(path, 'path')
   if (typeof options !== 'object' || options === null) throw new DistcpError('ERR_DISTCP_BAD_REQUEST', 'retarget: options.torch is required')
   checkString(options.torch, 'torch')
   const r = callNative(() => native.retargetCheckpoint(path, options.torch, options.keepOriginal ?? true))
-  return { before: r.before, after: r.after, rewritten: r.rewritten, ...(r.original ? { original: r.original } : {}) }
+  return { before: r.before, after: r.after, rewritten: r.rewritten, ...(r.original ? { original: r.original } : {}), files: r.files }
 }

@@ -9,6 +9,7 @@ import { load, type InternalLoadOptions, type LoadReport } from './load.js'
 import { asyncSaver, type AsyncSaver, type StagedInfo } from './async-save.js'
 import { save } from './save.js'
 import { ModelState, OptimizerState, type LRScheduler, type Model, type Optimizer } from './stateful.js'
+import type { ProcessGroup } from './distributed/group.js'
 
 /** A tokenizer to save: a folder (or a hub name in the local HF cache) whose tokenizer files are copied, or an object with `savePretrained(dir)`. */
 export type TokenizerSource = string | { savePretrained(dir: string): unknown }
@@ -38,6 +39,13 @@ export interface SaveCheckpointOptions {
   async?: boolean
   /** With `async`: the saver that queues the writes (default: the process-wide one `saveAsync` uses). */
   saver?: AsyncSaver
+  /**
+   * Save together with the other ranks of this group (see `save`): each rank passes its own model (its slices);
+   * the tokenizer is written by rank 0 alone, and every rank returns only once it is there (NeMo-RL's
+   * `save_tokenizer_on_rank0`: concurrent writers deadlocked on NFS). With `async`, the saves stage at once and
+   * coordinate with the other ranks as they write (see `saveAsync`).
+   */
+  processGroup?: ProcessGroup
 }
 
 /** What `saveCheckpoint(…, { async: true })` returns. */
@@ -57,6 +65,8 @@ export interface LoadCheckpointOptions {
   optimizerPath?: string | null
   /** Receives the seed's progress lines (`Loading weights from …`, `Loading optimizer from …`); default: silent. */
   log?: (line: string) => void
+  /** Load together with the other ranks of this group: each rank reads its own slices (see `load`). */
+  processGroup?: ProcessGroup
 }
 
 /** What {@link loadCheckpoint} loaded: the report of each {@link load}. */
@@ -82,21 +92,33 @@ export function saveCheckpoint(model: Model, weightsPath: string, options: SaveC
 }
 
 async function saveCheckpointSync(model: Model, weightsPath: string, options: SaveCheckpointOptions): Promise<void> {
-  const { optimizer, scheduler, optimizerPath, tokenizer, tokenizerPath, layout, log } = options
-  await save({ model: new ModelState(model) }, { checkpointId: weightsPath, layout })
+  const { optimizer, scheduler, optimizerPath, tokenizer, tokenizerPath, layout, log, processGroup } = options
+  await save({ model: new ModelState(model) }, { checkpointId: weightsPath, layout, processGroup })
   if (optimizer) {
     if (optimizerPath == null) {
       throw new DistcpError('ERR_DISTCP_INVALID_INPUT', 'optimizerPath must be provided when saving optimizer state')
     }
-    await save({ optim: new OptimizerState(model, optimizer, scheduler) }, { checkpointId: optimizerPath, layout })
+    await save({ optim: new OptimizerState(model, optimizer, scheduler) }, { checkpointId: optimizerPath, layout, processGroup })
   }
   if (tokenizer) {
     if (tokenizerPath == null) {
       throw new DistcpError('ERR_DISTCP_INVALID_INPUT', 'tokenizerPath must be provided when saving tokenizer state')
     }
-    log?.(`Saving tokenizer (or processor) to ${tokenizerPath}`)
-    await saveTokenizer(tokenizer, tokenizerPath)
+    await writeTokenizer(tokenizer, tokenizerPath, log, processGroup)
   }
+}
+
+/**
+ * Writes the tokenizer; with a process group rank 0 alone writes it, a failure there rejects every rank with the
+ * same error, and no rank returns before it is done.
+ */
+async function writeTokenizer(tokenizer: TokenizerSource, path: string, log: SaveCheckpointOptions['log'], pg: ProcessGroup | undefined): Promise<void> {
+  const write = async () => {
+    log?.(`Saving tokenizer (or processor) to ${path}`)
+    await saveTokenizer(tokenizer, path)
+  }
+  if (!pg) return write()
+  await pg.allReduce('tokenizer', async () => (pg.rank === 0 ? write() : undefined), () => undefined)
 }
 
 /**
@@ -106,15 +128,15 @@ async function saveCheckpointSync(model: Model, weightsPath: string, options: Sa
  * seed, which has the weights on disk by then).
  */
 function saveCheckpointAsync(model: Model, weightsPath: string, options: SaveCheckpointOptions): AsyncCheckpointSave {
-  const { optimizer, scheduler, optimizerPath, tokenizer, tokenizerPath, layout, log } = options
+  const { optimizer, scheduler, optimizerPath, tokenizer, tokenizerPath, layout, log, processGroup } = options
   const saver = options.saver ?? asyncSaver()
-  const saves = [saver.save({ model: new ModelState(model) }, { checkpointId: weightsPath, layout })]
+  const saves = [saver.save({ model: new ModelState(model) }, { checkpointId: weightsPath, layout, processGroup })]
   let missing: DistcpError | undefined
   if (optimizer) {
     if (optimizerPath == null) {
       missing = new DistcpError('ERR_DISTCP_INVALID_INPUT', 'optimizerPath must be provided when saving optimizer state')
     } else {
-      saves.push(saver.save({ optim: new OptimizerState(model, optimizer, scheduler) }, { checkpointId: optimizerPath, layout }))
+      saves.push(saver.save({ optim: new OptimizerState(model, optimizer, scheduler) }, { checkpointId: optimizerPath, layout, processGroup }))
     }
   }
   if (!missing && tokenizer && tokenizerPath == null) {
@@ -130,10 +152,7 @@ function saveCheckpointAsync(model: Model, weightsPath: string, options: SaveChe
     const results = await Promise.allSettled(saves.map((s) => s.committed))
     for (const r of results) if (r.status === 'rejected') throw r.reason
     if (missing) throw missing
-    if (tokenizer && tokenizerPath != null) {
-      log?.(`Saving tokenizer (or processor) to ${tokenizerPath}`)
-      await saveTokenizer(tokenizer, tokenizerPath)
-    }
+    if (tokenizer && tokenizerPath != null) await writeTokenizer(tokenizer, tokenizerPath, log, processGroup)
   })()
   return { staged, committed }
 }
@@ -149,15 +168,15 @@ export async function loadCheckpoint(
   weightsPath: string,
   options: LoadCheckpointOptions = {},
 ): Promise<LoadCheckpointResult> {
-  const { optimizer, scheduler, optimizerPath, log } = options
+  const { optimizer, scheduler, optimizerPath, log, processGroup } = options
   log?.(`Loading weights from ${weightsPath}`)
-  const weights = await load({ model: new ModelState(model) }, { checkpointId: weightsPath })
+  const weights = await load({ model: new ModelState(model) }, { checkpointId: weightsPath, processGroup })
   if (!optimizer) return { weights }
   if (optimizerPath == null) {
     throw new DistcpError('ERR_DISTCP_INVALID_INPUT', 'optimizerPath must be provided when loading optimizer state')
   }
   log?.(`Loading optimizer from ${optimizerPath}`)
-  const opts: InternalLoadOptions = { checkpointId: optimizerPath }
+  const opts: InternalLoadOptions = { checkpointId: optimizerPath, processGroup }
   if (!scheduler) opts.ignoreUnexpected = (key) => key === 'optim.sched' || key.startsWith('optim.sched.')
   const optimizerReport = await load({ optim: new OptimizerState(model, optimizer, scheduler) }, opts)
   return { weights, optimizer: optimizerReport }

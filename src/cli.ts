@@ -1,3 +1,4 @@
+import { basename } from 'node:path'
 import { openCheckpoint, retarget, type Checkpoint, type TensorInfo, type ObjectInfo } from './checkpoint.js'
 import { convertDcpToHf, planDcpToHf, printPlan, type ConvertOptions, type ConvertPlan, type ConvertProgress } from './convert.js'
 import { DistcpError } from './errors.js'
@@ -13,8 +14,8 @@ const USAGE = `usage:
   convert   write a Hugging Face folder (safetensors shards, config, tokenizer) from a checkpoint: DCP (torch.save
             or safetensors records), torch's HF storage shards, a Hugging Face folder or a NeMo-RL run folder
             (with no --tokenizer, the tokenizer NeMo-RL saved beside the weights is used when there is one)
-  retarget  rewrite only .metadata so that an older torch loads the checkpoint (torch 2.15's .metadata needs
-            torch >= 2.15); the original is kept as .metadata.orig
+  retarget  rewrite only .metadata (and rank-local __N.metadata) so that an older torch loads the checkpoint
+            (torch 2.15's .metadata needs torch >= 2.15); each original is kept as <name>.orig
 
 exit codes: 0 done, 1 failed (the message says why), 2 bad usage
 `
@@ -265,7 +266,7 @@ function retargetCommand(rest: string[]): number {
     const r = retarget(positional[0], { torch, keepOriginal })
     if (json) console.log(JSON.stringify(r, null, 2))
     else if (!r.rewritten) console.log(`${positional[0]}: already loads with torch >= ${r.before}; nothing written`)
-    else console.log(`${positional[0]}: .metadata rewritten (torch >= ${r.before} → >= ${r.after})${r.original ? `, original kept as ${r.original}` : ''}`)
+    else console.log(`${positional[0]}: ${r.files.map((f) => basename(f)).join(', ')} rewritten (torch >= ${r.before} → >= ${r.after})${r.original ? `, original${r.files.length > 1 ? 's' : ''} kept as <name>.orig` : ''}`)
     return 0
   } catch (e) {
     return fail(e)

@@ -51,6 +51,11 @@ export interface CheckpointManagerOptions {
   warn?: (message: string) => void
   /** Progress lines (`Removing checkpoint …`); default: silent. */
   log?: (line: string) => void
+  /**
+   * @internal test hook: kill this process (SIGKILL) inside a swap, after `step_N → old_step_N` (`'aside'`) or
+   * after `tmp_step_N → step_N` (`'in'`), so that tests see what a real kill there leaves.
+   */
+  _testKillInSwap?: 'aside' | 'in'
 }
 
 /** A checkpoint being written: the `tmp_step_N` folder {@link CheckpointManager.begin} made. */
@@ -186,6 +191,7 @@ export class CheckpointManager {
   readonly keepLatestK: number | null
   #warn: (m: string) => void
   #log: (l: string) => void
+  #killInSwap: CheckpointManagerOptions['_testKillInSwap']
   #lock: { release(): void } | undefined
   #pending: Promise<void> | undefined
   #pendingError: unknown
@@ -212,6 +218,7 @@ export class CheckpointManager {
     this.higherIsBetter = options.higherIsBetter ?? false
     this.#warn = options.warn ?? ((m) => process.emitWarning(m, 'DistcpCheckpointManager'))
     this.#log = options.log ?? (() => undefined)
+    this.#killInSwap = options._testKillInSwap
   }
 
   #marked(folder: string): boolean {
@@ -312,8 +319,10 @@ export class CheckpointManager {
       const old = join(this.dir, `old_step_${s.step}`)
       renameSync(s.finalPath, old)
       syncDir(this.dir)
+      if (this.#killInSwap === 'aside') process.kill(process.pid, 'SIGKILL')
       renameSync(s.path, s.finalPath)
       syncDir(this.dir)
+      if (this.#killInSwap === 'in') process.kill(process.pid, 'SIGKILL')
       this.#removeFolder(old)
     } else {
       renameSync(s.path, s.finalPath)

@@ -300,14 +300,18 @@ export async function stageSave(stateDict: SaveStateDict, options: SaveOptions, 
   return { checkpointId, layout, tree, buffers: copies, lease, failAt: options._testFailAt }
 }
 
-/** Writes a staged save (on a worker thread) and gives its staging memory back when it settles. @internal */
-export async function writeStaged(s: StagedSave): Promise<SaveResult> {
+/**
+ * Writes a staged save (on a worker thread) and gives its staging memory back when it settles. `background`
+ * (saveAsync) writes at a lower CPU priority, so that the trainer running meanwhile keeps its cores. @internal
+ */
+export async function writeStaged(s: StagedSave, { background = false }: { background?: boolean } = {}): Promise<SaveResult> {
   try {
     return await awaitNative(() =>
       native.writeStateDict(s.checkpointId, s.tree, s.buffers, {
         layout: s.layout,
         failAt: s.failAt?.point,
         failAbort: s.failAt?.abort,
+        background,
       }),
     )
   } finally {

@@ -1,7 +1,10 @@
 // bench/save-load/async.mjs: how long saveAsync blocks the trainer (until `staged`: the copy into reused staging
 // memory) against a blocking `save` (until the checkpoint is on disk, fsynced), on the same 1.08 GB bf16
 // Llama-shaped state dict; and how much a CPU-bound "training loop" slows down while a save writes behind it.
-// usage: node bench/save-load/async.mjs [--reps N] [--layers L]   (after `npm run build`)
+// The same measurements of torch's `dcp.async_save` run in the same invocation (bench/save-load/torch_async.py,
+// through DISTCP_PYTHON or .venv), so the ratios compare like with like.
+// usage: node bench/save-load/async.mjs [--reps N] [--layers L] [--no-torch]   (after `npm run build`)
+import { spawnSync } from 'node:child_process'
 import { randomFillSync } from 'node:crypto'
 import { mkdirSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
@@ -81,6 +84,17 @@ await h.committed
 const aloneAfter = await loop(window)
 
 const ratio = median(blocked) / median(blocking)
+
+// torch, same shapes, same machine, right after
+let torch = 'skipped (--no-torch)'
+if (!process.argv.includes('--no-torch')) {
+  const python = process.env.DISTCP_PYTHON ?? join(root, '.venv/bin/python')
+  const r = spawnSync(python, ['bench/save-load/torch_async.py', join(work, 'torch'), '--layers', String(arg('--layers', 8)), '--reps', String(reps)], {
+    cwd: root,
+    encoding: 'utf8',
+  })
+  torch = r.status === 0 ? JSON.parse(r.stdout.trim().split('\n').pop()) : `failed: ${r.stderr.slice(-400)}`
+}
 console.log(
   JSON.stringify(
     {
@@ -95,6 +109,14 @@ console.log(
       loopUnitsPerSecond: { alone: Math.round(alone), whileWriting: Math.round(during), aloneAfter: Math.round(aloneAfter) },
       loopSlowdown: Math.round((1 - during / ((alone + aloneAfter) / 2)) * 1000) / 1000,
       pool: stagingPool.stats(),
+      torch,
+      vsTorch:
+        typeof torch === 'object'
+          ? {
+              blockedMs: `${median(blocked).toFixed(1)} vs ${median(torch.asyncCpuStager.blockedMs)} (${(median(torch.asyncCpuStager.blockedMs) / median(blocked)).toFixed(1)}x less)`,
+              blockingSaveMs: `${Math.round(median(blocking))} vs ${median(torch.blockingSaveMs)}`,
+            }
+          : undefined,
     },
     null,
     2,

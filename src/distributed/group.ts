@@ -82,6 +82,13 @@ export class ProcessGroup {
   readonly #server: TcpStoreServer | null
   readonly #prefix: string
   #seq = 0
+  /**
+   * Keys this rank wrote that several ranks read (barrier, broadcast, allGather): removed by this rank once a later
+   * collective that every rank joined proves that every rank is past them. Keys with one reader (gather, scatter,
+   * the steps of reduceScatter/allReduce) are removed by that reader. So a trainer that saves every few minutes for
+   * weeks does not grow the store (the launcher's, which outlives the job's groups, or rank 0's).
+   */
+  #lingering: string[] = []
 
   /** @internal use {@link initProcessGroup} */
   constructor(rank: number, worldSize: number, localRank: number, store: TcpStore, server: TcpStoreServer | null, timeoutMs: number, prefix: string) {
@@ -98,19 +105,35 @@ export class ProcessGroup {
     return `${this.#prefix}/${this.#seq++}/${name}`
   }
 
-  async #put(key: string, data: Uint8Array): Promise<void> {
+  /** Writes `data` under `key` (in parts, the count last). `shared`: several ranks read it (see `#lingering`). */
+  async #put(key: string, data: Uint8Array, shared = false): Promise<void> {
     const parts: Uint8Array[] = []
     for (let at = 0; at < data.length; at += MAX_VALUE_BYTES) parts.push(data.subarray(at, at + MAX_VALUE_BYTES))
-    if (parts.length) await this.store.multiSet(parts.map((_, i) => `${key}/p${i}`), parts)
+    const names = parts.map((_, i) => `${key}/p${i}`)
+    if (parts.length) await this.store.multiSet(names, parts)
     // the count last: whoever sees it finds every part
     await this.store.set(`${key}/n`, String(parts.length))
+    if (shared) this.#lingering.push(...names, `${key}/n`)
   }
 
-  async #take(key: string): Promise<Buffer> {
+  /** Reads what `#put` wrote; `consume` (the only reader) removes it from the store. */
+  async #take(key: string, consume = false): Promise<Buffer> {
     const n = Number((await this.store.get(`${key}/n`)).toString())
-    if (n === 0) return Buffer.alloc(0)
-    const parts = await this.store.multiGet(Array.from({ length: n }, (_, i) => `${key}/p${i}`))
+    const names = Array.from({ length: n }, (_, i) => `${key}/p${i}`)
+    const parts = n === 0 ? [] : await this.store.multiGet(names)
+    if (consume) for (const k of [...names, `${key}/n`]) await this.store.deleteKey(k)
     return parts.length === 1 ? parts[0] : Buffer.concat(parts)
+  }
+
+  /**
+   * Runs a collective that every rank joins; once it is done, every rank is past every earlier collective, so the
+   * shared keys this rank wrote before it are removed.
+   */
+  async #everyone<R>(run: () => Promise<R>): Promise<R> {
+    const earlier = this.#lingering.splice(0)
+    const r = await run()
+    for (const k of earlier) await this.store.deleteKey(k)
+    return r
   }
 
   /** Waits for `key/{r}/n` of every rank in `ranks`; on timeout lists the ranks whose key never came. */
@@ -144,7 +167,9 @@ export class ProcessGroup {
     const all = [...Array(this.worldSize).keys()]
     const missing = await this.#arrivals(key, all, timeoutMs)
     if (missing.length) throw this.#timeout('gather', missing, timeoutMs)
-    return Promise.all(all.map((r) => this.#take(`${key}/${r}`)))
+    const out: Buffer[] = []
+    for (const r of all) out.push(await this.#take(`${key}/${r}`, true))
+    return out
   }
 
   /** `root` sends `parts[r]` to rank r. */
@@ -155,12 +180,12 @@ export class ProcessGroup {
       if (!parts || parts.length !== this.worldSize) {
         throw new DistcpError('ERR_DISTCP_INVALID_ARGUMENT', `scatter: the root needs ${this.worldSize} parts`)
       }
-      for (let r = 0; r < this.worldSize; r++) await this.#put(`${key}/${r}`, parts[r])
+      for (let r = 0; r < this.worldSize; r++) if (r !== root) await this.#put(`${key}/${r}`, parts[r])
       return Buffer.from(parts[root])
     }
     const missing = await this.#arrivals(key, [this.rank], timeoutMs)
     if (missing.length) throw this.#timeout(`scatter from rank ${root}`, [root], timeoutMs)
-    return this.#take(`${key}/${this.rank}`)
+    return this.#take(`${key}/${this.rank}`, true)
   }
 
   /** `root`'s `data` on every rank. */
@@ -169,7 +194,7 @@ export class ProcessGroup {
     const key = this.#key('broadcast')
     if (this.rank === root) {
       if (!data) throw new DistcpError('ERR_DISTCP_INVALID_ARGUMENT', 'broadcast: the root needs data')
-      await this.#put(`${key}/${root}`, data)
+      await this.#put(`${key}/${root}`, data, true)
       return Buffer.from(data)
     }
     const missing = await this.#arrivals(key, [root], timeoutMs)
@@ -181,21 +206,26 @@ export class ProcessGroup {
   async allGather(data: Uint8Array, options: { timeoutMs?: number } = {}): Promise<Buffer[]> {
     const { timeoutMs = this.timeoutMs } = options
     const key = this.#key('allgather')
-    await this.#put(`${key}/${this.rank}`, data)
-    const all = [...Array(this.worldSize).keys()]
-    const missing = await this.#arrivals(key, all, timeoutMs)
-    if (missing.length) throw this.#timeout('allGather', missing, timeoutMs)
-    return Promise.all(all.map((r) => this.#take(`${key}/${r}`)))
+    return this.#everyone(async () => {
+      await this.#put(`${key}/${this.rank}`, data, true)
+      const all = [...Array(this.worldSize).keys()]
+      const missing = await this.#arrivals(key, all, timeoutMs)
+      if (missing.length) throw this.#timeout('allGather', missing, timeoutMs)
+      return Promise.all(all.map((r) => this.#take(`${key}/${r}`)))
+    })
   }
 
   /** Returns once every rank has called it; the error lists the ranks that did not within the timeout. */
   async barrier(options: { timeoutMs?: number } = {}): Promise<void> {
     const { timeoutMs = this.timeoutMs } = options
     const key = this.#key('barrier')
-    await this.store.set(`${key}/${this.rank}/n`, '0')
-    const all = [...Array(this.worldSize).keys()]
-    const missing = await this.#arrivals(key, all, timeoutMs)
-    if (missing.length) throw this.#timeout('barrier', missing, timeoutMs)
+    await this.#everyone(async () => {
+      await this.store.set(`${key}/${this.rank}/n`, '0')
+      this.#lingering.push(`${key}/${this.rank}/n`)
+      const all = [...Array(this.worldSize).keys()]
+      const missing = await this.#arrivals(key, all, timeoutMs)
+      if (missing.length) throw this.#timeout('barrier', missing, timeoutMs)
+    })
   }
 
   /**
@@ -204,15 +234,18 @@ export class ProcessGroup {
    * otherwise the root's `reduce` gives one result per rank.
    */
   async reduceScatter<T, R>(step: string, local: () => Promise<T>, reduce: (all: T[]) => Promise<R[]> | R[]): Promise<R> {
-    const verdicts = await this.#decide<T, R[]>(step, local, reduce)
-    const mine = await this.#spread(step, verdicts, (v) => ('ok' in v ? v.ok.map((ok) => ({ ok })) : this.#copies(v)))
-    return mine
+    return this.#everyone(async () => {
+      const verdicts = await this.#decide<T, R[]>(step, local, reduce)
+      return this.#spread(step, verdicts, (v) => ('ok' in v ? v.ok.map((ok) => ({ ok })) : this.#copies(v)))
+    })
   }
 
   /** torch's `_DistWrapper.all_reduce`: as {@link reduceScatter}, with one result for every rank. */
   async allReduce<T, R>(step: string, local: () => Promise<T>, reduce: (all: T[]) => Promise<R> | R): Promise<R> {
-    const verdict = await this.#decide<T, R>(step, local, reduce)
-    return this.#spread(step, verdict, (v) => ('ok' in v ? Array.from({ length: this.worldSize }, () => v) : this.#copies(v)))
+    return this.#everyone(async () => {
+      const verdict = await this.#decide<T, R>(step, local, reduce)
+      return this.#spread(step, verdict, (v) => ('ok' in v ? Array.from({ length: this.worldSize }, () => v) : this.#copies(v)))
+    })
   }
 
   #copies<X>(v: Verdict<X>): Verdict<never>[] {
@@ -236,7 +269,7 @@ export class ProcessGroup {
     const outcomes: Outcome<T>[] = []
     for (const r of all) {
       if (missing.includes(r)) continue
-      const o = JSON.parse((await this.#take(`${key}/${r}`)).toString('utf8')) as Outcome<T>
+      const o = JSON.parse((await this.#take(`${key}/${r}`, true)).toString('utf8')) as Outcome<T>
       if ('err' in o) failures[r] = o.err
       outcomes[r] = o
     }
@@ -263,7 +296,7 @@ export class ProcessGroup {
       if (missing.length) {
         throw new CheckpointError(step, { 0: `rank 0 did not answer within ${wait} ms (store ${this.store.host}:${this.store.port})` })
       }
-      mine = JSON.parse((await this.#take(`${key}/${this.rank}`)).toString('utf8')) as Verdict<R>
+      mine = JSON.parse((await this.#take(`${key}/${this.rank}`, true)).toString('utf8')) as Verdict<R>
     }
     if ('fail' in mine) throw new CheckpointError(step, mine.fail)
     return mine.ok

@@ -5,7 +5,7 @@
  * rank 0 gathers the write results and, only when every rank succeeded, writes `.metadata` last. Any failure makes
  * every rank reject with the same {@link CheckpointError} naming the failed ranks, and no `.metadata` is written.
  */
-import { stagingPool } from '../staging.js'
+import { stagingPool, type StagingLease, type StagingPool } from '../staging.js'
 import { DistcpError } from '../errors.js'
 import { flattenEncoded } from '../load.js'
 import { native } from '../native.js'
@@ -65,24 +65,36 @@ export function shardOf(v: unknown, key: string, checkpointId: string): { global
   return { globalShape: gs, globalOffsets: go }
 }
 
-/** Saves one checkpoint together with the other ranks of `processGroup`; see the module docs. */
-export async function saveRanks(stateDict: SaveStateDict, options: RanksSaveOptions): Promise<RanksSaveResult> {
-  const { checkpointId, processGroup: pg, layout = '2.4', saveToLowestRank = false } = options
-  let enc: Encoder | null = null
-  let staged: ReturnType<typeof stagingPool.stage> | null = null
-  let treeJson = ''
-  const plan = async (): Promise<LocalPlan> => {
+/**
+ * A rank's part of a multi-rank save, staged: its plan made and its tensor bytes copied into staging memory (the
+ * caller's buffers are free from here on). `write()` then coordinates with the other ranks, writes and commits.
+ * A staging failure does not throw: `error` holds it and `write()` reports it to every rank (torch's failure
+ * model: all ranks reject with the same error), so that the other ranks do not wait for a rank that gave up.
+ * @internal
+ */
+export interface StagedRanks {
+  checkpointId: string
+  lease: StagingLease | null
+  error?: unknown
+  write(): Promise<RanksSaveResult>
+}
+
+/** Stages this rank's part of a multi-rank save (see {@link StagedRanks}); `saveAsync` calls it in the call. @internal */
+export async function stageRanks(stateDict: SaveStateDict, options: RanksSaveOptions, pool: StagingPool = stagingPool): Promise<StagedRanks> {
+  const { checkpointId, layout = '2.4' } = options
+  let staged: ReturnType<StagingPool['stage']> | null = null
+  try {
     const entries: [unknown, unknown][] = stateDict instanceof Map ? [...stateDict.entries()] : Object.entries(stateDict)
     const top = new Map<unknown, unknown>()
     for (const [k, v] of entries) {
       const stateful = typeof v === 'object' && v !== null && typeof (v as Partial<HasStateDict>).stateDict === 'function'
       top.set(k, stateful ? await (v as HasStateDict).stateDict() : v)
     }
-    enc = new Encoder(checkpointId)
-    treeJson = JSON.stringify(enc.value(top, '', 0))
+    const enc = new Encoder(checkpointId)
+    const treeJson = JSON.stringify(enc.value(top, '', 0))
     // the save owns copies of the tensor bytes from here on (as a single-rank save does): the caller's buffers may
     // change or be transferred away while the ranks coordinate and write
-    staged = stagingPool.stage(enc.buffers)
+    staged = pool.stage(enc.buffers)
     // one flattening: keys, planner paths and which leaves are tensors from the core, the leaves themselves by position
     const flat = flattenEncoded(top, treeJson, enc.buffers.length, layout)
     const items: WriteItem[] = []
@@ -102,14 +114,39 @@ export async function saveRanks(stateDict: SaveStateDict, options: RanksSaveOpti
         sizes: [...t.shape],
       })
     }
-    return { items, planner: flat.map((f) => [f.key, JSON.parse(f.plannerPath) as unknown[]]) }
+    const plan: LocalPlan = { items, planner: flat.map((f) => [f.key, JSON.parse(f.plannerPath) as unknown[]]) }
+    const copies = staged.copies
+    const lease = staged.lease
+    return { checkpointId, lease, write: () => writeRanks(options, { plan, treeJson, copies }).finally(() => lease.release()) }
+  } catch (error) {
+    staged?.lease.release()
+    return { checkpointId, lease: null, error, write: () => writeRanks(options, { error }) }
   }
+}
 
+/** Saves one checkpoint together with the other ranks of `processGroup`; see the module docs. */
+export async function saveRanks(stateDict: SaveStateDict, options: RanksSaveOptions): Promise<RanksSaveResult> {
+  return (await stageRanks(stateDict, options)).write()
+}
+
+/** This rank's staged part (its local plan, the tagged tree and the staged bytes), or why staging failed. */
+type RankLocal = { plan: LocalPlan; treeJson: string; copies: Uint8Array[] } | { error: unknown }
+
+/** The coordinated part of a multi-rank save, from this rank's staged part. */
+async function writeRanks(options: RanksSaveOptions, local: RankLocal): Promise<RanksSaveResult> {
+  const { checkpointId, processGroup: pg, layout = '2.4', saveToLowestRank = false } = options
+  const { plan, treeJson, copies } = 'error' in local ? { plan: null, treeJson: '', copies: [] } : local
   let handle: InstanceType<typeof native.RanksSaveHandle> | null = null
   let merged: ReturnType<typeof globalMetadata> | null = null
   let committed = false
   try {
-    const mine = await pg.reduceScatter('plan', plan, (plans: LocalPlan[]) => {
+    const mine = await pg.reduceScatter(
+      'plan',
+      async () => {
+        if ('error' in local) throw local.error
+        return plan as LocalPlan
+      },
+      (plans: LocalPlan[]) => {
       const finals = dedupSavePlans(plans.map((p) => p.items), saveToLowestRank)
       merged = globalMetadata(finals, plans)
       handle = native.RanksSaveHandle.begin(checkpointId, pg.worldSize)
@@ -125,17 +162,16 @@ export async function saveRanks(stateDict: SaveStateDict, options: RanksSaveOpti
     const summary = await pg.allReduce(
       'write',
       async (): Promise<Written> => {
-        const copies = (staged as unknown as ReturnType<typeof stagingPool.stage>).copies
         // test hook: `write:<rank>` kills this rank (kill -9) after the plan, while the others write
         if (process.env.DISTCP_TEST_KILL_AT === `write:${pg.rank}`) process.kill(process.pid, 'SIGKILL')
         const s = await native.writeRankDataFile(checkpointId, mine.file, treeJson, copies, JSON.stringify(mine.items), layout)
         return { storage: JSON.parse(s) as Written['storage'] }
       },
-      (all: Written[]) => {
+      async (all: Written[]) => {
         const md = merged as ReturnType<typeof globalMetadata>
         const h = handle as InstanceType<typeof native.RanksSaveHandle>
         const storage = all.flatMap((w) => w.storage)
-        const metadataBytes = h.commit(JSON.stringify({ items: md.items, planner: md.planner, storage, version: '1.0.0' }))
+        const metadataBytes = await h.commit(JSON.stringify({ items: md.items, planner: md.planner, storage, version: '1.0.0' }))
         committed = true
         const bytes = all.map((w) => w.storage.reduce((n, e) => Math.max(n, e[3] + e[4]), 0))
         return { keys: md.items.map(([k]) => k), tensors: md.items.filter(([, m]) => m).length, metadataBytes, bytes }
@@ -154,7 +190,6 @@ export async function saveRanks(stateDict: SaveStateDict, options: RanksSaveOpti
       worldSize: pg.worldSize,
     }
   } finally {
-    ;(staged as ReturnType<typeof stagingPool.stage> | null)?.lease.release()
     const h = handle as InstanceType<typeof native.RanksSaveHandle> | null
     if (h) {
       if (!committed) h.abort()

@@ -10,9 +10,11 @@ pub const MAX_NESTING: usize = 100;
 pub const MAX_METADATA_BYTES: u64 = 2 << 30;
 
 /// Unpickling may use at most this many bytes of memory per byte of pickle, plus [`UNPICKLE_BASE_BYTES`]: the VM's
-/// objects and the materialised value tree together. Torch-written `.metadata` files use 40-61 (VM nodes are ~100
-/// bytes each); a stream built to expand (memo references to big strings, empty-container floods) is stopped here.
-pub const UNPICKLE_BYTES_PER_INPUT_BYTE: usize = 64;
+/// objects and the materialised value tree together. Measured peak heap (tests/unpickle_memory.rs, which also
+/// counts the parsed `Metadata`): torch-written `.metadata` files 16-24 bytes per byte; one-opcode floods at most
+/// 20 in the VM; a stream built to expand (memo references to big strings, containers gathered into one value) is
+/// stopped here.
+pub const UNPICKLE_BYTES_PER_INPUT_BYTE: usize = 32;
 
 /// The fixed part of the unpickling memory budget (small pickles hold a few fixed-size objects).
 pub const UNPICKLE_BASE_BYTES: usize = 1 << 20;

@@ -3,7 +3,7 @@
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::limits::{checked_nbytes, checked_numel, MAX_CHUNK_COMPARISONS, MAX_DIMS};
-use crate::pickle::{self, Global, Object, Value};
+use crate::pickle::{self, Object, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -404,7 +404,7 @@ fn path_from_parts(parts: &[Value]) -> String {
 fn describe(v: &Value) -> String {
   match v {
     Value::Object(o) => format!("an instance of {}", o.class),
-    Value::Global(Global { module, name }) => format!("the global {module}.{name}"),
+    Value::Global(g) => format!("the global {g}"),
     other => format!("a {}", other.type_name()),
   }
 }

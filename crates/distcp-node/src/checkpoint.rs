@@ -77,13 +77,15 @@ pub struct RetargetResult {
   pub rewritten: bool,
   /// Where the original `.metadata` was kept.
   pub original: Option<String>,
+  /// Every metadata file rewritten (`.metadata` and rank-local `__{rank}.metadata`).
+  pub files: Vec<String>,
 }
 
 fn version_text((major, minor): (u32, u32)) -> String {
   format!("{major}.{minor}")
 }
 
-/// Rewrites only `.metadata` of the checkpoint at `path` so that torch `torch` ("2.13") loads it.
+/// Rewrites only the metadata files (`.metadata`, `__{rank}.metadata`) of the checkpoint at `path` so that torch `torch` ("2.13") loads it.
 #[napi(catch_unwind)]
 pub fn retarget_checkpoint(path: String, torch: String, keep_original: bool) -> Result<RetargetResult> {
   use distcp_core::retarget;
@@ -96,6 +98,7 @@ pub fn retarget_checkpoint(path: String, torch: String, keep_original: bool) -> 
     after: version_text(r.after),
     rewritten: r.rewritten,
     original: r.original.map(|p| p.to_string_lossy().into_owned()),
+    files: r.files.iter().map(|p| p.to_string_lossy().into_owned()).collect(),
   })
 }
 

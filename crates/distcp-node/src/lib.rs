@@ -3,6 +3,7 @@
 #![deny(clippy::all)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod background;
 mod checkpoint;
 mod convert;
 mod cuda;

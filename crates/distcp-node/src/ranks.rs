@@ -18,7 +18,7 @@ use napi::bindgen_prelude::{AsyncTask, Uint8Array};
 use napi::Env;
 use napi_derive::napi;
 use serde_json::{json, Value};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 const SHARD_METADATA: &str = "torch.distributed._shard.sharded_tensor.metadata";
 
@@ -195,7 +195,32 @@ fn metadata_from_json(v: &Value) -> Result<RanksMetadata> {
 /// The coordinator's (rank 0's) handle on a multi-rank save: holds the folder lock until `release()`.
 #[napi]
 pub struct RanksSaveHandle {
-  inner: Mutex<Option<RanksSave>>,
+  // shared with the commit task, which fsyncs on a worker thread
+  inner: Arc<Mutex<Option<RanksSave>>>,
+}
+
+/// Rank 0's commit of a multi-rank save: `.metadata` written, fsynced and renamed into place, off the event loop
+/// (the other ranks' collectives keep being served meanwhile).
+pub struct RanksCommitTask {
+  inner: Arc<Mutex<Option<RanksSave>>>,
+  metadata: Option<RanksMetadata>,
+}
+
+impl Work<'_> for RanksCommitTask {
+  type Output = f64;
+  type JsValue = f64;
+
+  fn compute(&mut self) -> Result<f64> {
+    let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+    let (Some(s), Some(md)) = (guard.as_ref(), self.metadata.take()) else {
+      return Err(closed("the save was already released"));
+    };
+    s.commit(&md, true).map(|n| n as f64).map_err(to_js)
+  }
+
+  fn resolve(&mut self, _env: &Env, n: f64) -> Result<f64> {
+    Ok(n)
+  }
 }
 
 #[napi]
@@ -204,7 +229,7 @@ impl RanksSaveHandle {
   #[napi(factory, catch_unwind)]
   pub fn begin(dir: String, world_size: u32) -> Result<RanksSaveHandle> {
     let save = RanksSave::begin(&dir, world_size as usize).map_err(to_js)?;
-    Ok(RanksSaveHandle { inner: Mutex::new(Some(save)) })
+    Ok(RanksSaveHandle { inner: Arc::new(Mutex::new(Some(save))) })
   }
 
   fn with<T>(&self, f: impl FnOnce(&RanksSave) -> Result<T>) -> Result<T> {
@@ -227,11 +252,11 @@ impl RanksSaveHandle {
     self.with(|s| Ok(s.replacing))
   }
 
-  /// Commits the merged `.metadata` (JSON, see the module docs); returns its size in bytes.
-  #[napi(catch_unwind)]
-  pub fn commit(&self, metadata: String) -> Result<f64> {
+  /// Commits the merged `.metadata` (JSON, see the module docs) on a worker thread; resolves to its size in bytes.
+  #[napi(catch_unwind, ts_return_type = "Promise<number>")]
+  pub fn commit(&self, metadata: String) -> Result<AsyncTask<Job<RanksCommitTask>>> {
     let md = metadata_from_json(&parse("metadata", &metadata)?)?;
-    self.with(|s| s.commit(&md, true).map(|n| n as f64).map_err(to_js))
+    Ok(job(RanksCommitTask { inner: Arc::clone(&self.inner), metadata: Some(md) }))
   }
 
   /// Removes the files this save named (after a failure); the previous checkpoint is untouched.

@@ -2,6 +2,7 @@
 //! `distcp_core::value::from_tagged_json` documents: the codec reads are encoded with) plus the
 //! caller's buffers, referenced (not copied) until the promise settles.
 
+use crate::background::at_background_priority;
 use crate::errors::{guarded, invalid_input, job, to_js, Job, Result, Work};
 use distcp_core::write::save::FailPoint;
 use distcp_core::write::{from_tagged_json, save, Layout, SaveOptions, SaveSummary};
@@ -17,6 +18,8 @@ pub struct NativeSaveOptions {
   /// `afterFinalCommit`) with an error, or with a process abort when `failAbort` is set.
   pub fail_at: Option<String>,
   pub fail_abort: Option<bool>,
+  /// Write on a thread of lower CPU priority (`saveAsync`: the trainer goes on meanwhile), see `background.rs`.
+  pub background: Option<bool>,
 }
 
 #[napi(object)]
@@ -38,6 +41,7 @@ pub struct SaveTask {
   tree: String,
   buffers: Vec<Uint8Array>,
   options: SaveOptions,
+  background: bool,
 }
 
 impl Work<'_> for SaveTask {
@@ -51,7 +55,13 @@ impl Work<'_> for SaveTask {
     // the Uint8Array references keep their memory alive meanwhile
     let slices: Vec<&[u8]> = self.buffers.iter().map(|b| &**b).collect();
     let value = from_tagged_json(&json, &slices).map_err(|e| invalid_input(format!("{}: {e}", self.dir)))?;
-    save(&self.dir, &value, &self.options).map_err(to_js)
+    let write = || save(&self.dir, &value, &self.options).map_err(to_js);
+    // a panic on the background thread is re-raised here, where the Job's guard catches it
+    if self.background {
+      at_background_priority(write)
+    } else {
+      write()
+    }
   }
 
   fn resolve(&mut self, _env: &Env, s: SaveSummary) -> Result<SaveResult> {
@@ -77,6 +87,7 @@ pub fn write_state_dict(
   options: Option<NativeSaveOptions>,
 ) -> Result<AsyncTask<Job<SaveTask>>> {
   let mut opts = SaveOptions::default();
+  let background = options.as_ref().and_then(|o| o.background).unwrap_or(false);
   if let Some(o) = options {
     if let Some(l) = o.layout {
       opts.layout = Layout::from_name(&l)
@@ -88,7 +99,7 @@ pub fn write_state_dict(
       opts.fail_at = Some((point, o.fail_abort.unwrap_or(false)));
     }
   }
-  Ok(job(SaveTask { dir, tree, buffers, options: opts }))
+  Ok(job(SaveTask { dir, tree, buffers, options: opts, background }))
 }
 
 // What `CheckpointManager` (src/manager.ts) needs of the core's commit rules: the folder lock, temporary names

@@ -101,7 +101,7 @@ pub enum Value {
   Tuple(Vec<Value>),
   Dict(Vec<(Value, Value)>),
   Set(Vec<Value>),
-  Global(Global),
+  Global(Box<Global>),
   Object(Box<Object>),
   PersistentId(Box<Value>),
 }
