@@ -26,6 +26,11 @@ export declare class NativeCheckpoint {
    * null when the checkpoint has none.
    */
   plannerPathsJson(): string | null
+  /**
+   * The nested state dict torch saved, as JSON leaves (indices into `keys()`), dicts and lists (see
+   * `state_dict::nested_json`); rebuilt from `planner_data` by the core.
+   */
+  nestedJson(): string
   summary(): CheckpointSummary
   /** Reads a tensor, or the box `offsets`/`sizes` of it, into a new Buffer (row-major). */
   read(key: string, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null): Promise<Buffer>
@@ -119,6 +124,9 @@ export declare function beginConvertOutput(out: string, inputs: Array<string>): 
 /** Refuses an output folder that is, contains or lies inside one of `inputs` (ERR_DISTCP_OUTPUT_OVERLAPS_INPUT). */
 export declare function checkConvertOutput(out: string, inputs: Array<string>): void
 
+/** What kind of files hold a checkpoint. */
+export type CheckpointLayout = 'dcp' | 'dcp-safetensors' | 'hf-storage-sharded' | 'hf-safetensors'
+
 export interface CheckpointSummary {
   path: string
   metadataFile: string
@@ -132,8 +140,7 @@ export interface CheckpointSummary {
   ranks: number
   hasPlannerData: boolean
   hasStorageMeta: boolean
-  /** `dcp`, `dcp-safetensors`, `hf-storage-sharded` or `hf-safetensors`. */
-  layout: string
+  layout: CheckpointLayout
   /** Which writer produced the checkpoint, in words. */
   writer: string
   /** The NeMo-RL weights folder the checkpoint was found in. */
@@ -186,6 +193,9 @@ export declare function cudaInfo(): NativeCudaInfo
 /** Test hook: makes the CUDA layer panic at its next entry point (proves the panic comes back as a coded error). */
 export declare function cudaInjectPanicForTest(on: boolean): void
 
+/** Element types, by their torch names. */
+export type DType = 'float64' | 'float32' | 'float16' | 'bfloat16' | 'float8_e4m3fn' | 'float8_e5m2' | 'float8_e4m3fnuz' | 'float8_e5m2fnuz' | 'float8_e8m0fnu' | 'int64' | 'int32' | 'int16' | 'int8' | 'uint64' | 'uint32' | 'uint16' | 'uint8' | 'bool' | 'complex128' | 'complex64' | 'complex32'
+
 export interface EncodedObject {
   /** Tagged JSON (see `src/values.ts`). */
   json: string
@@ -209,17 +219,13 @@ export interface FlatKey {
  */
 export declare function flattenStateDictKeys(tree: string, tensorCount: number, layout: string): Array<FlatKey>
 
-export interface ItemInfo {
-  key: string
-  /** `"tensor"` or `"object"` (a non-tensor value). */
-  kind: string
-  dtype?: string
-  shape?: Array<number>
-  /** Tensor: bytes of the whole tensor. Object: bytes of its stored record. */
-  nbytes: number
-  chunks: Array<ChunkInfo>
-  files: Array<string>
-}
+/**
+ * What `.metadata` says of one key: a tensor (`kind: "tensor"`, `nbytes` of the whole tensor) or a non-tensor
+ * value (`kind: "object"`, `nbytes` of its stored record).
+ */
+export type ItemInfo =
+  | { kind: 'tensor'; key: string; dtype: DType; shape: Array<number>; nbytes: number; chunks: Array<ChunkInfo>; files: Array<string> }
+  | { kind: 'object'; key: string; nbytes: number; files: Array<string> }
 
 /**
  * The deepest nesting a state dict may have (`distcp_core::limits::MAX_NESTING`), so the TypeScript encoder

@@ -5,6 +5,7 @@ import { join } from 'node:path'
 
 import { openCheckpoint, DistcpError } from '../src/index.js'
 import { native } from '../src/native.js'
+import { callNative } from '../src/errors.js'
 import { badInputs, rejectsWith } from './helpers.js'
 
 interface Variant {
@@ -138,5 +139,17 @@ test('a box outside the tensor is refused', async (t) => {
 test('a Rust panic becomes a JS error (sync and on a worker thread), never an abort', async (t) => {
   // without catch_unwind / the worker guard, either call would abort this process
   t.throws(() => native.panicForTest('sync'), { message: /panic/ })
-  await t.throwsAsync(async () => await native.panicForTest('async'), { message: /ERR_DISTCP_INTERNAL.*deliberate panic/ })
+  t.throws(() => callNative(() => native.panicForTest('sync')), { instanceOf: DistcpError, code: 'ERR_DISTCP_INTERNAL', message: /deliberate panic/ })
+  // the code is set natively on the error object (no "[CODE] message" string to parse)
+  await t.throwsAsync(async () => await native.panicForTest('async'), { code: 'ERR_DISTCP_INTERNAL', message: /^internal error \(a bug in distcp\): deliberate panic/ })
+})
+
+test('native errors carry their ERR_DISTCP_* code as `code`, set in Rust (sync and async), with a plain message', async (t) => {
+  const sync = t.throws(() => native.retargetCheckpoint('/nonexistent', 'two', true))
+  t.is((sync as { code?: unknown } | undefined)?.code, 'ERR_DISTCP_BAD_REQUEST')
+  t.regex(sync?.message ?? '', /^torch: expected a version like 2\.13/)
+  const missing = join(mkdtempSync(join(tmpdir(), 'distcp-codes-')), 'none')
+  const async_ = await t.throwsAsync(native.openNativeCheckpoint(missing))
+  t.is((async_ as { code?: unknown } | undefined)?.code, 'ERR_DISTCP_NO_CHECKPOINT')
+  t.true(async_?.message.startsWith(missing), async_?.message)
 })

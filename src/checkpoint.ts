@@ -1,10 +1,10 @@
 import { awaitNative, callNative, DistcpError } from './errors.js'
-import { native, type NativeCheckpoint, type CheckpointSummary } from './native.js'
+import { native, type NativeCheckpoint, type CheckpointSummary, type CheckpointLayout } from './native.js'
 import { elementSize, numel, type DType, type Tensor } from './tensor.js'
 import { isDeviceRead, readToDevice, type DeviceReadOptions, type DeviceTarget, type DeviceTensor } from './cuda.js'
 import { decodeValue, type PyValue } from './values.js'
 
-export type { CheckpointSummary, DeviceReadOptions }
+export type { CheckpointSummary, CheckpointLayout, DeviceReadOptions }
 
 /** One stored chunk of a tensor: a box in global coordinates, and where its record lies. */
 export interface ChunkInfo {
@@ -100,19 +100,7 @@ export class Checkpoint {
   /** dtype, shape and chunks of a tensor, or the size of a non-tensor value. */
   info(key: string): TensorInfo | ObjectInfo {
     checkString(key, 'key')
-    const i = callNative(() => this.#native.info(key))
-    if (i.kind === 'tensor') {
-      return {
-        key,
-        kind: 'tensor',
-        dtype: i.dtype as DType,
-        shape: i.shape ?? [],
-        nbytes: i.nbytes,
-        chunks: i.chunks,
-        files: i.files,
-      }
-    }
-    return { key, kind: 'object', nbytes: i.nbytes, files: i.files }
+    return callNative(() => this.#native.info(key))
   }
 
   /** Files, ranks and format details recorded in `.metadata`. */
@@ -178,16 +166,17 @@ export class Checkpoint {
 
   /**
    * Reads everything into the nested state dict torch saved, unflattened through `planner_data` (works for
-   * both the torch ≤ 2.3 and ≥ 2.4 key layouts).
+   * both the torch ≤ 2.3 and ≥ 2.4 key layouts). The nesting comes from the core before anything is read.
    */
   async readAll(options: ObjectReadOptions = {}): Promise<StateDict> {
     checkOptions(options)
-    const root: StateDict = {}
-    for (const [key, path] of this.paths()) {
-      const value = this.info(key).kind === 'tensor' ? await this.read(key) : await this.readObject(key, options)
-      setElement(root, path, value, key)
+    const keys = this.keys()
+    const nested = JSON.parse(callNative(() => this.#native.nestedJson())) as NestedJson
+    const values: StateValue[] = []
+    for (const key of keys) {
+      values.push(this.info(key).kind === 'tensor' ? await this.read(key) : await this.readObject(key, options))
     }
-    return root
+    return fill(nested, values) as StateDict
   }
 
   /** @internal the native handle, for other parts of distcp */
@@ -201,33 +190,16 @@ export class Checkpoint {
   }
 }
 
-function setElement(root: StateDict, path: (string | number)[], value: StateValue, key: string): void {
-  let node: StateDict | StateValue[] = root
-  for (let i = 0; i < path.length; i++) {
-    const step = path[i]
-    const last = i === path.length - 1
-    const slot = Array.isArray(node) ? Number(step) : String(step)
-    const container = node as Record<string | number, StateValue>
-    if (last) {
-      if (container[slot] !== undefined && container[slot] !== null) {
-        throw new DistcpError('ERR_DISTCP_METADATA', `key \`${key}\`: two keys map to the same place in the state dict`)
-      }
-      container[slot] = value
-      return
-    }
-    let next = container[slot]
-    if (next === undefined || next === null) {
-      next = typeof path[i + 1] === 'number' ? [] : {}
-      if (Array.isArray(node)) {
-        while (node.length < Number(step)) node.push(null)
-      }
-      container[slot] = next
-    }
-    if (typeof next !== 'object' || next instanceof Uint8Array || 'dtype' in (next as object)) {
-      throw new DistcpError('ERR_DISTCP_METADATA', `key \`${key}\`: its path runs through another value`)
-    }
-    node = next as StateDict | StateValue[]
-  }
+/** The core's nesting of a checkpoint's keys (crates/distcp-node/src/state_dict.rs `nested_json`). */
+type NestedJson = number | null | NestedJson[] | { $d: [string, NestedJson][] }
+
+/** The nesting with each leaf (an index into `values`) replaced by its value; a hole in a list is `null`. */
+function fill(n: NestedJson, values: StateValue[]): StateValue {
+  if (n === null) return null
+  if (typeof n === 'number') return values[n]
+  if (Array.isArray(n)) return n.map((c) => fill(c, values))
+  // fromEntries defines own properties, so a key like `__proto__` stays a key
+  return Object.fromEntries(n.$d.map(([k, c]) => [k, fill(c, values)]))
 }
 
 export interface OpenOptions {

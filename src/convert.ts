@@ -5,7 +5,7 @@ import { dirname, join, resolve } from 'node:path'
 import { openCheckpoint, type Checkpoint } from './checkpoint.js'
 import { awaitNative, callNative, DistcpError } from './errors.js'
 import { resolveModel, TOKENIZER_DIRS, TOKENIZER_FILES } from './hf.js'
-import { native } from './native.js'
+import { native, type CheckpointLayout } from './native.js'
 import type { DType } from './tensor.js'
 
 /** Progress of a conversion, reported after every tensor. */
@@ -85,8 +85,8 @@ export interface ConvertPlan {
   extraFiles: string[]
   /** The folder the checkpoint was found in (`.metadata`, or the safetensors files). */
   checkpoint: string
-  /** The layout found there: `dcp`, `dcp-safetensors`, `hf-storage-sharded` or `hf-safetensors`. */
-  layout: string
+  /** The layout found there. */
+  layout: CheckpointLayout
   /** Which writer produced the input, in words. */
   writer: string
   /** The folder the tokenizer files are copied from (null: none), and why that one. */
@@ -142,7 +142,7 @@ function resolveDtype(d: ConvertOptions['dtype']): DType | undefined {
 interface Prepared {
   ck: Checkpoint
   ckDir: string
-  layout: string
+  layout: CheckpointLayout
   writer: string
   tokenizer: ConvertPlan['tokenizer']
   entries: { key: string; name: string }[]

@@ -14,8 +14,6 @@ export class DistcpError extends Error {
   }
 }
 
-const CODED = /^\[(ERR_[A-Z_]+)\] ([\s\S]*)$/
-
 const KNOWN = new Set<string>(ERROR_CODES)
 
 /** A code from the native layer; one the union does not list (a bug: the codes test guards it) is kept as INTERNAL. */
@@ -27,17 +25,21 @@ function knownCode(code: string): DistcpErrorCode {
 const NAPI_ARGUMENT = /Expected$|^InvalidArg$/
 
 /**
- * Native errors arrive as `[CODE] message`; give them their code back. napi's own argument errors (a wrong JS type
- * reached the binding) become `ERR_DISTCP_INVALID_ARGUMENT`, so every error distcp throws carries an `ERR_DISTCP_*` code.
+ * The binding sets `code` natively (`ERR_DISTCP_*`, crates/distcp-node/src/errors.rs); this gives such errors their
+ * public class. napi's own argument errors (a wrong JS type reached the binding) become
+ * `ERR_DISTCP_INVALID_ARGUMENT`, and its `GenericFailure` (a panic caught on the JS thread) `ERR_DISTCP_INTERNAL`,
+ * so every error distcp throws carries an `ERR_DISTCP_*` code.
  */
 export function fromNative(e: unknown): unknown {
-  if (e instanceof Error) {
-    const m = CODED.exec(e.message)
-    if (m) return new DistcpError(knownCode(m[1]), m[2], { cause: e })
-    const code = (e as { code?: unknown }).code
-    if (typeof code === 'string' && NAPI_ARGUMENT.test(code)) {
-      return new DistcpError('ERR_DISTCP_INVALID_ARGUMENT', `invalid argument: ${e.message}`, { cause: e })
-    }
+  if (!(e instanceof Error) || e instanceof DistcpError) return e
+  const code = (e as { code?: unknown }).code
+  if (typeof code !== 'string') return e
+  if (code.startsWith('ERR_DISTCP_')) return new DistcpError(knownCode(code), e.message, { cause: e })
+  if (NAPI_ARGUMENT.test(code)) {
+    return new DistcpError('ERR_DISTCP_INVALID_ARGUMENT', `invalid argument: ${e.message}`, { cause: e })
+  }
+  if (code === 'GenericFailure') {
+    return new DistcpError('ERR_DISTCP_INTERNAL', `internal error (a bug in distcp): ${e.message}`, { cause: e })
   }
   return e
 }

@@ -14,6 +14,7 @@ export type {
   StateDict,
   StateValue,
   CheckpointSummary,
+  CheckpointLayout,
   RetargetOptions,
   RetargetResult,
 } from './checkpoint.js'

@@ -89,9 +89,14 @@ function asTensor(v: unknown): (Tensor & { data: ArrayBufferView }) | null {
  * the original JS keys (Map keys as they are) and list indices.
  */
 export function flattenStateDict(stateDict: Record<string, unknown>, layout: '2.4' | '2.3'): Flat {
+  return new Map([...flattenLeaves(stateDict, layout)].map(([key, l]) => [key, { path: l.path, value: l.value }]))
+}
+
+/** {@link flattenStateDict}'s leaves by flat key, each with its setter. */
+function flattenLeaves(stateDict: Record<string, unknown>, layout: '2.4' | '2.3'): Map<string, FlatLeaf> {
   const enc = new Encoder('flatten', true)
   const tree = JSON.stringify(enc.value(stateDict, '', 0))
-  return new Map(flattenEncoded(stateDict, tree, enc.buffers.length, layout).map((l) => [l.key, { path: l.path, value: l.value }]))
+  return new Map(flattenEncoded(stateDict, tree, enc.buffers.length, layout).map((l) => [l.key, l]))
 }
 
 /** One leaf of a flattened state dict. @internal */
@@ -104,6 +109,14 @@ export interface FlatLeaf {
   tensor: boolean
   /** The path as torch records it in `planner_data` (JSON `[str | int, …]`). */
   plannerPath: string
+  /** Replaces the leaf in its container (the Map, array or object that holds it) by `value`. */
+  set(value: unknown): void
+}
+
+/** Puts `value` at `key` of `container` as an own property (a key like `__proto__` included). */
+function setIn(container: unknown, key: PathItem, value: unknown): void {
+  if (container instanceof Map) container.set(key, value)
+  else Object.defineProperty(container, key as PropertyKey, { value, writable: true, enumerable: true, configurable: true })
 }
 
 /**
@@ -126,48 +139,18 @@ export function flattenEncoded(root: object, tree: string, tensorCount: number, 
     return list
   }
   return keys.map(({ key, positions, plannerPath, tensor }) => {
+    let parent: object = root
     let cur: unknown = root
     const path: PathItem[] = []
     for (const p of positions) {
-      const [k, v] = childrenOf(cur as object)[p]
+      parent = cur as object
+      const [k, v] = childrenOf(parent)[p]
       path.push(k)
       cur = v
     }
-    return { key, path, value: cur, tensor, plannerPath }
+    const slot = path[path.length - 1]
+    return { key, path, value: cur, tensor, plannerPath, set: (value: unknown) => setIn(parent, slot, value) }
   })
-}
-
-/** torch's `set_element`: creates missing dicts (`{}` before a str key, `[]` before an int) and pads lists. */
-function setElement(root: Record<string, unknown>, path: PathItem[], value: unknown): void {
-  let cur: unknown = root
-  for (let i = 0; i < path.length; i++) {
-    const k = path[i]
-    const last = i === path.length - 1
-    if (Array.isArray(cur)) {
-      const idx = Number(k)
-      while (cur.length <= idx) cur.push(null)
-      if (last) cur[idx] = value
-      else {
-        if (cur[idx] === null || cur[idx] === undefined) cur[idx] = typeof path[i + 1] === 'string' ? {} : []
-        cur = cur[idx]
-      }
-    } else if (cur instanceof Map) {
-      const mk = k // the original key object (flattenStateDict's path keeps Map keys as they are)
-      if (last) cur.set(mk, value)
-      else {
-        if (!cur.has(mk)) cur.set(mk, typeof path[i + 1] === 'string' ? {} : [])
-        cur = cur.get(mk)
-      }
-    } else {
-      const o = cur as Record<string, unknown>
-      const sk = String(k)
-      if (last) o[sk] = value
-      else {
-        if (o[sk] === null || o[sk] === undefined) o[sk] = typeof path[i + 1] === 'string' ? {} : []
-        cur = o[sk]
-      }
-    }
-  }
 }
 
 /**
@@ -249,10 +232,10 @@ export async function load(stateDict: LoadStateDict, options: LoadOptions): Prom
     const ckKeys = ck.keys()
     const inCk = new Set(ckKeys)
     let layout: '2.4' | '2.3' = '2.4'
-    let flat = flattenStateDict(sd, '2.4')
+    let flat = flattenLeaves(sd, '2.4')
     const extra = ckKeys.filter((k) => !flat.has(k))
     if (extra.length > 0) {
-      const old = flattenStateDict(sd, '2.3')
+      const old = flattenLeaves(sd, '2.3')
       if (extra.some((k) => old.has(k))) {
         flat = old
         layout = '2.3'
@@ -262,8 +245,9 @@ export async function load(stateDict: LoadStateDict, options: LoadOptions): Prom
     report = { missing: [], unexpected: [], mismatched: [], layout }
     const tensorReads: { key: string; target: Tensor & { data: ArrayBufferView } }[] = []
     const deviceReads: { key: string; target: DeviceLeaf }[] = []
-    const objectReads: { key: string; path: PathItem[]; tensor: TensorInfo | null }[] = []
-    for (const [key, { path, value }] of flat) {
+    const objectReads: { key: string; leaf: FlatLeaf; tensor: TensorInfo | null }[] = []
+    for (const [key, leaf] of flat) {
+      const { value } = leaf
       if (!inCk.has(key)) {
         report.missing.push(key)
         continue
@@ -292,7 +276,7 @@ export async function load(stateDict: LoadStateDict, options: LoadOptions): Prom
         }
       } else {
         // a non-tensor leaf is replaced by whatever the checkpoint holds (a tensor becomes a new tensor)
-        objectReads.push({ key, path, tensor: info.kind === 'tensor' ? info : null })
+        objectReads.push({ key, leaf, tensor: info.kind === 'tensor' ? info : null })
       }
     }
     const inFlat = new Set(flat.keys())
@@ -316,20 +300,20 @@ export async function load(stateDict: LoadStateDict, options: LoadOptions): Prom
       requireCuda(d)
     }
     // values first (a bad record fails before any tensor is overwritten), then tensors into their buffers
-    const values: { path: PathItem[]; value: unknown }[] = []
+    const values: { leaf: FlatLeaf; value: unknown }[] = []
     for (const r of objectReads) {
       const value = r.tensor
         ? device !== undefined
           ? await ck.read(r.key, { device })
           : await ck.read(r.key)
         : plainDicts(await ck.readObject(r.key, { exact: true }))
-      values.push({ path: r.path, value })
+      values.push({ leaf: r.leaf, value })
     }
     await readTensors(ck, tensorReads)
     for (const { key, target } of deviceReads) {
       await ck.read(key, { into: { device: target.device, ptr: target.ptr, byteLength: target.byteLength } })
     }
-    for (const { path, value } of values) setElement(sd, path, value)
+    for (const { leaf, value } of values) leaf.set(value)
   } finally {
     ck.close()
   }

@@ -1,26 +1,7 @@
-/** Element types, by their torch names. */
-export type DType =
-  | 'float64'
-  | 'float32'
-  | 'float16'
-  | 'bfloat16'
-  | 'float8_e4m3fn'
-  | 'float8_e5m2'
-  | 'float8_e4m3fnuz'
-  | 'float8_e5m2fnuz'
-  | 'float8_e8m0fnu'
-  | 'int64'
-  | 'int32'
-  | 'int16'
-  | 'int8'
-  | 'uint64'
-  | 'uint32'
-  | 'uint16'
-  | 'uint8'
-  | 'bool'
-  | 'complex128'
-  | 'complex64'
-  | 'complex32'
+import type { DType as NativeDType } from './native.js'
+
+/** Element types, by their torch names (the core's names: the binding's generated typings carry them). */
+export type DType = NativeDType
 
 /** A dense tensor: row-major, little-endian bytes. */
 export interface Tensor {

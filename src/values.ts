@@ -32,7 +32,7 @@ export type PyValue =
   | Map<PyValue, PyValue>
   | { [key: string]: PyValue }
 
-/** The tagged JSON exchanged with the native layer (crates/distcp-node/src/values.rs), both directions. */
+/** The tagged JSON exchanged with the native layer (`distcp_core::value`'s codec), both directions. */
 export type Encoded =
   | null
   | boolean
@@ -59,7 +59,7 @@ function floatFromBits(hex: string): number {
   return view.getFloat64(0)
 }
 
-/** Decodes the tagged JSON the native layer produces (see crates/distcp-node/src/values.rs). */
+/** Decodes the tagged JSON the native layer produces (`distcp_core::value::to_tagged_json`). */
 export function decodeValue(json: string, buffers: Uint8Array[], exact: boolean): PyValue {
   const walk = (e: Encoded): PyValue => {
     if (e === null || typeof e === 'boolean' || typeof e === 'number' || typeof e === 'string') return e

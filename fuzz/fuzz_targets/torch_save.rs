@@ -4,7 +4,7 @@ use libfuzzer_sys::fuzz_target;
 // Any bytes as one .distcp record: the zip reader and record rebuild must stay inside the buffer. When a tensor
 // record parses, its storage range and view must be readable without panicking.
 fuzz_target!(|data: &[u8]| {
-  if let Ok(distcp_core::torch_save::PyObject::Tensor(rec)) = distcp_core::torch_save::parse(data) {
+  if let Ok(distcp_core::torch_save::PyObject::Record(rec)) = distcp_core::torch_save::parse(data) {
     let storage = &data[rec.storage.clone()];
     let n: u64 = rec.shape.iter().product();
     if n > 0 && n < 1 << 20 {

@@ -593,7 +593,7 @@ impl Checkpoint {
       return self.raw_record(key, bytes, &t.chunks[chunk].sizes, t.dtype());
     }
     let rec = match bytes.parse().map_err(|e| self.record_error(bytes.path(), key, e))? {
-      PyObject::Tensor(rec) => rec,
+      PyObject::Record(rec) => rec,
       _ => {
         return Err(Error::Record {
           path: bytes.path().to_path_buf(),
@@ -870,7 +870,7 @@ impl Checkpoint {
       v.into_iter().map(|o| self.materialise(o, bytes, key, left, depth + 1)).collect()
     };
     Ok(match obj {
-      PyObject::Tensor(rec) => {
+      PyObject::Record(rec) => {
         let n = checked_nbytes(&rec.shape, rec.dtype.size()).ok_or_else(|| Error::SizeOverflow {
           path: path.clone(),
           key: key.to_owned(),
@@ -913,7 +913,7 @@ impl Checkpoint {
           };
           copy_resolved(&chunk, &read, &mut data, &rec.shape).map_err(|e| self.copy_error(&chunk, key, e))?;
         }
-        PyObject::TensorData { dtype: rec.dtype, shape: rec.shape, data }
+        PyObject::Tensor(crate::value::Tensor { dtype: rec.dtype, shape: rec.shape, data })
       }
       PyObject::List(v) => PyObject::List(many(v, left)?),
       PyObject::Tuple(v) => PyObject::Tuple(many(v, left)?),
@@ -999,6 +999,20 @@ impl Checkpoint {
       }
     }
     Some(serde_json::Value::Object(map).to_string())
+  }
+
+  /// The nested state dict torch saved, without the values ([`crate::write::unflatten`] over each key's
+  /// `planner_data` path, in [`Checkpoint::keys`] order; a key without a path is its own one-step path). Leaves
+  /// index [`Checkpoint::keys`].
+  pub fn nested(&self) -> Result<crate::write::Nested> {
+    let pd = self.metadata.planner_data.as_ref();
+    let own: Vec<(&str, [PathElem; 1])> = self.keys().map(|k| (k, [PathElem::Key(k.to_owned())])).collect();
+    let items =
+      own.iter().map(|(k, single)| (*k, pd.and_then(|pd| pd.get(*k)).map_or(&single[..], Vec::as_slice)));
+    crate::write::unflatten(items).map_err(|e| Error::Metadata {
+      path: self.metadata_path.clone(),
+      reason: format!("key `{}`: {}", e.key, e.reason),
+    })
   }
 
   /// Element type of a tensor.

@@ -108,6 +108,7 @@ pub mod safetensors;
 pub mod source;
 #[doc(hidden)]
 pub mod torch_save;
+pub mod value;
 pub mod write;
 #[doc(hidden)]
 pub mod zip;

@@ -58,6 +58,11 @@ pub const MAX_SAFETENSORS_HEADER_BYTES: u64 = 100_000_000;
 /// open).
 pub const MAX_SAFETENSORS_FILES: usize = 100_000;
 
+/// Largest list index a `planner_data` path may name when a state dict is rebuilt from flat keys: torch pads a list
+/// with `None` up to each index, so one hostile index would otherwise allocate without bound. Real lists hold one
+/// entry per stored item (or per empty dict, which stores none).
+pub const MAX_UNFLATTEN_LIST_INDEX: u64 = 1 << 20;
+
 /// Number of elements of `sizes`, or `None` when it overflows 64 bits.
 pub fn checked_numel(sizes: &[u64]) -> Option<u64> {
   sizes.iter().try_fold(1u64, |acc, &s| acc.checked_mul(s))

@@ -4,8 +4,9 @@
 use crate::dtype::DType;
 use crate::limits::{checked_numel, MAX_DIMS, MAX_NESTING, MAX_OBJECT_BYTES};
 use crate::metadata::torch_value_global;
-use crate::pickle::{self, BigInt, Object, Value};
+use crate::pickle::{self, Object, Value};
 use crate::source::ReadAt;
+use crate::value::PyValue;
 use crate::zip::{self, Archive, Entry, ZipError};
 use std::ops::Range;
 
@@ -64,41 +65,9 @@ impl TensorRecord {
   }
 }
 
-/// A Python value from a BYTE_IO item (or a tensor item's root).
-#[derive(Debug, Clone, PartialEq)]
-pub enum PyObject {
-  /// `None`.
-  None,
-  /// `bool`.
-  Bool(bool),
-  /// `int` that fits in 64 bits.
-  Int(i64),
-  /// `int` wider than 64 bits.
-  BigInt(BigInt),
-  /// `float` (exact bits: NaN payloads, ±0 and ±∞ kept).
-  Float(f64),
-  /// `str`.
-  Str(String),
-  /// `bytes`.
-  Bytes(Vec<u8>),
-  /// `list`.
-  List(Vec<PyObject>),
-  /// `tuple`.
-  Tuple(Vec<PyObject>),
-  /// `dict`, keys in insertion order (Python's iteration order).
-  Dict(Vec<(PyObject, PyObject)>),
-  /// A tensor inside the archive (not yet read).
-  Tensor(TensorRecord),
-  /// A tensor's values, row-major, copied out of its archive.
-  TensorData {
-    /// Element type.
-    dtype: DType,
-    /// Size of each dimension.
-    shape: Vec<u64>,
-    /// Row-major, little-endian bytes.
-    data: Vec<u8>,
-  },
-}
+/// A Python value from a BYTE_IO item (or a tensor item's root): the one value model ([`crate::value::PyValue`])
+/// owning its bytes. [`parse`] leaves tensors as [`PyValue::Record`]s.
+pub type PyObject = PyValue<Vec<u8>>;
 
 #[derive(Debug, PartialEq)]
 pub enum RecordError {
@@ -230,7 +199,7 @@ impl Rebuild<'_> {
   fn object(&self, o: &Object, depth: usize) -> Result<PyObject, RecordError> {
     let c = &o.class;
     if c.is("torch._utils", "_rebuild_tensor_v2") || c.is("torch._utils", "_rebuild_tensor_v3") {
-      return self.tensor(o).map(PyObject::Tensor);
+      return self.tensor(o).map(PyObject::Record);
     }
     if c.is("torch._utils", "_rebuild_parameter") {
       return match o.args.first() {

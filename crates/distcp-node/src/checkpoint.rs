@@ -1,12 +1,12 @@
 //! `NativeCheckpoint`: an open checkpoint shared by JS and by worker-thread reads.
 
-use crate::errors::{guarded, invalid_arg, to_js};
-use crate::values;
+use crate::enums::{CheckpointLayout, DType};
+use crate::errors::{internal, invalid_arg, job, to_js, Job, Result, Work};
 use distcp_core::metadata::ItemMetadata;
 use distcp_core::plan::Region;
 use distcp_core::Checkpoint;
 use napi::bindgen_prelude::{AsyncTask, Buffer, BufferSlice, Uint8Array};
-use napi::{Env, ScopedTask, Task};
+use napi::Env;
 use napi_derive::napi;
 use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
@@ -23,17 +23,23 @@ pub struct ChunkInfo {
   pub byte_length: f64,
 }
 
-#[napi(object)]
-pub struct ItemInfo {
-  pub key: String,
-  /// `"tensor"` or `"object"` (a non-tensor value).
-  pub kind: String,
-  pub dtype: Option<String>,
-  pub shape: Option<Vec<f64>>,
-  /// Tensor: bytes of the whole tensor. Object: bytes of its stored record.
-  pub nbytes: f64,
-  pub chunks: Vec<ChunkInfo>,
-  pub files: Vec<String>,
+/// What `.metadata` says of one key: a tensor (`kind: "tensor"`, `nbytes` of the whole tensor) or a non-tensor
+/// value (`kind: "object"`, `nbytes` of its stored record).
+#[napi(discriminant = "kind", discriminant_case = "lowercase")]
+pub enum ItemInfo {
+  Tensor {
+    key: String,
+    dtype: DType,
+    shape: Vec<f64>,
+    nbytes: f64,
+    chunks: Vec<ChunkInfo>,
+    files: Vec<String>,
+  },
+  Object {
+    key: String,
+    nbytes: f64,
+    files: Vec<String>,
+  },
 }
 
 #[napi(object)]
@@ -50,8 +56,7 @@ pub struct CheckpointSummary {
   pub ranks: u32,
   pub has_planner_data: bool,
   pub has_storage_meta: bool,
-  /// `dcp`, `dcp-safetensors`, `hf-storage-sharded` or `hf-safetensors`.
-  pub layout: String,
+  pub layout: CheckpointLayout,
   /// Which writer produced the checkpoint, in words.
   pub writer: String,
   /// The NeMo-RL weights folder the checkpoint was found in.
@@ -82,7 +87,7 @@ fn version_text((major, minor): (u32, u32)) -> String {
 
 /// Rewrites only the metadata files (`.metadata`, `__{rank}.metadata`) of the checkpoint at `path` so that torch `torch` ("2.13") loads it.
 #[napi(catch_unwind)]
-pub fn retarget_checkpoint(path: String, torch: String, keep_original: bool) -> napi::Result<RetargetResult> {
+pub fn retarget_checkpoint(path: String, torch: String, keep_original: bool) -> Result<RetargetResult> {
   use distcp_core::retarget;
   let Some(target) = retarget::parse_torch_version(&torch) else {
     return Err(invalid_arg(format!("torch: expected a version like 2.13, got {torch:?}")));
@@ -101,7 +106,7 @@ fn dims(v: &[u64]) -> Vec<f64> {
   v.iter().map(|&x| x as f64).collect()
 }
 
-fn to_u64s(v: &[f64], what: &str) -> napi::Result<Vec<u64>> {
+fn to_u64s(v: &[f64], what: &str) -> Result<Vec<u64>> {
   v.iter()
     .map(|&x| {
       if x >= 0.0 && x.fract() == 0.0 && x <= 9_007_199_254_740_991.0 {
@@ -119,7 +124,7 @@ pub struct NativeCheckpoint {
 }
 
 impl NativeCheckpoint {
-  pub(crate) fn get(&self) -> napi::Result<Arc<Checkpoint>> {
+  pub(crate) fn get(&self) -> Result<Arc<Checkpoint>> {
     let guard = self.inner.read().unwrap_or_else(|p| p.into_inner());
     guard.clone().ok_or_else(|| invalid_arg("the checkpoint was closed"))
   }
@@ -130,7 +135,7 @@ impl NativeCheckpoint {
     key: &str,
     offsets: Option<Vec<f64>>,
     sizes: Option<Vec<f64>>,
-  ) -> napi::Result<Region> {
+  ) -> Result<Region> {
     let offsets = offsets.map(|o| to_u64s(&o, "offsets")).transpose()?;
     let sizes = sizes.map(|s| to_u64s(&s, "sizes")).transpose()?;
     ck.region(key, offsets, sizes).map_err(to_js)
@@ -142,23 +147,23 @@ pub struct OpenTask {
   rank: Option<u32>,
 }
 
-impl Task for OpenTask {
+impl Work<'_> for OpenTask {
   type Output = Checkpoint;
   type JsValue = NativeCheckpoint;
 
-  fn compute(&mut self) -> napi::Result<Checkpoint> {
-    guarded(|| Checkpoint::open(&self.path, self.rank).map_err(to_js))
+  fn compute(&mut self) -> Result<Checkpoint> {
+    Checkpoint::open(&self.path, self.rank).map_err(to_js)
   }
 
-  fn resolve(&mut self, _env: Env, ck: Checkpoint) -> napi::Result<NativeCheckpoint> {
+  fn resolve(&mut self, _env: &Env, ck: Checkpoint) -> Result<NativeCheckpoint> {
     Ok(NativeCheckpoint { inner: Arc::new(RwLock::new(Some(Arc::new(ck)))) })
   }
 }
 
 /// Opens a checkpoint folder on a worker thread (parses `.metadata`).
 #[napi(ts_return_type = "Promise<NativeCheckpoint>")]
-pub fn open_native_checkpoint(path: String, rank: Option<u32>) -> AsyncTask<OpenTask> {
-  AsyncTask::new(OpenTask { path, rank })
+pub fn open_native_checkpoint(path: String, rank: Option<u32>) -> AsyncTask<Job<OpenTask>> {
+  job(OpenTask { path, rank })
 }
 
 /// Node's largest Buffer on 64-bit Node 20.
@@ -204,25 +209,23 @@ pub struct ReadTask {
   len: usize,
 }
 
-impl<'env> ScopedTask<'env> for ReadTask {
+impl<'env> Work<'env> for ReadTask {
   type Output = ReadOutput;
   type JsValue = BufferSlice<'env>;
 
-  fn compute(&mut self) -> napi::Result<ReadOutput> {
-    guarded(|| {
-      let len = self.len;
-      if len >= ANON_MIN {
-        let mut map = alloc_output(len).map_err(|e| to_js(distcp_core::Error::io(&self.ck.root, e)))?;
-        self.ck.read_into(&self.key, &self.region, &mut map).map_err(to_js)?;
-        return Ok(ReadOutput::Anonymous(map));
-      }
-      let mut buf = vec![0u8; len];
-      self.ck.read_into(&self.key, &self.region, &mut buf).map_err(to_js)?;
-      Ok(ReadOutput::Owned(buf))
-    })
+  fn compute(&mut self) -> Result<ReadOutput> {
+    let len = self.len;
+    if len >= ANON_MIN {
+      let mut map = alloc_output(len).map_err(|e| to_js(distcp_core::Error::io(&self.ck.root, e)))?;
+      self.ck.read_into(&self.key, &self.region, &mut map).map_err(to_js)?;
+      return Ok(ReadOutput::Anonymous(map));
+    }
+    let mut buf = vec![0u8; len];
+    self.ck.read_into(&self.key, &self.region, &mut buf).map_err(to_js)?;
+    Ok(ReadOutput::Owned(buf))
   }
 
-  fn resolve(&mut self, env: &'env Env, output: ReadOutput) -> napi::Result<BufferSlice<'env>> {
+  fn resolve(&mut self, env: &'env Env, output: ReadOutput) -> Result<BufferSlice<'env>> {
     match output {
       ReadOutput::Owned(v) => BufferSlice::from_data(env, v),
       ReadOutput::Anonymous(mut m) => {
@@ -231,6 +234,7 @@ impl<'env> ScopedTask<'env> for ReadTask {
         unsafe { BufferSlice::from_external(env, ptr, len, m, |_, m| drop(m)) }
       }
     }
+    .map_err(internal)
   }
 }
 
@@ -241,21 +245,19 @@ pub struct ReadIntoTask {
   into: Uint8Array,
 }
 
-impl Task for ReadIntoTask {
+impl Work<'_> for ReadIntoTask {
   type Output = ();
   type JsValue = ();
 
-  fn compute(&mut self) -> napi::Result<()> {
-    guarded(|| {
-      // SAFETY: the caller promised (documented on `read`) not to touch `into` until the promise settles; the
-      // Uint8Array reference keeps its memory alive meanwhile.
-      let dst = unsafe { self.into.as_mut() };
-      advise_huge_pages(dst);
-      self.ck.read_into(&self.key, &self.region, dst).map_err(to_js)
-    })
+  fn compute(&mut self) -> Result<()> {
+    // SAFETY: the caller promised (documented on `read`) not to touch `into` until the promise settles; the
+    // Uint8Array reference keeps its memory alive meanwhile.
+    let dst = unsafe { self.into.as_mut() };
+    advise_huge_pages(dst);
+    self.ck.read_into(&self.key, &self.region, dst).map_err(to_js)
   }
 
-  fn resolve(&mut self, _env: Env, _output: ()) -> napi::Result<()> {
+  fn resolve(&mut self, _env: &Env, _output: ()) -> Result<()> {
     Ok(())
   }
 }
@@ -272,20 +274,18 @@ pub struct ReadObjectTask {
   key: String,
 }
 
-impl Task for ReadObjectTask {
+impl Work<'_> for ReadObjectTask {
   type Output = (String, Vec<Vec<u8>>);
   type JsValue = EncodedObject;
 
-  fn compute(&mut self) -> napi::Result<(String, Vec<Vec<u8>>)> {
-    guarded(|| {
-      let obj = self.ck.read_object(&self.key).map_err(to_js)?;
-      let mut buffers = Vec::new();
-      let json = values::encode(obj, &mut buffers);
-      Ok((json.to_string(), buffers))
-    })
+  fn compute(&mut self) -> Result<(String, Vec<Vec<u8>>)> {
+    let obj = self.ck.read_object(&self.key).map_err(to_js)?;
+    let mut buffers = Vec::new();
+    let json = distcp_core::value::to_tagged_json(obj, &mut buffers);
+    Ok((json.to_string(), buffers))
   }
 
-  fn resolve(&mut self, _env: Env, (json, buffers): (String, Vec<Vec<u8>>)) -> napi::Result<EncodedObject> {
+  fn resolve(&mut self, _env: &Env, (json, buffers): (String, Vec<Vec<u8>>)) -> Result<EncodedObject> {
     Ok(EncodedObject { json, buffers: buffers.into_iter().map(Buffer::from).collect() })
   }
 }
@@ -294,22 +294,21 @@ impl Task for ReadObjectTask {
 impl NativeCheckpoint {
   /// Flat keys in `.metadata` order.
   #[napi(catch_unwind)]
-  pub fn keys(&self) -> napi::Result<Vec<String>> {
+  pub fn keys(&self) -> Result<Vec<String>> {
     Ok(self.get()?.keys().map(str::to_owned).collect())
   }
 
   #[napi(catch_unwind)]
-  pub fn info(&self, key: String) -> napi::Result<ItemInfo> {
+  pub fn info(&self, key: String) -> Result<ItemInfo> {
     let ck = self.get()?;
     match ck.item(&key).map_err(to_js)? {
       ItemMetadata::Tensor(t) => {
         let nbytes = ck.tensor_bytes(&key).map_err(to_js)?;
         let chunks = ck.chunk_locations(&key).map_err(to_js)?;
         let files: BTreeSet<String> = chunks.iter().map(|c| c.info.relative_path.clone()).collect();
-        Ok(ItemInfo {
-          kind: "tensor".into(),
-          dtype: Some(t.dtype().name().into()),
-          shape: Some(dims(&t.size)),
+        Ok(ItemInfo::Tensor {
+          dtype: t.dtype().into(),
+          shape: dims(&t.size),
           nbytes: nbytes as f64,
           chunks: chunks
             .into_iter()
@@ -327,15 +326,7 @@ impl NativeCheckpoint {
       }
       ItemMetadata::Bytes => {
         let loc = ck.object_location(&key).map_err(to_js)?;
-        Ok(ItemInfo {
-          kind: "object".into(),
-          dtype: None,
-          shape: None,
-          nbytes: loc.length as f64,
-          chunks: Vec::new(),
-          files: vec![loc.relative_path],
-          key,
-        })
+        Ok(ItemInfo::Object { nbytes: loc.length as f64, files: vec![loc.relative_path], key })
       }
     }
   }
@@ -343,12 +334,20 @@ impl NativeCheckpoint {
   /// Each key's path in the original nested state dict (`planner_data`), as JSON `{key: [str|int, ...]}`, or
   /// null when the checkpoint has none.
   #[napi(catch_unwind)]
-  pub fn planner_paths_json(&self) -> napi::Result<Option<String>> {
+  pub fn planner_paths_json(&self) -> Result<Option<String>> {
     Ok(self.get()?.planner_paths_json())
   }
 
+  /// The nested state dict torch saved, as JSON leaves (indices into `keys()`), dicts and lists (see
+  /// `state_dict::nested_json`); rebuilt from `planner_data` by the core.
   #[napi(catch_unwind)]
-  pub fn summary(&self) -> napi::Result<CheckpointSummary> {
+  pub fn nested_json(&self) -> Result<String> {
+    let ck = self.get()?;
+    Ok(crate::state_dict::nested_json(&ck.nested().map_err(to_js)?).to_string())
+  }
+
+  #[napi(catch_unwind)]
+  pub fn summary(&self) -> Result<CheckpointSummary> {
     let ck = self.get()?;
     let s = ck.summary();
     Ok(CheckpointSummary {
@@ -362,7 +361,7 @@ impl NativeCheckpoint {
       files: s.files,
       has_planner_data: s.has_planner_data,
       has_storage_meta: s.has_storage_meta,
-      layout: s.layout.to_owned(),
+      layout: ck.layout.kind.into(),
       writer: s.writer,
       nemo_rl_weights: s.nemo_rl_weights,
       tokenizer_beside: s.tokenizer_beside,
@@ -377,7 +376,7 @@ impl NativeCheckpoint {
     key: String,
     offsets: Option<Vec<f64>>,
     sizes: Option<Vec<f64>>,
-  ) -> napi::Result<AsyncTask<ReadTask>> {
+  ) -> Result<AsyncTask<Job<ReadTask>>> {
     let ck = self.get()?;
     let region = self.region(&ck, &key, offsets, sizes)?;
     let dtype = ck.dtype(&key).map_err(to_js)?;
@@ -389,7 +388,7 @@ impl NativeCheckpoint {
         ck.root.display()
       )));
     }
-    Ok(AsyncTask::new(ReadTask { ck, key, region, len: bytes as usize }))
+    Ok(job(ReadTask { ck, key, region, len: bytes as usize }))
   }
 
   /// Reads a tensor (or a box of it) straight into `into`, which must hold exactly its bytes.
@@ -400,16 +399,16 @@ impl NativeCheckpoint {
     into: Uint8Array,
     offsets: Option<Vec<f64>>,
     sizes: Option<Vec<f64>>,
-  ) -> napi::Result<AsyncTask<ReadIntoTask>> {
+  ) -> Result<AsyncTask<Job<ReadIntoTask>>> {
     let ck = self.get()?;
     let region = self.region(&ck, &key, offsets, sizes)?;
-    Ok(AsyncTask::new(ReadIntoTask { ck, key, region, into }))
+    Ok(job(ReadIntoTask { ck, key, region, into }))
   }
 
   /// Reads a non-tensor value (encoded, see `src/values.ts`).
   #[napi(ts_return_type = "Promise<EncodedObject>")]
-  pub fn read_object(&self, key: String) -> napi::Result<AsyncTask<ReadObjectTask>> {
-    Ok(AsyncTask::new(ReadObjectTask { ck: self.get()?, key }))
+  pub fn read_object(&self, key: String) -> Result<AsyncTask<Job<ReadObjectTask>>> {
+    Ok(job(ReadObjectTask { ck: self.get()?, key }))
   }
 
   /// Drops the metadata and data-file mappings held by this handle (buffers already handed out stay valid).

@@ -2,11 +2,11 @@
 //! a cancel flag stops a large tensor between slabs).
 
 use crate::checkpoint::NativeCheckpoint;
-use crate::errors::{guarded, invalid_arg, to_js};
+use crate::errors::{invalid_arg, job, to_js, Job, Result, Work};
 use distcp_core::convert::{self, ConvertEntry, ConvertJob};
 use distcp_core::{Checkpoint, DType};
 use napi::bindgen_prelude::AsyncTask;
-use napi::{Env, Task};
+use napi::Env;
 use napi_derive::napi;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,7 +30,7 @@ fn plan_for(
   entries: Vec<ConvertEntryJs>,
   dtype: Option<String>,
   max_shard_size: f64,
-) -> napi::Result<convert::ConvertPlan> {
+) -> Result<convert::ConvertPlan> {
   let dtype = match dtype {
     Some(d) => Some(DType::from_name(&d).ok_or_else(|| invalid_arg(format!("unknown dtype `{d}`")))?),
     None => None,
@@ -50,7 +50,7 @@ pub fn plan_convert(
   entries: Vec<ConvertEntryJs>,
   dtype: Option<String>,
   max_shard_size: f64,
-) -> napi::Result<String> {
+) -> Result<String> {
   let ck = checkpoint.get()?;
   let plan = plan_for(&ck, entries, dtype, max_shard_size)?;
   serde_json::to_string(&plan).map_err(|e| invalid_arg(e.to_string()))
@@ -71,7 +71,7 @@ pub fn create_convert_job(
   dtype: Option<String>,
   max_shard_size: f64,
   dir: String,
-) -> napi::Result<NativeConvertJob> {
+) -> Result<NativeConvertJob> {
   let ck = checkpoint.get()?;
   let plan = plan_for(&ck, entries, dtype, max_shard_size)?;
   let job = ConvertJob::new(plan, dir);
@@ -91,28 +91,26 @@ pub struct WriteTensorTask {
   step: Step,
 }
 
-impl Task for WriteTensorTask {
+impl Work<'_> for WriteTensorTask {
   type Output = (f64, f64);
   type JsValue = TensorWrittenJs;
 
-  fn compute(&mut self) -> napi::Result<(f64, f64)> {
-    guarded(|| {
-      let mut job = self.job.lock().unwrap_or_else(|p| p.into_inner());
-      match self.step {
-        Step::Tensor(i) => {
-          let w = job.write_tensor(&self.ck, i as usize).map_err(to_js)?;
-          Ok((w.bytes as f64, w.kernel_copied as f64))
-        }
-        Step::Finish => {
-          job.finish().map_err(to_js)?;
-          Ok((0.0, 0.0))
-        }
-        Step::PytorchModelBin => Ok((job.write_pytorch_model_bin(&self.ck).map_err(to_js)? as f64, 0.0)),
+  fn compute(&mut self) -> Result<(f64, f64)> {
+    let mut job = self.job.lock().unwrap_or_else(|p| p.into_inner());
+    match self.step {
+      Step::Tensor(i) => {
+        let w = job.write_tensor(&self.ck, i as usize).map_err(to_js)?;
+        Ok((w.bytes as f64, w.kernel_copied as f64))
       }
-    })
+      Step::Finish => {
+        job.finish().map_err(to_js)?;
+        Ok((0.0, 0.0))
+      }
+      Step::PytorchModelBin => Ok((job.write_pytorch_model_bin(&self.ck).map_err(to_js)? as f64, 0.0)),
+    }
   }
 
-  fn resolve(&mut self, _env: Env, (bytes, kernel_copied): (f64, f64)) -> napi::Result<TensorWrittenJs> {
+  fn resolve(&mut self, _env: &Env, (bytes, kernel_copied): (f64, f64)) -> Result<TensorWrittenJs> {
     Ok(TensorWrittenJs { bytes, kernel_copied })
   }
 }
@@ -121,24 +119,20 @@ impl Task for WriteTensorTask {
 impl NativeConvertJob {
   /// Writes tensor `index` of the plan (the plan's `tensors` order).
   #[napi(ts_return_type = "Promise<TensorWrittenJs>")]
-  pub fn write_tensor(&self, index: u32) -> AsyncTask<WriteTensorTask> {
-    AsyncTask::new(WriteTensorTask { ck: self.ck.clone(), job: self.job.clone(), step: Step::Tensor(index) })
+  pub fn write_tensor(&self, index: u32) -> AsyncTask<Job<WriteTensorTask>> {
+    job(WriteTensorTask { ck: self.ck.clone(), job: self.job.clone(), step: Step::Tensor(index) })
   }
 
   /// Creates empty shards, writes the index, fsyncs every file.
   #[napi(ts_return_type = "Promise<TensorWrittenJs>")]
-  pub fn finish(&self) -> AsyncTask<WriteTensorTask> {
-    AsyncTask::new(WriteTensorTask { ck: self.ck.clone(), job: self.job.clone(), step: Step::Finish })
+  pub fn finish(&self) -> AsyncTask<Job<WriteTensorTask>> {
+    job(WriteTensorTask { ck: self.ck.clone(), job: self.job.clone(), step: Step::Finish })
   }
 
   /// Writes `pytorch_model.bin` (the seed's single torch.save file) instead of safetensors shards.
   #[napi(ts_return_type = "Promise<TensorWrittenJs>")]
-  pub fn write_pytorch_model_bin(&self) -> AsyncTask<WriteTensorTask> {
-    AsyncTask::new(WriteTensorTask {
-      ck: self.ck.clone(),
-      job: self.job.clone(),
-      step: Step::PytorchModelBin,
-    })
+  pub fn write_pytorch_model_bin(&self) -> AsyncTask<Job<WriteTensorTask>> {
+    job(WriteTensorTask { ck: self.ck.clone(), job: self.job.clone(), step: Step::PytorchModelBin })
   }
 
   /// Stops the tensor being written at its next slab; later writes fail with ERR_DISTCP_ABORTED.
@@ -154,15 +148,15 @@ pub struct EqualTask {
   b: String,
 }
 
-impl Task for EqualTask {
+impl Work<'_> for EqualTask {
   type Output = bool;
   type JsValue = bool;
 
-  fn compute(&mut self) -> napi::Result<bool> {
-    guarded(|| convert::tensors_equal(&self.ck, &self.a, &self.b).map_err(to_js))
+  fn compute(&mut self) -> Result<bool> {
+    convert::tensors_equal(&self.ck, &self.a, &self.b).map_err(to_js)
   }
 
-  fn resolve(&mut self, _env: Env, v: bool) -> napi::Result<bool> {
+  fn resolve(&mut self, _env: &Env, v: bool) -> Result<bool> {
     Ok(v)
   }
 }
@@ -173,8 +167,8 @@ pub fn tensors_equal(
   checkpoint: &NativeCheckpoint,
   a: String,
   b: String,
-) -> napi::Result<AsyncTask<EqualTask>> {
-  Ok(AsyncTask::new(EqualTask { ck: checkpoint.get()?, a, b }))
+) -> Result<AsyncTask<Job<EqualTask>>> {
+  Ok(job(EqualTask { ck: checkpoint.get()?, a, b }))
 }
 
 /// Parses a size like "5GB", "500MB", "2GiB" or "123" into bytes; null if it is not one.
@@ -189,7 +183,7 @@ fn paths(v: Vec<String>) -> Vec<std::path::PathBuf> {
 
 /// Refuses an output folder that is, contains or lies inside one of `inputs` (ERR_DISTCP_OUTPUT_OVERLAPS_INPUT).
 #[napi(catch_unwind)]
-pub fn check_convert_output(out: String, inputs: Vec<String>) -> napi::Result<()> {
+pub fn check_convert_output(out: String, inputs: Vec<String>) -> Result<()> {
   distcp_core::commit::check_output_path(std::path::Path::new(&out), &paths(inputs)).map_err(to_js)
 }
 
@@ -204,7 +198,7 @@ pub struct NativeConvertOutput {
 /// Locks `out` (created if needed), finishes or removes a dead writer's leftovers and stages a temporary folder.
 /// Fails with ERR_DISTCP_LOCKED while another process writes there.
 #[napi(catch_unwind)]
-pub fn begin_convert_output(out: String, inputs: Vec<String>) -> napi::Result<NativeConvertOutput> {
+pub fn begin_convert_output(out: String, inputs: Vec<String>) -> Result<NativeConvertOutput> {
   let staged =
     distcp_core::commit::stage_output(std::path::Path::new(&out), &paths(inputs)).map_err(to_js)?;
   let tmp = staged.tmp_dir().to_string_lossy().into_owned();
@@ -221,7 +215,7 @@ impl NativeConvertOutput {
 
   /// Moves the staged files into the output folder and removes the earlier output's stale weights.
   #[napi(catch_unwind)]
-  pub fn commit(&self) -> napi::Result<()> {
+  pub fn commit(&self) -> Result<()> {
     let staged = self.staged.lock().unwrap_or_else(|p| p.into_inner()).take();
     match staged {
       Some(s) => convert::commit_output(s).map_err(to_js),

@@ -2,18 +2,14 @@
 //! scheduling only; the pipeline lives in distcp-cuda.
 
 use crate::checkpoint::NativeCheckpoint;
-use crate::errors::guarded;
+use crate::errors::{cuda_js, invalid_arg, job, Job, Result, Work};
 use distcp_core::plan::Region;
 use distcp_core::{Checkpoint, DType};
 use distcp_cuda::{CudaError, DeviceBuffer};
 use napi::bindgen_prelude::{AsyncTask, BigInt, Buffer};
-use napi::{Env, Error, Status, Task};
+use napi::Env;
 use napi_derive::napi;
 use std::sync::{Arc, Mutex};
-
-fn cuda_js(e: CudaError) -> Error {
-  Error::new(Status::GenericFailure, format!("[{}] {}", e.code(), e))
-}
 
 #[napi(object)]
 pub struct NativeCudaDevice {
@@ -69,7 +65,7 @@ pub struct NativeDeviceBuffer {
 }
 
 impl NativeDeviceBuffer {
-  fn live(&self) -> napi::Result<()> {
+  fn live(&self) -> Result<()> {
     match self.buf.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
       Some(_) => Ok(()),
       None => Err(cuda_js(CudaError::Disposed)),
@@ -81,7 +77,7 @@ impl NativeDeviceBuffer {
 impl NativeDeviceBuffer {
   /// Device address of the first byte (throws ERR_DISTCP_DISPOSED after dispose()).
   #[napi(getter)]
-  pub fn ptr(&self) -> napi::Result<BigInt> {
+  pub fn ptr(&self) -> Result<BigInt> {
     self.live()?;
     Ok(BigInt::from(self.ptr))
   }
@@ -110,9 +106,9 @@ impl NativeDeviceBuffer {
 
   /// Copies the bytes back to a new host Buffer (on a worker thread, through pinned staging).
   #[napi(ts_return_type = "Promise<Buffer>")]
-  pub fn to_host(&self) -> napi::Result<AsyncTask<ToHostTask>> {
+  pub fn to_host(&self) -> Result<AsyncTask<Job<ToHostTask>>> {
     self.live()?;
-    Ok(AsyncTask::new(ToHostTask { buf: self.buf.clone() }))
+    Ok(job(ToHostTask { buf: self.buf.clone() }))
   }
 }
 
@@ -120,23 +116,21 @@ pub struct ToHostTask {
   buf: Arc<Mutex<Option<DeviceBuffer>>>,
 }
 
-impl Task for ToHostTask {
+impl Work<'_> for ToHostTask {
   type Output = Vec<u8>;
   type JsValue = Buffer;
 
-  fn compute(&mut self) -> napi::Result<Vec<u8>> {
-    guarded(|| {
-      // held for the copy, so a concurrent dispose() waits instead of freeing memory being read
-      let guard = self.buf.lock().unwrap_or_else(|p| p.into_inner());
-      let b = guard.as_ref().ok_or_else(|| cuda_js(CudaError::Disposed))?;
-      let mut out =
-        vec![0u8; usize::try_from(b.len()).map_err(|_| cuda_js(CudaError::BadRequest("too large".into())))?];
-      distcp_cuda::download(b.device().index, b.ptr(), &mut out).map_err(cuda_js)?;
-      Ok(out)
-    })
+  fn compute(&mut self) -> Result<Vec<u8>> {
+    // held for the copy, so a concurrent dispose() waits instead of freeing memory being read
+    let guard = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+    let b = guard.as_ref().ok_or_else(|| cuda_js(CudaError::Disposed))?;
+    let mut out =
+      vec![0u8; usize::try_from(b.len()).map_err(|_| cuda_js(CudaError::BadRequest("too large".into())))?];
+    distcp_cuda::download(b.device().index, b.ptr(), &mut out).map_err(cuda_js)?;
+    Ok(out)
   }
 
-  fn resolve(&mut self, _env: Env, out: Vec<u8>) -> napi::Result<Buffer> {
+  fn resolve(&mut self, _env: &Env, out: Vec<u8>) -> Result<Buffer> {
     Ok(out.into())
   }
 }
@@ -149,18 +143,16 @@ pub struct ReadDeviceTask {
   dtype: Option<DType>,
 }
 
-impl Task for ReadDeviceTask {
+impl Work<'_> for ReadDeviceTask {
   type Output = DeviceBuffer;
   type JsValue = NativeDeviceBuffer;
 
-  fn compute(&mut self) -> napi::Result<DeviceBuffer> {
-    guarded(|| {
-      distcp_cuda::read_to_device(&self.ck, &self.key, &self.region, self.device as usize, self.dtype)
-        .map_err(cuda_js)
-    })
+  fn compute(&mut self) -> Result<DeviceBuffer> {
+    distcp_cuda::read_to_device(&self.ck, &self.key, &self.region, self.device as usize, self.dtype)
+      .map_err(cuda_js)
   }
 
-  fn resolve(&mut self, _env: Env, buf: DeviceBuffer) -> napi::Result<NativeDeviceBuffer> {
+  fn resolve(&mut self, _env: &Env, buf: DeviceBuffer) -> Result<NativeDeviceBuffer> {
     Ok(NativeDeviceBuffer {
       ptr: buf.ptr(),
       len: buf.len(),
@@ -180,39 +172,32 @@ pub struct ReadIntoDeviceTask {
   dtype: Option<DType>,
 }
 
-impl Task for ReadIntoDeviceTask {
+impl Work<'_> for ReadIntoDeviceTask {
   type Output = ();
   type JsValue = ();
 
-  fn compute(&mut self) -> napi::Result<()> {
-    guarded(|| {
-      let (ck, key, region) = (&self.ck, self.key.as_str(), &self.region);
-      distcp_cuda::read_into_device(ck, key, region, self.device as usize, self.ptr, self.len, self.dtype)
-        .map_err(cuda_js)
-    })
+  fn compute(&mut self) -> Result<()> {
+    let (ck, key, region) = (&self.ck, self.key.as_str(), &self.region);
+    distcp_cuda::read_into_device(ck, key, region, self.device as usize, self.ptr, self.len, self.dtype)
+      .map_err(cuda_js)
   }
 
-  fn resolve(&mut self, _env: Env, _: ()) -> napi::Result<()> {
+  fn resolve(&mut self, _env: &Env, _: ()) -> Result<()> {
     Ok(())
   }
 }
 
-fn device_ptr(ptr: &BigInt) -> napi::Result<u64> {
+fn device_ptr(ptr: &BigInt) -> Result<u64> {
   match ptr.words.as_slice() {
     [] => Ok(0),
     [w] if !ptr.sign_bit => Ok(*w),
-    _ => {
-      Err(crate::errors::invalid_arg("`into.ptr` must be a device address (a non-negative 64-bit bigint)"))
-    }
+    _ => Err(invalid_arg("`into.ptr` must be a device address (a non-negative 64-bit bigint)")),
   }
 }
 
-fn wanted_dtype(dtype: Option<String>) -> napi::Result<Option<DType>> {
+fn wanted_dtype(dtype: Option<String>) -> Result<Option<DType>> {
   dtype
-    .map(|d| {
-      DType::from_name(&d)
-        .ok_or_else(|| crate::errors::invalid_arg(format!("`dtype` '{d}' is not a torch dtype")))
-    })
+    .map(|d| DType::from_name(&d).ok_or_else(|| invalid_arg(format!("`dtype` '{d}' is not a torch dtype"))))
     .transpose()
 }
 
@@ -225,11 +210,11 @@ pub fn read_to_device(
   offsets: Option<Vec<f64>>,
   sizes: Option<Vec<f64>>,
   dtype: Option<String>,
-) -> napi::Result<AsyncTask<ReadDeviceTask>> {
+) -> Result<AsyncTask<Job<ReadDeviceTask>>> {
   let ck_ = ck.get()?;
   let region = ck.region(&ck_, &key, offsets, sizes)?;
   let dtype = wanted_dtype(dtype)?;
-  Ok(AsyncTask::new(ReadDeviceTask { ck: ck_, key, region, device, dtype }))
+  Ok(job(ReadDeviceTask { ck: ck_, key, region, device, dtype }))
 }
 
 /// Reads a tensor (or a box) into the caller's device memory `ptr .. ptr + byteLength` on `cuda:device`.
@@ -245,17 +230,15 @@ pub fn read_into_device(
   offsets: Option<Vec<f64>>,
   sizes: Option<Vec<f64>>,
   dtype: Option<String>,
-) -> napi::Result<AsyncTask<ReadIntoDeviceTask>> {
+) -> Result<AsyncTask<Job<ReadIntoDeviceTask>>> {
   let ck_ = ck.get()?;
   let region = ck.region(&ck_, &key, offsets, sizes)?;
   let ptr = device_ptr(&ptr)?;
   let dtype = wanted_dtype(dtype)?;
   if !(byte_length >= 0.0 && byte_length.fract() == 0.0 && byte_length <= 9_007_199_254_740_991.0) {
-    return Err(crate::errors::invalid_arg(format!(
-      "`into.byteLength` must be a byte count, got {byte_length}"
-    )));
+    return Err(invalid_arg(format!("`into.byteLength` must be a byte count, got {byte_length}")));
   }
-  Ok(AsyncTask::new(ReadIntoDeviceTask { ck: ck_, key, region, device, ptr, len: byte_length as u64, dtype }))
+  Ok(job(ReadIntoDeviceTask { ck: ck_, key, region, device, ptr, len: byte_length as u64, dtype }))
 }
 
 pub struct CopyFromDeviceTask {
@@ -264,19 +247,17 @@ pub struct CopyFromDeviceTask {
   len: usize,
 }
 
-impl Task for CopyFromDeviceTask {
+impl Work<'_> for CopyFromDeviceTask {
   type Output = Vec<u8>;
   type JsValue = Buffer;
 
-  fn compute(&mut self) -> napi::Result<Vec<u8>> {
-    guarded(|| {
-      let mut out = vec![0u8; self.len];
-      distcp_cuda::download_checked(self.device as usize, self.ptr, &mut out).map_err(cuda_js)?;
-      Ok(out)
-    })
+  fn compute(&mut self) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; self.len];
+    distcp_cuda::download_checked(self.device as usize, self.ptr, &mut out).map_err(cuda_js)?;
+    Ok(out)
   }
 
-  fn resolve(&mut self, _env: Env, out: Vec<u8>) -> napi::Result<Buffer> {
+  fn resolve(&mut self, _env: &Env, out: Vec<u8>) -> Result<Buffer> {
     Ok(out.into())
   }
 }
@@ -287,12 +268,12 @@ pub fn copy_from_device(
   device: u32,
   ptr: BigInt,
   byte_length: f64,
-) -> napi::Result<AsyncTask<CopyFromDeviceTask>> {
+) -> Result<AsyncTask<Job<CopyFromDeviceTask>>> {
   let ptr = device_ptr(&ptr)?;
   if !(byte_length >= 0.0 && byte_length.fract() == 0.0 && byte_length < (1u64 << 32) as f64) {
-    return Err(crate::errors::invalid_arg(format!(
+    return Err(invalid_arg(format!(
       "byteLength must be a byte count below 4 GiB (one Node buffer), got {byte_length}"
     )));
   }
-  Ok(AsyncTask::new(CopyFromDeviceTask { device, ptr, len: byte_length as usize }))
+  Ok(job(CopyFromDeviceTask { device, ptr, len: byte_length as usize }))
 }

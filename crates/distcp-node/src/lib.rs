@@ -7,15 +7,16 @@ mod background;
 mod checkpoint;
 mod convert;
 mod cuda;
+mod enums;
 mod errors;
 mod ranks;
 mod save;
 mod state_dict;
-mod values;
 
 pub use checkpoint::*;
 pub use convert::*;
 pub use cuda::*;
+pub use enums::*;
 pub use ranks::*;
 pub use save::*;
 pub use state_dict::*;
@@ -25,9 +26,9 @@ pub use state_dict::*;
 #[napi_derive::napi(catch_unwind, ts_return_type = "Promise<void> | null")]
 pub fn panic_for_test(
   where_: String,
-) -> napi::Result<Option<napi::bindgen_prelude::AsyncTask<errors::PanicTask>>> {
+) -> errors::Result<Option<napi::bindgen_prelude::AsyncTask<errors::Job<errors::PanicTask>>>> {
   if where_ == "sync" {
     panic!("deliberate panic for the no-panic-crosses-into-Node test");
   }
-  Ok(Some(napi::bindgen_prelude::AsyncTask::new(errors::PanicTask)))
+  Ok(Some(errors::job(errors::PanicTask)))
 }

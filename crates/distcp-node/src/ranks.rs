@@ -7,7 +7,7 @@
 //!   planner: [[key, [str | int, …]], …], storage: […], version: str | null }`;
 //! - a planner path (from `flattenStateDictKeys`): `[str | int, …]` (dict key, list index).
 
-use crate::errors::{guarded, to_js};
+use crate::errors::{closed, invalid_input as bad, job, to_js, Job, Result, Work};
 use distcp_core::dtype::DType;
 use distcp_core::metadata::{
   Chunk, ItemMetadata, PathElem, StorageInfo, StorageKey, TensorMetadata, TensorProperties,
@@ -15,18 +15,14 @@ use distcp_core::metadata::{
 use distcp_core::write::ranks::{write_rank_data, PlannedItem, RanksMetadata, RanksSave};
 use distcp_core::write::{from_tagged_json, Layout};
 use napi::bindgen_prelude::{AsyncTask, Uint8Array};
-use napi::{Env, Error, Status, Task};
+use napi::Env;
 use napi_derive::napi;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 
 const SHARD_METADATA: &str = "torch.distributed._shard.sharded_tensor.metadata";
 
-fn bad(msg: impl std::fmt::Display) -> Error {
-  Error::new(Status::InvalidArg, format!("[ERR_DISTCP_INVALID_INPUT] {msg}"))
-}
-
-fn layout_of(name: Option<String>) -> napi::Result<Layout> {
+fn layout_of(name: Option<String>) -> Result<Layout> {
   match name {
     None => Ok(Layout::Torch24),
     Some(l) => {
@@ -35,27 +31,27 @@ fn layout_of(name: Option<String>) -> napi::Result<Layout> {
   }
 }
 
-fn parse(what: &str, s: &str) -> napi::Result<Value> {
+fn parse(what: &str, s: &str) -> Result<Value> {
   serde_json::from_str(s).map_err(|e| bad(format!("{what}: {e}")))
 }
 
-fn arr<'v>(v: &'v Value, what: &str) -> napi::Result<&'v Vec<Value>> {
+fn arr<'v>(v: &'v Value, what: &str) -> Result<&'v Vec<Value>> {
   v.as_array().ok_or_else(|| bad(format!("{what}: expected an array")))
 }
 
-fn string(v: &Value, what: &str) -> napi::Result<String> {
+fn string(v: &Value, what: &str) -> Result<String> {
   v.as_str().map(str::to_owned).ok_or_else(|| bad(format!("{what}: expected a string")))
 }
 
-fn uint(v: &Value, what: &str) -> napi::Result<u64> {
+fn uint(v: &Value, what: &str) -> Result<u64> {
   v.as_u64().ok_or_else(|| bad(format!("{what}: expected a non-negative integer")))
 }
 
-fn dims(v: &Value, what: &str) -> napi::Result<Vec<u64>> {
+fn dims(v: &Value, what: &str) -> Result<Vec<u64>> {
   arr(v, what)?.iter().map(|d| uint(d, what)).collect()
 }
 
-fn offsets(v: &Value, what: &str) -> napi::Result<Option<Vec<u64>>> {
+fn offsets(v: &Value, what: &str) -> Result<Option<Vec<u64>>> {
   if v.is_null() {
     Ok(None)
   } else {
@@ -63,7 +59,7 @@ fn offsets(v: &Value, what: &str) -> napi::Result<Option<Vec<u64>>> {
   }
 }
 
-fn storage_from_json(v: &Value) -> napi::Result<Vec<(StorageKey, StorageInfo)>> {
+fn storage_from_json(v: &Value) -> Result<Vec<(StorageKey, StorageInfo)>> {
   arr(v, "storage")?
     .iter()
     .map(|e| {
@@ -89,7 +85,7 @@ fn storage_to_json(s: &[(StorageKey, StorageInfo)]) -> String {
     .to_string()
 }
 
-fn path_from_json(v: &Value) -> napi::Result<Vec<PathElem>> {
+fn path_from_json(v: &Value) -> Result<Vec<PathElem>> {
   arr(v, "planner path")?
     .iter()
     .map(|e| match e {
@@ -109,24 +105,21 @@ pub struct RankWriteTask {
   layout: Layout,
 }
 
-impl Task for RankWriteTask {
+impl Work<'_> for RankWriteTask {
   type Output = String;
   type JsValue = String;
 
-  fn compute(&mut self) -> napi::Result<String> {
-    guarded(|| {
-      let json = parse(&self.dir, &self.tree)?;
-      // the buffers are the save's own copies (src/save.ts `owned`), alive until the promise settles
-      let slices: Vec<&[u8]> = self.buffers.iter().map(|b| &**b).collect();
-      let value = from_tagged_json(&json, &slices).map_err(|e| bad(format!("{}: {e}", self.dir)))?;
-      let storage =
-        write_rank_data(self.dir.as_ref(), &self.file_name, &value, self.layout, &self.plan, true)
-          .map_err(to_js)?;
-      Ok(storage_to_json(&storage))
-    })
+  fn compute(&mut self) -> Result<String> {
+    let json = parse(&self.dir, &self.tree)?;
+    // the buffers are the save's own copies (src/save.ts `owned`), alive until the promise settles
+    let slices: Vec<&[u8]> = self.buffers.iter().map(|b| &**b).collect();
+    let value = from_tagged_json(&json, &slices).map_err(|e| bad(format!("{}: {e}", self.dir)))?;
+    let storage = write_rank_data(self.dir.as_ref(), &self.file_name, &value, self.layout, &self.plan, true)
+      .map_err(to_js)?;
+    Ok(storage_to_json(&storage))
   }
 
-  fn resolve(&mut self, _env: Env, s: String) -> napi::Result<String> {
+  fn resolve(&mut self, _env: &Env, s: String) -> Result<String> {
     Ok(s)
   }
 }
@@ -141,7 +134,7 @@ pub fn write_rank_data_file(
   buffers: Vec<Uint8Array>,
   plan: String,
   layout: Option<String>,
-) -> napi::Result<AsyncTask<RankWriteTask>> {
+) -> Result<AsyncTask<Job<RankWriteTask>>> {
   let layout = layout_of(layout)?;
   let plan = arr(&parse("plan", &plan)?, "plan")?
     .iter()
@@ -152,11 +145,11 @@ pub fn write_rank_data_file(
         _ => Err(bad("plan item: expected [key, offsets]")),
       }
     })
-    .collect::<napi::Result<Vec<_>>>()?;
-  Ok(AsyncTask::new(RankWriteTask { dir, file_name, tree, buffers, plan, layout }))
+    .collect::<Result<Vec<_>>>()?;
+  Ok(job(RankWriteTask { dir, file_name, tree, buffers, plan, layout }))
 }
 
-fn metadata_from_json(v: &Value) -> napi::Result<RanksMetadata> {
+fn metadata_from_json(v: &Value) -> Result<RanksMetadata> {
   let items = arr(&v["items"], "items")?
     .iter()
     .map(|e| {
@@ -176,7 +169,7 @@ fn metadata_from_json(v: &Value) -> napi::Result<RanksMetadata> {
           let [o, s] = c.as_slice() else { return Err(bad("chunk: expected [offsets, sizes]")) };
           Ok(Chunk { offsets: dims(o, "chunk offsets")?, sizes: dims(s, "chunk sizes")? })
         })
-        .collect::<napi::Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>>>()?;
       let properties = TensorProperties {
         dtype,
         requires_grad: false,
@@ -185,7 +178,7 @@ fn metadata_from_json(v: &Value) -> napi::Result<RanksMetadata> {
       };
       Ok((key, ItemMetadata::Tensor(TensorMetadata { properties, size: dims(&m["size"], "size")?, chunks })))
     })
-    .collect::<napi::Result<Vec<_>>>()?;
+    .collect::<Result<Vec<_>>>()?;
   let planner_data = arr(&v["planner"], "planner")?
     .iter()
     .map(|e| {
@@ -193,7 +186,7 @@ fn metadata_from_json(v: &Value) -> napi::Result<RanksMetadata> {
       let [k, p] = e.as_slice() else { return Err(bad("planner entry: expected [key, path]")) };
       Ok((string(k, "planner key")?, path_from_json(p)?))
     })
-    .collect::<napi::Result<Vec<_>>>()?;
+    .collect::<Result<Vec<_>>>()?;
   let storage = storage_from_json(&v["storage"])?;
   let version = if v["version"].is_null() { None } else { Some(string(&v["version"], "version")?) };
   Ok(RanksMetadata { items, planner_data, storage, version })
@@ -213,21 +206,19 @@ pub struct RanksCommitTask {
   metadata: Option<RanksMetadata>,
 }
 
-impl Task for RanksCommitTask {
+impl Work<'_> for RanksCommitTask {
   type Output = f64;
   type JsValue = f64;
 
-  fn compute(&mut self) -> napi::Result<f64> {
-    guarded(|| {
-      let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-      let (Some(s), Some(md)) = (guard.as_ref(), self.metadata.take()) else {
-        return Err(Error::new(Status::GenericFailure, "[ERR_DISTCP_CLOSED] the save was already released"));
-      };
-      s.commit(&md, true).map(|n| n as f64).map_err(to_js)
-    })
+  fn compute(&mut self) -> Result<f64> {
+    let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+    let (Some(s), Some(md)) = (guard.as_ref(), self.metadata.take()) else {
+      return Err(closed("the save was already released"));
+    };
+    s.commit(&md, true).map(|n| n as f64).map_err(to_js)
   }
 
-  fn resolve(&mut self, _env: Env, n: f64) -> napi::Result<f64> {
+  fn resolve(&mut self, _env: &Env, n: f64) -> Result<f64> {
     Ok(n)
   }
 }
@@ -236,41 +227,41 @@ impl Task for RanksCommitTask {
 impl RanksSaveHandle {
   /// Creates the folder, takes its lock (`ERR_DISTCP_LOCKED`), removes a dead writer's leftovers.
   #[napi(factory, catch_unwind)]
-  pub fn begin(dir: String, world_size: u32) -> napi::Result<RanksSaveHandle> {
+  pub fn begin(dir: String, world_size: u32) -> Result<RanksSaveHandle> {
     let save = RanksSave::begin(&dir, world_size as usize).map_err(to_js)?;
     Ok(RanksSaveHandle { inner: Arc::new(Mutex::new(Some(save))) })
   }
 
-  fn with<T>(&self, f: impl FnOnce(&RanksSave) -> napi::Result<T>) -> napi::Result<T> {
+  fn with<T>(&self, f: impl FnOnce(&RanksSave) -> Result<T>) -> Result<T> {
     let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
     match guard.as_ref() {
       Some(s) => f(s),
-      None => Err(Error::new(Status::GenericFailure, "[ERR_DISTCP_CLOSED] the save was already released")),
+      None => Err(closed("the save was already released")),
     }
   }
 
   /// The file each rank writes, by rank.
   #[napi(catch_unwind)]
-  pub fn file_names(&self, world_size: u32) -> napi::Result<Vec<String>> {
+  pub fn file_names(&self, world_size: u32) -> Result<Vec<String>> {
     self.with(|s| Ok((0..world_size as usize).map(|r| s.file_name(r)).collect()))
   }
 
   /// Whether something was at the path before (the ranks write temporary names).
   #[napi(catch_unwind)]
-  pub fn replacing(&self) -> napi::Result<bool> {
+  pub fn replacing(&self) -> Result<bool> {
     self.with(|s| Ok(s.replacing))
   }
 
   /// Commits the merged `.metadata` (JSON, see the module docs) on a worker thread; resolves to its size in bytes.
   #[napi(catch_unwind, ts_return_type = "Promise<number>")]
-  pub fn commit(&self, metadata: String) -> napi::Result<AsyncTask<RanksCommitTask>> {
+  pub fn commit(&self, metadata: String) -> Result<AsyncTask<Job<RanksCommitTask>>> {
     let md = metadata_from_json(&parse("metadata", &metadata)?)?;
-    Ok(AsyncTask::new(RanksCommitTask { inner: Arc::clone(&self.inner), metadata: Some(md) }))
+    Ok(job(RanksCommitTask { inner: Arc::clone(&self.inner), metadata: Some(md) }))
   }
 
   /// Removes the files this save named (after a failure); the previous checkpoint is untouched.
   #[napi(catch_unwind)]
-  pub fn abort(&self) -> napi::Result<()> {
+  pub fn abort(&self) -> Result<()> {
     self.with(|s| {
       s.abort();
       Ok(())

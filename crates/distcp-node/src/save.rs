@@ -1,19 +1,15 @@
 //! `writeStateDict` (the native half of `save`; `saveCheckpoint` is the NeMo-style API in TypeScript): writes a DCP checkpoint on a worker thread. The state dict arrives as tagged JSON (the tags
-//! `distcp_core::write::from_tagged_json` documents, the same ones `values.rs` uses for reading) plus the
+//! `distcp_core::value::from_tagged_json` documents: the codec reads are encoded with) plus the
 //! caller's buffers, referenced (not copied) until the promise settles.
 
 use crate::background::at_background_priority;
-use crate::errors::{guarded, to_js};
+use crate::errors::{guarded, internal, invalid_input, job, to_js, Error, Job, Result, Work};
 use distcp_core::write::save::{BytesReady, FailPoint};
 use distcp_core::write::{from_tagged_json, save, Layout, SaveOptions, SaveSummary};
 use napi::bindgen_prelude::{ArrayBuffer, AsyncTask, Uint8Array};
-use napi::{Env, Error, Status, Task};
+use napi::Env;
 use napi_derive::napi;
 use std::sync::{Arc, Condvar, Mutex};
-
-fn invalid_input(msg: impl std::fmt::Display) -> Error {
-  Error::new(Status::InvalidArg, format!("[ERR_DISTCP_INVALID_INPUT] {msg}"))
-}
 
 #[napi(object)]
 pub struct NativeSaveOptions {
@@ -123,29 +119,27 @@ impl StagingGate {
   }
 }
 
-impl Task for SaveTask {
+impl Work<'_> for SaveTask {
   type Output = SaveSummary;
   type JsValue = SaveResult;
 
-  fn compute(&mut self) -> napi::Result<SaveSummary> {
-    guarded(|| {
-      let json: serde_json::Value =
-        serde_json::from_str(&self.tree).map_err(|e| invalid_input(format!("{}: {e}", self.dir)))?;
-      // the caller promised not to touch these buffers until the promise settles (see `save` in src/save.ts);
-      // the Uint8Array references keep their memory alive meanwhile
-      let slices: Vec<&[u8]> = self.buffers.iter().map(|b| &**b).collect();
-      let value =
-        from_tagged_json(&json, &slices).map_err(|e| invalid_input(format!("{}: {e}", self.dir)))?;
-      let write = || save(&self.dir, &value, &self.options).map_err(to_js);
-      if self.background {
-        at_background_priority(write)
-      } else {
-        write()
-      }
-    })
+  fn compute(&mut self) -> Result<SaveSummary> {
+    let json: serde_json::Value =
+      serde_json::from_str(&self.tree).map_err(|e| invalid_input(format!("{}: {e}", self.dir)))?;
+    // the caller promised not to touch these buffers until the promise settles (see `save` in src/save.ts);
+    // the Uint8Array references keep their memory alive meanwhile
+    let slices: Vec<&[u8]> = self.buffers.iter().map(|b| &**b).collect();
+    let value = from_tagged_json(&json, &slices).map_err(|e| invalid_input(format!("{}: {e}", self.dir)))?;
+    let write = || save(&self.dir, &value, &self.options).map_err(to_js);
+    // a panic on the background thread is re-raised here, where the Job's guard catches it
+    if self.background {
+      at_background_priority(write)
+    } else {
+      write()
+    }
   }
 
-  fn resolve(&mut self, _env: Env, s: SaveSummary) -> napi::Result<SaveResult> {
+  fn resolve(&mut self, _env: &Env, s: SaveSummary) -> Result<SaveResult> {
     Ok(SaveResult {
       keys: s.keys,
       tensors: s.tensors as u32,
@@ -168,7 +162,7 @@ pub fn write_state_dict(
   buffers: Vec<Uint8Array>,
   options: Option<NativeSaveOptions>,
   gate: Option<&StagingGate>,
-) -> napi::Result<AsyncTask<SaveTask>> {
+) -> Result<AsyncTask<Job<SaveTask>>> {
   let mut opts = SaveOptions::default();
   let background = options.as_ref().and_then(|o| o.background).unwrap_or(false);
   if let Some(g) = gate {
@@ -193,26 +187,22 @@ pub fn write_state_dict(
       opts.fail_at = Some((point, o.fail_abort.unwrap_or(false)));
     }
   }
-  Ok(AsyncTask::new(SaveTask { dir, tree, buffers, options: opts, background }))
+  Ok(job(SaveTask { dir, tree, buffers, options: opts, background }))
 }
 
 /// Staging memory for `save` (src/staging.ts): `len` bytes of anonymous memory with every page already faulted in
 /// ([`distcp_core::copy::alloc_host`]), as an ArrayBuffer that unmaps it when collected. A fresh `ArrayBuffer`
 /// would take one page fault per 4 KiB during the copy, which costs more than the copy.
 #[napi(ts_return_type = "ArrayBuffer")]
-pub fn alloc_staging(env: &Env, len: f64) -> napi::Result<ArrayBuffer<'_>> {
+pub fn alloc_staging(env: &Env, len: f64) -> Result<ArrayBuffer<'_>> {
   if !((1.0..=9_007_199_254_740_991.0).contains(&len) && len.fract() == 0.0) {
     return Err(invalid_input(format!("staging size must be a positive integer, not {len}")));
   }
   let n =
     usize::try_from(len as u64).map_err(|_| invalid_input(format!("staging size {len} is too large")))?;
   let mut map = guarded(|| {
-    distcp_core::copy::alloc_host(n).map_err(|e| {
-      Error::new(
-        Status::GenericFailure,
-        format!("[ERR_DISTCP_IO] cannot map {n} bytes of staging memory: {e}"),
-      )
-    })
+    distcp_core::copy::alloc_host(n)
+      .map_err(|e| Error::new("ERR_DISTCP_IO", format!("cannot map {n} bytes of staging memory: {e}")))
   })?;
   let ptr = map.as_mut_ptr();
   // V8 does not see this memory: say how much it is, so that garbage collection weighs dropped blocks
@@ -223,6 +213,7 @@ pub fn alloc_staging(env: &Env, len: f64) -> napi::Result<ArrayBuffer<'_>> {
       let _ = env.adjust_external_memory(-(n as i64));
       drop(m)
     })
+    .map_err(internal)
   }
 }
 
@@ -239,7 +230,7 @@ pub struct FolderLock {
 impl FolderLock {
   /// Takes the lock of folder `dir` (which must exist); `ERR_DISTCP_LOCKED` when another writer holds it.
   #[napi(factory)]
-  pub fn acquire(dir: String) -> napi::Result<FolderLock> {
+  pub fn acquire(dir: String) -> Result<FolderLock> {
     guarded(|| {
       let lock = distcp_core::commit::DirLock::acquire(std::path::Path::new(&dir)).map_err(to_js)?;
       Ok(FolderLock { inner: Some(lock) })
@@ -267,6 +258,6 @@ pub fn commit_writer_is_dead(name: String, prefix: String) -> bool {
 
 /// fsyncs a folder, so that renames and removals in it are durable.
 #[napi]
-pub fn commit_sync_dir(dir: String) -> napi::Result<()> {
+pub fn commit_sync_dir(dir: String) -> Result<()> {
   guarded(|| distcp_core::commit::sync_dir(std::path::Path::new(&dir)).map_err(to_js))
 }

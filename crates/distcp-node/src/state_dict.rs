@@ -1,9 +1,9 @@
 //! State-dict rules the TypeScript layer needs without saving: torch's flattening (flat keys and where each leaf
 //! sits). The rules themselves live in `distcp_core::write::flatten`; this converts and returns.
 
+use crate::errors::{invalid_input as invalid, Result};
 use distcp_core::metadata::PathElem;
-use distcp_core::write::{flatten, from_tagged_json, Layout, SaveValue};
-use napi::{Error, Status};
+use distcp_core::write::{flatten, from_tagged_json, Layout, Nested, SaveValue};
 use napi_derive::napi;
 use serde_json::{json, Value};
 
@@ -15,10 +15,6 @@ pub struct FlatKey {
   pub positions: Vec<u32>,
   pub planner_path: String,
   pub tensor: bool,
-}
-
-fn invalid(msg: impl std::fmt::Display) -> Error {
-  Error::new(Status::InvalidArg, format!("[ERR_DISTCP_INVALID_INPUT] {msg}"))
 }
 
 /// A `planner_data` path as JSON: `[str | int, …]` (dict key, list index). Read back by `ranks.rs`.
@@ -36,11 +32,7 @@ pub(crate) fn planner_path_json(p: &[PathElem]) -> Value {
 /// torch's `flatten_state_dict` over `tree` (the tagged JSON `save` sends, whose `$tensor` entries index
 /// `tensorCount` placeholder slots: only which leaves are tensors matters here), in torch's key order.
 #[napi]
-pub fn flatten_state_dict_keys(
-  tree: String,
-  tensor_count: u32,
-  layout: String,
-) -> napi::Result<Vec<FlatKey>> {
+pub fn flatten_state_dict_keys(tree: String, tensor_count: u32, layout: String) -> Result<Vec<FlatKey>> {
   let layout = Layout::from_name(&layout)
     .ok_or_else(|| invalid(format!("layout must be \"2.4\" or \"2.3\", not {layout:?}")))?;
   let json: serde_json::Value =
@@ -60,6 +52,20 @@ pub fn flatten_state_dict_keys(
       })
       .collect(),
   )
+}
+
+/// A checkpoint's nested state dict without values ([`distcp_core::write::unflatten`]) as JSON: a leaf is the
+/// index of its key, a dict `{"$d": [[key, child], …]}` (in order), a list an array (`null` for a hole).
+pub(crate) fn nested_json(n: &Nested) -> Value {
+  match n {
+    Nested::Leaf(i) => json!(i),
+    Nested::Dict(entries) => {
+      json!({ "$d": entries.iter().map(|(k, c)| json!([k, nested_json(c)])).collect::<Vec<_>>() })
+    }
+    Nested::List(items) => {
+      Value::Array(items.iter().map(|c| c.as_ref().map_or(Value::Null, nested_json)).collect())
+    }
+  }
 }
 
 /// The deepest nesting a state dict may have (`distcp_core::limits::MAX_NESTING`), so the TypeScript encoder

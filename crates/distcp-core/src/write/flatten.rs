@@ -169,6 +169,119 @@ fn traverse<'v, 'a>(
   Ok(())
 }
 
+/// The nested state dict that flat keys came from, without the values: what torch's `unflatten_state_dict`
+/// builds by `set_element` for each key's `planner_data` path. Leaves name the item they hold by its index in the
+/// keys given to [`unflatten`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Nested {
+  /// The value stored under the `n`th key.
+  Leaf(usize),
+  /// A dict, with its `str` keys in the order the keys first reached them.
+  Dict(Vec<(String, Nested)>),
+  /// A list; an index no key reaches is `None` (torch's `extend_list` pads with `None`).
+  List(Vec<Option<Nested>>),
+}
+
+enum Node {
+  Leaf(usize),
+  Dict(Vec<(String, usize)>, std::collections::HashMap<String, usize>),
+  List(Vec<Option<usize>>),
+}
+
+/// torch's `unflatten_state_dict`: puts item `n` (flat key `key`, `planner_data` path `path`) at its path, in order.
+/// A step into a missing container creates a dict before a `str` key and a list before an int; lists are padded
+/// with `None` up to an index. Unlike torch, two keys at one place, or a path through a value, are errors (torch
+/// would silently overwrite), as are a `str` step into a list and an index past
+/// [`crate::limits::MAX_UNFLATTEN_LIST_INDEX`]. A dict step that is an int becomes `str(int)`: the rebuilt dict
+/// has string keys, as a JS object does.
+pub fn unflatten<'p>(
+  items: impl IntoIterator<Item = (&'p str, &'p [PathElem])>,
+) -> Result<Nested, FlattenError> {
+  let mut nodes = vec![Node::Dict(Vec::new(), Default::default())];
+  for (n, (key, path)) in items.into_iter().enumerate() {
+    let fail = |reason: String| FlattenError { key: key.to_owned(), reason };
+    if path.is_empty() {
+      return Err(fail("its planner_data path is empty".into()));
+    }
+    if path.len() > MAX_DEPTH {
+      return Err(fail(format!("its planner_data path is nested more than {MAX_DEPTH} levels deep")));
+    }
+    let mut cur = 0usize;
+    for (i, step) in path.iter().enumerate() {
+      let last = i + 1 == path.len();
+      let fresh = match path.get(i + 1) {
+        _ if last => Node::Leaf(n),
+        Some(PathElem::Index(_)) => Node::List(Vec::new()),
+        _ => Node::Dict(Vec::new(), Default::default()),
+      };
+      let next = nodes.len();
+      let existing = match (&mut nodes[cur], step) {
+        (Node::Dict(entries, index), step) => {
+          let name = match step {
+            PathElem::Key(k) => k.clone(),
+            PathElem::Index(x) => x.to_string(),
+          };
+          match index.get(&name) {
+            Some(&child) => Some(child),
+            None => {
+              index.insert(name.clone(), next);
+              entries.push((name, next));
+              None
+            }
+          }
+        }
+        (Node::List(items), PathElem::Index(x)) => {
+          let Some(at) = u64::try_from(*x).ok().filter(|&x| x < crate::limits::MAX_UNFLATTEN_LIST_INDEX)
+          else {
+            return Err(fail(format!(
+              "list index {x} in its planner_data path is outside 0..{} (MAX_UNFLATTEN_LIST_INDEX)",
+              crate::limits::MAX_UNFLATTEN_LIST_INDEX
+            )));
+          };
+          // below MAX_UNFLATTEN_LIST_INDEX, so it fits a usize
+          let at = at as usize;
+          if items.len() <= at {
+            items.resize(at + 1, None);
+          }
+          match items[at] {
+            Some(child) => Some(child),
+            None => {
+              items[at] = Some(next);
+              None
+            }
+          }
+        }
+        (Node::List(_), PathElem::Key(k)) => {
+          return Err(fail(format!("its planner_data path indexes a list with the key `{k}`")));
+        }
+        (Node::Leaf(_), _) => {
+          return Err(fail("its planner_data path runs through another item's value".into()))
+        }
+      };
+      match existing {
+        None => nodes.push(fresh),
+        Some(_) if last => return Err(fail("two keys map to the same place in the state dict".into())),
+        Some(child) => {
+          if matches!(nodes[child], Node::Leaf(_)) {
+            return Err(fail("its planner_data path runs through another item's value".into()));
+          }
+        }
+      }
+      cur = existing.unwrap_or(next);
+    }
+  }
+  Ok(build(&mut nodes, 0))
+}
+
+/// The arena as a tree; each node is taken once (a node has one parent).
+fn build(nodes: &mut [Node], at: usize) -> Nested {
+  match std::mem::replace(&mut nodes[at], Node::Leaf(0)) {
+    Node::Leaf(n) => Nested::Leaf(n),
+    Node::Dict(entries, _) => Nested::Dict(entries.into_iter().map(|(k, c)| (k, build(nodes, c))).collect()),
+    Node::List(items) => Nested::List(items.into_iter().map(|c| c.map(|c| build(nodes, c))).collect()),
+  }
+}
+
 #[cfg(test)]
 mod tests {
   use super::*;
@@ -283,5 +396,56 @@ mod tests {
     let v = SaveValue::Dict(vec![(s("a"), SaveValue::Dict(vec![(SaveValue::Tuple(vec![]), t())]))]);
     assert!(flatten(&v, Layout::Torch24).unwrap_err().reason.contains("tuple"));
     assert!(flatten(&SaveValue::Int(1), Layout::Torch24).is_err());
+  }
+
+  fn unflat(items: &[(&str, Vec<PathElem>)]) -> Result<Nested, FlattenError> {
+    unflatten(items.iter().map(|(k, p)| (*k, p.as_slice())))
+  }
+
+  #[test]
+  fn unflatten_inverts_flatten() {
+    // torch ≥ 2.4 keys of a state dict with nested lists and non-str keys, back into the tree
+    let v = d(vec![
+      ("m", SaveValue::Dict(vec![(SaveValue::Float(1e-5), t()), (SaveValue::Int(3), d(vec![("w", t())]))])),
+      ("l", SaveValue::List(vec![SaveValue::List(vec![t(), t()]), d(vec![("x", t())])])),
+    ]);
+    let items = keys(&v, Layout::Torch24);
+    let tree = unflat(&items.iter().map(|(k, p)| (k.as_str(), p.clone())).collect::<Vec<_>>()).unwrap();
+    use Nested::*;
+    let want = Dict(vec![
+      ("m".into(), Dict(vec![("1e-05".into(), Leaf(0)), ("3".into(), Dict(vec![("w".into(), Leaf(1))]))])),
+      (
+        "l".into(),
+        List(vec![Some(List(vec![Some(Leaf(2)), Some(Leaf(3))])), Some(Dict(vec![("x".into(), Leaf(4))]))]),
+      ),
+    ]);
+    assert_eq!(tree, want);
+  }
+
+  #[test]
+  fn unflatten_pads_lists_and_refuses_conflicts() {
+    use Nested::*;
+    let i = PathElem::Index;
+    let got = unflat(&[("a.2", vec![k("a"), i(2)]), ("a.0.b", vec![k("a"), i(0), k("b")])]).unwrap();
+    assert_eq!(
+      got,
+      Dict(vec![("a".into(), List(vec![Some(Dict(vec![("b".into(), Leaf(1))])), None, Some(Leaf(0))]))])
+    );
+    let e = unflat(&[("x", vec![k("a")]), ("y", vec![k("a")])]).unwrap_err();
+    assert_eq!(e.key, "y");
+    assert!(e.reason.contains("same place"), "{}", e.reason);
+    let e = unflat(&[("x", vec![k("a")]), ("y", vec![k("a"), k("b")])]).unwrap_err();
+    assert!(e.reason.contains("runs through"), "{}", e.reason);
+    let e = unflat(&[("x", vec![k("a"), k("b")]), ("y", vec![k("a")])]).unwrap_err();
+    assert!(e.reason.contains("same place"), "{}", e.reason);
+    let e = unflat(&[("x", vec![k("a"), i(0)]), ("y", vec![k("a"), k("b")])]).unwrap_err();
+    assert!(e.reason.contains("indexes a list"), "{}", e.reason);
+    let e = unflat(&[("x", vec![k("a"), i(-1)])]).unwrap_err();
+    assert!(e.reason.contains("MAX_UNFLATTEN_LIST_INDEX"), "{}", e.reason);
+    let e = unflat(&[("x", vec![k("a"), i(1 << 40)])]).unwrap_err();
+    assert!(e.reason.contains("MAX_UNFLATTEN_LIST_INDEX"), "{}", e.reason);
+    assert!(unflat(&[("x", vec![])]).is_err());
+    // an int step into a dict is str(int)
+    assert_eq!(unflat(&[("0", vec![i(0)])]).unwrap(), Dict(vec![("0".into(), Leaf(0))]));
   }
 }

@@ -19,6 +19,6 @@ pub mod value;
 pub use crate::pickle::write as pickler;
 #[doc(hidden)]
 pub use crate::zip::write as zip_writer;
-pub use flatten::{flatten, FlatItem, Layout};
+pub use flatten::{flatten, unflatten, FlatItem, Layout, Nested};
 pub use save::{save, SaveOptions, SaveSummary};
 pub use value::{from_tagged_json, SaveValue, TensorRef};

@@ -61,6 +61,8 @@ fn emit<'a>(
       storages.push(t.data);
       emit_tensor(p, t, &key);
     }
+    // only the reader makes records; a caller that built one has no bytes to save
+    SaveValue::Record(_) => return Err("an unread tensor record cannot be saved (read it first)".into()),
   }
   Ok(())
 }
@@ -151,7 +153,7 @@ mod tests {
     let t = SaveValue::Tensor(TensorRef { dtype: DType::Float32, shape: vec![2, 3], data: &data });
     let (buf, len) = write_value(Vec::new(), &t).unwrap();
     assert_eq!(len as usize, buf.len());
-    let PyObject::Tensor(rec) = torch_save::parse(&buf).unwrap() else { panic!() };
+    let PyObject::Record(rec) = torch_save::parse(&buf).unwrap() else { panic!() };
     assert_eq!(rec.dtype, DType::Float32);
     assert_eq!(rec.shape, vec![2, 3]);
     assert_eq!(rec.stride, vec![3, 1]);
@@ -171,7 +173,7 @@ mod tests {
       let data = vec![0x11u8; n as usize * dtype.size()];
       let t = SaveValue::Tensor(TensorRef { dtype, shape: shape.clone(), data: &data });
       let (buf, _) = write_value(Vec::new(), &t).unwrap();
-      let PyObject::Tensor(rec) = torch_save::parse(&buf).unwrap() else { panic!() };
+      let PyObject::Record(rec) = torch_save::parse(&buf).unwrap() else { panic!() };
       assert_eq!((rec.dtype, rec.shape), (dtype, shape));
       assert_eq!(&buf[rec.storage.clone()], &data[..]);
     }
