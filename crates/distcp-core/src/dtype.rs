@@ -145,6 +145,11 @@ impl DType {
     matches!(self, Complex128 | Complex64 | Complex32)
   }
 
+  /// torch's `is_floating_point()`: the real floating dtypes (the ones casts convert between; not complex).
+  pub fn is_floating_point(self) -> bool {
+    matches!(self, Float64 | Float32 | Float16 | BFloat16 | Float8E4M3Fn | Float8E5M2)
+  }
+
   /// The legacy typed-storage class `torch.save` pairs with `_rebuild_tensor_v2`, or `None` for the dtypes that
   /// go through `_rebuild_tensor_v3` with an `UntypedStorage`.
   pub fn legacy_storage_class(self) -> Option<&'static str> {

@@ -253,18 +253,8 @@ impl Fixup {
       return;
     }
     let es = self.dtype.size();
-    let is_float = matches!(
-      self.dtype,
-      DType::Float64
-        | DType::Float32
-        | DType::Float16
-        | DType::BFloat16
-        | DType::Float8E4M3Fn
-        | DType::Float8E5M2
-        | DType::Complex128
-        | DType::Complex64
-        | DType::Complex32
-    );
+    // negation flips a sign bit in floating and complex dtypes (integers are two's complement)
+    let is_float = self.dtype.is_floating_point() || self.dtype.is_complex();
     for e in bytes.chunks_exact_mut(es) {
       if self.dtype.is_complex() {
         let half = es / 2;

@@ -12,16 +12,9 @@
 
 use crate::dtype::DType;
 
+/// Whether casts convert from and to `d` ([`DType::is_floating_point`]).
 pub fn is_float(d: DType) -> bool {
-  matches!(
-    d,
-    DType::Float64
-      | DType::Float32
-      | DType::Float16
-      | DType::BFloat16
-      | DType::Float8E4M3Fn
-      | DType::Float8E5M2
-  )
+  d.is_floating_point()
 }
 
 /// torch's `fp8e4m3fn_from_fp32_value` (torch 2.15: saturating), written as the header writes it.
