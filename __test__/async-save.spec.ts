@@ -1,6 +1,6 @@
 import test from 'ava'
 import { spawnSync } from 'node:child_process'
-import { existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync } from 'node:fs'
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
@@ -239,3 +239,39 @@ for (const point of ['save:locked', 'save:afterFirstItem', 'save:beforeCommit', 
     t.is(Number(exp.objects.step.v), step)
   })
 }
+
+// the write behind the trainer runs on a thread of its own at nice 10 (crates/distcp-node/src/background.rs); a
+// blocking save's write does not. Seen from /proc while the write runs (Linux).
+test('saveAsync writes on a lower-priority thread of its own; save does not', async (t) => {
+  if (process.platform !== 'linux') return t.pass()
+  const threads = (): { name: string; nice: number }[] =>
+    readdirSync('/proc/self/task').flatMap((tid) => {
+      try {
+        const name = readFileSync(`/proc/self/task/${tid}/comm`, 'utf8').trim()
+        // field 19 of stat is the nice value; the command name (field 2) may hold spaces, so count after its ')'
+        const stat = readFileSync(`/proc/self/task/${tid}/stat`, 'utf8')
+        return [{ name, nice: Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[16]) }]
+      } catch {
+        return []
+      }
+    })
+  // the process may itself run niced (a CI runner): the writer's nice is max(the process's, 10)
+  const base = threads()[0].nice
+  const big = { w: { dtype: 'float32' as const, shape: [64, 1024, 1024], data: new Uint8Array(256 * 2 ** 20) } }
+  const watch = async (p: Promise<unknown>) => {
+    const seen = new Map<string, number>()
+    let done = false
+    void p.finally(() => (done = true))
+    while (!done) {
+      for (const th of threads()) if (th.name.startsWith('distcp-backgrou')) seen.set(th.name, th.nice)
+      await new Promise((r) => setTimeout(r, 2))
+    }
+    await p
+    return seen
+  }
+  const bg = await watch(saveAsync(big, { checkpointId: join(work, 'prio-async') }).committed)
+  t.deepEqual([...bg.values()], [Math.max(base, 10)], `threads seen: ${JSON.stringify([...bg])}`)
+  const fg = await watch(save(big, { checkpointId: join(work, 'prio-blocking') }))
+  t.is(fg.size, 0)
+  t.true(threads().every((th) => th.nice === base || th.name.startsWith('distcp-backgrou')), 'no other thread was made nicer')
+})
