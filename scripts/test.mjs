@@ -73,6 +73,18 @@ function setupTchVenv() {
 let passed = 0
 let failed = 0
 
+/** Adds a `cargo test` run's `test result:` lines to the totals; a run that failed without one did not build. */
+function countCargo(r) {
+  const text = `${r.stdout}\n${r.stderr}`
+  let counted = false
+  for (const m of text.matchAll(/test result: \w+\. (\d+) passed; (\d+) failed/g)) {
+    passed += Number(m[1])
+    failed += Number(m[2])
+    counted = true
+  }
+  if (r.status !== 0 && !counted) failed += 1
+}
+
 if (!existsSync(join(root, 'dist', 'index.js')) || !existsSync(join(root, 'binding.cjs'))) {
   console.log('npm test: no build found, running npm run build')
   const r = run('npm', ['run', 'build'], { stdio: 'inherit' })
@@ -87,14 +99,7 @@ if (!tch) failed += 1
 {
   const r = run('cargo', ['test', '--workspace', '--locked'])
   show(r)
-  const text = `${r.stdout}\n${r.stderr}`
-  let counted = false
-  for (const m of text.matchAll(/test result: \w+\. (\d+) passed; (\d+) failed/g)) {
-    passed += Number(m[1])
-    failed += Number(m[2])
-    counted = true
-  }
-  if (r.status !== 0 && !counted) failed += 1 // did not even build
+  countCargo(r)
 }
 
 // ava (TypeScript suites, interop included)
@@ -124,14 +129,7 @@ if (tch) {
   }
   const r = run('cargo', ['test', '--locked', '--manifest-path', join('crates', 'distcp-tch', 'Cargo.toml')], { env })
   show(r)
-  const text = `${r.stdout}\n${r.stderr}`
-  let counted = false
-  for (const m of text.matchAll(/test result: \w+\. (\d+) passed; (\d+) failed/g)) {
-    passed += Number(m[1])
-    failed += Number(m[2])
-    counted = true
-  }
-  if (r.status !== 0 && !counted) failed += 1 // did not build
+  countCargo(r)
   console.log(`npm test: distcp-tch step took ${Math.round((Date.now() - started) / 1000)} s`)
 }
 

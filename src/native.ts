@@ -68,4 +68,4 @@ function load(): typeof Native {
 }
 
 export const native: typeof Native = load()
-export type { NativeCheckpoint, NativeDeviceBuffer, ItemInfo as NativeItemInfo, CheckpointSummary, CheckpointLayout, DType } from '../binding.cjs'
+export type { NativeCheckpoint, NativeDeviceBuffer, ItemInfo as NativeItemInfo, CheckpointSummary, CheckpointLayout, DType, SaveResult } from '../binding.cjs'

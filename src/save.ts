@@ -1,5 +1,5 @@
 import { awaitNative, DistcpError } from './errors.js'
-import { native } from './native.js'
+import { native, type SaveResult as NativeSaveResult } from './native.js'
 import { elementSize, type DType } from './tensor.js'
 import { stagingPool, type StagingLease, type StagingPool } from './staging.js'
 import { floatBits, PyFloat, PyTuple, type Encoded } from './values.js'
@@ -44,18 +44,8 @@ export interface SaveOptions {
   _testFailAt?: { point: string; abort?: boolean }
 }
 
-export interface SaveResult {
-  /** Flat keys written, in `.metadata` order. */
-  keys: string[]
-  tensors: number
-  objects: number
-  /** The data file `.metadata` names (`__0_0.distcp`). */
-  dataFile: string
-  dataBytes: number
-  metadataBytes: number
-  /** Whether a checkpoint was already there and has been replaced. */
-  replaced: boolean
-}
+/** What a save wrote: its flat keys, counts, the data file `.metadata` names and sizes (the binding's type). */
+export type SaveResult = NativeSaveResult
 
 /** Marks a number as a Python float, so that `pyFloat(1)` is saved as `1.0`, not `1`. */
 export function pyFloat(x: number): PyFloat {
