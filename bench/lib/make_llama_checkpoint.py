@@ -43,24 +43,21 @@ def shapes(a):
     return out
 
 
-def worker(rank, a, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=a.ranks)
-    mesh = init_device_mesh("cpu", (a.ranks,))
+def sharded_state(a, mesh):
+    """The Llama-shaped state dict as DTensors on `mesh`: the same full tensors on every rank (one seeded
+    generator), each rank keeping its Shard(0) slice (Shard(1) for the projections with --tp)."""
     dtype = getattr(torch, a.dtype)
     g = torch.Generator().manual_seed(0)
     sd = {}
     for name, shape in shapes(a):
-        # same full tensor on every rank, then each keeps its shard
         full = torch.empty(shape, dtype=torch.float32).uniform_(-0.05, 0.05, generator=g).to(dtype)
         dim = 1 if a.tp and name.endswith("_proj.weight") else 0
         sd[name] = distribute_tensor(full, mesh, [Shard(dim)])
-    dcp.save({"model": sd}, checkpoint_id=a.out)
-    dist.barrier()
-    dist.destroy_process_group()
+    return sd
 
 
-def main():
+def arguments():
+    """The command line every generator of this benchmark data takes."""
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--ranks", type=int, default=2)
@@ -70,11 +67,29 @@ def main():
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tp", action="store_true")
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def spawn_ranks(worker, a):
+    """Runs `worker(rank, a, port)` on `a.ranks` gloo ranks of one machine."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(worker, args=(a, port), nprocs=a.ranks, join=True)
+
+
+def worker(rank, a, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=a.ranks)
+    mesh = init_device_mesh("cpu", (a.ranks,))
+    dcp.save({"model": sharded_state(a, mesh)}, checkpoint_id=a.out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main():
+    a = arguments()
+    spawn_ranks(worker, a)
     total = sum(os.path.getsize(os.path.join(a.out, f)) for f in os.listdir(a.out))
     print(f"wrote {a.out}: {total / 1e9:.2f} GB in {len(os.listdir(a.out))} files")
 
