@@ -61,7 +61,7 @@ fn metadata_files() -> Vec<PathBuf> {
       }
     }
   }
-  // a large torch-written file when a benchmark made one (DISTCP_BIG_METADATA=path/.metadata)
+  // a large torch-written file when one was made (bench/lib/make_big_metadata.py; DISTCP_BIG_METADATA=path/.metadata)
   if let Ok(p) = std::env::var("DISTCP_BIG_METADATA") {
     out.push(PathBuf::from(p));
   }
