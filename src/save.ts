@@ -1,5 +1,5 @@
 import { awaitNative, DistcpError } from './errors.js'
-import { native, type SaveResult as NativeSaveResult } from './native.js'
+import { native, type SaveResult } from './native.js'
 import { elementSize, type DType } from './tensor.js'
 import { stagingPool, type StagingLease, type StagingPool } from './staging.js'
 import { floatBits, PyFloat, PyTuple, type Encoded } from './values.js'
@@ -44,8 +44,9 @@ export interface SaveOptions {
   _testFailAt?: { point: string; abort?: boolean }
 }
 
-/** What a save wrote: its flat keys, counts, the data file `.metadata` names and sizes (the binding's type). */
-export type SaveResult = NativeSaveResult
+// What a save wrote (flat keys, counts, the data file `.metadata` names, sizes): the binding's type, re-exported as
+// it is so that the API reference documents it
+export type { SaveResult }
 
 /** Marks a number as a Python float, so that `pyFloat(1)` is saved as `1.0`, not `1`. */
 export function pyFloat(x: number): PyFloat {

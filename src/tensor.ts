@@ -1,7 +1,8 @@
-import type { DType as NativeDType } from './native.js'
+import type { DType } from './native.js'
 
-/** Element types, by their torch names (the core's names: the binding's generated typings carry them). */
-export type DType = NativeDType
+// Element types, by their torch names: the core's enum, whose strings the binding's generated typings carry
+// (re-exported as they are, so that the API reference documents the union itself)
+export type { DType }
 
 /** A dense tensor: row-major, little-endian bytes. */
 export interface Tensor {
