@@ -9,18 +9,9 @@
 //     that second finalize's swap (the manager's test hook).
 import { join } from 'node:path'
 
-import { CheckpointManager, saveAsync, saveCheckpoint, type Model } from '../src/index.js'
-import { smallState } from './save-child.js'
+import { CheckpointManager, saveAsync, saveCheckpoint } from '../src/index.js'
+import { smallState, tinyModel } from './save-child.js'
 
-/** A one-parameter model whose values depend on `variant` (as data-loss-child.ts's, which runs on import). */
-export function tinyModel(variant: number): Model {
-  const w = { dtype: 'float32' as const, shape: [2, 2], data: new Uint8Array(new Float32Array([variant, variant + 1, variant + 2, variant + 3]).buffer) }
-  return {
-    namedParameters: () => [['w', w]],
-    stateDict: () => ({ w }),
-    loadStateDict: () => undefined,
-  }
-}
 
 const [mode, a, b, c] = process.argv.slice(2)
 if (mode === 'saveAsync') {

@@ -4,18 +4,9 @@
 //   node --import @oxc-node/core/register __test__/data-loss-child.ts convert <dcp> <out> <model dir>
 // Prints `ok` on success; on a DistcpError prints `error <code> <message>` and exits 3. The test hooks
 // DISTCP_TEST_CRASH_AT / DISTCP_TEST_PAUSE_AT come through the environment.
-import { convertDcpToHf, save, saveCheckpoint, DistcpError, type Model } from '../src/index.js'
-import { smallState } from './save-child.js'
+import { convertDcpToHf, save, saveCheckpoint, DistcpError } from '../src/index.js'
+import { smallState, tinyModel } from './save-child.js'
 
-/** A one-parameter model whose values depend on `variant` (a reader can tell which save it sees). */
-export function tinyModel(variant: number): Model {
-  const w = { dtype: 'float32' as const, shape: [2, 2], data: new Uint8Array(new Float32Array([variant, variant + 1, variant + 2, variant + 3]).buffer) }
-  return {
-    namedParameters: () => [['w', w]],
-    stateDict: () => ({ w }),
-    loadStateDict: () => undefined,
-  }
-}
 
 const [mode, a, b, c] = process.argv.slice(2)
 try {

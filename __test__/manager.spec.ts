@@ -4,7 +4,8 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, wr
 import { tmpdir } from 'node:os'
 import { basename, join } from 'node:path'
 
-import { CheckpointManager, DistcpError, loadCheckpoint, openCheckpoint, saveCheckpoint, MANAGER_MARKER, type CheckpointManagerOptions, type Model } from '../src/index.js'
+import { CheckpointManager, DistcpError, loadCheckpoint, openCheckpoint, saveCheckpoint, MANAGER_MARKER, type CheckpointManagerOptions } from '../src/index.js'
+import { tinyModel } from './save-child.js'
 import { root, runPython } from './helpers.js'
 
 // CheckpointManager against NeMo-RL's own logic (interop/nemo_rl_checkpoint.py: NeMo-RL's functions, copied with
@@ -153,10 +154,6 @@ test('finalize over an existing step_N swaps through old_step_N; a swap killed b
   await mgr.shutdown()
 })
 
-function tinyModel(variant: number): Model {
-  const w = { dtype: 'float32' as const, shape: [2, 2], data: new Uint8Array(new Float32Array([variant, variant + 1, variant + 2, variant + 3]).buffer) }
-  return { namedParameters: () => [['w', w]], stateDict: () => ({ w }), loadStateDict: () => undefined }
-}
 
 async function weightOf(ckpt: string): Promise<number[]> {
   const ck = await openCheckpoint(join(ckpt, 'policy', 'weights'))

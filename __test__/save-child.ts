@@ -3,7 +3,7 @@
 //   node --import @oxc-node/core/register __test__/save-child.ts <ckpt> <variant> [<fail point> [abort|error]]
 import { pathToFileURL } from 'node:url'
 
-import { save, pyFloat, pyTuple, elementSize, PyFloat, PyTuple, type DType, type SaveStateDict } from '../src/index.js'
+import { save, pyFloat, pyTuple, elementSize, PyFloat, PyTuple, type DType, type Model, type SaveStateDict } from '../src/index.js'
 
 function f32(values: number[], shape = [values.length]): { dtype: 'float32'; shape: number[]; data: Uint8Array } {
   return { dtype: 'float32', shape, data: new Uint8Array(new Float32Array(values).buffer) }
@@ -122,6 +122,12 @@ export function smallState(variant: number): SaveStateDict {
       param_groups: [{ lr: pyFloat(v), betas: pyTuple(0.9, 0.999), params: ['model.w', 'model.b'] }],
     },
   }
+}
+
+/** A one-parameter model (`w`, 2 x 2 float32) whose values depend on `variant`: a reader can tell which save it sees. */
+export function tinyModel(variant: number): Model {
+  const w = { dtype: 'float32' as const, shape: [2, 2], data: new Uint8Array(new Float32Array([variant, variant + 1, variant + 2, variant + 3]).buffer) }
+  return { namedParameters: () => [['w', w]], stateDict: () => ({ w }), loadStateDict: () => undefined }
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {

@@ -278,17 +278,6 @@ function encodeSave(stateDict: SaveStateDict, options: SaveOptions): EncodedSave
   if (layout !== undefined && layout !== '2.4' && layout !== '2.3') {
     throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `save: layout must be '2.4' or '2.3', not ${String(layout)}`)
   }
-  const isMap = stateDict instanceof Map
-  if (typeof stateDict !== 'object' || stateDict === null || (!isMap && !isPlainObject(stateDict))) {
-    throw new DistcpError(
-      'ERR_DISTCP_INVALID_INPUT',
-      `${checkpointId}: the state dict must be a plain object or a Map, not ${describe(stateDict)}`,
-    )
-  }
-  // dcp.save: top-level Stateful values are replaced by their state dicts
-  const entries: [unknown, unknown][] = isMap ? [...stateDict.entries()] : Object.entries(stateDict)
-  const isStateful = (v: unknown): v is HasStateDict =>
-    typeof v === 'object' && v !== null && typeof (v as Partial<HasStateDict>).stateDict === 'function'
   const encode = (top: Map<unknown, unknown>): EncodedSave | Promise<EncodedSave> => {
     // device tensors: device -> pinned staging -> host copies the writer streams (the same bytes a host save writes)
     const fromDevice = hostCopiesOfDeviceLeaves(top)
@@ -300,14 +289,31 @@ function encodeSave(stateDict: SaveStateDict, options: SaveOptions): EncodedSave
     }
     return fromDevice instanceof Map ? finish(fromDevice) : fromDevice.then(finish)
   }
-  if (entries.some(([, v]) => isStateful(v))) {
-    return (async () => {
-      const top = new Map<unknown, unknown>()
-      for (const [k, v] of entries) top.set(k, isStateful(v) ? await v.stateDict() : v)
-      return encode(top)
-    })()
+  const top = topLevel(stateDict, checkpointId)
+  return top instanceof Promise ? top.then(encode) : encode(top)
+}
+
+/**
+ * The state dict's top level, checked (a plain object or a Map), with Stateful values replaced by their
+ * `stateDict()` as `dcp.save` does. A promise only when a `stateDict()` has to be awaited. @internal
+ */
+export function topLevel(stateDict: SaveStateDict, checkpointId: string): Map<unknown, unknown> | Promise<Map<unknown, unknown>> {
+  const isMap = stateDict instanceof Map
+  if (typeof stateDict !== 'object' || stateDict === null || (!isMap && !isPlainObject(stateDict))) {
+    throw new DistcpError(
+      'ERR_DISTCP_INVALID_INPUT',
+      `${checkpointId}: the state dict must be a plain object or a Map, not ${describe(stateDict)}`,
+    )
   }
-  return encode(new Map(entries))
+  const entries: [unknown, unknown][] = isMap ? [...stateDict.entries()] : Object.entries(stateDict)
+  const isStateful = (v: unknown): v is HasStateDict =>
+    typeof v === 'object' && v !== null && typeof (v as Partial<HasStateDict>).stateDict === 'function'
+  if (!entries.some(([, v]) => isStateful(v))) return new Map(entries)
+  return (async () => {
+    const top = new Map<unknown, unknown>()
+    for (const [k, v] of entries) top.set(k, isStateful(v) ? await v.stateDict() : v)
+    return top
+  })()
 }
 
 /**

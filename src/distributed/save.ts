@@ -9,7 +9,7 @@ import { stagingPool, type StagingLease, type StagingPool } from '../staging.js'
 import { DistcpError } from '../errors.js'
 import { flattenEncoded } from '../load.js'
 import { native } from '../native.js'
-import { Encoder, type HasStateDict, type SaveResult, type SaveStateDict } from '../save.js'
+import { Encoder, topLevel, type SaveResult, type SaveStateDict } from '../save.js'
 import type { DType } from '../tensor.js'
 import type { ProcessGroup } from './group.js'
 import { dedupSavePlans, globalMetadata, type LocalPlan, type WriteItem } from './plan.js'
@@ -84,12 +84,7 @@ export async function stageRanks(stateDict: SaveStateDict, options: RanksSaveOpt
   const { checkpointId, layout = '2.4' } = options
   let staged: ReturnType<StagingPool['stage']> | null = null
   try {
-    const entries: [unknown, unknown][] = stateDict instanceof Map ? [...stateDict.entries()] : Object.entries(stateDict)
-    const top = new Map<unknown, unknown>()
-    for (const [k, v] of entries) {
-      const stateful = typeof v === 'object' && v !== null && typeof (v as Partial<HasStateDict>).stateDict === 'function'
-      top.set(k, stateful ? await (v as HasStateDict).stateDict() : v)
-    }
+    const top = await topLevel(stateDict, checkpointId)
     const enc = new Encoder(checkpointId)
     const treeJson = JSON.stringify(enc.value(top, '', 0))
     // the save owns copies of the tensor bytes from here on (as a single-rank save does): the caller's buffers may

@@ -309,17 +309,18 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
     Ok(Node::Owned((self.owned.len() - 1) as u32))
   }
 
-  /// Copies `items` into the tuple pool and returns where they stand there.
-  fn tuple_of(&mut self, items: &[Id]) -> Result<(u32, u32), UnpickleError> {
-    let at = self.tuples.len();
-    if self.used().saturating_add(items.len() * 2 * size_of::<Id>()) > self.budget {
+  /// Moves the stack's items above `start` into the tuple pool and returns where they stand there.
+  fn tuple_from_stack(&mut self, start: usize) -> Result<(u32, u32), UnpickleError> {
+    let (at, n) = (self.tuples.len(), self.stack.len() - start);
+    if self.used().saturating_add(n * 2 * size_of::<Id>()) > self.budget {
       return self.over_budget(format!("the pickle expands past {} bytes of memory", self.budget));
     }
-    if self.tuples.try_reserve(items.len()).is_err() {
+    if self.tuples.try_reserve(n).is_err() {
       return self.err("out of memory while unpickling");
     }
-    self.tuples.extend_from_slice(items);
-    Ok((at as u32, items.len() as u32))
+    self.tuples.extend_from_slice(&self.stack[start..]);
+    self.stack.truncate(start);
+    Ok((at as u32, n as u32))
   }
 
   fn tuple_items(&self, at: u32, len: u32) -> &[Id] {
@@ -406,14 +407,14 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
     Ok(Node::Object((self.objects.len() - 1) as u32))
   }
 
-  /// A fresh growable container's storage, holding `items`.
-  fn storage(&mut self, items: &[Id]) -> Result<u32, UnpickleError> {
+  /// A fresh growable container's storage, holding `items` (counted with the slack a doubling Vec keeps).
+  fn storage(&mut self, items: Vec<Id>) -> Result<u32, UnpickleError> {
     let used = self.used();
     if let Err(e) = reserve_one(&mut self.growable, used, self.budget) {
       return self.over_budget(e);
     }
     self.extra += 2 * items.len() * size_of::<Id>();
-    self.growable.push(items.to_vec());
+    self.growable.push(items);
     Ok((self.growable.len() - 1) as u32)
   }
 
@@ -438,7 +439,7 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
         1 => self.seq_items(self.tuples[args_at as usize]).to_vec(),
         _ => Vec::new(),
       };
-      return Ok(Node::Set(if items.is_empty() { NONE } else { self.storage(&items)? }));
+      return Ok(Node::Set(if items.is_empty() { NONE } else { self.storage(items)? }));
     }
     // protocol 2 has no bytes opcode: CPython pickles bytes as `_codecs.encode(latin-1 text, 'latin1')`, and
     // b'' as `bytes()`
@@ -512,20 +513,19 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
     if self.used().saturating_add(2 * n * size_of::<Id>()) > self.budget {
       return self.over_budget(format!("the pickle expands past {} bytes of memory", self.budget));
     }
-    self.extra += 2 * n * size_of::<Id>();
     if slot == NONE {
-      let items = self.stack[start..].to_vec();
-      let s = self.storage(&items)?;
+      let items = self.stack.split_off(start);
+      let s = self.storage(items)?;
       self.arena[target as usize] = match self.arena[target as usize] {
         Node::Dict(_) => Node::Dict(s),
         Node::Set(_) => Node::Set(s),
         _ => Node::List(s),
       };
     } else {
-      let (stack, growable) = (&self.stack, &mut self.growable);
-      growable[slot as usize].extend_from_slice(&stack[start..]);
+      self.extra += 2 * n * size_of::<Id>();
+      self.growable[slot as usize].extend_from_slice(&self.stack[start..]);
+      self.stack.truncate(start);
     }
-    self.stack.truncate(start);
     Ok(())
   }
 
@@ -682,7 +682,7 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
         b'l' => {
           let start = self.pop_mark()?;
           let items = self.stack.split_off(start);
-          let s = if items.is_empty() { NONE } else { self.storage(&items)? };
+          let s = if items.is_empty() { NONE } else { self.storage(items)? };
           self.push(Node::List(s))?;
         }
         b'a' => {
@@ -709,8 +709,7 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
         b')' => self.push(Node::Tuple { at: 0, len: 0 })?,
         b't' => {
           let start = self.pop_mark()?;
-          let items = self.stack.split_off(start);
-          let (at, len) = self.tuple_of(&items)?;
+          let (at, len) = self.tuple_from_stack(start)?;
           self.push(Node::Tuple { at, len })?;
         }
         0x85..=0x87 => {
@@ -719,8 +718,7 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
             return self.err("stack underflow");
           }
           let start = self.stack.len() - n;
-          let items: Vec<Id> = self.stack.split_off(start);
-          let (at, len) = self.tuple_of(&items)?;
+          let (at, len) = self.tuple_from_stack(start)?;
           self.push(Node::Tuple { at, len })?;
         }
         b'}' => self.push(Node::Dict(NONE))?,
@@ -758,7 +756,7 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
         0x91 => {
           let start = self.pop_mark()?;
           let items = self.stack.split_off(start);
-          let s = if items.is_empty() { NONE } else { self.storage(&items)? };
+          let s = if items.is_empty() { NONE } else { self.storage(items)? };
           self.push(Node::Set(s))?;
         }
         b'c' => {
@@ -809,23 +807,21 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
           if !self.allow.allows(&module, &name) {
             return Err(UnpickleError::Forbidden { module, name });
           }
-          let items = self.stack.split_off(start);
           self.global(module, name)?;
           let cls = self.pop()?;
           let class = self.as_global(cls, "INST")?;
-          let (at, len) = self.tuple_of(&items)?;
+          let (at, len) = self.tuple_from_stack(start)?;
           let node = self.object(class, at, len)?;
           self.push(node)?;
         }
         b'o' => {
           let start = self.pop_mark()?;
-          let mut items = self.stack.split_off(start);
-          if items.is_empty() {
+          let Some(&cls) = self.stack.get(start) else {
             return self.err("OBJ without a class");
-          }
-          let cls = items.remove(0);
+          };
           let class = self.as_global(cls, "OBJ")?;
-          let (at, len) = self.tuple_of(&items)?;
+          let (at, len) = self.tuple_from_stack(start + 1)?;
+          self.stack.truncate(start);
           let node = self.object(class, at, len)?;
           self.push(node)?;
         }
