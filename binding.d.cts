@@ -181,6 +181,14 @@ export interface ConvertEntryJs {
 /** Copies `byteLength` bytes of the caller's device memory at `ptr` on `cuda:device` into a new host Buffer. */
 export declare function copyFromDevice(device: number, ptr: bigint, byteLength: number): Promise<Buffer>
 
+/**
+ * The staging copy of `save` / `saveAsync` (src/staging.ts): `src[i]` into `dst[i]` on several threads
+ * ([`distcp_core::staging::copy_many`]), in the call — the caller's buffers are free again when it returns.
+ * Returns how many threads copied. Refuses pairs of different lengths and destinations that overlap a source or
+ * each other (staging blocks never do; a slice pair that aliased would be undefined behaviour).
+ */
+export declare function copyStaging(src: Array<Uint8Array>, dst: Array<Uint8Array>): number
+
 /** Starts a conversion into `dir` (an existing empty folder; the caller renames it into place when done). */
 export declare function createConvertJob(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number, dir: string): NativeConvertJob
 

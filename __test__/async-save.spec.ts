@@ -6,6 +6,7 @@ import { join } from 'node:path'
 
 import { AsyncSaver, DistcpError, PyTuple, StagingPool, loadCheckpoint, openCheckpoint, saveAsync, saveCheckpoint, stagingPool, save } from '../src/index.js'
 import { Adam, StepLR, TinyMLP } from '../examples/tiny-trainer/index.js'
+import { native } from '../src/native.js'
 import { checkFixture, diffTyped, loadExpected, root, runPython } from './helpers.js'
 import { fullState, smallState, toExact } from './save-child.js'
 
@@ -151,6 +152,35 @@ test('staging buffers are reused across saves: no allocation once warm', async (
   await save({ w }, { checkpointId: join(work, 'reuse-sync') })
   t.true(warm >= before)
   t.is(stagingPool.stats().allocations, warm)
+})
+
+test('the staging copy runs on several threads and copies every byte: odd sizes, odd offsets, a tensor split across threads', (t) => {
+  const pool = new StagingPool()
+  // 40 MiB + change: more than two threads' minimum share, so the copy is split (also inside the big view)
+  const big = new Uint8Array(40 * 1024 * 1024 + 13)
+  for (let i = 0; i < big.length; i += 4096) big[i] = (i / 4096) & 255
+  big[big.length - 1] = 7
+  const backing = new Uint8Array(1001).map((_, i) => i * 31)
+  const views = [new Uint8Array(backing.buffer, 3, 997), new Uint8Array(0), big, new Uint8Array([1, 2, 3])]
+  const { copies, lease } = pool.stage(views)
+  try {
+    t.is(copies.length, views.length)
+    for (let i = 0; i < views.length; i++) {
+      t.is(copies[i].byteLength, views[i].byteLength)
+      t.true(Buffer.from(copies[i].buffer, copies[i].byteOffset, copies[i].byteLength).equals(Buffer.from(views[i].buffer, views[i].byteOffset, views[i].byteLength)), `view ${i}`)
+    }
+    t.not(copies[2].buffer, big.buffer)
+  } finally {
+    lease.release()
+  }
+  // the native copy refuses what would alias: a destination inside a source, pairs of different lengths
+  const buf = new Uint8Array(64)
+  t.is(t.throws(() => native.copyStaging([buf.subarray(0, 32)], [buf.subarray(16, 48)]), { instanceOf: Error })?.code, 'ERR_DISTCP_INVALID_INPUT')
+  t.is(t.throws(() => native.copyStaging([buf.subarray(0, 8)], [new Uint8Array(9)]), { instanceOf: Error })?.code, 'ERR_DISTCP_INVALID_INPUT')
+  // sources may share memory (two views of one tensor are read, never written)
+  const dst = new Uint8Array(16)
+  native.copyStaging([backing.subarray(0, 8), backing.subarray(4, 12)], [dst.subarray(0, 8), dst.subarray(8, 16)])
+  t.deepEqual([...dst], [...backing.subarray(0, 8), ...backing.subarray(4, 12)])
 })
 
 test.serial('close({ cancel: true }) rejects the saves not yet writing, lets the writing one commit, refuses new ones', async (t) => {

@@ -178,9 +178,19 @@ export class StagingPool {
       throw e
     }
     const fill = (onFilled?: (filled: number) => void): void => {
+      if (onFilled === undefined) {
+        // nobody waits on single items: one native call copies them all, on several threads (the trainer's wait in
+        // saveAsync is this copy)
+        const todo = views.flatMap((v, i) => (keep[i] || v.byteLength === 0 ? [] : [i]))
+        native.copyStaging(
+          todo.map((i) => views[i]),
+          todo.map((i) => copies[i]),
+        )
+        return
+      }
       for (let i = 0; i < views.length; i++) {
         if (!keep[i]) copies[i].set(views[i])
-        onFilled?.(i + 1)
+        onFilled(i + 1)
       }
     }
     return { copies, lease: new StagingLease(this, blocks, total), fill }
