@@ -175,8 +175,8 @@ test('the staging copy runs on several threads and copies every byte: odd sizes,
   }
   // the native copy refuses what would alias: a destination inside a source, pairs of different lengths
   const buf = new Uint8Array(64)
-  t.is(t.throws(() => native.copyStaging([buf.subarray(0, 32)], [buf.subarray(16, 48)]), { instanceOf: Error })?.code, 'ERR_DISTCP_INVALID_INPUT')
-  t.is(t.throws(() => native.copyStaging([buf.subarray(0, 8)], [new Uint8Array(9)]), { instanceOf: Error })?.code, 'ERR_DISTCP_INVALID_INPUT')
+  t.throws(() => native.copyStaging([buf.subarray(0, 32)], [buf.subarray(16, 48)]), { code: 'ERR_DISTCP_INVALID_INPUT' })
+  t.throws(() => native.copyStaging([buf.subarray(0, 8)], [new Uint8Array(9)]), { code: 'ERR_DISTCP_INVALID_INPUT' })
   // sources may share memory (two views of one tensor are read, never written)
   const dst = new Uint8Array(16)
   native.copyStaging([backing.subarray(0, 8), backing.subarray(4, 12)], [dst.subarray(0, 8), dst.subarray(8, 16)])

@@ -279,18 +279,37 @@ function encodeSave(stateDict: SaveStateDict, options: SaveOptions): EncodedSave
     throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `save: layout must be '2.4' or '2.3', not ${String(layout)}`)
   }
   const encode = (top: Map<unknown, unknown>): EncodedSave | Promise<EncodedSave> => {
-    // device tensors: device -> pinned staging -> host copies the writer streams (the same bytes a host save writes)
-    const fromDevice = hostCopiesOfDeviceLeaves(top)
-    const finish = (copies: Map<object, Uint8Array>): EncodedSave => {
+    const fromDevice = deviceCopiesOf(top)
+    const finish = ({ copies, owned }: DeviceCopies): EncodedSave => {
       const enc = new Encoder(checkpointId, false, copies)
       const tree = JSON.stringify(enc.value(top, '', 0))
-      const ours = new Set<ArrayBufferLike>([...copies.values()].map((c) => c.buffer))
-      return { checkpointId, layout, tree, views: enc.buffers, owned: (v) => ours.has(v.buffer), failAt: options._testFailAt }
+      return { checkpointId, layout, tree, views: enc.buffers, owned, failAt: options._testFailAt }
     }
-    return fromDevice instanceof Map ? finish(fromDevice) : fromDevice.then(finish)
+    return fromDevice instanceof Promise ? fromDevice.then(finish) : finish(fromDevice)
   }
   const top = topLevel(stateDict, checkpointId)
   return top instanceof Promise ? top.then(encode) : encode(top)
+}
+
+/** Host copies of a state dict's device tensors, and which staging views are those copies. @internal */
+export interface DeviceCopies {
+  /** Keyed by the device leaf (give it to {@link Encoder} as `deviceCopies`). */
+  copies: Map<object, Uint8Array>
+  /** Whether a view is one of `copies`: memory the save made, which needs no staging copy. */
+  owned: (view: Uint8Array) => boolean
+}
+
+/**
+ * Device tensors under `top`: device -> host copies that the writer streams (the same bytes a host save writes),
+ * shared by single-rank and multi-rank saves. A promise only when there is a device tensor. @internal
+ */
+export function deviceCopiesOf(top: Map<unknown, unknown>): DeviceCopies | Promise<DeviceCopies> {
+  const withOwned = (copies: Map<object, Uint8Array>): DeviceCopies => {
+    const ours = new Set<ArrayBufferLike>([...copies.values()].map((c) => c.buffer))
+    return { copies, owned: (v) => ours.has(v.buffer) }
+  }
+  const found = hostCopiesOfDeviceLeaves(top)
+  return found instanceof Promise ? found.then(withOwned) : withOwned(found)
 }
 
 /**

@@ -9,7 +9,7 @@ import { stagingPool, type StagingLease, type StagingPool } from '../staging.js'
 import { DistcpError } from '../errors.js'
 import { flattenEncoded } from '../load.js'
 import { native } from '../native.js'
-import { Encoder, topLevel, type SaveResult, type SaveStateDict } from '../save.js'
+import { deviceCopiesOf, Encoder, topLevel, type SaveResult, type SaveStateDict } from '../save.js'
 import type { DType } from '../tensor.js'
 import type { ProcessGroup } from './group.js'
 import { dedupSavePlans, globalMetadata, type LocalPlan, type WriteItem } from './plan.js'
@@ -84,12 +84,18 @@ export async function stageRanks(stateDict: SaveStateDict, options: RanksSaveOpt
   const { checkpointId, layout = '2.4' } = options
   let staged: ReturnType<StagingPool['stage']> | null = null
   try {
-    const top = await topLevel(stateDict, checkpointId)
-    const enc = new Encoder(checkpointId)
+    // awaited only when there is something to wait for, so that a host-only state dict is copied in the call, as
+    // in a single-rank save
+    const t = topLevel(stateDict, checkpointId)
+    const top = t instanceof Promise ? await t : t
+    // device tensors: their host copies (the same step as a single-rank save), which need no staging copy
+    const d = deviceCopiesOf(top)
+    const device = d instanceof Promise ? await d : d
+    const enc = new Encoder(checkpointId, false, device.copies)
     const treeJson = JSON.stringify(enc.value(top, '', 0))
     // the save owns copies of the tensor bytes from here on (as a single-rank save does): the caller's buffers may
     // change or be transferred away while the ranks coordinate and write
-    staged = pool.stage(enc.buffers)
+    staged = pool.stage(enc.buffers, device.owned)
     // one flattening: keys, planner paths and which leaves are tensors from the core, the leaves themselves by position
     const flat = flattenEncoded(top, treeJson, enc.buffers.length, layout)
     const items: WriteItem[] = []
