@@ -22,10 +22,10 @@ export declare class NativeCheckpoint {
   keys(): Array<string>
   info(key: string): ItemInfo
   /**
-   * Each key's path in the original nested state dict (`planner_data`), as JSON `{key: [str|int, ...]}`, or
-   * null when the checkpoint has none.
+   * Each key's path in the original nested state dict, as JSON `{key: [str|int, ...]}`: its `planner_data`
+   * path, or the key alone when the checkpoint records none (the core's `Checkpoint::planner_path`).
    */
-  plannerPathsJson(): string | null
+  plannerPathsJson(): string
   /**
    * The nested state dict torch saved, as JSON leaves (indices into `keys()`), dicts and lists (see
    * `state_dict::nested_json`); rebuilt from `planner_data` by the core.
