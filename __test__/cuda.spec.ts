@@ -1,4 +1,5 @@
 import test from 'ava'
+import { spawnSync } from 'node:child_process'
 import { existsSync, mkdtempSync, readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -204,6 +205,13 @@ test('a multi-rank save with device tensors: host copies as in a single-rank sav
   } finally {
     await Promise.all(pgs.map((pg) => pg.destroy()))
   }
+})
+
+test('bench/gpu/node-checks.mjs (the Node checks the GPU machine runs) passes with host memory standing in for the device', (t) => {
+  const r = spawnSync(process.execPath, [join(root, 'bench', 'gpu', 'node-checks.mjs')], { cwd: root, encoding: 'utf8', env: { ...process.env, GPU_CHECKS_HOST: '1' }, timeout: 300_000 })
+  t.is(r.status, 0, `${r.stdout.slice(-3000)}\n${r.stderr.slice(-2000)}`)
+  t.regex(r.stdout, /^RESULT node_checks_failed 0$/m)
+  t.regex(r.stdout, /^RESULT node_tensors [1-9][0-9]{2,}$/m)
 })
 
 test('the dtype option of device reads is validated; a valid cast without a GPU rejects with ERR_DISTCP_NO_CUDA', async (t) => {
