@@ -850,6 +850,7 @@ module.exports.commitSyncDir = nativeBinding.commitSyncDir
 module.exports.commitTempName = nativeBinding.commitTempName
 module.exports.commitWriterIsDead = nativeBinding.commitWriterIsDead
 module.exports.copyFromDevice = nativeBinding.copyFromDevice
+module.exports.copyFromDeviceInto = nativeBinding.copyFromDeviceInto
 module.exports.copyStaging = nativeBinding.copyStaging
 module.exports.createConvertJob = nativeBinding.createConvertJob
 module.exports.cudaInfo = nativeBinding.cudaInfo

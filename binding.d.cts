@@ -182,6 +182,12 @@ export interface ConvertEntryJs {
 export declare function copyFromDevice(device: number, ptr: bigint, byteLength: number): Promise<Buffer>
 
 /**
+ * Copies `into.byteLength` bytes of the caller's device memory at `ptr` on `cuda:device` into `into` (a save's
+ * staging memory, reused across saves: no fresh host buffer per device tensor).
+ */
+export declare function copyFromDeviceInto(device: number, ptr: bigint, into: Uint8Array): Promise<void>
+
+/**
  * The staging copy of `save` / `saveAsync` (src/staging.ts): `src[i]` into `dst[i]` on several threads
  * ([`distcp_core::staging::copy_many`]), in the call — the caller's buffers are free again when it returns.
  * Returns how many threads copied. Refuses pairs of different lengths and destinations that overlap a source or

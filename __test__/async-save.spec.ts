@@ -162,7 +162,9 @@ test('the staging copy runs on several threads and copies every byte: odd sizes,
   big[big.length - 1] = 7
   const backing = new Uint8Array(1001).map((_, i) => i * 31)
   const views = [new Uint8Array(backing.buffer, 3, 997), new Uint8Array(0), big, new Uint8Array([1, 2, 3])]
-  const { copies, lease } = pool.stage(views)
+  const staged = pool.stage(views)
+  if (staged instanceof Promise) return t.fail('host bytes must be copied in the call')
+  const { copies, lease } = staged
   try {
     t.is(copies.length, views.length)
     for (let i = 0; i < views.length; i++) {
@@ -181,6 +183,47 @@ test('the staging copy runs on several threads and copies every byte: odd sizes,
   const dst = new Uint8Array(16)
   native.copyStaging([backing.subarray(0, 8), backing.subarray(4, 12)], [dst.subarray(0, 8), dst.subarray(8, 16)])
   t.deepEqual([...dst], [...backing.subarray(0, 8), ...backing.subarray(4, 12)])
+})
+
+test('device tensors stage into the same blocks, in order with host bytes; a failed transfer gives the blocks back', async (t) => {
+  // a host stand-in for the device-to-host transfer: the device "memory" is a host array found by its pointer, and
+  // each transfer completes on a later turn of the event loop, as a native copy does
+  const deviceMemory = new Map<bigint, Uint8Array>()
+  const transfers: bigint[] = []
+  const download = async (leaf: { ptr: bigint; byteLength: number }, into: Uint8Array): Promise<void> => {
+    await new Promise((r) => setImmediate(r))
+    const mem = deviceMemory.get(leaf.ptr)
+    if (!mem) throw new DistcpError('ERR_DISTCP_CUDA', `no device memory at ${leaf.ptr}`)
+    transfers.push(leaf.ptr)
+    into.set(mem.subarray(0, leaf.byteLength))
+  }
+  const pool = new StagingPool(4, download)
+  const leaf = (ptr: bigint, bytes: number[]) => {
+    deviceMemory.set(ptr, new Uint8Array(bytes))
+    return { dtype: 'uint8' as const, shape: [bytes.length], device: 'cuda:0', ptr, byteLength: bytes.length }
+  }
+  const sources = [new Uint8Array([1, 2]), leaf(4096n, [3, 4, 5]), new Uint8Array([6]), leaf(8192n, [7, 8]), new Uint8Array(0)]
+  const want = [[1, 2], [3, 4, 5], [6], [7, 8], []]
+  // stage(): a promise (there are device sources), every copy right
+  const staged = pool.stage(sources)
+  t.true(staged instanceof Promise)
+  const { copies, lease } = await staged
+  t.deepEqual(copies.map((c) => [...c]), want)
+  t.deepEqual(transfers, [4096n, 8192n])
+  lease.release()
+  // fill(onFilled): in index order, each source reported once its copy is done
+  const r = pool.reserve(sources)
+  const seen: number[][] = []
+  const filling = r.fill((filled) => seen.push(r.copies.slice(0, filled).flatMap((c) => [...c])))
+  t.true(filling instanceof Promise)
+  t.deepEqual(seen, [[1, 2]], 'synchronous up to the first device source')
+  await filling
+  t.deepEqual(seen, [[1, 2], [1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
+  r.lease.release()
+  // a transfer that fails: stage rejects with its error and the blocks go back to the pool
+  const bad = [new Uint8Array([1]), { dtype: 'uint8' as const, shape: [1], device: 'cuda:0', ptr: 1n, byteLength: 1 }]
+  await t.throwsAsync(Promise.resolve(pool.stage(bad)), { code: 'ERR_DISTCP_CUDA' })
+  t.is(pool.stats().blocksInUse, 0)
 })
 
 test.serial('close({ cancel: true }) rejects the saves not yet writing, lets the writing one commit, refuses new ones', async (t) => {
