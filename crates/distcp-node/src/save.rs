@@ -205,16 +205,31 @@ pub fn alloc_staging(env: &Env, len: f64) -> Result<ArrayBuffer<'_>> {
       .map_err(|e| Error::new("ERR_DISTCP_IO", format!("cannot map {n} bytes of staging memory: {e}")))
   })?;
   let ptr = map.as_mut_ptr();
+  // where a GPU is present the block is page-locked, so that a device tensor's bytes reach it in one DMA transfer
+  // (`copyFromDeviceInto`); no GPU, a failed registration or DISTCP_PIN_STAGING=0: plain memory, as before
+  let pin =
+    std::env::var_os("DISTCP_PIN_STAGING").is_none_or(|v| v != "0") && distcp_cuda::driver::driver().is_ok();
+  // SAFETY: the mapping is ours, `n` bytes long, and outlives the registration (see StagingBlock's field order).
+  let registration =
+    if pin { unsafe { distcp_cuda::pinned::HostRegistration::new(ptr, n) }.ok() } else { None };
+  let block = StagingBlock { _registration: registration, _map: map };
   // V8 does not see this memory: say how much it is, so that garbage collection weighs dropped blocks
   let _ = env.adjust_external_memory(n as i64);
   // SAFETY: the mapping is ours alone, `n` bytes long, and owned by the finalizer until JS drops the buffer.
   unsafe {
-    ArrayBuffer::from_external(env, ptr, n, map, move |env, m| {
+    ArrayBuffer::from_external(env, ptr, n, block, move |env, b| {
       let _ = env.adjust_external_memory(-(n as i64));
-      drop(m)
+      drop(b)
     })
     .map_err(internal)
   }
+}
+
+/// A staging block's memory and, where a GPU is present, its page-locking. Fields drop in order: the registration
+/// is undone before the memory is unmapped.
+struct StagingBlock {
+  _registration: Option<distcp_cuda::pinned::HostRegistration>,
+  _map: memmap2::MmapMut,
 }
 
 /// The staging copy of `save` / `saveAsync` (src/staging.ts): `src[i]` into `dst[i]` on several threads
