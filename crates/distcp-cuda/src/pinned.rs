@@ -38,13 +38,14 @@ pub struct HostRegistration {
 }
 
 impl HostRegistration {
-  /// Page-locks `ptr .. ptr + len` for every context (`CU_MEMHOSTREGISTER_PORTABLE`).
+  /// Page-locks `ptr .. ptr + len` for every context (`CU_MEMHOSTREGISTER_PORTABLE`), registering through the
+  /// context of `cuda:index` (a device the caller already uses: no context is created on another GPU).
   ///
   /// # Safety
   /// The memory must stay mapped, and not be registered again, until the returned value is dropped.
-  pub unsafe fn new(ptr: *mut u8, len: usize) -> Result<HostRegistration> {
+  pub unsafe fn new(index: usize, ptr: *mut u8, len: usize) -> Result<HostRegistration> {
     guard(|| {
-      let dev = Device::open(0)?;
+      let dev = Device::open(index)?;
       dev.bind()?;
       // SAFETY: the caller vouches that the range is mapped memory it owns for the registration's life.
       check("cuMemHostRegister", unsafe {

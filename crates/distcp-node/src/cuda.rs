@@ -292,6 +292,7 @@ impl Work<'_> for CopyFromDeviceIntoTask {
     // SAFETY: `into` is a staging view that only this save writes until the promise settles (src/staging.ts); the
     // Uint8Array reference keeps its memory alive meanwhile.
     let out = unsafe { self.into.as_mut() };
+    crate::save::pin_staging_block(self.device as usize, out.as_ptr(), out.len());
     distcp_cuda::download_checked(self.device as usize, self.ptr, out).map_err(cuda_js)
   }
 
