@@ -851,6 +851,7 @@ module.exports.commitTempName = nativeBinding.commitTempName
 module.exports.commitWriterIsDead = nativeBinding.commitWriterIsDead
 module.exports.copyFromDevice = nativeBinding.copyFromDevice
 module.exports.copyFromDeviceInto = nativeBinding.copyFromDeviceInto
+module.exports.copyStaging = nativeBinding.copyStaging
 module.exports.createConvertJob = nativeBinding.createConvertJob
 module.exports.cudaInfo = nativeBinding.cudaInfo
 module.exports.cudaInjectPanicForTest = nativeBinding.cudaInjectPanicForTest

@@ -187,6 +187,14 @@ export declare function copyFromDevice(device: number, ptr: bigint, byteLength: 
  */
 export declare function copyFromDeviceInto(device: number, ptr: bigint, into: Uint8Array): Promise<void>
 
+/**
+ * The staging copy of `save` / `saveAsync` (src/staging.ts): `src[i]` into `dst[i]` on several threads
+ * ([`distcp_core::staging::copy_many`]), in the call — the caller's buffers are free again when it returns.
+ * Returns how many threads copied. Refuses pairs of different lengths and destinations that overlap a source or
+ * each other (staging blocks never do; a slice pair that aliased would be undefined behaviour).
+ */
+export declare function copyStaging(src: Array<Uint8Array>, dst: Array<Uint8Array>): number
+
 /** Starts a conversion into `dir` (an existing empty folder; the caller renames it into place when done). */
 export declare function createConvertJob(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number, dir: string): NativeConvertJob
 

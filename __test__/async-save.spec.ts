@@ -344,6 +344,9 @@ test('saveAsync writes on a lower-priority thread of its own; save does not', as
   }
   const bg = await watch(saveAsync(big, { checkpointId: join(work, 'prio-async') }).committed)
   t.deepEqual([...bg.values()], [Math.max(base, 10)], `threads seen: ${JSON.stringify([...bg])}`)
+  // the async writer's thread has been joined, but its /proc entry can outlive the join for a moment on a loaded
+  // machine: wait until it is gone, so that what is seen next belongs to the blocking save
+  for (let i = 0; i < 500 && threads().some((th) => th.name.startsWith('distcp-backgrou')); i++) await new Promise((r) => setTimeout(r, 10))
   const fg = await watch(save(big, { checkpointId: join(work, 'prio-blocking') }))
   t.is(fg.size, 0)
   t.true(threads().every((th) => th.nice === base || th.name.startsWith('distcp-backgrou')), 'no other thread was made nicer')

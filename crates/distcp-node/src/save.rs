@@ -260,6 +260,56 @@ pub(crate) fn pin_staging_block(device: usize, ptr: *const u8, len: usize) {
   }
 }
 
+/// The staging copy of `save` / `saveAsync` (src/staging.ts): `src[i]` into `dst[i]` on several threads
+/// ([`distcp_core::staging::copy_many`]), in the call — the caller's buffers are free again when it returns.
+/// Returns how many threads copied. Refuses pairs of different lengths and destinations that overlap a source or
+/// each other (staging blocks never do; a slice pair that aliased would be undefined behaviour).
+#[napi(catch_unwind)]
+pub fn copy_staging(src: Vec<Uint8Array>, mut dst: Vec<Uint8Array>) -> Result<u32> {
+  if src.len() != dst.len() {
+    return Err(invalid_input(format!("copyStaging: {} sources but {} destinations", src.len(), dst.len())));
+  }
+  let mut spans: Vec<(usize, usize, bool)> = Vec::with_capacity(src.len() * 2);
+  for (i, (s, d)) in src.iter().zip(dst.iter()).enumerate() {
+    if s.len() != d.len() {
+      return Err(invalid_input(format!(
+        "copyStaging: pair {i} has {} source bytes but {} destination bytes",
+        s.len(),
+        d.len()
+      )));
+    }
+    if !s.is_empty() {
+      spans.push((s.as_ptr() as usize, s.len(), false));
+      spans.push((d.as_ptr() as usize, d.len(), true));
+    }
+  }
+  // sorted by start, a destination may not overlap whatever comes next (sources may overlap each other: they are
+  // only read)
+  spans.sort_unstable();
+  let mut reach: Option<(usize, bool)> = None; // the furthest end so far, and whether a destination reaches it
+  for &(start, len, is_dst) in &spans {
+    if let Some((end, end_dst)) = reach {
+      if start < end && (is_dst || end_dst) {
+        return Err(invalid_input("copyStaging: a destination overlaps a source or another destination"));
+      }
+    }
+    let end = start + len;
+    match reach {
+      Some((e, _)) if e >= end => {}
+      _ => reach = Some((end, is_dst)),
+    }
+  }
+  let pairs: Vec<distcp_core::staging::CopyPair> = src
+    .iter()
+    .zip(dst.iter_mut())
+    // SAFETY: the destinations were checked above not to overlap the sources or each other, so the `&mut`
+    // slices alias nothing; the Uint8Array references keep the memory alive for this synchronous call, during
+    // which JS cannot run.
+    .map(|(s, d)| (s.as_ref(), unsafe { d.as_mut() }))
+    .collect();
+  Ok(distcp_core::staging::copy_many(pairs) as u32)
+}
+
 // What `CheckpointManager` (src/manager.ts) needs of the core's commit rules: the folder lock, temporary names
 // that tell a dead writer's leftovers from a live one's, and durable renames.
 
