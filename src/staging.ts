@@ -85,7 +85,7 @@ export class StagingPool {
   #reuses = 0
 
   /**
-   * `download` copies a device tensor's bytes into staging memory (default {@link downloadInto}; tests give a host
+   * `download` copies a device tensor's bytes into staging memory (default: a device-to-host transfer; tests give a host
    * stand-in, so that the ordering of device and host copies is covered on machines without a GPU).
    */
   constructor(
