@@ -1,9 +1,10 @@
 // One Node rank of the multi-rank tests (__test__/distributed.spec.ts), launched by torchrun --no-python or directly
 // with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set:
-//   node --import @oxc-node/core/register __test__/distributed-rank.ts <save|load> <ckpt> <report prefix> [base]
+//   node --import @oxc-node/core/register __test__/distributed-rank.ts <save|save-local|load> <ckpt> <report prefix> [base]
 // The state is the one interop/multirank_torch.py builds (same formulas): row- and column-sharded tensors (torch's
 // Shard(0)/Shard(1) chunking), a replicated tensor, optimizer state and plain values. `base` shifts every value, so
-// two saves differ. Writes <report prefix>.<rank>.json: the save result, the loaded values, or the error.
+// two saves differ. `save-local` saves without collectives (torch's use_collectives=False). Writes
+// <report prefix>.<rank>.json: the save result, the loaded values, or the error.
 import { writeFileSync } from 'node:fs'
 
 import { initProcessGroup, load, save, type DType, type LoadStateDict } from '../src/index.js'
@@ -50,8 +51,8 @@ const timeoutMs = Number(process.env.DISTCP_TEST_TIMEOUT_MS ?? '20000')
 const pg = await initProcessGroup({ timeoutMs })
 let out: unknown
 try {
-  if (mode === 'save') {
-    const r = await save(state(pg.rank, pg.worldSize, true), { checkpointId: ckpt, processGroup: pg })
+  if (mode === 'save' || mode === 'save-local') {
+    const r = await save(state(pg.rank, pg.worldSize, true), { checkpointId: ckpt, processGroup: pg, useCollectives: mode === 'save' })
     out = { ok: r }
   } else {
     const sd = state(pg.rank, pg.worldSize, false)
