@@ -265,3 +265,34 @@ test.serial('a rank killed mid-save: the others reject naming it, no .metadata i
   const rep = JSON.parse(readFileSync(join(work, 'k3.0.json'), 'utf8')) as { ok: { replaced: boolean } }
   t.true(rep.ok.replaced)
 })
+
+test.serial('a rank killed during an async save (saveAsync with a process group): the others reject naming it, no .metadata is written, the previous checkpoint is intact', async (t) => {
+  const dir = join(work, 'killed-async')
+  t.deepEqual(await ranks(3, ['save-async', dir, join(work, 'ka1'), '0']), [0, 0, 0])
+  for (let r = 0; r < 3; r++) t.true(JSON.parse(readFileSync(join(work, `ka1.${r}.json`), 'utf8')).ok.replaced === false)
+  const before = readFileSync(join(dir, '.metadata'))
+  const files = readdirSync(dir).sort()
+  const data = files.map((f) => readFileSync(join(dir, f)))
+
+  const t0 = Date.now()
+  const codes = await ranks(3, ['save-async', dir, join(work, 'ka2'), '10'], { DISTCP_TEST_KILL_AT: 'write:1' })
+  t.deepEqual(codes, [0, null, 0]) // rank 1 died of SIGKILL
+  // within the collective timeout (4 s) plus start-up, not a hang
+  t.true(Date.now() - t0 < 60_000)
+  for (const r of [0, 2]) {
+    const rep = JSON.parse(readFileSync(join(work, `ka2.${r}.json`), 'utf8')) as { err: { code: string; message: string; failures: Record<string, string> }; staged: boolean }
+    // the bytes were staged in the call; the write is what failed
+    t.true(rep.staged)
+    t.is(rep.err.code, 'ERR_DISTCP_RANK_FAILED')
+    t.deepEqual(Object.keys(rep.err.failures), ['1'])
+    t.regex(rep.err.message, /step `write`.*rank 1: did not report within 4000 ms/)
+  }
+  // no .metadata change, no file added or removed, every byte as it was
+  t.deepEqual(readFileSync(join(dir, '.metadata')), before)
+  t.deepEqual(readdirSync(dir).sort(), files)
+  files.forEach((f, i) => t.deepEqual(readFileSync(join(dir, f)), data[i], f))
+  const ck = await openCheckpoint(dir)
+  const w = await ck.read('model.w')
+  t.deepEqual([...new Float32Array(w.data.buffer, w.data.byteOffset, 24)], Array.from({ length: 24 }, (_, i) => i * 0.5))
+  ck.close()
+})
