@@ -14,7 +14,7 @@
 //! [`RankLocalSave`] is torch's `use_collectives=False`: each rank writes `__{rank}_0.distcp` and its own
 //! `__{rank}.metadata`, with no coordination; the same crash safety, for that rank's files only.
 
-use crate::commit::{rank_lock_name, sync_dir, DirLock};
+use crate::commit::{rank_lock_name, start_writeback, sync_dir, DirLock};
 use crate::error::{Error, Result};
 use crate::metadata::{ItemMetadata, Metadata, PathElem, StorageInfo, StorageKey};
 use crate::write::flatten::{flatten, Layout};
@@ -32,6 +32,9 @@ use std::path::{Path, PathBuf};
 
 /// The most ranks one save may have (names and plans are sized from it).
 pub const MAX_RANKS: usize = 1 << 20;
+
+/// A rank's data file is handed to the disk (`sync_file_range`) every this many bytes as it is written.
+const WRITEBACK_BYTES: u64 = 32 << 20;
 
 /// One item of a rank's final plan: a flat key of its state dict, and for a tensor the chunk's offsets in the whole
 /// tensor (zeros for a replicated tensor); `None` for a non-tensor item.
@@ -89,8 +92,16 @@ pub fn write_rank_data(
   let mut out = BufWriter::with_capacity(256 << 10, file);
   let mut storage = Vec::with_capacity(planned.len());
   let mut pos = 0u64;
+  // where the last writeback kick ended: ranks write side by side, and the disk should start on their bytes at once
+  // rather than when the kernel's dirty threshold is reached (or at the final fsync)
+  let mut kicked = 0u64;
   for (item, pickled, _) in planned.iter().filter(|p| !p.2).chain(planned.iter().filter(|p| p.2)) {
     let (_, len) = write_archive(&mut out, pickled).map_err(io_err)?;
+    let in_kernel = pos.saturating_add(len).saturating_sub(out.buffer().len() as u64);
+    if sync && in_kernel.saturating_sub(kicked) >= WRITEBACK_BYTES {
+      start_writeback(out.get_ref(), kicked, in_kernel.saturating_sub(kicked));
+      kicked = in_kernel;
+    }
     storage.push((
       StorageKey { fqn: item.key.clone(), offset: item.offsets.clone() },
       StorageInfo {
