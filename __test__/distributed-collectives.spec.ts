@@ -207,6 +207,7 @@ test('saveCheckpoint / loadCheckpoint with a process group (also async): each ra
   t.true(errs.every((e) => e?.message === errs[0]?.message && e.message.includes('rank 1')), errs.map((e) => e?.message).join(' | '))
   t.false(existsSync(join(dir, 'w3', '.metadata')))
   await Promise.all(pgs.map((pg) => pg.destroy()))
+  rmSync(dir, { recursive: true, force: true })
 })
 
 // as a single-rank saveAsync, the ranks' data files are written on a thread of their own at nice 10
