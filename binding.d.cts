@@ -79,19 +79,43 @@ export declare class NativeDeviceBuffer {
   toHost(): Promise<Buffer>
 }
 
-/** The coordinator's (rank 0's) handle on a multi-rank save: holds the folder lock until `release()`. */
+/**
+ * One rank's part of a multi-rank conversion (`src/distributed/convert.ts`): the whole plan (every rank makes the
+ * same one from `.metadata`), of which this rank writes the tensors of the shards it was given, into the staged
+ * folder rank 0 holds; then fsyncs those shards, and (rank 0) writes the index. Each shard is written by one rank
+ * only, with the same core job as a single-process conversion, so the files are the same bytes.
+ */
+export declare class RankConvertJob {
+  /** Writes tensor `index` of the plan (its shard file is created with its header on its first tensor). */
+  writeTensor(index: number): Promise<number>
+  /** fsyncs `shards` (this rank's, all written); with `index`, writes and fsyncs `model.safetensors.index.json`. */
+  finish(shards: Array<number>, index: boolean): Promise<number>
+  /** Stops the tensor being written at its next slab; later writes fail with ERR_DISTCP_ABORTED. */
+  cancel(): void
+}
+
+/**
+ * A handle on a multi-rank save: rank 0's (the coordinator's, holding the folder lock) or, for a save without
+ * collectives, one rank's (holding the folder lock shared and its rank's lock); held until `release()`.
+ */
 export declare class RanksSaveHandle {
   /** Creates the folder, takes its lock (`ERR_DISTCP_LOCKED`), removes a dead writer's leftovers. */
   static begin(dir: string, worldSize: number): RanksSaveHandle
-  /** The file each rank writes, by rank. */
+  /**
+   * One rank's save without collectives (torch's `use_collectives=False`): creates the folder, takes the folder
+   * lock shared and this rank's lock (`ERR_DISTCP_LOCKED`), refuses a folder with a global `.metadata`
+   * (`ERR_DISTCP_GLOBAL_METADATA`), removes this rank's leftovers of a dead save.
+   */
+  static beginRankLocal(dir: string, rank: number): RanksSaveHandle
+  /** The file each rank writes, by rank (a save without collectives: this rank's file only). */
   fileNames(worldSize: number): Array<string>
   /** Whether something was at the path before (the ranks write temporary names). */
   replacing(): boolean
-  /** Commits the merged `.metadata` (JSON, see the module docs) on a worker thread; resolves to its size in bytes. */
+  /** Commits the metadata (JSON, see the module docs) on a worker thread; resolves to its size in bytes. */
   commit(metadata: string): Promise<number>
   /** Removes the files this save named (after a failure); the previous checkpoint is untouched. */
   abort(): void
-  /** Releases the folder lock. */
+  /** Releases the locks. */
   release(): void
 }
 
@@ -197,6 +221,9 @@ export declare function copyStaging(src: Array<Uint8Array>, dst: Array<Uint8Arra
 
 /** Starts a conversion into `dir` (an existing empty folder; the caller renames it into place when done). */
 export declare function createConvertJob(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number, dir: string): NativeConvertJob
+
+/** Plans the conversion of `entries` (as `planConvert`) and starts this rank's part of it, writing into `dir`. */
+export declare function createRankConvertJob(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number, dir: string): RankConvertJob
 
 /**
  * Probes the CUDA driver (loaded at run time) and lists the devices; without one, `available` is false and
@@ -334,9 +361,10 @@ export interface TensorWrittenJs {
 
 /**
  * Writes one rank's data file `dir/fileName` with the items of `plan` (JSON `[[key, offsets | null], …]`) from the
- * state dict `tree`; resolves to the storage entries as JSON.
+ * state dict `tree`; resolves to the storage entries as JSON. `background` (saveAsync) writes on a thread of lower
+ * CPU priority, as a single-rank `saveAsync` does (see `background.rs`).
  */
-export declare function writeRankDataFile(dir: string, fileName: string, tree: string, buffers: Array<Uint8Array>, plan: string, layout?: string | undefined | null): Promise<string>
+export declare function writeRankDataFile(dir: string, fileName: string, tree: string, buffers: Array<Uint8Array>, plan: string, layout?: string | undefined | null, background?: boolean | undefined | null): Promise<string>
 
 /**
  * Saves a state dict into the checkpoint folder `dir` (created if needed; an existing checkpoint is replaced

@@ -3,12 +3,12 @@
 // the failed rank), timeouts that list the ranks that never arrived, torchrun's environment variables, keys removed
 // once read, and the NeMo-style saveCheckpoint / loadCheckpoint across ranks.
 import test from 'ava'
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
-import { AsyncSaver, CheckpointError, initProcessGroup, loadCheckpoint, openCheckpoint, saveCheckpoint, type Model, type ProcessGroup } from '../src/index.js'
+import { AsyncSaver, CheckpointError, initProcessGroup, loadCheckpoint, openCheckpoint, save, saveCheckpoint, type Model, type ProcessGroup } from '../src/index.js'
 
 async function freePort(): Promise<number> {
   return new Promise((resolve) => {
@@ -207,4 +207,52 @@ test('saveCheckpoint / loadCheckpoint with a process group (also async): each ra
   t.true(errs.every((e) => e?.message === errs[0]?.message && e.message.includes('rank 1')), errs.map((e) => e?.message).join(' | '))
   t.false(existsSync(join(dir, 'w3', '.metadata')))
   await Promise.all(pgs.map((pg) => pg.destroy()))
+  rmSync(dir, { recursive: true, force: true })
+})
+
+// as a single-rank saveAsync, the ranks' data files are written on a thread of their own at nice 10
+// (crates/distcp-node/src/background.rs), a blocking save's are not. Seen from /proc while the writes run (Linux).
+test.serial('saveAsync with a process group writes each rank’s data file on a lower-priority thread; save does not', async (t) => {
+  if (process.platform !== 'linux') return t.pass()
+  const threads = (): { tid: string; name: string; nice: number }[] =>
+    readdirSync('/proc/self/task').flatMap((tid) => {
+      try {
+        const name = readFileSync(`/proc/self/task/${tid}/comm`, 'utf8').trim()
+        // field 19 of stat is the nice value; the command name (field 2) may hold spaces, so count after its ')'
+        const stat = readFileSync(`/proc/self/task/${tid}/stat`, 'utf8')
+        return [{ tid, name, nice: Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[16]) }]
+      } catch {
+        return []
+      }
+    })
+  const base = threads()[0].nice
+  const pgs = await group(2, 60_000)
+  const dir = mkdtempSync(join(tmpdir(), 'distcp-prio-'))
+  // rank r holds rows [r*32, r*32+32) of a 64 × 1 Mi float32 tensor: 128 MiB per rank
+  const slice = (r: number) => ({ w: { dtype: 'float32' as const, shape: [32, 1024 * 1024], data: new Uint8Array(128 * 2 ** 20).fill(r + 1), globalShape: [64, 1024 * 1024], globalOffsets: [r * 32, 0] } })
+  const watch = async (p: Promise<unknown>) => {
+    const seen = new Map<string, number>()
+    let done = false
+    void p.finally(() => (done = true)).catch(() => undefined)
+    while (!done) {
+      for (const th of threads()) if (th.name.startsWith('distcp-backgrou')) seen.set(th.tid, th.nice)
+      await new Promise((r) => setTimeout(r, 2))
+    }
+    await p
+    return seen
+  }
+  const savers = pgs.map(() => new AsyncSaver())
+  const bg = await watch(Promise.all(pgs.map((pg, r) => savers[r].save(slice(r), { checkpointId: join(dir, 'async'), processGroup: pg }).committed)))
+  t.true(bg.size > 0, 'a background writer was seen')
+  t.deepEqual([...new Set(bg.values())], [Math.max(base, 10)], `threads seen: ${JSON.stringify([...bg])}`)
+  const fg = await watch(Promise.all(pgs.map((pg, r) => save(slice(r), { checkpointId: join(dir, 'blocking'), processGroup: pg }))))
+  t.is(fg.size, 0)
+  t.true(threads().every((th) => th.nice === base || th.name.startsWith('distcp-backgrou')), 'no other thread was made nicer')
+  await Promise.all(savers.map((s) => s.close()))
+  await Promise.all(pgs.map((pg) => pg.destroy()))
+  const ck = await openCheckpoint(join(dir, 'async'))
+  const row = await ck.read('w', { offsets: [63, 0], sizes: [1, 4] })
+  t.deepEqual([...row.data.subarray(0, 4)], [2, 2, 2, 2])
+  ck.close()
+  rmSync(dir, { recursive: true, force: true })
 })

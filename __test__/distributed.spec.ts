@@ -5,11 +5,14 @@
 //   (interop/multirank_torch.py): the two `.metadata` agree (keys, chunks, sizes, which file holds which chunk,
 //   planner data) and the data files are byte-identical; torch loads Node's checkpoint on M ≠ N ranks bit for bit,
 //   and Node ranks load torch's on M ranks;
+// - without collectives (torch's use_collectives=False), N = 2, 3: the same file names as torch's, each rank's
+//   `__{rank}.metadata` agrees with torch's and its data file is byte-identical; torch loads Node's files and Node
+//   loads torch's, bit for bit;
 // - a rank killed (kill -9) mid-save: the others reject naming it, no `.metadata` is written, and the previous
 //   checkpoint at that path is intact.
 import test from 'ava'
 import { spawn, spawnSync } from 'node:child_process'
-import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs'
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -43,8 +46,8 @@ async function run(n: number, args: string[]): Promise<void> {
   if (r.status !== 0) throw new Error(`torchrun ${args.join(' ')} failed (${r.status} ${r.signal}):\n${r.stdout}\n${r.stderr.slice(-4000)}`)
 }
 
-const meta = (dir: string): Record<string, unknown> =>
-  JSON.parse(spawnSync(pythonPath(), ['interop/multirank_torch.py', 'meta', dir], { cwd: root, encoding: 'utf8' }).stdout)
+const meta = (dir: string, file = '.metadata'): Record<string, unknown> =>
+  JSON.parse(spawnSync(pythonPath(), ['interop/multirank_torch.py', 'meta', dir, file], { cwd: root, encoding: 'utf8' }).stdout)
 
 const reports = (prefix: string, n: number): Record<string, unknown>[] =>
   Array.from({ length: n }, (_, r) => JSON.parse(readFileSync(`${prefix}.${r}.json`, 'utf8')))
@@ -178,6 +181,47 @@ for (const [n, m] of [
   })
 }
 
+for (const n of [2, 3]) {
+  test.serial(`${n} Node ranks save without collectives as ${n} torch ranks do with use_collectives=False, and each loads the other’s`, async (t) => {
+    const ours = join(work, `local-node${n}`)
+    const theirs = join(work, `local-torch${n}`)
+    await run(n, ['--no-python', 'node', ...worker, 'save-local', ours, join(work, `lsave${n}`), '0'])
+    for (const r of reports(join(work, `lsave${n}`), n)) t.truthy(r.ok, JSON.stringify(r))
+    await run(n, ['interop/multirank_torch.py', 'save-local', theirs, '0'])
+
+    const files = readdirSync(ours).sort()
+    t.deepEqual(files, readdirSync(theirs).sort())
+    t.deepEqual(files, Array.from({ length: n }, (_, r) => [`__${r}.metadata`, `__${r}_0.distcp`]).flat().sort())
+    for (let r = 0; r < n; r++) {
+      const a = meta(ours, `__${r}.metadata`)
+      t.deepEqual(a, meta(theirs, `__${r}.metadata`), `rank ${r}`)
+      // each rank lists its own chunks only, and its replicated tensor itself
+      t.deepEqual((a.items as Record<string, { chunks: unknown[] }>)['model.w'].chunks.length, 1)
+      t.true((a.storage as unknown[][]).every((e) => e[3] === `__${r}_0.distcp`))
+      t.deepEqual(readFileSync(join(ours, `__${r}_0.distcp`)), readFileSync(join(theirs, `__${r}_0.distcp`)), `__${r}_0.distcp`)
+    }
+
+    await run(n, ['interop/multirank_torch.py', 'load', ours, '0', join(work, `ltload${n}`)])
+    for (const r of reports(join(work, `ltload${n}`), n)) t.deepEqual(r.bad, [], JSON.stringify(r))
+    await run(n, ['--no-python', 'node', ...worker, 'load', theirs, join(work, `lnload${n}`), '0'])
+    for (const r of reports(join(work, `lnload${n}`), n)) {
+      t.truthy(r.ok, JSON.stringify(r))
+      t.deepEqual(r.ok, r.expected)
+    }
+
+    // saving again replaces each rank's own files; a folder with a global .metadata is refused
+    await run(n, ['--no-python', 'node', ...worker, 'save-local', ours, join(work, `lsave${n}b`), '5'])
+    for (const r of reports(join(work, `lsave${n}b`), n)) t.true((r.ok as { replaced: boolean }).replaced, JSON.stringify(r))
+    t.deepEqual(readdirSync(ours).sort(), files)
+    const global = join(work, `global${n}`)
+    mkdirSync(global)
+    writeFileSync(join(global, '.metadata'), 'a checkpoint saved with collectives')
+    await run(n, ['--no-python', 'node', ...worker, 'save-local', global, join(work, `lsave${n}c`), '0'])
+    for (const r of reports(join(work, `lsave${n}c`), n)) t.is((r.err as { code: string }).code, 'ERR_DISTCP_GLOBAL_METADATA', JSON.stringify(r))
+    t.deepEqual(readdirSync(global), ['.metadata'])
+  })
+}
+
 /** N Node ranks started directly (any launcher that sets the torchrun variables), rank-0-hosted store. */
 async function ranks(n: number, args: string[], env: Record<string, string> = {}): Promise<(number | null)[]> {
   const port = await freePort()
@@ -220,4 +264,35 @@ test.serial('a rank killed mid-save: the others reject naming it, no .metadata i
   ck2.close()
   const rep = JSON.parse(readFileSync(join(work, 'k3.0.json'), 'utf8')) as { ok: { replaced: boolean } }
   t.true(rep.ok.replaced)
+})
+
+test.serial('a rank killed during an async save (saveAsync with a process group): the others reject naming it, no .metadata is written, the previous checkpoint is intact', async (t) => {
+  const dir = join(work, 'killed-async')
+  t.deepEqual(await ranks(3, ['save-async', dir, join(work, 'ka1'), '0']), [0, 0, 0])
+  for (let r = 0; r < 3; r++) t.true(JSON.parse(readFileSync(join(work, `ka1.${r}.json`), 'utf8')).ok.replaced === false)
+  const before = readFileSync(join(dir, '.metadata'))
+  const files = readdirSync(dir).sort()
+  const data = files.map((f) => readFileSync(join(dir, f)))
+
+  const t0 = Date.now()
+  const codes = await ranks(3, ['save-async', dir, join(work, 'ka2'), '10'], { DISTCP_TEST_KILL_AT: 'write:1' })
+  t.deepEqual(codes, [0, null, 0]) // rank 1 died of SIGKILL
+  // within the collective timeout (4 s) plus start-up, not a hang
+  t.true(Date.now() - t0 < 60_000)
+  for (const r of [0, 2]) {
+    const rep = JSON.parse(readFileSync(join(work, `ka2.${r}.json`), 'utf8')) as { err: { code: string; message: string; failures: Record<string, string> }; staged: boolean }
+    // the bytes were staged in the call; the write is what failed
+    t.true(rep.staged)
+    t.is(rep.err.code, 'ERR_DISTCP_RANK_FAILED')
+    t.deepEqual(Object.keys(rep.err.failures), ['1'])
+    t.regex(rep.err.message, /step `write`.*rank 1: did not report within 4000 ms/)
+  }
+  // no .metadata change, no file added or removed, every byte as it was
+  t.deepEqual(readFileSync(join(dir, '.metadata')), before)
+  t.deepEqual(readdirSync(dir).sort(), files)
+  files.forEach((f, i) => t.deepEqual(readFileSync(join(dir, f)), data[i], f))
+  const ck = await openCheckpoint(dir)
+  const w = await ck.read('model.w')
+  t.deepEqual([...new Float32Array(w.data.buffer, w.data.byteOffset, 24)], Array.from({ length: 24 }, (_, i) => i * 0.5))
+  ck.close()
 })

@@ -3,10 +3,13 @@
 Under torchrun (gloo, CPU):
   save CKPT BASE          dcp.save of the state (DTensor Shard(0)/Shard(1) slices, a replicated plain tensor,
                           optimizer state, plain values)
-  load CKPT BASE REPORT   dcp.load into zeroed DTensors on this world size; every value is compared bit for bit
-                          with the formulas; writes REPORT.<rank>.json
+  save-local CKPT BASE    the same with use_collectives=False (each rank writes __{rank}.metadata)
+  load CKPT BASE REPORT   dcp.load into zeroed DTensors on this world size (from .metadata, or each rank from its
+                          __{rank}.metadata when there is none); every value is compared bit for bit with the
+                          formulas; writes REPORT.<rank>.json
 Without torchrun:
-  meta CKPT               .metadata as JSON: items (size, dtype, chunks), which file holds each chunk, planner_data
+  meta CKPT [FILE]        .metadata (or FILE, e.g. __1.metadata) as JSON: items (size, dtype, chunks), which file
+                          holds each chunk, planner_data
 """
 import json
 import os
@@ -44,7 +47,8 @@ def state(base: float, fill: bool, mesh):
 def main():
     mode = sys.argv[1]
     if mode == "meta":
-        with open(os.path.join(sys.argv[2], ".metadata"), "rb") as f:
+        name = sys.argv[3] if len(sys.argv) > 3 else ".metadata"
+        with open(os.path.join(sys.argv[2], name), "rb") as f:
             md = pickle.load(f)
         items = {}
         for k, v in md.state_dict_metadata.items():
@@ -68,9 +72,9 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     ckpt, base = sys.argv[2], float(sys.argv[3])
-    if mode == "save":
+    if mode in ("save", "save-local"):
         sd, _ = state(base, True, mesh)
-        dcp.save(sd, checkpoint_id=ckpt)
+        dcp.save(sd, checkpoint_id=ckpt, use_collectives=mode == "save")
     else:
         sd, want = state(base, False, mesh)
         dcp.load(sd, checkpoint_id=ckpt)

@@ -146,7 +146,10 @@ export class AsyncSaver {
     const pg = options?.processGroup
     const doStage = (): Promise<StagedSave | StagedRanks> => {
       if (job.cancelled) return Promise.reject(job.cancelled)
-      if (pg) return stageRanks(stateDict, { checkpointId, processGroup: pg, layout: options.layout }, this.pool)
+      if (pg) {
+        const { layout, useCollectives } = options
+        return stageRanks(stateDict, { checkpointId, processGroup: pg, layout, useCollectives, background: true }, this.pool)
+      }
       return stageSave(stateDict, options, this.pool)
     }
     // when a slot is free the copy runs in this call (staging is synchronous up to its first await)

@@ -2,18 +2,21 @@ import { basename } from 'node:path'
 import { openCheckpoint, retarget, type Checkpoint, type TensorInfo, type ObjectInfo } from './checkpoint.js'
 import { convertDcpToHf, planDcpToHf, printPlan, type ConvertOptions, type ConvertPlan, type ConvertProgress } from './convert.js'
 import { DistcpError } from './errors.js'
+import { initProcessGroup, type ProcessGroup } from './distributed/group.js'
 
 const USAGE = `usage:
   distcp inspect <checkpoint-dir> [--json] [--rank N]
   distcp convert <dcp-dir> <hf-out> --config <model dir or hub name> [--tokenizer <dir or hub name>]
                  [--dtype bf16|fp16|fp32|float8_e4m3fn|float8_e5m2] [--max-shard-size 5GB] [--hf-override key=value]... [--overwrite]
-                 [--dry-run] [--json]
+                 [--dry-run] [--json] [--rank R --world W [--master-addr HOST] [--master-port PORT]]
   distcp retarget <checkpoint-dir> --torch 2.13 [--no-keep-original] [--json]
 
   inspect   list every key of a checkpoint (dtype, shape, chunks, bytes, files), its layout and writer, and totals
   convert   write a Hugging Face folder (safetensors shards, config, tokenizer) from a checkpoint: DCP (torch.save
             or safetensors records), torch's HF storage shards, a Hugging Face folder or a NeMo-RL run folder
-            (with no --tokenizer, the tokenizer NeMo-RL saved beside the weights is used when there is one)
+            (with no --tokenizer, the tokenizer NeMo-RL saved beside the weights is used when there is one);
+            with --rank/--world (or under torchrun: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) every rank writes
+            its share of the shards and rank 0 commits the output once all succeeded (same bytes as one process)
   retarget  rewrite only .metadata (and rank-local __N.metadata) so that an older torch loads the checkpoint
             (torch 2.15's .metadata needs torch >= 2.15); each original is kept as <name>.orig
 
@@ -186,7 +189,8 @@ async function convertCommand(rest: string[]): Promise<number> {
   let config: string | undefined
   let tokenizer: string | undefined
   let json = false
-  const valued = new Set(['--config', '--tokenizer', '--dtype', '--max-shard-size', '--hf-override'])
+  const valued = new Set(['--config', '--tokenizer', '--dtype', '--max-shard-size', '--hf-override', '--rank', '--world', '--master-addr', '--master-port'])
+  const group: { rank?: number; worldSize?: number; masterAddr?: string; masterPort?: number } = {}
   for (let i = 0; i < rest.length; i++) {
     const a = rest[i]
     if (valued.has(a)) {
@@ -195,6 +199,10 @@ async function convertCommand(rest: string[]): Promise<number> {
       if (a === '--config') config = v
       else if (a === '--tokenizer') tokenizer = v
       else if (a === '--dtype') opts.dtype = v as ConvertOptions['dtype']
+      else if (a === '--rank' || a === '--world' || a === '--master-port') {
+        if (!/^\d+$/.test(v)) return usageError(`${a} needs a non-negative integer, got \`${v}\``)
+        group[a === '--rank' ? 'rank' : a === '--world' ? 'worldSize' : 'masterPort'] = Number(v)
+      } else if (a === '--master-addr') group.masterAddr = v
       else if (a === '--hf-override') {
         const eq = v.indexOf('=')
         if (eq < 1) return usageError(`--hf-override needs key=value, got \`${v}\``)
@@ -210,7 +218,12 @@ async function convertCommand(rest: string[]): Promise<number> {
   if (positional.length !== 2) return usageError('convert needs <dcp-dir> and <hf-out>')
   if (!config) return usageError('convert needs --config <model dir or hub name> (for config.json)')
   const [dcp, out] = positional
+  if ((group.rank === undefined) !== (group.worldSize === undefined)) return usageError('--rank and --world go together')
+  // under torchrun (or any launcher setting its variables) every rank converts its share
+  const ranked = group.worldSize !== undefined || Number(process.env.WORLD_SIZE ?? '1') > 1
+  let pg: ProcessGroup | undefined
   try {
+    if (ranked && !opts.dryRun) opts.processGroup = pg = await initProcessGroup(group)
     if (opts.dryRun) {
       const plan = await planDcpToHf(dcp, out, config, tokenizer, opts)
       if (json) console.log(JSON.stringify(plan, null, 2))
@@ -221,6 +234,8 @@ async function convertCommand(rest: string[]): Promise<number> {
     let planned: ConvertPlan | undefined
     await convertDcpToHf(dcp, out, config, tokenizer, { ...opts, onProgress: progressReporter(json), onPlan: (p) => (planned = p) })
     const plan = planned as ConvertPlan
+    // one summary for the output, from the rank that committed it
+    if (pg && pg.rank !== 0) return 0
     const seconds = (performance.now() - started) / 1000
     const summary = {
       output: out,
@@ -243,6 +258,8 @@ async function convertCommand(rest: string[]): Promise<number> {
     return 0
   } catch (e) {
     return fail(e)
+  } finally {
+    await pg?.destroy()
   }
 }
 

@@ -7,6 +7,8 @@ import { awaitNative, callNative, DistcpError } from './errors.js'
 import { resolveModel, TOKENIZER_DIRS, TOKENIZER_FILES } from './hf.js'
 import { native, type CheckpointLayout } from './native.js'
 import type { DType } from './tensor.js'
+import type { ProcessGroup } from './distributed/group.js'
+import { convertRanks } from './distributed/convert.js'
 
 /** Progress of a conversion, reported after every tensor. */
 export interface ConvertProgress {
@@ -61,6 +63,14 @@ export interface ConvertOptions {
    * passes them to `AutoConfig.from_pretrained(name, **hf_overrides)`: the written `config.json` carries them.
    */
   hfOverrides?: Record<string, unknown>
+  /**
+   * Convert together with the other ranks of this group (see `initProcessGroup`; every rank calls with the same
+   * arguments): each rank writes its share of the shards, rank 0 the index and config once all succeeded; the
+   * output is the same bytes as a single-process conversion, and a failure on any rank fails every rank and leaves
+   * nothing. The output folder must be the same folder for every rank (a shared file system across hosts).
+   * `onProgress` reports this rank's share.
+   */
+  processGroup?: ProcessGroup
 }
 
 export interface PlannedTensor {
@@ -139,7 +149,8 @@ function resolveDtype(d: ConvertOptions['dtype']): DType | undefined {
   return dtype
 }
 
-interface Prepared {
+/** What every conversion (single-process, or one rank's, `src/distributed/convert.ts`) works from. @internal */
+export interface Prepared {
   ck: Checkpoint
   ckDir: string
   layout: CheckpointLayout
@@ -156,7 +167,8 @@ interface Prepared {
 
 const EMBEDDING_NAMES = ['model.embed_tokens.weight', 'transformer.wte.weight', 'model.decoder.embed_tokens.weight', 'embed_tokens.weight']
 
-async function prepare(dcpPath: string, hfPath: string, modelNameOrPath: string, tokenizerNameOrPath: string | undefined, options: ConvertOptions): Promise<Prepared> {
+/** @internal */
+export async function prepare(dcpPath: string, hfPath: string, modelNameOrPath: string, tokenizerNameOrPath: string | undefined, options: ConvertOptions): Promise<Prepared> {
   const warn = options.onWarning ?? ((m: string) => console.warn(`distcp: ${m}`))
   // the output may not be, contain or lie inside the input (after realpath): the rule lives in the core
   callNative(() => native.checkConvertOutput(hfPath, [dcpPath]))
@@ -269,7 +281,8 @@ async function prepareOpen(
   }
 }
 
-function extraFileList(p: Prepared): { from: string; to: string }[] {
+/** @internal */
+export function extraFileList(p: Prepared): { from: string; to: string }[] {
   const files: { from: string; to: string }[] = []
   if (p.modelDir && existsSync(join(p.modelDir, 'generation_config.json'))) {
     files.push({ from: join(p.modelDir, 'generation_config.json'), to: 'generation_config.json' })
@@ -288,7 +301,8 @@ function extraFileList(p: Prepared): { from: string; to: string }[] {
   return files
 }
 
-function planOf(p: Prepared): ConvertPlan {
+/** @internal */
+export function planOf(p: Prepared): ConvertPlan {
   const raw = callNative(() => native.planConvert(p.ck.nativeHandle(), p.entries, p.dtype, p.maxShard))
   const plan = JSON.parse(raw) as Omit<ConvertPlan, 'skipped' | 'extraFiles' | 'checkpoint' | 'layout' | 'writer' | 'tokenizer'>
   return {
@@ -303,7 +317,8 @@ function planOf(p: Prepared): ConvertPlan {
 }
 
 /** The config with its dtype field(s) set to what the weights are stored as. */
-function configFor(config: Record<string, unknown>, plan: ConvertPlan): string {
+/** @internal */
+export function configFor(config: Record<string, unknown>, plan: ConvertPlan): string {
   const bytesByDtype = new Map<string, number>()
   for (const t of plan.tensors) {
     if (['float32', 'bfloat16', 'float16', 'float64'].includes(t.dtype)) bytesByDtype.set(t.dtype, (bytesByDtype.get(t.dtype) ?? 0) + t.nbytes)
@@ -335,7 +350,8 @@ export async function planDcpToHf(
   }
 }
 
-async function fsyncPath(path: string): Promise<void> {
+/** @internal */
+export async function fsyncPath(path: string): Promise<void> {
   const fh = await open(path, 'r')
   try {
     await fh.sync()
@@ -356,6 +372,7 @@ export async function convertDcpToHf(
   tokenizerNameOrPath?: string,
   options: ConvertOptions = {},
 ): Promise<string> {
+  if (options.processGroup) return convertRanks(dcpCkptPath, hfCkptPath, modelNameOrPath, tokenizerNameOrPath, { ...options, processGroup: options.processGroup })
   callNative(() => native.checkConvertOutput(hfCkptPath, [dcpCkptPath]))
   if (existsSync(hfCkptPath) && !options.overwrite && !options.dryRun) {
     throw new DistcpError('ERR_DISTCP_EXISTS', `HF checkpoint already exists at ${hfCkptPath}. Delete it to run or set overwrite=True.`)

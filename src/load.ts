@@ -193,6 +193,8 @@ const fmtTensor = (dtype: DType | string, shape: readonly number[]): string => `
 export interface InternalLoadOptions extends LoadOptions {
   /** Checkpoint keys that are not an error when the state dict lacks them (the seed ignores a saved scheduler). */
   ignoreUnexpected?: (key: string) => boolean
+  /** Which rank-local `__{rank}.metadata` to read when there is no `.metadata` (a load with a process group). */
+  rank?: number
 }
 
 /**
@@ -212,7 +214,7 @@ export interface InternalLoadOptions extends LoadOptions {
  */
 export async function load(stateDict: LoadStateDict, options: LoadOptions): Promise<LoadReport> {
   if (options?.processGroup) return loadRanks(stateDict, options, load)
-  const { checkpointId, strict = true, ignoreUnexpected, device } = options as InternalLoadOptions
+  const { checkpointId, strict = true, ignoreUnexpected, device, rank } = options as InternalLoadOptions
   if (typeof checkpointId !== 'string' || checkpointId === '') {
     throw new DistcpError('ERR_DISTCP_INVALID_INPUT', 'load: options.checkpointId must be a folder path')
   }
@@ -226,7 +228,7 @@ export async function load(stateDict: LoadStateDict, options: LoadOptions): Prom
     sd[k] = isStateful(v) ? await v.stateDict() : (v as StateValue)
   }
 
-  const ck = await openCheckpoint(checkpointId)
+  const ck = await openCheckpoint(checkpointId, { rank })
   let report: LoadReport
   try {
     const ckKeys = ck.keys()

@@ -40,6 +40,14 @@ export interface SaveOptions {
    * `__{rank}_0.distcp` and rank 0 writes `.metadata` last, after every rank succeeded (`src/distributed/save.ts`).
    */
   processGroup?: ProcessGroup
+  /**
+   * With `processGroup`: `false` saves without coordination, as torch's `dcp.save(..., use_collectives=False)`:
+   * each rank writes `__{rank}_0.distcp` and its own `__{rank}.metadata` (no `.metadata`; `load` with the group
+   * reads each rank's own file), replacing only its own files. A folder holding a `.metadata` is refused
+   * (`ERR_DISTCP_GLOBAL_METADATA`: readers would load that instead). Unlike torch, no barrier is waited at the end.
+   * Default `true`.
+   */
+  useCollectives?: boolean
   /** @internal test hook: stop the save at a point, with an error or (abort: true) by killing the process. */
   _testFailAt?: { point: string; abort?: boolean }
 }
@@ -401,11 +409,11 @@ export async function writeStaged(s: StagedSave, { background = false }: { backg
  */
 export async function save(stateDict: SaveStateDict, options: SaveOptions): Promise<SaveResult> {
   if (options?.processGroup) {
-    const { checkpointId, layout, processGroup } = options
+    const { checkpointId, layout, processGroup, useCollectives } = options
     if (typeof checkpointId !== 'string' || checkpointId === '') {
       throw new DistcpError('ERR_DISTCP_INVALID_INPUT', 'save: options.checkpointId must be a folder path')
     }
-    return saveRanks(stateDict, { checkpointId, layout, processGroup })
+    return saveRanks(stateDict, { checkpointId, layout, processGroup, useCollectives })
   }
   return saveOverlapped(stateDict, options)
 }

@@ -92,7 +92,8 @@ export function globalMetadata(finalPlans: WriteItem[][], localPlans: LocalPlan[
       t.chunks.push([w.offsets as number[], w.sizes as number[]])
     }
   }
-  validateCoverage(md)
+  // torch checks that the chunks fill each tensor only for a plan of several ranks (`len(global_plan) > 1`)
+  validateCoverage(md, localPlans.length > 1)
   const order = new Map<string, true>()
   for (let p = localPlans.length - 1; p >= 0; p--) for (const [k] of localPlans[p].planner) order.set(k, true)
   const planner: [string, unknown[]][] = []
@@ -103,8 +104,8 @@ export function globalMetadata(finalPlans: WriteItem[][], localPlans: LocalPlan[
   return { items: [...md.entries()], planner }
 }
 
-/** `_validate_global_plan`: chunks inside the tensor, not overlapping, covering it exactly. */
-function validateCoverage(md: Map<string, ItemMeta>): void {
+/** `_validate_global_plan`: chunks inside the tensor, not overlapping, and (`fill`) covering it exactly. */
+function validateCoverage(md: Map<string, ItemMeta>, fill: boolean): void {
   for (const [fqn, t] of md) {
     if (!t) continue
     const total = t.size.reduce((a, b) => a * b, 1)
@@ -120,7 +121,7 @@ function validateCoverage(md: Map<string, ItemMeta>): void {
         }
       }
     }
-    if (covered !== total) {
+    if (fill && covered !== total) {
       throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `\`${fqn}\`: the ranks' slices cover ${covered} of ${total} elements of [${t.size}]`)
     }
   }

@@ -4,10 +4,14 @@
  * names every rank's file, sends each rank its final plan; each rank writes its data file; `all_reduce("write")` —
  * rank 0 gathers the write results and, only when every rank succeeded, writes `.metadata` last. Any failure makes
  * every rank reject with the same {@link CheckpointError} naming the failed ranks, and no `.metadata` is written.
+ *
+ * Without collectives (`useCollectives: false`, torch's `use_collectives=False`) each rank plans, writes and
+ * commits alone: `__{rank}_0.distcp` and its own `__{rank}.metadata` (all its items, replicated ones included;
+ * its chunks of a sharded tensor), under the folder lock held shared and its rank's lock held exclusively.
  */
 import { deviceLeavesOf } from '../cuda.js'
 import { stagingPool, type Staged, type StagingLease, type StagingPool } from '../staging.js'
-import { DistcpError } from '../errors.js'
+import { awaitNative, callNative, DistcpError } from '../errors.js'
 import { flattenEncoded } from '../load.js'
 import { native } from '../native.js'
 import { Encoder, topLevel, type SaveResult, type SaveStateDict } from '../save.js'
@@ -39,6 +43,10 @@ export interface RanksSaveOptions {
   layout?: '2.4' | '2.3'
   /** torch's `dedup_save_to_lowest_rank`. */
   saveToLowestRank?: boolean
+  /** `false`: torch's `use_collectives=False` (see the module docs). */
+  useCollectives?: boolean
+  /** Write the data file at a lower CPU priority (`saveAsync`). */
+  background?: boolean
 }
 
 function isInt(n: unknown): n is number {
@@ -133,9 +141,45 @@ export async function saveRanks(stateDict: SaveStateDict, options: RanksSaveOpti
 /** This rank's staged part (its local plan, the tagged tree and the staged bytes), or why staging failed. */
 type RankLocal = { plan: LocalPlan; treeJson: string; copies: Uint8Array[] } | { error: unknown }
 
+/** This rank's save without collectives: its own data file and `__{rank}.metadata`, no other rank involved. */
+async function writeRankLocal(options: RanksSaveOptions, local: RankLocal): Promise<RanksSaveResult> {
+  const { checkpointId, processGroup: pg, layout = '2.4', background = false } = options
+  if ('error' in local) throw local.error
+  const { plan, treeJson, copies } = local
+  // torch's `global_step([local_plan])`: one plan, nothing to dedup, its chunks need not cover a sharded tensor
+  const md = globalMetadata([plan.items], [plan])
+  const handle = callNative(() => native.RanksSaveHandle.beginRankLocal(checkpointId, pg.rank))
+  let committed = false
+  try {
+    const [file] = callNative(() => handle.fileNames(1))
+    const items = plan.items.map((w) => [w.fqn, w.type === 'bytes' ? null : w.offsets])
+    const storage = JSON.parse(
+      await awaitNative(() => native.writeRankDataFile(checkpointId, file, treeJson, copies, JSON.stringify(items), layout, background)),
+    ) as [string, number[] | null, string, number, number][]
+    const metadataBytes = await awaitNative(() => handle.commit(JSON.stringify({ items: md.items, planner: md.planner, storage, version: '1.0.0' })))
+    committed = true
+    const tensors = md.items.filter(([, m]) => m).length
+    return {
+      keys: md.items.map(([k]) => k),
+      tensors,
+      objects: md.items.length - tensors,
+      dataFile: file.replace(/\.distcp\.[0-9a-z]+\.tmp$/, '.distcp'),
+      dataBytes: storage.reduce((n, e) => Math.max(n, e[3] + e[4]), 0),
+      metadataBytes,
+      replaced: callNative(() => handle.replacing()),
+      rank: pg.rank,
+      worldSize: pg.worldSize,
+    }
+  } finally {
+    if (!committed) handle.abort()
+    handle.release()
+  }
+}
+
 /** The coordinated part of a multi-rank save, from this rank's staged part. */
 async function writeRanks(options: RanksSaveOptions, local: RankLocal): Promise<RanksSaveResult> {
-  const { checkpointId, processGroup: pg, layout = '2.4', saveToLowestRank = false } = options
+  if (options.useCollectives === false) return writeRankLocal(options, local)
+  const { checkpointId, processGroup: pg, layout = '2.4', saveToLowestRank = false, background = false } = options
   const { plan, treeJson, copies } = 'error' in local ? { plan: null, treeJson: '', copies: [] } : local
   let handle: InstanceType<typeof native.RanksSaveHandle> | null = null
   let merged: ReturnType<typeof globalMetadata> | null = null
@@ -165,7 +209,7 @@ async function writeRanks(options: RanksSaveOptions, local: RankLocal): Promise<
       async (): Promise<Written> => {
         // test hook: `write:<rank>` kills this rank (kill -9) after the plan, while the others write
         if (process.env.DISTCP_TEST_KILL_AT === `write:${pg.rank}`) process.kill(process.pid, 'SIGKILL')
-        const s = await native.writeRankDataFile(checkpointId, mine.file, treeJson, copies, JSON.stringify(mine.items), layout)
+        const s = await native.writeRankDataFile(checkpointId, mine.file, treeJson, copies, JSON.stringify(mine.items), layout, background)
         return { storage: JSON.parse(s) as Written['storage'] }
       },
       async (all: Written[]) => {

@@ -16,6 +16,7 @@ use crate::plan::{check_region, plan_region, ChunkRead, Region};
 use crate::source::{open_regular, FileRegion};
 pub use crate::source::{DataFile, Fixup, ResolvedChunk, Source};
 use crate::torch_save::{self, PyObject, RecordError, TensorRecord};
+use crate::write::save::is_rank_metadata;
 use crate::zip::ZipError;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io::Read;
@@ -267,7 +268,11 @@ impl Checkpoint {
     let bytes = read_metadata_file(&metadata_path)?;
     let metadata = Metadata::parse(&bytes, &metadata_path)?;
     drop(bytes);
-    metadata.validate(&metadata_path)?;
+    if metadata_path.file_name().and_then(|n| n.to_str()).is_some_and(is_rank_metadata) {
+      metadata.validate_rank_local(&metadata_path)?;
+    } else {
+      metadata.validate(&metadata_path)?;
+    }
     let canonical_root = root.canonicalize().map_err(|e| Error::io(&root, e))?;
     // in key order, so the error names the first offending key the same way every time
     let mut unsafe_paths: Vec<(&StorageKey, &StorageInfo)> =
@@ -742,8 +747,20 @@ impl Checkpoint {
         ),
       ));
     }
-    // chunks cover the tensor exactly (validated at open), so the plan covers the box
     let plan = plan_region(t, region);
+    // chunks are disjoint (validated at open), so the box is covered when the overlaps add up to it: always so in
+    // a `.metadata`, where chunks cover the tensor; a rank-local `__{rank}.metadata` may hold only part of it
+    if plan.iter().try_fold(0u64, |n, r| n.checked_add(r.numel())) != region.numel() {
+      return Err(self.bad_request(
+        key,
+        format!(
+          "the box {:?} at {:?} is not all in {} (it holds only some chunks of the tensor)",
+          region.sizes,
+          region.offsets,
+          self.metadata_path.display()
+        ),
+      ));
+    }
     let chunks: Vec<Arc<ResolvedChunk>> =
       plan.iter().map(|r| self.resolve_chunk(key, r.chunk)).collect::<Result<_>>()?;
     // start the disk on every chunk this read needs before copying from the first

@@ -7,7 +7,9 @@
 //! which the holder writes into the file). The holder removes the lock file while it still holds the lock, and a
 //! taker checks after `flock` that the file it locked is still the one at the path (else it retries), so removing
 //! it is safe and a finished folder has no lock file. On a file system without `flock` (some network mounts) the
-//! writer proceeds unlocked and leftovers are only removed when their name shows a dead writer.
+//! writer proceeds unlocked and leftovers are only removed when their name shows a dead writer. The ranks of a
+//! rank-local save (`use_collectives=False`) hold the lock shared instead, each with an exclusive lock of its own
+//! rank (`.distcp-rank-<r>.lock`): they write beside each other, and no exclusive writer runs while they do.
 //!
 //! **Leftovers.** Because every writer holds the lock, anything temporary found by the lock holder belongs to a
 //! dead writer: it is finished (journal) or removed. Temporary folders are named
@@ -31,6 +33,10 @@ use std::path::{Component, Path, PathBuf};
 
 /// The lock file every distcp writer holds for the whole write.
 pub const LOCK_FILE: &str = ".distcp.lock";
+/// The lock file one rank of a rank-local save holds exclusively (beside a shared hold of [`LOCK_FILE`]).
+pub fn rank_lock_name(rank: usize) -> String {
+  format!(".distcp-rank-{rank}.lock")
+}
 /// Prefix of the temporary folder a staged output is written into (inside the output folder).
 pub const TMP_DIR_PREFIX: &str = ".distcp-tmp-";
 /// The journal of a commit in progress.
@@ -112,19 +118,42 @@ fn pid_alive(pid: i32) -> bool {
   }
 }
 
-/// An exclusive advisory lock on a folder, held until dropped (see the module doc).
+/// An advisory lock on a folder, held until dropped (see the module doc): exclusive, or shared (rank-local saves,
+/// [`crate::write::ranks::RankLocalSave`]: the ranks of one job hold the folder lock together, and any exclusive
+/// writer is refused while they do).
 #[derive(Debug)]
 pub struct DirLock {
   /// `None` where the file system has no `flock`: the write goes on unlocked.
   file: Option<File>,
   path: PathBuf,
+  shared: bool,
 }
+
+/// How often a shared taker retries while the lock is held exclusively (1 ms apart) before it reports the folder
+/// locked: a shared holder that lets go takes the lock exclusively for a moment (see `Drop`), which is no writer.
+const SHARED_RETRIES: u32 = 200;
 
 impl DirLock {
   /// Takes the lock of the existing folder `dir`, or fails with `ERR_DISTCP_LOCKED` if a writer holds it.
   pub fn acquire(dir: &Path) -> Result<DirLock> {
-    let path = dir.join(LOCK_FILE);
-    for _ in 0..64 {
+    DirLock::take(dir, LOCK_FILE, false)
+  }
+
+  /// Takes the folder lock of `dir` shared with other shared holders; fails with `ERR_DISTCP_LOCKED` while an
+  /// exclusive writer holds it (and makes exclusive writers fail while it is held).
+  pub fn acquire_shared(dir: &Path) -> Result<DirLock> {
+    DirLock::take(dir, LOCK_FILE, true)
+  }
+
+  /// Takes the exclusive lock file `name` of `dir` (a lock on one part of the folder, e.g. one rank's files).
+  pub fn acquire_named(dir: &Path, name: &str) -> Result<DirLock> {
+    DirLock::take(dir, name, false)
+  }
+
+  fn take(dir: &Path, name: &str, shared: bool) -> Result<DirLock> {
+    let path = dir.join(name);
+    let (mut replaced, mut busy) = (0u32, 0u32);
+    while replaced < 64 {
       let mut file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -132,23 +161,32 @@ impl DirLock {
         .truncate(false)
         .open(&path)
         .map_err(|e| Error::io(&path, e))?;
-      match try_flock(&file) {
+      match try_flock(&file, shared) {
         Ok(true) => {}
+        Ok(false) if shared && busy < SHARED_RETRIES => {
+          busy += 1;
+          std::thread::sleep(std::time::Duration::from_millis(1));
+          continue;
+        }
         Ok(false) => {
           let mut text = String::new();
           let _ = file.read_to_string(&mut text);
           return Err(Error::Locked { path: dir.to_path_buf(), pid: text.trim().parse().ok() });
         }
-        Err(e) if lock_unsupported(&e) => return Ok(DirLock { file: None, path }),
+        Err(e) if lock_unsupported(&e) => return Ok(DirLock { file: None, path, shared }),
         Err(e) => return Err(Error::io(&path, e)),
       }
       // the previous holder may have removed the file between our open and our flock: lock the current one
       if !same_file(&file, &path) {
+        replaced += 1;
         continue;
       }
-      file.set_len(0).map_err(|e| Error::io(&path, e))?;
-      file.write_all(format!("{}\n", std::process::id()).as_bytes()).map_err(|e| Error::io(&path, e))?;
-      return Ok(DirLock { file: Some(file), path });
+      // shared holders leave the file as it is (an exclusive taker then names no pid)
+      if !shared {
+        file.set_len(0).map_err(|e| Error::io(&path, e))?;
+        file.write_all(format!("{}\n", std::process::id()).as_bytes()).map_err(|e| Error::io(&path, e))?;
+      }
+      return Ok(DirLock { file: Some(file), path, shared });
     }
     Err(Error::io(&path, io::Error::other("the lock file keeps being replaced")))
   }
@@ -161,18 +199,23 @@ impl DirLock {
 
 impl Drop for DirLock {
   fn drop(&mut self) {
-    if self.file.is_some() {
-      // removed while still locked: a waiter that opened it re-checks the path after its flock
-      let _ = fs::remove_file(&self.path);
+    let Some(file) = &self.file else { return };
+    // only the last shared holder removes the file: it alone can take the lock exclusively (a failed conversion
+    // drops the shared lock, which is being let go anyway)
+    if self.shared && !matches!(try_flock(file, false), Ok(true)) {
+      return;
     }
+    // removed while still locked: a waiter that opened it re-checks the path after its flock
+    let _ = fs::remove_file(&self.path);
   }
 }
 
 #[cfg(unix)]
-fn try_flock(file: &File) -> io::Result<bool> {
+fn try_flock(file: &File, shared: bool) -> io::Result<bool> {
   use std::os::unix::io::AsRawFd;
+  let mode = if shared { libc::LOCK_SH } else { libc::LOCK_EX };
   // SAFETY: the descriptor is owned by `file`, which outlives the call; flock touches no memory of ours.
-  let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+  let r = unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) };
   if r == 0 {
     return Ok(true);
   }
@@ -185,7 +228,7 @@ fn try_flock(file: &File) -> io::Result<bool> {
 }
 
 #[cfg(not(unix))]
-fn try_flock(_file: &File) -> io::Result<bool> {
+fn try_flock(_file: &File, _shared: bool) -> io::Result<bool> {
   Err(io::Error::from(io::ErrorKind::Unsupported))
 }
 
@@ -212,6 +255,22 @@ fn same_file(file: &File, path: &Path) -> bool {
 #[cfg(not(unix))]
 fn same_file(_file: &File, _path: &Path) -> bool {
   true
+}
+
+/// Asks the kernel to begin writing `len` bytes at `offset` of `f` to disk now, without waiting (Linux only;
+/// advice): a writer that calls it as it goes keeps the disk busy from the start instead of leaving everything to
+/// its final fsync.
+pub fn start_writeback(f: &File, offset: u64, len: u64) {
+  #[cfg(target_os = "linux")]
+  {
+    use std::os::fd::AsRawFd;
+    if let (Ok(off), Ok(n)) = (libc::off64_t::try_from(offset), libc::off64_t::try_from(len)) {
+      // SAFETY: plain syscall on a descriptor `f` owns; no memory is passed. Failure only loses the head start.
+      unsafe { libc::sync_file_range(f.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE) };
+    }
+  }
+  #[cfg(not(target_os = "linux"))]
+  let _ = (f, offset, len);
 }
 
 /// fsyncs a folder (its entries: renames and removals in it become durable).
@@ -603,6 +662,28 @@ mod tests {
     assert_eq!(listing(&d), Vec::<String>::new());
     let b = DirLock::acquire(&d).unwrap();
     drop(b);
+    fs::remove_dir_all(&d).unwrap();
+  }
+
+  #[test]
+  fn shared_holders_exclude_exclusive_writers_and_the_last_one_removes_the_file() {
+    let d = tmpdir("shared");
+    let a = DirLock::acquire_shared(&d).unwrap();
+    let b = DirLock::acquire_shared(&d).unwrap();
+    assert_eq!(DirLock::acquire(&d).unwrap_err().code(), "ERR_DISTCP_LOCKED");
+    drop(a);
+    assert_eq!(listing(&d), [LOCK_FILE], "b still holds it");
+    assert_eq!(DirLock::acquire(&d).unwrap_err().code(), "ERR_DISTCP_LOCKED");
+    drop(b);
+    assert_eq!(listing(&d), Vec::<String>::new());
+    let x = DirLock::acquire(&d).unwrap();
+    assert_eq!(DirLock::acquire_shared(&d).unwrap_err().code(), "ERR_DISTCP_LOCKED");
+    drop(x);
+    let r = DirLock::acquire_named(&d, ".distcp-rank-1.lock").unwrap();
+    assert_eq!(DirLock::acquire_named(&d, ".distcp-rank-1.lock").unwrap_err().code(), "ERR_DISTCP_LOCKED");
+    let s = DirLock::acquire_shared(&d).unwrap();
+    drop((r, s));
+    assert_eq!(listing(&d), Vec::<String>::new());
     fs::remove_dir_all(&d).unwrap();
   }
 

@@ -124,6 +124,12 @@ pub enum Error {
   /// A safetensors header that is not what the format allows or what the rest of the checkpoint says.
   #[error("{path}: bad safetensors header: {reason}")]
   SafetensorsHeader { path: PathBuf, reason: String },
+
+  // --- multi-rank (appended) ---
+  /// A rank-local save (torch's `use_collectives=False`) into a folder holding a global `.metadata`: readers take
+  /// `.metadata` first, so the rank-local files would never be loaded.
+  #[error("{path}: holds a checkpoint saved with collectives (.metadata), which readers load instead of rank-local __{{rank}}.metadata files: save without collectives into another folder, or with collectives (nothing was written)")]
+  GlobalMetadataPresent { path: PathBuf },
 }
 
 fn holder(pid: &Option<u32>) -> String {
@@ -165,6 +171,7 @@ impl Error {
       Error::ChunkLayout { .. } => "ERR_DISTCP_CHUNK_LAYOUT",
       Error::OutOfMemory { .. } => "ERR_DISTCP_OUT_OF_MEMORY",
       Error::SafetensorsHeader { .. } => "ERR_DISTCP_SAFETENSORS_HEADER",
+      Error::GlobalMetadataPresent { .. } => "ERR_DISTCP_GLOBAL_METADATA",
     }
   }
 }

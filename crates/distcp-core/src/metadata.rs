@@ -486,6 +486,17 @@ impl Metadata {
   /// have at most [`MAX_DIMS`] dimensions, every chunk lies inside its tensor, no two chunks overlap, the chunks
   /// cover the tensor exactly, and every chunk and non-tensor value has a storage entry. `path` is for messages.
   pub fn validate(&self, path: &Path) -> Result<()> {
+    self.validate_with(path, true)
+  }
+
+  /// [`Metadata::validate`] for a rank-local `__{rank}.metadata` (torch's `use_collectives=False`): it lists only
+  /// that rank's chunks of a sharded tensor, so the chunks need not cover the tensor (a read of a box they do not
+  /// cover fails, [`crate::checkpoint::Checkpoint::read_into`]).
+  pub fn validate_rank_local(&self, path: &Path) -> Result<()> {
+    self.validate_with(path, false)
+  }
+
+  fn validate_with(&self, path: &Path, whole: bool) -> Result<()> {
     let layout_err = |key: &str, reason: String| Error::ChunkLayout {
       path: path.to_path_buf(),
       key: key.to_owned(),
@@ -560,7 +571,7 @@ impl Metadata {
         boxes.push(c);
       }
       check_disjoint(&boxes).map_err(|r| layout_err(key, r))?;
-      if covered != numel {
+      if whole && covered != numel {
         return Err(layout_err(
           key,
           format!(

@@ -7,17 +7,26 @@
 //!   planner: [[key, [str | int, …]], …], storage: […], version: str | null }`;
 //! - a planner path (from `flattenStateDictKeys`): `[str | int, …]` (dict key, list index).
 
+use crate::background::at_background_priority;
+use crate::checkpoint::NativeCheckpoint;
+use crate::convert::ConvertEntryJs;
 use crate::errors::{closed, invalid_input as bad, job, to_js, Job, Result, Work};
+use distcp_core::convert::{self, ConvertEntry, ConvertJob};
 use distcp_core::dtype::DType;
+use distcp_core::error::Error as CoreError;
 use distcp_core::metadata::{
   Chunk, ItemMetadata, PathElem, StorageInfo, StorageKey, TensorMetadata, TensorProperties,
 };
-use distcp_core::write::ranks::{write_rank_data, PlannedItem, RanksMetadata, RanksSave};
+use distcp_core::write::ranks::{write_rank_data, PlannedItem, RankLocalSave, RanksMetadata, RanksSave};
 use distcp_core::write::{from_tagged_json, Layout};
+use distcp_core::Checkpoint;
 use napi::bindgen_prelude::{AsyncTask, Uint8Array};
 use napi::Env;
 use napi_derive::napi;
 use serde_json::{json, Value};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 const SHARD_METADATA: &str = "torch.distributed._shard.sharded_tensor.metadata";
@@ -103,6 +112,7 @@ pub struct RankWriteTask {
   buffers: Vec<Uint8Array>,
   plan: Vec<PlannedItem>,
   layout: Layout,
+  background: bool,
 }
 
 impl Work<'_> for RankWriteTask {
@@ -114,8 +124,10 @@ impl Work<'_> for RankWriteTask {
     // the buffers are the save's own copies (src/save.ts `owned`), alive until the promise settles
     let slices: Vec<&[u8]> = self.buffers.iter().map(|b| &**b).collect();
     let value = from_tagged_json(&json, &slices).map_err(|e| bad(format!("{}: {e}", self.dir)))?;
-    let storage = write_rank_data(self.dir.as_ref(), &self.file_name, &value, self.layout, &self.plan, true)
-      .map_err(to_js)?;
+    let (dir, name, layout, plan) = (self.dir.as_ref(), &self.file_name, self.layout, &self.plan);
+    let write = || write_rank_data(dir, name, &value, layout, plan, true).map_err(to_js);
+    // a panic on the background thread is re-raised here, where the Job's guard catches it
+    let storage = if self.background { at_background_priority(write) } else { write() }?;
     Ok(storage_to_json(&storage))
   }
 
@@ -125,7 +137,8 @@ impl Work<'_> for RankWriteTask {
 }
 
 /// Writes one rank's data file `dir/fileName` with the items of `plan` (JSON `[[key, offsets | null], …]`) from the
-/// state dict `tree`; resolves to the storage entries as JSON.
+/// state dict `tree`; resolves to the storage entries as JSON. `background` (saveAsync) writes on a thread of lower
+/// CPU priority, as a single-rank `saveAsync` does (see `background.rs`).
 #[napi(ts_return_type = "Promise<string>")]
 pub fn write_rank_data_file(
   dir: String,
@@ -134,6 +147,7 @@ pub fn write_rank_data_file(
   buffers: Vec<Uint8Array>,
   plan: String,
   layout: Option<String>,
+  background: Option<bool>,
 ) -> Result<AsyncTask<Job<RankWriteTask>>> {
   let layout = layout_of(layout)?;
   let plan = arr(&parse("plan", &plan)?, "plan")?
@@ -146,7 +160,15 @@ pub fn write_rank_data_file(
       }
     })
     .collect::<Result<Vec<_>>>()?;
-  Ok(job(RankWriteTask { dir, file_name, tree, buffers, plan, layout }))
+  Ok(job(RankWriteTask {
+    dir,
+    file_name,
+    tree,
+    buffers,
+    plan,
+    layout,
+    background: background.unwrap_or(false),
+  }))
 }
 
 fn metadata_from_json(v: &Value) -> Result<RanksMetadata> {
@@ -192,17 +214,34 @@ fn metadata_from_json(v: &Value) -> Result<RanksMetadata> {
   Ok(RanksMetadata { items, planner_data, storage, version })
 }
 
-/// The coordinator's (rank 0's) handle on a multi-rank save: holds the folder lock until `release()`.
+/// The two kinds of multi-rank save a handle drives: rank 0's of a coordinated save, or one rank's own save
+/// without collectives.
+enum Save {
+  Ranks(RanksSave),
+  Local(RankLocalSave),
+}
+
+impl Save {
+  fn commit(&self, md: &RanksMetadata) -> distcp_core::error::Result<u64> {
+    match self {
+      Save::Ranks(s) => s.commit(md, true),
+      Save::Local(s) => s.commit(md, true),
+    }
+  }
+}
+
+/// A handle on a multi-rank save: rank 0's (the coordinator's, holding the folder lock) or, for a save without
+/// collectives, one rank's (holding the folder lock shared and its rank's lock); held until `release()`.
 #[napi]
 pub struct RanksSaveHandle {
   // shared with the commit task, which fsyncs on a worker thread
-  inner: Arc<Mutex<Option<RanksSave>>>,
+  inner: Arc<Mutex<Option<Save>>>,
 }
 
-/// Rank 0's commit of a multi-rank save: `.metadata` written, fsynced and renamed into place, off the event loop
-/// (the other ranks' collectives keep being served meanwhile).
+/// The commit of a multi-rank save: the metadata written, fsynced and renamed into place, off the event loop (the
+/// other ranks' collectives keep being served meanwhile).
 pub struct RanksCommitTask {
-  inner: Arc<Mutex<Option<RanksSave>>>,
+  inner: Arc<Mutex<Option<Save>>>,
   metadata: Option<RanksMetadata>,
 }
 
@@ -215,7 +254,7 @@ impl Work<'_> for RanksCommitTask {
     let (Some(s), Some(md)) = (guard.as_ref(), self.metadata.take()) else {
       return Err(closed("the save was already released"));
     };
-    s.commit(&md, true).map(|n| n as f64).map_err(to_js)
+    s.commit(&md).map(|n| n as f64).map_err(to_js)
   }
 
   fn resolve(&mut self, _env: &Env, n: f64) -> Result<f64> {
@@ -229,10 +268,19 @@ impl RanksSaveHandle {
   #[napi(factory, catch_unwind)]
   pub fn begin(dir: String, world_size: u32) -> Result<RanksSaveHandle> {
     let save = RanksSave::begin(&dir, world_size as usize).map_err(to_js)?;
-    Ok(RanksSaveHandle { inner: Arc::new(Mutex::new(Some(save))) })
+    Ok(RanksSaveHandle { inner: Arc::new(Mutex::new(Some(Save::Ranks(save)))) })
   }
 
-  fn with<T>(&self, f: impl FnOnce(&RanksSave) -> Result<T>) -> Result<T> {
+  /// One rank's save without collectives (torch's `use_collectives=False`): creates the folder, takes the folder
+  /// lock shared and this rank's lock (`ERR_DISTCP_LOCKED`), refuses a folder with a global `.metadata`
+  /// (`ERR_DISTCP_GLOBAL_METADATA`), removes this rank's leftovers of a dead save.
+  #[napi(factory, catch_unwind)]
+  pub fn begin_rank_local(dir: String, rank: u32) -> Result<RanksSaveHandle> {
+    let save = RankLocalSave::begin(&dir, rank as usize).map_err(to_js)?;
+    Ok(RanksSaveHandle { inner: Arc::new(Mutex::new(Some(Save::Local(save)))) })
+  }
+
+  fn with<T>(&self, f: impl FnOnce(&Save) -> Result<T>) -> Result<T> {
     let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
     match guard.as_ref() {
       Some(s) => f(s),
@@ -240,19 +288,29 @@ impl RanksSaveHandle {
     }
   }
 
-  /// The file each rank writes, by rank.
+  /// The file each rank writes, by rank (a save without collectives: this rank's file only).
   #[napi(catch_unwind)]
   pub fn file_names(&self, world_size: u32) -> Result<Vec<String>> {
-    self.with(|s| Ok((0..world_size as usize).map(|r| s.file_name(r)).collect()))
+    self.with(|s| {
+      Ok(match s {
+        Save::Ranks(s) => (0..world_size as usize).map(|r| s.file_name(r)).collect(),
+        Save::Local(s) => vec![s.file_name()],
+      })
+    })
   }
 
   /// Whether something was at the path before (the ranks write temporary names).
   #[napi(catch_unwind)]
   pub fn replacing(&self) -> Result<bool> {
-    self.with(|s| Ok(s.replacing))
+    self.with(|s| {
+      Ok(match s {
+        Save::Ranks(s) => s.replacing,
+        Save::Local(s) => s.replacing,
+      })
+    })
   }
 
-  /// Commits the merged `.metadata` (JSON, see the module docs) on a worker thread; resolves to its size in bytes.
+  /// Commits the metadata (JSON, see the module docs) on a worker thread; resolves to its size in bytes.
   #[napi(catch_unwind, ts_return_type = "Promise<number>")]
   pub fn commit(&self, metadata: String) -> Result<AsyncTask<Job<RanksCommitTask>>> {
     let md = metadata_from_json(&parse("metadata", &metadata)?)?;
@@ -263,15 +321,142 @@ impl RanksSaveHandle {
   #[napi(catch_unwind)]
   pub fn abort(&self) -> Result<()> {
     self.with(|s| {
-      s.abort();
+      match s {
+        Save::Ranks(s) => s.abort(),
+        Save::Local(s) => s.abort(),
+      }
       Ok(())
     })
   }
 
-  /// Releases the folder lock.
+  /// Releases the locks.
   #[napi]
   pub fn release(&self) {
     let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
     *guard = None;
+  }
+}
+
+/// One rank's part of a multi-rank conversion (`src/distributed/convert.ts`): the whole plan (every rank makes the
+/// same one from `.metadata`), of which this rank writes the tensors of the shards it was given, into the staged
+/// folder rank 0 holds; then fsyncs those shards, and (rank 0) writes the index. Each shard is written by one rank
+/// only, with the same core job as a single-process conversion, so the files are the same bytes.
+#[napi]
+pub struct RankConvertJob {
+  ck: Arc<Checkpoint>,
+  job: Arc<Mutex<ConvertJob>>,
+  cancel: Arc<AtomicBool>,
+  dir: PathBuf,
+}
+
+/// Plans the conversion of `entries` (as `planConvert`) and starts this rank's part of it, writing into `dir`.
+#[napi(catch_unwind)]
+pub fn create_rank_convert_job(
+  checkpoint: &NativeCheckpoint,
+  entries: Vec<ConvertEntryJs>,
+  dtype: Option<String>,
+  max_shard_size: f64,
+  dir: String,
+) -> Result<RankConvertJob> {
+  let ck = checkpoint.get()?;
+  let dtype = match dtype {
+    Some(d) => Some(DType::from_name(&d).ok_or_else(|| bad(format!("unknown dtype `{d}`")))?),
+    None => None,
+  };
+  if max_shard_size.is_nan() || max_shard_size < 1.0 {
+    return Err(bad(format!("maxShardSize must be at least 1 byte, got {max_shard_size}")));
+  }
+  let entries: Vec<ConvertEntry> =
+    entries.into_iter().map(|e| ConvertEntry { key: e.key, name: e.name }).collect();
+  let plan = convert::plan(&ck, &entries, dtype, max_shard_size as u64).map_err(to_js)?;
+  let dir = PathBuf::from(dir);
+  let job = ConvertJob::new(plan, &dir);
+  let cancel = job.cancel_flag();
+  Ok(RankConvertJob { ck, job: Arc::new(Mutex::new(job)), cancel, dir })
+}
+
+enum RankConvertStep {
+  Tensor(usize),
+  Finish { dir: PathBuf, shards: Vec<usize>, index: bool },
+}
+
+pub struct RankConvertTask {
+  ck: Arc<Checkpoint>,
+  job: Arc<Mutex<ConvertJob>>,
+  step: RankConvertStep,
+}
+
+impl Work<'_> for RankConvertTask {
+  type Output = f64;
+  type JsValue = f64;
+
+  fn compute(&mut self) -> Result<f64> {
+    let mut job = self.job.lock().unwrap_or_else(|p| p.into_inner());
+    match &self.step {
+      RankConvertStep::Tensor(i) => {
+        if *i >= job.plan.tensors.len() {
+          return Err(bad(format!("tensor {i} is not in the plan ({} tensors)", job.plan.tensors.len())));
+        }
+        job.write_tensor(&self.ck, *i).map(|w| w.bytes as f64).map_err(to_js)
+      }
+      RankConvertStep::Finish { dir, shards, index } => {
+        finish_rank_shards(&mut job, dir, shards, *index).map(|()| 0.0)
+      }
+    }
+  }
+
+  fn resolve(&mut self, _env: &Env, n: f64) -> Result<f64> {
+    Ok(n)
+  }
+}
+
+/// Makes this rank's shards durable, and with `index` writes the index. A plan of one shard has no index and may
+/// hold no tensor (then its file is created here): the job's own `finish` does exactly that for it. A plan of
+/// several shards has a tensor in each, so each file exists once its tensors are written.
+fn finish_rank_shards(job: &mut ConvertJob, dir: &Path, shards: &[usize], index: bool) -> Result<()> {
+  let n = job.plan.shards.len();
+  if let Some(s) = shards.iter().find(|&&s| s >= n) {
+    return Err(bad(format!("shard {s} is not in the plan ({n} shards)")));
+  }
+  if n == 1 {
+    return if shards.is_empty() { Ok(()) } else { job.finish().map_err(to_js) };
+  }
+  for &s in shards {
+    let path = dir.join(&job.plan.shards[s].file);
+    std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| to_js(CoreError::io(&path, e)))?;
+  }
+  if let (true, Some(text)) = (index, &job.plan.index_json) {
+    let path = dir.join(convert::INDEX_FILE);
+    let write = || -> std::io::Result<()> {
+      let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
+      f.write_all(text.as_bytes())?;
+      f.sync_all()
+    };
+    write().map_err(|e| to_js(CoreError::io(&path, e)))?;
+  }
+  Ok(())
+}
+
+#[napi]
+impl RankConvertJob {
+  /// Writes tensor `index` of the plan (its shard file is created with its header on its first tensor).
+  #[napi(ts_return_type = "Promise<number>")]
+  pub fn write_tensor(&self, index: u32) -> AsyncTask<Job<RankConvertTask>> {
+    let step = RankConvertStep::Tensor(index as usize);
+    job(RankConvertTask { ck: self.ck.clone(), job: self.job.clone(), step })
+  }
+
+  /// fsyncs `shards` (this rank's, all written); with `index`, writes and fsyncs `model.safetensors.index.json`.
+  #[napi(ts_return_type = "Promise<number>")]
+  pub fn finish(&self, shards: Vec<u32>, index: bool) -> AsyncTask<Job<RankConvertTask>> {
+    let shards = shards.into_iter().map(|s| s as usize).collect();
+    let step = RankConvertStep::Finish { dir: self.dir.clone(), shards, index };
+    job(RankConvertTask { ck: self.ck.clone(), job: self.job.clone(), step })
+  }
+
+  /// Stops the tensor being written at its next slab; later writes fail with ERR_DISTCP_ABORTED.
+  #[napi]
+  pub fn cancel(&self) {
+    self.cancel.store(true, Ordering::Relaxed);
   }
 }

@@ -381,14 +381,25 @@ fn metadata_bytes(
 
 /// `.metadata.tmp` → fsync → rename over `.metadata` → fsync the folder.
 pub(crate) fn commit_metadata(dir: &Path, bytes: &[u8], sync: bool) -> Result<()> {
-  let tmp = dir.join(METADATA_TMP);
+  commit_metadata_as(dir, METADATA, METADATA_TMP, bytes, sync)
+}
+
+/// `tmp_name` → fsync → rename over `name` → fsync the folder (`.metadata`, or a rank-local `__{rank}.metadata`).
+pub(crate) fn commit_metadata_as(
+  dir: &Path,
+  name: &str,
+  tmp_name: &str,
+  bytes: &[u8],
+  sync: bool,
+) -> Result<()> {
+  let tmp = dir.join(tmp_name);
   let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
   f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
   if sync {
     f.sync_all().map_err(|e| Error::io(&tmp, e))?;
   }
   drop(f);
-  let target = dir.join(METADATA);
+  let target = dir.join(name);
   fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
   if sync {
     sync_dir(dir)?;
@@ -403,7 +414,7 @@ pub(crate) struct OldCheckpoint {
   pub(crate) files: Vec<String>,
 }
 
-fn is_plain_name(rel: &str) -> bool {
+pub(crate) fn is_plain_name(rel: &str) -> bool {
   let p = Path::new(rel);
   let mut c = p.components();
   matches!((c.next(), c.next()), (Some(std::path::Component::Normal(_)), None))
@@ -439,7 +450,7 @@ pub(crate) fn is_temp_data_name(name: &str) -> bool {
     })
 }
 
-fn is_rank_metadata(name: &str) -> bool {
+pub(crate) fn is_rank_metadata(name: &str) -> bool {
   name
     .strip_prefix("__")
     .and_then(|s| s.strip_suffix(".metadata"))
