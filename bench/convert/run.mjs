@@ -1,12 +1,14 @@
 // bench/convert: DCP → Hugging Face safetensors. distcp vs `cp -r` of the same checkpoint vs the PyTorch ways, same data,
 // same run, warm and cold page cache.
 //
-// usage: node bench/convert/run.mjs [--layers 38] [--ranks 2] [--tp] [--reps 2] [--dtype <cast>] [--only a,b] [--keep]
+// usage: node bench/convert/run.mjs [--layers 38] [--ranks 2] [--tp | --moe] [--reps 2] [--dtype <cast>] [--only a,b] [--keep]
 //   --layers   Llama layers of the generated checkpoint (hidden 2048, intermediate 5632, vocab 32000, bf16, 2 ranks,
 //              Shard(0) DTensors, the seed's {"model": …} layout; bench/lib/make_llama_checkpoint.py). 38 → 4.17 GB.
 //   --ranks    ranks of the generated checkpoint (3 gives uneven shards)
 //   --tp       tensor-parallel layout: the attention/MLP projections Shard(1) (column-sharded), the rest Shard(0);
 //              distcp cannot move these with copy_file_range and goes through its slab path
+//   --moe      MoE-shaped checkpoint instead: 6,144 bf16 tensors of 64×64 on 1 rank (bench/convert/make_moe_checkpoint.py),
+//              where the cost per tensor shows and the bytes do not
 //   --dtype    make distcp cast (e.g. float32); default: keep bf16 (what the PyTorch ways do)
 //   --keep     keep the generated checkpoints (bench/data/convert-*) for the next run; deleted otherwise
 //
@@ -45,12 +47,13 @@ const onlyList = (flag('--only', '') ?? '').split(',').filter(Boolean)
 const only = onlyList.length ? onlyList : null
 const keep = args.includes('--keep')
 const tp = args.includes('--tp')
+const moe = args.includes('--moe')
 
 const shape = { hidden: 2048, intermediate: 5632, vocab: 32000 }
 const genArgs = [...(tp ? ['--tp'] : []), '--ranks', String(ranks), '--layers', String(layers), '--hidden', String(shape.hidden), '--intermediate', String(shape.intermediate), '--vocab', String(shape.vocab), '--dtype', 'bfloat16']
 const data = join(root, 'bench/data')
 const tag = `${layers}L-${ranks}rank${tp ? '-tp' : ''}`
-const ckpt = join(data, `convert-llama-${tag}`)
+const ckpt = join(data, moe ? 'convert-moe-6144' : `convert-llama-${tag}`)
 const hfSharded = join(data, `convert-llama-${tag}-hf-sharded`)
 const modelDir = join(data, `convert-llama-${layers}L-config`)
 const outRoot = join(root, 'bench/out/convert')
@@ -65,11 +68,15 @@ const duBytes = (dir) => files(dir).reduce((a, f) => a + statSync(f).size, 0)
 
 // ---- data (generated with real torch; not timed)
 mkdirSync(data, { recursive: true })
+if (moe && !existsSync(join(ckpt, '.metadata'))) {
+  console.log(`generating ${ckpt} with torch (1 rank, 6,144 tensors of 64×64) …`)
+  console.log(run(python, ['bench/convert/make_moe_checkpoint.py', ckpt]).stdout.trim())
+}
 if (!existsSync(join(ckpt, '.metadata'))) {
   console.log(`generating ${ckpt} with torch (${ranks} gloo ranks${tp ? ', projections Shard(1)' : ''}) …`)
   console.log(run(python, ['bench/lib/make_llama_checkpoint.py', ckpt, ...genArgs]).stdout.trim())
 }
-const wantConsolidate = !only || only.includes('torch consolidate') || only.includes('distcp (hf shards)')
+const wantConsolidate = !moe && (!only || only.includes('torch consolidate') || only.includes('distcp (hf shards)'))
 let haveConsolidate = false
 if (wantConsolidate) {
   const probe = spawnSync(python, ['-c', 'from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files'], { encoding: 'utf8' })

@@ -1,6 +1,8 @@
-//! Executes a [`ConvertPlan`] one tensor at a time into a folder. Bytes that are already in their final layout
+//! Executes a [`ConvertPlan`] into a folder, all of it in one call ([`ConvertJob::write_all`], progress through
+//! shared counters and abort through a flag) or one tensor at a time. Bytes that are already in their final layout
 //! (a chunk covering whole rows, no cast) move with `copy_file_range` — the kernel copies, and some filesystems
-//! share extents; everything else goes through bounded row slabs (gather → optional cast → `pwrite`).
+//! share extents; small tensors are gathered into one buffer per run of neighbours in the output and written
+//! with one `pwrite`; everything else goes through bounded row slabs (gather → optional cast → `pwrite`).
 
 use super::cast::{cast, cast_parallel};
 use super::ConvertPlan;
@@ -13,7 +15,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Bytes of source data gathered per slab: memory stays bounded whatever the tensor size, and a slab (with its
@@ -23,6 +25,52 @@ const SLAB_BYTES: u64 = 4 << 20;
 /// Threads that move one tensor's slabs at once (each reads, casts and writes its own rows). Four keep two disks'
 /// worth of reads in flight and bound the buffers at 4 × (slab + cast slab).
 const MAX_SLAB_WORKERS: usize = 4;
+
+/// Tensors up to this size are gathered with their output neighbours into one buffer and written at once: a
+/// syscall (and a write-back request) per tiny tensor would cost more than moving its bytes.
+const SMALL_TENSOR_BYTES: u64 = 256 << 10;
+
+/// Largest run of small tensors gathered before it is written.
+const SMALL_BATCH_BYTES: u64 = 8 << 20;
+
+/// How far ahead of the tensor being written [`ConvertJob::write_all`] asks the kernel to read.
+const PREFETCH_AHEAD_BYTES: u64 = 64 << 20;
+
+/// Progress of a job, updated as it writes and readable from any thread while it runs (a caller polls it at its
+/// own interval instead of being called per tensor).
+#[derive(Debug, Default)]
+pub struct JobProgress {
+  bytes: AtomicU64,
+  tensors: AtomicU64,
+}
+
+impl JobProgress {
+  /// Bytes of tensor data written so far.
+  pub fn bytes(&self) -> u64 {
+    self.bytes.load(Ordering::Relaxed)
+  }
+
+  /// Tensors written so far (plan order: the first `tensors()` of the plan are done).
+  pub fn tensors(&self) -> u64 {
+    self.tensors.load(Ordering::Relaxed)
+  }
+
+  fn add(&self, tensors: u64, bytes: u64) {
+    self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    self.tensors.fetch_add(tensors, Ordering::Relaxed);
+  }
+}
+
+/// Small tensors that sit next to each other in one shard, gathered for one write.
+#[derive(Default)]
+struct SmallBatch {
+  shard: usize,
+  /// Output offset of `buf[0]`.
+  start: u64,
+  buf: Vec<u8>,
+  /// Tensors in the batch, for progress once it is written.
+  tensors: u64,
+}
 
 /// What writing one tensor did, for progress reports.
 #[derive(Debug, Clone, Copy, Default)]
@@ -42,6 +90,7 @@ pub struct ConvertJob {
   cancel: Arc<AtomicBool>,
   /// One (slab, cast slab) pair per slab worker, kept from tensor to tensor.
   bufs: Vec<(Vec<u8>, Vec<u8>)>,
+  progress: Arc<JobProgress>,
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> Error {
@@ -58,7 +107,90 @@ impl ConvertJob {
       files: (0..n).map(|_| None).collect(),
       cancel: Arc::new(AtomicBool::new(false)),
       bufs: Vec::new(),
+      progress: Arc::new(JobProgress::default()),
     }
+  }
+
+  /// The counters [`ConvertJob::write_all`] advances, to read from another thread while it runs.
+  pub fn progress(&self) -> Arc<JobProgress> {
+    self.progress.clone()
+  }
+
+  /// Writes every tensor of the plan, then [`ConvertJob::finish`]es: the whole conversion in one call. Progress
+  /// goes to [`ConvertJob::progress`]; the cancel flag stops it between tensors (and between slabs of a large
+  /// one) with `Error::Aborted`.
+  pub fn write_all(&mut self, ck: &Checkpoint) -> Result<()> {
+    let n = self.plan.tensors.len();
+    let mut batch = SmallBatch::default();
+    // tensors [.. ahead) have been handed to the kernel's readahead
+    let mut ahead = 0usize;
+    let mut ahead_bytes = 0u64;
+    for i in 0..n {
+      self.check_cancel()?;
+      let nbytes = self.plan.tensors[i].nbytes;
+      ahead = ahead.max(i);
+      while ahead < n && (ahead <= i + 1 || ahead_bytes < PREFETCH_AHEAD_BYTES) {
+        ck.prefetch(&self.plan.tensors[ahead].key)?;
+        ahead_bytes += self.plan.tensors[ahead].nbytes;
+        ahead += 1;
+      }
+      ahead_bytes = ahead_bytes.saturating_sub(nbytes);
+      if nbytes > 0 && nbytes <= SMALL_TENSOR_BYTES {
+        self.add_small(ck, i, &mut batch)?;
+        continue;
+      }
+      self.flush_small(&mut batch)?;
+      let w = self.write_tensor_data(ck, i)?;
+      let tp = &self.plan.tensors[i];
+      if let Some(f) = &self.files[tp.shard] {
+        start_writeback(f, tp.offset, tp.nbytes);
+      }
+      self.progress.add(1, w.bytes);
+    }
+    self.flush_small(&mut batch)?;
+    self.finish()
+  }
+
+  /// Gathers small tensor `i` into `batch` (written first if `i` does not continue it or it is full).
+  fn add_small(&mut self, ck: &Checkpoint, i: usize, batch: &mut SmallBatch) -> Result<()> {
+    let (shard, offset, nbytes) = {
+      let tp = &self.plan.tensors[i];
+      (tp.shard, tp.offset, tp.nbytes)
+    };
+    let continues = batch.shard == shard && batch.start + batch.buf.len() as u64 == offset;
+    if !batch.buf.is_empty() && (!continues || batch.buf.len() as u64 + nbytes > SMALL_BATCH_BYTES) {
+      self.flush_small(batch)?;
+    }
+    if batch.buf.is_empty() {
+      batch.shard = shard;
+      batch.start = offset;
+      batch.tensors = 0;
+    }
+    self.shard_file(shard)?;
+    let at = batch.buf.len();
+    // nbytes ≤ SMALL_TENSOR_BYTES
+    batch.buf.resize(at + nbytes as usize, 0);
+    let mut scratch = std::mem::take(&mut self.bufs);
+    scratch.resize_with(scratch.len().max(1), Default::default);
+    let r = fill_small(ck, &self.plan.tensors[i], &mut batch.buf[at..], &mut scratch[0].0);
+    self.bufs = scratch;
+    r?;
+    batch.tensors += 1;
+    Ok(())
+  }
+
+  fn flush_small(&mut self, batch: &mut SmallBatch) -> Result<()> {
+    if batch.buf.is_empty() {
+      return Ok(());
+    }
+    let path = self.dir.join(&self.plan.shards[batch.shard].file);
+    let f = self.shard_file(batch.shard)?;
+    f.write_all_at(&batch.buf, batch.start).map_err(|e| io_err(&path, e))?;
+    start_writeback(f, batch.start, batch.buf.len() as u64);
+    self.progress.add(batch.tensors, batch.buf.len() as u64);
+    batch.buf.clear();
+    batch.tensors = 0;
+    Ok(())
   }
 
   /// Set it to stop the job at the next slab.
@@ -289,6 +421,63 @@ impl ConvertJob {
     self.bufs = Vec::new();
     Ok(())
   }
+}
+
+/// Fills `dst` (the tensor's output bytes) with small tensor `tp`: stored bytes read straight into place when every
+/// chunk is whole rows stored plainly and nothing is cast, else the generic box read (and the cast) via `scratch`.
+fn fill_small(ck: &Checkpoint, tp: &super::TensorPlan, dst: &mut [u8], scratch: &mut Vec<u8>) -> Result<()> {
+  let t = ck.tensor(&tp.key)?;
+  let from = t.dtype();
+  let to = DType::from_name(&tp.dtype).unwrap_or(from);
+  if from == to {
+    let row_bytes = crate::limits::checked_numel(t.size.get(1..).unwrap_or(&[]))
+      .and_then(|n| n.checked_mul(from.size() as u64))
+      .unwrap_or(u64::MAX);
+    let whole_rows = |c: &crate::metadata::Chunk| c.sizes.iter().zip(&t.size).skip(1).all(|(a, b)| a == b);
+    if t.chunks.iter().all(whole_rows) {
+      let mut plain = Vec::with_capacity(t.chunks.len());
+      for (ci, c) in t.chunks.iter().enumerate() {
+        if c.numel() == 0 {
+          continue;
+        }
+        let chunk = ck.resolve_chunk(&tp.key, ci)?;
+        match &chunk.source {
+          Source::File { .. } if chunk.is_plain() => {
+            let first_row = c.offsets.first().copied().unwrap_or(0);
+            plain.push((chunk.clone(), first_row.saturating_mul(row_bytes)));
+          }
+          _ => break,
+        }
+      }
+      let covered: u64 = plain.iter().map(|(c, _)| c.nbytes()).sum();
+      if covered == dst.len() as u64 {
+        for (chunk, at) in plain {
+          if let Source::File { file, offset, .. } = &chunk.source {
+            let place = usize::try_from(at)
+              .ok()
+              .zip(usize::try_from(chunk.nbytes()).ok())
+              .and_then(|(at, len)| dst.get_mut(at..at.checked_add(len)?));
+            // the chunks tile the tensor (validated at open), so every chunk has its place
+            let Some(place) = place else {
+              return Err(Error::BadRequest {
+                checkpoint: ck.root.clone(),
+                key: tp.key.clone(),
+                reason: "a chunk lies outside its tensor".into(),
+              });
+            };
+            file.read_exact_at(place, *offset).map_err(|e| e.into_error(&file.path, &tp.key))?;
+          }
+        }
+        return Ok(());
+      }
+    }
+    return ck.read_into(&tp.key, &Region::whole(&t.size), dst);
+  }
+  let src_len = dst.len() / to.size() * from.size();
+  scratch.resize(src_len, 0);
+  ck.read_into(&tp.key, &Region::whole(&t.size), &mut scratch[..src_len])?;
+  cast(&scratch[..src_len], from, dst, to);
+  Ok(())
 }
 
 fn check_cancel(cancel: &AtomicBool) -> Result<()> {
