@@ -849,6 +849,7 @@ module.exports.CheckpointLayout = nativeBinding.CheckpointLayout
 module.exports.commitSyncDir = nativeBinding.commitSyncDir
 module.exports.commitTempName = nativeBinding.commitTempName
 module.exports.commitWriterIsDead = nativeBinding.commitWriterIsDead
+module.exports.convertTensorKeys = nativeBinding.convertTensorKeys
 module.exports.copyFromDevice = nativeBinding.copyFromDevice
 module.exports.createConvertJob = nativeBinding.createConvertJob
 module.exports.cudaInfo = nativeBinding.cudaInfo
