@@ -9,7 +9,9 @@
 //              distcp cannot move these with copy_file_range and goes through its slab path
 //   --moe      MoE-shaped checkpoint instead: 6,144 bf16 tensors of 64×64 on 1 rank (bench/convert/make_moe_checkpoint.py),
 //              where the cost per tensor shows and the bytes do not
-//   --dtype    make distcp cast (e.g. float32); default: keep bf16 (what the PyTorch ways do)
+//   --dtype    make distcp cast (e.g. float32); default: keep bf16 (what the PyTorch ways do). Adds two contestants:
+//              `distcp (no cast)` (the same conversion without the cast) and `torch cast` (safetensors' load_file →
+//              .to(dtype) → save_file + fsync of the same tensors as one model.safetensors, made once by distcp, untimed)
 //   --keep     keep the generated checkpoints (bench/data/convert-*) for the next run; deleted otherwise
 //
 // Contestants (each a separate process, timed inside, peak RSS from /usr/bin/time -f '%e %M'):
@@ -136,6 +138,15 @@ if (haveConsolidate) {
   contestants['distcp (hf shards)'] = { inputs: files(hfSharded), run: (out) => inner(timed('node', ['bench/convert/distcp_convert.mjs', hfSharded, out, modelDir, castTo])) }
   contestants['torch consolidate'] = { inputs: files(hfSharded), run: (out) => inner(timed(python, ['bench/convert/torch_convert.py', 'consolidate', hfSharded, out])) }
 }
+if (castTo) {
+  contestants['distcp (no cast)'] = { inputs: ckptFiles, run: (out) => inner(timed('node', ['bench/convert/distcp_convert.mjs', ckpt, out, modelDir])) }
+  const hf = join(data, `${ckpt.split('/').pop()}-hf`)
+  if (!existsSync(join(hf, 'model.safetensors'))) run('node', ['bench/convert/distcp_convert.mjs', ckpt, hf, modelDir])
+  contestants['torch cast'] = {
+    inputs: files(hf),
+    run: (out) => inner(timed(python, ['bench/convert/torch_convert.py', `cast:${castTo}`, hf, out])),
+  }
+}
 for (const name of Object.keys(contestants)) if (only && !only.includes(name)) delete contestants[name]
 
 const evict = (paths) => run(python, ['bench/lib/evict.py', ...paths])
@@ -206,12 +217,12 @@ for (const cache of ['warm', 'cold']) {
   console.log(
     `\n${cache} page cache: ${(tensorBytes / 1e9).toFixed(2)} GB of tensors, checkpoint ${(ckptBytes / 1e9).toFixed(2)} GB in ${ckptFiles.length} files; best of ${reps}${castTo ? `; distcp casts to ${castTo}` : ''}`,
   )
-  console.log('contestant            GB/s   seconds   peak RSS   vs cp -r   vs cp+sync   vs torch   vs consolidate')
+  console.log(`contestant            GB/s   seconds   peak RSS   vs cp -r   vs cp+sync   vs torch   vs consolidate${castTo ? '   vs torch cast   vs no cast' : ''}`)
   for (const [name, r] of Object.entries(results)) {
     const gbs = r.bytes / r.seconds / 1e9
     const ratio = (ref) => (results[ref] ? `${(results[ref].seconds / r.seconds).toFixed(2)}×` : '-')
     console.log(
-      `${name.padEnd(20)} ${gbs.toFixed(2).padStart(6)}  ${r.seconds.toFixed(2).padStart(8)}  ${(r.maxRssKb / 1024).toFixed(0).padStart(6)} MiB  ${ratio('cp -r').padStart(8)}  ${ratio('cp -r + sync').padStart(10)}  ${ratio('torch (seed way)').padStart(8)}  ${ratio('torch consolidate').padStart(13)}`,
+      `${name.padEnd(20)} ${gbs.toFixed(2).padStart(6)}  ${r.seconds.toFixed(2).padStart(8)}  ${(r.maxRssKb / 1024).toFixed(0).padStart(6)} MiB  ${ratio('cp -r').padStart(8)}  ${ratio('cp -r + sync').padStart(10)}  ${ratio('torch (seed way)').padStart(8)}  ${ratio('torch consolidate').padStart(13)}${castTo ? `${ratio('torch cast').padStart(16)}${ratio('distcp (no cast)').padStart(12)}` : ''}`,
     )
     tableRows.push({ cache, name, ...r })
   }
@@ -220,6 +231,6 @@ writeFileSync(join(outRoot, 'results.json'), JSON.stringify({ layers, ranks, tp,
 console.log(`\n(ratios are speed-ups: the other's seconds / this one's seconds; results also in ${join(outRoot, 'results.json')})`)
 
 if (!keep) {
-  for (const d of [ckpt, hfSharded, modelDir]) rmSync(d, { recursive: true, force: true })
+  for (const d of [ckpt, hfSharded, modelDir, `${ckpt}-hf`]) rmSync(d, { recursive: true, force: true })
   console.log(`deleted the generated data (${ckpt}, ${hfSharded}); pass --keep to reuse it`)
 }

@@ -15,7 +15,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Bytes of source data gathered per slab: memory stays bounded whatever the tensor size, and a slab (with its
@@ -124,21 +124,68 @@ impl ConvertJob {
   /// goes to [`ConvertJob::progress`]; the cancel flag stops it between tensors (and between slabs of a large
   /// one) with `Error::Aborted`.
   pub fn write_all(&mut self, ck: &Checkpoint) -> Result<()> {
-    let n = self.plan.tensors.len();
+    let keys: Vec<String> = self.plan.tensors.iter().map(|t| t.key.clone()).collect();
+    // end[i]: bytes of tensors [0, i]
+    let end: Vec<u64> = self
+      .plan
+      .tensors
+      .iter()
+      .scan(0u64, |acc, t| {
+        *acc = acc.saturating_add(t.nbytes);
+        Some(*acc)
+      })
+      .collect();
+    // the tensor being written (usize::MAX: done), and the next tensor whose records nobody has claimed yet
+    let at = AtomicUsize::new(0);
+    let next = AtomicUsize::new(0);
+    let n = keys.len();
+    // resolving a record (its zip entry and pickle) costs more than moving a small tensor: both threads claim
+    // tensors to resolve, each once, the helper up to a window ahead (starting the kernel's readahead on them)
+    let claim = |j: usize| next.compare_exchange(j, j + 1, Ordering::Relaxed, Ordering::Relaxed).is_ok();
+    std::thread::scope(|s| {
+      s.spawn(|| loop {
+        let (i, j) = (at.load(Ordering::Relaxed), next.load(Ordering::Relaxed));
+        if i == usize::MAX || j >= n {
+          return;
+        }
+        let window = end[j].saturating_sub(end.get(i).copied().unwrap_or(0));
+        if j > i + 1 && window > PREFETCH_AHEAD_BYTES {
+          std::thread::sleep(std::time::Duration::from_millis(1));
+          continue;
+        }
+        if claim(j) {
+          // an error here shows again, reported, when the writer reaches the tensor
+          let _ = ck.prefetch(&keys[j]);
+        }
+      });
+      let resolve_up_to = |i: usize| loop {
+        let j = next.load(Ordering::Relaxed);
+        if j > i {
+          return;
+        }
+        if claim(j) {
+          let _ = ck.prefetch(&keys[j]);
+        }
+      };
+      let r = self.write_in_order(ck, &at, &resolve_up_to);
+      at.store(usize::MAX, Ordering::Relaxed);
+      r
+    })?;
+    self.finish()
+  }
+
+  fn write_in_order(
+    &mut self,
+    ck: &Checkpoint,
+    at: &AtomicUsize,
+    resolve_up_to: &dyn Fn(usize),
+  ) -> Result<()> {
     let mut batch = SmallBatch::default();
-    // tensors [.. ahead) have been handed to the kernel's readahead
-    let mut ahead = 0usize;
-    let mut ahead_bytes = 0u64;
-    for i in 0..n {
+    for i in 0..self.plan.tensors.len() {
+      at.store(i, Ordering::Relaxed);
+      resolve_up_to(i);
       self.check_cancel()?;
       let nbytes = self.plan.tensors[i].nbytes;
-      ahead = ahead.max(i);
-      while ahead < n && (ahead <= i + 1 || ahead_bytes < PREFETCH_AHEAD_BYTES) {
-        ck.prefetch(&self.plan.tensors[ahead].key)?;
-        ahead_bytes += self.plan.tensors[ahead].nbytes;
-        ahead += 1;
-      }
-      ahead_bytes = ahead_bytes.saturating_sub(nbytes);
       if nbytes > 0 && nbytes <= SMALL_TENSOR_BYTES {
         self.add_small(ck, i, &mut batch)?;
         continue;
@@ -151,8 +198,7 @@ impl ConvertJob {
       }
       self.progress.add(1, w.bytes);
     }
-    self.flush_small(&mut batch)?;
-    self.finish()
+    self.flush_small(&mut batch)
   }
 
   /// Gathers small tensor `i` into `batch` (written first if `i` does not continue it or it is full).
