@@ -342,8 +342,7 @@ impl ConvertJob {
     // at least two: one casts while the other waits for its read or write
     let workers = std::thread::available_parallelism()
       .map_or(1, |p| p.get())
-      .max(2)
-      .min(MAX_SLAB_WORKERS)
+      .clamp(2, MAX_SLAB_WORKERS)
       .min(usize::try_from(slabs).unwrap_or(usize::MAX))
       .max(1);
     if self.direct[tp.shard].is_none() {
