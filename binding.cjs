@@ -850,6 +850,7 @@ module.exports.CheckpointLayout = nativeBinding.CheckpointLayout
 module.exports.commitSyncDir = nativeBinding.commitSyncDir
 module.exports.commitTempName = nativeBinding.commitTempName
 module.exports.commitWriterIsDead = nativeBinding.commitWriterIsDead
+module.exports.convertTensorKeys = nativeBinding.convertTensorKeys
 module.exports.copyFromDevice = nativeBinding.copyFromDevice
 module.exports.copyFromDeviceInto = nativeBinding.copyFromDeviceInto
 module.exports.copyStaging = nativeBinding.copyStaging

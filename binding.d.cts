@@ -43,6 +43,13 @@ export declare class NativeCheckpoint {
 }
 
 export declare class NativeConvertJob {
+  /**
+   * Writes every tensor of the plan and finishes (the whole conversion on a worker thread); resolves with the
+   * bytes written. Poll `progress` meanwhile; `cancel` stops it with ERR_DISTCP_ABORTED.
+   */
+  run(): Promise<TensorWrittenJs>
+  /** What `run` has written so far (read without waiting for it). */
+  progress(): ConvertProgressJs
   /** Writes tensor `index` of the plan (the plan's `tensors` order). */
   writeTensor(index: number): Promise<TensorWrittenJs>
   /** Creates empty shards, writes the index, fsyncs every file. */
@@ -201,6 +208,19 @@ export interface ConvertEntryJs {
   /** Tensor name in the output. */
   name: string
 }
+
+export interface ConvertProgressJs {
+  /** Bytes of tensor data written so far. */
+  bytesDone: number
+  /** Tensors written so far (the first `tensorsDone` of the plan). */
+  tensorsDone: number
+}
+
+/**
+ * The keys of `checkpoint` that hold tensors, in `.metadata` order: what a conversion considers, in one call
+ * instead of one `info` per key (an MoE checkpoint has tens of thousands).
+ */
+export declare function convertTensorKeys(checkpoint: NativeCheckpoint): Array<string>
 
 /** Copies `byteLength` bytes of the caller's device memory at `ptr` on `cuda:device` into a new host Buffer. */
 export declare function copyFromDevice(device: number, ptr: bigint, byteLength: number): Promise<Buffer>

@@ -404,16 +404,18 @@ const NAN_TEST: Record<string, (b: Buffer, i: number) => boolean> = {
 const ELEM: Record<string, number> = { BF16: 2, F16: 2, F32: 4, F64: 8, I64: 8 }
 const TARGET_ST: Record<string, string> = { bfloat16: 'BF16', float16: 'F16', float32: 'F32', float64: 'F64' }
 
-test("dtype casts equal torch's .to() bit for bit: specials, ties, subnormals, overflow, random bit patterns, NaN", async (t) => {
-  const dir = join(work, 'cast-case')
-  const r = await py(['interop/make_cast_case.py', dir])
+// the default tensors (≤ 256 KiB) take the small-tensor path; 3,000,001 random patterns make every tensor several
+// slabs, cast on the slab workers and written with O_DIRECT at unaligned offsets
+for (const n of [undefined, 3_000_001]) test(`dtype casts equal torch's .to() bit for bit: specials, ties, subnormals, overflow, random bit patterns, NaN${n ? ` (${n} elements a tensor: the slab path)` : ''}`, async (t) => {
+  const dir = join(work, `cast-case${n ? `-${n}` : ''}`)
+  const r = await py(['interop/make_cast_case.py', dir, ...(n ? ['--n', String(n)] : [])])
   t.is(r.status, 0, r.stderr)
   const h = parseSafetensorsHeader(join(dir, 'expected.safetensors'))
   const expected = new Map(h.tensors.map((x) => [x.name, { dtype: x.dtype, data: h.bytes.subarray(h.dataStart + x.begin, h.dataStart + x.end) }]))
   const problems: string[] = []
   const nanNotes: string[] = []
   for (const target of ['bfloat16', 'float16', 'float32', 'float64']) {
-    const { out } = freshOut(`cast-${target}`)
+    const { out } = freshOut(`cast-${target}${n ? `-${n}` : ''}`)
     await convertDcpToHf(join(dir, 'dcp'), out, join(dir, 'model'), undefined, { ...quiet, dtype: target as 'float32' })
     const got = readOutput(t, out)
     t.is(got.size, 5)

@@ -10,7 +10,10 @@ import type { DType } from './tensor.js'
 import type { ProcessGroup } from './distributed/group.js'
 import { convertRanks } from './distributed/convert.js'
 
-/** Progress of a conversion, reported after every tensor. */
+/**
+ * Progress of a conversion. Reported at a bounded interval (about every 100 ms) while the native job writes, and
+ * once at the end with every tensor done; tensors complete in plan order.
+ */
 export interface ConvertProgress {
   bytesDone: number
   bytesTotal: number
@@ -51,6 +54,7 @@ export interface ConvertOptions {
   pytorchModelBin?: boolean
   /** Plan only: print what would be written and write nothing. */
   dryRun?: boolean
+  /** Called about every 100 ms while tensors are written, and once when all are (see {@link ConvertProgress}). */
   onProgress?: (p: ConvertProgress) => void
   /** Stops between tensors (and between slabs of a large one); nothing is left behind. */
   signal?: AbortSignal
@@ -104,6 +108,8 @@ export interface ConvertPlan {
 }
 
 const DEFAULT_MAX_SHARD = 50e9
+/** How often `onProgress` hears from a running conversion. */
+const PROGRESS_INTERVAL_MS = 100
 const DTYPE_ALIASES: Record<string, DType> = { bf16: 'bfloat16', fp16: 'float16', half: 'float16', fp32: 'float32', float: 'float32' }
 const CAST_TARGETS = new Set<DType>(['bfloat16', 'float16', 'float32', 'float64', 'float8_e4m3fn', 'float8_e5m2'])
 
@@ -231,8 +237,9 @@ async function prepareOpen(
   const keyMap = Object.entries(options.keyMap ?? {})
   const entries: { key: string; name: string }[] = []
   const skipped: { key: string; reason: string }[] = []
+  const tensorKeys = new Set(callNative(() => native.convertTensorKeys(ck.nativeHandle())))
   for (const [key, path] of paths) {
-    if (ck.info(key).kind !== 'tensor') {
+    if (!tensorKeys.has(key)) {
       skipped.push({ key, reason: 'not a tensor' })
       continue
     }
@@ -402,26 +409,36 @@ export async function convertDcpToHf(
     const onAbort = () => job.cancel()
     signal?.addEventListener('abort', onAbort)
     try {
-      let bytesDone = 0
+      const n = plan.tensors.length
+      const report = (bytesDone: number, tensorsDone: number, file: string) =>
+        options.onProgress?.({ bytesDone, bytesTotal: plan.totalSize, tensorsDone, tensorsTotal: n, file })
       if (options.pytorchModelBin) {
         await awaitNative(() => job.writePytorchModelBin())
-        const n = plan.tensors.length
-        options.onProgress?.({ bytesDone: plan.totalSize, bytesTotal: plan.totalSize, tensorsDone: n, tensorsTotal: n, file: 'pytorch_model.bin' })
-      }
-      for (let i = 0; !options.pytorchModelBin && i < plan.tensors.length; i++) {
+        report(plan.totalSize, n, 'pytorch_model.bin')
+      } else {
+        // the whole write loop runs natively; progress is polled, not sent per tensor
+        const fileOf = (t: number) => {
+          const tensor = plan.tensors[Math.min(t, n - 1)]
+          return tensor ? plan.shards[tensor.shard].file : ''
+        }
+        let last = -1
+        const poll = () => {
+          const p = job.progress()
+          if (p.tensorsDone === last) return
+          last = p.tensorsDone
+          report(p.bytesDone, p.tensorsDone, fileOf(p.tensorsDone))
+        }
         signal?.throwIfAborted()
-        const w = await awaitNative(() => job.writeTensor(i))
-        bytesDone += w.bytes
-        options.onProgress?.({
-          bytesDone,
-          bytesTotal: plan.totalSize,
-          tensorsDone: i + 1,
-          tensorsTotal: plan.tensors.length,
-          file: plan.shards[plan.tensors[i].shard].file,
-        })
+        const timer = options.onProgress ? setInterval(poll, PROGRESS_INTERVAL_MS) : undefined
+        try {
+          await awaitNative(() => job.run())
+        } finally {
+          if (timer) clearInterval(timer)
+        }
+        signal?.throwIfAborted()
+        report(plan.totalSize, n, fileOf(n - 1))
       }
       signal?.throwIfAborted()
-      if (!options.pytorchModelBin) await awaitNative(() => job.finish())
     } finally {
       signal?.removeEventListener('abort', onAbort)
     }

@@ -1,13 +1,17 @@
 // bench/convert: DCP → Hugging Face safetensors. distcp vs `cp -r` of the same checkpoint vs the PyTorch ways, same data,
 // same run, warm and cold page cache.
 //
-// usage: node bench/convert/run.mjs [--layers 38] [--ranks 2] [--tp] [--reps 2] [--dtype <cast>] [--only a,b] [--keep]
+// usage: node bench/convert/run.mjs [--layers 38] [--ranks 2] [--tp | --moe] [--reps 2] [--dtype <cast>] [--only a,b] [--keep]
 //   --layers   Llama layers of the generated checkpoint (hidden 2048, intermediate 5632, vocab 32000, bf16, 2 ranks,
 //              Shard(0) DTensors, the seed's {"model": …} layout; bench/lib/make_llama_checkpoint.py). 38 → 4.17 GB.
 //   --ranks    ranks of the generated checkpoint (3 gives uneven shards)
 //   --tp       tensor-parallel layout: the attention/MLP projections Shard(1) (column-sharded), the rest Shard(0);
 //              distcp cannot move these with copy_file_range and goes through its slab path
-//   --dtype    make distcp cast (e.g. float32); default: keep bf16 (what the PyTorch ways do)
+//   --moe      MoE-shaped checkpoint instead: 6,144 bf16 tensors of 64×64 on 1 rank (bench/convert/make_moe_checkpoint.py),
+//              where the cost per tensor shows and the bytes do not
+//   --dtype    make distcp cast (e.g. float32); default: keep bf16 (what the PyTorch ways do). Adds two contestants:
+//              `distcp (no cast)` (the same conversion without the cast) and `torch cast` (safetensors' load_file →
+//              .to(dtype) → save_file + fsync of the same tensors as one model.safetensors, made once by distcp, untimed)
 //   --keep     keep the generated checkpoints (bench/data/convert-*) for the next run; deleted otherwise
 //
 // Contestants (each a separate process, timed inside, peak RSS from /usr/bin/time -f '%e %M'):
@@ -45,12 +49,13 @@ const onlyList = (flag('--only', '') ?? '').split(',').filter(Boolean)
 const only = onlyList.length ? onlyList : null
 const keep = args.includes('--keep')
 const tp = args.includes('--tp')
+const moe = args.includes('--moe')
 
 const shape = { hidden: 2048, intermediate: 5632, vocab: 32000 }
 const genArgs = [...(tp ? ['--tp'] : []), '--ranks', String(ranks), '--layers', String(layers), '--hidden', String(shape.hidden), '--intermediate', String(shape.intermediate), '--vocab', String(shape.vocab), '--dtype', 'bfloat16']
 const data = join(root, 'bench/data')
 const tag = `${layers}L-${ranks}rank${tp ? '-tp' : ''}`
-const ckpt = join(data, `convert-llama-${tag}`)
+const ckpt = join(data, moe ? 'convert-moe-6144' : `convert-llama-${tag}`)
 const hfSharded = join(data, `convert-llama-${tag}-hf-sharded`)
 const modelDir = join(data, `convert-llama-${layers}L-config`)
 const outRoot = join(root, 'bench/out/convert')
@@ -65,11 +70,15 @@ const duBytes = (dir) => files(dir).reduce((a, f) => a + statSync(f).size, 0)
 
 // ---- data (generated with real torch; not timed)
 mkdirSync(data, { recursive: true })
+if (moe && !existsSync(join(ckpt, '.metadata'))) {
+  console.log(`generating ${ckpt} with torch (1 rank, 6,144 tensors of 64×64) …`)
+  console.log(run(python, ['bench/convert/make_moe_checkpoint.py', ckpt]).stdout.trim())
+}
 if (!existsSync(join(ckpt, '.metadata'))) {
   console.log(`generating ${ckpt} with torch (${ranks} gloo ranks${tp ? ', projections Shard(1)' : ''}) …`)
   console.log(run(python, ['bench/lib/make_llama_checkpoint.py', ckpt, ...genArgs]).stdout.trim())
 }
-const wantConsolidate = !only || only.includes('torch consolidate') || only.includes('distcp (hf shards)')
+const wantConsolidate = !moe && (!only || only.includes('torch consolidate') || only.includes('distcp (hf shards)'))
 let haveConsolidate = false
 if (wantConsolidate) {
   const probe = spawnSync(python, ['-c', 'from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files'], { encoding: 'utf8' })
@@ -128,6 +137,15 @@ const contestants = {
 if (haveConsolidate) {
   contestants['distcp (hf shards)'] = { inputs: files(hfSharded), run: (out) => inner(timed('node', ['bench/convert/distcp_convert.mjs', hfSharded, out, modelDir, castTo])) }
   contestants['torch consolidate'] = { inputs: files(hfSharded), run: (out) => inner(timed(python, ['bench/convert/torch_convert.py', 'consolidate', hfSharded, out])) }
+}
+if (castTo) {
+  contestants['distcp (no cast)'] = { inputs: ckptFiles, run: (out) => inner(timed('node', ['bench/convert/distcp_convert.mjs', ckpt, out, modelDir])) }
+  const hf = join(data, `${ckpt.split('/').pop()}-hf`)
+  if (!existsSync(join(hf, 'model.safetensors'))) run('node', ['bench/convert/distcp_convert.mjs', ckpt, hf, modelDir])
+  contestants['torch cast'] = {
+    inputs: files(hf),
+    run: (out) => inner(timed(python, ['bench/convert/torch_convert.py', `cast:${castTo}`, hf, out])),
+  }
 }
 for (const name of Object.keys(contestants)) if (only && !only.includes(name)) delete contestants[name]
 
@@ -199,12 +217,12 @@ for (const cache of ['warm', 'cold']) {
   console.log(
     `\n${cache} page cache: ${(tensorBytes / 1e9).toFixed(2)} GB of tensors, checkpoint ${(ckptBytes / 1e9).toFixed(2)} GB in ${ckptFiles.length} files; best of ${reps}${castTo ? `; distcp casts to ${castTo}` : ''}`,
   )
-  console.log('contestant            GB/s   seconds   peak RSS   vs cp -r   vs cp+sync   vs torch   vs consolidate')
+  console.log(`contestant            GB/s   seconds   peak RSS   vs cp -r   vs cp+sync   vs torch   vs consolidate${castTo ? '   vs torch cast   vs no cast' : ''}`)
   for (const [name, r] of Object.entries(results)) {
     const gbs = r.bytes / r.seconds / 1e9
     const ratio = (ref) => (results[ref] ? `${(results[ref].seconds / r.seconds).toFixed(2)}×` : '-')
     console.log(
-      `${name.padEnd(20)} ${gbs.toFixed(2).padStart(6)}  ${r.seconds.toFixed(2).padStart(8)}  ${(r.maxRssKb / 1024).toFixed(0).padStart(6)} MiB  ${ratio('cp -r').padStart(8)}  ${ratio('cp -r + sync').padStart(10)}  ${ratio('torch (seed way)').padStart(8)}  ${ratio('torch consolidate').padStart(13)}`,
+      `${name.padEnd(20)} ${gbs.toFixed(2).padStart(6)}  ${r.seconds.toFixed(2).padStart(8)}  ${(r.maxRssKb / 1024).toFixed(0).padStart(6)} MiB  ${ratio('cp -r').padStart(8)}  ${ratio('cp -r + sync').padStart(10)}  ${ratio('torch (seed way)').padStart(8)}  ${ratio('torch consolidate').padStart(13)}${castTo ? `${ratio('torch cast').padStart(16)}${ratio('distcp (no cast)').padStart(12)}` : ''}`,
     )
     tableRows.push({ cache, name, ...r })
   }
@@ -213,6 +231,6 @@ writeFileSync(join(outRoot, 'results.json'), JSON.stringify({ layers, ranks, tp,
 console.log(`\n(ratios are speed-ups: the other's seconds / this one's seconds; results also in ${join(outRoot, 'results.json')})`)
 
 if (!keep) {
-  for (const d of [ckpt, hfSharded, modelDir]) rmSync(d, { recursive: true, force: true })
+  for (const d of [ckpt, hfSharded, modelDir, `${ckpt}-hf`]) rmSync(d, { recursive: true, force: true })
   console.log(`deleted the generated data (${ckpt}, ${hfSharded}); pass --keep to reuse it`)
 }

@@ -1,9 +1,9 @@
-//! Conversion to safetensors, driven from TypeScript one tensor at a time (progress and abort between tensors;
-//! a cancel flag stops a large tensor between slabs).
+//! Conversion to safetensors: the whole job in one native call (`run`; TypeScript polls `progress` at its own
+//! interval and `cancel` sets the flag the job checks between tensors and slabs), or one tensor at a time.
 
 use crate::checkpoint::NativeCheckpoint;
 use crate::errors::{invalid_arg, job, to_js, Job, Result, Work};
-use distcp_core::convert::{self, ConvertEntry, ConvertJob};
+use distcp_core::convert::{self, ConvertEntry, ConvertJob, JobProgress};
 use distcp_core::{Checkpoint, DType};
 use napi::bindgen_prelude::AsyncTask;
 use napi::Env;
@@ -17,6 +17,14 @@ pub struct ConvertEntryJs {
   pub key: String,
   /// Tensor name in the output.
   pub name: String,
+}
+
+#[napi(object)]
+pub struct ConvertProgressJs {
+  /// Bytes of tensor data written so far.
+  pub bytes_done: f64,
+  /// Tensors written so far (the first `tensorsDone` of the plan).
+  pub tensors_done: f64,
 }
 
 #[napi(object)]
@@ -61,6 +69,7 @@ pub struct NativeConvertJob {
   ck: Arc<Checkpoint>,
   job: Arc<Mutex<ConvertJob>>,
   cancel: Arc<AtomicBool>,
+  progress: Arc<JobProgress>,
 }
 
 /// Starts a conversion into `dir` (an existing empty folder; the caller renames it into place when done).
@@ -76,10 +85,12 @@ pub fn create_convert_job(
   let plan = plan_for(&ck, entries, dtype, max_shard_size)?;
   let job = ConvertJob::new(plan, dir);
   let cancel = job.cancel_flag();
-  Ok(NativeConvertJob { ck, job: Arc::new(Mutex::new(job)), cancel })
+  let progress = job.progress();
+  Ok(NativeConvertJob { ck, job: Arc::new(Mutex::new(job)), cancel, progress })
 }
 
 enum Step {
+  All,
   Tensor(u32),
   Finish,
   PytorchModelBin,
@@ -91,6 +102,12 @@ pub struct WriteTensorTask {
   step: Step,
 }
 
+impl WriteTensorTask {
+  fn progress_bytes(&self, job: &ConvertJob) -> f64 {
+    job.progress().bytes() as f64
+  }
+}
+
 impl Work<'_> for WriteTensorTask {
   type Output = (f64, f64);
   type JsValue = TensorWrittenJs;
@@ -98,6 +115,10 @@ impl Work<'_> for WriteTensorTask {
   fn compute(&mut self) -> Result<(f64, f64)> {
     let mut job = self.job.lock().unwrap_or_else(|p| p.into_inner());
     match self.step {
+      Step::All => {
+        job.write_all(&self.ck).map_err(to_js)?;
+        Ok((self.progress_bytes(&job), 0.0))
+      }
       Step::Tensor(i) => {
         let w = job.write_tensor(&self.ck, i as usize).map_err(to_js)?;
         Ok((w.bytes as f64, w.kernel_copied as f64))
@@ -117,6 +138,22 @@ impl Work<'_> for WriteTensorTask {
 
 #[napi]
 impl NativeConvertJob {
+  /// Writes every tensor of the plan and finishes (the whole conversion on a worker thread); resolves with the
+  /// bytes written. Poll `progress` meanwhile; `cancel` stops it with ERR_DISTCP_ABORTED.
+  #[napi(ts_return_type = "Promise<TensorWrittenJs>")]
+  pub fn run(&self) -> AsyncTask<Job<WriteTensorTask>> {
+    job(WriteTensorTask { ck: self.ck.clone(), job: self.job.clone(), step: Step::All })
+  }
+
+  /// What `run` has written so far (read without waiting for it).
+  #[napi]
+  pub fn progress(&self) -> ConvertProgressJs {
+    ConvertProgressJs {
+      bytes_done: self.progress.bytes() as f64,
+      tensors_done: self.progress.tensors() as f64,
+    }
+  }
+
   /// Writes tensor `index` of the plan (the plan's `tensors` order).
   #[napi(ts_return_type = "Promise<TensorWrittenJs>")]
   pub fn write_tensor(&self, index: u32) -> AsyncTask<Job<WriteTensorTask>> {
@@ -159,6 +196,19 @@ impl Work<'_> for EqualTask {
   fn resolve(&mut self, _env: &Env, v: bool) -> Result<bool> {
     Ok(v)
   }
+}
+
+/// The keys of `checkpoint` that hold tensors, in `.metadata` order: what a conversion considers, in one call
+/// instead of one `info` per key (an MoE checkpoint has tens of thousands).
+#[napi(catch_unwind)]
+pub fn convert_tensor_keys(checkpoint: &NativeCheckpoint) -> Result<Vec<String>> {
+  let ck = checkpoint.get()?;
+  Ok(
+    ck.keys()
+      .filter(|k| matches!(ck.item(k), Ok(distcp_core::metadata::ItemMetadata::Tensor(_))))
+      .map(str::to_owned)
+      .collect(),
+  )
 }
 
 /// Whether two tensors of a checkpoint have the same dtype, shape and bytes.
