@@ -46,5 +46,12 @@ if [ "${1:-}" = check ]; then
   cargo check --locked --target "$target" "${build_std[@]}" -p distcp-core
   exec cargo check --locked --target "$target" "${build_std[@]}" -p distcp-node
 fi
-exec npx napi build --platform --release --target "$target" --manifest-path crates/distcp-node/Cargo.toml -o . \
-  --js false --dts wasm-binding.d.cts -- --locked "${build_std[@]}"
+# Built into the package folder of the fallback (npm/wasm32-wasi, published as distcp-wasm32-wasi). napi build checks
+# that @emnapi/core and @emnapi/runtime, resolved from its --cwd, match the emnapi it links: the toolchain's JS folder
+# is linked there as node_modules, which also lets the dev tree load the module from that folder.
+out=npm/wasm32-wasip1
+ln -sfn ../../.wasm-toolchain/js/node_modules "$out/node_modules"
+cd "$out"
+exec ../../.wasm-toolchain/js/node_modules/.bin/napi build --platform --release --target "$target" \
+  --manifest-path ../../crates/distcp-node/Cargo.toml --package-json-path ../../package.json -o . \
+  --no-js --dts ../../target/wasm/binding.d.cts -- --locked "${build_std[@]}"

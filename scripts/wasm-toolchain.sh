@@ -22,6 +22,7 @@ sc="$dir/root/usr/lib/rustlib/wasm32-wasip1/lib/self-contained"
 mkdir -p "$sc" && cp "$dir"/root/usr/lib/wasm32-wasi/crt1-{reactor,command}.o "$sc"/
 mkdir -p "$dir/js"
 echo '{"name":"distcp-wasm-toolchain","private":true}' > "$dir/js/package.json"
-(cd "$dir/js" && npm install --no-audit --no-fund --ignore-scripts emnapi@1.11.3 @emnapi/core@1.11.3 @emnapi/runtime@1.11.3 @napi-rs/wasm-runtime@1.2.7)
+(cd "$dir/js" && npm install --no-audit --no-fund --ignore-scripts \
+  emnapi@2.0.0-beta.2 @emnapi/core@2.0.0-beta.2 @emnapi/runtime@2.0.0-beta.2 @napi-rs/wasm-runtime@1.2.7 @napi-rs/cli@3.10.12)
 touch "$dir/.done"
 echo "wasm toolchain: unpacked into $dir/root"

@@ -73,16 +73,29 @@ pub fn boot_id() -> String {
     .unwrap_or_else(|| "0".into())
 }
 
+/// This process's id. A WASI module has none (std's `process::id` panics there): the WASM fallback's loader passes
+/// Node's `process.pid` as `DISTCP_NODE_PID`, and without it the id is 0, which [`writer_is_dead`] never judges dead.
+pub fn process_id() -> u32 {
+  #[cfg(not(target_os = "wasi"))]
+  {
+    std::process::id()
+  }
+  #[cfg(target_os = "wasi")]
+  {
+    std::env::var("DISTCP_NODE_PID").ok().and_then(|p| p.parse().ok()).unwrap_or(0)
+  }
+}
+
 fn random_hex() -> String {
   let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
   let mut h = std::collections::hash_map::DefaultHasher::new();
-  std::hash::Hash::hash(&(nanos, std::process::id(), std::thread::current().id()), &mut h);
+  std::hash::Hash::hash(&(nanos, process_id(), std::thread::current().id()), &mut h);
   format!("{:08x}", std::hash::Hasher::finish(&h) as u32)
 }
 
 /// A unique temporary name with this writer's pid and boot id: `<prefix><pid>-<boot>-<random>`.
 pub fn temp_name(prefix: &str) -> String {
-  format!("{prefix}{}-{}-{}", std::process::id(), boot_id(), random_hex())
+  format!("{prefix}{}-{}-{}", process_id(), boot_id(), random_hex())
 }
 
 /// Whether the writer that named `name` (made by [`temp_name`] with `prefix`) is certainly gone: another boot, or
@@ -124,6 +137,10 @@ impl DirLock {
   /// Takes the lock of the existing folder `dir`, or fails with `ERR_DISTCP_LOCKED` if a writer holds it.
   pub fn acquire(dir: &Path) -> Result<DirLock> {
     let path = dir.join(LOCK_FILE);
+    // no flock to take (a WASI module): the write goes on unlocked, and no lock file is left behind
+    if cfg!(not(unix)) {
+      return Ok(DirLock { file: None, path });
+    }
     for _ in 0..64 {
       let mut file = OpenOptions::new()
         .read(true)
@@ -147,7 +164,7 @@ impl DirLock {
         continue;
       }
       file.set_len(0).map_err(|e| Error::io(&path, e))?;
-      file.write_all(format!("{}\n", std::process::id()).as_bytes()).map_err(|e| Error::io(&path, e))?;
+      file.write_all(format!("{}\n", process_id()).as_bytes()).map_err(|e| Error::io(&path, e))?;
       return Ok(DirLock { file: Some(file), path });
     }
     Err(Error::io(&path, io::Error::other("the lock file keeps being replaced")))
