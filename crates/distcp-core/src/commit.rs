@@ -139,6 +139,7 @@ impl DirLock {
     let path = dir.join(LOCK_FILE);
     // no flock to take (a WASI module): the write goes on unlocked, and no lock file is left behind
     if cfg!(not(unix)) {
+      fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
       return Ok(DirLock { file: None, path });
     }
     for _ in 0..64 {
