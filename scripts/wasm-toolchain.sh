@@ -15,7 +15,8 @@ dir=.wasm-toolchain
 mkdir -p "$dir/debs" "$dir/root"
 pkgs=(rustc-web libstd-rust-web-dev libstd-rust-web-1.96 rust-web-src wasi-libc
       libllvm22 clang-19 libclang-cpp19 libllvm19 libclang1-19 libclang-common-19-dev libclang-rt-19-dev-wasm32 llvm-19-linker-tools llvm-19)
-(cd "$dir/debs" && apt-get download "${pkgs[@]}")
+# a fresh container has no package lists yet: fetch them once (as root) and try again
+(cd "$dir/debs" && apt-get download "${pkgs[@]}") || { apt-get update -qq && (cd "$dir/debs" && apt-get download "${pkgs[@]}"); }
 for deb in "$dir"/debs/*.deb; do dpkg -x "$deb" "$dir/root"; done
 # napi-build links the reactor start file from where rustup's std for the target would put it
 sc="$dir/root/usr/lib/rustlib/wasm32-wasip1/lib/self-contained"

@@ -72,13 +72,25 @@ function loadWasm(): typeof Native {
   // a WASI module has no process id; the core names its temporary files and lock owner with Node's (set on every
   // load: a child process inherits its parent's value)
   process.env.DISTCP_NODE_PID = String(process.pid)
+  // Node 20 and 22 warn on every load that node:wasi is experimental: an implementation detail of distcp, not the
+  // user's choice, so that one warning is dropped while the module loads
+  const emitWarning = process.emitWarning
+  process.emitWarning = ((warning: string | Error, ...rest: unknown[]) => {
+    const text = typeof warning === 'string' ? warning : warning.message
+    if (text.startsWith('WASI is an experimental feature')) return
+    return (emitWarning as (...a: unknown[]) => void).call(process, warning, ...rest)
+  }) as typeof process.emitWarning
   const errors: unknown[] = []
-  for (const id of ['../npm/wasm32-wasip1/distcp.wasip1.cjs', WASM_PACKAGE]) {
-    try {
-      return require(id) as typeof Native
-    } catch (e) {
-      errors.push(e)
+  try {
+    for (const id of ['../npm/wasm32-wasip1/distcp.wasip1.cjs', WASM_PACKAGE]) {
+      try {
+        return require(id) as typeof Native
+      } catch (e) {
+        errors.push(e)
+      }
     }
+  } finally {
+    process.emitWarning = emitWarning
   }
   throw errors.reduce<Error | undefined>((cause, e) => new Error((e as Error)?.message ?? String(e), { cause }), undefined)
 }
