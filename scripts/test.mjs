@@ -90,6 +90,8 @@ if (!existsSync(join(root, 'dist', 'index.js')) || !existsSync(join(root, 'bindi
   const r = run('npm', ['run', 'build'], { stdio: 'inherit' })
   if (r.status !== 0) process.exit(1)
 }
+setupVenv()
+if (process.argv.includes('--setup-only')) process.exit(0)
 // the WASM fallback (npm/wasm32-wasip1): its toolchain is unpacked once (.wasm-toolchain/), and cargo rebuilds the
 // module only when the sources changed
 {
@@ -101,8 +103,6 @@ if (!existsSync(join(root, 'dist', 'index.js')) || !existsSync(join(root, 'bindi
   }
   console.log(`npm test: WASM build step took ${Math.round((Date.now() - started) / 1000)} s`)
 }
-setupVenv()
-if (process.argv.includes('--setup-only')) process.exit(0)
 const tch = setupTchVenv()
 if (!tch) failed += 1
 
