@@ -22,10 +22,10 @@ export declare class NativeCheckpoint {
   keys(): Array<string>
   info(key: string): ItemInfo
   /**
-   * Each key's path in the original nested state dict (`planner_data`), as JSON `{key: [str|int, ...]}`, or
-   * null when the checkpoint has none.
+   * Each key's path in the original nested state dict, as JSON `{key: [str|int, ...]}`: its `planner_data`
+   * path, or the key alone when the checkpoint records none (the core's `Checkpoint::planner_path`).
    */
-  plannerPathsJson(): string | null
+  plannerPathsJson(): string
   /**
    * The nested state dict torch saved, as JSON leaves (indices into `keys()`), dicts and lists (see
    * `state_dict::nested_json`); rebuilt from `planner_data` by the core.
@@ -180,6 +180,20 @@ export interface ConvertEntryJs {
 
 /** Copies `byteLength` bytes of the caller's device memory at `ptr` on `cuda:device` into a new host Buffer. */
 export declare function copyFromDevice(device: number, ptr: bigint, byteLength: number): Promise<Buffer>
+
+/**
+ * Copies `into.byteLength` bytes of the caller's device memory at `ptr` on `cuda:device` into `into` (a save's
+ * staging memory, reused across saves: no fresh host buffer per device tensor).
+ */
+export declare function copyFromDeviceInto(device: number, ptr: bigint, into: Uint8Array): Promise<void>
+
+/**
+ * The staging copy of `save` / `saveAsync` (src/staging.ts): `src[i]` into `dst[i]` on several threads
+ * ([`distcp_core::staging::copy_many`]), in the call — the caller's buffers are free again when it returns.
+ * Returns how many threads copied. Refuses pairs of different lengths and destinations that overlap a source or
+ * each other (staging blocks never do; a slice pair that aliased would be undefined behaviour).
+ */
+export declare function copyStaging(src: Array<Uint8Array>, dst: Array<Uint8Array>): number
 
 /** Starts a conversion into `dir` (an existing empty folder; the caller renames it into place when done). */
 export declare function createConvertJob(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number, dir: string): NativeConvertJob

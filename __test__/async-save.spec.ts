@@ -6,6 +6,7 @@ import { join } from 'node:path'
 
 import { AsyncSaver, DistcpError, PyTuple, StagingPool, loadCheckpoint, openCheckpoint, saveAsync, saveCheckpoint, stagingPool, save } from '../src/index.js'
 import { Adam, StepLR, TinyMLP } from '../examples/tiny-trainer/index.js'
+import { native } from '../src/native.js'
 import { checkFixture, diffTyped, loadExpected, root, runPython } from './helpers.js'
 import { fullState, smallState, toExact } from './save-child.js'
 
@@ -153,6 +154,78 @@ test('staging buffers are reused across saves: no allocation once warm', async (
   t.is(stagingPool.stats().allocations, warm)
 })
 
+test('the staging copy runs on several threads and copies every byte: odd sizes, odd offsets, a tensor split across threads', (t) => {
+  const pool = new StagingPool()
+  // 40 MiB + change: more than two threads' minimum share, so the copy is split (also inside the big view)
+  const big = new Uint8Array(40 * 1024 * 1024 + 13)
+  for (let i = 0; i < big.length; i += 4096) big[i] = (i / 4096) & 255
+  big[big.length - 1] = 7
+  const backing = new Uint8Array(1001).map((_, i) => i * 31)
+  const views = [new Uint8Array(backing.buffer, 3, 997), new Uint8Array(0), big, new Uint8Array([1, 2, 3])]
+  const staged = pool.stage(views)
+  if (staged instanceof Promise) return t.fail('host bytes must be copied in the call')
+  const { copies, lease } = staged
+  try {
+    t.is(copies.length, views.length)
+    for (let i = 0; i < views.length; i++) {
+      t.is(copies[i].byteLength, views[i].byteLength)
+      t.true(Buffer.from(copies[i].buffer, copies[i].byteOffset, copies[i].byteLength).equals(Buffer.from(views[i].buffer, views[i].byteOffset, views[i].byteLength)), `view ${i}`)
+    }
+    t.not(copies[2].buffer, big.buffer)
+  } finally {
+    lease.release()
+  }
+  // the native copy refuses what would alias: a destination inside a source, pairs of different lengths
+  const buf = new Uint8Array(64)
+  t.throws(() => native.copyStaging([buf.subarray(0, 32)], [buf.subarray(16, 48)]), { code: 'ERR_DISTCP_INVALID_INPUT' })
+  t.throws(() => native.copyStaging([buf.subarray(0, 8)], [new Uint8Array(9)]), { code: 'ERR_DISTCP_INVALID_INPUT' })
+  // sources may share memory (two views of one tensor are read, never written)
+  const dst = new Uint8Array(16)
+  native.copyStaging([backing.subarray(0, 8), backing.subarray(4, 12)], [dst.subarray(0, 8), dst.subarray(8, 16)])
+  t.deepEqual([...dst], [...backing.subarray(0, 8), ...backing.subarray(4, 12)])
+})
+
+test('device tensors stage into the same blocks, in order with host bytes; a failed transfer gives the blocks back', async (t) => {
+  // a host stand-in for the device-to-host transfer: the device "memory" is a host array found by its pointer, and
+  // each transfer completes on a later turn of the event loop, as a native copy does
+  const deviceMemory = new Map<bigint, Uint8Array>()
+  const transfers: bigint[] = []
+  const download = async (leaf: { ptr: bigint; byteLength: number }, into: Uint8Array): Promise<void> => {
+    await new Promise((r) => setImmediate(r))
+    const mem = deviceMemory.get(leaf.ptr)
+    if (!mem) throw new DistcpError('ERR_DISTCP_CUDA', `no device memory at ${leaf.ptr}`)
+    transfers.push(leaf.ptr)
+    into.set(mem.subarray(0, leaf.byteLength))
+  }
+  const pool = new StagingPool(4, download)
+  const leaf = (ptr: bigint, bytes: number[]) => {
+    deviceMemory.set(ptr, new Uint8Array(bytes))
+    return { dtype: 'uint8' as const, shape: [bytes.length], device: 'cuda:0', ptr, byteLength: bytes.length }
+  }
+  const sources = [new Uint8Array([1, 2]), leaf(4096n, [3, 4, 5]), new Uint8Array([6]), leaf(8192n, [7, 8]), new Uint8Array(0)]
+  const want = [[1, 2], [3, 4, 5], [6], [7, 8], []]
+  // stage(): a promise (there are device sources), every copy right
+  const staged = pool.stage(sources)
+  t.true(staged instanceof Promise)
+  const { copies, lease } = await staged
+  t.deepEqual(copies.map((c) => [...c]), want)
+  t.deepEqual(transfers, [4096n, 8192n])
+  lease.release()
+  // fill(onFilled): in index order, each source reported once its copy is done
+  const r = pool.reserve(sources)
+  const seen: number[][] = []
+  const filling = r.fill((filled) => seen.push(r.copies.slice(0, filled).flatMap((c) => [...c])))
+  t.true(filling instanceof Promise)
+  t.deepEqual(seen, [[1, 2]], 'synchronous up to the first device source')
+  await filling
+  t.deepEqual(seen, [[1, 2], [1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
+  r.lease.release()
+  // a transfer that fails: stage rejects with its error and the blocks go back to the pool
+  const bad = [new Uint8Array([1]), { dtype: 'uint8' as const, shape: [1], device: 'cuda:0', ptr: 1n, byteLength: 1 }]
+  await t.throwsAsync(Promise.resolve(pool.stage(bad)), { code: 'ERR_DISTCP_CUDA' })
+  t.is(pool.stats().blocksInUse, 0)
+})
+
 test.serial('close({ cancel: true }) rejects the saves not yet writing, lets the writing one commit, refuses new ones', async (t) => {
   const saver = new AsyncSaver({ maxStaged: 2 })
   process.env.DISTCP_TEST_PAUSE_AT = 'save:locked'
@@ -271,6 +344,9 @@ test('saveAsync writes on a lower-priority thread of its own; save does not', as
   }
   const bg = await watch(saveAsync(big, { checkpointId: join(work, 'prio-async') }).committed)
   t.deepEqual([...bg.values()], [Math.max(base, 10)], `threads seen: ${JSON.stringify([...bg])}`)
+  // the async writer's thread has been joined, but its /proc entry can outlive the join for a moment on a loaded
+  // machine: wait until it is gone, so that what is seen next belongs to the blocking save
+  for (let i = 0; i < 500 && threads().some((th) => th.name.startsWith('distcp-backgrou')); i++) await new Promise((r) => setTimeout(r, 10))
   const fg = await watch(save(big, { checkpointId: join(work, 'prio-blocking') }))
   t.is(fg.size, 0)
   t.true(threads().every((th) => th.nice === base || th.name.startsWith('distcp-backgrou')), 'no other thread was made nicer')

@@ -1,9 +1,12 @@
 import test from 'ava'
+import { spawnSync } from 'node:child_process'
 import { existsSync, mkdtempSync, readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
-import { openCheckpoint, cudaInfo, DeviceTensor, DistcpError, flattenStateDict, load, save } from '../src/index.js'
+import { createServer } from 'node:net'
+
+import { openCheckpoint, cudaInfo, CheckpointError, DeviceTensor, DistcpError, flattenStateDict, initProcessGroup, load, save } from '../src/index.js'
 import { native } from '../src/native.js'
 import { root } from './helpers.js'
 
@@ -163,6 +166,52 @@ test('on a GPU: load fills device leaves and a save of device tensors equals the
   dev.dispose()
   empty.dispose()
   ck.close()
+})
+
+async function inProcessGroup(n: number) {
+  const masterPort = await new Promise<number>((resolve) => {
+    const s = createServer().listen(0, '127.0.0.1', () => {
+      const port = (s.address() as { port: number }).port
+      s.close(() => resolve(port))
+    })
+  })
+  return Promise.all(Array.from({ length: n }, (_, rank) => initProcessGroup({ rank, worldSize: n, masterAddr: '127.0.0.1', masterPort, timeoutMs: 10_000, useAgentStore: false, prefix: `cuda${masterPort}` })))
+}
+
+test('a multi-rank save with device tensors: host copies as in a single-rank save (equal files on a GPU; without one every rank rejects naming the rank and ERR_DISTCP_NO_CUDA)', async (t) => {
+  const pgs = await inProcessGroup(2)
+  const base = mkdtempSync(join(tmpdir(), 'distcp-cuda-ranks-'))
+  const hostSlice = (r: number) => ({ dtype: 'float32' as const, shape: [2, 4], data: new Float32Array(8).map((_, i) => r * 8 + i), globalShape: [4, 4], globalOffsets: [2 * r, 0] })
+  try {
+    if (!gpu) {
+      const devLeaf = { dtype: 'float32' as const, shape: [2, 4], device: 'cuda:0', ptr: 1n << 40n, byteLength: 32, globalShape: [4, 4], globalOffsets: [2, 0] }
+      const saves = pgs.map((pg) => save({ w: pg.rank === 1 ? devLeaf : hostSlice(0) }, { checkpointId: join(base, 'dev'), processGroup: pg }))
+      const errs = await Promise.all(saves.map((p) => t.throwsAsync(p, { instanceOf: CheckpointError })))
+      for (const e of errs) t.regex(e?.message ?? '', /rank 1: .*no CUDA/i)
+      t.false(existsSync(join(base, 'dev', '.metadata')))
+      return
+    }
+    // on a GPU: the host save first; each rank reads its slice of it to the device and saves that: byte-identical
+    await Promise.all(pgs.map((pg) => save({ w: hostSlice(pg.rank) }, { checkpointId: join(base, 'host'), processGroup: pg })))
+    const ck = await openCheckpoint(join(base, 'host'))
+    const devs = await Promise.all(pgs.map(async (pg) => {
+      const d = await ck.read('w', { device: 'cuda:0', offsets: [2 * pg.rank, 0], sizes: [2, 4] })
+      return Object.assign(d, { globalShape: [4, 4], globalOffsets: [2 * pg.rank, 0] })
+    }))
+    ck.close()
+    await Promise.all(pgs.map((pg) => save({ w: devs[pg.rank] }, { checkpointId: join(base, 'dev'), processGroup: pg })))
+    for (const f of ['.metadata', '__0_0.distcp', '__1_0.distcp']) t.deepEqual(readFileSync(join(base, 'dev', f)), readFileSync(join(base, 'host', f)), f)
+    devs.forEach((d) => d.dispose())
+  } finally {
+    await Promise.all(pgs.map((pg) => pg.destroy()))
+  }
+})
+
+test('bench/gpu/node-checks.mjs (the Node checks the GPU machine runs) passes with host memory standing in for the device', (t) => {
+  const r = spawnSync(process.execPath, [join(root, 'bench', 'gpu', 'node-checks.mjs')], { cwd: root, encoding: 'utf8', env: { ...process.env, GPU_CHECKS_HOST: '1' }, timeout: 300_000 })
+  t.is(r.status, 0, `${r.stdout.slice(-3000)}\n${r.stderr.slice(-2000)}`)
+  t.regex(r.stdout, /^RESULT node_checks_failed 0$/m)
+  t.regex(r.stdout, /^RESULT node_tensors [1-9][0-9]{2,}$/m)
 })
 
 test('the dtype option of device reads is validated; a valid cast without a GPU rejects with ERR_DISTCP_NO_CUDA', async (t) => {

@@ -227,3 +227,50 @@ test('main + WASM tarballs (no native package): import, require, inspect and con
   t.true(files.some((f) => f.endsWith('.safetensors')))
   for (const f of files) t.true(readFileSync(join(hf, f)).equals(readFileSync(join(ref, f))), f)
 })
+
+// pnpm (dependency install scripts off by default since 10), yarn 1 with --ignore-scripts and yarn 4 (Plug'n'Play,
+// scripts off): each installs the main tarball with the platform tarball put in place of the registry's through
+// its own override mechanism, on a PATH without cargo; ESM import, require and the CLI work, and the binary comes
+// from the platform package. The package managers themselves come from the npm registry (npx caches them).
+const managers = [
+  { name: 'pnpm 10', pkg: 'pnpm@10.34.9', bin: 'pnpm', install: ['install'], run: ['exec'], pin: 'pnpm-workspace' },
+  { name: 'yarn 1', pkg: 'yarn@1.22.22', bin: 'yarn', install: ['install', '--ignore-scripts', '--non-interactive'], run: ['run', '-s'], pin: 'resolutions' },
+  { name: "yarn 4 (Plug'n'Play)", pkg: '@yarnpkg/cli-dist@4.18.1', bin: 'yarn', install: ['install'], run: [], pin: 'resolutions' },
+] as const
+for (const m of managers) {
+  test(`${m.name} installs the tarballs without cargo or scripts; import, require and the CLI work`, (t) => {
+    const tarballs = packOnce()
+    const c = consumer('distcp-pm-')
+    const platform = tarballs.platforms['linux-x64-gnu']
+    const manifest: Record<string, unknown> = { name: 'consumer', version: '1.0.0', type: 'module', dependencies: { distcp: `file:${tarballs.main}` } }
+    if (m.pin === 'resolutions') manifest.resolutions = { 'distcp-linux-x64-gnu': `file:${platform}` }
+    else writeFileSync(join(c.dir, 'pnpm-workspace.yaml'), `overrides:\n  distcp-linux-x64-gnu: file:${platform}\n`)
+    writeFileSync(join(c.dir, 'package.json'), JSON.stringify(manifest))
+    if (m.pkg.startsWith('@yarnpkg')) writeFileSync(join(c.dir, 'yarn.lock'), '') // a project root of its own, not /tmp's
+    const env = { ...c.env, YARN_ENABLE_TELEMETRY: '0', YARN_ENABLE_SCRIPTS: '0', YARN_ENABLE_GLOBAL_CACHE: '0', COREPACK_ENABLE_STRICT: '0' }
+    const pm = (args: string[]) => c.run('npx', ['--yes', '-p', m.pkg, m.bin, ...args], { env })
+    const install = pm([...m.install])
+    t.is(install.status, 0, `${install.stdout}\n${install.stderr}`)
+    const dcp = join(example, 'dcp')
+    // yarn 4 resolves through its own loader (.pnp.cjs): node runs under `yarn node` there
+    const node = (args: string[]) => (m.pkg.startsWith('@yarnpkg') ? pm(['node', ...args]) : c.run('node', args))
+    const esm = node(['--input-type=module', '-e', `
+      import { createRequire } from 'node:module'
+      import * as d from 'distcp'
+      const ck = await d.openCheckpoint(${JSON.stringify(dcp)})
+      const loaded = Object.keys(createRequire(import.meta.url).cache).filter((f) => f.endsWith('.node'))
+      console.log(JSON.stringify({ keys: ck.keys().length, loaded }))`])
+    t.is(esm.status, 0, esm.stderr)
+    const out = JSON.parse(esm.stdout.trim().split('\n').pop() ?? '{}') as { keys: number; loaded: string[] }
+    t.is(out.keys, 21)
+    t.is(out.loaded.length, 1)
+    t.true(out.loaded[0].endsWith(join('distcp-linux-x64-gnu', 'distcp.linux-x64-gnu.node')), out.loaded[0])
+    t.false(out.loaded[0].startsWith(root), 'not the checkout’s binary')
+    const cjs = node(['-e', `require('distcp').openCheckpoint(${JSON.stringify(dcp)}).then((ck) => console.log(ck.keys().length))`])
+    t.is(cjs.status, 0, cjs.stderr)
+    t.is(cjs.stdout.trim().split('\n').pop(), '21')
+    const inspect = m.run.length ? pm([...m.run, 'distcp', 'inspect', dcp, '--json']) : pm(['distcp', 'inspect', dcp, '--json'])
+    t.is(inspect.status, 0, inspect.stderr)
+    t.is((JSON.parse(inspect.stdout.slice(inspect.stdout.indexOf('{'))) as { totals: { tensors: number } }).totals.tensors, 21)
+  })
+}

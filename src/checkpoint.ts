@@ -159,9 +159,8 @@ export class Checkpoint {
 
   /** Each key's path in the nested state dict, from `planner_data` (a key without one is its own path). */
   paths(): Map<string, (string | number)[]> {
-    const json = callNative(() => this.#native.plannerPathsJson())
-    const recorded = json ? (JSON.parse(json) as Record<string, (string | number)[]>) : {}
-    return new Map(this.keys().map((k) => [k, recorded[k] ?? [k]]))
+    const paths = JSON.parse(callNative(() => this.#native.plannerPathsJson())) as Record<string, (string | number)[]>
+    return new Map(this.keys().map((k) => [k, paths[k]]))
   }
 
   /**

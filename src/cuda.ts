@@ -281,19 +281,20 @@ export function asDeviceLeaf(v: unknown): DeviceLeaf | null {
 }
 
 /**
- * Host copies of every device leaf under `root` (plain objects, Maps, arrays and tuples are walked), for a save:
- * the writer takes host bytes. Keyed by the leaf object. With no device leaf it returns an empty map at once,
- * without awaiting, so a host-only save still copies the caller's buffers before `save` returns.
+ * Every device leaf under `root` (plain objects, Maps, arrays and tuples are walked), for a save: keyed by the leaf
+ * object. Their devices are checked here, before any work starts (`ERR_DISTCP_NO_CUDA`, so that a save that cannot
+ * read its tensors leaves nothing behind); the save's encoder checks their dtype, shape and size as it does a host
+ * tensor's. Their bytes are copied later, straight into the save's staging memory ({@link downloadInto}).
  */
-export function hostCopiesOfDeviceLeaves(root: unknown): Map<object, Uint8Array> | Promise<Map<object, Uint8Array>> {
-  const found: [object, DeviceLeaf][] = []
+export function deviceLeavesOf(root: unknown): Map<object, DeviceLeaf> {
+  const found = new Map<object, DeviceLeaf>()
   const seen = new Set<object>()
   const walk = (v: unknown): void => {
     if (typeof v !== 'object' || v === null || seen.has(v) || ArrayBuffer.isView(v)) return
     seen.add(v)
     const leaf = asDeviceLeaf(v)
     if (leaf) {
-      found.push([v, leaf])
+      found.set(v, leaf)
       return
     }
     if (v instanceof Map) for (const x of v.values()) walk(x)
@@ -302,24 +303,11 @@ export function hostCopiesOfDeviceLeaves(root: unknown): Map<object, Uint8Array>
     else if ([Object.prototype, null].includes(Object.getPrototypeOf(v))) Object.values(v).forEach(walk)
   }
   walk(root)
-  return found.length === 0 ? new Map() : downloadDeviceLeaves(found)
+  for (const device of new Set([...found.values()].map((l) => l.device))) requireCuda(device)
+  return found
 }
 
-async function downloadDeviceLeaves(found: [object, DeviceLeaf][]): Promise<Map<object, Uint8Array>> {
-  const out = new Map<object, Uint8Array>()
-  for (const [obj, leaf] of found) {
-    const want = numel(leaf.shape) * elementSize(leaf.dtype)
-    if (leaf.byteLength !== want) {
-      throw new DistcpError(
-        'ERR_DISTCP_INVALID_INPUT',
-        `a ${leaf.dtype} device tensor of shape [${leaf.shape}] needs ${want} bytes, it has ${leaf.byteLength}`,
-      )
-    }
-    const data =
-      obj instanceof DeviceTensor
-        ? await obj.toHost()
-        : await awaitNative(() => native.copyFromDevice(parseDevice(leaf.device), leaf.ptr, leaf.byteLength))
-    out.set(obj, data)
-  }
-  return out
+/** Copies a device leaf's bytes into `into` (a save's staging memory, exactly `leaf.byteLength` long). */
+export function downloadInto(leaf: DeviceLeaf, into: Uint8Array): Promise<void> {
+  return awaitNative(() => native.copyFromDeviceInto(parseDevice(leaf.device), leaf.ptr, into))
 }

@@ -1,9 +1,9 @@
 import { awaitNative, DistcpError } from './errors.js'
 import { bindingTarget, native, type SaveResult } from './native.js'
 import { elementSize, type DType } from './tensor.js'
-import { stagingPool, type StagingLease, type StagingPool } from './staging.js'
+import { stagingPool, type StageSource, type StagingLease, type StagingPool } from './staging.js'
 import { floatBits, PyFloat, PyTuple, type Encoded } from './values.js'
-import { asDeviceLeaf, hostCopiesOfDeviceLeaves } from './cuda.js'
+import { asDeviceLeaf, deviceLeavesOf, type DeviceLeaf } from './cuda.js'
 import type { ProcessGroup } from './distributed/group.js'
 import { saveRanks } from './distributed/save.js'
 
@@ -105,14 +105,15 @@ function bytesOf(view: ArrayBufferView): Uint8Array {
  * @internal
  */
 export class Encoder {
-  readonly buffers: Uint8Array[] = []
+  /** The bytes each `$tensor` / `$b` index names: host views, or device tensors (staged device-to-host). */
+  readonly buffers: StageSource[] = []
   readonly #ancestors = new Set<object>()
 
-  /** `deviceCopies`: host copies of device tensors in the tree (see {@link hostCopiesOfDeviceLeaves}). */
+  /** `deviceLeaves`: the device tensors in the tree (see {@link deviceLeavesOf}), encoded as tensors. */
   constructor(
     readonly checkpointId: string,
     readonly lenient = false,
-    readonly deviceCopies: Map<object, Uint8Array> = new Map(),
+    readonly deviceLeaves: Map<object, DeviceLeaf> = new Map(),
   ) {}
 
   fail(path: string, reason: string): never {
@@ -135,7 +136,7 @@ export class Encoder {
     return this.fail(path, `a Map key must be a string, number, bigint, boolean, null or tuple, not ${describe(k)}`)
   }
 
-  tensor(t: { dtype: unknown; shape: unknown[]; data: ArrayBufferView }, path: string): Encoded {
+  tensor(t: { dtype: unknown; shape: unknown[]; data: ArrayBufferView | DeviceLeaf }, path: string): Encoded {
     const dtype = t.dtype as DType
     if (this.lenient) {
       this.buffers.push(new Uint8Array(0))
@@ -157,7 +158,7 @@ export class Encoder {
         `a ${dtype} tensor of shape [${t.shape}] needs ${want} bytes (shape × ${size}), its data has ${t.data.byteLength}`,
       )
     }
-    this.buffers.push(bytesOf(t.data))
+    this.buffers.push(ArrayBuffer.isView(t.data) ? bytesOf(t.data) : t.data)
     return { $tensor: this.buffers.length - 1, dtype, shape: t.shape as number[] }
   }
 
@@ -210,8 +211,8 @@ export class Encoder {
         return { $d: pairs }
       }
       if (this.lenient && asDeviceLeaf(o)) return this.tensor(o as { dtype: unknown; shape: unknown[]; data: ArrayBufferView }, path)
-      const fromDevice = this.deviceCopies.get(o)
-      if (fromDevice) return this.tensor({ ...(o as { dtype: unknown; shape: unknown[] }), data: fromDevice }, path)
+      const onDevice = this.deviceLeaves.get(o)
+      if (onDevice) return this.tensor({ dtype: onDevice.dtype, shape: onDevice.shape, data: onDevice }, path)
       if (looksLikeTensor(o)) return this.tensor(o as { dtype: unknown; shape: unknown[]; data: ArrayBufferView }, path)
       if (!this.lenient && isPlainObject(o) && meantAsTensor(o)) {
         const t = o as { dtype?: unknown; shape?: unknown; data?: unknown }
@@ -254,21 +255,19 @@ export interface StagedSave {
   failAt?: SaveOptions['_testFailAt']
 }
 
-/** A state dict encoded for the native layer, its tensors' bytes still the caller's. */
+/** A state dict encoded for the native layer, its tensors' bytes still the caller's (in host or device memory). */
 interface EncodedSave {
   checkpointId: string
   layout?: '2.4' | '2.3'
   tree: string
-  views: Uint8Array[]
-  /** Whether a view is memory this save made (a device tensor's host copy), which needs no staging copy. */
-  owned: (view: Uint8Array) => boolean
+  sources: StageSource[]
   failAt?: SaveOptions['_testFailAt']
 }
 
 /**
  * Checks the options and the state dict, calls top-level `stateDict()`s and encodes the tree. Returns a promise
- * only when it has to wait (a Stateful's `stateDict()`, device tensors' host copies): otherwise it runs to the end
- * in the call, which is what lets `save` copy every tensor before it returns.
+ * only when a Stateful's `stateDict()` has to be awaited: otherwise it runs to the end in the call, which is what
+ * lets `save` copy every host tensor before it returns.
  */
 function encodeSave(stateDict: SaveStateDict, options: SaveOptions): EncodedSave | Promise<EncodedSave> {
   const { checkpointId, layout } = options ?? ({} as SaveOptions)
@@ -278,16 +277,10 @@ function encodeSave(stateDict: SaveStateDict, options: SaveOptions): EncodedSave
   if (layout !== undefined && layout !== '2.4' && layout !== '2.3') {
     throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `save: layout must be '2.4' or '2.3', not ${String(layout)}`)
   }
-  const encode = (top: Map<unknown, unknown>): EncodedSave | Promise<EncodedSave> => {
-    // device tensors: device -> pinned staging -> host copies the writer streams (the same bytes a host save writes)
-    const fromDevice = hostCopiesOfDeviceLeaves(top)
-    const finish = (copies: Map<object, Uint8Array>): EncodedSave => {
-      const enc = new Encoder(checkpointId, false, copies)
-      const tree = JSON.stringify(enc.value(top, '', 0))
-      const ours = new Set<ArrayBufferLike>([...copies.values()].map((c) => c.buffer))
-      return { checkpointId, layout, tree, views: enc.buffers, owned: (v) => ours.has(v.buffer), failAt: options._testFailAt }
-    }
-    return fromDevice instanceof Map ? finish(fromDevice) : fromDevice.then(finish)
+  const encode = (top: Map<unknown, unknown>): EncodedSave => {
+    const enc = new Encoder(checkpointId, false, deviceLeavesOf(top))
+    const tree = JSON.stringify(enc.value(top, '', 0))
+    return { checkpointId, layout, tree, sources: enc.buffers, failAt: options._testFailAt }
   }
   const top = topLevel(stateDict, checkpointId)
   return top instanceof Promise ? top.then(encode) : encode(top)
@@ -324,8 +317,9 @@ export function topLevel(stateDict: SaveStateDict, checkpointId: string): Map<un
  */
 export async function stageSave(stateDict: SaveStateDict, options: SaveOptions, pool: StagingPool = stagingPool): Promise<StagedSave> {
   const e = encodeSave(stateDict, options)
-  const { checkpointId, layout, tree, views, owned, failAt } = e instanceof Promise ? await e : e
-  const { copies, lease } = pool.stage(views, owned)
+  const { checkpointId, layout, tree, sources, failAt } = e instanceof Promise ? await e : e
+  const staged = pool.stage(sources)
+  const { copies, lease } = staged instanceof Promise ? await staged : staged
   return { checkpointId, layout, tree, buffers: copies, lease, failAt }
 }
 
@@ -341,7 +335,7 @@ const ADVANCE_BYTES = 8 << 20
 async function saveOverlapped(stateDict: SaveStateDict, options: SaveOptions, pool: StagingPool = stagingPool): Promise<SaveResult> {
   const e = encodeSave(stateDict, options)
   const s = e instanceof Promise ? await e : e
-  const { copies, lease, fill } = pool.reserve(s.views, s.owned)
+  const { copies, lease, fill } = pool.reserve(s.sources)
   const gate = new native.StagingGate()
   let written: Promise<SaveResult>
   try {
@@ -355,15 +349,17 @@ async function saveOverlapped(stateDict: SaveStateDict, options: SaveOptions, po
   try {
     let since = 0
     let last = 0
-    fill((filled) => {
-      since += s.views[filled - 1].byteLength
+    // device tensors are copied as the writer goes (their device-to-host transfers overlap the file writes)
+    const filling = fill((filled) => {
+      since += s.sources[filled - 1].byteLength
       if (since >= ADVANCE_BYTES) {
         gate.advance(filled)
         since = 0
         last = filled
       }
     })
-    if (last < s.views.length) gate.advance(s.views.length)
+    if (filling) await filling
+    if (last < s.sources.length) gate.advance(s.sources.length)
   } catch (err) {
     gate.abort()
     await written.catch(() => undefined)

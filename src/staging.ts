@@ -1,8 +1,10 @@
 // Staging memory: the copy `save` makes of the caller's tensor bytes when it is called (so the caller may change
 // its buffers at once) goes into distcp-owned blocks that are reused across saves, instead of fresh allocations.
 // A trainer that saves every N steps pays the allocation (and the first-touch page faults) once; after that a
-// save's staging is one memcpy per tensor. `saveAsync` settles `staged` when this copy is done.
+// save's staging is one memcpy per tensor. `saveAsync` settles `staged` when this copy is done. A device tensor's
+// bytes come into the same blocks, one device-to-host transfer each (no host buffer of their own per save).
 
+import { downloadInto, type DeviceLeaf } from './cuda.js'
 import { native } from './native.js'
 
 /** Blocks are at most this large (a bigger tensor gets a block of its own size): one ArrayBuffer need not hold 2 GB. */
@@ -27,6 +29,15 @@ function allocBlock(size: number): ArrayBuffer {
 
 function alignUp(n: number, a: number): number {
   return Math.ceil(n / a) * a
+}
+
+/** What a save stages: bytes in host memory, or a tensor in device memory (copied device-to-host into staging). */
+export type StageSource = Uint8Array | DeviceLeaf
+
+/** Staged copies and the lease that owns their memory. */
+export interface Staged {
+  copies: Uint8Array[]
+  lease: StagingLease
 }
 
 /** Counters of a {@link StagingPool} (for tests and monitoring). */
@@ -73,7 +84,14 @@ export class StagingPool {
   #bytesAllocated = 0
   #reuses = 0
 
-  constructor(readonly maxIdleBlocks = 4) {}
+  /**
+   * `download` copies a device tensor's bytes into staging memory (default: a device-to-host transfer; tests give a host
+   * stand-in, so that the ordering of device and host copies is covered on machines without a GPU).
+   */
+  constructor(
+    readonly maxIdleBlocks = 4,
+    readonly download: (leaf: DeviceLeaf, into: Uint8Array) => Promise<void> = downloadInto,
+  ) {}
 
   stats(): StagingStats {
     return {
@@ -120,39 +138,45 @@ export class StagingPool {
   }
 
   /**
-   * Copies `views` into staging blocks: returns the copies (same order) and the lease that owns them. Views are
-   * packed in order into blocks of up to 1 GiB; the block sizes depend only on the view sizes, so the same state
-   * dict saved again reuses the same blocks.
+   * Copies `sources` into staging blocks: returns the copies (same order) and the lease that owns them. Sources are
+   * packed in order into blocks of up to 1 GiB; the block sizes depend only on the source sizes, so the same state
+   * dict saved again reuses the same blocks. A promise only when a source is in device memory (its copy is a
+   * device-to-host transfer): host bytes are copied before this returns.
    */
-  stage(views: readonly Uint8Array[], owned?: (view: Uint8Array) => boolean): { copies: Uint8Array[]; lease: StagingLease } {
-    const r = this.reserve(views, owned)
+  stage(sources: readonly StageSource[]): Staged | Promise<Staged> {
+    const r = this.reserve(sources)
+    const done = (): Staged => ({ copies: r.copies, lease: r.lease })
+    let filling: void | Promise<void>
     try {
-      r.fill()
+      filling = r.fill()
     } catch (e) {
       r.lease.release()
       throw e
     }
-    return { copies: r.copies, lease: r.lease }
+    if (!filling) return done()
+    return filling.then(done, (e: unknown) => {
+      r.lease.release()
+      throw e
+    })
   }
 
   /**
    * {@link StagingPool.stage} in two steps: takes the blocks and returns the views the copies will be (not yet
-   * holding their bytes), and `fill`, which copies `views[i]` into `copies[i]` in index order, calling
+   * holding their bytes), and `fill`, which copies `sources[i]` into `copies[i]` in index order, calling
    * `onFilled(i + 1)` after each — so that a writer given `copies` can start on the first while the rest are
-   * being copied. The caller releases the lease (also when `fill` throws). Views for which `owned` is true are
-   * memory the save already owns (host copies of device tensors): they are used as they are, not copied again.
+   * being copied. `fill` returns a promise when a source is in device memory (then it settles when every copy is
+   * done). The caller releases the lease (also when `fill` fails).
    * @internal
    */
-  reserve(views: readonly Uint8Array[], owned?: (view: Uint8Array) => boolean): { copies: Uint8Array[]; lease: StagingLease; fill: (onFilled?: (filled: number) => void) => void } {
-    // plan: consecutive views share a block while they fit in BLOCK_BYTES
+  reserve(sources: readonly StageSource[]): { copies: Uint8Array[]; lease: StagingLease; fill: (onFilled?: (filled: number) => void) => void | Promise<void> } {
+    // plan: consecutive sources share a block while they fit in BLOCK_BYTES
     const plan: { need: number; members: number[]; offsets: number[] }[] = []
     let cur: { need: number; members: number[]; offsets: number[] } | undefined
     let total = 0
-    const keep = views.map((v) => v.byteLength > 0 && owned?.(v) === true)
-    for (let i = 0; i < views.length; i++) {
-      const n = views[i].byteLength
+    for (let i = 0; i < sources.length; i++) {
+      const n = sources[i].byteLength
       total += n
-      if (n === 0 || keep[i]) continue
+      if (n === 0) continue
       const at = cur ? alignUp(cur.need, ALIGN) : 0
       if (!cur || at + n > BLOCK_BYTES) {
         cur = { need: 0, members: [], offsets: [] }
@@ -163,25 +187,53 @@ export class StagingPool {
       cur.offsets.push(off)
       cur.need = off + n
     }
-    const copies: Uint8Array[] = views.map((v, i) => (keep[i] ? v : new Uint8Array(0)))
+    const copies: Uint8Array[] = sources.map(() => new Uint8Array(0))
     const blocks: ArrayBuffer[] = []
     try {
       for (const p of plan) {
         const block = this.#take(p.need)
         blocks.push(block)
         for (let j = 0; j < p.members.length; j++) {
-          copies[p.members[j]] = new Uint8Array(block, p.offsets[j], views[p.members[j]].byteLength)
+          copies[p.members[j]] = new Uint8Array(block, p.offsets[j], sources[p.members[j]].byteLength)
         }
       }
     } catch (e) {
       this.giveBack(blocks)
       throw e
     }
-    const fill = (onFilled?: (filled: number) => void): void => {
-      for (let i = 0; i < views.length; i++) {
-        if (!keep[i]) copies[i].set(views[i])
-        onFilled?.(i + 1)
+    const onDevice = (i: number): DeviceLeaf | null => {
+      const s = sources[i]
+      return s instanceof Uint8Array || s.byteLength === 0 ? null : s
+    }
+    const fill = (onFilled?: (filled: number) => void): void | Promise<void> => {
+      if (onFilled === undefined) {
+        // nobody waits on single items: one native call copies the host sources, on several threads (the
+        // trainer's wait in saveAsync is this copy); device sources follow, one transfer each
+        const host = sources.flatMap((v, i) => (v instanceof Uint8Array && v.byteLength > 0 ? [i] : []))
+        native.copyStaging(
+          host.map((i) => sources[i] as Uint8Array),
+          host.map((i) => copies[i]),
+        )
+        const device = sources.flatMap((_, i) => (onDevice(i) ? [i] : []))
+        if (device.length === 0) return
+        return device.reduce((p, i) => p.then(() => this.download(onDevice(i) as DeviceLeaf, copies[i])), Promise.resolve())
       }
+      // in order, telling the caller after each; synchronous until the first device source
+      const from = (start: number): void | Promise<void> => {
+        for (let i = start; i < sources.length; i++) {
+          const leaf = onDevice(i)
+          if (leaf) {
+            return this.download(leaf, copies[i]).then(() => {
+              onFilled(i + 1)
+              return from(i + 1)
+            })
+          }
+          const s = sources[i]
+          if (s instanceof Uint8Array && s.byteLength > 0) copies[i].set(s)
+          onFilled(i + 1)
+        }
+      }
+      return from(0)
     }
     return { copies, lease: new StagingLease(this, blocks, total), fill }
   }

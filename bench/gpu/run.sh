@@ -5,6 +5,7 @@
 #   bench/gpu/run.sh            the whole bench (< 6 minutes): torch writes a 3-rank checkpoint, then correctness
 #                               (GPU read == host read == torch dcp.load) and speed (warm and cold page cache)
 #   bench/gpu/run.sh --smoke    cuda_info and a 1 GB pinned upload only (seconds)
+#   bench/gpu/run.sh --node     cuda_info and the Node API checks only (bench/gpu/node-checks.mjs, about a minute)
 #
 # Environment: GB (size of the big checkpoint, default 8.6), WORK (default /tmp/distcp-gpu), PYTHON (python3).
 # A failing step prints what it has and the table still shows every row measured.
@@ -76,6 +77,7 @@ table() {
   row "Shard(1): random boxes GPU == host" "$(g verify_shard1.verify_boxes)" ""
   row "save from device == host save (files)" "$(g savecheck.save_device_eq_host)" "D2H via pinned staging $(g savecheck.download_gbps) GB/s"
   row "castcheck: Shard(1) as fp32 == host cast" "$(g castcheck.castcheck_eq_host)" "bf16 widened on the GPU (PTX), bit for bit"
+  row "Node API: checks passed / failed" "$(g node.node_checks_passed) / $(g node.node_checks_failed)" "node-checks.mjs, $(g node.node_tensors) tensors vs host reads"
   row "castcheck: sha256 == torch CUDA .to(fp32)" "$(g castcheck.castcheck_sha_eq_torch)" "all 65536 bf16/fp16: $(g castcheck.castcheck_patterns)"
   local failed=""
   for k in "${!R[@]}"; do case $k in *.failed) failed="$failed ${k%.failed}(${R[$k]})";; esac; done
@@ -97,6 +99,19 @@ if [ "${1:-}" = "--smoke" ]; then
   run ceiling 60 bench ceiling --gb 1
   exit
 fi
+
+# distcp's Node API on the GPU (node-checks.mjs), with the Node binary pack-node.sh packed (this machine has none)
+# and the carried dist/ + release addon; skipped when they were not carried
+NODE_XZ="$HERE/node/node.xz"
+ROOT="$(cd "$HERE/../.." && pwd)"
+if [ -f "$NODE_XZ" ] && [ -d "$ROOT/dist" ] && ls "$ROOT"/distcp.*.node >/dev/null 2>&1; then
+  step "Node API on the GPU (bench/gpu/node-checks.mjs)"
+  "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$NODE_XZ" "$WORK/node" \
+    && chmod +x "$WORK/node" && run node 240 env LD_LIBRARY_PATH="$BIN_LD_PATH" "$WORK/node" "$HERE/node-checks.mjs"
+else
+  echo "(no Node checks: carry bench/gpu/node, dist and the addon; see bench/gpu/README.md)"; R[node.failed]="not carried"
+fi
+[ "${1:-}" = "--node" ] && exit
 
 step "pinned H2D ceiling"
 run ceiling 60 bench ceiling --gb 16

@@ -5,7 +5,8 @@
  * rank 0 gathers the write results and, only when every rank succeeded, writes `.metadata` last. Any failure makes
  * every rank reject with the same {@link CheckpointError} naming the failed ranks, and no `.metadata` is written.
  */
-import { stagingPool, type StagingLease, type StagingPool } from '../staging.js'
+import { deviceLeavesOf } from '../cuda.js'
+import { stagingPool, type Staged, type StagingLease, type StagingPool } from '../staging.js'
 import { DistcpError } from '../errors.js'
 import { flattenEncoded } from '../load.js'
 import { native } from '../native.js'
@@ -82,14 +83,19 @@ export interface StagedRanks {
 /** Stages this rank's part of a multi-rank save (see {@link StagedRanks}); `saveAsync` calls it in the call. @internal */
 export async function stageRanks(stateDict: SaveStateDict, options: RanksSaveOptions, pool: StagingPool = stagingPool): Promise<StagedRanks> {
   const { checkpointId, layout = '2.4' } = options
-  let staged: ReturnType<StagingPool['stage']> | null = null
+  let staged: Staged | null = null
   try {
-    const top = await topLevel(stateDict, checkpointId)
-    const enc = new Encoder(checkpointId)
+    // awaited only when there is something to wait for, so that a host-only state dict is copied in the call, as
+    // in a single-rank save
+    const t = topLevel(stateDict, checkpointId)
+    const top = t instanceof Promise ? await t : t
+    // device tensors are encoded and staged as in a single-rank save (device-to-host into the staging memory)
+    const enc = new Encoder(checkpointId, false, deviceLeavesOf(top))
     const treeJson = JSON.stringify(enc.value(top, '', 0))
     // the save owns copies of the tensor bytes from here on (as a single-rank save does): the caller's buffers may
     // change or be transferred away while the ranks coordinate and write
-    staged = pool.stage(enc.buffers)
+    const s = pool.stage(enc.buffers)
+    staged = s instanceof Promise ? await s : s
     // one flattening: keys, planner paths and which leaves are tensors from the core, the leaves themselves by position
     const flat = flattenEncoded(top, treeJson, enc.buffers.length, layout)
     const items: WriteItem[] = []

@@ -983,35 +983,37 @@ impl Checkpoint {
     }
   }
 
-  /// Each key's path in the original nested state dict (`planner_data`), as JSON `{key: [str|int, ...]}` in
-  /// key order, or `None` when the checkpoint has none.
-  pub fn planner_paths_json(&self) -> Option<String> {
-    let pd = self.metadata.planner_data.as_ref()?;
-    let mut map = serde_json::Map::new();
-    for key in self.keys() {
-      if let Some(path) = pd.get(key) {
-        let elems: Vec<serde_json::Value> = path
-          .iter()
-          .map(|p| match p {
-            PathElem::Key(k) => serde_json::Value::String(k.clone()),
-            PathElem::Index(i) => serde_json::Value::from(*i),
-          })
-          .collect();
-        map.insert(key.to_owned(), serde_json::Value::Array(elems));
-      }
+  /// Where `key` sits in the nested state dict torch saved: its `planner_data` path, or the key itself as one
+  /// top-level name when the checkpoint records none (torch ≤ 2.3 without planner data, safetensors layouts).
+  pub fn planner_path(&self, key: &str) -> std::borrow::Cow<'_, [PathElem]> {
+    match self.metadata.planner_data.as_ref().and_then(|pd| pd.get(key)) {
+      Some(path) => std::borrow::Cow::Borrowed(path.as_slice()),
+      None => std::borrow::Cow::Owned(vec![PathElem::Key(key.to_owned())]),
     }
-    Some(serde_json::Value::Object(map).to_string())
   }
 
-  /// The nested state dict torch saved, without the values ([`crate::write::unflatten`] over each key's
-  /// `planner_data` path, in [`Checkpoint::keys`] order; a key without a path is its own one-step path). Leaves
-  /// index [`Checkpoint::keys`].
+  /// Every key's [`Checkpoint::planner_path`], as JSON `{key: [str|int, ...]}` in key order.
+  pub fn planner_paths_json(&self) -> String {
+    let mut map = serde_json::Map::new();
+    for key in self.keys() {
+      let elems: Vec<serde_json::Value> = self
+        .planner_path(key)
+        .iter()
+        .map(|p| match p {
+          PathElem::Key(k) => serde_json::Value::String(k.clone()),
+          PathElem::Index(i) => serde_json::Value::from(*i),
+        })
+        .collect();
+      map.insert(key.to_owned(), serde_json::Value::Array(elems));
+    }
+    serde_json::Value::Object(map).to_string()
+  }
+
+  /// The nested state dict torch saved, rebuilt from every key's [`Checkpoint::planner_path`].
   pub fn nested(&self) -> Result<crate::write::Nested> {
-    let pd = self.metadata.planner_data.as_ref();
-    let own: Vec<(&str, [PathElem; 1])> = self.keys().map(|k| (k, [PathElem::Key(k.to_owned())])).collect();
-    let items =
-      own.iter().map(|(k, single)| (*k, pd.and_then(|pd| pd.get(*k)).map_or(&single[..], Vec::as_slice)));
-    crate::write::unflatten(items).map_err(|e| Error::Metadata {
+    let paths: Vec<(&str, std::borrow::Cow<'_, [PathElem]>)> =
+      self.keys().map(|k| (k, self.planner_path(k))).collect();
+    crate::write::unflatten(paths.iter().map(|(k, p)| (*k, p.as_ref()))).map_err(|e| Error::Metadata {
       path: self.metadata_path.clone(),
       reason: format!("key `{}`: {}", e.key, e.reason),
     })

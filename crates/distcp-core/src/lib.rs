@@ -107,6 +107,7 @@ pub mod retarget;
 pub mod safetensors;
 #[doc(hidden)]
 pub mod source;
+pub mod staging;
 #[doc(hidden)]
 pub mod torch_save;
 pub mod value;

@@ -63,6 +63,12 @@ pub const MAX_SAFETENSORS_FILES: usize = 100_000;
 /// entry per stored item (or per empty dict, which stores none).
 pub const MAX_UNFLATTEN_LIST_INDEX: u64 = 1 << 20;
 
+/// A staging copy uses one more thread per this many bytes (below it, starting a thread costs more than it saves).
+pub const STAGING_COPY_MIN_BYTES_PER_THREAD: u64 = 16 << 20;
+
+/// Most threads a staging copy uses: past a handful, the copy is bound by memory bandwidth, not by cores.
+pub const STAGING_COPY_THREADS_MAX: usize = 8;
+
 /// Number of elements of `sizes`, or `None` when it overflows 64 bits.
 pub fn checked_numel(sizes: &[u64]) -> Option<u64> {
   sizes.iter().try_fold(1u64, |acc, &s| acc.checked_mul(s))

@@ -13,6 +13,7 @@ pub mod cuda_exec;
 pub mod driver;
 pub mod error;
 pub mod fake;
+pub mod pinned;
 pub mod pipeline;
 pub mod source;
 
@@ -120,10 +121,15 @@ pub fn download(index: usize, src: u64, out: &mut [u8]) -> Result<()> {
 }
 
 /// [`download`] from a caller's pointer: first checks that `src .. src + out.len()` is one allocation on the device.
+/// Into registered host memory ([`pinned::HostRegistration`], a save's staging blocks) the bytes go in one DMA
+/// transfer; elsewhere through the reader's pinned slots.
 pub fn download_checked(index: usize, src: u64, out: &mut [u8]) -> Result<()> {
   driver::guard(|| {
     let dev = Device::open(index)?;
     driver::check_device_range(&dev, src, out.len() as u64)?;
+    if !out.is_empty() && pinned::is_registered(out.as_ptr(), out.len()) {
+      return driver::copy_to_host(&dev, src, out);
+    }
     with_reader(index, |r| r.download(src, out))
   })
 }

@@ -335,10 +335,10 @@ impl NativeCheckpoint {
     }
   }
 
-  /// Each key's path in the original nested state dict (`planner_data`), as JSON `{key: [str|int, ...]}`, or
-  /// null when the checkpoint has none.
+  /// Each key's path in the original nested state dict, as JSON `{key: [str|int, ...]}`: its `planner_data`
+  /// path, or the key alone when the checkpoint records none (the core's `Checkpoint::planner_path`).
   #[napi(catch_unwind)]
-  pub fn planner_paths_json(&self) -> Result<Option<String>> {
+  pub fn planner_paths_json(&self) -> Result<String> {
     Ok(self.get()?.planner_paths_json())
   }
 

@@ -6,7 +6,7 @@ use crate::errors::{cuda_js, invalid_arg, job, Job, Result, Work};
 use distcp_core::plan::Region;
 use distcp_core::{Checkpoint, DType};
 use distcp_cuda::{CudaError, DeviceBuffer};
-use napi::bindgen_prelude::{AsyncTask, BigInt, Buffer};
+use napi::bindgen_prelude::{AsyncTask, BigInt, Buffer, Uint8Array};
 use napi::Env;
 use napi_derive::napi;
 use std::sync::{Arc, Mutex};
@@ -276,4 +276,39 @@ pub fn copy_from_device(
     )));
   }
   Ok(job(CopyFromDeviceTask { device, ptr, len: byte_length as usize }))
+}
+
+pub struct CopyFromDeviceIntoTask {
+  device: u32,
+  ptr: u64,
+  into: Uint8Array,
+}
+
+impl Work<'_> for CopyFromDeviceIntoTask {
+  type Output = ();
+  type JsValue = ();
+
+  fn compute(&mut self) -> Result<()> {
+    // SAFETY: `into` is a staging view that only this save writes until the promise settles (src/staging.ts); the
+    // Uint8Array reference keeps its memory alive meanwhile.
+    let out = unsafe { self.into.as_mut() };
+    crate::save::pin_staging_block(self.device as usize, out.as_ptr(), out.len());
+    distcp_cuda::download_checked(self.device as usize, self.ptr, out).map_err(cuda_js)
+  }
+
+  fn resolve(&mut self, _env: &Env, _: ()) -> Result<()> {
+    Ok(())
+  }
+}
+
+/// Copies `into.byteLength` bytes of the caller's device memory at `ptr` on `cuda:device` into `into` (a save's
+/// staging memory, reused across saves: no fresh host buffer per device tensor).
+#[napi(ts_return_type = "Promise<void>")]
+pub fn copy_from_device_into(
+  device: u32,
+  ptr: BigInt,
+  into: Uint8Array,
+) -> Result<AsyncTask<Job<CopyFromDeviceIntoTask>>> {
+  let ptr = device_ptr(&ptr)?;
+  Ok(job(CopyFromDeviceIntoTask { device, ptr, into }))
 }

@@ -9,6 +9,7 @@ use distcp_core::write::{from_tagged_json, save, Layout, SaveOptions, SaveSummar
 use napi::bindgen_prelude::{ArrayBuffer, AsyncTask, Uint8Array};
 use napi::Env;
 use napi_derive::napi;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex};
 
 #[napi(object)]
@@ -211,16 +212,120 @@ pub fn alloc_staging(env: &Env, len: f64) -> Result<ArrayBuffer<'_>> {
       .map_err(|e| Error::new("ERR_DISTCP_IO", format!("cannot map {n} bytes of staging memory: {e}")))
   })?;
   let ptr = map.as_mut_ptr();
+  STAGING_BLOCKS.lock().unwrap_or_else(|p| p.into_inner()).insert(ptr as usize, (n, None));
+  let block = StagingBlock { start: ptr as usize, _map: map };
   // V8 does not see this memory: say how much it is, so that garbage collection weighs dropped blocks
   let _ = env.adjust_external_memory(n as i64);
   // SAFETY: the mapping is ours alone, `n` bytes long, and owned by the finalizer until JS drops the buffer.
   unsafe {
-    ArrayBuffer::from_external(env, ptr, n, map, move |env, m| {
+    ArrayBuffer::from_external(env, ptr, n, block, move |env, b| {
       let _ = env.adjust_external_memory(-(n as i64));
-      drop(m)
+      drop(b)
     })
     .map_err(internal)
   }
+}
+
+/// Every live staging block: start address → its length and, once a device tensor was staged into it, its
+/// page-locking ([`distcp_cuda::pinned::HostRegistration`]).
+static STAGING_BLOCKS: Mutex<BTreeMap<usize, (usize, Option<Pinned>)>> = Mutex::new(BTreeMap::new());
+
+#[cfg(not(target_family = "wasm"))]
+type Pinned = distcp_cuda::pinned::HostRegistration;
+/// The WASM build has no CUDA: nothing is ever pinned.
+#[cfg(target_family = "wasm")]
+enum Pinned {}
+
+/// A staging block's memory. On drop its registration is undone (in `Drop::drop`) before the memory is unmapped
+/// (when the fields drop, after it).
+struct StagingBlock {
+  start: usize,
+  _map: memmap2::MmapMut,
+}
+
+impl Drop for StagingBlock {
+  fn drop(&mut self) {
+    let entry = STAGING_BLOCKS.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.start);
+    drop(entry);
+  }
+}
+
+/// Page-locks the staging block that holds `ptr .. ptr + len`, through the context of `cuda:device`, unless it is
+/// already: a device tensor's bytes then reach it in one DMA transfer, in this save and every later one that reuses
+/// the block. Only saves of device tensors get here, so a host-only save never touches CUDA. Memory that is not a
+/// staging block, a failed registration, or DISTCP_PIN_STAGING=0: nothing is done (the copy goes through the
+/// reader's pinned slots instead).
+#[cfg(not(target_family = "wasm"))]
+pub(crate) fn pin_staging_block(device: usize, ptr: *const u8, len: usize) {
+  if std::env::var_os("DISTCP_PIN_STAGING").is_some_and(|v| v == "0") {
+    return;
+  }
+  let mut blocks = STAGING_BLOCKS.lock().unwrap_or_else(|p| p.into_inner());
+  let at = ptr as usize;
+  if let Some((&start, (n, reg))) = blocks.range_mut(..=at).next_back() {
+    let inside = at.checked_add(len).is_some_and(|end| end <= start.saturating_add(*n));
+    if inside && reg.is_none() {
+      // SAFETY: the block stays mapped until its StagingBlock drops, which first removes (and so unregisters) this
+      // entry; a block is registered at most once (`reg` is None here).
+      *reg = unsafe { distcp_cuda::pinned::HostRegistration::new(device, start as *mut u8, *n) }.ok();
+    }
+  }
+}
+
+/// The staging copy of `save` / `saveAsync` (src/staging.ts): `src[i]` into `dst[i]` on several threads
+/// ([`distcp_core::staging::copy_many`]), in the call — the caller's buffers are free again when it returns.
+/// Returns how many threads copied. Refuses pairs of different lengths and destinations that overlap a source or
+/// each other (staging blocks never do; a slice pair that aliased would be undefined behaviour).
+#[napi(catch_unwind)]
+pub fn copy_staging(_env: &Env, src: Vec<Uint8Array>, mut dst: Vec<Uint8Array>) -> Result<u32> {
+  if src.len() != dst.len() {
+    return Err(invalid_input(format!("copyStaging: {} sources but {} destinations", src.len(), dst.len())));
+  }
+  let mut spans: Vec<(usize, usize, bool)> = Vec::with_capacity(src.len() * 2);
+  for (i, (s, d)) in src.iter().zip(dst.iter()).enumerate() {
+    if s.len() != d.len() {
+      return Err(invalid_input(format!(
+        "copyStaging: pair {i} has {} source bytes but {} destination bytes",
+        s.len(),
+        d.len()
+      )));
+    }
+    if !s.is_empty() {
+      spans.push((s.as_ptr() as usize, s.len(), false));
+      spans.push((d.as_ptr() as usize, d.len(), true));
+    }
+  }
+  // sorted by start, a destination may not overlap whatever comes next (sources may overlap each other: they are
+  // only read)
+  spans.sort_unstable();
+  let mut reach: Option<(usize, bool)> = None; // the furthest end so far, and whether a destination reaches it
+  for &(start, len, is_dst) in &spans {
+    if let Some((end, end_dst)) = reach {
+      if start < end && (is_dst || end_dst) {
+        return Err(invalid_input("copyStaging: a destination overlaps a source or another destination"));
+      }
+    }
+    let end = start + len;
+    match reach {
+      Some((e, _)) if e >= end => {}
+      _ => reach = Some((end, is_dst)),
+    }
+  }
+  let pairs: Vec<distcp_core::staging::CopyPair> = src
+    .iter()
+    .zip(dst.iter_mut())
+    // SAFETY: the destinations were checked above not to overlap the sources or each other, so the `&mut`
+    // slices alias nothing; the Uint8Array references keep the memory alive for this synchronous call, during
+    // which JS cannot run.
+    .map(|(s, d)| (s.as_ref(), unsafe { d.as_mut() }))
+    .collect();
+  let threads = distcp_core::staging::copy_many(pairs) as u32;
+  // emnapi hands a WASM module copies of JS buffers: the copied bytes go back to the staging blocks here
+  #[cfg(target_family = "wasm")]
+  for d in dst.iter_mut() {
+    d.sync(_env);
+  }
+  Ok(threads)
 }
 
 // What `CheckpointManager` (src/manager.ts) needs of the core's commit rules: the folder lock, temporary names
