@@ -242,9 +242,11 @@ for (const m of managers) {
     const tarballs = packOnce()
     const c = consumer('distcp-pm-')
     const platform = tarballs.platforms['linux-x64-gnu']
+    // the WASM package too: yarn resolves every optional dependency, and this one is not on the registry yet
+    const wasm = tarballs.platforms['wasm32-wasip1']
     const manifest: Record<string, unknown> = { name: 'consumer', version: '1.0.0', type: 'module', dependencies: { distcp: `file:${tarballs.main}` } }
-    if (m.pin === 'resolutions') manifest.resolutions = { 'distcp-linux-x64-gnu': `file:${platform}` }
-    else writeFileSync(join(c.dir, 'pnpm-workspace.yaml'), `overrides:\n  distcp-linux-x64-gnu: file:${platform}\n`)
+    if (m.pin === 'resolutions') manifest.resolutions = { 'distcp-linux-x64-gnu': `file:${platform}`, 'distcp-wasm32-wasip1': `file:${wasm}` }
+    else writeFileSync(join(c.dir, 'pnpm-workspace.yaml'), `overrides:\n  distcp-linux-x64-gnu: file:${platform}\n  distcp-wasm32-wasip1: file:${wasm}\n`)
     writeFileSync(join(c.dir, 'package.json'), JSON.stringify(manifest))
     if (m.pkg.startsWith('@yarnpkg')) writeFileSync(join(c.dir, 'yarn.lock'), '') // a project root of its own, not /tmp's
     const env = { ...c.env, YARN_ENABLE_TELEMETRY: '0', YARN_ENABLE_SCRIPTS: '0', YARN_ENABLE_GLOBAL_CACHE: '0', COREPACK_ENABLE_STRICT: '0' }
