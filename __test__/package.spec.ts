@@ -57,7 +57,7 @@ test('no install script; every npm/<platform> package is an optionalDependency a
   for (const hook of ['preinstall', 'install', 'postinstall']) t.false(hook in pkg.scripts, hook)
   t.is(pkg.scripts.prepare, 'npm run build') // the repo's own `npm install` builds; consumers never run it
   const dirs = readdirSync(join(root, 'npm'))
-  t.deepEqual(dirs, ['linux-x64-gnu']) // only what is built and tested here is claimed
+  t.deepEqual(dirs, ['linux-x64-gnu', 'wasm32-wasip1']) // only what is built and tested here is claimed
   const subs = dirs.map((d) => JSON.parse(readFileSync(join(root, 'npm', d, 'package.json'), 'utf8')) as { name: string; version: string; os: string[]; cpu: string[]; libc?: string[] })
   t.deepEqual(Object.keys(pkg.optionalDependencies ?? {}).sort(), subs.map((s) => s.name).sort())
   for (const s of subs) {
@@ -65,6 +65,8 @@ test('no install script; every npm/<platform> package is an optionalDependency a
     t.is(pkg.optionalDependencies?.[s.name], pkg.version, s.name)
   }
   t.deepEqual([subs[0].os, subs[0].cpu, subs[0].libc], [['linux'], ['x64'], ['glibc']])
+  // the WASM fallback installs everywhere: it is what runs where no native package's os/cpu/libc match
+  t.deepEqual([subs[1].name, subs[1].os, subs[1].cpu, subs[1].libc], ['distcp-wasm32-wasip1', undefined, undefined, undefined])
 })
 
 // What a user gets from the registry: the main package plus the one platform package npm picks by os/cpu/libc.
@@ -147,7 +149,7 @@ test('without a platform package: one clear message, then `npx distcp build-nati
   t.regex(cli.stderr, /^distcp: no native binary loads on linux-x64-gnu \(Node /)
   t.regex(cli.stderr, /Cannot find module '\.\/distcp\.linux-x64-gnu\.node'/)
   t.regex(cli.stderr, /Cannot find module 'distcp-linux-x64-gnu'/)
-  t.regex(cli.stderr, /distcp-wasm32-wasi/)
+  t.regex(cli.stderr, /distcp-wasm32-wasip1/)
   t.regex(cli.stderr, /npx distcp build-native/)
   t.regex(cli.stderr, /NAPI_RS_NATIVE_LIBRARY_PATH/)
   t.notRegex(cli.stderr, /\n\s+at /, 'no stack trace')
@@ -180,6 +182,52 @@ test('without a platform package: one clear message, then `npx distcp build-nati
   t.is((JSON.parse(after.stdout) as { totals: { tensors: number } }).totals.tensors, 21)
 })
 
+// Where no native package fits (macOS, Windows, musl, arm64 until those are built), npm installs the WASM package
+// (no os/cpu/libc of its own) and the loader falls back to it. Here: the main tarball and the WASM tarball only.
+test('main + WASM tarballs (no native package): import, require, inspect and convert run on the WASM fallback', (t) => {
+  const tarballs = packOnce()
+  const c = consumer('distcp-wasm-consumer-')
+  // the WASM package's runtime (@napi-rs/wasm-runtime, @emnapi/*) comes from npm's cache: scripts/build-wasm.sh put it there
+  const install = c.run('npm', ['install', '--offline', '--ignore-scripts', tarballs.main, tarballs.platforms['wasm32-wasip1']])
+  t.is(install.status, 0, `${install.stdout}\n${install.stderr}`)
+  t.false(existsSync(join(c.dir, 'node_modules', 'distcp-linux-x64-gnu')))
+  const dcp = join(example, 'dcp')
+  const esm = c.run('node', ['--input-type=module', '-e', `
+    import { createRequire } from 'node:module'
+    import * as m from 'distcp'
+    const ck = await m.openCheckpoint(${JSON.stringify(dcp)})
+    const t = await ck.read(ck.keys()[0])
+    const loaded = Object.keys(createRequire(import.meta.url).cache).filter((f) => /[.]node$|wasip1[.]cjs$/.test(f))
+    console.log(JSON.stringify({ keys: ck.keys().length, bytes: t.data.byteLength, loaded }))`])
+  t.is(esm.status, 0, esm.stderr)
+  const out = JSON.parse(esm.stdout) as { keys: number; bytes: number; loaded: string[] }
+  t.is(out.keys, 21)
+  t.true(out.bytes > 0)
+  t.deepEqual(out.loaded, [join(c.dir, 'node_modules', 'distcp-wasm32-wasip1', 'distcp.wasip1.cjs')])
+
+  const cjs = c.run('node', ['-e', `require('distcp').openCheckpoint(${JSON.stringify(dcp)}).then((ck) => console.log(ck.keys().length))`])
+  t.is(cjs.status, 0, cjs.stderr)
+  t.is(cjs.stdout.trim(), '21')
+
+  const inspect = c.run('npx', ['--offline', 'distcp', 'inspect', dcp, '--json'])
+  t.is(inspect.status, 0, inspect.stderr)
+  t.is((JSON.parse(inspect.stdout) as { totals: { tensors: number } }).totals.tensors, 21)
+
+  // the same bytes as the checkout's native conversion
+  const hf = join(c.dir, 'hf')
+  const convert = c.run('npx', ['--offline', 'distcp', 'convert', dcp, hf, '--config', join(example, 'model'), '--tokenizer', join(example, 'tokenizer')])
+  t.is(convert.status, 0, convert.stderr)
+  const ref = join(c.dir, 'hf-ref')
+  const native = c.run('node', ['--input-type=module', '-e', `
+    const m = await import(${JSON.stringify(join(root, 'dist', 'index.js'))})
+    await m.convertDcpToHf(${JSON.stringify(dcp)}, ${JSON.stringify(ref)}, ${JSON.stringify(join(example, 'model'))}, ${JSON.stringify(join(example, 'tokenizer'))})`])
+  t.is(native.status, 0, native.stderr)
+  const files = readdirSync(ref).sort()
+  t.deepEqual(readdirSync(hf).sort(), files)
+  t.true(files.some((f) => f.endsWith('.safetensors')))
+  for (const f of files) t.true(readFileSync(join(hf, f)).equals(readFileSync(join(ref, f))), f)
+})
+
 // pnpm (dependency install scripts off by default since 10), yarn 1 with --ignore-scripts and yarn 4 (Plug'n'Play,
 // scripts off): each installs the main tarball with the platform tarball put in place of the registry's through
 // its own override mechanism, on a PATH without cargo; ESM import, require and the CLI work, and the binary comes
@@ -194,9 +242,11 @@ for (const m of managers) {
     const tarballs = packOnce()
     const c = consumer('distcp-pm-')
     const platform = tarballs.platforms['linux-x64-gnu']
+    // the WASM package too: yarn resolves every optional dependency, and this one is not on the registry yet
+    const wasm = tarballs.platforms['wasm32-wasip1']
     const manifest: Record<string, unknown> = { name: 'consumer', version: '1.0.0', type: 'module', dependencies: { distcp: `file:${tarballs.main}` } }
-    if (m.pin === 'resolutions') manifest.resolutions = { 'distcp-linux-x64-gnu': `file:${platform}` }
-    else writeFileSync(join(c.dir, 'pnpm-workspace.yaml'), `overrides:\n  distcp-linux-x64-gnu: file:${platform}\n`)
+    if (m.pin === 'resolutions') manifest.resolutions = { 'distcp-linux-x64-gnu': `file:${platform}`, 'distcp-wasm32-wasip1': `file:${wasm}` }
+    else writeFileSync(join(c.dir, 'pnpm-workspace.yaml'), `overrides:\n  distcp-linux-x64-gnu: file:${platform}\n  distcp-wasm32-wasip1: file:${wasm}\n`)
     writeFileSync(join(c.dir, 'package.json'), JSON.stringify(manifest))
     if (m.pkg.startsWith('@yarnpkg')) writeFileSync(join(c.dir, 'yarn.lock'), '') // a project root of its own, not /tmp's
     const env = { ...c.env, YARN_ENABLE_TELEMETRY: '0', YARN_ENABLE_SCRIPTS: '0', YARN_ENABLE_GLOBAL_CACHE: '0', COREPACK_ENABLE_STRICT: '0' }

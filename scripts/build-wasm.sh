@@ -4,23 +4,22 @@
 # rust-web-src with -Zbuild-std, clang-19 + wasi-libc for zstd-sys's C, rustup's rust-lld to link).
 #   bash scripts/build-wasm.sh check   type-check the workspace for wasm32-wasip1 (where a port stops)
 #   bash scripts/build-wasm.sh         build distcp.wasm32-wasip1.wasm + the generated WASI loader (napi build)
-# STATUS (measured with napi-rs 3.10.12 / napi-build 2.6.0 / emnapi 1.11.3; nothing is shipped yet):
-#   1. The toolchain works: std, core, alloc and every dependency (zstd-sys's C through clang-19 + wasi-libc included)
-#      compile for wasm32-wasip1.
-#   2. `check` on this tree stops in distcp-core: 14 errors, all unix-only file APIs (std::os::unix FileExt pread /
-#      pwrite in source.rs and convert/job.rs, FileTypeExt and OpenOptionsExt::custom_flags in source.rs), then 2 in
-#      distcp-node (memmap2's `advise` is unix-only, checkpoint.rs alloc_output).
-#      scripts/wasm/distcp-wasip1.patch (a core `pio` module: pread/pwrite on unix, seek + read/write elsewhere; the
-#      unix-only calls under cfg(unix)) makes both crates type-check clean for wasm32-wasip1:
-#        git apply scripts/wasm/distcp-wasip1.patch && bash scripts/build-wasm.sh check
-#      (memmap2's anonymous maps still compile to a stub that fails at run time on wasi: alloc_output needs a heap
-#      fallback there.)
-#   3. Linking stops in napi-build 2.6.0's build script: it links emnapi's `libemnapi-basic-napi-rs.a` ("Install
-#      emnapi v2"), and the newest emnapi on the registry, 1.11.3, ships only libemnapi-basic.a / libemnapi.a, whose
-#      napi_* imports use another wasm import module (`check` passes with EMNAPI_LINK_DIR pointing at a folder where
-#      libemnapi-basic.a is copied under that name; a link would not be right). napi build also resolves emnapi
-#      from the napi CLI's own folder, so the CLI must be installed beside it (.wasm-toolchain/js).
-#      Next: an emnapi release with the napi-rs archives (or napi-build/CLI versions matching emnapi 1.x).
+# Output: npm/wasm32-wasip1/ (the package distcp-wasm32-wasip1, napi-rs's name for the single-threaded WASI flavour):
+# distcp.wasm32-wasip1.wasm and napi's generated loaders (distcp.wasip1.cjs, ...); the folder's package.json and
+# README.md are tracked, the build is not. src/native.ts loads it where no native binary fits, or with
+# DISTCP_FORCE_WASM=1; `npm test` runs this script, then a subset of the suites through it (scripts/test.mjs).
+# Measured here (2 cores, shared): the toolchain 30 s (203 MB of .debs + the JS runtime from npm), a clean build
+# 4 min 09 s (std, every dependency and the binding, release), a rebuild after a binding change about 1 min.
+# What differs on wasm32-wasip1 (all cfg'd in the crates): no mmap (heap buffers), no pread/pwrite (seek + read/write,
+# crates/distcp-core/src/pio.rs), no copy_file_range / fadvise / flock (plain writes, unlocked folders), no threads
+# (work runs on the calling thread; saves are staged fully before the write), no CUDA (cudaInfo() says so), no pid
+# (Node's, passed as DISTCP_NODE_PID). Debian 12's wasi-libc predates symbols Rust 1.96's std links: see
+# crates/distcp-node/src/wasi_libc.rs. A panic aborts the module (panic=abort): it cannot become a JS error there.
+# Known problem: on Node 20 and 22, reading a few hundred MB through the module (buffers crossing into JS) can end
+# the process with SIGSEGV inside V8 (reproduced with 8 reads of 32 MiB; never on Node 24, never with a gc() between
+# reads, never in convert, whose bytes stay in the module); the core dump shows V8's heap corrupted (a StoreIC on
+# a bad map in interpreted JS). Under load about 3 runs in 8 crash on Node 20; 0 in 10 on Node 24. `npm test` runs
+# the WASM suites on Node 24 for that reason (scripts/test.mjs); bench/wasm/run.mjs says to use Node 24 too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/wasm-toolchain.sh
@@ -46,5 +45,12 @@ if [ "${1:-}" = check ]; then
   cargo check --locked --target "$target" "${build_std[@]}" -p distcp-core
   exec cargo check --locked --target "$target" "${build_std[@]}" -p distcp-node
 fi
-exec npx napi build --platform --release --target "$target" --manifest-path crates/distcp-node/Cargo.toml -o . \
-  --js false --dts wasm-binding.d.cts -- --locked "${build_std[@]}"
+# Built into the package folder of the fallback (npm/wasm32-wasi, published as distcp-wasm32-wasi). napi build checks
+# that @emnapi/core and @emnapi/runtime, resolved from its --cwd, match the emnapi it links: the toolchain's JS folder
+# is linked there as node_modules, which also lets the dev tree load the module from that folder.
+out=npm/wasm32-wasip1
+ln -sfn ../../.wasm-toolchain/js/node_modules "$out/node_modules"
+cd "$out"
+exec ../../.wasm-toolchain/js/node_modules/.bin/napi build --platform --release --target "$target" \
+  --manifest-path ../../crates/distcp-node/Cargo.toml --package-json-path ../../package.json -o . \
+  --no-js --dts ../../target/wasm/binding.d.cts -- --locked "${build_std[@]}"

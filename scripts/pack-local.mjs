@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // `npm run pack:local [-- DEST]`: the tarballs a release would publish, from this checkout's build, without
 // publishing: the main package and one per built platform (npm/<platform>/, created by `napi create-npm-dirs`).
-// What `napi artifacts` does for a native target is the copy below (the built `distcp.<platform>.node` into its
+// What `napi artifacts` does for a native target is the copy below (the WASM build is written in place) (the built `distcp.<platform>.node` into its
 // npm/<platform>/ folder); `napi pre-publish` would then publish each and pin them in optionalDependencies, which
 // package.json already lists. Prints one JSON line: { main, platforms: { <platform>: tarball } }.
 // Packs with --ignore-scripts: `prepare` (the developer build) must not run again for a pack of what is built.
@@ -27,11 +27,15 @@ for (const platform of readdirSync(join(root, 'npm'))) {
   if (sub.version !== pkg.version) throw new Error(`${sub.name} is ${sub.version}, distcp is ${pkg.version}: run \`npx napi version\``)
   if (!(sub.name in (pkg.optionalDependencies ?? {}))) throw new Error(`${sub.name} is not in package.json optionalDependencies`)
   for (const file of sub.files) {
+    // a native binary is built in the root; the WASM build lands in its package folder (scripts/build-wasm.sh)
     const built = join(root, file)
-    if (!existsSync(built)) throw new Error(`${file} is not built: run \`npm run build\` (or the build for ${platform})`)
-    const tmp = join(dir, `${file}.tmp`)
-    copyFileSync(built, tmp)
-    renameSync(tmp, join(dir, file))
+    if (existsSync(built)) {
+      const tmp = join(dir, `${file}.tmp`)
+      copyFileSync(built, tmp)
+      renameSync(tmp, join(dir, file))
+    } else if (!existsSync(join(dir, file))) {
+      throw new Error(`${file} is not built: run \`npm run build\` (or, for wasm32-wasip1, \`bash scripts/build-wasm.sh\`)`)
+    }
   }
   platforms[platform] = pack(dir)
 }

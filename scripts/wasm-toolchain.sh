@@ -15,13 +15,15 @@ dir=.wasm-toolchain
 mkdir -p "$dir/debs" "$dir/root"
 pkgs=(rustc-web libstd-rust-web-dev libstd-rust-web-1.96 rust-web-src wasi-libc
       libllvm22 clang-19 libclang-cpp19 libllvm19 libclang1-19 libclang-common-19-dev libclang-rt-19-dev-wasm32 llvm-19-linker-tools llvm-19)
-(cd "$dir/debs" && apt-get download "${pkgs[@]}")
+# a fresh container has no package lists yet: fetch them once (as root) and try again
+(cd "$dir/debs" && apt-get download "${pkgs[@]}") || { apt-get update -qq && (cd "$dir/debs" && apt-get download "${pkgs[@]}"); }
 for deb in "$dir"/debs/*.deb; do dpkg -x "$deb" "$dir/root"; done
 # napi-build links the reactor start file from where rustup's std for the target would put it
 sc="$dir/root/usr/lib/rustlib/wasm32-wasip1/lib/self-contained"
 mkdir -p "$sc" && cp "$dir"/root/usr/lib/wasm32-wasi/crt1-{reactor,command}.o "$sc"/
 mkdir -p "$dir/js"
 echo '{"name":"distcp-wasm-toolchain","private":true}' > "$dir/js/package.json"
-(cd "$dir/js" && npm install --no-audit --no-fund --ignore-scripts emnapi@1.11.3 @emnapi/core@1.11.3 @emnapi/runtime@1.11.3 @napi-rs/wasm-runtime@1.2.7)
+(cd "$dir/js" && npm install --no-audit --no-fund --ignore-scripts \
+  emnapi@2.0.0-beta.2 @emnapi/core@2.0.0-beta.2 @emnapi/runtime@2.0.0-beta.2 @napi-rs/wasm-runtime@1.2.7 @napi-rs/cli@3.10.12)
 touch "$dir/.done"
 echo "wasm toolchain: unpacked into $dir/root"

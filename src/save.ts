@@ -1,5 +1,5 @@
 import { awaitNative, DistcpError } from './errors.js'
-import { native, type SaveResult } from './native.js'
+import { bindingTarget, native, type SaveResult } from './native.js'
 import { elementSize, type DType } from './tensor.js'
 import { stagingPool, type StageSource, type StagingLease, type StagingPool } from './staging.js'
 import { floatBits, PyFloat, PyTuple, type Encoded } from './values.js'
@@ -415,5 +415,7 @@ export async function save(stateDict: SaveStateDict, options: SaveOptions): Prom
     }
     return saveRanks(stateDict, { checkpointId, layout, processGroup, useCollectives })
   }
+  // the WASM fallback sees a copy of each staging view, made when the writer is called: it must be filled first
+  if (bindingTarget !== 'native') return writeStaged(await stageSave(stateDict, options))
   return saveOverlapped(stateDict, options)
 }

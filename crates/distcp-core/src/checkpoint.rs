@@ -194,7 +194,9 @@ pub struct Checkpoint {
 /// the destination, sorted by position; `None` otherwise.
 fn whole_row_slabs(plan: &[ChunkRead], region: &Region, es: u64) -> Option<Vec<(usize, Range<usize>)>> {
   const MIN_PARALLEL_BYTES: u64 = 8 << 20;
+  // one core (or none to ask for: wasm32-wasip1, which cannot start threads) gains nothing from a thread
   if plan.len() < 2
+    || std::thread::available_parallelism().map_or(1, |n| n.get()) < 2
     || region.sizes.is_empty()
     || checked_nbytes(&region.sizes, es as usize)? < MIN_PARALLEL_BYTES
   {

@@ -79,16 +79,29 @@ pub fn boot_id() -> String {
     .unwrap_or_else(|| "0".into())
 }
 
+/// This process's id. A WASI module has none (std's `process::id` panics there): the WASM fallback's loader passes
+/// Node's `process.pid` as `DISTCP_NODE_PID`, and without it the id is 0, which [`writer_is_dead`] never judges dead.
+pub fn process_id() -> u32 {
+  #[cfg(not(target_os = "wasi"))]
+  {
+    std::process::id()
+  }
+  #[cfg(target_os = "wasi")]
+  {
+    std::env::var("DISTCP_NODE_PID").ok().and_then(|p| p.parse().ok()).unwrap_or(0)
+  }
+}
+
 fn random_hex() -> String {
   let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
   let mut h = std::collections::hash_map::DefaultHasher::new();
-  std::hash::Hash::hash(&(nanos, std::process::id(), std::thread::current().id()), &mut h);
+  std::hash::Hash::hash(&(nanos, process_id(), std::thread::current().id()), &mut h);
   format!("{:08x}", std::hash::Hasher::finish(&h) as u32)
 }
 
 /// A unique temporary name with this writer's pid and boot id: `<prefix><pid>-<boot>-<random>`.
 pub fn temp_name(prefix: &str) -> String {
-  format!("{prefix}{}-{}-{}", std::process::id(), boot_id(), random_hex())
+  format!("{prefix}{}-{}-{}", process_id(), boot_id(), random_hex())
 }
 
 /// Whether the writer that named `name` (made by [`temp_name`] with `prefix`) is certainly gone: another boot, or
@@ -152,6 +165,11 @@ impl DirLock {
 
   fn take(dir: &Path, name: &str, shared: bool) -> Result<DirLock> {
     let path = dir.join(name);
+    // no flock to take (a WASI module): the write goes on unlocked, and no lock file is left behind
+    if cfg!(not(unix)) {
+      fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
+      return Ok(DirLock { file: None, path, shared });
+    }
     let (mut replaced, mut busy) = (0u32, 0u32);
     while replaced < 64 {
       let mut file = OpenOptions::new()
@@ -184,7 +202,7 @@ impl DirLock {
       // shared holders leave the file as it is (an exclusive taker then names no pid)
       if !shared {
         file.set_len(0).map_err(|e| Error::io(&path, e))?;
-        file.write_all(format!("{}\n", std::process::id()).as_bytes()).map_err(|e| Error::io(&path, e))?;
+        file.write_all(format!("{}\n", process_id()).as_bytes()).map_err(|e| Error::io(&path, e))?;
       }
       return Ok(DirLock { file: Some(file), path, shared });
     }

@@ -99,6 +99,7 @@ pub mod limits;
 pub mod metadata;
 #[doc(hidden)]
 pub mod pickle;
+mod pio;
 pub mod plan;
 #[doc(hidden)]
 pub mod retarget;

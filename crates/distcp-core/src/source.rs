@@ -50,31 +50,36 @@ impl ReadAt for Vec<u8> {
 
 /// What kind of file `meta` describes, for messages about files that are not regular.
 fn file_kind(meta: &std::fs::Metadata) -> &'static str {
-  use std::os::unix::fs::FileTypeExt;
   let t = meta.file_type();
   if t.is_dir() {
-    "folder"
-  } else if t.is_fifo() {
-    "FIFO"
-  } else if t.is_socket() {
-    "socket"
-  } else if t.is_block_device() || t.is_char_device() {
-    "device"
-  } else {
-    "special file"
+    return "folder";
   }
+  #[cfg(unix)]
+  {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_fifo() {
+      return "FIFO";
+    } else if t.is_socket() {
+      return "socket";
+    } else if t.is_block_device() || t.is_char_device() {
+      return "device";
+    }
+  }
+  "special file"
 }
 
 /// Opens `path` for reading without ever blocking on it (a FIFO would block `open` and then every `read`
 /// forever, starving the thread pool) and refuses anything that is not a regular file. Returns the file and its
 /// length at open.
 pub fn open_regular(path: &Path) -> Result<(File, u64)> {
-  use std::os::unix::fs::OpenOptionsExt;
-  let file = std::fs::OpenOptions::new()
-    .read(true)
-    .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-    .open(path)
-    .map_err(|e| Error::io(path, e))?;
+  let mut options = std::fs::OpenOptions::new();
+  options.read(true);
+  #[cfg(unix)]
+  {
+    use std::os::unix::fs::OpenOptionsExt;
+    options.custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC);
+  }
+  let file = options.open(path).map_err(|e| Error::io(path, e))?;
   let meta = file.metadata().map_err(|e| Error::io(path, e))?;
   if !meta.is_file() {
     return Err(Error::NotARegularFile { path: path.to_path_buf(), kind: file_kind(&meta) });
@@ -138,7 +143,7 @@ impl DataFile {
 
   /// Fills `buf` from byte `offset` of the file.
   pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::result::Result<(), ReadFail> {
-    use std::os::unix::fs::FileExt;
+    use crate::pio::FileExt;
     let mut done = 0usize;
     while done < buf.len() {
       match self.file.read_at(&mut buf[done..], offset + done as u64) {

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 
 /// The nice value of background work (0 is normal, 19 the lowest): low enough that a busy trainer thread gets
 /// ~90% of a contended core (CFS weights 1024 vs 110), and not so low that the write stalls on an idle machine.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 pub const BACKGROUND_NICE: i32 = 10;
 
 /// Runs `f` on a new thread at [`BACKGROUND_NICE`] and returns its result (a panic in `f` is re-raised here, for

@@ -215,7 +215,8 @@ impl<'env> Work<'env> for ReadTask {
 
   fn compute(&mut self) -> Result<ReadOutput> {
     let len = self.len;
-    if len >= ANON_MIN {
+    // a WASI module has no anonymous mappings (memmap2's stub fails there): its results come from the heap
+    if len >= ANON_MIN && cfg!(not(target_family = "wasm")) {
       let mut map = alloc_output(len).map_err(|e| to_js(distcp_core::Error::io(&self.ck.root, e)))?;
       self.ck.read_into(&self.key, &self.region, &mut map).map_err(to_js)?;
       return Ok(ReadOutput::Anonymous(map));
@@ -258,6 +259,9 @@ impl Work<'_> for ReadIntoTask {
   }
 
   fn resolve(&mut self, _env: &Env, _output: ()) -> Result<()> {
+    // emnapi hands a WASM module a copy of a JS buffer: what was read into the copy goes back to `into` here
+    #[cfg(target_family = "wasm")]
+    self.into.sync(_env);
     Ok(())
   }
 }

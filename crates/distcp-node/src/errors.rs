@@ -25,6 +25,7 @@ pub fn to_js(e: distcp_core::Error) -> Error {
   Error::new(e.code(), e.to_string())
 }
 
+#[cfg(not(target_family = "wasm"))]
 pub fn cuda_js(e: distcp_cuda::CudaError) -> Error {
   Error::new(e.code(), e.to_string())
 }
@@ -87,7 +88,12 @@ pub fn job<W: for<'env> Work<'env>>(work: W) -> napi::bindgen_prelude::AsyncTask
 /// The coded JS error, held by reference so that napi rejects with this object (with its `code`) rather than
 /// building a fresh one from a status.
 fn rejection(env: &Env, e: Error) -> napi::Error {
-  napi::Error::from(JsError::from(e).into_unknown(Env::from_raw(env.raw())))
+  let value = JsError::from(e).into_unknown(Env::from_raw(env.raw()));
+  // napi's `From<Unknown>` keeps no reference to the object on wasm (the code would be lost for GenericFailure)
+  #[cfg(target_family = "wasm")]
+  return napi::Error::from_unknown_without_coercion(value);
+  #[cfg(not(target_family = "wasm"))]
+  napi::Error::from(value)
 }
 
 impl<'env, W: Work<'env>> ScopedTask<'env> for Job<W> {

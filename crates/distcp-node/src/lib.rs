@@ -6,12 +6,19 @@
 mod background;
 mod checkpoint;
 mod convert;
+// a WASI module cannot load libcuda: the WASM fallback reports CUDA as unavailable
+#[cfg(not(target_family = "wasm"))]
+mod cuda;
+#[cfg(target_family = "wasm")]
+#[path = "cuda_wasm.rs"]
 mod cuda;
 mod enums;
 mod errors;
 mod ranks;
 mod save;
 mod state_dict;
+#[cfg(target_os = "wasi")]
+mod wasi_libc;
 
 pub use checkpoint::*;
 pub use convert::*;

@@ -86,6 +86,12 @@ impl BytesReady for Gate {
     };
     drop(ranges);
     let mut st = self.state();
+    // a WASM module has one thread: the copy that would open the gate cannot run while the writer waits
+    if cfg!(target_family = "wasm") && (st.0 as usize) < need && !st.1 {
+      return Err(std::io::Error::other(
+        "the WASM build writes only fully staged saves (it has no threads to overlap with)",
+      ));
+    }
     while (st.0 as usize) < need && !st.1 {
       st = self.filled.wait(st).unwrap_or_else(|e| e.into_inner());
     }
@@ -222,8 +228,13 @@ pub fn alloc_staging(env: &Env, len: f64) -> Result<ArrayBuffer<'_>> {
 
 /// Every live staging block: start address → its length and, once a device tensor was staged into it, its
 /// page-locking ([`distcp_cuda::pinned::HostRegistration`]).
-static STAGING_BLOCKS: Mutex<BTreeMap<usize, (usize, Option<distcp_cuda::pinned::HostRegistration>)>> =
-  Mutex::new(BTreeMap::new());
+static STAGING_BLOCKS: Mutex<BTreeMap<usize, (usize, Option<Pinned>)>> = Mutex::new(BTreeMap::new());
+
+#[cfg(not(target_family = "wasm"))]
+type Pinned = distcp_cuda::pinned::HostRegistration;
+/// The WASM build has no CUDA: nothing is ever pinned.
+#[cfg(target_family = "wasm")]
+enum Pinned {}
 
 /// A staging block's memory. On drop its registration is undone (in `Drop::drop`) before the memory is unmapped
 /// (when the fields drop, after it).
@@ -244,6 +255,7 @@ impl Drop for StagingBlock {
 /// the block. Only saves of device tensors get here, so a host-only save never touches CUDA. Memory that is not a
 /// staging block, a failed registration, or DISTCP_PIN_STAGING=0: nothing is done (the copy goes through the
 /// reader's pinned slots instead).
+#[cfg(not(target_family = "wasm"))]
 pub(crate) fn pin_staging_block(device: usize, ptr: *const u8, len: usize) {
   if std::env::var_os("DISTCP_PIN_STAGING").is_some_and(|v| v == "0") {
     return;
@@ -265,7 +277,7 @@ pub(crate) fn pin_staging_block(device: usize, ptr: *const u8, len: usize) {
 /// Returns how many threads copied. Refuses pairs of different lengths and destinations that overlap a source or
 /// each other (staging blocks never do; a slice pair that aliased would be undefined behaviour).
 #[napi(catch_unwind)]
-pub fn copy_staging(src: Vec<Uint8Array>, mut dst: Vec<Uint8Array>) -> Result<u32> {
+pub fn copy_staging(_env: &Env, src: Vec<Uint8Array>, mut dst: Vec<Uint8Array>) -> Result<u32> {
   if src.len() != dst.len() {
     return Err(invalid_input(format!("copyStaging: {} sources but {} destinations", src.len(), dst.len())));
   }
@@ -307,7 +319,13 @@ pub fn copy_staging(src: Vec<Uint8Array>, mut dst: Vec<Uint8Array>) -> Result<u3
     // which JS cannot run.
     .map(|(s, d)| (s.as_ref(), unsafe { d.as_mut() }))
     .collect();
-  Ok(distcp_core::staging::copy_many(pairs) as u32)
+  let threads = distcp_core::staging::copy_many(pairs) as u32;
+  // emnapi hands a WASM module copies of JS buffers: the copied bytes go back to the staging blocks here
+  #[cfg(target_family = "wasm")]
+  for d in dst.iter_mut() {
+    d.sync(_env);
+  }
+  Ok(threads)
 }
 
 // What `CheckpointManager` (src/manager.ts) needs of the core's commit rules: the folder lock, temporary names

@@ -281,7 +281,7 @@ fn wait_inside(v: &SaveValue, ready: &dyn BytesReady) -> io::Result<()> {
 
 pub(crate) fn token() -> String {
   let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-  format!("{:x}{:x}", std::process::id(), nanos & 0xffff_ffff_ffff)
+  format!("{:x}{:x}", crate::commit::process_id(), nanos & 0xffff_ffff_ffff)
 }
 
 fn fail(options: &SaveOptions, at: FailPoint, path: &Path) -> Result<()> {
