@@ -48,6 +48,12 @@ pub extern "C" fn pthread_join(_: *mut c_void, _: *mut *mut c_void) -> c_int {
   ENOSYS
 }
 
+/// Referenced by std's scoped threads (a handle dropped unjoined); never called, as no thread is ever created here.
+#[no_mangle]
+pub extern "C" fn pthread_detach(_: *mut c_void) -> c_int {
+  0
+}
+
 #[no_mangle]
 pub extern "C" fn pthread_attr_init(_: *mut c_void) -> c_int {
   0

@@ -142,22 +142,27 @@ impl ConvertJob {
     // resolving a record (its zip entry and pickle) costs more than moving a small tensor: both threads claim
     // tensors to resolve, each once, the helper up to a window ahead (starting the kernel's readahead on them)
     let claim = |j: usize| next.compare_exchange(j, j + 1, Ordering::Relaxed, Ordering::Relaxed).is_ok();
+    // no helper where no thread can start (no parallelism to ask for: wasm32-wasip1, where a scoped spawn would
+    // panic): the writer resolves every record itself
+    let helper = std::thread::available_parallelism().is_ok();
     std::thread::scope(|s| {
-      s.spawn(|| loop {
-        let (i, j) = (at.load(Ordering::Relaxed), next.load(Ordering::Relaxed));
-        if i == usize::MAX || j >= n {
-          return;
-        }
-        let window = end[j].saturating_sub(end.get(i).copied().unwrap_or(0));
-        if j > i + 1 && window > PREFETCH_AHEAD_BYTES {
-          std::thread::sleep(std::time::Duration::from_millis(1));
-          continue;
-        }
-        if claim(j) {
-          // an error here shows again, reported, when the writer reaches the tensor
-          let _ = ck.prefetch(&keys[j]);
-        }
-      });
+      if helper {
+        s.spawn(|| loop {
+          let (i, j) = (at.load(Ordering::Relaxed), next.load(Ordering::Relaxed));
+          if i == usize::MAX || j >= n {
+            return;
+          }
+          let window = end[j].saturating_sub(end.get(i).copied().unwrap_or(0));
+          if j > i + 1 && window > PREFETCH_AHEAD_BYTES {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            continue;
+          }
+          if claim(j) {
+            // an error here shows again, reported, when the writer reaches the tensor
+            let _ = ck.prefetch(&keys[j]);
+          }
+        });
+      }
       let resolve_up_to = |i: usize| loop {
         let j = next.load(Ordering::Relaxed);
         if j > i {
@@ -167,9 +172,15 @@ impl ConvertJob {
           let _ = ck.prefetch(&keys[j]);
         }
       };
-      let r = self.write_in_order(ck, &at, &resolve_up_to);
-      at.store(usize::MAX, Ordering::Relaxed);
-      r
+      // the helper stops when `at` says done: also if the writer unwinds (the scope waits for the helper first)
+      struct Done<'a>(&'a AtomicUsize);
+      impl Drop for Done<'_> {
+        fn drop(&mut self) {
+          self.0.store(usize::MAX, Ordering::Relaxed);
+        }
+      }
+      let _done = Done(&at);
+      self.write_in_order(ck, &at, &resolve_up_to)
     })?;
     self.finish()
   }
@@ -339,12 +350,12 @@ impl ConvertJob {
     let rows_per_slab = SLAB_BYTES.checked_div(row_src).map_or(rows, |r| r.max(1));
     // a 0-d tensor is one slab of one element
     let slabs = if t.size.is_empty() { 1 } else { rows.div_ceil(rows_per_slab.max(1)) };
-    // at least two: one casts while the other waits for its read or write
-    let workers = std::thread::available_parallelism()
-      .map_or(1, |p| p.get())
-      .clamp(2, MAX_SLAB_WORKERS)
-      .min(usize::try_from(slabs).unwrap_or(usize::MAX))
-      .max(1);
+    // at least two: one casts while the other waits for its read or write; one where no thread can start (no
+    // parallelism to ask for: wasm32-wasip1, where a scoped spawn would panic)
+    let workers = match std::thread::available_parallelism() {
+      Err(_) => 1,
+      Ok(p) => p.get().clamp(2, MAX_SLAB_WORKERS).min(usize::try_from(slabs).unwrap_or(usize::MAX)).max(1),
+    };
     if self.direct[tp.shard].is_none() {
       self.direct[tp.shard] = Some(open_direct(&shard_path));
     }
