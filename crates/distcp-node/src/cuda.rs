@@ -11,21 +11,7 @@ use napi::Env;
 use napi_derive::napi;
 use std::sync::{Arc, Mutex};
 
-#[napi(object)]
-pub struct NativeCudaDevice {
-  pub index: u32,
-  pub name: String,
-  pub total_memory: f64,
-  pub pci_bus_id: String,
-}
-
-#[napi(object)]
-pub struct NativeCudaInfo {
-  pub available: bool,
-  pub reason: Option<String>,
-  pub driver_version: Option<String>,
-  pub devices: Vec<NativeCudaDevice>,
-}
+pub use crate::cuda_info::{NativeCudaDevice, NativeCudaInfo};
 
 /// Probes the CUDA driver (loaded at run time) and lists the devices; without one, `available` is false and
 /// `reason` says why.

@@ -3,21 +3,7 @@
 
 use napi_derive::napi;
 
-#[napi(object)]
-pub struct NativeCudaDevice {
-  pub index: u32,
-  pub name: String,
-  pub total_memory: f64,
-  pub pci_bus_id: String,
-}
-
-#[napi(object)]
-pub struct NativeCudaInfo {
-  pub available: bool,
-  pub reason: Option<String>,
-  pub driver_version: Option<String>,
-  pub devices: Vec<NativeCudaDevice>,
-}
+pub use crate::cuda_info::{NativeCudaDevice, NativeCudaInfo};
 
 /// CUDA is never available to the WASM fallback (a WASI module cannot load libcuda).
 #[napi]

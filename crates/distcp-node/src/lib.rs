@@ -6,6 +6,7 @@
 mod background;
 mod checkpoint;
 mod convert;
+mod cuda_info;
 // a WASI module cannot load libcuda: the WASM fallback reports CUDA as unavailable
 #[cfg(not(target_family = "wasm"))]
 mod cuda;
