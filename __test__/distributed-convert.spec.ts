@@ -3,7 +3,7 @@
 // checkpoint (every shard, the index, the config, the copied files); a rank that fails in the middle of its write
 // fails every rank, and the earlier output in the folder is left as it was, with nothing staged left behind.
 import test from 'ava'
-import { spawnSync } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import { mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
@@ -139,6 +139,43 @@ test.serial('`distcp convert` under torchrun (RANK, WORLD_SIZE from the launcher
   t.is(r.status, 0, r.stderr.slice(-3000))
   // one summary, from rank 0
   t.is(r.stdout.match(/^wrote /gm)?.length, 1, r.stdout)
+  const want = tree(single)
+  const got = tree(out)
+  t.deepEqual([...got.keys()], [...want.keys()])
+  for (const [f, bytes] of want) t.true(bytes.equals(got.get(f) as Buffer), f)
+})
+
+// Any launcher, or none: `--rank R --world W --master-addr --master-port` on two plain processes (no torchrun, no
+// RANK/WORLD_SIZE in their environment); rank 0 hosts the store.
+test.serial('`distcp convert --rank R --world 2 --master-addr --master-port` on two plain processes writes the same bytes as one process', async (t) => {
+  const single = join(work, 'single-flags')
+  await convertDcpToHf(dcp, single, model, undefined, { maxShardSize: MAX_SHARD })
+  const out = join(work, 'cli-flags')
+  const port = await freePort()
+  const bin = join(root, 'bin', 'distcp.js')
+  const env: NodeJS.ProcessEnv = { ...process.env }
+  for (const k of ['RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'TORCHELASTIC_USE_AGENT_STORE']) delete env[k]
+  const ranks = await Promise.all(
+    [0, 1].map(
+      (rank) =>
+        new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve, reject) => {
+          const args = [bin, 'convert', dcp, out, '--config', model, '--max-shard-size', String(MAX_SHARD), '--rank', String(rank), '--world', '2', '--master-addr', '127.0.0.1', '--master-port', String(port)]
+          const p = spawn(process.execPath, args, { cwd: root, env })
+          let stdout = ''
+          let stderr = ''
+          p.stdout.on('data', (d: Buffer) => (stdout += d.toString()))
+          p.stderr.on('data', (d: Buffer) => (stderr += d.toString()))
+          p.on('error', reject)
+          const timer = setTimeout(() => p.kill('SIGKILL'), 170_000)
+          p.on('close', (code) => {
+            clearTimeout(timer)
+            resolve({ code, stdout, stderr })
+          })
+        }),
+    ),
+  )
+  for (const r of ranks) t.is(r.code, 0, r.stderr.slice(-3000))
+  t.is(ranks.map((r) => r.stdout.match(/^wrote /gm)?.length ?? 0).join(','), '1,0', 'one summary, from rank 0')
   const want = tree(single)
   const got = tree(out)
   t.deepEqual([...got.keys()], [...want.keys()])
