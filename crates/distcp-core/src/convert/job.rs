@@ -6,6 +6,7 @@
 
 use super::cast::{cast, cast_parallel};
 use super::ConvertPlan;
+use crate::commit::start_writeback;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::pio::FileExt;
@@ -677,20 +678,6 @@ fn open_direct(path: &Path) -> Option<File> {
     let _ = path;
     None
   }
-}
-
-/// Asks the kernel to begin writing `len` bytes at `offset` to disk now, without waiting (Linux only; advice).
-fn start_writeback(f: &File, offset: u64, len: u64) {
-  #[cfg(target_os = "linux")]
-  {
-    use std::os::fd::AsRawFd;
-    if let (Ok(off), Ok(n)) = (libc::off64_t::try_from(offset), libc::off64_t::try_from(len)) {
-      // SAFETY: plain syscall on a descriptor we own; no memory is passed. Failure only loses the head start.
-      unsafe { libc::sync_file_range(f.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE) };
-    }
-  }
-  #[cfg(not(target_os = "linux"))]
-  let _ = (f, offset, len);
 }
 
 /// Reserves the file's blocks so that ENOSPC shows up before any data is copied.
