@@ -252,7 +252,8 @@ for (const m of managers) {
     else writeFileSync(join(c.dir, 'pnpm-workspace.yaml'), `overrides:\n  distcp-linux-x64-gnu: file:${platform}\n  distcp-wasm32-wasip1: file:${wasm}\n`)
     writeFileSync(join(c.dir, 'package.json'), JSON.stringify(manifest))
     if (m.pkg.startsWith('@yarnpkg')) writeFileSync(join(c.dir, 'yarn.lock'), '') // a project root of its own, not /tmp's
-    const env = { ...c.env, YARN_ENABLE_TELEMETRY: '0', YARN_ENABLE_SCRIPTS: '0', YARN_ENABLE_GLOBAL_CACHE: '0', COREPACK_ENABLE_STRICT: '0' }
+    // yarn 4 installs --immutable when CI is set (there is no lockfile to keep here: a consumer's first install)
+    const env = { ...c.env, YARN_ENABLE_TELEMETRY: '0', YARN_ENABLE_SCRIPTS: '0', YARN_ENABLE_GLOBAL_CACHE: '0', YARN_ENABLE_IMMUTABLE_INSTALLS: '0', COREPACK_ENABLE_STRICT: '0' }
     const pm = (args: string[]) => c.run('npx', ['--yes', '-p', m.pkg, m.bin, ...args], { env })
     const install = pm([...m.install])
     t.is(install.status, 0, `${install.stdout}\n${install.stderr}`)
