@@ -649,20 +649,37 @@ fn write_split(
 /// Alignment of `O_DIRECT` writes: a page, which covers every logical block size Linux filesystems use.
 const DIRECT_ALIGN: u64 = 4096;
 
-/// A page-aligned output buffer (anonymous memory), kept by a slab worker from slab to slab.
+/// A page-aligned output buffer (anonymous memory), kept by a slab worker from slab to slab. Where anonymous maps
+/// are unsupported (wasm32-wasip1) it is heap memory: alignment only matters to `O_DIRECT`, which is absent there
+/// (and an unaligned direct write falls back to the page cache, see `write_split`).
 #[derive(Default)]
-struct OutBuf(Option<memmap2::MmapMut>);
+struct OutBuf(Option<OutMem>);
+
+enum OutMem {
+  Map(memmap2::MmapMut),
+  Heap(Vec<u8>),
+}
 
 impl OutBuf {
   fn get(&mut self, len: usize) -> std::io::Result<&mut [u8]> {
-    if self.0.as_ref().is_none_or(|m| m.len() < len) {
+    let have = match &self.0 {
+      Some(OutMem::Map(m)) => m.len(),
+      Some(OutMem::Heap(v)) => v.len(),
+      None => 0,
+    };
+    if self.0.is_none() || have < len {
       self.0 = None;
-      self.0 = Some(crate::copy::alloc_host(len.max(1))?);
+      self.0 = Some(match crate::copy::alloc_host(len.max(1)) {
+        Ok(m) => OutMem::Map(m),
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => OutMem::Heap(vec![0; len.max(1)]),
+        Err(e) => return Err(e),
+      });
     }
-    match &mut self.0 {
-      Some(m) => Ok(&mut m[..len]),
-      None => unreachable!("allocated above"),
-    }
+    Ok(match &mut self.0 {
+      Some(OutMem::Map(m)) => &mut m[..len],
+      Some(OutMem::Heap(v)) => &mut v[..len],
+      None => &mut [],
+    })
   }
 }
 
