@@ -216,7 +216,8 @@ test('device tensors stage into the same blocks, in order with host bytes; a fai
   const seen: number[][] = []
   const filling = r.fill((filled) => seen.push(r.copies.slice(0, filled).flatMap((c) => [...c])))
   t.true(filling instanceof Promise)
-  t.deepEqual(seen, [[1, 2]], 'synchronous up to the first device source')
+  t.deepEqual(seen, [[1, 2]], 'reported at once up to the first device source')
+  t.deepEqual([...r.copies[2]], [6], 'every host source is copied in the call, also after a device source')
   await filling
   t.deepEqual(seen, [[1, 2], [1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
   r.lease.release()

@@ -164,8 +164,9 @@ export class StagingPool {
    * {@link StagingPool.stage} in two steps: takes the blocks and returns the views the copies will be (not yet
    * holding their bytes), and `fill`, which copies `sources[i]` into `copies[i]` in index order, calling
    * `onFilled(i + 1)` after each — so that a writer given `copies` can start on the first while the rest are
-   * being copied. `fill` returns a promise when a source is in device memory (then it settles when every copy is
-   * done). The caller releases the lease (also when `fill` fails).
+   * being copied. Host sources are all copied before `fill` returns; `fill` returns a promise when a source is in
+   * device memory (then it settles when every transfer is done). The caller releases the lease (also when `fill`
+   * fails).
    * @internal
    */
   reserve(sources: readonly StageSource[]): { copies: Uint8Array[]; lease: StagingLease; fill: (onFilled?: (filled: number) => void) => void | Promise<void> } {
@@ -218,22 +219,26 @@ export class StagingPool {
         if (device.length === 0) return
         return device.reduce((p, i) => p.then(() => this.download(onDevice(i) as DeviceLeaf, copies[i])), Promise.resolve())
       }
-      // in order, telling the caller after each; synchronous until the first device source
-      const from = (start: number): void | Promise<void> => {
-        for (let i = start; i < sources.length; i++) {
+      // every host source is copied in the call (the caller may change its buffers once `save` returned), the
+      // caller told in index order: at once up to the first device source, the rest as the transfers land
+      const hostCopy = (i: number): void => {
+        const s = sources[i]
+        if (s instanceof Uint8Array && s.byteLength > 0) copies[i].set(s)
+      }
+      let first = 0
+      for (; first < sources.length && !onDevice(first); first++) {
+        hostCopy(first)
+        onFilled(first + 1)
+      }
+      if (first === sources.length) return
+      for (let i = first + 1; i < sources.length; i++) if (!onDevice(i)) hostCopy(i)
+      return (async () => {
+        for (let i = first; i < sources.length; i++) {
           const leaf = onDevice(i)
-          if (leaf) {
-            return this.download(leaf, copies[i]).then(() => {
-              onFilled(i + 1)
-              return from(i + 1)
-            })
-          }
-          const s = sources[i]
-          if (s instanceof Uint8Array && s.byteLength > 0) copies[i].set(s)
+          if (leaf) await this.download(leaf, copies[i])
           onFilled(i + 1)
         }
-      }
-      return from(0)
+      })()
     }
     return { copies, lease: new StagingLease(this, blocks, total), fill }
   }
