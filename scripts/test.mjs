@@ -72,9 +72,14 @@ function setupTchVenv() {
 
 let passed = 0
 let failed = 0
+/** What failed, by name: printed again just above the summary line, where a log's tail shows it. */
+const failures = []
+function noteTap(suite, stdout) {
+  for (const m of stdout.matchAll(/^not ok \d+ - (.*)$/gm)) failures.push(`${suite}: ${m[1]}`)
+}
 
 /** Adds a `cargo test` run's `test result:` lines to the totals; a run that failed without one did not build. */
-function countCargo(r) {
+function countCargo(r, label) {
   const text = `${r.stdout}\n${r.stderr}`
   let counted = false
   for (const m of text.matchAll(/test result: \w+\. (\d+) passed; (\d+) failed/g)) {
@@ -82,7 +87,11 @@ function countCargo(r) {
     failed += Number(m[2])
     counted = true
   }
-  if (r.status !== 0 && !counted) failed += 1
+  for (const m of text.matchAll(/^---- (\S+) stdout ----$/gm)) failures.push(`${label}: ${m[1]}`)
+  if (r.status !== 0 && !counted) {
+    failed += 1
+    failures.push(`${label}: did not build or run`)
+  }
 }
 
 if (!existsSync(join(root, 'dist', 'index.js')) || !existsSync(join(root, 'binding.cjs'))) {
@@ -104,13 +113,16 @@ if (process.argv.includes('--setup-only')) process.exit(0)
   console.log(`npm test: WASM build step took ${Math.round((Date.now() - started) / 1000)} s`)
 }
 const tch = setupTchVenv()
-if (!tch) failed += 1
+if (!tch) {
+  failed += 1
+  failures.push('.venv-tch could not be set up')
+}
 
 // Rust
 {
   const r = run('cargo', ['test', '--workspace', '--locked'])
   show(r)
-  countCargo(r)
+  countCargo(r, 'cargo test')
 }
 
 // ava (TypeScript suites, interop included)
@@ -123,7 +135,11 @@ if (!tch) failed += 1
   const notOk = (r.stdout.match(/^not ok \d+/gm) ?? []).length
   passed += ok
   failed += notOk
-  if (r.status !== 0 && notOk === 0) failed += 1 // crashed or found no tests
+  noteTap('ava', r.stdout)
+  if (r.status !== 0 && notOk === 0) {
+    failed += 1 // crashed or found no tests
+    failures.push(`ava: exit ${r.status} with no failing test (crashed or found none)`)
+  }
 }
 
 // The same suites through the WASM fallback (DISTCP_FORCE_WASM=1; wasm.spec.ts checks that the WASM build is what
@@ -147,7 +163,10 @@ function node24() {
 {
   const started = Date.now()
   const node = node24()
-  if (!node) failed += 1
+  if (!node) {
+    failed += 1
+    failures.push('Node 24 for the WASM suites could not be installed')
+  }
   const ava = join(root, 'node_modules', 'ava', 'entrypoints', 'cli.mjs')
   const r = run(node ?? process.execPath, [ava, '--tap', ...WASM_SUITES, ...WASM_NATIVE_ONLY.map((m) => `--match=!${m}`)], {
     env: { ...process.env, DISTCP_FORCE_WASM: '1', DISTCP_PYTHON: venvPython },
@@ -157,7 +176,11 @@ function node24() {
   const notOk = (r.stdout.match(/^not ok \d+/gm) ?? []).length
   passed += ok
   failed += notOk
-  if (r.status !== 0 && notOk === 0) failed += 1
+  noteTap('ava (WASM)', r.stdout)
+  if (r.status !== 0 && notOk === 0) {
+    failed += 1
+    failures.push(`ava (WASM): exit ${r.status} (signal ${r.signal}) with no failing test`)
+  }
   console.log(`npm test: WASM suites took ${Math.round((Date.now() - started) / 1000)} s`)
 }
 
@@ -175,7 +198,7 @@ if (tch) {
   }
   const r = run('cargo', ['test', '--locked', '--manifest-path', join('crates', 'distcp-tch', 'Cargo.toml')], { env })
   show(r)
-  countCargo(r)
+  countCargo(r, 'distcp-tch')
   console.log(`npm test: distcp-tch step took ${Math.round((Date.now() - started) / 1000)} s`)
 }
 
@@ -189,9 +212,14 @@ if (tch) {
   const bad = (text.match(/^fuzz: \w+ FAILED/gm) ?? []).length
   passed += ran - bad
   failed += bad
-  if (r.status !== 0 && bad === 0) failed += 1 // did not build
+  for (const m of text.matchAll(/^fuzz: (\w+) FAILED/gm)) failures.push(`fuzz: ${m[1]}`)
+  if (r.status !== 0 && bad === 0) {
+    failed += 1 // did not build
+    failures.push('fuzz: fuzz/run.sh did not build')
+  }
 }
 
 
+if (failures.length > 0) console.log(`\nnpm test: what failed:\n${failures.map((f) => `  ${f}`).join('\n')}`)
 console.log(`${passed} passed, ${failed} failed`)
 process.exit(failed === 0 ? 0 : 1)
