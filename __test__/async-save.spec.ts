@@ -1,6 +1,6 @@
 import test from 'ava'
 import { spawnSync } from 'node:child_process'
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync } from 'node:fs'
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
@@ -88,10 +88,28 @@ test('buffers changed after staged do not change the checkpoint; torch loads it 
   await checkFixture(t, methodDir)
 })
 
+/**
+ * Makes the core's pause hook (DISTCP_TEST_PAUSE_AT) wait until the returned function is called, or two minutes;
+ * the variables are read by the writer thread when it reaches the point.
+ */
+function pauseRelease(name: string): () => void {
+  const file = join(work, `release-${name}`)
+  rmSync(file, { force: true })
+  process.env.DISTCP_TEST_PAUSE_RELEASE = file
+  process.env.DISTCP_TEST_PAUSE_MS = '120000'
+  return () => {
+    writeFileSync(file, '')
+    delete process.env.DISTCP_TEST_PAUSE_RELEASE
+    delete process.env.DISTCP_TEST_PAUSE_MS
+  }
+}
+
 test.serial('a second save waits for the first: one writer, commits in call order', async (t) => {
   // the first save sleeps holding its folder lock (the core's pause hook), long enough to see the second wait
+  // it waits there until this test releases it (or two minutes): a loaded machine's slow timers cannot end the wait
+  // before the test has looked
+  const release = pauseRelease('wait')
   process.env.DISTCP_TEST_PAUSE_AT = 'save:locked'
-  process.env.DISTCP_TEST_PAUSE_MS = '1500'
   const saver = new AsyncSaver()
   const a = join(work, 'wait-a')
   const b = join(work, 'wait-b')
@@ -110,9 +128,11 @@ test.serial('a second save waits for the first: one writer, commits in call orde
     t.true(existsSync(a))
     t.false(existsSync(b))
     delete process.env.DISTCP_TEST_PAUSE_AT
+    release()
     await Promise.all([ha.committed, hb.committed])
   } finally {
     delete process.env.DISTCP_TEST_PAUSE_AT
+    release()
   }
   t.deepEqual(events, ['a', 'b'])
   t.deepEqual(saver.stats(), { inFlight: 0, writing: false, committed: 2, failed: 0, cancelled: 0 })
@@ -229,8 +249,8 @@ test('device tensors stage into the same blocks, in order with host bytes; a fai
 
 test.serial('close({ cancel: true }) rejects the saves not yet writing, lets the writing one commit, refuses new ones', async (t) => {
   const saver = new AsyncSaver({ maxStaged: 2 })
+  const release = pauseRelease('cancel')
   process.env.DISTCP_TEST_PAUSE_AT = 'save:locked'
-  process.env.DISTCP_TEST_PAUSE_MS = '800'
   let closing: Promise<void>
   const h1 = saver.save(smallState(1), { checkpointId: join(work, 'cancel-1') })
   const h2 = saver.save(smallState(2), { checkpointId: join(work, 'cancel-2') })
@@ -240,6 +260,7 @@ test.serial('close({ cancel: true }) rejects the saves not yet writing, lets the
     closing = saver.close({ cancel: true })
   } finally {
     delete process.env.DISTCP_TEST_PAUSE_AT
+    release()
   }
   await h1.committed
   for (const h of [h2, h3]) t.is((await t.throwsAsync(h.committed, { instanceOf: DistcpError }))?.code, 'ERR_DISTCP_CANCELLED')

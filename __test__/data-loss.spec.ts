@@ -41,11 +41,16 @@ function child(args: string[], env: Record<string, string> = {}): ChildResult {
   return { status: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr }
 }
 
-/** A child that has reached `DISTCP_TEST_PAUSE_AT=point` (it says so on stderr) and is sleeping there. */
-async function pausedChild(args: string[], point: string): Promise<{ done: Promise<ChildResult>; pid: number }> {
+let releases = 0
+/**
+ * A child that has reached `DISTCP_TEST_PAUSE_AT=point` (it says so on stderr) and waits there until `release()`
+ * (or two minutes): however slowly a loaded machine starts the writers raced against it, they meet it paused.
+ */
+async function pausedChild(args: string[], point: string): Promise<{ done: Promise<ChildResult>; pid: number; release: () => void }> {
+  const releaseFile = join(work, `release-${process.pid}-${releases++}`)
   const p = spawn(process.execPath, ['--import', '@oxc-node/core/register', CHILD, ...args], {
     cwd: root,
-    env: { ...process.env, DISTCP_TEST_PAUSE_AT: point, DISTCP_TEST_PAUSE_MS: '4000' },
+    env: { ...process.env, DISTCP_TEST_PAUSE_AT: point, DISTCP_TEST_PAUSE_MS: '120000', DISTCP_TEST_PAUSE_RELEASE: releaseFile },
   })
   let stdout = ''
   let stderr = ''
@@ -58,7 +63,7 @@ async function pausedChild(args: string[], point: string): Promise<{ done: Promi
     })
     p.on('close', () => reject(new Error(`the child ended before ${point}: ${stderr}`)))
   })
-  return { done, pid: p.pid! }
+  return { done, pid: p.pid!, release: () => writeFileSync(releaseFile, '') }
 }
 
 /** The step a checkpoint holds, read by distcp. */
@@ -184,6 +189,7 @@ test('concurrent saves: the second writer fails fast with ERR_DISTCP_LOCKED nami
   // saveCheckpoint and convert into the same folder are refused too
   const c = child(['saveCheckpoint', ckpt, '4'])
   t.regex(c.stdout, /^error ERR_DISTCP_LOCKED /)
+  a.release()
   const ra = await a.done
   t.is(ra.status, 0, ra.stderr)
   t.is(ra.stdout.trim(), 'ok')
@@ -221,6 +227,7 @@ test('a conversion holds the output folder: a second one fails with ERR_DISTCP_L
   const b = child(['convert', c.dcp, out, c.model])
   t.regex(b.stdout, /^error ERR_DISTCP_LOCKED /)
   t.true(b.stdout.includes(`pid ${a.pid}`), b.stdout)
+  a.release()
   const ra = await a.done
   t.is(ra.stdout.trim(), 'ok', ra.stderr)
   t.deepEqual(listing(out), ['config.json', 'data', 'model.safetensors', 'notes.safetensors', 'thesis.tex'])

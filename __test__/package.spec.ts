@@ -235,6 +235,11 @@ test('main + WASM tarballs (no native package): import, require, inspect and con
 // scripts off): each installs the main tarball with the platform tarball put in place of the registry's through
 // its own override mechanism, on a PATH without cargo; ESM import, require and the CLI work, and the binary comes
 // from the platform package. The package managers themselves come from the npm registry (npx caches them).
+let registryOnce: string | undefined
+function npmRegistry(): string {
+  registryOnce ??= spawnSync('npm', ['config', 'get', 'registry'], { encoding: 'utf8' }).stdout.trim() || 'https://registry.npmjs.org/'
+  return registryOnce
+}
 const managers = [
   { name: 'pnpm 10', pkg: 'pnpm@10.34.9', bin: 'pnpm', install: ['install'], run: ['exec'], pin: 'pnpm-workspace' },
   { name: 'yarn 1', pkg: 'yarn@1.22.22', bin: 'yarn', install: ['install', '--ignore-scripts', '--non-interactive'], run: ['run', '-s'], pin: 'resolutions' },
@@ -253,7 +258,20 @@ for (const m of managers) {
     writeFileSync(join(c.dir, 'package.json'), JSON.stringify(manifest))
     if (m.pkg.startsWith('@yarnpkg')) writeFileSync(join(c.dir, 'yarn.lock'), '') // a project root of its own, not /tmp's
     // yarn 4 installs --immutable when CI is set (there is no lockfile to keep here: a consumer's first install)
-    const env = { ...c.env, YARN_ENABLE_TELEMETRY: '0', YARN_ENABLE_SCRIPTS: '0', YARN_ENABLE_GLOBAL_CACHE: '0', YARN_ENABLE_IMMUTABLE_INSTALLS: '0', COREPACK_ENABLE_STRICT: '0' }
+    // yarn's own default registry is registry.yarnpkg.com, a host a CI that lets only npm's registry through does not
+    // reach: every manager fetches from the registry npm is configured with
+    const registry = npmRegistry()
+    const env = {
+      ...c.env,
+      YARN_ENABLE_TELEMETRY: '0',
+      YARN_ENABLE_SCRIPTS: '0',
+      YARN_ENABLE_GLOBAL_CACHE: '0',
+      YARN_ENABLE_IMMUTABLE_INSTALLS: '0',
+      COREPACK_ENABLE_STRICT: '0',
+      YARN_REGISTRY: registry, // yarn 1
+      YARN_NPM_REGISTRY_SERVER: registry.replace(/\/$/, ''), // yarn 4
+      npm_config_registry: registry, // pnpm
+    }
     const pm = (args: string[]) => c.run('npx', ['--yes', '-p', m.pkg, m.bin, ...args], { env })
     const install = pm([...m.install])
     t.is(install.status, 0, `${install.stdout}\n${install.stderr}`)

@@ -47,16 +47,30 @@ pub const CRASH_ENV: &str = "DISTCP_TEST_CRASH_AT";
 /// The environment variable of the pause test hook (see [`crash_point`]).
 pub const PAUSE_ENV: &str = "DISTCP_TEST_PAUSE_AT";
 
+/// The environment variable naming the file whose creation ends a pause of the test hook (see [`crash_point`]).
+pub const PAUSE_RELEASE_ENV: &str = "DISTCP_TEST_PAUSE_RELEASE";
+
 /// Test hooks at named points of a write (`save:<fail point>`, `convert:<point>`): when the environment variable
 /// `DISTCP_TEST_CRASH_AT` equals `name`, the process kills itself with SIGKILL here (a `kill -9` at a known
-/// point); when `DISTCP_TEST_PAUSE_AT` equals it, the process says so on stderr and sleeps
-/// `DISTCP_TEST_PAUSE_MS` (default 2000) holding what it holds (to race a second writer deterministically).
+/// point); when `DISTCP_TEST_PAUSE_AT` equals it, the process says so on stderr and waits there holding what it
+/// holds (to race a second writer deterministically): until the file `DISTCP_TEST_PAUSE_RELEASE` exists, for at
+/// most `DISTCP_TEST_PAUSE_MS` (default 2000). A test that releases the pause itself does not depend on how fast
+/// a loaded machine starts its second writer; one that only sleeps did (CI saw such a race lost).
 #[doc(hidden)]
 pub fn crash_point(name: &str) {
   if std::env::var_os(PAUSE_ENV).is_some_and(|v| v == name) {
     let ms = std::env::var("DISTCP_TEST_PAUSE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    let release = std::env::var_os(PAUSE_RELEASE_ENV).map(PathBuf::from);
     eprintln!("distcp: paused at {name}");
-    std::thread::sleep(std::time::Duration::from_millis(ms));
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+    match release {
+      Some(file) => {
+        while !file.exists() && std::time::Instant::now() < until {
+          std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+      }
+      None => std::thread::sleep(std::time::Duration::from_millis(ms)),
+    }
   }
   if std::env::var_os(CRASH_ENV).is_some_and(|v| v == name) {
     #[cfg(unix)]
