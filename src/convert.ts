@@ -424,7 +424,9 @@ export async function convertDcpToHf(
         let last = -1
         const poll = () => {
           const p = job.progress()
-          if (p.tensorsDone === last) return
+          // the last tensor is reported once, after run() resolves: a poll can see the loop done before that (a
+          // timer tick between the job's end and its promise), and reporting it there made two reports of it
+          if (p.tensorsDone === last || p.tensorsDone >= n) return
           last = p.tensorsDone
           report(p.bytesDone, p.tensorsDone, fileOf(p.tensorsDone))
         }
