@@ -1,8 +1,9 @@
 import test from 'ava'
-import { readFileSync } from 'node:fs'
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
-import { openCheckpoint, typedArray, DistcpError, type Tensor } from '../src/index.js'
+import { openCheckpoint, save, typedArray, DistcpError, type Tensor } from '../src/index.js'
 import { root } from './helpers.js'
 
 const example = join(root, 'examples', 'tiny-llama', 'dcp')
@@ -60,4 +61,76 @@ test('typedArray picks the array type torch users expect', (t) => {
   const unaligned = new Uint8Array(new ArrayBuffer(9), 1, 8)
   unaligned.set([0, 0, 128, 63, 0, 0, 0, 64])
   t.deepEqual([...typedArray({ dtype: 'float32', shape: [2], data: unaligned })], [1, 2])
+})
+
+// Results of 1 MiB and more get their own prefaulted anonymous mapping, handed to JS as an external buffer that
+// unmaps it when collected (the binding's ReadTask); the tiny fixtures never take that path.
+const rows = 1536
+const cols = 1024 // float32: 6 MiB
+function bigSource(): Float32Array {
+  const v = new Float32Array(rows * cols)
+  for (let i = 0; i < v.length; i++) v[i] = i * 0.5 - 1000
+  return v
+}
+
+/** Rows [r0, r0 + nr) and columns [c0, c0 + nc) of the source, row-major, as bytes. */
+function sourceBox(src: Float32Array, r0: number, c0: number, nr: number, nc: number): Buffer {
+  const out = new Float32Array(nr * nc)
+  for (let r = 0; r < nr; r++) out.set(src.subarray((r0 + r) * cols + c0, (r0 + r) * cols + c0 + nc), r * nc)
+  return Buffer.from(out.buffer)
+}
+
+test('reads into new memory of several MiB: the whole tensor and boxes hold the saved values', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'distcp-read-big-'))
+  const src = bigSource()
+  await save({ w: { dtype: 'float32', shape: [rows, cols], data: new Uint8Array(src.buffer) } }, { checkpointId: join(dir, 'ck') })
+  const ck = await openCheckpoint(join(dir, 'ck'))
+  const whole = await ck.read('w')
+  t.deepEqual(whole.shape, [rows, cols])
+  t.true(Buffer.from(whole.data).equals(Buffer.from(src.buffer)))
+  // whole rows (one contiguous range of the file), a strided box, and a box at the far corner
+  for (const [r0, c0, nr, nc] of [
+    [100, 0, 512, cols],
+    [7, 3, 1200, 700],
+    [rows - 600, cols - 513, 600, 513],
+  ]) {
+    const box = await ck.read('w', { offsets: [r0, c0], sizes: [nr, nc] })
+    t.deepEqual(box.shape, [nr, nc])
+    t.true(box.data.byteLength >= 1 << 20, 'large enough for the anonymous-mapping path')
+    t.true(Buffer.from(box.data).equals(sourceBox(src, r0, c0, nr, nc)), `box at ${r0},${c0} of ${nr}×${nc}`)
+    // the same box read into caller memory: the other path, the same bytes
+    const into = new Uint8Array(nr * nc * 4)
+    await ck.read('w', { offsets: [r0, c0], sizes: [nr, nc], into })
+    t.true(Buffer.from(into).equals(Buffer.from(box.data)))
+  }
+  ck.close()
+  // buffers handed out outlive the checkpoint handle and stay writable
+  whole.data[0] ^= 0xff
+  t.not(whole.data[0], Buffer.from(src.buffer)[0])
+  rmSync(dir, { recursive: true, force: true })
+})
+
+test('read buffers are reported to V8 as external memory and given back when collected', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'distcp-read-gc-'))
+  const src = bigSource()
+  await save({ w: { dtype: 'float32', shape: [rows, cols], data: new Uint8Array(src.buffer) } }, { checkpointId: join(dir, 'ck') })
+  const ck = await openCheckpoint(join(dir, 'ck'))
+  const nbytes = rows * cols * 4
+  const before = process.memoryUsage().external
+  const held = await ck.read('w')
+  // V8 counts the mapping, so allocation pressure from many reads triggers collections that unmap old results
+  t.true(process.memoryUsage().external - before >= nbytes, 'external memory grew by the buffer')
+  t.is(held.data.byteLength, nbytes)
+  const base = process.memoryUsage().rss
+  let peak = base
+  const reads = 200 // 1.2 GB in all, more than the bound below
+  for (let i = 0; i < reads; i++) {
+    const r = await ck.read('w')
+    t.is(r.data.byteLength, nbytes)
+    peak = Math.max(peak, process.memoryUsage().rss)
+  }
+  ck.close()
+  // generous: a leak would hold all 1.2 GB
+  t.true(peak - base < 600 * 2 ** 20, `peak RSS grew by ${((peak - base) / 2 ** 20).toFixed(0)} MiB over ${reads} reads of 6 MiB`)
+  rmSync(dir, { recursive: true, force: true })
 })
