@@ -1,9 +1,11 @@
 // bench/read: distcp vs `cat` vs torch dcp.load on the same ≥1 GiB Llama-shaped 2-rank checkpoint.
 // usage: node bench/read/run.mjs [checkpoint-dir]   (generated with real torch on first run)
 // Two passes: warm page cache (each contestant runs once untimed first: CPU-side cost), and cold (the files are
-// evicted from the page cache with posix_fadvise before every run: what the disk allows).
+// evicted from the page cache with posix_fadvise before every run: what the disk allows; COLD=drop drops the whole
+// page cache instead, `sync; echo 3 > /proc/sys/vm/drop_caches`, which needs root and slows everyone else's work).
+// What fresh memory itself costs on a machine: `cargo run --release -p distcp-core --example fresh_memory -- FILE`.
 import { spawnSync } from 'node:child_process'
-import { existsSync, readdirSync } from 'node:fs'
+import { existsSync, readdirSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 
 const root = new URL('../..', import.meta.url).pathname
@@ -54,10 +56,14 @@ const contestants = {
   },
 }
 
-const evict = () => run(python, ['bench/lib/evict.py', ...files])
+const evict =
+  process.env.COLD === 'drop'
+    ? () => run('sh', ['-c', 'sync && echo 3 > /proc/sys/vm/drop_caches'])
+    : () => run(python, ['bench/lib/evict.py', ...files])
 const fileBytes = Number(run('du', ['-sb', ...files]).stdout.split('\n').filter(Boolean).reduce((a, l) => a + Number(l.split('\t')[0]), 0))
 
-for (const cache of ['warm', 'cold']) {
+for (const cache of (process.env.PASSES ?? 'warm,cold').split(',')) {
+  const loadBefore = readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ')
   const results = {}
   for (const [name, f] of Object.entries(contestants)) {
     if (cache === 'warm') f() // warm the page cache and the code
@@ -69,7 +75,7 @@ for (const cache of ['warm', 'cold']) {
     results[name] = { ...best, maxRssKb: Math.max(...runs.map((r) => r.maxRssKb)) }
   }
   const bytes = results.distcp.bytes
-  console.log(`\n${cache} page cache — ${ckpt}: ${(bytes / 1e9).toFixed(2)} GB of tensors in ${files.length} files (${(fileBytes / 1e9).toFixed(2)} GB on disk); best of ${reps}`)
+  console.log(`\n${cache} page cache — ${ckpt}: ${(bytes / 1e9).toFixed(2)} GB of tensors in ${files.length} files (${(fileBytes / 1e9).toFixed(2)} GB on disk); best of ${reps}; load average before: ${loadBefore}`)
   console.log('contestant                GB/s    seconds  peak RSS   vs cat  vs torch')
   for (const [name, r] of Object.entries(results)) {
     const b = name === 'cat' ? fileBytes : bytes
