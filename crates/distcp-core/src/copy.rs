@@ -34,9 +34,15 @@ fn keep_scratch(v: Vec<u8>) {
 
 /// Anonymous memory for `len` bytes that a read or a staging copy is about to fill, with every page faulted in
 /// up front by the kernel in one pass (`MAP_POPULATE`). A fresh mapping takes one page fault per 4 KiB during the
-/// copy, which costs more than the copy (bench/read, bench/save-load). Measured on the 2-core VM this was tuned on
-/// (1 GiB, alloc + first copy): plain 1.2–3.0 s; populated 0.7–1.4 s; populated with `MADV_HUGEPAGE` 2.4–5.5 s,
-/// because with `defrag=madvise` the kernel compacts memory to find huge pages — so no huge-page advice here.
+/// copy, which costs more than the copy (bench/read, bench/save-load). No huge-page advice, here or on a caller's
+/// buffer: fresh 2 MiB pages cost anything from nothing to seconds. Measured on the 2-core VM this was tuned on
+/// (`examples/fresh_memory.rs`, 0.54 GB from the page cache, best / median of 7, `cat`-like read 0.17 / 0.27 s):
+/// populated 0.57 / 0.73 s, plain 0.53 / 0.69 s, `MADV_HUGEPAGE` 1.35 / 1.46 s, `MADV_HUGEPAGE` + populated
+/// 0.44 / 0.59 s (worst 1.6 s), populated on 2 threads 0.47 / 0.81 s; through `read` (1.08 GB, 8 interleaved
+/// rounds) new buffers populated 0.86–2.3 s, with `MADV_HUGEPAGE` 3.4–6.0 s. The kernel there pays ~2 µs per 4 KiB
+/// fault, and fresh huge pages may first be faulted in by the host (free-page reporting) or compacted
+/// (`defrag=madvise`); only a mapping of the file itself beats `cat` (0.06 s), and a mapping handed to JS would
+/// turn a truncated file into SIGBUS.
 pub fn alloc_host(len: usize) -> std::io::Result<memmap2::MmapMut> {
   let mut o = memmap2::MmapOptions::new();
   o.len(len);
