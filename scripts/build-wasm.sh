@@ -15,11 +15,9 @@
 # (work runs on the calling thread; saves are staged fully before the write), no CUDA (cudaInfo() says so), no pid
 # (Node's, passed as DISTCP_NODE_PID). Debian 12's wasi-libc predates symbols Rust 1.96's std links: see
 # crates/distcp-node/src/wasi_libc.rs. A panic aborts the module (panic=abort): it cannot become a JS error there.
-# Known problem: on Node 20 and 22, reading a few hundred MB through the module (buffers crossing into JS) can end
-# the process with SIGSEGV inside V8 (reproduced with 8 reads of 32 MiB; never on Node 24, never with a gc() between
-# reads, never in convert, whose bytes stay in the module); the core dump shows V8's heap corrupted (a StoreIC on
-# a bad map in interpreted JS). Under load about 3 runs in 8 crash on Node 20; 0 in 10 on Node 24. `npm test` runs
-# the WASM suites on Node 24 for that reason (scripts/test.mjs); bench/wasm/run.mjs says to use Node 24 too.
+# On Node 20 and 22, node:wasi's fast API callbacks can start a garbage collection inside the fast call and corrupt
+# V8's heap (SIGSEGV after a few hundred MB of reads): npm/wasm32-wasip1/wasi-fast-api.cjs has the root cause and
+# turns those calls off; this script makes napi's generated loader require it before the module is instantiated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/wasm-toolchain.sh
@@ -51,6 +49,17 @@ fi
 out=npm/wasm32-wasip1
 ln -sfn ../../.wasm-toolchain/js/node_modules "$out/node_modules"
 cd "$out"
-exec ../../.wasm-toolchain/js/node_modules/.bin/napi build --platform --release --target "$target" \
+../../.wasm-toolchain/js/node_modules/.bin/napi build --platform --release --target "$target" \
   --manifest-path ../../crates/distcp-node/Cargo.toml --package-json-path ../../package.json -o . \
   --no-js --dts ../../target/wasm/binding.d.cts -- --locked "${build_std[@]}"
+# the generated loader requires wasi-fast-api.cjs (tracked) just before it loads node:wasi; fails loudly when a
+# newer napi generates a loader without that line, rather than shipping one that crashes on Node 20 and 22
+loader=distcp.wasip1.cjs
+anchor="const { WASI: __nodeWASI } = require('node:wasi')"
+guard="require('./wasi-fast-api.cjs') // before node:wasi: see that file (Node 20 and 22)"
+if ! grep -qF "$guard" "$loader"; then
+  grep -qxF "$anchor" "$loader" || { echo "build-wasm.sh: $loader has no line \"$anchor\" to guard" >&2; exit 1; }
+  tmp="$(mktemp "$loader.XXXXXX")"
+  awk -v anchor="$anchor" -v guard="$guard" '$0 == anchor { print guard } { print }' "$loader" > "$tmp"
+  mv "$tmp" "$loader"
+fi

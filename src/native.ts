@@ -95,19 +95,6 @@ function loadWasm(): typeof Native {
   throw errors.reduce<Error | undefined>((cause, e) => new Error((e as Error)?.message ?? String(e), { cause }), undefined)
 }
 
-/**
- * On Node 20 and 22 the WASM build can crash the process (V8's heap corrupted after a few hundred MB of read data
- * crossed into JS; never seen on Node 24, cause unknown: scripts/build-wasm.sh): say so once, where it loads there.
- */
-function warnOldNode(): void {
-  const major = Number(process.versions.node.split('.')[0])
-  if (major >= 24) return
-  process.emitWarning(
-    `distcp is running its WASM fallback on Node ${process.versions.node}: on Node 20 and 22 reading a few hundred MB through it can crash the process; use Node 24 (or a platform with a native package)`,
-    { type: 'DistcpWarning', code: 'DISTCP_WASM_OLD_NODE' },
-  )
-}
-
 function load(): typeof Native {
   try {
     if (wasmForced()) {
@@ -137,6 +124,4 @@ export const native: typeof Native = load()
 
 /** Which build loaded: `'native'` (a .node addon) or `'wasm32-wasip1'` (the WASM fallback), as napi-rs's loaders stamp it. */
 export const bindingTarget: string = (native as { __napiBindingTarget?: string }).__napiBindingTarget ?? 'native'
-// whichever loader found it (binding.cjs's own chain, or loadWasm)
-if (bindingTarget !== 'native') warnOldNode()
 export type { NativeCheckpoint, NativeDeviceBuffer, ItemInfo as NativeItemInfo, CheckpointSummary, CheckpointLayout, DType, SaveResult } from '../binding.cjs'

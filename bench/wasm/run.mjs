@@ -4,7 +4,6 @@
 // each build in its own process (DISTCP_FORCE_WASM=1 picks the WASM build). Needs `npm run build` and
 // `bash scripts/build-wasm.sh`.
 //   node bench/wasm/run.mjs [RUNS]
-// On Node 20 and 22 the WASM reads can crash the process (see scripts/build-wasm.sh): run it with Node 24.
 import { spawnSync } from 'node:child_process'
 import { existsSync, mkdirSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
