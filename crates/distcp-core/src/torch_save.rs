@@ -114,9 +114,74 @@ fn entry_bytes<R: ReadAt + ?Sized>(r: &R, e: &Entry, limit: u64) -> Result<Vec<u
   Ok(buf)
 }
 
+/// Bytes at either end of an archive read at once: torch writes `data.pkl`, `byteorder` and the local headers
+/// first and the central directory last, so two reads serve every structure [`parse`] needs, instead of one read
+/// per structure (a record of a small tensor is read once, whole). Other reads go to the archive itself.
+struct Windowed<'r, R: ?Sized> {
+  r: &'r R,
+  head: std::cell::OnceCell<Option<Vec<u8>>>,
+  tail: std::cell::OnceCell<Option<Vec<u8>>>,
+}
+
+/// Bytes of each end of an archive that [`Windowed`] reads at once.
+const ARCHIVE_WINDOW_BYTES: u64 = 4096;
+
+impl<R: ReadAt + ?Sized> Windowed<'_, R> {
+  /// The window `start..start + len` of the archive (None when reading it failed: reads then go to the archive,
+  /// which reports the error for the bytes actually wanted).
+  fn window<'s>(
+    &'s self,
+    cell: &'s std::cell::OnceCell<Option<Vec<u8>>>,
+    start: u64,
+    len: u64,
+  ) -> Option<&'s [u8]> {
+    cell
+      .get_or_init(|| {
+        let mut buf = vec![0u8; usize::try_from(len).ok()?];
+        self.r.read_at(start, &mut buf).ok().map(|()| buf)
+      })
+      .as_deref()
+  }
+}
+
+impl<R: ReadAt + ?Sized> ReadAt for Windowed<'_, R> {
+  fn size(&self) -> u64 {
+    self.r.size()
+  }
+
+  fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    let total = self.r.size();
+    // a small archive is one window
+    let (head_len, tail_start) = if total <= 2 * ARCHIVE_WINDOW_BYTES {
+      (total, total)
+    } else {
+      (ARCHIVE_WINDOW_BYTES, total - ARCHIVE_WINDOW_BYTES)
+    };
+    let end = offset.checked_add(buf.len() as u64).unwrap_or(u64::MAX);
+    let from = if end <= head_len {
+      self.window(&self.head, 0, head_len).map(|w| (w, offset))
+    } else if offset >= tail_start && end <= total {
+      self.window(&self.tail, tail_start, total - tail_start).map(|w| (w, offset - tail_start))
+    } else {
+      None
+    };
+    match from {
+      // inside the window: offset and length were checked against it above
+      Some((w, at)) => {
+        let at = at as usize;
+        buf.copy_from_slice(&w[at..at + buf.len()]);
+        Ok(())
+      }
+      None => self.r.read_at(offset, buf),
+    }
+  }
+}
+
 /// Parses the archive `r` holds and rebuilds its root object, reading only the zip structures, `byteorder` and
 /// `data.pkl` (tensor bytes stay where they are).
 pub fn parse<R: ReadAt + ?Sized>(r: &R) -> Result<PyObject, RecordError> {
+  let windowed = Windowed { r, head: std::cell::OnceCell::new(), tail: std::cell::OnceCell::new() };
+  let r = &windowed;
   let archive = zip::parse(r).map_err(RecordError::Zip)?;
   let Some(pkl) = archive.get("data.pkl") else {
     return invalid("the archive has no data.pkl");
