@@ -449,7 +449,9 @@ export async function convertDcpToHf(
         let last = -1
         const poll = () => {
           const p = job.progress()
-          if (p.tensorsDone === last) return
+          // completion is reported once, below, after the fsyncs: a poll that lands between the last tensor and
+          // the end of the run would report it twice (a progress stream that stalls)
+          if (p.tensorsDone === last || p.tensorsDone >= n) return
           last = p.tensorsDone
           report(p.bytesDone, p.tensorsDone, fileOf(p.tensorsDone))
         }

@@ -123,8 +123,9 @@ struct Windowed<'r, R: ?Sized> {
   tail: std::cell::OnceCell<Option<Vec<u8>>>,
 }
 
-/// Bytes of each end of an archive that [`Windowed`] reads at once.
-const ARCHIVE_WINDOW_BYTES: u64 = 4096;
+/// Bytes of each end of an archive that [`Windowed`] reads at once: torch's structures before and after a tensor's
+/// bytes take under 1 KiB each (a 64×64 bf16 record: 704 bytes before its data, 857 after).
+const ARCHIVE_WINDOW_BYTES: u64 = 2048;
 
 impl<R: ReadAt + ?Sized> Windowed<'_, R> {
   /// The window `start..start + len` of the archive (None when reading it failed: reads then go to the archive,

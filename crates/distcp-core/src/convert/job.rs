@@ -129,6 +129,13 @@ impl ConvertJob {
   /// one) with `Error::Aborted`.
   pub fn write_all(&mut self, ck: &Checkpoint) -> Result<()> {
     let keys: Vec<String> = self.plan.tensors.iter().map(|t| t.key.clone()).collect();
+    // a small tensor's records are only resolved ahead: asking the kernel to read each ahead would cost a syscall
+    // per tensor, and the reads of a run of small ones are sequential (the kernel's own readahead follows them)
+    let small: Vec<bool> = self.plan.tensors.iter().map(|t| t.nbytes <= SMALL_TENSOR_BYTES).collect();
+    let ahead = |j: usize| {
+      // an error here shows again, reported, when the writer reaches the tensor
+      let _ = if small[j] { ck.resolve(&keys[j]).map(drop) } else { ck.prefetch(&keys[j]) };
+    };
     // end[i]: bytes of tensors [0, i]
     let end: Vec<u64> = self
       .plan
@@ -162,8 +169,7 @@ impl ConvertJob {
             continue;
           }
           if claim(j) {
-            // an error here shows again, reported, when the writer reaches the tensor
-            let _ = ck.prefetch(&keys[j]);
+            ahead(j);
           }
         });
       }
@@ -173,7 +179,7 @@ impl ConvertJob {
           return;
         }
         if claim(j) {
-          let _ = ck.prefetch(&keys[j]);
+          ahead(j);
         }
       };
       // the helper stops when `at` says done: also if the writer unwinds (the scope waits for the helper first)
