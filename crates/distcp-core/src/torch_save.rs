@@ -158,7 +158,7 @@ impl<R: ReadAt + ?Sized> ReadAt for Windowed<'_, R> {
     } else {
       (ARCHIVE_WINDOW_BYTES, total - ARCHIVE_WINDOW_BYTES)
     };
-    let end = offset.checked_add(buf.len() as u64).unwrap_or(u64::MAX);
+    let end = offset.saturating_add(buf.len() as u64);
     let from = if end <= head_len {
       self.window(&self.head, 0, head_len).map(|w| (w, offset))
     } else if offset >= tail_start && end <= total {
