@@ -375,3 +375,33 @@ impl Rebuild<'_> {
     Ok(rec)
   }
 }
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+
+  /// Every read through the windows returns the archive's own bytes, at either end, across the window edges,
+  /// for archives smaller than, equal to and larger than two windows; reads past the end fail as the archive does.
+  #[test]
+  fn windowed_reads_are_the_archive_bytes() {
+    let w = ARCHIVE_WINDOW_BYTES as usize;
+    for total in [0usize, 1, 100, 2 * w - 1, 2 * w, 2 * w + 1, 3 * w + 17, 10 * w] {
+      let bytes: Vec<u8> = (0..total).map(|i| (i * 31 + i / 251) as u8).collect();
+      let r =
+        Windowed { r: bytes.as_slice(), head: std::cell::OnceCell::new(), tail: std::cell::OnceCell::new() };
+      let mut cuts: Vec<usize> = vec![0, 1, 29, w - 1, w, w + 1, total / 2];
+      cuts.extend([total.saturating_sub(w + 1), total.saturating_sub(w), total.saturating_sub(22), total]);
+      for &from in &cuts {
+        for len in [0usize, 1, 4, 22, 30, w, w + 5] {
+          let mut got = vec![0u8; len];
+          let want = bytes.get(from..from + len);
+          match (r.read_at(from as u64, &mut got), want) {
+            (Ok(()), Some(want)) => assert_eq!(got, want, "total {total}, {len} bytes at {from}"),
+            (Err(_), None) => {}
+            (res, want) => panic!("total {total}, {len} bytes at {from}: {res:?} vs {}", want.is_some()),
+          }
+        }
+      }
+    }
+  }
+}
