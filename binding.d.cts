@@ -73,6 +73,17 @@ export declare class NativeConvertOutput {
   abort(): void
 }
 
+/**
+ * A conversion plan held natively: planned once, read by TypeScript as a summary (or whole, as JSON, for
+ * `onPlan` / `dryRun`), and handed to the job that executes it.
+ */
+export declare class NativeConvertPlan {
+  /** The whole plan as JSON (what `planConvert` returns). */
+  json(): string
+  /** What a conversion reports and writes beside the weights, without the per-tensor list. */
+  summary(): ConvertPlanSummaryJs
+}
+
 /** Device memory allocated by distcp; freed by `dispose()` or when JS collects this object. */
 export declare class NativeDeviceBuffer {
   /** Device address of the first byte (throws ERR_DISTCP_DISPOSED after dispose()). */
@@ -209,6 +220,21 @@ export interface ConvertEntryJs {
   name: string
 }
 
+export interface ConvertPlanSummaryJs {
+  /** Sum of tensor bytes. */
+  totalSize: number
+  /** Tensors in the plan. */
+  tensors: number
+  /** Output files, in order. */
+  shardFiles: Array<string>
+  /** Tensors in each output file (the plan's tensors are shard by shard). */
+  shardTensors: Array<number>
+  /** Output bytes per dtype (torch names), for the config's dtype. */
+  dtypes: Array<string>
+  /** Bytes of each of `dtypes`. */
+  dtypeBytes: Array<number>
+}
+
 export interface ConvertProgressJs {
   /** Bytes of tensor data written so far. */
   bytesDone: number
@@ -241,6 +267,9 @@ export declare function copyStaging(src: Array<Uint8Array>, dst: Array<Uint8Arra
 
 /** Starts a conversion into `dir` (an existing empty folder; the caller renames it into place when done). */
 export declare function createConvertJob(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number, dir: string): NativeConvertJob
+
+/** Starts a conversion of `plan` (taken: a plan runs once) into `dir`, as `createConvertJob` without planning again. */
+export declare function createConvertJobFromPlan(checkpoint: NativeCheckpoint, plan: NativeConvertPlan, dir: string): NativeConvertJob
 
 /** Plans the conversion of `entries` (as `planConvert`) and starts this rank's part of it, writing into `dir`. */
 export declare function createRankConvertJob(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number, dir: string): RankConvertJob
@@ -335,6 +364,9 @@ export declare function parseSize(text: string): number | null
 
 /** The conversion plan (shards, tensors, offsets, index) as JSON, from `.metadata` alone. */
 export declare function planConvert(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number): string
+
+/** Plans a conversion (as `planConvert`) and keeps the plan natively. */
+export declare function planConvertNative(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number): NativeConvertPlan
 
 /** Reads a tensor (or a box) into the caller's device memory `ptr .. ptr + byteLength` on `cuda:device`. */
 export declare function readIntoDevice(ck: NativeCheckpoint, key: string, device: number, ptr: bigint, byteLength: number, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null, dtype?: string | undefined | null): Promise<void>

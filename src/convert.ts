@@ -310,7 +310,10 @@ export function extraFileList(p: Prepared): { from: string; to: string }[] {
 
 /** @internal */
 export function planOf(p: Prepared): ConvertPlan {
-  const raw = callNative(() => native.planConvert(p.ck.nativeHandle(), p.entries, p.dtype, p.maxShard))
+  return planFromJson(p, callNative(() => native.planConvert(p.ck.nativeHandle(), p.entries, p.dtype, p.maxShard)))
+}
+
+function planFromJson(p: Prepared, raw: string): ConvertPlan {
   const plan = JSON.parse(raw) as Omit<ConvertPlan, 'skipped' | 'extraFiles' | 'checkpoint' | 'layout' | 'writer' | 'tokenizer'>
   return {
     ...plan,
@@ -327,10 +330,14 @@ export function planOf(p: Prepared): ConvertPlan {
 /** @internal */
 export function configFor(config: Record<string, unknown>, plan: ConvertPlan): string {
   const bytesByDtype = new Map<string, number>()
-  for (const t of plan.tensors) {
-    if (['float32', 'bfloat16', 'float16', 'float64'].includes(t.dtype)) bytesByDtype.set(t.dtype, (bytesByDtype.get(t.dtype) ?? 0) + t.nbytes)
-  }
-  const dtype = [...bytesByDtype.entries()].sort((a, b) => b[1] - a[1])[0]?.[0]
+  for (const t of plan.tensors) bytesByDtype.set(t.dtype, (bytesByDtype.get(t.dtype) ?? 0) + t.nbytes)
+  return configForBytes(config, bytesByDtype)
+}
+
+/** {@link configFor} from the output bytes per dtype (in order of first appearance in the plan). */
+function configForBytes(config: Record<string, unknown>, bytesByDtype: Map<string, number>): string {
+  const floats = [...bytesByDtype.entries()].filter(([d]) => ['float32', 'bfloat16', 'float16', 'float64'].includes(d))
+  const dtype = floats.sort((a, b) => b[1] - a[1])[0]?.[0]
   const out = { ...config }
   if (dtype) {
     const hasNew = 'dtype' in config
@@ -389,12 +396,24 @@ export async function convertDcpToHf(
     new DistcpError('ERR_DISTCP_ABORTED', `conversion of ${dcpCkptPath} aborted; nothing was written`, { cause })
   if (signal?.aborted) throw aborted(signal.reason)
   const p = await prepare(dcpCkptPath, hfCkptPath, modelNameOrPath, tokenizerNameOrPath, options)
-  const plan = planOf(p)
-  options.onPlan?.(plan)
-  if (options.dryRun) {
-    printPlan(plan, hfCkptPath)
+  // planned once, natively; the per-tensor plan crosses into JavaScript only when someone reads it
+  let handle: ReturnType<typeof native.planConvertNative>
+  let summary: ReturnType<typeof handle.summary>
+  try {
+    handle = callNative(() => native.planConvertNative(p.ck.nativeHandle(), p.entries, p.dtype, p.maxShard))
+    if (options.onPlan || options.dryRun) {
+      const plan = planFromJson(p, callNative(() => handle.json()))
+      options.onPlan?.(plan)
+      if (options.dryRun) {
+        printPlan(plan, hfCkptPath)
+        p.ck.close()
+        return hfCkptPath
+      }
+    }
+    summary = callNative(() => handle.summary())
+  } catch (e) {
     p.ck.close()
-    return hfCkptPath
+    throw e
   }
 
   // the core owns the commit: it locks the output folder, stages a temporary folder inside it, and on commit
@@ -405,27 +424,33 @@ export async function convertDcpToHf(
     await mkdir(dirname(out), { recursive: true })
     staged = callNative(() => native.beginConvertOutput(out, [resolve(dcpCkptPath), p.ckDir]))
     const tmp = staged.tmpDir
-    const job = callNative(() => native.createConvertJob(p.ck.nativeHandle(), p.entries, p.dtype, p.maxShard, tmp))
+    const job = callNative(() => native.createConvertJobFromPlan(p.ck.nativeHandle(), handle, tmp))
     const onAbort = () => job.cancel()
     signal?.addEventListener('abort', onAbort)
     try {
-      const n = plan.tensors.length
+      const n = summary.tensors
       const report = (bytesDone: number, tensorsDone: number, file: string) =>
-        options.onProgress?.({ bytesDone, bytesTotal: plan.totalSize, tensorsDone, tensorsTotal: n, file })
+        options.onProgress?.({ bytesDone, bytesTotal: summary.totalSize, tensorsDone, tensorsTotal: n, file })
       if (options.pytorchModelBin) {
         await awaitNative(() => job.writePytorchModelBin())
-        report(plan.totalSize, n, 'pytorch_model.bin')
+        report(summary.totalSize, n, 'pytorch_model.bin')
       } else {
         // the whole write loop runs natively; progress is polled, not sent per tensor
         const fileOf = (t: number) => {
-          const tensor = plan.tensors[Math.min(t, n - 1)]
-          return tensor ? plan.shards[tensor.shard].file : ''
+          // the plan's tensors go shard by shard: tensor t is in the first shard whose tensors reach past it
+          if (n === 0) return ''
+          let end = 0
+          for (let s = 0; s < summary.shardFiles.length; s++) {
+            end += summary.shardTensors[s]
+            if (Math.min(t, n - 1) < end) return summary.shardFiles[s]
+          }
+          return ''
         }
         let last = -1
         const poll = () => {
           const p = job.progress()
-          // the last tensor is reported once, after run() resolves: a poll can see the loop done before that (a
-          // timer tick between the job's end and its promise), and reporting it there made two reports of it
+          // completion is reported once, below, after the fsyncs: a poll that lands between the last tensor and
+          // the end of the run would report it twice (a progress stream that stalls)
           if (p.tensorsDone === last || p.tensorsDone >= n) return
           last = p.tensorsDone
           report(p.bytesDone, p.tensorsDone, fileOf(p.tensorsDone))
@@ -438,13 +463,14 @@ export async function convertDcpToHf(
           if (timer) clearInterval(timer)
         }
         signal?.throwIfAborted()
-        report(plan.totalSize, n, fileOf(n - 1))
+        report(summary.totalSize, n, fileOf(n - 1))
       }
       signal?.throwIfAborted()
     } finally {
       signal?.removeEventListener('abort', onAbort)
     }
-    await writeFile(join(tmp, 'config.json'), configFor(p.config ?? {}, plan))
+    const bytesByDtype = new Map(summary.dtypes.map((d, i) => [d, summary.dtypeBytes[i]] as const))
+    await writeFile(join(tmp, 'config.json'), configForBytes(p.config ?? {}, bytesByDtype))
     for (const f of extraFileList(p)) {
       await mkdir(dirname(join(tmp, f.to)), { recursive: true })
       await copyFile(f.from, join(tmp, f.to))

@@ -11,7 +11,7 @@ pub const MAX_METADATA_BYTES: u64 = 2 << 30;
 
 /// Unpickling may use at most this many bytes of memory per byte of pickle, plus [`UNPICKLE_BASE_BYTES`]: the VM's
 /// objects and the materialised value tree together. Measured peak heap (tests/unpickle_memory.rs, which also
-/// counts the parsed `Metadata`): torch-written `.metadata` files 16-24 bytes per byte; one-opcode floods at most
+/// counts the parsed `Metadata`): torch-written `.metadata` files 8-13 bytes per byte; one-opcode floods at most
 /// 20 in the VM; a stream built to expand (memo references to big strings, containers gathered into one value) is
 /// stopped here.
 pub const UNPICKLE_BYTES_PER_INPUT_BYTE: usize = 32;

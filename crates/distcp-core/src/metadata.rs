@@ -3,7 +3,7 @@
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::limits::{checked_nbytes, checked_numel, MAX_CHUNK_COMPARISONS, MAX_DIMS};
-use crate::pickle::{self, Object, Value};
+use crate::pickle::{self, ObjectView, View};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -193,46 +193,63 @@ struct Ctx<'a> {
   path: &'a Path,
   /// Longest `TensorProperties` state tuple seen (torch 2.15 pickles 6 values, older torch unpacks exactly 5).
   properties_len: std::cell::Cell<usize>,
+  /// The unpickled stream: past its budget, this error is the one reported (see [`pickle::Unpickled`]).
+  stream: &'a pickle::Unpickled<'a>,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
   fn err<T>(&self, reason: impl Into<String>) -> Result<T> {
+    if let Some(e) = self.stream.overspent() {
+      return Err(crate::unpickle_error(e, self.path));
+    }
     Err(Error::Metadata { path: self.path.to_path_buf(), reason: reason.into() })
   }
 
-  fn object<'v>(&self, v: &'v Value, class: &str, what: &str) -> Result<&'v Object> {
-    match v {
-      Value::Object(o) if o.class.name == class => Ok(o),
-      other => self.err(format!("{what}: expected a {class}, found {}", describe(other))),
+  fn object(
+    &self,
+    v: View<'a>,
+    class: &str,
+    what: &(impl std::fmt::Display + ?Sized),
+  ) -> Result<ObjectView<'a>> {
+    match v.as_object() {
+      Some(o) if o.class().name == class => Ok(o),
+      _ => self.err(format!("{what}: expected a {class}, found {}", describe(v))),
     }
   }
 
   /// The attribute dict a dataclass was BUILT with.
-  fn state<'v>(&self, o: &'v Object, what: &str) -> Result<&'v Value> {
-    match &o.state {
-      Some(s @ Value::Dict(_)) => Ok(s),
+  fn state(&self, o: ObjectView<'a>, what: &(impl std::fmt::Display + ?Sized)) -> Result<View<'a>> {
+    match o.state() {
+      Some(s) if s.as_dict().is_some() => Ok(s),
       // `BUILD` with `(None, slots)` is how a dataclass with __slots__ pickles; take the slot dict
-      Some(Value::Tuple(t)) if t.len() == 2 && matches!(t[1], Value::Dict(_)) => Ok(&t[1]),
+      Some(s)
+        if s.as_tuple().is_some_and(|t| t.len() == 2 && t.get(1).is_some_and(|d| d.as_dict().is_some())) =>
+      {
+        match s.as_tuple().and_then(|t| t.get(1)) {
+          Some(d) => Ok(d),
+          None => self.err(format!("{what}: has no state")),
+        }
+      }
       Some(other) => self.err(format!("{what}: state is a {}, expected a dict", other.type_name())),
       None => self.err(format!("{what}: has no state")),
     }
   }
 
-  fn u64(&self, v: &Value, what: &str) -> Result<u64> {
-    match v {
-      Value::Int(i) if *i >= 0 => Ok(*i as u64),
-      other => self.err(format!("{what}: expected a non-negative int, found {}", describe(other))),
+  fn u64(&self, v: View<'a>, what: &(impl std::fmt::Display + ?Sized)) -> Result<u64> {
+    match v.as_int() {
+      Some(i) if i >= 0 => Ok(i as u64),
+      _ => self.err(format!("{what}: expected a non-negative int, found {}", describe(v))),
     }
   }
 
-  fn ints(&self, v: &Value, what: &str) -> Result<Vec<u64>> {
+  fn ints(&self, v: View<'a>, what: &(impl std::fmt::Display + ?Sized)) -> Result<Vec<u64>> {
     // torch.Size pickles as REDUCE(torch.Size, (tuple,))
-    let seq = match v {
-      Value::Object(o) if o.class.name == "Size" => match o.args.first() {
+    let seq = match v.as_object() {
+      Some(o) if o.class().name == "Size" => match o.args().get(0) {
         Some(inner) => inner,
         None => return self.err(format!("{what}: torch.Size without arguments")),
       },
-      other => other,
+      _ => v,
     };
     let Some(items) = seq.as_seq() else {
       return self.err(format!("{what}: expected a torch.Size, found {}", describe(seq)));
@@ -240,90 +257,87 @@ impl Ctx<'_> {
     items.iter().map(|i| self.u64(i, what)).collect()
   }
 
-  fn string(&self, v: &Value, what: &str) -> Result<String> {
-    match v {
-      Value::Str(s) => Ok(s.clone()),
-      other => self.err(format!("{what}: expected a str, found {}", describe(other))),
+  fn string(&self, v: View<'a>, what: &(impl std::fmt::Display + ?Sized)) -> Result<String> {
+    match v.as_str() {
+      Some(s) => Ok(s.to_owned()),
+      None => self.err(format!("{what}: expected a str, found {}", describe(v))),
     }
   }
 
-  fn dtype(&self, v: &Value, what: &str) -> Result<DType> {
-    match v {
-      Value::Global(g) => match DType::from_name(&g.name) {
+  fn dtype(&self, v: View<'a>, what: &(impl std::fmt::Display + ?Sized)) -> Result<DType> {
+    match v.as_global() {
+      Some(g) => match DType::from_name(&g.name) {
         Some(d) => Ok(d),
         None => self.err(format!("{what}: unknown dtype `{g}`")),
       },
-      other => self.err(format!("{what}: expected a torch dtype, found {}", describe(other))),
+      None => self.err(format!("{what}: expected a torch dtype, found {}", describe(v))),
     }
   }
 
-  fn properties(&self, v: &Value, key: &str) -> Result<TensorProperties> {
-    let what = format!("properties of `{key}`");
+  fn properties(&self, v: View<'a>, key: &str) -> Result<TensorProperties> {
+    let what = Named("properties of", key);
     let o = self.object(v, "TensorProperties", &what)?;
-    let (dtype, requires_grad, pin_memory) = match &o.state {
+    let is_true = |v: Option<View<'a>>| v.and_then(|v| v.as_bool()) == Some(true);
+    let state = o.state();
+    let (dtype, requires_grad, pin_memory) = match (state.and_then(|s| s.as_tuple()), state) {
       // __getstate__ → (dtype, layout, requires_grad, memory_format, pin_memory)
-      Some(Value::Tuple(t)) if !t.is_empty() => {
+      (Some(t), Some(_)) if !t.is_empty() => {
         self.properties_len.set(self.properties_len.get().max(t.len()));
-        (
-          self.dtype(&t[0], &what)?,
-          matches!(t.get(2), Some(Value::Bool(true))),
-          matches!(t.get(4), Some(Value::Bool(true))),
-        )
+        match t.get(0) {
+          Some(d) => (self.dtype(d, &what)?, is_true(t.get(2)), is_true(t.get(4))),
+          None => return self.err(format!("{}: unexpected state", what)),
+        }
       }
-      Some(d @ Value::Dict(_)) => match d.get("dtype") {
-        Some(dt) => (
-          self.dtype(dt, &what)?,
-          matches!(d.get("requires_grad"), Some(Value::Bool(true))),
-          matches!(d.get("pin_memory"), Some(Value::Bool(true))),
-        ),
-        None => return self.err(format!("{what}: no dtype")),
+      (_, Some(d)) if d.as_dict().is_some() => match d.get("dtype") {
+        Some(dt) => (self.dtype(dt, &what)?, is_true(d.get("requires_grad")), is_true(d.get("pin_memory"))),
+        None => return self.err(format!("{}: no dtype", what)),
       },
-      _ => return self.err(format!("{what}: unexpected state")),
+      _ => return self.err(format!("{}: unexpected state", what)),
     };
-    Ok(TensorProperties { dtype, requires_grad, pin_memory, module: o.class.module.clone() })
+    Ok(TensorProperties { dtype, requires_grad, pin_memory, module: o.class().module.clone() })
   }
 
-  fn item(&self, key: &str, v: &Value) -> Result<ItemMetadata> {
-    let Value::Object(o) = v else {
+  fn item(&self, key: &str, v: View<'a>) -> Result<ItemMetadata> {
+    let Some(o) = v.as_object() else {
       return self.err(format!("entry `{key}`: expected storage metadata, found {}", describe(v)));
     };
-    match o.class.name.as_str() {
+    match o.class().name.as_str() {
       "BytesStorageMetadata" => Ok(ItemMetadata::Bytes),
       "TensorStorageMetadata" => {
-        let what = format!("entry `{key}`");
+        let what = Named("entry", key);
         let st = self.state(o, &what)?;
         let field = |name: &str| match st.get(name) {
           Some(v) => Ok(v),
-          None => self.err(format!("{what}: missing field `{name}`")),
+          None => self.err(format!("{}: missing field `{name}`", what)),
         };
         let properties = self.properties(field("properties")?, key)?;
-        let size = self.ints(field("size")?, &format!("size of `{key}`"))?;
+        let size = self.ints(field("size")?, &Named("size of", key))?;
         let Some(chunk_values) = field("chunks")?.as_seq() else {
-          return self.err(format!("{what}: chunks is not a list"));
+          return self.err(format!("{}: chunks is not a list", what));
         };
         let mut chunks = Vec::with_capacity(chunk_values.len());
-        for c in chunk_values {
+        for c in chunk_values.iter() {
           let co = self.object(c, "ChunkStorageMetadata", &what)?;
           let cs = self.state(co, &what)?;
           let (Some(off), Some(sz)) = (cs.get("offsets"), cs.get("sizes")) else {
-            return self.err(format!("{what}: chunk without offsets/sizes"));
+            return self.err(format!("{}: chunk without offsets/sizes", what));
           };
           let chunk = Chunk { offsets: self.ints(off, &what)?, sizes: self.ints(sz, &what)? };
           if chunk.offsets.len() != size.len() || chunk.sizes.len() != size.len() {
             return self.err(format!(
-              "{what}: chunk {:?}+{:?} has a different rank than the tensor {:?}",
-              chunk.offsets, chunk.sizes, size
+              "{}: chunk {:?}+{:?} has a different rank than the tensor {:?}",
+              what, chunk.offsets, chunk.sizes, size
             ));
           }
           chunks.push(chunk);
         }
         Ok(ItemMetadata::Tensor(TensorMetadata { properties, size, chunks }))
       }
-      _ => self.err(format!("entry `{key}`: unexpected class {}", o.class)),
+      _ => self.err(format!("entry `{key}`: unexpected class {}", o.class())),
     }
   }
 
-  fn storage_key(&self, v: &Value) -> Result<StorageKey> {
+  fn storage_key(&self, v: View<'a>) -> Result<StorageKey> {
     let o = self.object(v, "MetadataIndex", "storage_data key")?;
     let st = self.state(o, "MetadataIndex")?;
     let fqn = match st.get("fqn") {
@@ -331,25 +345,27 @@ impl Ctx<'_> {
       None => return self.err("MetadataIndex without fqn"),
     };
     let offset = match st.get("offset") {
-      None | Some(Value::None) => None,
-      Some(off) => Some(self.ints(off, &format!("MetadataIndex offset of `{fqn}`"))?),
+      None => None,
+      Some(off) if off.is_none() => None,
+      Some(off) => Some(self.ints(off, &Named("MetadataIndex offset of", &fqn))?),
     };
     Ok(StorageKey { fqn, offset })
   }
 
-  fn storage_info(&self, v: &Value, fqn: &str) -> Result<StorageInfo> {
-    let what = format!("storage info of `{fqn}`");
+  fn storage_info(&self, v: View<'a>, fqn: &str) -> Result<StorageInfo> {
+    let what = Named("storage info of", fqn);
     let o = self.object(v, "_StorageInfo", &what)?;
     let st = self.state(o, &what)?;
     let get = |name: &str| match st.get(name) {
       Some(v) => Ok(v),
-      None => self.err(format!("{what}: missing `{name}`")),
+      None => self.err(format!("{}: missing `{name}`", what)),
     };
     let transform_descriptors = match st.get("transform_descriptors") {
-      None | Some(Value::None) => Vec::new(),
+      None => Vec::new(),
+      Some(v) if v.is_none() => Vec::new(),
       Some(v) => match v.as_seq() {
         Some(items) => items.iter().map(|d| self.string(d, &what)).collect::<Result<_>>()?,
-        None => return self.err(format!("{what}: transform_descriptors is not a list")),
+        None => return self.err(format!("{}: transform_descriptors is not a list", what)),
       },
     };
     Ok(StorageInfo {
@@ -360,31 +376,33 @@ impl Ctx<'_> {
     })
   }
 
-  fn path_elems(&self, v: &Value, key: &str) -> Result<Vec<PathElem>> {
+  fn path_elems(&self, v: View<'a>, key: &str) -> Result<Vec<PathElem>> {
     let Some(items) = v.as_seq() else {
       return self.err(format!("planner_data of `{key}` is not a tuple"));
     };
     items
       .iter()
-      .map(|p| match p {
-        Value::Str(s) => Ok(PathElem::Key(s.clone())),
-        Value::Int(i) => Ok(PathElem::Index(*i)),
-        other => self.err(format!("planner_data of `{key}`: unexpected path element {}", describe(other))),
+      .map(|p| match (p.as_str(), p.as_int()) {
+        (Some(s), _) => Ok(PathElem::Key(s.to_owned())),
+        (_, Some(i)) => Ok(PathElem::Index(i)),
+        _ => self.err(format!("planner_data of `{key}`: unexpected path element {}", describe(p))),
       })
       .collect()
   }
 
-  fn storage_meta(&self, v: &Value) -> Result<Option<StorageMeta>> {
-    let Value::Object(o) = v else { return Ok(None) };
+  fn storage_meta(&self, v: View<'a>) -> Result<Option<StorageMeta>> {
+    let Some(o) = v.as_object() else { return Ok(None) };
     let Ok(st) = self.state(o, "StorageMeta") else {
       return Ok(None);
     };
-    let text = |name: &str| match st.get(name) {
-      Some(Value::Str(s)) => Some(s.clone()),
-      Some(Value::Object(p)) if p.class.name.ends_with("Path") => Some(path_from_parts(&p.args)),
-      _ => None,
+    let text = |name: &str| {
+      let v = st.get(name)?;
+      if let Some(s) = v.as_str() {
+        return Some(s.to_owned());
+      }
+      v.as_object().filter(|p| p.class().name.ends_with("Path")).map(|p| path_from_parts(p.args()))
     };
-    let modules = match st.get("modules").and_then(Value::as_seq) {
+    let modules = match st.get("modules").and_then(|m| m.as_seq()) {
       Some(m) => m.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect(),
       None => Vec::new(),
     };
@@ -392,20 +410,89 @@ impl Ctx<'_> {
   }
 }
 
-fn path_from_parts(parts: &[Value]) -> String {
-  let parts: Vec<&str> = parts.iter().filter_map(Value::as_str).collect();
+impl<'a> Ctx<'a> {
+  fn metadata(&self, root: View<'a>) -> Result<Metadata> {
+    let cx = self;
+    let o = cx.object(root, "Metadata", ".metadata")?;
+    let st = cx.state(o, "Metadata")?;
+    let mut md = Metadata::default();
+
+    let Some(sdm) = st.get("state_dict_metadata").and_then(|d| d.as_dict()) else {
+      return cx.err("Metadata has no state_dict_metadata dict");
+    };
+    md.items.reserve(sdm.len() / 2);
+    md.index.reserve(sdm.len() / 2);
+    for (k, v) in sdm.pairs() {
+      let key = cx.string(k, "state_dict_metadata key")?;
+      let item = cx.item(&key, v)?;
+      md.index.insert(key.clone(), md.items.len());
+      md.items.push((key, item));
+    }
+
+    match st.get("planner_data").and_then(|d| d.as_dict()) {
+      Some(pairs) => {
+        let mut map = HashMap::with_capacity(pairs.len() / 2);
+        for (k, v) in pairs.pairs() {
+          let key = cx.string(k, "planner_data key")?;
+          let path = cx.path_elems(v, &key)?;
+          map.insert(key, path);
+        }
+        md.planner_data = Some(map);
+      }
+      // custom planners may store anything; only the default planner's mapping is understood
+      None => md.planner_data = None,
+    }
+
+    match st.get("storage_data") {
+      Some(d) => match d.as_dict() {
+        Some(pairs) => {
+          md.storage_data.reserve(pairs.len() / 2);
+          for (k, v) in pairs.pairs() {
+            let key = cx.storage_key(k)?;
+            let info = cx.storage_info(v, &key.fqn)?;
+            md.storage_data.insert(key, info);
+          }
+        }
+        None => return cx.err(format!("storage_data is {}, expected a dict", describe(d))),
+      },
+      None => return cx.err("Metadata has no storage_data"),
+    }
+
+    if let Some(sm) = st.get("storage_meta") {
+      md.storage_meta = cx.storage_meta(sm)?;
+    }
+    if let Some(v) = st.get("version").and_then(|v| v.as_str()) {
+      md.version = Some(v.to_owned());
+    }
+    md.properties_state_len = cx.properties_len.get();
+    Ok(md)
+  }
+}
+
+/// What a message is about, e.g. "entry `model.w`", formatted only when a message is.
+struct Named<'k>(&'static str, &'k str);
+
+impl std::fmt::Display for Named<'_> {
+  fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    write!(f, "{} `{}`", self.0, self.1)
+  }
+}
+
+fn path_from_parts(parts: pickle::Items<'_>) -> String {
   let mut out = PathBuf::new();
-  for p in parts {
+  for p in parts.iter().filter_map(|v| v.as_str()) {
     out.push(p);
   }
   out.to_string_lossy().into_owned()
 }
 
-fn describe(v: &Value) -> String {
-  match v {
-    Value::Object(o) => format!("an instance of {}", o.class),
-    Value::Global(g) => format!("the global {g}"),
-    other => format!("a {}", other.type_name()),
+fn describe(v: View<'_>) -> String {
+  if let Some(o) = v.as_object() {
+    return format!("an instance of {}", o.class());
+  }
+  match v.as_global() {
+    Some(g) => format!("the global {g}"),
+    None => format!("a {}", v.type_name()),
   }
 }
 
@@ -430,55 +517,15 @@ impl Metadata {
 
   /// Parses the bytes of a `.metadata` (or rank-local `__{rank}.metadata`) file. `path` is only for messages.
   pub fn parse(bytes: &[u8], path: &Path) -> Result<Metadata> {
-    let root = pickle::unpickle(bytes, &metadata_allows).map_err(|e| crate::unpickle_error(e, path))?;
-    let cx = Ctx { path, properties_len: std::cell::Cell::new(0) };
-    let o = cx.object(&root, "Metadata", ".metadata")?;
-    let st = cx.state(o, "Metadata")?;
-    let mut md = Metadata::default();
-
-    let Some(sdm) = st.get("state_dict_metadata").and_then(Value::as_dict) else {
-      return cx.err("Metadata has no state_dict_metadata dict");
-    };
-    for (k, v) in sdm {
-      let key = cx.string(k, "state_dict_metadata key")?;
-      let item = cx.item(&key, v)?;
-      md.index.insert(key.clone(), md.items.len());
-      md.items.push((key, item));
+    // read in place: a tree of Python values first would cost more than the typed metadata itself
+    let stream =
+      pickle::unpickle_view(bytes, &metadata_allows).map_err(|e| crate::unpickle_error(e, path))?;
+    let cx = Ctx { path, properties_len: std::cell::Cell::new(0), stream: &stream };
+    let md = cx.metadata(stream.root())?;
+    // a stream past its budget reads as empty containers: whatever was built from it is not the metadata
+    if let Some(e) = stream.overspent() {
+      return Err(crate::unpickle_error(e, path));
     }
-
-    match st.get("planner_data") {
-      Some(Value::Dict(pairs)) => {
-        let mut map = HashMap::with_capacity(pairs.len());
-        for (k, v) in pairs {
-          let key = cx.string(k, "planner_data key")?;
-          let path = cx.path_elems(v, &key)?;
-          map.insert(key, path);
-        }
-        md.planner_data = Some(map);
-      }
-      // custom planners may store anything; only the default planner's mapping is understood
-      _ => md.planner_data = None,
-    }
-
-    match st.get("storage_data") {
-      Some(Value::Dict(pairs)) => {
-        for (k, v) in pairs {
-          let key = cx.storage_key(k)?;
-          let info = cx.storage_info(v, &key.fqn)?;
-          md.storage_data.insert(key, info);
-        }
-      }
-      Some(other) => return cx.err(format!("storage_data is {}, expected a dict", describe(other))),
-      None => return cx.err("Metadata has no storage_data"),
-    }
-
-    if let Some(sm) = st.get("storage_meta") {
-      md.storage_meta = cx.storage_meta(sm)?;
-    }
-    if let Some(Value::Str(v)) = st.get("version") {
-      md.version = Some(v.clone());
-    }
-    md.properties_state_len = cx.properties_len.get();
     Ok(md)
   }
 
@@ -737,5 +784,96 @@ mod validate_tests {
     let mut m = Metadata::default();
     m.items.push(("n".into(), ItemMetadata::Bytes));
     assert_eq!(code(&m), Some("ERR_DISTCP_METADATA"));
+  }
+}
+
+#[cfg(test)]
+mod parse_tests {
+  use super::*;
+
+  /// Raw pickle opcodes, enough to spell a `.metadata` by hand.
+  #[derive(Default)]
+  struct Raw(Vec<u8>);
+
+  impl Raw {
+    fn op(&mut self, b: &[u8]) -> &mut Self {
+      self.0.extend_from_slice(b);
+      self
+    }
+    fn global(&mut self, module: &str, name: &str) -> &mut Self {
+      self.op(format!("c{module}\n{name}\n").as_bytes())
+    }
+    fn str(&mut self, s: &str) -> &mut Self {
+      self.op(b"X").op(&(s.len() as u32).to_le_bytes()).op(s.as_bytes())
+    }
+    /// `cls()` of a dataclass with a dict state: NEWOBJ, then BUILD with `fields` pushed by `f` (key, value, …).
+    fn dataclass(&mut self, name: &str, f: impl FnOnce(&mut Self)) -> &mut Self {
+      self.global(DCP_METADATA, name).op(b")\x81}(");
+      f(self);
+      self.op(b"ub")
+    }
+    fn size2(&mut self) -> &mut Self {
+      self.op(b"K\x04K\x04\x86")
+    }
+  }
+
+  /// A `.metadata` whose keys all share one memoised tensor entry with `chunks` (memoised) chunk references:
+  /// `keys × chunks` chunks once typed, from a few bytes per key and per chunk.
+  fn shared_entry_metadata(keys: usize, chunks: usize) -> Vec<u8> {
+    let mut p = Raw::default();
+    p.op(b"\x80\x02");
+    p.dataclass("Metadata", |p| {
+      p.str("state_dict_metadata").op(b"}(");
+      for k in 0..keys {
+        p.str(&format!("k{k}"));
+        if k > 0 {
+          p.op(b"h\x02");
+          continue;
+        }
+        p.dataclass("TensorStorageMetadata", |p| {
+          p.str("properties").global(DCP_METADATA, "TensorProperties").op(b")\x81");
+          p.global("torch", "float32").op(b"\x85b");
+          p.str("size").size2();
+          p.str("chunks").op(b"](");
+          p.dataclass("ChunkStorageMetadata", |p| {
+            p.str("offsets").op(b"K\x00K\x00\x86").str("sizes").size2();
+          });
+          p.op(b"q\x01");
+          for _ in 1..chunks {
+            p.op(b"h\x01");
+          }
+          p.op(b"e");
+        });
+        p.op(b"q\x02");
+      }
+      p.op(b"u").str("storage_data").op(b"}");
+    });
+    p.op(b".");
+    p.0
+  }
+
+  #[test]
+  fn a_shared_entry_parses_when_small() {
+    let md = Metadata::parse(&shared_entry_metadata(3, 2), Path::new(".metadata")).unwrap();
+    assert_eq!(md.items.len(), 3);
+    for (i, (k, item)) in md.items.iter().enumerate() {
+      assert_eq!(k, &format!("k{i}"));
+      let ItemMetadata::Tensor(t) = item else { panic!("{k} is not a tensor") };
+      assert_eq!((t.dtype(), t.size.as_slice(), t.chunks.len()), (DType::Float32, &[4u64, 4][..], 2));
+      assert_eq!(t.chunks[1], Chunk { offsets: vec![0, 0], sizes: vec![4, 4] });
+    }
+  }
+
+  #[test]
+  fn shared_references_that_expand_stop_at_the_budget() {
+    // 20,000 keys × 20,000 chunks = 4e8 chunks (tens of GB) typed, from ~240 KB of pickle
+    let bytes = shared_entry_metadata(20_000, 20_000);
+    assert!(bytes.len() < 300_000, "{}", bytes.len());
+    let t = std::time::Instant::now();
+    let e = Metadata::parse(&bytes, Path::new(".metadata")).unwrap_err();
+    assert_eq!(e.code(), "ERR_DISTCP_PICKLE", "{e}");
+    assert!(e.to_string().contains("expands"), "{e}");
+    // it stops at the budget rather than after the whole expansion (generous bound for a loaded machine)
+    assert!(t.elapsed() < std::time::Duration::from_secs(20), "{:?}", t.elapsed());
   }
 }

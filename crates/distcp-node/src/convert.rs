@@ -64,6 +64,99 @@ pub fn plan_convert(
   serde_json::to_string(&plan).map_err(|e| invalid_arg(e.to_string()))
 }
 
+/// A conversion plan held natively: planned once, read by TypeScript as a summary (or whole, as JSON, for
+/// `onPlan` / `dryRun`), and handed to the job that executes it.
+#[napi]
+pub struct NativeConvertPlan {
+  plan: Mutex<Option<convert::ConvertPlan>>,
+}
+
+#[napi(object)]
+pub struct ConvertPlanSummaryJs {
+  /// Sum of tensor bytes.
+  pub total_size: f64,
+  /// Tensors in the plan.
+  pub tensors: f64,
+  /// Output files, in order.
+  pub shard_files: Vec<String>,
+  /// Tensors in each output file (the plan's tensors are shard by shard).
+  pub shard_tensors: Vec<f64>,
+  /// Output bytes per dtype (torch names), for the config's dtype.
+  pub dtypes: Vec<String>,
+  /// Bytes of each of `dtypes`.
+  pub dtype_bytes: Vec<f64>,
+}
+
+/// Plans a conversion (as `planConvert`) and keeps the plan natively.
+#[napi(catch_unwind)]
+pub fn plan_convert_native(
+  checkpoint: &NativeCheckpoint,
+  entries: Vec<ConvertEntryJs>,
+  dtype: Option<String>,
+  max_shard_size: f64,
+) -> Result<NativeConvertPlan> {
+  let ck = checkpoint.get()?;
+  let plan = plan_for(&ck, entries, dtype, max_shard_size)?;
+  Ok(NativeConvertPlan { plan: Mutex::new(Some(plan)) })
+}
+
+impl NativeConvertPlan {
+  fn with<T>(&self, f: impl FnOnce(&convert::ConvertPlan) -> T) -> Result<T> {
+    match &*self.plan.lock().unwrap_or_else(|p| p.into_inner()) {
+      Some(p) => Ok(f(p)),
+      None => Err(invalid_arg("this plan was already handed to a conversion job")),
+    }
+  }
+}
+
+#[napi]
+impl NativeConvertPlan {
+  /// The whole plan as JSON (what `planConvert` returns).
+  #[napi(catch_unwind)]
+  pub fn json(&self) -> Result<String> {
+    self.with(|p| serde_json::to_string(p).map_err(|e| invalid_arg(e.to_string())))?
+  }
+
+  /// What a conversion reports and writes beside the weights, without the per-tensor list.
+  #[napi(catch_unwind)]
+  pub fn summary(&self) -> Result<ConvertPlanSummaryJs> {
+    self.with(|p| {
+      let mut dtypes: Vec<(String, f64)> = Vec::new();
+      for t in &p.tensors {
+        match dtypes.iter_mut().find(|(d, _)| *d == t.dtype) {
+          Some((_, n)) => *n += t.nbytes as f64,
+          None => dtypes.push((t.dtype.clone(), t.nbytes as f64)),
+        }
+      }
+      ConvertPlanSummaryJs {
+        total_size: p.total_size as f64,
+        tensors: p.tensors.len() as f64,
+        shard_files: p.shards.iter().map(|s| s.file.clone()).collect(),
+        shard_tensors: p.shards.iter().map(|s| s.tensors.len() as f64).collect(),
+        dtype_bytes: dtypes.iter().map(|(_, n)| *n).collect(),
+        dtypes: dtypes.into_iter().map(|(d, _)| d).collect(),
+      }
+    })
+  }
+}
+
+/// Starts a conversion of `plan` (taken: a plan runs once) into `dir`, as `createConvertJob` without planning again.
+#[napi(catch_unwind)]
+pub fn create_convert_job_from_plan(
+  checkpoint: &NativeCheckpoint,
+  plan: &NativeConvertPlan,
+  dir: String,
+) -> Result<NativeConvertJob> {
+  let ck = checkpoint.get()?;
+  let Some(plan) = plan.plan.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+    return Err(invalid_arg("this plan was already handed to a conversion job"));
+  };
+  let job = ConvertJob::new(plan, dir);
+  let cancel = job.cancel_flag();
+  let progress = job.progress();
+  Ok(NativeConvertJob { ck, job: Arc::new(Mutex::new(job)), cancel, progress })
+}
+
 #[napi]
 pub struct NativeConvertJob {
   ck: Arc<Checkpoint>,

@@ -68,7 +68,10 @@ struct SmallBatch {
   shard: usize,
   /// Output offset of `buf[0]`.
   start: u64,
+  /// The gathered bytes are `buf[..len]`; the buffer is zeroed once and kept at its size, so that gathering
+  /// pays no zero-fill per tensor.
   buf: Vec<u8>,
+  len: usize,
   /// Tensors in the batch, for progress once it is written.
   tensors: u64,
 }
@@ -126,6 +129,13 @@ impl ConvertJob {
   /// one) with `Error::Aborted`.
   pub fn write_all(&mut self, ck: &Checkpoint) -> Result<()> {
     let keys: Vec<String> = self.plan.tensors.iter().map(|t| t.key.clone()).collect();
+    // a small tensor's records are only resolved ahead: asking the kernel to read each ahead would cost a syscall
+    // per tensor, and the reads of a run of small ones are sequential (the kernel's own readahead follows them)
+    let small: Vec<bool> = self.plan.tensors.iter().map(|t| t.nbytes <= SMALL_TENSOR_BYTES).collect();
+    let ahead = |j: usize| {
+      // an error here shows again, reported, when the writer reaches the tensor
+      let _ = if small[j] { ck.resolve(&keys[j]).map(drop) } else { ck.prefetch(&keys[j]) };
+    };
     // end[i]: bytes of tensors [0, i]
     let end: Vec<u64> = self
       .plan
@@ -159,8 +169,7 @@ impl ConvertJob {
             continue;
           }
           if claim(j) {
-            // an error here shows again, reported, when the writer reaches the tensor
-            let _ = ck.prefetch(&keys[j]);
+            ahead(j);
           }
         });
       }
@@ -170,7 +179,7 @@ impl ConvertJob {
           return;
         }
         if claim(j) {
-          let _ = ck.prefetch(&keys[j]);
+          ahead(j);
         }
       };
       // the helper stops when `at` says done: also if the writer unwinds (the scope waits for the helper first)
@@ -219,38 +228,43 @@ impl ConvertJob {
       let tp = &self.plan.tensors[i];
       (tp.shard, tp.offset, tp.nbytes)
     };
-    let continues = batch.shard == shard && batch.start + batch.buf.len() as u64 == offset;
-    if !batch.buf.is_empty() && (!continues || batch.buf.len() as u64 + nbytes > SMALL_BATCH_BYTES) {
+    let continues = batch.shard == shard && batch.start + batch.len as u64 == offset;
+    if batch.len > 0 && (!continues || batch.len as u64 + nbytes > SMALL_BATCH_BYTES) {
       self.flush_small(batch)?;
     }
-    if batch.buf.is_empty() {
+    if batch.len == 0 {
       batch.shard = shard;
       batch.start = offset;
       batch.tensors = 0;
     }
     self.shard_file(shard)?;
-    let at = batch.buf.len();
-    // nbytes ≤ SMALL_TENSOR_BYTES
-    batch.buf.resize(at + nbytes as usize, 0);
+    let at = batch.len;
+    // nbytes ≤ SMALL_TENSOR_BYTES ≤ SMALL_BATCH_BYTES
+    let end = at + nbytes as usize;
+    if batch.buf.len() < end {
+      // doubling up to a batch: a job with few small tensors zeroes little
+      batch.buf.resize(end.max((2 * batch.buf.len()).min(SMALL_BATCH_BYTES as usize)), 0);
+    }
     let mut scratch = std::mem::take(&mut self.bufs);
     scratch.resize_with(scratch.len().max(1), Default::default);
-    let r = fill_small(ck, &self.plan.tensors[i], &mut batch.buf[at..], &mut scratch[0].0);
+    let r = fill_small(ck, &self.plan.tensors[i], &mut batch.buf[at..end], &mut scratch[0].0);
     self.bufs = scratch;
     r?;
+    batch.len = end;
     batch.tensors += 1;
     Ok(())
   }
 
   fn flush_small(&mut self, batch: &mut SmallBatch) -> Result<()> {
-    if batch.buf.is_empty() {
+    if batch.len == 0 {
       return Ok(());
     }
     let path = self.dir.join(&self.plan.shards[batch.shard].file);
     let f = self.shard_file(batch.shard)?;
-    f.write_all_at(&batch.buf, batch.start).map_err(|e| io_err(&path, e))?;
-    start_writeback(f, batch.start, batch.buf.len() as u64);
-    self.progress.add(batch.tensors, batch.buf.len() as u64);
-    batch.buf.clear();
+    f.write_all_at(&batch.buf[..batch.len], batch.start).map_err(|e| io_err(&path, e))?;
+    start_writeback(f, batch.start, batch.len as u64);
+    self.progress.add(batch.tensors, batch.len as u64);
+    batch.len = 0;
     batch.tensors = 0;
     Ok(())
   }

@@ -169,7 +169,10 @@ pub fn plan(
     for &i in &group {
       let it = &items[i];
       entries.push(WriteEntry { name: &it.name, dtype: it.to, shape: &it.shape, nbytes: it.nbytes });
-      weight_map.insert(it.name.clone(), file.clone());
+      // the index (and so the map) exists only for several shards
+      if n > 1 {
+        weight_map.insert(it.name.clone(), file.clone());
+      }
     }
     let bytes = encode_header(&entries).map_err(|reason| Error::BadRequest {
       checkpoint: ck.root.clone(),

@@ -6,5 +6,7 @@ mod read;
 mod value;
 pub mod write;
 
-pub use read::{unpickle, unpickle_with_budget, AllowList, UnpickleError};
+pub use read::{
+  unpickle, unpickle_view, unpickle_with_budget, AllowList, Items, ObjectView, UnpickleError, Unpickled, View,
+};
 pub use value::{BigInt, Global, Object, Value};

@@ -11,6 +11,7 @@
 
 use super::value::{BigInt, Global, Object, Value};
 use crate::limits::{unpickle_budget, MAX_NESTING as MAX_DEPTH};
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::mem::size_of;
 
@@ -117,6 +118,28 @@ pub fn unpickle_with_budget<A: AllowList + ?Sized>(
   allow: &A,
   budget: usize,
 ) -> Result<Value, UnpickleError> {
+  let u = unpickle_view_with_budget(data, allow, budget)?;
+  // The materialised tree gets what the VM left of the budget: shared memo references could otherwise expand
+  // exponentially.
+  let mut budget = u.budget.get();
+  u.materialise(u.root, 0, &mut budget)
+}
+
+/// Unpickles `data` without building a [`Value`] tree: the result is read in place through [`View`]s (no string
+/// is copied, no container allocated), which is what a caller turning the stream into its own types wants. Reading
+/// it is charged to what the VM left of [`unpickle_budget`] (see [`Unpickled::overspent`]).
+pub fn unpickle_view<'a, A: AllowList + ?Sized>(
+  data: &'a [u8],
+  allow: &A,
+) -> Result<Unpickled<'a>, UnpickleError> {
+  unpickle_view_with_budget(data, allow, unpickle_budget(data.len()))
+}
+
+fn unpickle_view_with_budget<'a, A: AllowList + ?Sized>(
+  data: &'a [u8],
+  allow: &A,
+  budget: usize,
+) -> Result<Unpickled<'a>, UnpickleError> {
   if u32::try_from(data.len()).is_err() {
     return Err(UnpickleError::Malformed {
       pos: 0,
@@ -142,15 +165,314 @@ pub fn unpickle_with_budget<A: AllowList + ?Sized>(
     budget,
   };
   let root = m.run()?;
-  // the stack and memo are done with: free them before the tree is built
+  // the stack and memo are done with: free them before the result is read
   m.stack = Vec::new();
   m.marks = Vec::new();
   m.memo = Vec::new();
   m.memo_sparse = HashMap::new();
-  // The materialised tree gets what the VM left of the budget: shared memo references could otherwise expand
-  // exponentially.
-  let mut budget = m.budget.saturating_sub(m.used());
-  m.materialise(root, 0, &mut budget)
+  m.global_ids = HashMap::new();
+  let left = m.budget.saturating_sub(m.used());
+  Ok(Unpickled {
+    data,
+    pos: m.pos,
+    arena: m.arena,
+    tuples: m.tuples,
+    growable: m.growable,
+    owned: m.owned,
+    globals: m.globals,
+    objects: m.objects,
+    root,
+    budget: Cell::new(left),
+    overspent: Cell::new(false),
+  })
+}
+
+/// A stream unpickled by [`unpickle_view`]: the VM's compact nodes, strings still ranges of the input. Memo
+/// references share nodes, so a reader can reach one node many times: every [`View`] read that a copy would pay
+/// for (a container's items, a string's bytes) is charged to the budget the VM left, as [`unpickle`]'s tree is.
+/// Past it, containers read as empty and [`Unpickled::overspent`] says so: a reader checks it before reporting
+/// any other error, and before trusting its result.
+pub struct Unpickled<'a> {
+  data: &'a [u8],
+  pos: usize,
+  arena: Vec<Node>,
+  tuples: Vec<Id>,
+  growable: Vec<Vec<Id>>,
+  owned: Vec<Value>,
+  globals: Vec<Global>,
+  objects: Vec<ObjectNode>,
+  root: Id,
+  budget: Cell<usize>,
+  overspent: Cell<bool>,
+}
+
+impl<'a> Unpickled<'a> {
+  /// The value the stream evaluates to.
+  pub fn root(&self) -> View<'_> {
+    View { u: self, id: self.root }
+  }
+
+  /// The error to report when reading the value charged more than the budget allowed (see [`Unpickled`]).
+  pub fn overspent(&self) -> Option<UnpickleError> {
+    self.overspent.get().then(|| UnpickleError::Malformed {
+      pos: self.pos,
+      reason: "the pickle expands to far more memory than it has bytes (shared references?)".into(),
+    })
+  }
+
+  /// Takes `bytes` from the budget; false (and [`Unpickled::overspent`] from now on) when it is spent.
+  fn charge(&self, bytes: usize) -> bool {
+    if self.overspent.get() {
+      return false;
+    }
+    match self.budget.get().checked_sub(bytes) {
+      Some(left) => {
+        self.budget.set(left);
+        true
+      }
+      None => {
+        self.overspent.set(true);
+        false
+      }
+    }
+  }
+
+  fn slice(&self, at: u32, len: u32) -> &'a [u8] {
+    &self.data[at as usize..at as usize + len as usize]
+  }
+
+  fn str_at(&self, at: u32, len: u32) -> &'a str {
+    // every Str node was checked as UTF-8 when it was made, so the fallback is never taken
+    std::str::from_utf8(self.slice(at, len)).unwrap_or_default()
+  }
+
+  fn tuple_items(&self, at: u32, len: u32) -> &[Id] {
+    &self.tuples[at as usize..at as usize + len as usize]
+  }
+
+  fn storage(&self, s: u32) -> &[Id] {
+    match s {
+      NONE => &[],
+      s => &self.growable[s as usize],
+    }
+  }
+
+  fn err<T>(&self, reason: impl Into<String>) -> Result<T, UnpickleError> {
+    Err(UnpickleError::Malformed { pos: self.pos, reason: reason.into() })
+  }
+}
+
+/// One value of an [`Unpickled`] stream, read in place. Reads that would copy in [`unpickle`]'s tree are charged
+/// to the stream's budget (see [`Unpickled`]); the others cost nothing.
+#[derive(Clone, Copy)]
+pub struct View<'u> {
+  u: &'u Unpickled<'u>,
+  id: Id,
+}
+
+/// The items of a tuple, list or set, or the keys and values of a dict (interleaved), as [`View`]s.
+#[derive(Clone, Copy)]
+pub struct Items<'u> {
+  u: &'u Unpickled<'u>,
+  ids: &'u [Id],
+}
+
+impl<'u> Items<'u> {
+  /// How many there are.
+  pub fn len(&self) -> usize {
+    self.ids.len()
+  }
+
+  /// Whether there are none.
+  pub fn is_empty(&self) -> bool {
+    self.ids.is_empty()
+  }
+
+  /// Item `i`.
+  pub fn get(&self, i: usize) -> Option<View<'u>> {
+    self.ids.get(i).map(|&id| View { u: self.u, id })
+  }
+
+  /// Every item in order.
+  pub fn iter(&self) -> impl ExactSizeIterator<Item = View<'u>> + 'u {
+    let u = self.u;
+    self.ids.iter().map(move |&id| View { u, id })
+  }
+
+  /// Key-value pairs (of a dict's items).
+  pub fn pairs(&self) -> impl Iterator<Item = (View<'u>, View<'u>)> + 'u {
+    let u = self.u;
+    self.ids.chunks_exact(2).map(move |kv| (View { u, id: kv[0] }, View { u, id: kv[1] }))
+  }
+}
+
+/// An instance ([`Object`] in [`unpickle`]'s tree), read in place.
+#[derive(Clone, Copy)]
+pub struct ObjectView<'u> {
+  u: &'u Unpickled<'u>,
+  node: ObjectNode,
+}
+
+impl<'u> ObjectView<'u> {
+  /// Its class (or the callable that built it).
+  pub fn class(&self) -> &'u Global {
+    &self.u.globals[self.node.class as usize]
+  }
+
+  /// The arguments it was built with (charged).
+  pub fn args(&self) -> Items<'u> {
+    View::charged(self.u, self.u.tuple_items(self.node.args_at, self.node.args_len), 1)
+  }
+
+  /// The state a `BUILD` gave it.
+  pub fn state(&self) -> Option<View<'u>> {
+    (self.node.state != NONE).then_some(View { u: self.u, id: self.node.state })
+  }
+}
+
+impl<'u> View<'u> {
+  fn node(&self) -> Node {
+    self.u.arena[self.id as usize]
+  }
+
+  /// `ids` as items, charged as the tree's vector of `per` values each would be; empty once the budget is spent.
+  fn charged(u: &'u Unpickled<'u>, ids: &'u [Id], per: usize) -> Items<'u> {
+    let ids = if u.charge(ids.len().saturating_mul(per * size_of::<Value>())) { ids } else { &[] };
+    Items { u, ids }
+  }
+
+  /// `None`.
+  pub fn is_none(&self) -> bool {
+    matches!(self.node(), Node::None)
+  }
+
+  /// A bool.
+  pub fn as_bool(&self) -> Option<bool> {
+    match self.node() {
+      Node::Bool(b) => Some(b),
+      _ => None,
+    }
+  }
+
+  /// An int that fits in 64 bits.
+  pub fn as_int(&self) -> Option<i64> {
+    match self.node() {
+      Node::Int(i) => Some(i),
+      Node::Owned(o) => match &self.u.owned[o as usize] {
+        Value::Int(i) => Some(*i),
+        _ => None,
+      },
+      _ => None,
+    }
+  }
+
+  /// A str, borrowed from the input (charged: the caller usually copies it).
+  pub fn as_str(&self) -> Option<&'u str> {
+    let s = self.peek_str()?;
+    self.u.charge(s.len()).then_some(s)
+  }
+
+  /// A str, uncharged: for comparisons that copy nothing.
+  fn peek_str(&self) -> Option<&'u str> {
+    match self.node() {
+      Node::Str { at, len } => Some(self.u.str_at(at, len)),
+      Node::Owned(o) => match &self.u.owned[o as usize] {
+        Value::Str(s) => Some(s.as_str()),
+        _ => None,
+      },
+      _ => None,
+    }
+  }
+
+  /// Whether this is the str `s` (uncharged; compared as bytes, which UTF-8 makes the same).
+  pub fn is_str(&self, s: &str) -> bool {
+    match self.node() {
+      Node::Str { at, len } => self.u.slice(at, len) == s.as_bytes(),
+      _ => self.peek_str() == Some(s),
+    }
+  }
+
+  /// A global (a class or function named, not called).
+  pub fn as_global(&self) -> Option<&'u Global> {
+    match self.node() {
+      Node::Global(g) => Some(&self.u.globals[g as usize]),
+      _ => None,
+    }
+  }
+
+  /// An instance.
+  pub fn as_object(&self) -> Option<ObjectView<'u>> {
+    match self.node() {
+      Node::Object(o) => Some(ObjectView { u: self.u, node: self.u.objects[o as usize] }),
+      _ => None,
+    }
+  }
+
+  /// What a persistent id stands for.
+  pub fn as_persistent_id(&self) -> Option<View<'u>> {
+    match self.node() {
+      Node::PersistentId(p) => Some(View { u: self.u, id: p }),
+      _ => None,
+    }
+  }
+
+  /// The items of a tuple or a list (charged).
+  pub fn as_seq(&self) -> Option<Items<'u>> {
+    match self.node() {
+      Node::Tuple { at, len } => Some(View::charged(self.u, self.u.tuple_items(at, len), 1)),
+      Node::List(s) => Some(View::charged(self.u, self.u.storage(s), 1)),
+      _ => None,
+    }
+  }
+
+  /// The items of a tuple (charged).
+  pub fn as_tuple(&self) -> Option<Items<'u>> {
+    match self.node() {
+      Node::Tuple { at, len } => Some(View::charged(self.u, self.u.tuple_items(at, len), 1)),
+      _ => None,
+    }
+  }
+
+  /// The keys and values of a dict, interleaved (charged; read them with [`Items::pairs`]).
+  pub fn as_dict(&self) -> Option<Items<'u>> {
+    match self.node() {
+      Node::Dict(s) => Some(View::charged(self.u, self.u.storage(s), 1)),
+      _ => None,
+    }
+  }
+
+  /// The value of str key `key` in a dict (the scan is charged as the tree's dict would be once per lookup).
+  pub fn get(&self, key: &str) -> Option<View<'u>> {
+    self.as_dict()?.pairs().find(|(k, _)| k.is_str(key)).map(|(_, v)| v)
+  }
+
+  /// What kind of value this is, in Python's words (for messages).
+  pub fn type_name(&self) -> &'static str {
+    match self.node() {
+      Node::None => "None",
+      Node::Bool(_) => "bool",
+      Node::Int(_) => "int",
+      Node::Float(_) => "float",
+      Node::Str { .. } => "str",
+      Node::Bytes { .. } => "bytes",
+      Node::Owned(o) => self.u.owned[o as usize].type_name(),
+      Node::Tuple { .. } => "tuple",
+      Node::List(_) => "list",
+      Node::Dict(_) => "dict",
+      Node::Set(_) => "set",
+      Node::Global(_) => "global",
+      Node::Object(_) => "object",
+      Node::PersistentId(_) => "persistent id",
+    }
+  }
+
+  /// The value as [`unpickle`] would have returned it (charged like it).
+  pub fn to_value(&self) -> Result<Value, UnpickleError> {
+    let mut budget = self.u.budget.get();
+    let v = self.u.materialise(self.id, 0, &mut budget);
+    self.u.budget.set(budget);
+    v
+  }
 }
 
 /// Grows `v` by one slot if it is full, first checking that the doubled capacity fits the budget (`used` is what
@@ -271,18 +593,24 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
   }
 
   fn alloc(&mut self, node: Node) -> Result<Id, UnpickleError> {
-    let used = self.used();
-    if let Err(e) = reserve_one(&mut self.arena, used, self.budget) {
-      return self.over_budget(e);
+    // the budget is looked at only when the table must grow
+    if self.arena.len() == self.arena.capacity() {
+      let used = self.used();
+      if let Err(e) = reserve_one(&mut self.arena, used, self.budget) {
+        return self.over_budget(e);
+      }
     }
     self.arena.push(node);
     Ok((self.arena.len() - 1) as Id)
   }
 
   fn push_id(&mut self, id: Id) -> Result<(), UnpickleError> {
-    let used = self.used();
-    if let Err(e) = reserve_one(&mut self.stack, used, self.budget) {
-      return self.over_budget(e);
+    // the budget is looked at only when the table must grow
+    if self.stack.len() == self.stack.capacity() {
+      let used = self.used();
+      if let Err(e) = reserve_one(&mut self.stack, used, self.budget) {
+        return self.over_budget(e);
+      }
     }
     self.stack.push(id);
     Ok(())
@@ -301,9 +629,12 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
       Value::BigInt(b) => b.0.len(),
       _ => 0,
     };
-    let used = self.used();
-    if let Err(e) = reserve_one(&mut self.owned, used, self.budget) {
-      return self.over_budget(e);
+    // the budget is looked at only when the table must grow
+    if self.owned.len() == self.owned.capacity() {
+      let used = self.used();
+      if let Err(e) = reserve_one(&mut self.owned, used, self.budget) {
+        return self.over_budget(e);
+      }
     }
     self.owned.push(v);
     Ok(Node::Owned((self.owned.len() - 1) as u32))
@@ -358,9 +689,12 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
   }
 
   fn mark(&mut self) -> Result<(), UnpickleError> {
-    let used = self.used();
-    if let Err(e) = reserve_one(&mut self.marks, used, self.budget) {
-      return self.over_budget(e);
+    // the budget is looked at only when the table must grow
+    if self.marks.len() == self.marks.capacity() {
+      let used = self.used();
+      if let Err(e) = reserve_one(&mut self.marks, used, self.budget) {
+        return self.over_budget(e);
+      }
     }
     self.marks.push(self.stack.len() as u32);
     Ok(())
@@ -399,9 +733,12 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
   }
 
   fn object(&mut self, class: u32, args_at: u32, args_len: u32) -> Result<Node, UnpickleError> {
-    let used = self.used();
-    if let Err(e) = reserve_one(&mut self.objects, used, self.budget) {
-      return self.over_budget(e);
+    // the budget is looked at only when the table must grow
+    if self.objects.len() == self.objects.capacity() {
+      let used = self.used();
+      if let Err(e) = reserve_one(&mut self.objects, used, self.budget) {
+        return self.over_budget(e);
+      }
     }
     self.objects.push(ObjectNode { class, args_at, args_len, state: NONE });
     Ok(Node::Object((self.objects.len() - 1) as u32))
@@ -409,9 +746,12 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
 
   /// A fresh growable container's storage, holding `items` (counted with the slack a doubling Vec keeps).
   fn storage(&mut self, items: Vec<Id>) -> Result<u32, UnpickleError> {
-    let used = self.used();
-    if let Err(e) = reserve_one(&mut self.growable, used, self.budget) {
-      return self.over_budget(e);
+    // the budget is looked at only when the table must grow
+    if self.growable.len() == self.growable.capacity() {
+      let used = self.used();
+      if let Err(e) = reserve_one(&mut self.growable, used, self.budget) {
+        return self.over_budget(e);
+      }
     }
     self.extra += 2 * items.len() * size_of::<Id>();
     self.growable.push(items);
@@ -466,17 +806,19 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
 
   fn memo_put(&mut self, key: u64) -> Result<(), UnpickleError> {
     let id = self.top()?;
-    let used = self.used();
     match usize::try_from(key) {
       Ok(k) if k < self.memo.len() => self.memo[k] = id,
       Ok(k) if k == self.memo.len() => {
-        if let Err(e) = reserve_one(&mut self.memo, used, self.budget) {
-          return self.over_budget(e);
+        if self.memo.len() == self.memo.capacity() {
+          let used = self.used();
+          if let Err(e) = reserve_one(&mut self.memo, used, self.budget) {
+            return self.over_budget(e);
+          }
         }
         self.memo.push(id);
       }
       _ => {
-        if used + 64 > self.budget {
+        if self.used() + 64 > self.budget {
           return self.over_budget(format!("the pickle expands past {} bytes of memory", self.budget));
         }
         self.memo_sparse.insert(key, id);
@@ -905,10 +1247,12 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
       }
     }
   }
+}
 
+impl Unpickled<'_> {
   /// Takes `bytes` from the materialising budget, or stops: shared memo references could otherwise expand
   /// exponentially.
-  fn charge(&self, budget: &mut usize, bytes: usize) -> Result<(), UnpickleError> {
+  fn charge_to(&self, budget: &mut usize, bytes: usize) -> Result<(), UnpickleError> {
     match budget.checked_sub(bytes) {
       Some(left) => {
         *budget = left;
@@ -920,7 +1264,7 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
 
   /// A vector for `n` items, charged before it is allocated.
   fn vec_for<T>(&self, n: usize, budget: &mut usize) -> Result<Vec<T>, UnpickleError> {
-    self.charge(budget, n.saturating_mul(size_of::<T>()))?;
+    self.charge_to(budget, n.saturating_mul(size_of::<T>()))?;
     let mut out = Vec::new();
     if out.try_reserve_exact(n).is_err() {
       return self.err("out of memory while unpickling");
@@ -949,7 +1293,7 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
     };
     let global = |g: u32, budget: &mut usize| -> Result<Global, UnpickleError> {
       let g = &self.globals[g as usize];
-      self.charge(budget, g.module.len() + g.name.len())?;
+      self.charge_to(budget, g.module.len() + g.name.len())?;
       Ok(g.clone())
     };
     Ok(match self.arena[id as usize] {
@@ -958,16 +1302,16 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
       Node::Int(i) => Value::Int(i),
       Node::Float(f) => Value::Float(f),
       Node::Str { at, len } => {
-        self.charge(budget, len as usize)?;
+        self.charge_to(budget, len as usize)?;
         Value::Str(self.str_at(at, len).to_owned())
       }
       Node::Bytes { at, len } => {
-        self.charge(budget, len as usize)?;
+        self.charge_to(budget, len as usize)?;
         Value::Bytes(self.slice(at, len).to_vec())
       }
       Node::Owned(o) => {
         let v = &self.owned[o as usize];
-        self.charge(
+        self.charge_to(
           budget,
           match v {
             Value::Bytes(b) => b.len(),
@@ -990,12 +1334,12 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
         Value::Dict(out)
       }
       Node::Global(g) => {
-        self.charge(budget, size_of::<Global>())?;
+        self.charge_to(budget, size_of::<Global>())?;
         Value::Global(Box::new(global(g, budget)?))
       }
       Node::Object(o) => {
         let o = self.objects[o as usize];
-        self.charge(budget, size_of::<Object>())?;
+        self.charge_to(budget, size_of::<Object>())?;
         Value::Object(Box::new(Object {
           class: global(o.class, budget)?,
           args: many(self.tuple_items(o.args_at, o.args_len), budget)?,
@@ -1006,7 +1350,7 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
         }))
       }
       Node::PersistentId(p) => {
-        self.charge(budget, size_of::<Value>())?;
+        self.charge_to(budget, size_of::<Value>())?;
         Value::PersistentId(Box::new(self.materialise(p, depth + 1, budget)?))
       }
     })
@@ -1109,6 +1453,38 @@ mod tests {
     }
     bytes.push(b'.');
     assert!(matches!(load(&bytes), Err(UnpickleError::Malformed { .. })));
+  }
+
+  #[test]
+  fn a_view_reads_in_place_and_charges_shared_reads() {
+    // pickle.dumps({'a': [1, 'xy'], 'b': (None, True)}, protocol=2)
+    let bytes = b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01]q\x02(K\x01X\x02\x00\x00\x00xyq\x03eX\x01\x00\x00\x00bq\x04N\x88\x86q\x05u.";
+    let u = unpickle_view(bytes, &any).unwrap();
+    let root = u.root();
+    let a = root.get("a").and_then(|v| v.as_seq()).unwrap();
+    assert_eq!(
+      (a.len(), a.get(0).and_then(|v| v.as_int()), a.get(1).and_then(|v| v.as_str())),
+      (2, Some(1), Some("xy"))
+    );
+    let b = root.get("b").and_then(|v| v.as_tuple()).unwrap();
+    assert!(b.get(0).unwrap().is_none() && b.get(1).unwrap().as_bool() == Some(true));
+    assert!(root.get("c").is_none() && u.overspent().is_none());
+    assert_eq!(root.to_value().unwrap(), load(bytes).unwrap());
+
+    // a = []; for _ in range(40): a = [a, a]: walking every path visits 2^40 nodes; the walk is charged, stops
+    // finding items once the budget is spent, and says so
+    let mut bytes = b"\x80\x02]q\x00".to_vec();
+    for i in 0..40u8 {
+      bytes.extend_from_slice(&[b'h', i, b'h', i, 0x86, b'q', i + 1]);
+    }
+    bytes.push(b'.');
+    let u = unpickle_view(&bytes, &any).unwrap();
+    fn walk(v: View<'_>) -> u64 {
+      v.as_seq().map_or(1, |items| items.iter().map(walk).sum::<u64>() + 1)
+    }
+    let visited = walk(u.root());
+    assert!(visited < 1 << 20, "{visited}");
+    assert!(matches!(u.overspent(), Some(UnpickleError::Malformed { .. })));
   }
 
   #[test]

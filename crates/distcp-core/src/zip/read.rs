@@ -121,10 +121,15 @@ pub fn parse<R: ReadAt + ?Sized>(r: &R) -> Result<Archive, ZipError> {
     return bad("does not start with a zip local header (PK\\x03\\x04)");
   }
   // The end-of-central-directory record; torch writes no comment, but allow one. The tail read also covers the
-  // zip64 locator just before it.
-  let tail_len = total.min(22 + 0xffff + 20);
-  let tail_start = total - tail_len;
-  let tail = read(r, tail_start, tail_len)?;
+  // zip64 locator just before it. Without a comment (torch's case) the record ends the archive: a small read finds
+  // it, where the search for a comment would read up to 64 KiB (a small record whole, a second time).
+  let short = read(r, total - total.min(22 + 20), total.min(22 + 20))?;
+  let tail = if short[short.len() - 22..short.len() - 18] == EOCD_SIG.to_le_bytes() {
+    short
+  } else {
+    let tail_len = total.min(22 + 0xffff + 20);
+    read(r, total - tail_len, tail_len)?
+  };
   let search_from = tail.len().saturating_sub(22 + 0xffff);
   let Some(eocd) = (search_from..=tail.len() - 22).rev().find(|&i| tail[i..i + 4] == EOCD_SIG.to_le_bytes())
   else {
