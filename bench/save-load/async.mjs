@@ -3,7 +3,11 @@
 // Llama-shaped state dict; and how much a CPU-bound "training loop" slows down while a save writes behind it.
 // The same measurements of torch's `dcp.async_save` run in the same invocation (bench/save-load/torch_async.py,
 // through DISTCP_PYTHON or .venv), so the ratios compare like with like.
-// usage: node bench/save-load/async.mjs [--reps N] [--layers L] [--no-torch]   (after `npm run build`)
+// Before each timed save the bench runs a "training step" that touches every page of every parameter (a step of
+// an optimizer writes them all): a trainer's tensors are in use between its saves. On this VM, memory left idle for
+// a second or more is slow to touch again (~3 µs per 4 KiB page: the host reclaims it), which a bench that saves
+// idle buffers back to back charges to whichever save runs first; `--idle` measures that case (both sides).
+// usage: node bench/save-load/async.mjs [--reps N] [--layers L] [--no-torch] [--idle]   (after `npm run build`)
 import { spawnSync } from 'node:child_process'
 import { randomFillSync } from 'node:crypto'
 import { mkdirSync, rmSync } from 'node:fs'
@@ -32,12 +36,19 @@ const fresh = (name) => {
   return d
 }
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]
+const idle = process.argv.includes('--idle')
+const tensors = Object.values(model).map((t) => t.data)
+function step() {
+  if (idle) return
+  for (const d of tensors) for (let i = 0; i < d.length; i += 4096) d[i] ^= 1
+}
 
 // blocking save (its staging copy included: it is part of what the trainer waits for)
 const blocking = []
 await save({ model }, { checkpointId: fresh('warmup') }) // warms the pool and the page cache paths
 for (let i = 0; i < reps; i++) {
   const dir = fresh('blocking')
+  step()
   const t0 = performance.now()
   await save({ model }, { checkpointId: dir })
   blocking.push(performance.now() - t0)
@@ -52,6 +63,7 @@ const blocked = []
 const commitMs = []
 for (let i = 0; i < reps; i++) {
   const dir = fresh('async')
+  step()
   const t0 = performance.now()
   const h = saveAsync({ model }, { checkpointId: dir })
   blocked.push((await h.staged).ms)
@@ -89,7 +101,7 @@ const ratio = median(blocked) / median(blocking)
 let torch = 'skipped (--no-torch)'
 if (!process.argv.includes('--no-torch')) {
   const python = process.env.DISTCP_PYTHON ?? join(root, '.venv/bin/python')
-  const r = spawnSync(python, ['bench/save-load/torch_async.py', join(work, 'torch'), '--layers', String(arg('--layers', 8)), '--reps', String(reps)], {
+  const r = spawnSync(python, ['bench/save-load/torch_async.py', join(work, 'torch'), '--layers', String(arg('--layers', 8)), '--reps', String(reps), ...(idle ? ['--idle'] : [])], {
     cwd: root,
     encoding: 'utf8',
   })
@@ -100,6 +112,7 @@ console.log(
     {
       bytes,
       reps,
+      betweenSaves: idle ? 'idle buffers (--idle)' : 'a training step touches every parameter page',
       blockingSaveMs: blocking.map(Math.round),
       saveAsyncBlockedMs: blocked.map((x) => Math.round(x * 10) / 10),
       saveAsyncColdBlockedMs: Math.round(coldMs),

@@ -3,7 +3,7 @@ the state dict is staged; the write continues on a thread), against a blocking `
 bf16 state dict of bench/lib (same names and shapes as the JS side), and a CPU loop's slowdown while the
 async write runs behind it. Prints one JSON object.
 
-usage: python bench/save-load/torch_async.py <work dir> [--layers 8] [--reps 3]
+usage: python bench/save-load/torch_async.py <work dir> [--layers 8] [--reps 3] [--idle]
 """
 
 import argparse
@@ -43,6 +43,16 @@ def loop(seconds):
     return units / (time.perf_counter() - t0)
 
 
+def step(sd, idle):
+    """A training step's touch of every parameter (one byte per 4 KiB page, as an optimizer step writes them all)
+    before each timed save, as in the JS side; `--idle` leaves the tensors untouched between saves."""
+    if idle:
+        return
+    for t in sd.values():
+        u = t.view(-1).view(torch.uint8)
+        u[::4096].bitwise_xor_(1)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("work")
@@ -51,6 +61,7 @@ def main():
     p.add_argument("--intermediate", type=int, default=5632)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--idle", action="store_true")
     a = p.parse_args()
     os.makedirs(a.work, exist_ok=True)
     g = torch.Generator().manual_seed(0)
@@ -61,6 +72,7 @@ def main():
     blocking = []
     for _ in range(a.reps):
         d = fresh(a.work, "blocking")
+        step(sd, a.idle)
         t0 = time.perf_counter()
         dcp.save(sd, checkpoint_id=d, no_dist=True)
         blocking.append(time.perf_counter() - t0)
@@ -69,6 +81,7 @@ def main():
         blocked, total = [], []
         for _ in range(a.reps):
             d = fresh(a.work, "async")
+            step(sd, a.idle)
             t0 = time.perf_counter()
             r = dcp.async_save(sd, checkpoint_id=d, no_dist=True, async_stager=make_stager())
             t1 = time.perf_counter()
