@@ -38,6 +38,10 @@ const SMALL_TENSOR_BYTES: u64 = 256 << 10;
 /// Largest run of small tensors gathered before it is written.
 const SMALL_BATCH_BYTES: u64 = 8 << 20;
 
+/// Source bytes read and cast at a time within a slab: small enough to stay in a core's L2 cache between the
+/// read that brings them and the cast that consumes them.
+const CAST_PART_BYTES: u64 = 1 << 20;
+
 /// How far ahead of the tensor being written [`ConvertJob::write_all`] asks the kernel to read.
 const PREFETCH_AHEAD_BYTES: u64 = 64 << 20;
 
@@ -697,14 +701,54 @@ impl SlabCopy<'_> {
     // pages among them can go to disk with O_DIRECT straight from it
     let lead = (dst_off % DIRECT_ALIGN) as usize;
     let place = out_buf.get(lead + dst_len).map_err(|e| io_err(self.shard_path, e))?;
+    let dst = &mut place[lead..lead + dst_len];
     if self.from == self.to {
-      self.ck.read_into(self.key, &region, &mut place[lead..lead + dst_len])?;
-    } else {
+      self.read(&region, dst)?;
+    } else if self.shape.is_empty() {
       buf.resize(src_len, 0);
-      self.ck.read_into(self.key, &region, &mut buf[..src_len])?;
-      cast(&buf[..src_len], self.from, &mut place[lead..lead + dst_len], self.to);
+      self.read(&region, &mut buf[..src_len])?;
+      cast(&buf[..src_len], self.from, dst, self.to);
+    } else {
+      // a few rows at a time, so that what the read brings in is still in the core's cache when the cast takes it
+      let row_src = self.row_elems * self.from.size() as u64;
+      let rows_per_part = CAST_PART_BYTES.checked_div(row_src).map_or(n, |r| r.clamp(1, n));
+      let row_dst = (self.row_elems * self.to.size() as u64) as usize;
+      let mut sub = region.clone();
+      let mut at = 0u64;
+      while at < n {
+        let m = rows_per_part.min(n - at);
+        sub.offsets[0] = r0 + at;
+        sub.sizes[0] = m;
+        let len = (m * row_src) as usize;
+        buf.resize(buf.len().max(len), 0);
+        self.read(&sub, &mut buf[..len])?;
+        let d0 = at as usize * row_dst;
+        cast(&buf[..len], self.from, &mut dst[d0..d0 + m as usize * row_dst], self.to);
+        at += m;
+      }
     }
     Ok((lead, lead + dst_len, dst_off))
+  }
+
+  /// `region` (rows of the tensor) into `dst`: [`Checkpoint::read_into`] without what it does per call for a
+  /// caller that reads a tensor once (readahead advice over every chunk it touches, a thread per chunk), which
+  /// a job reading the same tensor slab by slab would pay again for each slab; the job asks for readahead per
+  /// tensor (`ck.prefetch`) instead.
+  fn read(&self, region: &Region, dst: &mut [u8]) -> Result<()> {
+    let t = self.ck.tensor(self.key)?;
+    let plan = crate::plan::plan_region(t, region);
+    let covered = plan.iter().try_fold(0u64, |n, r| n.checked_add(r.numel()));
+    let bytes = crate::limits::checked_nbytes(&region.sizes, t.dtype().size());
+    if covered != region.numel() || bytes != Some(dst.len() as u64) {
+      // not the whole box (a rank-local `.metadata`), or a size mismatch: read_into says what is wrong
+      return self.ck.read_into(self.key, region, dst);
+    }
+    for r in &plan {
+      let chunk = self.ck.resolve_chunk(self.key, r.chunk)?;
+      crate::copy::copy_resolved(&chunk, r, dst, &region.sizes)
+        .map_err(|e| self.ck.copy_error(&chunk, self.key, e))?;
+    }
+    Ok(())
   }
 }
 
