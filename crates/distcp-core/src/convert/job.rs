@@ -393,7 +393,8 @@ impl ConvertJob {
     };
     let threaded = std::thread::available_parallelism().is_ok();
     if threaded && self.writer.is_none() {
-      self.writer = Some(SlabWriter::start(MAX_SLAB_WORKERS + QUEUED_SLABS)?);
+      // a thread that cannot start leaves the slabs to be written by their fillers, as where there are none
+      self.writer = SlabWriter::start(MAX_SLAB_WORKERS + QUEUED_SLABS).ok();
     }
     let mut bufs = std::mem::take(&mut self.bufs);
     bufs.resize_with(bufs.len().max(workers), Default::default);
@@ -784,7 +785,7 @@ struct SlabWriter {
 }
 
 impl SlabWriter {
-  fn start(bufs: usize) -> Result<SlabWriter> {
+  fn start(bufs: usize) -> std::io::Result<SlabWriter> {
     let shared = Arc::new(WriterShared {
       free: Mutex::new((0..bufs).map(|_| OutBuf::default()).collect()),
       returned: Condvar::new(),
@@ -793,25 +794,22 @@ impl SlabWriter {
     });
     let (queue, requests) = std::sync::mpsc::channel::<WriteReq>();
     let mine = shared.clone();
-    let thread = std::thread::Builder::new()
-      .name("distcp-slab-writer".into())
-      .spawn(move || {
-        for mut req in requests {
-          if !mine.failed.load(Ordering::Relaxed) {
-            let written = req
-              .buf
-              .get(req.len)
-              .and_then(|place| write_split(&req.out, req.direct.as_deref(), place, req.lead, req.offset));
-            if let Err(e) = written {
-              let mut error = mine.error.lock().unwrap_or_else(|p| p.into_inner());
-              error.get_or_insert(io_err(&req.path, e));
-              mine.failed.store(true, Ordering::Relaxed);
-            }
+    let thread = std::thread::Builder::new().name("distcp-slab-writer".into()).spawn(move || {
+      for mut req in requests {
+        if !mine.failed.load(Ordering::Relaxed) {
+          let written = req
+            .buf
+            .get(req.len)
+            .and_then(|place| write_split(&req.out, req.direct.as_deref(), place, req.lead, req.offset));
+          if let Err(e) = written {
+            let mut error = mine.error.lock().unwrap_or_else(|p| p.into_inner());
+            error.get_or_insert(io_err(&req.path, e));
+            mine.failed.store(true, Ordering::Relaxed);
           }
-          mine.give_back(req.buf);
         }
-      })
-      .map_err(|e| Error::io(Path::new("distcp-slab-writer"), e))?;
+        mine.give_back(req.buf);
+      }
+    })?;
     Ok(SlabWriter { shared, bufs, queue: Some(queue), thread: Some(thread) })
   }
 
