@@ -17,15 +17,19 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 /// Bytes of source data gathered per slab: memory stays bounded whatever the tensor size, and a slab (with its
 /// cast) stays close to the core's caches between the read that fills it and the write that drains it.
 const SLAB_BYTES: u64 = 4 << 20;
 
-/// Threads that move one tensor's slabs at once (each reads, casts and writes its own rows). Four keep two disks'
-/// worth of reads in flight and bound the buffers at 4 × (slab + cast slab).
+/// Threads that fill one tensor's slabs at once (each reads and casts its own rows); bounds the read buffers at
+/// 4 slabs.
 const MAX_SLAB_WORKERS: usize = 4;
+
+/// Output slabs beyond one per filling thread that may wait for the writer thread: it always finds the next one
+/// ready (also across tensors), and memory stays bounded at (fillers + this) output slabs.
+const QUEUED_SLABS: usize = 3;
 
 /// Tensors up to this size are gathered with their output neighbours into one buffer and written at once: a
 /// syscall (and a write-back request) per tiny tensor would cost more than moving its bytes.
@@ -33,6 +37,10 @@ const SMALL_TENSOR_BYTES: u64 = 256 << 10;
 
 /// Largest run of small tensors gathered before it is written.
 const SMALL_BATCH_BYTES: u64 = 8 << 20;
+
+/// Source bytes read and cast at a time within a slab: small enough to stay in a core's L2 cache between the
+/// read that brings them and the cast that consumes them.
+const CAST_PART_BYTES: u64 = 1 << 20;
 
 /// How far ahead of the tensor being written [`ConvertJob::write_all`] asks the kernel to read.
 const PREFETCH_AHEAD_BYTES: u64 = 64 << 20;
@@ -90,13 +98,16 @@ pub struct ConvertJob {
   /// What the job writes.
   pub plan: ConvertPlan,
   dir: PathBuf,
-  files: Vec<Option<File>>,
+  files: Vec<Option<Arc<File>>>,
   cancel: Arc<AtomicBool>,
-  /// One (slab, output slab) pair per slab worker, kept from tensor to tensor.
+  /// One (slab, output slab) pair per slab worker, kept from tensor to tensor (the output slab only where no
+  /// thread can start; elsewhere output slabs circulate through `writer`).
   bufs: Vec<(Vec<u8>, OutBuf)>,
   /// Each shard opened a second time with `O_DIRECT` (None: not yet, or the filesystem refuses it): slab-path
-  /// output goes to disk from the worker's buffer without a page-cache copy (see [`SlabCopy::write_out`]).
-  direct: Vec<Option<Option<File>>>,
+  /// output goes to disk from the worker's buffer without a page-cache copy (see [`write_split`]).
+  direct: Vec<Option<Option<Arc<File>>>>,
+  /// The thread that writes filled slabs, started with the first slab (None where no thread can start).
+  writer: Option<SlabWriter>,
   progress: Arc<JobProgress>,
 }
 
@@ -115,6 +126,7 @@ impl ConvertJob {
       direct: (0..n).map(|_| None).collect(),
       cancel: Arc::new(AtomicBool::new(false)),
       bufs: Vec::new(),
+      writer: None,
       progress: Arc::new(JobProgress::default()),
     }
   }
@@ -288,7 +300,7 @@ impl ConvertJob {
       // reserve the whole file now: a full disk fails here, before any data moves
       f.set_len(s.size).map_err(|e| io_err(&path, e))?;
       allocate(&f, s.size).map_err(|e| io_err(&path, e))?;
-      self.files[shard] = Some(f);
+      self.files[shard] = Some(Arc::new(f));
     }
     match &self.files[shard] {
       Some(f) => Ok(f),
@@ -372,15 +384,21 @@ impl ConvertJob {
       Ok(p) => p.get().clamp(2, MAX_SLAB_WORKERS).min(usize::try_from(slabs).unwrap_or(usize::MAX)).max(1),
     };
     if self.direct[tp.shard].is_none() {
-      self.direct[tp.shard] = Some(open_direct(&shard_path));
+      self.direct[tp.shard] = Some(open_direct(&shard_path).map(Arc::new));
     }
     let direct = self.direct[tp.shard].as_ref().and_then(Option::as_ref);
     let out = match &self.files[tp.shard] {
       Some(f) => f,
       None => return Err(Error::io(&shard_path, std::io::ErrorKind::NotFound.into())),
     };
+    let threaded = std::thread::available_parallelism().is_ok();
+    if threaded && self.writer.is_none() {
+      // a thread that cannot start leaves the slabs to be written by their fillers, as where there are none
+      self.writer = SlabWriter::start(MAX_SLAB_WORKERS + QUEUED_SLABS).ok();
+    }
     let mut bufs = std::mem::take(&mut self.bufs);
     bufs.resize_with(bufs.len().max(workers), Default::default);
+    let shard_path = Arc::new(shard_path);
     let slab = SlabCopy {
       ck,
       key: &tp.key,
@@ -396,7 +414,71 @@ impl ConvertJob {
       shard_path: &shard_path,
       cancel: &self.cancel,
     };
-    let result = if workers == 1 {
+    let result = if let Some(writer) = &self.writer {
+      // fillers read and cast, the writer thread writes: the disk takes one slab while the next are filled, and
+      // the last slabs of this tensor are written while the next tensor's are filled
+      let fill = |buf: &mut Vec<u8>, k: u64| -> Result<bool> {
+        let Some(mut out_buf) = writer.take_buf() else { return Ok(false) };
+        match slab.fill(k, buf, &mut out_buf) {
+          Ok((lead, len, offset)) => {
+            writer.push(WriteReq {
+              buf: out_buf,
+              lead,
+              len,
+              offset,
+              out: out.clone(),
+              direct: direct.cloned(),
+              path: shard_path.clone(),
+            });
+            Ok(true)
+          }
+          Err(e) => {
+            writer.give_back(out_buf);
+            Err(e)
+          }
+        }
+      };
+      let filled = if workers == 1 {
+        let buf = &mut bufs[0].0;
+        (0..slabs).try_for_each(|k| fill(buf, k).map(|_| ()))
+      } else {
+        let next = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+          let handles: Vec<_> = bufs[..workers]
+            .iter_mut()
+            .map(|(buf, _)| {
+              let (fill, next) = (&fill, &next);
+              s.spawn(move || loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= slabs {
+                  return Ok(());
+                }
+                match fill(buf, k) {
+                  Ok(true) => {}
+                  // the writer failed: its error is reported below
+                  Ok(false) => return Ok(()),
+                  Err(e) => {
+                    // the others stop at their next slab
+                    next.store(slabs, Ordering::Relaxed);
+                    return Err(e);
+                  }
+                }
+              })
+            })
+            .collect();
+          handles.into_iter().try_for_each(|h| {
+            h.join().unwrap_or_else(|_| {
+              Err(Error::BadRequest {
+                checkpoint: ck.root.clone(),
+                key: tp.key.clone(),
+                reason: "a conversion thread panicked".into(),
+              })
+            })
+          })
+        })
+      };
+      filled.and_then(|()| writer.check())
+    } else if workers == 1 {
       let (buf, out_buf) = &mut bufs[0];
       (0..slabs).try_for_each(|k| slab.run(k, buf, out_buf))
     } else {
@@ -481,6 +563,9 @@ impl ConvertJob {
 
   /// Creates shards that got no tensor, writes the index, and makes everything durable.
   pub fn finish(&mut self) -> Result<()> {
+    if let Some(writer) = self.writer.take() {
+      writer.stop()?;
+    }
     for shard in 0..self.plan.shards.len() {
       self.shard_file(shard)?;
     }
@@ -582,13 +667,21 @@ struct SlabCopy<'a> {
   row_elems: u64,
   dst_base: u64,
   out: &'a File,
-  direct: Option<&'a File>,
+  direct: Option<&'a Arc<File>>,
   shard_path: &'a Path,
   cancel: &'a AtomicBool,
 }
 
 impl SlabCopy<'_> {
   fn run(&self, k: u64, buf: &mut Vec<u8>, out_buf: &mut OutBuf) -> Result<()> {
+    let (lead, len, offset) = self.fill(k, buf, out_buf)?;
+    let place = out_buf.get(len).map_err(|e| io_err(self.shard_path, e))?;
+    write_split(self.out, self.direct.map(|d| &**d), place, lead, offset)
+      .map_err(|e| io_err(self.shard_path, e))
+  }
+
+  /// Reads (and casts) slab `k` into `out_buf`: its bytes are `out_buf[lead..len]`, to be written at `offset`.
+  fn fill(&self, k: u64, buf: &mut Vec<u8>, out_buf: &mut OutBuf) -> Result<(usize, usize, u64)> {
     check_cancel(self.cancel)?;
     let r0 = k * self.rows_per_slab;
     let n = self.rows_per_slab.min(self.rows - r0);
@@ -609,18 +702,189 @@ impl SlabCopy<'_> {
     // pages among them can go to disk with O_DIRECT straight from it
     let lead = (dst_off % DIRECT_ALIGN) as usize;
     let place = out_buf.get(lead + dst_len).map_err(|e| io_err(self.shard_path, e))?;
+    let dst = &mut place[lead..lead + dst_len];
     if self.from == self.to {
-      self.ck.read_into(self.key, &region, &mut place[lead..lead + dst_len])?;
-    } else {
+      self.read(&region, dst)?;
+    } else if self.shape.is_empty() {
       buf.resize(src_len, 0);
-      self.ck.read_into(self.key, &region, &mut buf[..src_len])?;
-      cast(&buf[..src_len], self.from, &mut place[lead..lead + dst_len], self.to);
+      self.read(&region, &mut buf[..src_len])?;
+      cast(&buf[..src_len], self.from, dst, self.to);
+    } else {
+      // a few rows at a time, so that what the read brings in is still in the core's cache when the cast takes it
+      let row_src = self.row_elems * self.from.size() as u64;
+      let rows_per_part = CAST_PART_BYTES.checked_div(row_src).map_or(n, |r| r.clamp(1, n));
+      let row_dst = (self.row_elems * self.to.size() as u64) as usize;
+      let mut sub = region.clone();
+      let mut at = 0u64;
+      while at < n {
+        let m = rows_per_part.min(n - at);
+        sub.offsets[0] = r0 + at;
+        sub.sizes[0] = m;
+        let len = (m * row_src) as usize;
+        buf.resize(buf.len().max(len), 0);
+        self.read(&sub, &mut buf[..len])?;
+        let d0 = at as usize * row_dst;
+        cast(&buf[..len], self.from, &mut dst[d0..d0 + m as usize * row_dst], self.to);
+        at += m;
+      }
     }
-    self.write_out(&place[..lead + dst_len], lead, dst_off)
+    Ok((lead, lead + dst_len, dst_off))
   }
 
-  fn write_out(&self, buf: &[u8], lead: usize, offset: u64) -> Result<()> {
-    write_split(self.out, self.direct, buf, lead, offset).map_err(|e| io_err(self.shard_path, e))
+  /// `region` (rows of the tensor) into `dst`: [`Checkpoint::read_into`] without what it does per call for a
+  /// caller that reads a tensor once (readahead advice over every chunk it touches, a thread per chunk), which
+  /// a job reading the same tensor slab by slab would pay again for each slab; the job asks for readahead per
+  /// tensor (`ck.prefetch`) instead.
+  fn read(&self, region: &Region, dst: &mut [u8]) -> Result<()> {
+    let t = self.ck.tensor(self.key)?;
+    let plan = crate::plan::plan_region(t, region);
+    let covered = plan.iter().try_fold(0u64, |n, r| n.checked_add(r.numel()));
+    let bytes = crate::limits::checked_nbytes(&region.sizes, t.dtype().size());
+    if covered != region.numel() || bytes != Some(dst.len() as u64) {
+      // not the whole box (a rank-local `.metadata`), or a size mismatch: read_into says what is wrong
+      return self.ck.read_into(self.key, region, dst);
+    }
+    for r in &plan {
+      let chunk = self.ck.resolve_chunk(self.key, r.chunk)?;
+      crate::copy::copy_resolved(&chunk, r, dst, &region.sizes)
+        .map_err(|e| self.ck.copy_error(&chunk, self.key, e))?;
+    }
+    Ok(())
+  }
+}
+
+/// A filled output slab for the writer thread: `buf[lead..len]` goes to `offset` of the shard.
+struct WriteReq {
+  buf: OutBuf,
+  lead: usize,
+  len: usize,
+  offset: u64,
+  out: Arc<File>,
+  direct: Option<Arc<File>>,
+  path: Arc<PathBuf>,
+}
+
+/// What the fillers and the writer thread share: the output slabs not in use, and the first write error.
+struct WriterShared {
+  free: Mutex<Vec<OutBuf>>,
+  returned: Condvar,
+  error: Mutex<Option<Error>>,
+  failed: AtomicBool,
+}
+
+/// One thread that writes filled slabs in the order they come, while the fillers (the job's threads) read and
+/// cast the next ones. `O_DIRECT` writes wait for the disk and ext4 serialises them per file (an unwritten
+/// extent is converted under the inode lock), so one writer loses nothing and frees the cores for the fillers.
+/// A fixed set of output slabs circulates between them, which bounds the memory and holds fillers back when the
+/// disk falls behind.
+struct SlabWriter {
+  shared: Arc<WriterShared>,
+  bufs: usize,
+  queue: Option<std::sync::mpsc::Sender<WriteReq>>,
+  thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SlabWriter {
+  fn start(bufs: usize) -> std::io::Result<SlabWriter> {
+    let shared = Arc::new(WriterShared {
+      free: Mutex::new((0..bufs).map(|_| OutBuf::default()).collect()),
+      returned: Condvar::new(),
+      error: Mutex::new(None),
+      failed: AtomicBool::new(false),
+    });
+    let (queue, requests) = std::sync::mpsc::channel::<WriteReq>();
+    let mine = shared.clone();
+    let thread = std::thread::Builder::new().name("distcp-slab-writer".into()).spawn(move || {
+      for mut req in requests {
+        if !mine.failed.load(Ordering::Relaxed) {
+          let written = req
+            .buf
+            .get(req.len)
+            .and_then(|place| write_split(&req.out, req.direct.as_deref(), place, req.lead, req.offset));
+          if let Err(e) = written {
+            let mut error = mine.error.lock().unwrap_or_else(|p| p.into_inner());
+            error.get_or_insert(io_err(&req.path, e));
+            mine.failed.store(true, Ordering::Relaxed);
+          }
+        }
+        mine.give_back(req.buf);
+      }
+    })?;
+    Ok(SlabWriter { shared, bufs, queue: Some(queue), thread: Some(thread) })
+  }
+
+  /// A free output slab, once the writer has returned one; None when a write failed.
+  fn take_buf(&self) -> Option<OutBuf> {
+    let mut free = self.shared.free.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+      if self.shared.failed.load(Ordering::Relaxed) {
+        return None;
+      }
+      if let Some(b) = free.pop() {
+        return Some(b);
+      }
+      free = self.shared.returned.wait(free).unwrap_or_else(|p| p.into_inner());
+    }
+  }
+
+  fn give_back(&self, buf: OutBuf) {
+    self.shared.give_back(buf);
+  }
+
+  fn push(&self, req: WriteReq) {
+    let unsent = match &self.queue {
+      Some(q) => q.send(req).err().map(|e| e.0),
+      None => Some(req),
+    };
+    // the writer thread is gone (it cannot panic on its own; only if it was killed): the slab is lost, say so
+    if let Some(req) = unsent {
+      let mut error = self.shared.error.lock().unwrap_or_else(|p| p.into_inner());
+      error.get_or_insert(io_err(&req.path, std::io::Error::other("the slab writer thread stopped")));
+      self.shared.failed.store(true, Ordering::Relaxed);
+      self.give_back(req.buf);
+    }
+  }
+
+  /// The first write error, if any (reported once; later checks report that an earlier write failed).
+  fn check(&self) -> Result<()> {
+    if !self.shared.failed.load(Ordering::Relaxed) {
+      return Ok(());
+    }
+    let taken = self.shared.error.lock().unwrap_or_else(|p| p.into_inner()).take();
+    Err(
+      taken
+        .unwrap_or_else(|| Error::Aborted { what: "the conversion (an earlier slab write failed)".into() }),
+    )
+  }
+
+  /// Waits until every queued slab is on disk (or failed), ends the thread, and reports the first error.
+  fn stop(mut self) -> Result<()> {
+    self.queue = None;
+    if let Some(t) = self.thread.take() {
+      let _ = t.join();
+    }
+    let all_back = self.shared.free.lock().unwrap_or_else(|p| p.into_inner()).len() == self.bufs;
+    if !all_back && !self.shared.failed.load(Ordering::Relaxed) {
+      return Err(Error::Aborted { what: "the conversion (the slab writer thread stopped early)".into() });
+    }
+    self.check()
+  }
+}
+
+impl WriterShared {
+  fn give_back(&self, buf: OutBuf) {
+    self.free.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
+    self.returned.notify_one();
+  }
+}
+
+impl Drop for SlabWriter {
+  fn drop(&mut self) {
+    // closing the queue ends the thread after the slabs already queued (nothing else writes them)
+    self.queue = None;
+    if let Some(t) = self.thread.take() {
+      let _ = t.join();
+    }
   }
 }
 
