@@ -421,6 +421,8 @@ fn finish_rank_shards(job: &mut ConvertJob, dir: &Path, shards: &[usize], index:
   if n == 1 {
     return if shards.is_empty() { Ok(()) } else { job.finish().map_err(to_js) };
   }
+  // the slabs still queued for the job's writer thread land before the files are made durable
+  job.drain_writes().map_err(to_js)?;
   for &s in shards {
     let path = dir.join(&job.plan.shards[s].file);
     std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| to_js(CoreError::io(&path, e)))?;

@@ -561,11 +561,19 @@ impl ConvertJob {
     Ok(len)
   }
 
+  /// Waits until every slab handed to the writer thread is written (a tensor counts as written once its slabs
+  /// are queued), and reports the first write error. Whoever makes the shards durable calls this first:
+  /// [`ConvertJob::finish`] does, and so must a caller that fsyncs shards itself (a rank's share).
+  pub fn drain_writes(&mut self) -> Result<()> {
+    match self.writer.take() {
+      Some(writer) => writer.stop(),
+      None => Ok(()),
+    }
+  }
+
   /// Creates shards that got no tensor, writes the index, and makes everything durable.
   pub fn finish(&mut self) -> Result<()> {
-    if let Some(writer) = self.writer.take() {
-      writer.stop()?;
-    }
+    self.drain_writes()?;
     for shard in 0..self.plan.shards.len() {
       self.shard_file(shard)?;
     }
