@@ -414,6 +414,11 @@ impl ConvertJob {
       shard_path: &shard_path,
       cancel: &self.cancel,
     };
+    let panicked = || Error::BadRequest {
+      checkpoint: ck.root.clone(),
+      key: tp.key.clone(),
+      reason: "a conversion thread panicked".into(),
+    };
     let result = if let Some(writer) = &self.writer {
       // fillers read and cast, the writer thread writes: the disk takes one slab while the next are filled, and
       // the last slabs of this tensor are written while the next tensor's are filled
@@ -438,79 +443,16 @@ impl ConvertJob {
           }
         }
       };
-      let filled = if workers == 1 {
-        let buf = &mut bufs[0].0;
-        (0..slabs).try_for_each(|k| fill(buf, k).map(|_| ()))
-      } else {
-        let next = std::sync::atomic::AtomicU64::new(0);
-        std::thread::scope(|s| {
-          let handles: Vec<_> = bufs[..workers]
-            .iter_mut()
-            .map(|(buf, _)| {
-              let (fill, next) = (&fill, &next);
-              s.spawn(move || loop {
-                let k = next.fetch_add(1, Ordering::Relaxed);
-                if k >= slabs {
-                  return Ok(());
-                }
-                match fill(buf, k) {
-                  Ok(true) => {}
-                  // the writer failed: its error is reported below
-                  Ok(false) => return Ok(()),
-                  Err(e) => {
-                    // the others stop at their next slab
-                    next.store(slabs, Ordering::Relaxed);
-                    return Err(e);
-                  }
-                }
-              })
-            })
-            .collect();
-          handles.into_iter().try_for_each(|h| {
-            h.join().unwrap_or_else(|_| {
-              Err(Error::BadRequest {
-                checkpoint: ck.root.clone(),
-                key: tp.key.clone(),
-                reason: "a conversion thread panicked".into(),
-              })
-            })
-          })
-        })
-      };
-      filled.and_then(|()| writer.check())
-    } else if workers == 1 {
-      let (buf, out_buf) = &mut bufs[0];
-      (0..slabs).try_for_each(|k| slab.run(k, buf, out_buf))
+      // Ok(false): the writer failed, and its error is reported by `check`
+      run_slabs(&mut bufs[..workers], slabs, |(buf, _), k| fill(buf, k), panicked)
+        .and_then(|()| writer.check())
     } else {
-      let next = std::sync::atomic::AtomicU64::new(0);
-      std::thread::scope(|s| {
-        let handles: Vec<_> = bufs[..workers]
-          .iter_mut()
-          .map(|(buf, out_buf)| {
-            let (slab, next) = (&slab, &next);
-            s.spawn(move || loop {
-              let k = next.fetch_add(1, Ordering::Relaxed);
-              if k >= slabs {
-                return Ok(());
-              }
-              if let Err(e) = slab.run(k, buf, out_buf) {
-                // the others stop at their next slab
-                next.store(slabs, Ordering::Relaxed);
-                return Err(e);
-              }
-            })
-          })
-          .collect();
-        handles.into_iter().try_for_each(|h| {
-          h.join().unwrap_or_else(|_| {
-            Err(Error::BadRequest {
-              checkpoint: ck.root.clone(),
-              key: tp.key.clone(),
-              reason: "a conversion thread panicked".into(),
-            })
-          })
-        })
-      })
+      run_slabs(
+        &mut bufs[..workers],
+        slabs,
+        |(buf, out_buf), k| slab.run(k, buf, out_buf).map(|()| true),
+        panicked,
+      )
     };
     self.bufs = bufs;
     result?;
@@ -759,6 +701,51 @@ impl SlabCopy<'_> {
     }
     Ok(())
   }
+}
+
+/// Runs `work(slot, k)` for every slab `k` in `0..slabs`, spread over one thread per slot of `slots` (this thread
+/// alone when there is one slot): each thread takes the next slab not yet taken. `Ok(false)` stops that thread
+/// (the caller reports why); an error stops the others at their next slab and is returned; a panic becomes
+/// `panicked()`.
+fn run_slabs<S: Send>(
+  slots: &mut [S],
+  slabs: u64,
+  work: impl Fn(&mut S, u64) -> Result<bool> + Sync,
+  panicked: impl Fn() -> Error,
+) -> Result<()> {
+  if let [slot] = slots {
+    for k in 0..slabs {
+      if !work(slot, k)? {
+        break;
+      }
+    }
+    return Ok(());
+  }
+  let next = AtomicU64::new(0);
+  std::thread::scope(|s| {
+    let handles: Vec<_> = slots
+      .iter_mut()
+      .map(|slot| {
+        let (work, next) = (&work, &next);
+        s.spawn(move || loop {
+          let k = next.fetch_add(1, Ordering::Relaxed);
+          if k >= slabs {
+            return Ok(());
+          }
+          match work(slot, k) {
+            Ok(true) => {}
+            Ok(false) => return Ok(()),
+            Err(e) => {
+              // the others stop at their next slab
+              next.store(slabs, Ordering::Relaxed);
+              return Err(e);
+            }
+          }
+        })
+      })
+      .collect();
+    handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| Err(panicked())))
+  })
 }
 
 /// A filled output slab for the writer thread: `buf[lead..len]` goes to `offset` of the shard.
