@@ -50,10 +50,13 @@ export declare class NativeConvertJob {
   run(): Promise<TensorWrittenJs>
   /** What `run` has written so far (read without waiting for it). */
   progress(): ConvertProgressJs
-  /** Writes tensor `index` of the plan (the plan's `tensors` order). */
-  writeTensor(index: number): Promise<TensorWrittenJs>
-  /** Creates empty shards, writes the index, fsyncs every file. */
-  finish(): Promise<TensorWrittenJs>
+  /**
+   * One rank's share of a multi-rank conversion (`src/distributed/convert.ts`), in one call as `run`: writes the
+   * tensors of `shards` (indices into the plan's shards) into the folder rank 0 staged, and makes those files
+   * durable; with `index`, also writes `model.safetensors.index.json`. Each shard is written by one rank only,
+   * with the same job as a single-process conversion, so the files are the same bytes.
+   */
+  runShards(shards: Array<number>, index: boolean): Promise<TensorWrittenJs>
   /** Writes `pytorch_model.bin` (the seed's single torch.save file) instead of safetensors shards. */
   writePytorchModelBin(): Promise<TensorWrittenJs>
   /** Stops the tensor being written at its next slab; later writes fail with ERR_DISTCP_ABORTED. */
@@ -74,14 +77,27 @@ export declare class NativeConvertOutput {
 }
 
 /**
- * A conversion plan held natively: planned once, read by TypeScript as a summary (or whole, as JSON, for
- * `onPlan` / `dryRun`), and handed to the job that executes it.
+ * A conversion plan held natively: planned once, read by TypeScript as a summary (or whole, for `onPlan`,
+ * `dryRun` and the ranks' agreement check), and handed to the job that executes it.
  */
 export declare class NativeConvertPlan {
-  /** The whole plan as JSON (what `planConvert` returns). */
-  json(): string
+  /** The whole plan. */
+  plan(): ConvertPlanJs
   /** What a conversion reports and writes beside the weights, without the per-tensor list. */
   summary(): ConvertPlanSummaryJs
+}
+
+/**
+ * The tensors a conversion writes, chosen natively from every key of the checkpoint (`select`), held here so
+ * that tens of thousands of keys and names never cross into JavaScript.
+ */
+export declare class NativeConvertSelection {
+  /** The keys left out, and why. */
+  skipped(): Array<SkippedJs>
+  /** The key written under output name `name`, or null. */
+  keyOf(name: string): string | null
+  /** Leaves out the tensor written as `name` (listed in `skipped` with `reason`); false if there is none. */
+  leaveOut(name: string, reason: string): boolean
 }
 
 /** Device memory allocated by distcp; freed by `dispose()` or when JS collects this object. */
@@ -95,21 +111,6 @@ export declare class NativeDeviceBuffer {
   dispose(): void
   /** Copies the bytes back to a new host Buffer (on a worker thread, through pinned staging). */
   toHost(): Promise<Buffer>
-}
-
-/**
- * One rank's part of a multi-rank conversion (`src/distributed/convert.ts`): the whole plan (every rank makes the
- * same one from `.metadata`), of which this rank writes the tensors of the shards it was given, into the staged
- * folder rank 0 holds; then fsyncs those shards, and (rank 0) writes the index. Each shard is written by one rank
- * only, with the same core job as a single-process conversion, so the files are the same bytes.
- */
-export declare class RankConvertJob {
-  /** Writes tensor `index` of the plan (its shard file is created with its header on its first tensor). */
-  writeTensor(index: number): Promise<number>
-  /** fsyncs `shards` (this rank's, all written); with `index`, writes and fsyncs `model.safetensors.index.json`. */
-  finish(shards: Array<number>, index: boolean): Promise<number>
-  /** Stops the tensor being written at its next slab; later writes fail with ERR_DISTCP_ABORTED. */
-  cancel(): void
 }
 
 /**
@@ -213,11 +214,13 @@ export declare function commitTempName(prefix: string): string
 /** Whether the writer that made `name` with [`commit_temp_name`] and `prefix` is certainly gone. */
 export declare function commitWriterIsDead(name: string, prefix: string): boolean
 
-export interface ConvertEntryJs {
-  /** Key in the checkpoint. */
-  key: string
-  /** Tensor name in the output. */
-  name: string
+/** The whole plan, for `onPlan`, `dryRun` and the ranks' agreement check. */
+export interface ConvertPlanJs {
+  shards: Array<ShardPlanJs>
+  tensors: Array<TensorPlanJs>
+  totalSize: number
+  /** `model.safetensors.index.json`, when there is more than one shard. */
+  indexJson?: string
 }
 
 export interface ConvertPlanSummaryJs {
@@ -242,11 +245,15 @@ export interface ConvertProgressJs {
   tensorsDone: number
 }
 
-/**
- * The keys of `checkpoint` that hold tensors, in `.metadata` order: what a conversion considers, in one call
- * instead of one `info` per key (an MoE checkpoint has tens of thousands).
- */
-export declare function convertTensorKeys(checkpoint: NativeCheckpoint): Array<string>
+/** Which tensors a conversion writes and under which names (`ConvertOptions.keyMap` / `include` / `exclude`). */
+export interface ConvertSelectionJs {
+  /** Prefix renames, tried in order; the first that starts the name applies. */
+  keyMap?: Array<KeyRenameJs>
+  /** Only names matching one of these globs. */
+  include?: Array<string>
+  /** Names matching one of these globs are left out. */
+  exclude?: Array<string>
+}
 
 /** Copies `byteLength` bytes of the caller's device memory at `ptr` on `cuda:device` into a new host Buffer. */
 export declare function copyFromDevice(device: number, ptr: bigint, byteLength: number): Promise<Buffer>
@@ -265,14 +272,8 @@ export declare function copyFromDeviceInto(device: number, ptr: bigint, into: Ui
  */
 export declare function copyStaging(src: Array<Uint8Array>, dst: Array<Uint8Array>): number
 
-/** Starts a conversion into `dir` (an existing empty folder; the caller renames it into place when done). */
-export declare function createConvertJob(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number, dir: string): NativeConvertJob
-
 /** Starts a conversion of `plan` (taken: a plan runs once) into `dir`, as `createConvertJob` without planning again. */
 export declare function createConvertJobFromPlan(checkpoint: NativeCheckpoint, plan: NativeConvertPlan, dir: string): NativeConvertJob
-
-/** Plans the conversion of `entries` (as `planConvert`) and starts this rank's part of it, writing into `dir`. */
-export declare function createRankConvertJob(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number, dir: string): RankConvertJob
 
 /**
  * Probes the CUDA driver (loaded at run time) and lists the devices; without one, `available` is false and
@@ -316,6 +317,13 @@ export declare function flattenStateDictKeys(tree: string, tensorCount: number, 
 export type ItemInfo =
   | { kind: 'tensor'; key: string; dtype: DType; shape: Array<number>; nbytes: number; chunks: Array<ChunkInfo>; files: Array<string> }
   | { kind: 'object'; key: string; nbytes: number; files: Array<string> }
+
+export interface KeyRenameJs {
+  /** Prefix to replace. */
+  from: string
+  /** What replaces it. */
+  to: string
+}
 
 /**
  * The deepest nesting a state dict may have (`distcp_core::limits::MAX_NESTING`), so the TypeScript encoder
@@ -362,11 +370,11 @@ export declare function panicForTest(where: string): Promise<void> | null
 /** Parses a size like "5GB", "500MB", "2GiB" or "123" into bytes; null if it is not one. */
 export declare function parseSize(text: string): number | null
 
-/** The conversion plan (shards, tensors, offsets, index) as JSON, from `.metadata` alone. */
-export declare function planConvert(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number): string
-
-/** Plans a conversion (as `planConvert`) and keeps the plan natively. */
-export declare function planConvertNative(checkpoint: NativeCheckpoint, entries: Array<ConvertEntryJs>, dtype: string | undefined | null, maxShardSize: number): NativeConvertPlan
+/**
+ * Plans the conversion of `selection` (shards of at most `maxShardSize` bytes of tensor data, floating tensors
+ * cast to `dtype` if given) from `.metadata` alone, and keeps the plan natively.
+ */
+export declare function planConvertNative(checkpoint: NativeCheckpoint, selection: NativeConvertSelection, dtype: string | undefined | null, maxShardSize: number): NativeConvertPlan
 
 /** Reads a tensor (or a box) into the caller's device memory `ptr .. ptr + byteLength` on `cuda:device`. */
 export declare function readIntoDevice(ck: NativeCheckpoint, key: string, device: number, ptr: bigint, byteLength: number, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null, dtype?: string | undefined | null): Promise<void>
@@ -401,6 +409,42 @@ export interface SaveResult {
   metadataBytes: number
   /** A checkpoint that was there before was replaced. */
   replaced: boolean
+}
+
+/** Chooses the tensors of `checkpoint` to convert and their output names (the core's `convert::select`). */
+export declare function selectConvertEntries(checkpoint: NativeCheckpoint, selection: ConvertSelectionJs): NativeConvertSelection
+
+export interface ShardPlanJs {
+  /** File name inside the output folder. */
+  file: string
+  /** Bytes of the file. */
+  size: number
+  /** Bytes of its JSON header. */
+  headerLen: number
+  /** Indices into `tensors` of the tensors in this file, in file order. */
+  tensors: Array<number>
+}
+
+export interface SkippedJs {
+  /** Key in the checkpoint. */
+  key: string
+  /** Why it is left out. */
+  reason: string
+}
+
+export interface TensorPlanJs {
+  key: string
+  name: string
+  /** Stored dtype (torch name). */
+  sourceDtype: string
+  /** Output dtype (torch name). */
+  dtype: string
+  shape: Array<number>
+  /** Byte offset of the tensor's data in its file. */
+  offset: number
+  nbytes: number
+  /** Index into `shards`. */
+  shard: number
 }
 
 /** Whether two tensors of a checkpoint have the same dtype, shape and bytes. */

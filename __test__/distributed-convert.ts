@@ -1,8 +1,8 @@
 // One Node rank of the multi-rank conversion tests (__test__/distributed-convert.spec.ts), launched by torchrun
 // --no-python (or directly with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set):
 //   node --import @oxc-node/core/register __test__/distributed-convert.ts <dcp> <out> <model> <report prefix> <max shard> [dtype]
-// DISTCP_TEST_CONVERT_FAIL=<rank>: that rank aborts once it has written its first tensor (a failure in the middle
-// of the write, with staged bytes on disk). Writes <report prefix>.<rank>.json: `{ ok: progress }` or the error.
+// DISTCP_TEST_CONVERT_FAIL=<rank>: that rank aborts at its first progress report (a failure in the middle of the
+// write, with staged bytes on disk; with these small tensors, after its share is written and before rank 0 commits). Writes <report prefix>.<rank>.json: `{ ok: progress }` or the error.
 import { writeFileSync } from 'node:fs'
 
 import { convertDcpToHf, initProcessGroup, type ConvertOptions } from '../src/index.js'

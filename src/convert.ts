@@ -108,15 +108,10 @@ export interface ConvertPlan {
 }
 
 const DEFAULT_MAX_SHARD = 50e9
-/** How often `onProgress` hears from a running conversion. */
-const PROGRESS_INTERVAL_MS = 100
+/** @internal How often `onProgress` hears from a running conversion (here and in `distributed/convert.ts`). */
+export const PROGRESS_INTERVAL_MS = 100
 const DTYPE_ALIASES: Record<string, DType> = { bf16: 'bfloat16', fp16: 'float16', half: 'float16', fp32: 'float32', float: 'float32' }
 const CAST_TARGETS = new Set<DType>(['bfloat16', 'float16', 'float32', 'float64', 'float8_e4m3fn', 'float8_e5m2'])
-
-function globToRegExp(glob: string): RegExp {
-  const esc = glob.replace(/[.+^${}()|[\]\\]/g, '\\$&').replace(/\*/g, '.*').replace(/\?/g, '.')
-  return new RegExp(`^${esc}$`)
-}
 
 /**
  * Opens the input whatever its layout (the core detects it: `.metadata` in the folder (DTensor v1) or in
@@ -162,8 +157,8 @@ export interface Prepared {
   layout: CheckpointLayout
   writer: string
   tokenizer: ConvertPlan['tokenizer']
-  entries: { key: string; name: string }[]
-  skipped: { key: string; reason: string }[]
+  /** The tensors to write and their names, chosen natively (`keyMap` / `include` / `exclude`, tied embeddings). */
+  selection: ReturnType<typeof native.selectConvertEntries>
   dtype?: DType
   maxShard: number
   config: Record<string, unknown> | null
@@ -229,47 +224,28 @@ async function prepareOpen(
     warn(`no tokenizer files in ${tok.dir}; the output will have none`)
   }
 
-  const paths = ck.paths()
-  const tops = new Set([...paths.values()].map((p) => String(p[0])))
-  const unwrap = tops.size === 1 && tops.has('model')
-  const include = options.include?.map(globToRegExp)
-  const exclude = options.exclude?.map(globToRegExp) ?? []
-  const keyMap = Object.entries(options.keyMap ?? {})
-  const entries: { key: string; name: string }[] = []
-  const skipped: { key: string; reason: string }[] = []
-  const tensorKeys = new Set(callNative(() => native.convertTensorKeys(ck.nativeHandle())))
-  for (const [key, path] of paths) {
-    if (!tensorKeys.has(key)) {
-      skipped.push({ key, reason: 'not a tensor' })
-      continue
-    }
-    let name = unwrap ? path.slice(1).join('.') : key
-    const rule = keyMap.find(([from]) => name.startsWith(from))
-    if (rule) name = rule[1] + name.slice(rule[0].length)
-    if (include && !include.some((r) => r.test(name))) {
-      skipped.push({ key, reason: 'not included' })
-      continue
-    }
-    if (exclude.some((r) => r.test(name))) {
-      skipped.push({ key, reason: 'excluded' })
-      continue
-    }
-    entries.push({ key, name })
-  }
+  // the naming rules (the seed's `model.` unwrap, keyMap, include/exclude) live in the core: no key crosses here
+  const selection = callNative(() =>
+    native.selectConvertEntries(ck.nativeHandle(), {
+      keyMap: Object.entries(options.keyMap ?? {}).map(([from, to]) => ({ from, to })),
+      include: options.include,
+      exclude: options.exclude,
+    }),
+  )
 
   // tied embeddings: drop lm_head only if the config ties it and it is bit-identical to the input embedding
   const textConfig = (config.text_config ?? {}) as Record<string, unknown>
   const tied = (config.tie_word_embeddings ?? textConfig.tie_word_embeddings) === true
-  const head = entries.find((e) => e.name === 'lm_head.weight')
-  const embed = entries.find((e) => EMBEDDING_NAMES.includes(e.name))
+  const headKey = selection.keyOf('lm_head.weight')
+  const embedName = EMBEDDING_NAMES.find((n) => selection.keyOf(n) != null)
+  const embedKey = embedName === undefined ? null : selection.keyOf(embedName)
   // the seed's pytorch_model.bin keeps both keys (torch.save shares nothing here), so only safetensors drops it
-  if (tied && head && embed && !options.pytorchModelBin) {
-    const same = await awaitNative(() => native.tensorsEqual(ck.nativeHandle(), head.key, embed.key))
+  if (tied && headKey != null && embedName !== undefined && embedKey != null && !options.pytorchModelBin) {
+    const same = await awaitNative(() => native.tensorsEqual(ck.nativeHandle(), headKey, embedKey))
     if (same) {
-      entries.splice(entries.indexOf(head), 1)
-      skipped.push({ key: head.key, reason: `tied to ${embed.name} (tie_word_embeddings)` })
+      selection.leaveOut('lm_head.weight', `tied to ${embedName} (tie_word_embeddings)`)
     } else {
-      warn(`config.json ties word embeddings, but lm_head.weight differs from ${embed.name}: keeping both (the config is probably wrong)`)
+      warn(`config.json ties word embeddings, but lm_head.weight differs from ${embedName}: keeping both (the config is probably wrong)`)
     }
   }
   return {
@@ -278,8 +254,7 @@ async function prepareOpen(
     layout: summary.layout,
     writer: summary.writer,
     tokenizer: hasTokenizer ? { dir: tok.dir, source: tokenizerSource } : null,
-    entries,
-    skipped,
+    selection,
     dtype,
     maxShard,
     config,
@@ -308,16 +283,20 @@ export function extraFileList(p: Prepared): { from: string; to: string }[] {
   return files
 }
 
-/** @internal */
-export function planOf(p: Prepared): ConvertPlan {
-  return planFromJson(p, callNative(() => native.planConvert(p.ck.nativeHandle(), p.entries, p.dtype, p.maxShard)))
+/** @internal The plan, made and held natively (a job takes it). */
+export function planNative(p: Prepared): ReturnType<typeof native.planConvertNative> {
+  return callNative(() => native.planConvertNative(p.ck.nativeHandle(), p.selection, p.dtype, p.maxShard))
 }
 
-function planFromJson(p: Prepared, raw: string): ConvertPlan {
-  const plan = JSON.parse(raw) as Omit<ConvertPlan, 'skipped' | 'extraFiles' | 'checkpoint' | 'layout' | 'writer' | 'tokenizer'>
+/** @internal The whole plan, as `onPlan` and `planDcpToHf` give it. */
+export function planOf(p: Prepared, handle = planNative(p)): ConvertPlan {
+  const raw = callNative(() => handle.plan())
   return {
-    ...plan,
-    skipped: p.skipped,
+    shards: raw.shards,
+    tensors: raw.tensors.map((t) => ({ ...t, sourceDtype: t.sourceDtype as DType, dtype: t.dtype as DType })),
+    totalSize: raw.totalSize,
+    indexJson: raw.indexJson ?? null,
+    skipped: p.selection.skipped(),
     extraFiles: ['config.json', ...extraFileList(p).map((f) => f.to)],
     checkpoint: p.ckDir,
     layout: p.layout,
@@ -400,9 +379,9 @@ export async function convertDcpToHf(
   let handle: ReturnType<typeof native.planConvertNative>
   let summary: ReturnType<typeof handle.summary>
   try {
-    handle = callNative(() => native.planConvertNative(p.ck.nativeHandle(), p.entries, p.dtype, p.maxShard))
+    handle = planNative(p)
     if (options.onPlan || options.dryRun) {
-      const plan = planFromJson(p, callNative(() => handle.json()))
+      const plan = planOf(p, handle)
       options.onPlan?.(plan)
       if (options.dryRun) {
         printPlan(plan, hfCkptPath)

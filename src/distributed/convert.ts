@@ -17,7 +17,7 @@ import { existsSync } from 'node:fs'
 import { copyFile, mkdir, writeFile } from 'node:fs/promises'
 import { dirname, join, resolve } from 'node:path'
 
-import { configFor, convertDcpToHf, extraFileList, fsyncPath, planOf, prepare, type ConvertOptions, type ConvertPlan, type Prepared } from '../convert.js'
+import { configFor, convertDcpToHf, extraFileList, fsyncPath, planNative, planOf, prepare, PROGRESS_INTERVAL_MS, type ConvertOptions, type ConvertPlan, type Prepared } from '../convert.js'
 import { awaitNative, callNative, DistcpError } from '../errors.js'
 import { native } from '../native.js'
 import type { ProcessGroup } from './group.js'
@@ -71,6 +71,8 @@ export async function convertRanks(
   const out = resolve(hfCkptPath)
   let p: Prepared | null = null
   let plan: ConvertPlan | null = null
+  // the plan, made once and held natively until this rank's job takes it
+  let handle: ReturnType<typeof planNative> | null = null
   // rank 0's staged output (the lock and the temporary folder), until committed
   let staged: ReturnType<typeof native.beginConvertOutput> | undefined
   try {
@@ -84,7 +86,8 @@ export async function convertRanks(
         }
         if (signal?.aborted) throw aborted(signal.reason)
         p = await prepare(dcpCkptPath, hfCkptPath, modelNameOrPath, tokenizerNameOrPath, single)
-        plan = planOf(p)
+        handle = planNative(p)
+        plan = planOf(p, handle)
         return digest(p, plan, options)
       },
       async (digests: string[]) => {
@@ -107,7 +110,7 @@ export async function convertRanks(
 
     await pg.allReduce(
       'convert-write',
-      () => writeShare(prepared, planned, tmp, pg, options),
+      () => writeShare(prepared, planned, handle as NonNullable<typeof handle>, tmp, pg, options),
       async () => {
         // rank 0, once every rank's shards are written and durable
         const files = extraFileList(prepared)
@@ -141,12 +144,19 @@ export async function convertRanks(
 }
 
 /** This rank's shards (or, for `pytorchModelBin`, rank 0's one file), written into `tmp` and fsynced. */
-async function writeShare(p: Prepared, plan: ConvertPlan, tmp: string, pg: ProcessGroup, options: ConvertOptions): Promise<null> {
+async function writeShare(
+  p: Prepared,
+  plan: ConvertPlan,
+  handle: ReturnType<typeof planNative>,
+  tmp: string,
+  pg: ProcessGroup,
+  options: ConvertOptions,
+): Promise<null> {
   const { signal } = options
+  // one file for pytorchModelBin: rank 0 writes it, the others wait for it at the commit
+  if (options.pytorchModelBin && pg.rank !== 0) return null
+  const job = callNative(() => native.createConvertJobFromPlan(p.ck.nativeHandle(), handle, tmp))
   if (options.pytorchModelBin) {
-    // one file: rank 0 writes it, the others wait for it at the commit
-    if (pg.rank !== 0) return null
-    const job = callNative(() => native.createConvertJob(p.ck.nativeHandle(), p.entries, p.dtype, p.maxShard, tmp))
     await awaitNative(() => job.writePytorchModelBin())
     const n = plan.tensors.length
     options.onProgress?.({ bytesDone: plan.totalSize, bytesTotal: plan.totalSize, tensorsDone: n, tensorsTotal: n, file: 'pytorch_model.bin' })
@@ -157,21 +167,38 @@ async function writeShare(p: Prepared, plan: ConvertPlan, tmp: string, pg: Proce
     pg.worldSize,
   )
   const shards = plan.shards.map((_, i) => i).filter((i) => owner[i] === pg.rank)
-  const tensors = shards.flatMap((s) => plan.shards[s].tensors)
+  // this rank's tensors, in plan order (the order the job writes them in)
+  const tensors = shards.flatMap((s) => plan.shards[s].tensors).sort((a, b) => a - b)
   const bytesTotal = tensors.reduce((n, i) => n + plan.tensors[i].nbytes, 0)
-  const job = callNative(() => native.createRankConvertJob(p.ck.nativeHandle(), p.entries, p.dtype, p.maxShard, tmp))
+  const report = (bytesDone: number, tensorsDone: number) =>
+    options.onProgress?.({
+      bytesDone,
+      bytesTotal,
+      tensorsDone,
+      tensorsTotal: tensors.length,
+      file: tensors.length === 0 ? '' : plan.shards[plan.tensors[tensors[Math.min(tensorsDone, tensors.length - 1)]].shard].file,
+    })
   const onAbort = () => job.cancel()
   signal?.addEventListener('abort', onAbort)
+  // the whole share runs natively, as a single-process conversion does; progress is polled, not sent per tensor
+  let last = -1
+  const poll = () => {
+    const now = job.progress()
+    // completion is reported once, after the run (see convertDcpToHf)
+    if (now.tensorsDone === last || now.tensorsDone >= tensors.length) return
+    last = now.tensorsDone
+    report(now.bytesDone, now.tensorsDone)
+  }
+  const timer = options.onProgress ? setInterval(poll, PROGRESS_INTERVAL_MS) : undefined
   try {
-    let bytesDone = 0
-    for (const [n, i] of tensors.entries()) {
-      signal?.throwIfAborted()
-      bytesDone += await awaitNative(() => job.writeTensor(i))
-      options.onProgress?.({ bytesDone, bytesTotal, tensorsDone: n + 1, tensorsTotal: tensors.length, file: plan.shards[plan.tensors[i].shard].file })
-    }
     signal?.throwIfAborted()
-    await awaitNative(() => job.finish(shards, pg.rank === 0))
+    await awaitNative(() => job.runShards(shards, pg.rank === 0))
+    signal?.throwIfAborted()
+    report(bytesTotal, tensors.length)
+    // an abort from the last report still fails the conversion, as in a single-process one
+    signal?.throwIfAborted()
   } finally {
+    if (timer) clearInterval(timer)
     signal?.removeEventListener('abort', onAbort)
   }
   return null

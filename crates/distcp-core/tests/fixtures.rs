@@ -165,3 +165,42 @@ fn real_metadata_needs_a_fraction_of_the_unpickling_budget() {
       .unwrap_or_else(|e| panic!("{}: {e:?} within {budget} bytes", ck.metadata_path.display()));
   }
 }
+
+/// `convert::select` (the naming rules behind `convertDcpToHf`'s keyMap / include / exclude) on checkpoints torch
+/// wrote: the seed's `{"model": state_dict}` is unwrapped, anything else keeps its keys, non-tensors are left out.
+#[test]
+fn conversion_names_come_from_the_planner_paths_torch_wrote() {
+  use distcp_core::convert::{select, Selection};
+  let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/torch-2.15.0");
+  let model = Checkpoint::open(root.join("seed-model/ckpt"), None).unwrap();
+  let all = select(&model, &Selection::default());
+  assert!(all.skipped.is_empty(), "{:?}", all.skipped);
+  assert_eq!(all.entries.len(), model.keys().count());
+  for e in &all.entries {
+    assert_eq!(Some(e.name.as_str()), e.key.strip_prefix("model."), "{e:?}");
+  }
+  let first = all.entries[0].name.clone();
+  let sel = Selection {
+    key_map: vec![("zzz".into(), "never".into()), (String::new(), "backbone.".into())],
+    include: Some(vec![format!("backbone.{}", first), "*.bias".into()]),
+    exclude: vec!["*.bias".into()],
+  };
+  let picked = select(&model, &sel);
+  assert_eq!(picked.entries.len(), 1, "{:?}", picked.entries);
+  assert_eq!(picked.entries[0].name, format!("backbone.{first}"));
+  assert_eq!(picked.skipped.len(), all.entries.len() - 1);
+  assert!(picked.skipped.iter().all(|s| s.reason == "not included" || s.reason == "excluded"));
+
+  let mut optim =
+    select(&Checkpoint::open(root.join("seed-optim/ckpt"), None).unwrap(), &Selection::default());
+  assert!(optim.skipped.iter().any(|s| s.reason == "not a tensor"), "{:?}", optim.skipped);
+  assert!(optim.entries.iter().all(|e| e.name == e.key && e.key.starts_with("optim.")));
+  let name = optim.entries[0].name.clone();
+  assert_eq!(optim.key_of(&name), Some(name.as_str()));
+  assert!(optim.drop_name(&name, "tied"));
+  assert!(!optim.drop_name(&name, "tied"));
+  assert_eq!(
+    optim.skipped.last().map(|s| (s.key.as_str(), s.reason.as_str())),
+    Some((name.as_str(), "tied"))
+  );
+}

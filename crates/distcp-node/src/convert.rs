@@ -1,9 +1,10 @@
-//! Conversion to safetensors: the whole job in one native call (`run`; TypeScript polls `progress` at its own
-//! interval and `cancel` sets the flag the job checks between tensors and slabs), or one tensor at a time.
+//! Conversion to safetensors: the selection of tensors, the plan and the whole job held natively and run in one
+//! native call (`run`, or `runShards` for one rank's share; TypeScript polls `progress` at its own interval and
+//! `cancel` sets the flag the job checks between tensors and slabs).
 
 use crate::checkpoint::NativeCheckpoint;
 use crate::errors::{invalid_arg, job, to_js, Job, Result, Work};
-use distcp_core::convert::{self, ConvertEntry, ConvertJob, JobProgress};
+use distcp_core::convert::{self, ConvertJob, JobProgress};
 use distcp_core::{Checkpoint, DType};
 use napi::bindgen_prelude::AsyncTask;
 use napi::Env;
@@ -12,11 +13,81 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 #[napi(object)]
-pub struct ConvertEntryJs {
+pub struct KeyRenameJs {
+  /// Prefix to replace.
+  pub from: String,
+  /// What replaces it.
+  pub to: String,
+}
+
+/// Which tensors a conversion writes and under which names (`ConvertOptions.keyMap` / `include` / `exclude`).
+#[napi(object)]
+pub struct ConvertSelectionJs {
+  /// Prefix renames, tried in order; the first that starts the name applies.
+  pub key_map: Option<Vec<KeyRenameJs>>,
+  /// Only names matching one of these globs.
+  pub include: Option<Vec<String>>,
+  /// Names matching one of these globs are left out.
+  pub exclude: Option<Vec<String>>,
+}
+
+#[napi(object)]
+pub struct SkippedJs {
   /// Key in the checkpoint.
   pub key: String,
-  /// Tensor name in the output.
-  pub name: String,
+  /// Why it is left out.
+  pub reason: String,
+}
+
+/// The tensors a conversion writes, chosen natively from every key of the checkpoint (`select`), held here so
+/// that tens of thousands of keys and names never cross into JavaScript.
+#[napi]
+pub struct NativeConvertSelection {
+  selected: Mutex<convert::Selected>,
+}
+
+/// Chooses the tensors of `checkpoint` to convert and their output names (the core's `convert::select`).
+#[napi(catch_unwind)]
+pub fn select_convert_entries(
+  checkpoint: &NativeCheckpoint,
+  selection: ConvertSelectionJs,
+) -> Result<NativeConvertSelection> {
+  let ck = checkpoint.get()?;
+  let sel = convert::Selection {
+    key_map: selection.key_map.unwrap_or_default().into_iter().map(|r| (r.from, r.to)).collect(),
+    include: selection.include,
+    exclude: selection.exclude.unwrap_or_default(),
+  };
+  Ok(NativeConvertSelection { selected: Mutex::new(convert::select(&ck, &sel)) })
+}
+
+impl NativeConvertSelection {
+  fn with<T>(&self, f: impl FnOnce(&mut convert::Selected) -> T) -> T {
+    f(&mut self.selected.lock().unwrap_or_else(|p| p.into_inner()))
+  }
+}
+
+#[napi]
+impl NativeConvertSelection {
+  /// The keys left out, and why.
+  #[napi]
+  pub fn skipped(&self) -> Vec<SkippedJs> {
+    self.with(|s| {
+      s.skipped.iter().map(|k| SkippedJs { key: k.key.clone(), reason: k.reason.clone() }).collect()
+    })
+  }
+
+  /// The key written under output name `name`, or null.
+  #[napi]
+  pub fn key_of(&self, name: String) -> Option<String> {
+    self.with(|s| s.key_of(&name).map(str::to_owned))
+  }
+
+  /// Leaves out the tensor written as `name` (listed in `skipped` with `reason`); false if there is none.
+  #[napi]
+  pub fn leave_out(&self, name: String, reason: String) -> bool {
+    self.with(|s| s.drop_name(&name, &reason))
+  }
 }
 
 #[napi(object)]
@@ -35,7 +106,7 @@ pub struct TensorWrittenJs {
 
 fn plan_for(
   ck: &Checkpoint,
-  entries: Vec<ConvertEntryJs>,
+  selection: &NativeConvertSelection,
   dtype: Option<String>,
   max_shard_size: f64,
 ) -> Result<convert::ConvertPlan> {
@@ -46,26 +117,49 @@ fn plan_for(
   if max_shard_size.is_nan() || max_shard_size < 1.0 {
     return Err(invalid_arg(format!("maxShardSize must be at least 1 byte, got {max_shard_size}")));
   }
-  let entries: Vec<ConvertEntry> =
-    entries.into_iter().map(|e| ConvertEntry { key: e.key, name: e.name }).collect();
-  convert::plan(ck, &entries, dtype, max_shard_size as u64).map_err(to_js)
+  selection.with(|s| convert::plan(ck, &s.entries, dtype, max_shard_size as u64)).map_err(to_js)
 }
 
-/// The conversion plan (shards, tensors, offsets, index) as JSON, from `.metadata` alone.
-#[napi(catch_unwind)]
-pub fn plan_convert(
-  checkpoint: &NativeCheckpoint,
-  entries: Vec<ConvertEntryJs>,
-  dtype: Option<String>,
-  max_shard_size: f64,
-) -> Result<String> {
-  let ck = checkpoint.get()?;
-  let plan = plan_for(&ck, entries, dtype, max_shard_size)?;
-  serde_json::to_string(&plan).map_err(|e| invalid_arg(e.to_string()))
+#[napi(object)]
+pub struct ShardPlanJs {
+  /// File name inside the output folder.
+  pub file: String,
+  /// Bytes of the file.
+  pub size: f64,
+  /// Bytes of its JSON header.
+  pub header_len: f64,
+  /// Indices into `tensors` of the tensors in this file, in file order.
+  pub tensors: Vec<u32>,
 }
 
-/// A conversion plan held natively: planned once, read by TypeScript as a summary (or whole, as JSON, for
-/// `onPlan` / `dryRun`), and handed to the job that executes it.
+#[napi(object)]
+pub struct TensorPlanJs {
+  pub key: String,
+  pub name: String,
+  /// Stored dtype (torch name).
+  pub source_dtype: String,
+  /// Output dtype (torch name).
+  pub dtype: String,
+  pub shape: Vec<f64>,
+  /// Byte offset of the tensor's data in its file.
+  pub offset: f64,
+  pub nbytes: f64,
+  /// Index into `shards`.
+  pub shard: u32,
+}
+
+/// The whole plan, for `onPlan`, `dryRun` and the ranks' agreement check.
+#[napi(object)]
+pub struct ConvertPlanJs {
+  pub shards: Vec<ShardPlanJs>,
+  pub tensors: Vec<TensorPlanJs>,
+  pub total_size: f64,
+  /// `model.safetensors.index.json`, when there is more than one shard.
+  pub index_json: Option<String>,
+}
+
+/// A conversion plan held natively: planned once, read by TypeScript as a summary (or whole, for `onPlan`,
+/// `dryRun` and the ranks' agreement check), and handed to the job that executes it.
 #[napi]
 pub struct NativeConvertPlan {
   plan: Mutex<Option<convert::ConvertPlan>>,
@@ -87,16 +181,17 @@ pub struct ConvertPlanSummaryJs {
   pub dtype_bytes: Vec<f64>,
 }
 
-/// Plans a conversion (as `planConvert`) and keeps the plan natively.
+/// Plans the conversion of `selection` (shards of at most `maxShardSize` bytes of tensor data, floating tensors
+/// cast to `dtype` if given) from `.metadata` alone, and keeps the plan natively.
 #[napi(catch_unwind)]
 pub fn plan_convert_native(
   checkpoint: &NativeCheckpoint,
-  entries: Vec<ConvertEntryJs>,
+  selection: &NativeConvertSelection,
   dtype: Option<String>,
   max_shard_size: f64,
 ) -> Result<NativeConvertPlan> {
   let ck = checkpoint.get()?;
-  let plan = plan_for(&ck, entries, dtype, max_shard_size)?;
+  let plan = plan_for(&ck, selection, dtype, max_shard_size)?;
   Ok(NativeConvertPlan { plan: Mutex::new(Some(plan)) })
 }
 
@@ -111,10 +206,37 @@ impl NativeConvertPlan {
 
 #[napi]
 impl NativeConvertPlan {
-  /// The whole plan as JSON (what `planConvert` returns).
+  /// The whole plan.
   #[napi(catch_unwind)]
-  pub fn json(&self) -> Result<String> {
-    self.with(|p| serde_json::to_string(p).map_err(|e| invalid_arg(e.to_string())))?
+  pub fn plan(&self) -> Result<ConvertPlanJs> {
+    self.with(|p| ConvertPlanJs {
+      shards: p
+        .shards
+        .iter()
+        .map(|s| ShardPlanJs {
+          file: s.file.clone(),
+          size: s.size as f64,
+          header_len: s.header_len as f64,
+          tensors: s.tensors.iter().map(|&i| i as u32).collect(),
+        })
+        .collect(),
+      tensors: p
+        .tensors
+        .iter()
+        .map(|t| TensorPlanJs {
+          key: t.key.clone(),
+          name: t.name.clone(),
+          source_dtype: t.source_dtype.clone(),
+          dtype: t.dtype.clone(),
+          shape: t.shape.iter().map(|&d| d as f64).collect(),
+          offset: t.offset as f64,
+          nbytes: t.nbytes as f64,
+          shard: t.shard as u32,
+        })
+        .collect(),
+      total_size: p.total_size as f64,
+      index_json: p.index_json.clone(),
+    })
   }
 
   /// What a conversion reports and writes beside the weights, without the per-tensor list.
@@ -165,27 +287,9 @@ pub struct NativeConvertJob {
   progress: Arc<JobProgress>,
 }
 
-/// Starts a conversion into `dir` (an existing empty folder; the caller renames it into place when done).
-#[napi(catch_unwind)]
-pub fn create_convert_job(
-  checkpoint: &NativeCheckpoint,
-  entries: Vec<ConvertEntryJs>,
-  dtype: Option<String>,
-  max_shard_size: f64,
-  dir: String,
-) -> Result<NativeConvertJob> {
-  let ck = checkpoint.get()?;
-  let plan = plan_for(&ck, entries, dtype, max_shard_size)?;
-  let job = ConvertJob::new(plan, dir);
-  let cancel = job.cancel_flag();
-  let progress = job.progress();
-  Ok(NativeConvertJob { ck, job: Arc::new(Mutex::new(job)), cancel, progress })
-}
-
 enum Step {
   All,
-  Tensor(u32),
-  Finish,
+  Shards { shards: Vec<usize>, index: bool },
   PytorchModelBin,
 }
 
@@ -212,13 +316,10 @@ impl Work<'_> for WriteTensorTask {
         job.write_all(&self.ck).map_err(to_js)?;
         Ok((self.progress_bytes(&job), 0.0))
       }
-      Step::Tensor(i) => {
-        let w = job.write_tensor(&self.ck, i as usize).map_err(to_js)?;
-        Ok((w.bytes as f64, w.kernel_copied as f64))
-      }
-      Step::Finish => {
-        job.finish().map_err(to_js)?;
-        Ok((0.0, 0.0))
+      Step::Shards { ref shards, index } => {
+        job.write_shards(&self.ck, shards).map_err(to_js)?;
+        job.finish_shards(shards, index).map_err(to_js)?;
+        Ok((self.progress_bytes(&job), 0.0))
       }
       Step::PytorchModelBin => Ok((job.write_pytorch_model_bin(&self.ck).map_err(to_js)? as f64, 0.0)),
     }
@@ -247,16 +348,14 @@ impl NativeConvertJob {
     }
   }
 
-  /// Writes tensor `index` of the plan (the plan's `tensors` order).
+  /// One rank's share of a multi-rank conversion (`src/distributed/convert.ts`), in one call as `run`: writes the
+  /// tensors of `shards` (indices into the plan's shards) into the folder rank 0 staged, and makes those files
+  /// durable; with `index`, also writes `model.safetensors.index.json`. Each shard is written by one rank only,
+  /// with the same job as a single-process conversion, so the files are the same bytes.
   #[napi(ts_return_type = "Promise<TensorWrittenJs>")]
-  pub fn write_tensor(&self, index: u32) -> AsyncTask<Job<WriteTensorTask>> {
-    job(WriteTensorTask { ck: self.ck.clone(), job: self.job.clone(), step: Step::Tensor(index) })
-  }
-
-  /// Creates empty shards, writes the index, fsyncs every file.
-  #[napi(ts_return_type = "Promise<TensorWrittenJs>")]
-  pub fn finish(&self) -> AsyncTask<Job<WriteTensorTask>> {
-    job(WriteTensorTask { ck: self.ck.clone(), job: self.job.clone(), step: Step::Finish })
+  pub fn run_shards(&self, shards: Vec<u32>, index: bool) -> AsyncTask<Job<WriteTensorTask>> {
+    let shards = shards.into_iter().map(|s| s as usize).collect();
+    job(WriteTensorTask { ck: self.ck.clone(), job: self.job.clone(), step: Step::Shards { shards, index } })
   }
 
   /// Writes `pytorch_model.bin` (the seed's single torch.save file) instead of safetensors shards.
@@ -289,19 +388,6 @@ impl Work<'_> for EqualTask {
   fn resolve(&mut self, _env: &Env, v: bool) -> Result<bool> {
     Ok(v)
   }
-}
-
-/// The keys of `checkpoint` that hold tensors, in `.metadata` order: what a conversion considers, in one call
-/// instead of one `info` per key (an MoE checkpoint has tens of thousands).
-#[napi(catch_unwind)]
-pub fn convert_tensor_keys(checkpoint: &NativeCheckpoint) -> Result<Vec<String>> {
-  let ck = checkpoint.get()?;
-  Ok(
-    ck.keys()
-      .filter(|k| matches!(ck.item(k), Ok(distcp_core::metadata::ItemMetadata::Tensor(_))))
-      .map(str::to_owned)
-      .collect(),
-  )
 }
 
 /// Whether two tensors of a checkpoint have the same dtype, shape and bytes.

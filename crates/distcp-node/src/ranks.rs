@@ -8,25 +8,17 @@
 //! - a planner path (from `flattenStateDictKeys`): `[str | int, …]` (dict key, list index).
 
 use crate::background::at_background_priority;
-use crate::checkpoint::NativeCheckpoint;
-use crate::convert::ConvertEntryJs;
 use crate::errors::{closed, invalid_input as bad, job, to_js, Job, Result, Work};
-use distcp_core::convert::{self, ConvertEntry, ConvertJob};
 use distcp_core::dtype::DType;
-use distcp_core::error::Error as CoreError;
 use distcp_core::metadata::{
   Chunk, ItemMetadata, PathElem, StorageInfo, StorageKey, TensorMetadata, TensorProperties,
 };
 use distcp_core::write::ranks::{write_rank_data, PlannedItem, RankLocalSave, RanksMetadata, RanksSave};
 use distcp_core::write::{from_tagged_json, Layout};
-use distcp_core::Checkpoint;
 use napi::bindgen_prelude::{AsyncTask, Uint8Array};
 use napi::Env;
 use napi_derive::napi;
 use serde_json::{json, Value};
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 const SHARD_METADATA: &str = "torch.distributed._shard.sharded_tensor.metadata";
@@ -334,131 +326,5 @@ impl RanksSaveHandle {
   pub fn release(&self) {
     let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
     *guard = None;
-  }
-}
-
-/// One rank's part of a multi-rank conversion (`src/distributed/convert.ts`): the whole plan (every rank makes the
-/// same one from `.metadata`), of which this rank writes the tensors of the shards it was given, into the staged
-/// folder rank 0 holds; then fsyncs those shards, and (rank 0) writes the index. Each shard is written by one rank
-/// only, with the same core job as a single-process conversion, so the files are the same bytes.
-#[napi]
-pub struct RankConvertJob {
-  ck: Arc<Checkpoint>,
-  job: Arc<Mutex<ConvertJob>>,
-  cancel: Arc<AtomicBool>,
-  dir: PathBuf,
-}
-
-/// Plans the conversion of `entries` (as `planConvert`) and starts this rank's part of it, writing into `dir`.
-#[napi(catch_unwind)]
-pub fn create_rank_convert_job(
-  checkpoint: &NativeCheckpoint,
-  entries: Vec<ConvertEntryJs>,
-  dtype: Option<String>,
-  max_shard_size: f64,
-  dir: String,
-) -> Result<RankConvertJob> {
-  let ck = checkpoint.get()?;
-  let dtype = match dtype {
-    Some(d) => Some(DType::from_name(&d).ok_or_else(|| bad(format!("unknown dtype `{d}`")))?),
-    None => None,
-  };
-  if max_shard_size.is_nan() || max_shard_size < 1.0 {
-    return Err(bad(format!("maxShardSize must be at least 1 byte, got {max_shard_size}")));
-  }
-  let entries: Vec<ConvertEntry> =
-    entries.into_iter().map(|e| ConvertEntry { key: e.key, name: e.name }).collect();
-  let plan = convert::plan(&ck, &entries, dtype, max_shard_size as u64).map_err(to_js)?;
-  let dir = PathBuf::from(dir);
-  let job = ConvertJob::new(plan, &dir);
-  let cancel = job.cancel_flag();
-  Ok(RankConvertJob { ck, job: Arc::new(Mutex::new(job)), cancel, dir })
-}
-
-enum RankConvertStep {
-  Tensor(usize),
-  Finish { dir: PathBuf, shards: Vec<usize>, index: bool },
-}
-
-pub struct RankConvertTask {
-  ck: Arc<Checkpoint>,
-  job: Arc<Mutex<ConvertJob>>,
-  step: RankConvertStep,
-}
-
-impl Work<'_> for RankConvertTask {
-  type Output = f64;
-  type JsValue = f64;
-
-  fn compute(&mut self) -> Result<f64> {
-    let mut job = self.job.lock().unwrap_or_else(|p| p.into_inner());
-    match &self.step {
-      RankConvertStep::Tensor(i) => {
-        if *i >= job.plan.tensors.len() {
-          return Err(bad(format!("tensor {i} is not in the plan ({} tensors)", job.plan.tensors.len())));
-        }
-        job.write_tensor(&self.ck, *i).map(|w| w.bytes as f64).map_err(to_js)
-      }
-      RankConvertStep::Finish { dir, shards, index } => {
-        finish_rank_shards(&mut job, dir, shards, *index).map(|()| 0.0)
-      }
-    }
-  }
-
-  fn resolve(&mut self, _env: &Env, n: f64) -> Result<f64> {
-    Ok(n)
-  }
-}
-
-/// Makes this rank's shards durable, and with `index` writes the index. A plan of one shard has no index and may
-/// hold no tensor (then its file is created here): the job's own `finish` does exactly that for it. A plan of
-/// several shards has a tensor in each, so each file exists once its tensors are written.
-fn finish_rank_shards(job: &mut ConvertJob, dir: &Path, shards: &[usize], index: bool) -> Result<()> {
-  let n = job.plan.shards.len();
-  if let Some(s) = shards.iter().find(|&&s| s >= n) {
-    return Err(bad(format!("shard {s} is not in the plan ({n} shards)")));
-  }
-  if n == 1 {
-    return if shards.is_empty() { Ok(()) } else { job.finish().map_err(to_js) };
-  }
-  // the slabs still queued for the job's writer thread land before the files are made durable
-  job.drain_writes().map_err(to_js)?;
-  for &s in shards {
-    let path = dir.join(&job.plan.shards[s].file);
-    std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| to_js(CoreError::io(&path, e)))?;
-  }
-  if let (true, Some(text)) = (index, &job.plan.index_json) {
-    let path = dir.join(convert::INDEX_FILE);
-    let write = || -> std::io::Result<()> {
-      let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
-      f.write_all(text.as_bytes())?;
-      f.sync_all()
-    };
-    write().map_err(|e| to_js(CoreError::io(&path, e)))?;
-  }
-  Ok(())
-}
-
-#[napi]
-impl RankConvertJob {
-  /// Writes tensor `index` of the plan (its shard file is created with its header on its first tensor).
-  #[napi(ts_return_type = "Promise<number>")]
-  pub fn write_tensor(&self, index: u32) -> AsyncTask<Job<RankConvertTask>> {
-    let step = RankConvertStep::Tensor(index as usize);
-    job(RankConvertTask { ck: self.ck.clone(), job: self.job.clone(), step })
-  }
-
-  /// fsyncs `shards` (this rank's, all written); with `index`, writes and fsyncs `model.safetensors.index.json`.
-  #[napi(ts_return_type = "Promise<number>")]
-  pub fn finish(&self, shards: Vec<u32>, index: bool) -> AsyncTask<Job<RankConvertTask>> {
-    let shards = shards.into_iter().map(|s| s as usize).collect();
-    let step = RankConvertStep::Finish { dir: self.dir.clone(), shards, index };
-    job(RankConvertTask { ck: self.ck.clone(), job: self.job.clone(), step })
-  }
-
-  /// Stops the tensor being written at its next slab; later writes fail with ERR_DISTCP_ABORTED.
-  #[napi]
-  pub fn cancel(&self) {
-    self.cancel.store(true, Ordering::Relaxed);
   }
 }

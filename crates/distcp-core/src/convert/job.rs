@@ -140,28 +140,59 @@ impl ConvertJob {
   /// goes to [`ConvertJob::progress`]; the cancel flag stops it between tensors (and between slabs of a large
   /// one) with `Error::Aborted`.
   pub fn write_all(&mut self, ck: &Checkpoint) -> Result<()> {
-    let keys: Vec<String> = self.plan.tensors.iter().map(|t| t.key.clone()).collect();
+    let all: Vec<usize> = (0..self.plan.tensors.len()).collect();
+    self.write_listed(ck, &all)?;
+    self.finish()
+  }
+
+  /// Writes the tensors of `shards` (indices into the plan's shards): one rank's share of a multi-rank
+  /// conversion, in one call as [`ConvertJob::write_all`]; the caller makes the files durable.
+  pub fn write_shards(&mut self, ck: &Checkpoint, shards: &[usize]) -> Result<()> {
+    self.check_shards(shards)?;
+    let mut list: Vec<usize> =
+      shards.iter().flat_map(|&s| self.plan.shards[s].tensors.iter().copied()).collect();
+    // plan order: each source file is read front to back, and small tensors batch as in a whole conversion
+    list.sort_unstable();
+    list.dedup();
+    self.write_listed(ck, &list)
+  }
+
+  fn check_shards(&self, shards: &[usize]) -> Result<()> {
+    let n = self.plan.shards.len();
+    match shards.iter().find(|&&s| s >= n) {
+      Some(s) => Err(Error::BadRequest {
+        checkpoint: self.dir.clone(),
+        key: String::new(),
+        reason: format!("shard {s} is not in the plan ({n} shards)"),
+      }),
+      None => Ok(()),
+    }
+  }
+
+  /// Writes the plan's tensors `list` (ascending indices), resolving records ahead on a helper thread.
+  fn write_listed(&mut self, ck: &Checkpoint, list: &[usize]) -> Result<()> {
+    // (key, bytes) owned: the writer below borrows the job mutably while the helper reads these
+    let tensors: Vec<(String, u64)> =
+      list.iter().map(|&i| (self.plan.tensors[i].key.clone(), self.plan.tensors[i].nbytes)).collect();
     // a small tensor's records are only resolved ahead: asking the kernel to read each ahead would cost a syscall
     // per tensor, and the reads of a run of small ones are sequential (the kernel's own readahead follows them)
-    let small: Vec<bool> = self.plan.tensors.iter().map(|t| t.nbytes <= SMALL_TENSOR_BYTES).collect();
     let ahead = |j: usize| {
+      let (key, nbytes) = &tensors[j];
       // an error here shows again, reported, when the writer reaches the tensor
-      let _ = if small[j] { ck.resolve(&keys[j]).map(drop) } else { ck.prefetch(&keys[j]) };
+      let _ = if *nbytes <= SMALL_TENSOR_BYTES { ck.resolve(key).map(drop) } else { ck.prefetch(key) };
     };
-    // end[i]: bytes of tensors [0, i]
-    let end: Vec<u64> = self
-      .plan
-      .tensors
+    // end[j]: bytes of the listed tensors [0, j]
+    let end: Vec<u64> = tensors
       .iter()
       .scan(0u64, |acc, t| {
-        *acc = acc.saturating_add(t.nbytes);
+        *acc = acc.saturating_add(t.1);
         Some(*acc)
       })
       .collect();
     // the tensor being written (usize::MAX: done), and the next tensor whose records nobody has claimed yet
     let at = AtomicUsize::new(0);
     let next = AtomicUsize::new(0);
-    let n = keys.len();
+    let n = list.len();
     // resolving a record (its zip entry and pickle) costs more than moving a small tensor: both threads claim
     // tensors to resolve, each once, the helper up to a window ahead (starting the kernel's readahead on them)
     let claim = |j: usize| next.compare_exchange(j, j + 1, Ordering::Relaxed, Ordering::Relaxed).is_ok();
@@ -202,21 +233,22 @@ impl ConvertJob {
         }
       }
       let _done = Done(&at);
-      self.write_in_order(ck, &at, &resolve_up_to)
-    })?;
-    self.finish()
+      self.write_in_order(ck, list, &at, &resolve_up_to)
+    })
   }
 
+  /// Writes the listed tensors in order; `at` and `resolve_up_to` count positions in `list`.
   fn write_in_order(
     &mut self,
     ck: &Checkpoint,
+    list: &[usize],
     at: &AtomicUsize,
     resolve_up_to: &dyn Fn(usize),
   ) -> Result<()> {
     let mut batch = SmallBatch::default();
-    for i in 0..self.plan.tensors.len() {
-      at.store(i, Ordering::Relaxed);
-      resolve_up_to(i);
+    for (j, &i) in list.iter().enumerate() {
+      at.store(j, Ordering::Relaxed);
+      resolve_up_to(j);
       self.check_cancel()?;
       let nbytes = self.plan.tensors[i].nbytes;
       if nbytes > 0 && nbytes <= SMALL_TENSOR_BYTES {
@@ -513,25 +545,31 @@ impl ConvertJob {
     }
   }
 
-  /// Creates shards that got no tensor, writes the index, and makes everything durable.
-  pub fn finish(&mut self) -> Result<()> {
+  /// Makes `shards` durable once the queued slabs have landed (creating any that got no tensor: a plan of one
+  /// shard may hold none), and with `index` writes the index too, when the plan has one: one rank's end of a
+  /// multi-rank conversion, where each shard is one rank's ([`ConvertJob::finish`] is this for every shard).
+  pub fn finish_shards(&mut self, shards: &[usize], index: bool) -> Result<()> {
+    self.check_shards(shards)?;
     self.drain_writes()?;
-    for shard in 0..self.plan.shards.len() {
-      self.shard_file(shard)?;
-    }
-    for (shard, f) in self.files.iter().enumerate() {
-      if let Some(f) = f {
-        let path = self.dir.join(&self.plan.shards[shard].file);
-        f.sync_all().map_err(|e| io_err(&path, e))?;
-      }
-    }
-    if let Some(index) = &self.plan.index_json {
-      let path = self.dir.join("model.safetensors.index.json");
-      let mut f =
-        OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| io_err(&path, e))?;
-      f.write_all(index.as_bytes()).map_err(|e| io_err(&path, e))?;
+    for &shard in shards {
+      let path = self.dir.join(&self.plan.shards[shard].file);
+      let f = self.shard_file(shard)?;
       f.sync_all().map_err(|e| io_err(&path, e))?;
     }
+    if let (true, Some(text)) = (index, &self.plan.index_json) {
+      let path = self.dir.join(super::INDEX_FILE);
+      let mut f =
+        OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| io_err(&path, e))?;
+      f.write_all(text.as_bytes()).map_err(|e| io_err(&path, e))?;
+      f.sync_all().map_err(|e| io_err(&path, e))?;
+    }
+    Ok(())
+  }
+
+  /// Creates shards that got no tensor, writes the index, and makes everything durable.
+  pub fn finish(&mut self) -> Result<()> {
+    let all: Vec<usize> = (0..self.plan.shards.len()).collect();
+    self.finish_shards(&all, true)?;
     self.files.clear();
     self.direct.clear();
     self.bufs = Vec::new();

@@ -23,6 +23,130 @@ pub struct ConvertEntry {
   pub name: String,
 }
 
+/// Which tensors of a checkpoint a conversion writes and under which names: the rules behind
+/// `ConvertOptions.keyMap` / `include` / `exclude`, applied to every key in one pass (an MoE checkpoint has tens
+/// of thousands).
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+  /// Prefix renames `(from, to)`, tried in order; the first whose `from` starts the name applies.
+  pub key_map: Vec<(String, String)>,
+  /// Only names matching one of these globs are written (`*`: any run of characters, dots included; `?`: one
+  /// character); `None`: every name.
+  pub include: Option<Vec<String>>,
+  /// Names matching one of these globs are left out.
+  pub exclude: Vec<String>,
+}
+
+/// A key a conversion leaves out, and why (for the plan and `--dry-run`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+  /// The key in the checkpoint.
+  pub key: String,
+  /// Why, in words: `not a tensor`, `not included`, `excluded`, or the caller's reason.
+  pub reason: String,
+}
+
+/// The outcome of [`select`]: what to convert (in `.metadata` order) and what was left out.
+#[derive(Debug, Clone, Default)]
+pub struct Selected {
+  /// The tensors to write, with their output names.
+  pub entries: Vec<ConvertEntry>,
+  /// The keys left out.
+  pub skipped: Vec<Skipped>,
+}
+
+impl Selected {
+  /// The checkpoint key written under output name `name`, if any.
+  pub fn key_of(&self, name: &str) -> Option<&str> {
+    self.entries.iter().find(|e| e.name == name).map(|e| e.key.as_str())
+  }
+
+  /// Leaves out the tensor written as `name` (recorded in `skipped` with `reason`); false if there is none.
+  pub fn drop_name(&mut self, name: &str, reason: &str) -> bool {
+    let Some(i) = self.entries.iter().position(|e| e.name == name) else {
+      return false;
+    };
+    let e = self.entries.remove(i);
+    self.skipped.push(Skipped { key: e.key, reason: reason.to_owned() });
+    true
+  }
+}
+
+/// Whether `name` matches `glob` as a whole (`*`: any run of characters, `?`: one character; everything else
+/// literal). Iterative with one backtrack point, so a hostile pattern costs O(len(glob) × len(name)).
+pub fn glob_match(glob: &str, name: &str) -> bool {
+  let (g, n): (Vec<char>, Vec<char>) = (glob.chars().collect(), name.chars().collect());
+  let (mut gi, mut ni) = (0, 0);
+  let mut star: Option<(usize, usize)> = None;
+  while ni < n.len() {
+    match g.get(gi) {
+      Some('*') => {
+        star = Some((gi, ni));
+        gi += 1;
+      }
+      Some(&c) if c == '?' || c == n[ni] => {
+        gi += 1;
+        ni += 1;
+      }
+      _ => match star {
+        Some((sg, sn)) => {
+          gi = sg + 1;
+          ni = sn + 1;
+          star = Some((sg, sn + 1));
+        }
+        None => return false,
+      },
+    }
+  }
+  g[gi..].iter().all(|&c| c == '*')
+}
+
+/// The output name of every tensor key of `ck`, and which keys are left out. A key's name is the key itself, or,
+/// when every key sits under one top-level `model` (the seed's `{"model": state_dict}`), its path below it joined
+/// with dots (NeMo-RL's converter unwraps it the same way); then `key_map`, `include` and `exclude` apply.
+pub fn select(ck: &Checkpoint, sel: &Selection) -> Selected {
+  use crate::metadata::{ItemMetadata, PathElem};
+  let keys: Vec<&str> = ck.keys().collect();
+  let is_model = |k: &&str| matches!(ck.planner_path(k).first(), Some(PathElem::Key(t)) if t == "model");
+  let unwrap = !keys.is_empty() && keys.iter().all(is_model);
+  let mut out = Selected::default();
+  for key in keys {
+    let skip = |out: &mut Selected, reason: &str| {
+      out.skipped.push(Skipped { key: key.to_owned(), reason: reason.into() })
+    };
+    if !matches!(ck.item(key), Ok(ItemMetadata::Tensor(_))) {
+      skip(&mut out, "not a tensor");
+      continue;
+    }
+    let mut name = if unwrap {
+      let path = ck.planner_path(key);
+      let parts: Vec<String> = path[1..]
+        .iter()
+        .map(|p| match p {
+          PathElem::Key(k) => k.clone(),
+          PathElem::Index(i) => i.to_string(),
+        })
+        .collect();
+      parts.join(".")
+    } else {
+      key.to_owned()
+    };
+    if let Some((from, to)) = sel.key_map.iter().find(|(from, _)| name.starts_with(from.as_str())) {
+      name = format!("{to}{}", &name[from.len()..]);
+    }
+    if sel.include.as_ref().is_some_and(|inc| !inc.iter().any(|g| glob_match(g, &name))) {
+      skip(&mut out, "not included");
+      continue;
+    }
+    if sel.exclude.iter().any(|g| glob_match(g, &name)) {
+      skip(&mut out, "excluded");
+      continue;
+    }
+    out.entries.push(ConvertEntry { key: key.to_owned(), name });
+  }
+  out
+}
+
 /// Where one tensor goes in the output, decided before any byte is written.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -343,6 +467,29 @@ pub fn tensors_equal(ck: &Checkpoint, a: &str, b: &str) -> Result<bool> {
 #[cfg(test)]
 mod tests {
   use super::*;
+
+  #[test]
+  fn globs_match_whole_names() {
+    for (g, n, want) in [
+      ("*", "", true),
+      ("*", "model.layers.0.w", true),
+      ("model.*.weight", "model.layers.0.mlp.weight", true),
+      ("model.*.weight", "model.layers.0.mlp.bias", false),
+      ("*.bias", "a.bias.x", false),
+      ("a?c", "abc", true),
+      ("a?c", "ac", false),
+      ("a.c", "abc", false),
+      ("**x*", "yxy", true),
+      ("lm_head.weight", "lm_head.weight", true),
+      ("lm_head", "lm_head.weight", false),
+      ("é*", "éa", true),
+    ] {
+      assert_eq!(glob_match(g, n), want, "{g} ~ {n}");
+    }
+    // a pattern that makes naive backtracking exponential stays quick
+    let name = "a".repeat(200);
+    assert!(!glob_match(&format!("{}b", "*a".repeat(40)), &name));
+  }
 
   #[test]
   fn sizes() {
