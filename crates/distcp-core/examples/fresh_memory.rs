@@ -113,7 +113,7 @@ mod linux {
     })
   }
 
-  const VARIANTS: [&str; 8] = [
+  const VARIANTS: [&str; 9] = [
     "cat-like: 1 MiB buffer reused",
     "memory already written (read into)",
     "MAP_POPULATE, then pread (distcp's alloc_host)",
@@ -122,6 +122,7 @@ mod linux {
     "MADV_HUGEPAGE + MADV_POPULATE_WRITE, then pread",
     "MADV_POPULATE_WRITE on 2 threads, then pread",
     "file mapping + MADV_POPULATE_READ (zero-copy)",
+    "file mapping + MADV_POPULATE_WRITE (kernel copies)",
   ];
 
   /// Seconds for variant `v`; `written` is the memory variant 1 reads into.
@@ -164,9 +165,13 @@ mod linux {
         });
         pread_all(f, m.bytes(), threads)?;
       }
-      _ => {
+      7 => {
         let m = Map::file(f, len)?;
         m.advise(libc::MADV_POPULATE_READ, false)?;
+      }
+      _ => {
+        let m = Map::file(f, len)?;
+        m.advise(libc::MADV_POPULATE_WRITE, false)?;
       }
     }
     Ok(t0.elapsed().as_secs_f64())
