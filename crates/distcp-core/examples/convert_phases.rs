@@ -1,10 +1,12 @@
-//! Times the phases of a conversion in-process (no Node): open, plan, write (with fsync), drop. For profiling per-tensor costs (bench/convert --moe).
+//! Times the phases of a conversion in-process (no Node): open, select + plan, write (with fsync), drop; and, on
+//! a second open of the checkpoint, resolving every chunk's record alone (zip directory, data.pkl, rebuilt tensor:
+//! the per-tensor work a many-tensor conversion pays). For profiling per-tensor costs (bench/convert --moe).
 //!
 //! ```text
 //! cargo run --release -p distcp-core --example convert_phases -- <checkpoint-dir> <out-dir> [dtype] [reps]
 //! ```
 
-use distcp_core::convert::{self, ConvertEntry, ConvertJob};
+use distcp_core::convert::{self, ConvertJob, Selection};
 use distcp_core::{Checkpoint, DType};
 use std::time::Instant;
 
@@ -34,15 +36,9 @@ fn main() {
     let ck = Checkpoint::open(dir, None).unwrap();
     let open = ms(t0);
     let t = Instant::now();
-    let entries: Vec<ConvertEntry> = ck
-      .keys()
-      .map(|k| ConvertEntry { key: k.to_owned(), name: k.strip_prefix("model.").unwrap_or(k).to_owned() })
-      .collect();
-    let plan = convert::plan(&ck, &entries, dtype, 50_000_000_000).unwrap();
+    let selected = convert::select(&ck, &Selection::default());
+    let plan = convert::plan(&ck, &selected.entries, dtype, 50_000_000_000).unwrap();
     let plan_ms = ms(t);
-    let t = Instant::now();
-    let json = serde_json::to_string(&plan).unwrap();
-    let json_ms = ms(t);
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out).unwrap();
     let c_open_plan = cpu_ms() - c0;
@@ -56,10 +52,15 @@ fn main() {
     drop(job);
     drop(ck);
     let drop_ck = ms(t);
+    let total = ms(t0);
+    let ck = Checkpoint::open(dir, None).unwrap();
+    let keys: Vec<String> = selected.entries.iter().map(|e| e.key.clone()).collect();
+    let t = Instant::now();
+    let chunks: usize = keys.iter().map(|k| ck.resolve(k).unwrap().len()).sum();
+    let resolve = ms(t);
     println!(
-      "open {open:.1} plan {plan_ms:.1} json {json_ms:.1} ({} KB) write+fsync {write:.1} drop {drop_ck:.1} | total {:.1} ms | cpu: open+plan {c_open_plan:.1} write {c_write:.1}",
-      json.len() / 1024,
-      ms(t0)
+      "open {open:.1} select+plan {plan_ms:.1} write+fsync {write:.1} drop {drop_ck:.1} | total {total:.1} ms | cpu: open+plan {c_open_plan:.1} write {c_write:.1} | resolving {chunks} chunks alone {resolve:.1} ms ({:.2} µs each)",
+      resolve * 1e3 / chunks.max(1) as f64
     );
   }
 }

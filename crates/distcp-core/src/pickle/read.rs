@@ -146,19 +146,23 @@ fn unpickle_view_with_budget<'a, A: AllowList + ?Sized>(
       reason: format!("a pickle of {} bytes (4 GiB at most)", data.len()),
     });
   }
+  // Small first tables, sized by the pickle (one node per byte at most): a checkpoint has one small pickle per
+  // tensor record, and growing a dozen tables from nothing cost more than reading the opcodes (an MoE checkpoint
+  // resolves tens of thousands). A few KiB at most, well inside limits::UNPICKLE_BASE_BYTES.
+  let first = |n: usize| data.len().min(n);
   let mut m = Machine {
     data,
     pos: 0,
-    arena: Vec::new(),
-    tuples: Vec::new(),
+    arena: Vec::with_capacity(first(64)),
+    tuples: Vec::with_capacity(first(32)),
     growable: Vec::new(),
     owned: Vec::new(),
-    globals: Vec::new(),
+    globals: Vec::with_capacity(first(8)),
     global_ids: HashMap::new(),
-    objects: Vec::new(),
-    stack: Vec::new(),
-    marks: Vec::new(),
-    memo: Vec::new(),
+    objects: Vec::with_capacity(first(8)),
+    stack: Vec::with_capacity(first(32)),
+    marks: Vec::with_capacity(first(8)),
+    memo: Vec::with_capacity(first(32)),
     memo_sparse: HashMap::new(),
     allow,
     extra: 0,
