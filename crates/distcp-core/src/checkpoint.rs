@@ -194,9 +194,9 @@ pub struct Checkpoint {
 /// the destination, sorted by position; `None` otherwise.
 fn whole_row_slabs(plan: &[ChunkRead], region: &Region, es: u64) -> Option<Vec<(usize, Range<usize>)>> {
   const MIN_PARALLEL_BYTES: u64 = 8 << 20;
-  // one core (or none to ask for: wasm32-wasip1, which cannot start threads) gains nothing from a thread
+  // one core (or none that can start a thread) gains nothing from a thread
   if plan.len() < 2
-    || std::thread::available_parallelism().map_or(1, |n| n.get()) < 2
+    || crate::threads::cores() < 2
     || region.sizes.is_empty()
     || checked_nbytes(&region.sizes, es as usize)? < MIN_PARALLEL_BYTES
   {
@@ -801,7 +801,7 @@ impl Checkpoint {
       rest = tail;
       at = range.end;
     }
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(parts.len());
+    let threads = crate::threads::cores().min(parts.len());
     let per = parts.len().div_ceil(threads);
     std::thread::scope(|s| {
       let mut handles = Vec::new();

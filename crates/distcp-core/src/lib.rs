@@ -108,6 +108,7 @@ pub mod safetensors;
 #[doc(hidden)]
 pub mod source;
 pub mod staging;
+pub mod threads;
 #[doc(hidden)]
 pub mod torch_save;
 pub mod value;

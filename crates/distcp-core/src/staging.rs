@@ -26,7 +26,7 @@ pub fn copy_threads(total: u64, cores: usize) -> usize {
 /// Panics if a pair's lengths differ (the caller made both sides from the same sizes).
 pub fn copy_many(pairs: Vec<CopyPair<'_>>) -> usize {
   let total: u64 = pairs.iter().map(|(s, _)| s.len() as u64).sum();
-  let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+  let cores = crate::threads::cores();
   let threads = copy_threads(total, cores);
   for (s, d) in &pairs {
     assert_eq!(s.len(), d.len(), "staging copy: source and destination lengths differ");

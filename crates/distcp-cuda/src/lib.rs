@@ -42,7 +42,7 @@ pub const DEFAULT_SLOT: usize = 16 << 20;
 
 impl Default for ReaderOptions {
   fn default() -> Self {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = distcp_core::threads::cores();
     ReaderOptions { threads: cores.clamp(1, 8), slot_len: DEFAULT_SLOT }
   }
 }

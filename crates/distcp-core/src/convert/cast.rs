@@ -484,7 +484,7 @@ pub fn cast(src: &[u8], from: DType, dst: &mut [u8], to: DType) {
 pub fn cast_parallel(src: &[u8], from: DType, dst: &mut [u8], to: DType) {
   const BLOCK_ELEMS: usize = 1 << 20;
   let n = src.len() / from.size();
-  let threads = std::thread::available_parallelism().map_or(1, |p| p.get());
+  let threads = crate::threads::cores();
   if n < 2 * BLOCK_ELEMS || threads == 1 {
     cast(src, from, dst, to);
     return;

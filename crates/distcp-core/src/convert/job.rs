@@ -196,9 +196,8 @@ impl ConvertJob {
     // resolving a record (its zip entry and pickle) costs more than moving a small tensor: both threads claim
     // tensors to resolve, each once, the helper up to a window ahead (starting the kernel's readahead on them)
     let claim = |j: usize| next.compare_exchange(j, j + 1, Ordering::Relaxed, Ordering::Relaxed).is_ok();
-    // no helper where no thread can start (no parallelism to ask for: wasm32-wasip1, where a scoped spawn would
-    // panic): the writer resolves every record itself
-    let helper = std::thread::available_parallelism().is_ok();
+    // no helper where no thread can start: the writer resolves every record itself
+    let helper = crate::threads::can_spawn();
     std::thread::scope(|s| {
       if helper {
         s.spawn(|| loop {
@@ -409,11 +408,14 @@ impl ConvertJob {
     let rows_per_slab = SLAB_BYTES.checked_div(row_src).map_or(rows, |r| r.max(1));
     // a 0-d tensor is one slab of one element
     let slabs = if t.size.is_empty() { 1 } else { rows.div_ceil(rows_per_slab.max(1)) };
-    // at least two: one casts while the other waits for its read or write; one where no thread can start (no
-    // parallelism to ask for: wasm32-wasip1, where a scoped spawn would panic)
-    let workers = match std::thread::available_parallelism() {
-      Err(_) => 1,
-      Ok(p) => p.get().clamp(2, MAX_SLAB_WORKERS).min(usize::try_from(slabs).unwrap_or(usize::MAX)).max(1),
+    // at least two: one casts while the other waits for its read or write; one where no thread can start
+    let workers = if crate::threads::can_spawn() {
+      crate::threads::cores()
+        .clamp(2, MAX_SLAB_WORKERS)
+        .min(usize::try_from(slabs).unwrap_or(usize::MAX))
+        .max(1)
+    } else {
+      1
     };
     if self.direct[tp.shard].is_none() {
       self.direct[tp.shard] = Some(open_direct(&shard_path).map(Arc::new));
@@ -423,7 +425,7 @@ impl ConvertJob {
       Some(f) => f,
       None => return Err(Error::io(&shard_path, std::io::ErrorKind::NotFound.into())),
     };
-    let threaded = std::thread::available_parallelism().is_ok();
+    let threaded = crate::threads::can_spawn();
     if threaded && self.writer.is_none() {
       // a thread that cannot start leaves the slabs to be written by their fillers, as where there are none
       self.writer = SlabWriter::start(MAX_SLAB_WORKERS + QUEUED_SLABS).ok();
