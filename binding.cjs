@@ -860,6 +860,7 @@ module.exports.cudaInjectPanicForTest = nativeBinding.cudaInjectPanicForTest
 module.exports.DType = nativeBinding.DType
 module.exports.flattenStateDictKeys = nativeBinding.flattenStateDictKeys
 module.exports.maxNesting = nativeBinding.maxNesting
+module.exports.NestedKind = nativeBinding.NestedKind
 module.exports.openNativeCheckpoint = nativeBinding.openNativeCheckpoint
 module.exports.panicForTest = nativeBinding.panicForTest
 module.exports.parseSize = nativeBinding.parseSize

@@ -22,15 +22,15 @@ export declare class NativeCheckpoint {
   keys(): Array<string>
   info(key: string): ItemInfo
   /**
-   * Each key's path in the original nested state dict, as JSON `{key: [str|int, ...]}`: its `planner_data`
-   * path, or the key alone when the checkpoint records none (the core's `Checkpoint::planner_path`).
+   * Each key's path in the original nested state dict, keys in `keys()` order: its `planner_data` path, or the
+   * key alone when the checkpoint records none (the core's `Checkpoint::planner_path`).
    */
-  plannerPathsJson(): string
+  plannerPaths(): PlannerPaths
   /**
-   * The nested state dict torch saved, as JSON leaves (indices into `keys()`), dicts and lists (see
-   * `state_dict::nested_json`); rebuilt from `planner_data` by the core.
+   * The nested state dict torch saved, as a preorder list of nodes whose leaves index `keys()`
+   * (`state_dict::NestedTree`); the nesting is the core's `Checkpoint::nested`, from `planner_data`.
    */
-  nestedJson(): string
+  nested(): NestedTree
   summary(): CheckpointSummary
   /** Reads a tensor, or the box `offsets`/`sizes` of it, into a new Buffer (row-major). */
   read(key: string, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null): Promise<Buffer>
@@ -358,6 +358,29 @@ export interface NativeSaveOptions {
   background?: boolean
 }
 
+/** What a node of a `NestedTree` is. */
+export declare enum NestedKind {
+  /** A value: `values[i]` is the index of its key in `keys()`. */
+  Leaf = 0,
+  /** A dict: `values[i]` is its number of entries; each entry's name is the next of `names`, then its node. */
+  Dict = 1,
+  /** A list: `values[i]` is its length; its items' nodes follow. */
+  List = 2,
+  /** A list index no key reaches (torch pads lists with `None`). */
+  Hole = 3,
+}
+
+/**
+ * A checkpoint's nested state dict without values (the core's `write::unflatten`), as its nodes in preorder:
+ * node `i` is `kinds[i]` with `values[i]`; a container's children follow it, each child's subtree whole before
+ * the next child; `names` holds the entry names of every dict, in the same preorder (one per dict entry).
+ */
+export interface NestedTree {
+  kinds: Array<NestedKind>
+  values: Uint32Array
+  names: Array<string>
+}
+
 /** Opens a checkpoint folder on a worker thread (parses `.metadata`). */
 export declare function openNativeCheckpoint(path: string, rank?: number | undefined | null): Promise<NativeCheckpoint>
 
@@ -375,6 +398,15 @@ export declare function parseSize(text: string): number | null
  * cast to `dtype` if given) from `.metadata` alone, and keeps the plan natively.
  */
 export declare function planConvertNative(checkpoint: NativeCheckpoint, selection: NativeConvertSelection, dtype: string | undefined | null, maxShardSize: number): NativeConvertPlan
+
+/**
+ * Every key's path in the nested state dict, end to end: key `i` (in `keys()` order) owns the `lengths[i]`
+ * elements after those of the keys before it. An element is a dict key (a string) or a list index (a number).
+ */
+export interface PlannerPaths {
+  lengths: Uint32Array
+  elements: Array<string | number>
+}
 
 /** Reads a tensor (or a box) into the caller's device memory `ptr .. ptr + byteLength` on `cuda:device`. */
 export declare function readIntoDevice(ck: NativeCheckpoint, key: string, device: number, ptr: bigint, byteLength: number, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null, dtype?: string | undefined | null): Promise<void>

@@ -1,5 +1,6 @@
 import { awaitNative, callNative, DistcpError } from './errors.js'
 import { native, type NativeCheckpoint, type CheckpointSummary, type CheckpointLayout } from './native.js'
+import type { NestedTree } from '../binding.cjs'
 import { elementSize, numel, type DType, type Tensor } from './tensor.js'
 import { isDeviceRead, readToDevice, type DeviceReadOptions, type DeviceTarget, type DeviceTensor } from './cuda.js'
 import { decodeValue, type PyValue } from './values.js'
@@ -159,8 +160,15 @@ export class Checkpoint {
 
   /** Each key's path in the nested state dict, from `planner_data` (a key without one is its own path). */
   paths(): Map<string, (string | number)[]> {
-    const paths = JSON.parse(callNative(() => this.#native.plannerPathsJson())) as Record<string, (string | number)[]>
-    return new Map(this.keys().map((k) => [k, paths[k]]))
+    const keys = this.keys()
+    const { lengths, elements } = callNative(() => this.#native.plannerPaths())
+    const out = new Map<string, (string | number)[]>()
+    let at = 0
+    for (let i = 0; i < keys.length; i++) {
+      out.set(keys[i], elements.slice(at, at + lengths[i]))
+      at += lengths[i]
+    }
+    return out
   }
 
   /**
@@ -170,7 +178,7 @@ export class Checkpoint {
   async readAll(options: ObjectReadOptions = {}): Promise<StateDict> {
     checkOptions(options)
     const keys = this.keys()
-    const nested = JSON.parse(callNative(() => this.#native.nestedJson())) as NestedJson
+    const nested = callNative(() => this.#native.nested())
     const values: StateValue[] = []
     for (const key of keys) {
       values.push(this.info(key).kind === 'tensor' ? await this.read(key) : await this.readObject(key, options))
@@ -189,16 +197,41 @@ export class Checkpoint {
   }
 }
 
-/** The core's nesting of a checkpoint's keys (crates/distcp-node/src/state_dict.rs `nested_json`). */
-type NestedJson = number | null | NestedJson[] | { $d: [string, NestedJson][] }
-
-/** The nesting with each leaf (an index into `values`) replaced by its value; a hole in a list is `null`. */
-function fill(n: NestedJson, values: StateValue[]): StateValue {
-  if (n === null) return null
-  if (typeof n === 'number') return values[n]
-  if (Array.isArray(n)) return n.map((c) => fill(c, values))
-  // fromEntries defines own properties, so a key like `__proto__` stays a key
-  return Object.fromEntries(n.$d.map(([k, c]) => [k, fill(c, values)]))
+/**
+ * The core's nesting (`NativeCheckpoint.nested`, a preorder list of nodes) with each leaf, an index into `values`,
+ * replaced by its value; a hole in a list is `null`.
+ */
+function fill(tree: NestedTree, values: StateValue[]): StateValue {
+  const { kinds, values: counts, names } = tree
+  const NestedKind = native.NestedKind
+  let node = 0
+  let name = 0
+  // recursion depth is the nesting depth, which the core bounds (MAX_NESTING)
+  const build = (): StateValue => {
+    const i = node++
+    const n = counts[i]
+    switch (kinds[i]) {
+      case NestedKind.Leaf:
+        return values[n]
+      case NestedKind.Hole:
+        return null
+      case NestedKind.List: {
+        const list: StateValue[] = new Array<StateValue>(n)
+        for (let c = 0; c < n; c++) list[c] = build()
+        return list
+      }
+      case NestedKind.Dict: {
+        // fromEntries defines own properties, so a key like `__proto__` stays a key
+        const entries: [string, StateValue][] = new Array<[string, StateValue]>(n)
+        for (let c = 0; c < n; c++) {
+          const k = names[name++]
+          entries[c] = [k, build()]
+        }
+        return Object.fromEntries(entries)
+      }
+    }
+  }
+  return build()
 }
 
 export interface OpenOptions {

@@ -1009,23 +1009,6 @@ impl Checkpoint {
     }
   }
 
-  /// Every key's [`Checkpoint::planner_path`], as JSON `{key: [str|int, ...]}` in key order.
-  pub fn planner_paths_json(&self) -> String {
-    let mut map = serde_json::Map::new();
-    for key in self.keys() {
-      let elems: Vec<serde_json::Value> = self
-        .planner_path(key)
-        .iter()
-        .map(|p| match p {
-          PathElem::Key(k) => serde_json::Value::String(k.clone()),
-          PathElem::Index(i) => serde_json::Value::from(*i),
-        })
-        .collect();
-      map.insert(key.to_owned(), serde_json::Value::Array(elems));
-    }
-    serde_json::Value::Object(map).to_string()
-  }
-
   /// The nested state dict torch saved, rebuilt from every key's [`Checkpoint::planner_path`].
   pub fn nested(&self) -> Result<crate::write::Nested> {
     let paths: Vec<(&str, std::borrow::Cow<'_, [PathElem]>)> =

@@ -2,14 +2,22 @@
 
 use crate::enums::{CheckpointLayout, DType};
 use crate::errors::{internal, invalid_arg, job, to_js, Job, Result, Work};
-use distcp_core::metadata::ItemMetadata;
+use distcp_core::metadata::{ItemMetadata, PathElem};
 use distcp_core::plan::Region;
 use distcp_core::Checkpoint;
-use napi::bindgen_prelude::{AsyncTask, Buffer, BufferSlice, Uint8Array};
+use napi::bindgen_prelude::{AsyncTask, Buffer, BufferSlice, Either, Uint32Array, Uint8Array};
 use napi::Env;
 use napi_derive::napi;
 use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
+
+/// Every key's path in the nested state dict, end to end: key `i` (in `keys()` order) owns the `lengths[i]`
+/// elements after those of the keys before it. An element is a dict key (a string) or a list index (a number).
+#[napi(object)]
+pub struct PlannerPaths {
+  pub lengths: Uint32Array,
+  pub elements: Vec<Either<String, i64>>,
+}
 
 /// One stored chunk of a tensor (a box in global coordinates) and where its record is.
 #[napi(object)]
@@ -318,19 +326,29 @@ impl NativeCheckpoint {
     }
   }
 
-  /// Each key's path in the original nested state dict, as JSON `{key: [str|int, ...]}`: its `planner_data`
-  /// path, or the key alone when the checkpoint records none (the core's `Checkpoint::planner_path`).
+  /// Each key's path in the original nested state dict, keys in `keys()` order: its `planner_data` path, or the
+  /// key alone when the checkpoint records none (the core's `Checkpoint::planner_path`).
   #[napi(catch_unwind)]
-  pub fn planner_paths_json(&self) -> Result<String> {
-    Ok(self.get()?.planner_paths_json())
+  pub fn planner_paths(&self) -> Result<PlannerPaths> {
+    let ck = self.get()?;
+    let mut lengths = Vec::new();
+    let mut elements = Vec::new();
+    for key in ck.keys() {
+      let path = ck.planner_path(key);
+      lengths.push(crate::state_dict::to_u32(path.len(), "a planner_data path's length")?);
+      elements.extend(path.iter().map(|e| match e {
+        PathElem::Key(k) => Either::A(k.clone()),
+        PathElem::Index(i) => Either::B(*i),
+      }));
+    }
+    Ok(PlannerPaths { lengths: Uint32Array::new(lengths), elements })
   }
 
-  /// The nested state dict torch saved, as JSON leaves (indices into `keys()`), dicts and lists (see
-  /// `state_dict::nested_json`); rebuilt from `planner_data` by the core.
+  /// The nested state dict torch saved, as a preorder list of nodes whose leaves index `keys()`
+  /// (`state_dict::NestedTree`); the nesting is the core's `Checkpoint::nested`, from `planner_data`.
   #[napi(catch_unwind)]
-  pub fn nested_json(&self) -> Result<String> {
-    let ck = self.get()?;
-    Ok(crate::state_dict::nested_json(&ck.nested().map_err(to_js)?).to_string())
+  pub fn nested(&self) -> Result<crate::state_dict::NestedTree> {
+    crate::state_dict::nested_tree(&self.get()?.nested().map_err(to_js)?)
   }
 
   #[napi(catch_unwind)]

@@ -1,9 +1,10 @@
 //! State-dict rules the TypeScript layer needs without saving: torch's flattening (flat keys and where each leaf
 //! sits). The rules themselves live in `distcp_core::write::flatten`; this converts and returns.
 
-use crate::errors::{invalid_input as invalid, Result};
+use crate::errors::{internal, invalid_input as invalid, Result};
 use distcp_core::metadata::PathElem;
 use distcp_core::write::{flatten, from_tagged_json, Layout, Nested, SaveValue};
+use napi::bindgen_prelude::Uint32Array;
 use napi_derive::napi;
 use serde_json::{json, Value};
 
@@ -54,18 +55,72 @@ pub fn flatten_state_dict_keys(tree: String, tensor_count: u32, layout: String) 
   )
 }
 
-/// A checkpoint's nested state dict without values ([`distcp_core::write::unflatten`]) as JSON: a leaf is the
-/// index of its key, a dict `{"$d": [[key, child], …]}` (in order), a list an array (`null` for a hole).
-pub(crate) fn nested_json(n: &Nested) -> Value {
-  match n {
-    Nested::Leaf(i) => json!(i),
-    Nested::Dict(entries) => {
-      json!({ "$d": entries.iter().map(|(k, c)| json!([k, nested_json(c)])).collect::<Vec<_>>() })
-    }
-    Nested::List(items) => {
-      Value::Array(items.iter().map(|c| c.as_ref().map_or(Value::Null, nested_json)).collect())
-    }
+/// What a node of a `NestedTree` is.
+#[napi]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NestedKind {
+  /// A value: `values[i]` is the index of its key in `keys()`.
+  Leaf,
+  /// A dict: `values[i]` is its number of entries; each entry's name is the next of `names`, then its node.
+  Dict,
+  /// A list: `values[i]` is its length; its items' nodes follow.
+  List,
+  /// A list index no key reaches (torch pads lists with `None`).
+  Hole,
+}
+
+/// A checkpoint's nested state dict without values (the core's `write::unflatten`), as its nodes in preorder:
+/// node `i` is `kinds[i]` with `values[i]`; a container's children follow it, each child's subtree whole before
+/// the next child; `names` holds the entry names of every dict, in the same preorder (one per dict entry).
+#[napi(object)]
+pub struct NestedTree {
+  pub kinds: Vec<NestedKind>,
+  pub values: Uint32Array,
+  pub names: Vec<String>,
+}
+
+/// A count or an index that JS receives as a `u32` (`what` names it). The core's limits and memory keep every one
+/// far below `u32::MAX`; one that is not is a bug, reported, never truncated.
+pub(crate) fn to_u32(n: usize, what: &str) -> Result<u32> {
+  u32::try_from(n)
+    .map_err(|_| internal(napi::Error::from_reason(format!("{what} {n} does not fit the u32 JS receives"))))
+}
+
+/// [`NestedTree`] of `n`, the nesting [`distcp_core::Checkpoint::nested`] rebuilt.
+pub(crate) fn nested_tree(n: &Nested) -> Result<NestedTree> {
+  struct Nodes {
+    kinds: Vec<NestedKind>,
+    values: Vec<u32>,
+    names: Vec<String>,
   }
+  fn push(n: Option<&Nested>, t: &mut Nodes) -> Result<()> {
+    let (kind, value) = match n {
+      None => (NestedKind::Hole, 0),
+      Some(Nested::Leaf(i)) => (NestedKind::Leaf, to_u32(*i, "a key index")?),
+      Some(Nested::Dict(entries)) => (NestedKind::Dict, to_u32(entries.len(), "a dict's length")?),
+      Some(Nested::List(items)) => (NestedKind::List, to_u32(items.len(), "a list's length")?),
+    };
+    t.kinds.push(kind);
+    t.values.push(value);
+    match n {
+      Some(Nested::Dict(entries)) => {
+        for (name, child) in entries {
+          t.names.push(name.clone());
+          push(Some(child), t)?;
+        }
+      }
+      Some(Nested::List(items)) => {
+        for item in items {
+          push(item.as_ref(), t)?;
+        }
+      }
+      _ => {}
+    }
+    Ok(())
+  }
+  let mut t = Nodes { kinds: Vec::new(), values: Vec::new(), names: Vec::new() };
+  push(Some(n), &mut t)?;
+  Ok(NestedTree { kinds: t.kinds, values: Uint32Array::new(t.values), names: t.names })
 }
 
 /// The deepest nesting a state dict may have (`distcp_core::limits::MAX_NESTING`), so the TypeScript encoder
