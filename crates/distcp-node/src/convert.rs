@@ -262,7 +262,7 @@ impl NativeConvertPlan {
   }
 }
 
-/// Starts a conversion of `plan` (taken: a plan runs once) into `dir`, as `createConvertJob` without planning again.
+/// Starts a conversion of `plan` (taken: a plan runs once) into `dir` (an existing empty folder: the staged output).
 #[napi(catch_unwind)]
 pub fn create_convert_job_from_plan(
   checkpoint: &NativeCheckpoint,

@@ -93,7 +93,8 @@ pub struct TensorWritten {
   pub kernel_copied: u64,
 }
 
-/// A conversion in progress: writes its plan tensor by tensor, so the caller can report progress and stop.
+/// A conversion in progress: writes its plan (or one rank's shards of it) in one call, advancing [`JobProgress`]
+/// as tensors land and checking its cancel flag between tensors and slabs.
 pub struct ConvertJob {
   /// What the job writes.
   pub plan: ConvertPlan,
@@ -337,20 +338,6 @@ impl ConvertJob {
       Some(f) => Ok(f),
       None => unreachable!("opened above"),
     }
-  }
-
-  /// Writes tensor `i` of the plan, then starts its write-back so the final fsync finds little left to do.
-  pub fn write_tensor(&mut self, ck: &Checkpoint, i: usize) -> Result<TensorWritten> {
-    // the disk reads the next tensor while this one is copied
-    if let Some(next) = self.plan.tensors.get(i + 1) {
-      ck.prefetch(&next.key)?;
-    }
-    let written = self.write_tensor_data(ck, i)?;
-    let tp = &self.plan.tensors[i];
-    if let Some(f) = &self.files[tp.shard] {
-      start_writeback(f, tp.offset, tp.nbytes);
-    }
-    Ok(written)
   }
 
   fn write_tensor_data(&mut self, ck: &Checkpoint, i: usize) -> Result<TensorWritten> {

@@ -1,5 +1,6 @@
-//! DCP → Hugging Face safetensors. Planned from `.metadata` alone (shards, headers, every destination offset),
-//! then executed tensor by tensor by a [`ConvertJob`], so the caller can report progress and stop between tensors.
+//! DCP → Hugging Face safetensors: the tensors chosen and named ([`select`]), the output planned from `.metadata`
+//! alone (shards, headers, every destination offset: [`plan`]), then written by a [`ConvertJob`] in one call
+//! (all of it, or one rank's shards), which reports progress through counters and stops on a flag.
 
 mod cast;
 mod job;
