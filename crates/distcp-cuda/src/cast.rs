@@ -27,7 +27,8 @@ pub enum CastMode {
   Device { from: DType },
 }
 
-fn is_float(d: DType) -> bool {
+/// The dtypes the CUDA cast kernels take (fp8 casts run on the host only).
+fn has_kernel(d: DType) -> bool {
   matches!(d, DType::Float64 | DType::Float32 | DType::Float16 | DType::BFloat16)
 }
 
@@ -36,7 +37,7 @@ pub fn choose(from: DType, to: DType) -> Result<CastMode> {
   if from == to {
     return Ok(CastMode::None);
   }
-  if !is_float(from) || !is_float(to) {
+  if !has_kernel(from) || !has_kernel(to) {
     return Err(CudaError::BadRequest(format!(
       "cannot read a {from} tensor as {to}: casts are between float64, float32, float16 and bfloat16"
     )));

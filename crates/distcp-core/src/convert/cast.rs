@@ -12,11 +12,6 @@
 
 use crate::dtype::DType;
 
-/// Whether casts convert from and to `d` ([`DType::is_floating_point`]).
-pub fn is_float(d: DType) -> bool {
-  d.is_floating_point()
-}
-
 /// torch's `fp8e4m3fn_from_fp32_value` (torch 2.15: saturating), written as the header writes it.
 #[cfg(test)]
 pub fn f32_to_e4m3fn(f: f32) -> u8 {
@@ -468,7 +463,7 @@ fn cast_vectorised(src: &[u8], from: DType, dst: &mut [u8], to: DType) -> bool {
   cast_kernels(src, from, dst, to)
 }
 
-/// Casts `src` (elements of `from`) into `dst` (elements of `to`); both floating dtypes ([`is_float`]), same
+/// Casts `src` (elements of `from`) into `dst` (elements of `to`); both floating dtypes ([`DType::is_floating_point`]), same
 /// element count. float64 goes through float32 first, as torch's `static_cast<BFloat16>(double)` does.
 pub fn cast(src: &[u8], from: DType, dst: &mut [u8], to: DType) {
   if from == to {

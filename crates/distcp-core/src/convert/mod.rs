@@ -234,7 +234,7 @@ pub fn plan(
     let t = ck.tensor(&e.key)?;
     let from = t.dtype();
     let to = match dtype {
-      Some(d) if cast::is_float(from) => d,
+      Some(d) if from.is_floating_point() => d,
       _ => from,
     };
     if to.safetensors_name().is_none() {
