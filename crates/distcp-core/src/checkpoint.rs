@@ -116,6 +116,18 @@ impl ResolvedCache {
   }
 }
 
+/// How a box read paces its I/O ([`Checkpoint::read_into_as`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadPace {
+  /// A read on its own: readahead advice over every chunk it touches, and chunks that fill whole rows copied on
+  /// several threads ([`Checkpoint::read_into`]).
+  Once,
+  /// One of many consecutive reads of the same tensor on a thread of the caller's (a conversion's slabs): neither
+  /// of those per call, which each slab would pay again; the caller asks for readahead once per tensor
+  /// ([`Checkpoint::prefetch`]).
+  Slab,
+}
+
 /// A record's bytes before parsing: a range of a data file, or decompressed in memory.
 enum RecordBytes {
   File { file: Arc<DataFile>, offset: u64, len: u64 },
@@ -734,6 +746,11 @@ impl Checkpoint {
   /// Reads the box `region` of tensor `key` into `dst` (row-major, `region.numel() × element size` bytes),
   /// touching only the chunks that overlap it.
   pub fn read_into(&self, key: &str, region: &Region, dst: &mut [u8]) -> Result<()> {
+    self.read_into_as(key, region, dst, ReadPace::Once)
+  }
+
+  /// [`Checkpoint::read_into`], paced for the caller: see [`ReadPace`].
+  pub fn read_into_as(&self, key: &str, region: &Region, dst: &mut [u8], pace: ReadPace) -> Result<()> {
     let t = self.tensor(key)?;
     check_region(&t.size, region).map_err(|r| self.bad_request(key, r))?;
     let es = t.dtype().size() as u64;
@@ -765,6 +782,12 @@ impl Checkpoint {
     }
     let chunks: Vec<Arc<ResolvedChunk>> =
       plan.iter().map(|r| self.resolve_chunk(key, r.chunk)).collect::<Result<_>>()?;
+    if pace == ReadPace::Slab {
+      for (read, chunk) in plan.iter().zip(&chunks) {
+        copy_resolved(chunk, read, dst, &region.sizes).map_err(|e| self.copy_error(chunk, key, e))?;
+      }
+      return Ok(());
+    }
     // start the disk on every chunk this read needs before copying from the first
     for c in &chunks {
       if let Source::File { file, offset, len } = &c.source {

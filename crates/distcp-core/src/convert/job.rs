@@ -708,25 +708,9 @@ impl SlabCopy<'_> {
     Ok((lead, lead + dst_len, dst_off))
   }
 
-  /// `region` (rows of the tensor) into `dst`: [`Checkpoint::read_into`] without what it does per call for a
-  /// caller that reads a tensor once (readahead advice over every chunk it touches, a thread per chunk), which
-  /// a job reading the same tensor slab by slab would pay again for each slab; the job asks for readahead per
-  /// tensor (`ck.prefetch`) instead.
+  /// `region` (rows of the tensor) into `dst`, paced as one slab of many (the job asks for readahead per tensor).
   fn read(&self, region: &Region, dst: &mut [u8]) -> Result<()> {
-    let t = self.ck.tensor(self.key)?;
-    let plan = crate::plan::plan_region(t, region);
-    let covered = plan.iter().try_fold(0u64, |n, r| n.checked_add(r.numel()));
-    let bytes = crate::limits::checked_nbytes(&region.sizes, t.dtype().size());
-    if covered != region.numel() || bytes != Some(dst.len() as u64) {
-      // not the whole box (a rank-local `.metadata`), or a size mismatch: read_into says what is wrong
-      return self.ck.read_into(self.key, region, dst);
-    }
-    for r in &plan {
-      let chunk = self.ck.resolve_chunk(self.key, r.chunk)?;
-      crate::copy::copy_resolved(&chunk, r, dst, &region.sizes)
-        .map_err(|e| self.ck.copy_error(&chunk, self.key, e))?;
-    }
-    Ok(())
+    self.ck.read_into_as(self.key, region, dst, crate::checkpoint::ReadPace::Slab)
   }
 }
 
