@@ -1,7 +1,9 @@
 // Multi-rank conversion (`convertDcpToHf` with a process group), with Node ranks launched by
 // `torchrun --no-python` (N = 2, 3): the output is byte-identical to a single-process conversion of the same
 // checkpoint (every shard, the index, the config, the copied files); a rank that fails in the middle of its write
-// fails every rank, and the earlier output in the folder is left as it was, with nothing staged left behind.
+// fails every rank, and the earlier output in the folder is left as it was, with nothing staged left behind; a rank
+// killed with SIGKILL fails the others (within the collective timeout, naming it; at once when it hosted the
+// store), the earlier output stays, and the next conversion into the folder completes.
 import test from 'ava'
 import { spawn, spawnSync } from 'node:child_process'
 import { mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs'
@@ -125,6 +127,63 @@ test.serial('a rank failing in the middle of its write fails every rank; the ear
   for (const [f, bytes] of before) t.true(bytes.equals(after.get(f) as Buffer), f)
   t.deepEqual(readdirSync(out).filter((f) => f.startsWith('.')), [])
 })
+
+/** N ranks of the child started directly (torchrun would tear the others down when one dies); their exit codes. */
+async function ranks(n: number, args: string[], env: Record<string, string> = {}): Promise<(number | null)[]> {
+  const port = await freePort()
+  const procs = Array.from({ length: n }, (_, r) =>
+    spawn(process.execPath, [...worker, ...args], {
+      cwd: root,
+      stdio: 'ignore',
+      env: { ...process.env, OMP_NUM_THREADS: '1', RANK: String(r), WORLD_SIZE: String(n), LOCAL_RANK: String(r), MASTER_ADDR: '127.0.0.1', MASTER_PORT: String(port), DISTCP_TEST_TIMEOUT_MS: '4000', ...env },
+    }),
+  )
+  return Promise.all(procs.map((p) => new Promise<number | null>((res) => p.on('exit', (code) => res(code)))))
+}
+
+for (const victim of [1, 0]) {
+  test.serial(`rank ${victim} killed (SIGKILL) after writing its share: the others fail naming it, the earlier output stays, the next conversion completes`, async (t) => {
+    const out = join(work, `killed${victim}`)
+    // an earlier output in the folder (cast to bf16, so it differs from what the killed run writes)
+    await run(3, [dcp, out, model, join(work, `kill${victim}a`), String(MAX_SHARD), 'bf16'])
+    for (const r of reports(join(work, `kill${victim}a`), 3)) t.truthy(r.ok, JSON.stringify(r))
+    const before = tree(out)
+    t.true(before.has('model.safetensors.index.json'))
+
+    const t0 = Date.now()
+    const codes = await ranks(3, [dcp, out, model, join(work, `kill${victim}b`), String(MAX_SHARD), ''], { DISTCP_TEST_CONVERT_KILL: String(victim) })
+    t.deepEqual(codes, [0, 1, 2].map((r) => (r === victim ? null : 0)))
+    t.true(Date.now() - t0 < 60_000, 'within the collective timeout, not a hang')
+    for (const r of [0, 1, 2].filter((r) => r !== victim)) {
+      const rep = JSON.parse(readFileSync(join(work, `kill${victim}b.${r}.json`), 'utf8')) as { err?: { code: string; message: string; failures: Record<string, string> } }
+      if (victim === 0) {
+        // rank 0 hosted the store: the others lose it at once (no timeout to wait for), and say which store
+        t.is(rep.err?.code, 'ERR_DISTCP_STORE_CLOSED', JSON.stringify(rep))
+        t.regex(rep.err?.message ?? '', new RegExp(`TCPStore 127\\.0\\.0\\.1:\\d+ \\(rank ${r}\\): the connection`))
+      } else {
+        t.is(rep.err?.code, 'ERR_DISTCP_RANK_FAILED', JSON.stringify(rep))
+        t.deepEqual(Object.keys(rep.err?.failures ?? {}), [String(victim)])
+        t.regex(rep.err?.message ?? '', new RegExp(`rank ${victim}: did not report within 4000 ms`))
+      }
+    }
+    // the earlier output, byte for byte; only a dead rank 0 leaves anything more (its staged folder and lock, hidden)
+    const visible = (m: Map<string, Buffer>) => new Map([...m].filter(([f]) => !f.startsWith('.')))
+    const after = visible(tree(out))
+    t.deepEqual([...after.keys()], [...before.keys()])
+    for (const [f, bytes] of before) t.true(bytes.equals(after.get(f) as Buffer), f)
+    if (victim !== 0) t.deepEqual(readdirSync(out).filter((f) => f.startsWith('.')), [])
+
+    // the next conversion into the folder completes (a dead writer's leftovers are its to clean up)
+    await run(3, [dcp, out, model, join(work, `kill${victim}c`), String(MAX_SHARD), ''])
+    for (const r of reports(join(work, `kill${victim}c`), 3)) t.truthy(r.ok, JSON.stringify(r))
+    const plain = join(work, `single-plain${victim}`)
+    await convertDcpToHf(dcp, plain, model, undefined, { maxShardSize: MAX_SHARD, onWarning: () => undefined })
+    const want = tree(plain)
+    const got = tree(out)
+    t.deepEqual([...got.keys()], [...want.keys()])
+    for (const [f, bytes] of want) t.true(bytes.equals(got.get(f) as Buffer), f)
+  })
+}
 
 test.serial('`distcp convert` under torchrun (RANK, WORLD_SIZE from the launcher) writes the same bytes as one process', async (t) => {
   const single = join(work, 'single2')

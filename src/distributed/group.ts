@@ -313,6 +313,10 @@ export class ProcessGroup {
       if (n === BigInt(this.worldSize)) await this.store.set(`${key}/n`, '0')
       // bounded: a rank that died never leaves
       if (this.#server) await this.store.wait([`${key}/n`], Math.min(this.timeoutMs, 30_000)).catch(() => undefined)
+    } catch (e) {
+      // leaving is a courtesy to the store's host: when the store is gone (its host died), there is nobody to tell,
+      // and a cleanup path (`finally { await pg.destroy() }` after the failure that reported it) must not throw
+      if (!(e instanceof DistcpError && e.code === 'ERR_DISTCP_STORE_CLOSED')) throw e
     } finally {
       this.store.close()
       await this.#server?.close()
