@@ -131,6 +131,21 @@ pub struct RanksMetadata {
   pub version: Option<String>,
 }
 
+impl RanksMetadata {
+  /// The pickled metadata naming `storage` (the files as they are at this commit), for the file at `path`.
+  fn pickle(&self, storage: &[(StorageKey, StorageInfo)], path: &Path) -> Result<Vec<u8>> {
+    metadata_pickle(
+      &MetadataDoc {
+        items: &self.items,
+        planner_data: Some(&self.planner_data),
+        storage_data: storage,
+        version: self.version.as_deref(),
+      },
+      path,
+    )
+  }
+}
+
 /// The coordinator's side of a multi-rank save: holds the folder lock from [`RanksSave::begin`] until it is dropped.
 pub struct RanksSave {
   dir: PathBuf,
@@ -246,15 +261,7 @@ impl RanksSave {
   }
 
   fn pickle(&self, md: &RanksMetadata, storage: &[(StorageKey, StorageInfo)]) -> Result<Vec<u8>> {
-    metadata_pickle(
-      &MetadataDoc {
-        items: &md.items,
-        planner_data: Some(&md.planner_data),
-        storage_data: storage,
-        version: md.version.as_deref(),
-      },
-      &self.dir.join(METADATA),
-    )
+    md.pickle(storage, &self.dir.join(METADATA))
   }
 }
 
@@ -394,15 +401,7 @@ impl RankLocalSave {
   }
 
   fn pickle(&self, md: &RanksMetadata, storage: &[(StorageKey, StorageInfo)]) -> Result<Vec<u8>> {
-    metadata_pickle(
-      &MetadataDoc {
-        items: &md.items,
-        planner_data: Some(&md.planner_data),
-        storage_data: storage,
-        version: md.version.as_deref(),
-      },
-      &self.dir.join(rank_metadata_name(self.rank)),
-    )
+    md.pickle(storage, &self.dir.join(rank_metadata_name(self.rank)))
   }
 }
 
