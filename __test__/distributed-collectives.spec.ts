@@ -4,20 +4,12 @@
 // once read, and the NeMo-style saveCheckpoint / loadCheckpoint across ranks.
 import test from 'ava'
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
-import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 import { AsyncSaver, CheckpointError, initProcessGroup, loadCheckpoint, openCheckpoint, save, saveCheckpoint, type Model, type ProcessGroup } from '../src/index.js'
+import { freePort } from './helpers.js'
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const s = createServer().listen(0, '127.0.0.1', () => {
-      const port = (s.address() as { port: number }).port
-      s.close(() => resolve(port))
-    })
-  })
-}
 
 async function group(n: number, timeoutMs = 5000): Promise<ProcessGroup[]> {
   const masterPort = await freePort()

@@ -7,12 +7,11 @@
 import test from 'ava'
 import { spawn, spawnSync } from 'node:child_process'
 import { mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs'
-import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join, relative } from 'node:path'
 
 import { convertDcpToHf, save, type DType } from '../src/index.js'
-import { pythonPath, root } from './helpers.js'
+import { freePort, pythonPath, root, startRanks } from './helpers.js'
 
 const work = mkdtempSync(join(tmpdir(), 'distcp-multirank-convert-'))
 test.after.always(() => rmSync(work, { recursive: true, force: true }))
@@ -20,14 +19,6 @@ const torchrun = join(pythonPath(), '..', 'torchrun')
 const worker = ['--import', '@oxc-node/core/register', join(root, '__test__', 'distributed-convert.ts')]
 const MAX_SHARD = 10_000
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const s = createServer().listen(0, '127.0.0.1', () => {
-      const port = (s.address() as { port: number }).port
-      s.close(() => resolve(port))
-    })
-  })
-}
 
 /** torchrun with N Node ranks; the exit status does not matter (the reports say what each rank saw). */
 async function run(n: number, args: string[], env: Record<string, string> = {}): Promise<void> {
@@ -129,17 +120,7 @@ test.serial('a rank failing in the middle of its write fails every rank; the ear
 })
 
 /** N ranks of the child started directly (torchrun would tear the others down when one dies); their exit codes. */
-async function ranks(n: number, args: string[], env: Record<string, string> = {}): Promise<(number | null)[]> {
-  const port = await freePort()
-  const procs = Array.from({ length: n }, (_, r) =>
-    spawn(process.execPath, [...worker, ...args], {
-      cwd: root,
-      stdio: 'ignore',
-      env: { ...process.env, OMP_NUM_THREADS: '1', RANK: String(r), WORLD_SIZE: String(n), LOCAL_RANK: String(r), MASTER_ADDR: '127.0.0.1', MASTER_PORT: String(port), DISTCP_TEST_TIMEOUT_MS: '4000', ...env },
-    }),
-  )
-  return Promise.all(procs.map((p) => new Promise<number | null>((res) => p.on('exit', (code) => res(code)))))
-}
+const ranks = (n: number, args: string[], env: Record<string, string> = {}) => startRanks(worker, n, args, env)
 
 for (const victim of [1, 0]) {
   test.serial(`rank ${victim} killed (SIGKILL) after writing its share: the others fail naming it, the earlier output stays, the next conversion completes`, async (t) => {

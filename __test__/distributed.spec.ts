@@ -13,26 +13,17 @@
 import test from 'ava'
 import { spawn, spawnSync } from 'node:child_process'
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
-import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 import { TcpStore, TcpStoreServer, openCheckpoint } from '../src/index.js'
-import { pythonPath, root } from './helpers.js'
+import { freePort, pythonPath, root, startRanks } from './helpers.js'
 
 const work = mkdtempSync(join(tmpdir(), 'distcp-multirank-'))
 test.after.always(() => rmSync(work, { recursive: true, force: true }))
 const torchrun = join(pythonPath(), '..', 'torchrun')
 const worker = ['--import', '@oxc-node/core/register', join(root, '__test__', 'distributed-rank.ts')]
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const s = createServer().listen(0, '127.0.0.1', () => {
-      const port = (s.address() as { port: number }).port
-      s.close(() => resolve(port))
-    })
-  })
-}
 
 /** torchrun with N processes; throws with its output when it fails. */
 async function run(n: number, args: string[]): Promise<void> {
@@ -223,17 +214,7 @@ for (const n of [2, 3]) {
 }
 
 /** N Node ranks started directly (any launcher that sets the torchrun variables), rank-0-hosted store. */
-async function ranks(n: number, args: string[], env: Record<string, string> = {}): Promise<(number | null)[]> {
-  const port = await freePort()
-  const procs = Array.from({ length: n }, (_, r) =>
-    spawn(process.execPath, [...worker, ...args], {
-      cwd: root,
-      stdio: 'ignore',
-      env: { ...process.env, RANK: String(r), WORLD_SIZE: String(n), LOCAL_RANK: String(r), MASTER_ADDR: '127.0.0.1', MASTER_PORT: String(port), DISTCP_TEST_TIMEOUT_MS: '4000', ...env },
-    }),
-  )
-  return Promise.all(procs.map((p) => new Promise<number | null>((res) => p.on('exit', (code) => res(code)))))
-}
+const ranks = (n: number, args: string[], env: Record<string, string> = {}) => startRanks(worker, n, args, env)
 
 test.serial('a rank killed mid-save: the others reject naming it, no .metadata is written, the previous checkpoint is intact', async (t) => {
   const dir = join(work, 'killed')

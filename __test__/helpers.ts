@@ -1,5 +1,6 @@
-import { spawnSync } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import { readFileSync, existsSync, cpSync, mkdirSync, mkdtempSync } from 'node:fs'
+import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { ExecutionContext } from 'ava'
@@ -249,4 +250,31 @@ export async function rejectsWith(t: ExecutionContext, p: Promise<unknown>, code
   t.is(e?.code as string | undefined, code, e?.message)
   for (const m of mentions) t.true(e?.message.includes(m), `message should mention ${m}: ${e?.message}`)
   return e
+}
+
+/** A TCP port free on 127.0.0.1 right now (for a store or a rendezvous). */
+export async function freePort(): Promise<number> {
+  return new Promise((resolve) => {
+    const s = createServer().listen(0, '127.0.0.1', () => {
+      const port = (s.address() as { port: number }).port
+      s.close(() => resolve(port))
+    })
+  })
+}
+
+/**
+ * N Node ranks of the child `worker` (node arguments) started directly, as any launcher that sets the torchrun
+ * variables would (torchrun itself tears the others down when one dies): rank 0 hosts the store, collectives time
+ * out after 4 s. Resolves with every rank's exit code (null: killed by a signal).
+ */
+export async function startRanks(worker: string[], n: number, args: string[], env: Record<string, string> = {}): Promise<(number | null)[]> {
+  const port = await freePort()
+  const procs = Array.from({ length: n }, (_, r) =>
+    spawn(process.execPath, [...worker, ...args], {
+      cwd: root,
+      stdio: 'ignore',
+      env: { ...process.env, OMP_NUM_THREADS: '1', RANK: String(r), WORLD_SIZE: String(n), LOCAL_RANK: String(r), MASTER_ADDR: '127.0.0.1', MASTER_PORT: String(port), DISTCP_TEST_TIMEOUT_MS: '4000', ...env },
+    }),
+  )
+  return Promise.all(procs.map((p) => new Promise<number | null>((res) => p.on('exit', (code) => res(code)))))
 }

@@ -119,19 +119,8 @@ pub fn select(ck: &Checkpoint, sel: &Selection) -> Selected {
       skip(&mut out, "not a tensor");
       continue;
     }
-    let mut name = if unwrap {
-      let path = ck.planner_path(key);
-      let parts: Vec<String> = path[1..]
-        .iter()
-        .map(|p| match p {
-          PathElem::Key(k) => k.clone(),
-          PathElem::Index(i) => i.to_string(),
-        })
-        .collect();
-      parts.join(".")
-    } else {
-      key.to_owned()
-    };
+    let mut name =
+      if unwrap { crate::write::flatten::join(&ck.planner_path(key)[1..]) } else { key.to_owned() };
     if let Some((from, to)) = sel.key_map.iter().find(|(from, _)| name.starts_with(from.as_str())) {
       name = format!("{to}{}", &name[from.len()..]);
     }

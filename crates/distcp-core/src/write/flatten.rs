@@ -50,7 +50,8 @@ pub struct FlattenError {
   pub reason: String,
 }
 
-fn join(path: &[PathElem]) -> String {
+/// A path's flat key, as torch's `flatten_state_dict` makes it: the elements joined with dots (indices in decimal).
+pub fn join(path: &[PathElem]) -> String {
   let parts: Vec<String> = path
     .iter()
     .map(|p| match p {
