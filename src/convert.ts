@@ -43,9 +43,12 @@ export interface ConvertOptions {
   maxShardSize?: number | string
   /** Rename tensors by prefix: `{ 'model.': '' }` strips `model.`. Applied after the seed's `model.` unwrap. */
   keyMap?: Record<string, string>
-  /** Only tensors whose output name matches one of these globs (`*` matches anything, dots included). */
+  /**
+   * Only tensors whose output name matches one of these globs, as a whole: `*` matches any run of characters,
+   * dots included, `?` any one character; everything else is literal (`model.layers.*.mlp.*`).
+   */
   include?: string[]
-  /** Leave out tensors whose output name matches one of these globs. */
+  /** Leave out tensors whose output name matches one of these globs (as `include`); applied after `include`. */
   exclude?: string[]
   /**
    * Write the seed's artefact instead of safetensors: one `pytorch_model.bin` (a `torch.save` of the
