@@ -272,7 +272,7 @@ export declare function copyFromDeviceInto(device: number, ptr: bigint, into: Ui
  */
 export declare function copyStaging(src: Array<Uint8Array>, dst: Array<Uint8Array>): number
 
-/** Starts a conversion of `plan` (taken: a plan runs once) into `dir`, as `createConvertJob` without planning again. */
+/** Starts a conversion of `plan` (taken: a plan runs once) into `dir` (an existing empty folder: the staged output). */
 export declare function createConvertJobFromPlan(checkpoint: NativeCheckpoint, plan: NativeConvertPlan, dir: string): NativeConvertJob
 
 /**
