@@ -80,6 +80,8 @@ export class ProcessGroup {
   readonly store: TcpStore
   readonly timeoutMs: number
   readonly #server: TcpStoreServer | null
+  /** Rank 0 serves the store (no launcher agent store): losing the store means rank 0 is gone. */
+  readonly #rank0HostsStore: boolean
   readonly #prefix: string
   #seq = 0
   /**
@@ -91,12 +93,22 @@ export class ProcessGroup {
   #lingering: string[] = []
 
   /** @internal use {@link initProcessGroup} */
-  constructor(rank: number, worldSize: number, localRank: number, store: TcpStore, server: TcpStoreServer | null, timeoutMs: number, prefix: string) {
+  constructor(
+    rank: number,
+    worldSize: number,
+    localRank: number,
+    store: TcpStore,
+    server: TcpStoreServer | null,
+    timeoutMs: number,
+    prefix: string,
+    rank0HostsStore = false,
+  ) {
     this.rank = rank
     this.worldSize = worldSize
     this.localRank = localRank
     this.store = store
     this.#server = server
+    this.#rank0HostsStore = rank0HostsStore
     this.timeoutMs = timeoutMs
     this.#prefix = prefix
   }
@@ -129,9 +141,20 @@ export class ProcessGroup {
    * Runs a collective that every rank joins; once it is done, every rank is past every earlier collective, so the
    * shared keys this rank wrote before it are removed.
    */
-  async #everyone<R>(run: () => Promise<R>): Promise<R> {
+  async #everyone<R>(step: string, run: () => Promise<R>): Promise<R> {
     const earlier = this.#lingering.splice(0)
-    const r = await run()
+    let r: R
+    try {
+      r = await run()
+    } catch (e) {
+      // where rank 0 hosts the store, a lost store is rank 0 lost (killed, crashed): say so as any other failed
+      // rank, so that every surviving rank rejects naming it (with a launcher's agent store, a dead rank 0 shows
+      // as one that never reports instead)
+      if (this.rank !== 0 && this.#rank0HostsStore && e instanceof DistcpError && e.code === 'ERR_DISTCP_STORE_CLOSED') {
+        throw new CheckpointError(step, { 0: `it hosted the store ${this.store.host}:${this.store.port}, which closed: ${e.message}` })
+      }
+      throw e
+    }
     for (const k of earlier) await this.store.deleteKey(k)
     return r
   }
@@ -206,7 +229,7 @@ export class ProcessGroup {
   async allGather(data: Uint8Array, options: { timeoutMs?: number } = {}): Promise<Buffer[]> {
     const { timeoutMs = this.timeoutMs } = options
     const key = this.#key('allgather')
-    return this.#everyone(async () => {
+    return this.#everyone('allGather', async () => {
       await this.#put(`${key}/${this.rank}`, data, true)
       const all = [...Array(this.worldSize).keys()]
       const missing = await this.#arrivals(key, all, timeoutMs)
@@ -219,7 +242,7 @@ export class ProcessGroup {
   async barrier(options: { timeoutMs?: number } = {}): Promise<void> {
     const { timeoutMs = this.timeoutMs } = options
     const key = this.#key('barrier')
-    await this.#everyone(async () => {
+    await this.#everyone('barrier', async () => {
       await this.store.set(`${key}/${this.rank}/n`, '0')
       this.#lingering.push(`${key}/${this.rank}/n`)
       const all = [...Array(this.worldSize).keys()]
@@ -234,7 +257,7 @@ export class ProcessGroup {
    * otherwise the root's `reduce` gives one result per rank.
    */
   async reduceScatter<T, R>(step: string, local: () => Promise<T>, reduce: (all: T[]) => Promise<R[]> | R[]): Promise<R> {
-    return this.#everyone(async () => {
+    return this.#everyone(step, async () => {
       const verdicts = await this.#decide<T, R[]>(step, local, reduce)
       return this.#spread(step, verdicts, (v) => ('ok' in v ? v.ok.map((ok) => ({ ok })) : this.#copies(v)))
     })
@@ -242,7 +265,7 @@ export class ProcessGroup {
 
   /** torch's `_DistWrapper.all_reduce`: as {@link reduceScatter}, with one result for every rank. */
   async allReduce<T, R>(step: string, local: () => Promise<T>, reduce: (all: T[]) => Promise<R> | R): Promise<R> {
-    return this.#everyone(async () => {
+    return this.#everyone(step, async () => {
       const verdict = await this.#decide<T, R>(step, local, reduce)
       return this.#spread(step, verdict, (v) => ('ok' in v ? Array.from({ length: this.worldSize }, () => v) : this.#copies(v)))
     })
@@ -361,7 +384,7 @@ export async function initProcessGroup(options: ProcessGroupOptions = {}): Promi
   }
   try {
     const store = await TcpStore.connect({ host, port, timeoutMs, rank })
-    return new ProcessGroup(rank, worldSize, options.localRank ?? envInt('LOCAL_RANK') ?? rank, store, server, timeoutMs, prefix)
+    return new ProcessGroup(rank, worldSize, options.localRank ?? envInt('LOCAL_RANK') ?? rank, store, server, timeoutMs, prefix, !agent)
   } catch (e) {
     await server?.close()
     throw e
