@@ -47,7 +47,7 @@ export declare class NativeConvertJob {
    * Writes every tensor of the plan and finishes (the whole conversion on a worker thread); resolves with the
    * bytes written. Poll `progress` meanwhile; `cancel` stops it with ERR_DISTCP_ABORTED.
    */
-  run(): Promise<TensorWrittenJs>
+  run(): Promise<number>
   /** What `run` has written so far (read without waiting for it). */
   progress(): ConvertProgressJs
   /**
@@ -56,9 +56,9 @@ export declare class NativeConvertJob {
    * durable; with `index`, also writes `model.safetensors.index.json`. Each shard is written by one rank only,
    * with the same job as a single-process conversion, so the files are the same bytes.
    */
-  runShards(shards: Array<number>, index: boolean): Promise<TensorWrittenJs>
+  runShards(shards: Array<number>, index: boolean): Promise<number>
   /** Writes `pytorch_model.bin` (the seed's single torch.save file) instead of safetensors shards. */
-  writePytorchModelBin(): Promise<TensorWrittenJs>
+  writePytorchModelBin(): Promise<number>
   /** Stops the tensor being written at its next slab; later writes fail with ERR_DISTCP_ABORTED. */
   cancel(): void
 }
@@ -481,11 +481,6 @@ export interface TensorPlanJs {
 
 /** Whether two tensors of a checkpoint have the same dtype, shape and bytes. */
 export declare function tensorsEqual(checkpoint: NativeCheckpoint, a: string, b: string): Promise<boolean>
-
-export interface TensorWrittenJs {
-  bytes: number
-  kernelCopied: number
-}
 
 /**
  * Writes one rank's data file `dir/fileName` with the items of `plan` (JSON `[[key, offsets | null], …]`) from the

@@ -98,12 +98,6 @@ pub struct ConvertProgressJs {
   pub tensors_done: f64,
 }
 
-#[napi(object)]
-pub struct TensorWrittenJs {
-  pub bytes: f64,
-  pub kernel_copied: f64,
-}
-
 fn plan_for(
   ck: &Checkpoint,
   selection: &NativeConvertSelection,
@@ -299,34 +293,26 @@ pub struct WriteTensorTask {
   step: Step,
 }
 
-impl WriteTensorTask {
-  fn progress_bytes(&self, job: &ConvertJob) -> f64 {
-    job.progress().bytes() as f64
-  }
-}
-
 impl Work<'_> for WriteTensorTask {
-  type Output = (f64, f64);
-  type JsValue = TensorWrittenJs;
+  /// Bytes of tensor data written.
+  type Output = f64;
+  type JsValue = f64;
 
-  fn compute(&mut self) -> Result<(f64, f64)> {
+  fn compute(&mut self) -> Result<f64> {
     let mut job = self.job.lock().unwrap_or_else(|p| p.into_inner());
     match self.step {
-      Step::All => {
-        job.write_all(&self.ck).map_err(to_js)?;
-        Ok((self.progress_bytes(&job), 0.0))
-      }
+      Step::All => job.write_all(&self.ck).map_err(to_js)?,
       Step::Shards { ref shards, index } => {
         job.write_shards(&self.ck, shards).map_err(to_js)?;
         job.finish_shards(shards, index).map_err(to_js)?;
-        Ok((self.progress_bytes(&job), 0.0))
       }
-      Step::PytorchModelBin => Ok((job.write_pytorch_model_bin(&self.ck).map_err(to_js)? as f64, 0.0)),
+      Step::PytorchModelBin => return Ok(job.write_pytorch_model_bin(&self.ck).map_err(to_js)? as f64),
     }
+    Ok(job.progress().bytes() as f64)
   }
 
-  fn resolve(&mut self, _env: &Env, (bytes, kernel_copied): (f64, f64)) -> Result<TensorWrittenJs> {
-    Ok(TensorWrittenJs { bytes, kernel_copied })
+  fn resolve(&mut self, _env: &Env, bytes: f64) -> Result<f64> {
+    Ok(bytes)
   }
 }
 
@@ -334,7 +320,7 @@ impl Work<'_> for WriteTensorTask {
 impl NativeConvertJob {
   /// Writes every tensor of the plan and finishes (the whole conversion on a worker thread); resolves with the
   /// bytes written. Poll `progress` meanwhile; `cancel` stops it with ERR_DISTCP_ABORTED.
-  #[napi(ts_return_type = "Promise<TensorWrittenJs>")]
+  #[napi(ts_return_type = "Promise<number>")]
   pub fn run(&self) -> AsyncTask<Job<WriteTensorTask>> {
     job(WriteTensorTask { ck: self.ck.clone(), job: self.job.clone(), step: Step::All })
   }
@@ -352,14 +338,14 @@ impl NativeConvertJob {
   /// tensors of `shards` (indices into the plan's shards) into the folder rank 0 staged, and makes those files
   /// durable; with `index`, also writes `model.safetensors.index.json`. Each shard is written by one rank only,
   /// with the same job as a single-process conversion, so the files are the same bytes.
-  #[napi(ts_return_type = "Promise<TensorWrittenJs>")]
+  #[napi(ts_return_type = "Promise<number>")]
   pub fn run_shards(&self, shards: Vec<u32>, index: bool) -> AsyncTask<Job<WriteTensorTask>> {
     let shards = shards.into_iter().map(|s| s as usize).collect();
     job(WriteTensorTask { ck: self.ck.clone(), job: self.job.clone(), step: Step::Shards { shards, index } })
   }
 
   /// Writes `pytorch_model.bin` (the seed's single torch.save file) instead of safetensors shards.
-  #[napi(ts_return_type = "Promise<TensorWrittenJs>")]
+  #[napi(ts_return_type = "Promise<number>")]
   pub fn write_pytorch_model_bin(&self) -> AsyncTask<Job<WriteTensorTask>> {
     job(WriteTensorTask { ck: self.ck.clone(), job: self.job.clone(), step: Step::PytorchModelBin })
   }

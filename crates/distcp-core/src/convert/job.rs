@@ -84,15 +84,6 @@ struct SmallBatch {
   tensors: u64,
 }
 
-/// What writing one tensor did, for progress reports.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TensorWritten {
-  /// Bytes of the tensor written.
-  pub bytes: u64,
-  /// Bytes moved by `copy_file_range` (the rest went through memory).
-  pub kernel_copied: u64,
-}
-
 /// A conversion in progress: writes its plan (or one rank's shards of it) in one call, advancing [`JobProgress`]
 /// as tensors land and checking its cancel flag between tensors and slabs.
 pub struct ConvertJob {
@@ -256,12 +247,12 @@ impl ConvertJob {
         continue;
       }
       self.flush_small(&mut batch)?;
-      let w = self.write_tensor_data(ck, i)?;
+      let bytes = self.write_tensor_data(ck, i)?;
       let tp = &self.plan.tensors[i];
       if let Some(f) = &self.files[tp.shard] {
         start_writeback(f, tp.offset, tp.nbytes);
       }
-      self.progress.add(1, w.bytes);
+      self.progress.add(1, bytes);
     }
     self.flush_small(&mut batch)
   }
@@ -340,13 +331,14 @@ impl ConvertJob {
     }
   }
 
-  fn write_tensor_data(&mut self, ck: &Checkpoint, i: usize) -> Result<TensorWritten> {
+  /// Writes tensor `i` of the plan; returns its bytes.
+  fn write_tensor_data(&mut self, ck: &Checkpoint, i: usize) -> Result<u64> {
     self.check_cancel()?;
     let tp = self.plan.tensors[i].clone();
     let shard_path = self.dir.join(&self.plan.shards[tp.shard].file);
     self.shard_file(tp.shard)?;
     if tp.nbytes == 0 {
-      return Ok(TensorWritten::default());
+      return Ok(0);
     }
     let t = ck.tensor(&tp.key)?.clone();
     let from = t.dtype();
@@ -358,7 +350,6 @@ impl ConvertJob {
     // fast path: every chunk is whole rows, stored plainly, and no cast
     let whole_rows = |c: &crate::metadata::Chunk| c.sizes.iter().zip(&t.size).skip(1).all(|(a, b)| a == b);
     if from == to && t.chunks.iter().all(whole_rows) {
-      let mut moved = TensorWritten::default();
       let mut all_plain = true;
       let mut sources = Vec::new();
       for (ci, c) in t.chunks.iter().enumerate() {
@@ -382,11 +373,9 @@ impl ConvertJob {
           let out = self.files[tp.shard]
             .as_ref()
             .ok_or_else(|| Error::io(&shard_path, std::io::ErrorKind::NotFound.into()))?;
-          let k = copy_range(file.file(), src_off, out, dst_off, len).map_err(|e| io_err(&shard_path, e))?;
-          moved.bytes += len;
-          moved.kernel_copied += k;
+          copy_range(file.file(), src_off, out, dst_off, len).map_err(|e| io_err(&shard_path, e))?;
         }
-        return Ok(moved);
+        return Ok(tp.nbytes);
       }
     }
 
@@ -477,7 +466,7 @@ impl ConvertJob {
     };
     self.bufs = bufs;
     result?;
-    Ok(TensorWritten { bytes: tp.nbytes, kernel_copied: 0 })
+    Ok(tp.nbytes)
   }
 
   /// Writes the seed's artefact instead of safetensors: `pytorch_model.bin`, a `torch.save` of the `{name: tensor}`

@@ -6,7 +6,7 @@ mod cast;
 mod job;
 
 pub use cast::{cast, cast_parallel, f32_to_bf16, f32_to_f16};
-pub use job::{ConvertJob, JobProgress, TensorWritten};
+pub use job::{ConvertJob, JobProgress};
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
