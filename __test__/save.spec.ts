@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 import { save, pyFloat, pyTuple, openCheckpoint, DistcpError, PyFloat, PyTuple, type SaveStateDict } from '../src/index.js'
-import { native } from '../src/native.js'
+import { native, type TaggedValue } from '../src/native.js'
 import { checkFixture, diffTyped, loadExpected, root, runPython } from './helpers.js'
 import { fullState, smallState, tensor, toExact } from './save-child.js'
 
@@ -139,7 +139,7 @@ test('a save that fails midway leaves the old checkpoint loadable and nothing el
     t.is(await stepOf(ckpt), 1, point)
   }
   // tensor data found too short by the native layer (bypassing the TypeScript checks): nothing is touched
-  const tree = JSON.stringify({ $d: [['w', { $tensor: 0, dtype: 'float32', shape: [3] }]] })
+  const tree: TaggedValue = { $d: [['w', { $tensor: 0, dtype: 'float32', shape: [3] }]] }
   const e = await t.throwsAsync(native.writeStateDict(ckpt, tree, [new Uint8Array(11)]))
   t.is((e as { code?: unknown } | undefined)?.code, 'ERR_DISTCP_INVALID_INPUT')
   t.regex(e?.message ?? '', /needs 12 bytes, its data has 11/)
@@ -283,7 +283,7 @@ test('buffers changed right after save returns do not change the checkpoint, tho
 
 test('the native writer waits for the staging gate, and an aborted gate fails the save and leaves nothing', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'distcp-save-gate-'))
-  const tree = JSON.stringify({ $d: [['w', { $tensor: 0, dtype: 'float32', shape: [4] }]] })
+  const tree: TaggedValue = { $d: [['w', { $tensor: 0, dtype: 'float32', shape: [4] }]] }
   const buf = new Uint8Array(16)
   const gate = new native.StagingGate()
   let settled = false
