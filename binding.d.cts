@@ -157,8 +157,8 @@ export declare class RanksSaveHandle {
   fileNames(worldSize: number): Array<string>
   /** Whether something was at the path before (the ranks write temporary names). */
   replacing(): boolean
-  /** Commits the metadata (JSON, see the module docs) on a worker thread; resolves to its size in bytes. */
-  commit(metadata: string): Promise<number>
+  /** Commits the metadata on a worker thread; resolves to its size in bytes. */
+  commit(metadata: RanksMetadataInput): Promise<number>
   /** Removes the files this save named (after a failure); the previous checkpoint is untouched. */
   abort(): void
   /** Releases the locks. */
@@ -322,20 +322,20 @@ export interface EncodedObject {
 
 /**
  * One flat key: the path to its leaf as positions (index among a dict's entries in order, or a list index), its
- * path as torch records it in `planner_data` (JSON `[str | int, …]`), and whether the leaf is a tensor.
+ * path as torch records it in `planner_data` (dict keys and list indices), and whether the leaf is a tensor.
  */
 export interface FlatKey {
   key: string
   positions: Array<number>
-  plannerPath: string
+  plannerPath: Array<string | number>
   tensor: boolean
 }
 
 /**
- * torch's `flatten_state_dict` over `tree` (the tagged JSON `save` sends, whose `$tensor` entries index
+ * torch's `flatten_state_dict` over `tree` (the tagged tree `save` sends, whose `$tensor` entries index
  * `tensorCount` placeholder slots: only which leaves are tensors matters here), in torch's key order.
  */
-export declare function flattenStateDictKeys(tree: string, tensorCount: number, layout: string): Array<FlatKey>
+export declare function flattenStateDictKeys(tree: TaggedValue, tensorCount: number, layout: string): Array<FlatKey>
 
 /**
  * What `.metadata` says of one key: a tensor (`kind: "tensor"`, `nbytes` of the whole tensor) or a non-tensor
@@ -435,6 +435,25 @@ export interface PlannerPaths {
   elements: Array<string | number>
 }
 
+/** A tensor's entry in `.metadata` (torch's `TensorStorageMetadata`); its chunks are `[offsets, sizes]`. */
+export interface RanksItemMeta {
+  dtype: string
+  size: Array<number>
+  chunks: Array<[Array<number>, Array<number>]>
+}
+
+/**
+ * What `commit` writes as `.metadata`: the items (`[key, null]` for a bytes item), torch's `planner_data`
+ * (flat key → path of dict keys and list indices), the storage entries every rank's write returned, and the
+ * version string (`null`: none).
+ */
+export interface RanksMetadataInput {
+  items: Array<[string, RanksItemMeta | undefined | null]>
+  planner: Array<[string, Array<string | number>]>
+  storage: Array<StorageEntry>
+  version?: string
+}
+
 /** Reads a tensor (or a box) into the caller's device memory `ptr .. ptr + byteLength` on `cuda:device`. */
 export declare function readIntoDevice(ck: NativeCheckpoint, key: string, device: number, ptr: bigint, byteLength: number, offsets?: Array<number> | undefined | null, sizes?: Array<number> | undefined | null, dtype?: string | undefined | null): Promise<void>
 
@@ -491,6 +510,16 @@ export interface SkippedJs {
   reason: string
 }
 
+/** One entry of `.metadata`'s storage data (torch's `MetadataIndex` → `_StorageInfo`): where an item's bytes are. */
+export interface StorageEntry {
+  fqn: string
+  /** The chunk's offsets in its tensor; absent (or null) for a bytes item. */
+  offsets?: Array<number>
+  relativePath: string
+  offset: number
+  length: number
+}
+
 export interface TensorPlanJs {
   key: string
   name: string
@@ -515,11 +544,12 @@ export interface TensorWrittenJs {
 }
 
 /**
- * Writes one rank's data file `dir/fileName` with the items of `plan` (JSON `[[key, offsets | null], …]`) from the
- * state dict `tree`; resolves to the storage entries as JSON. `background` (saveAsync) writes on a thread of lower
- * CPU priority, as a single-rank `saveAsync` does (see `background.rs`).
+ * Writes one rank's data file `dir/fileName` with the items of `plan` (`[key, offsets | null]` each: a tensor
+ * chunk's offsets, or null for a bytes item) from the state dict `tree` (a tagged tree, as `writeStateDict`
+ * takes); resolves to the storage entries. `background` (saveAsync) writes on a thread of lower CPU priority, as
+ * a single-rank `saveAsync` does (see `background.rs`).
  */
-export declare function writeRankDataFile(dir: string, fileName: string, tree: string, buffers: Array<Uint8Array>, plan: string, layout?: string | undefined | null, background?: boolean | undefined | null): Promise<string>
+export declare function writeRankDataFile(dir: string, fileName: string, tree: TaggedValue, buffers: Array<Uint8Array>, plan: Array<[string, Array<number> | undefined | null]>, layout?: string | undefined | null, background?: boolean | undefined | null): Promise<Array<StorageEntry>>
 
 /**
  * Saves a state dict into the checkpoint folder `dir` (created if needed; an existing checkpoint is replaced
