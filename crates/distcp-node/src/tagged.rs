@@ -123,12 +123,12 @@ unsafe fn from_js(env: sys::napi_env, v: sys::napi_value, what: &str, depth: usi
     other => {
       let name = match other {
         sys::ValueType::napi_undefined => "undefined",
-        sys::ValueType::napi_symbol => "symbol",
-        sys::ValueType::napi_function => "function",
-        sys::ValueType::napi_bigint => "bigint",
-        _ => "external value",
+        sys::ValueType::napi_symbol => "a symbol",
+        sys::ValueType::napi_function => "a function",
+        sys::ValueType::napi_bigint => "a bigint",
+        _ => "an external value",
       };
-      return Err(invalid_input(format!("{what}: a {name} cannot be part of a tagged value")));
+      return Err(invalid_input(format!("{what}: {name} cannot be part of a tagged value")));
     }
   })
 }
