@@ -322,6 +322,7 @@ test('the tagged tree crosses napi as JS values: ints past 2^32, deep dicts and 
     [() => 1, /function cannot be part of a tagged value/],
     [1.5, /untagged non-integer number/],
     [Infinity, /inf is not a finite number/],
+    ['a\ud800b', /lone surrogate/],
   ] as [unknown, RegExp][]) {
     const e = await t.throwsAsync(async () => native.writeStateDict(dir, { $d: [['x', leaf]] } as unknown as TaggedValue, []))
     t.is((e as { code?: unknown } | undefined)?.code, 'ERR_DISTCP_INVALID_INPUT')

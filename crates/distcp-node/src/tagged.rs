@@ -169,8 +169,34 @@ unsafe fn string(env: sys::napi_env, v: sys::napi_value) -> Result<String> {
     buf.truncate(len);
     buf
   };
-  // napi writes UTF-8 (a lone surrogate becomes U+FFFD)
-  String::from_utf8(bytes).map_err(|e| invalid_input(format!("a string that is not UTF-8: {e}")))
+  let text =
+    String::from_utf8(bytes).map_err(|e| invalid_input(format!("a string that is not UTF-8: {e}")))?;
+  // napi writes a lone surrogate as U+FFFD: such a string is refused, not silently changed (as serde_json refused
+  // it in JSON text)
+  if text.contains('\u{FFFD}') {
+    // SAFETY: the caller's promise.
+    let units = unsafe { utf16(env, v) }?;
+    String::from_utf16(&units)
+      .map_err(|_| invalid_input("a string with a lone surrogate (not valid Unicode)"))?;
+  }
+  Ok(text)
+}
+
+/// The UTF-16 code units of the string `v`.
+///
+/// # Safety
+/// As [`from_js`]; `v` must be a string.
+unsafe fn utf16(env: sys::napi_env, v: sys::napi_value) -> Result<Vec<u16>> {
+  let mut len = 0usize;
+  // SAFETY (both calls): the caller's promise; napi writes at most `cap - 1` units plus a NUL.
+  napi::check_status!(unsafe { sys::napi_get_value_string_utf16(env, v, ptr::null_mut(), 0, &mut len) })
+    .map_err(internal)?;
+  let cap = len.checked_add(1).ok_or_else(|| invalid_input("a string too long to copy"))?;
+  let mut buf = vec![0u16; cap];
+  napi::check_status!(unsafe { sys::napi_get_value_string_utf16(env, v, buf.as_mut_ptr(), cap, &mut len) })
+    .map_err(internal)?;
+  buf.truncate(len);
+  Ok(buf)
 }
 
 /// `v` as a JS value: objects and arrays as they are, numbers as JS numbers (an int beyond 2^53 never gets here:
