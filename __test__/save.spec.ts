@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 import { save, pyFloat, pyTuple, openCheckpoint, DistcpError, PyFloat, PyTuple, type SaveStateDict } from '../src/index.js'
-import { native } from '../src/native.js'
+import { native, type TaggedValue } from '../src/native.js'
 import { checkFixture, diffTyped, loadExpected, root, runPython } from './helpers.js'
 import { fullState, smallState, tensor, toExact } from './save-child.js'
 
@@ -139,7 +139,7 @@ test('a save that fails midway leaves the old checkpoint loadable and nothing el
     t.is(await stepOf(ckpt), 1, point)
   }
   // tensor data found too short by the native layer (bypassing the TypeScript checks): nothing is touched
-  const tree = JSON.stringify({ $d: [['w', { $tensor: 0, dtype: 'float32', shape: [3] }]] })
+  const tree: TaggedValue = { $d: [['w', { $tensor: 0, dtype: 'float32', shape: [3] }]] }
   const e = await t.throwsAsync(native.writeStateDict(ckpt, tree, [new Uint8Array(11)]))
   t.is((e as { code?: unknown } | undefined)?.code, 'ERR_DISTCP_INVALID_INPUT')
   t.regex(e?.message ?? '', /needs 12 bytes, its data has 11/)
@@ -283,7 +283,7 @@ test('buffers changed right after save returns do not change the checkpoint, tho
 
 test('the native writer waits for the staging gate, and an aborted gate fails the save and leaves nothing', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'distcp-save-gate-'))
-  const tree = JSON.stringify({ $d: [['w', { $tensor: 0, dtype: 'float32', shape: [4] }]] })
+  const tree: TaggedValue = { $d: [['w', { $tensor: 0, dtype: 'float32', shape: [4] }]] }
   const buf = new Uint8Array(16)
   const gate = new native.StagingGate()
   let settled = false
@@ -302,4 +302,36 @@ test('the native writer waits for the staging gate, and an aborted gate fails th
   gate2.abort()
   await t.throwsAsync(p2, { message: /staging/ })
   t.deepEqual(readdirSync(join(dir, 'b')).filter((f) => f !== '.distcp.lock'), [])
+})
+
+test('the tagged tree crosses napi as JS values: ints past 2^32, deep dicts and bad leaves', async (t) => {
+  const dir = join(out, 'tagged-values')
+  // ints beyond 2^32 (napi-rs's own serde conversion made them floats) and a dict 60 levels deep (180 JSON
+  // levels: beyond the 128 that serde_json's parser allowed the old JSON text)
+  let deep: Record<string, unknown> = { leaf: 7 }
+  for (let i = 0; i < 59; i++) deep = { d: deep }
+  const big = [2 ** 40 + 1, -(2 ** 40), Number.MAX_SAFE_INTEGER, 2 ** 31, -(2 ** 31) - 1]
+  await save({ big, deep }, { checkpointId: dir })
+  const ck = await openCheckpoint(dir)
+  t.deepEqual(await ck.readObject('big'), big)
+  t.is(await ck.readObject(`deep${'.d'.repeat(59)}.leaf`), 7)
+  ck.close()
+  // what the encoder never makes is refused at the boundary with the binding's code, the checkpoint untouched
+  for (const [leaf, what] of [
+    [undefined, /undefined cannot be part of a tagged value/],
+    [() => 1, /function cannot be part of a tagged value/],
+    [1.5, /untagged non-integer number/],
+    [Infinity, /inf is not a finite number/],
+    ['a\ud800b', /lone surrogate/],
+  ] as [unknown, RegExp][]) {
+    const e = await t.throwsAsync(async () => native.writeStateDict(dir, { $d: [['x', leaf]] } as unknown as TaggedValue, []))
+    t.is((e as { code?: unknown } | undefined)?.code, 'ERR_DISTCP_INVALID_INPUT')
+    t.regex(e?.message ?? '', what)
+  }
+  const cyclic: unknown[] = []
+  cyclic.push(cyclic)
+  const e = await t.throwsAsync(async () => native.writeStateDict(dir, { $d: [['x', cyclic]] } as unknown as TaggedValue, []))
+  t.is((e as { code?: unknown } | undefined)?.code, 'ERR_DISTCP_INVALID_INPUT')
+  t.regex(e?.message ?? '', /nested more than 100 levels deep/)
+  t.deepEqual(await (await openCheckpoint(dir)).readObject('big'), big)
 })

@@ -154,8 +154,8 @@ export class Checkpoint {
     checkString(key, 'key')
     checkOptions(options)
     if (options.exact !== undefined && typeof options.exact !== 'boolean') throw badArgument('exact', 'a boolean', options.exact)
-    const { json, buffers } = await awaitNative(() => this.#native.readObject(key))
-    return decodeValue(json, buffers, options.exact ?? false)
+    const { value, buffers } = await awaitNative(() => this.#native.readObject(key))
+    return decodeValue(value, buffers, options.exact ?? false)
   }
 
   /** Each key's path in the nested state dict, from `planner_data` (a key without one is its own path). */

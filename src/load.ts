@@ -3,7 +3,7 @@
 import { openCheckpoint, type Checkpoint, type StateDict, type StateValue, type TensorInfo } from './checkpoint.js'
 import { DistcpError } from './errors.js'
 import { elementSize, numel, type DType, type Tensor } from './tensor.js'
-import { PyTuple, type PyValue } from './values.js'
+import { PyTuple, type Encoded, type PyValue } from './values.js'
 import { callNative } from './errors.js'
 import { native } from './native.js'
 import { Encoder } from './save.js'
@@ -95,7 +95,7 @@ export function flattenStateDict(stateDict: Record<string, unknown>, layout: '2.
 /** {@link flattenStateDict}'s leaves by flat key, each with its setter. */
 function flattenLeaves(stateDict: Record<string, unknown>, layout: '2.4' | '2.3'): Map<string, FlatLeaf> {
   const enc = new Encoder('flatten', true)
-  const tree = JSON.stringify(enc.value(stateDict, '', 0))
+  const tree = enc.value(stateDict, '', 0)
   return new Map(flattenEncoded(stateDict, tree, enc.buffers.length, layout).map((l) => [l.key, l]))
 }
 
@@ -107,8 +107,8 @@ export interface FlatLeaf {
   value: unknown
   /** Whether the core saw a tensor there. */
   tensor: boolean
-  /** The path as torch records it in `planner_data` (JSON `[str | int, …]`). */
-  plannerPath: string
+  /** The path as torch records it in `planner_data` (dict keys and list indices). */
+  plannerPath: (string | number)[]
   /** Replaces the leaf in its container (the Map, array or object that holds it) by `value`. */
   set(value: unknown): void
 }
@@ -120,11 +120,11 @@ function setIn(container: unknown, key: PathItem, value: unknown): void {
 }
 
 /**
- * Flattens `root` given the tagged JSON `tree` the {@link Encoder} made of it (with `tensorCount` buffers): the
+ * Flattens `root` given the tagged tree `tree` the {@link Encoder} made of it (with `tensorCount` buffers): the
  * core decides the keys, and each leaf is found in `root` by position, so no JS code re-derives `str(key)`.
  * @internal
  */
-export function flattenEncoded(root: object, tree: string, tensorCount: number, layout: '2.4' | '2.3'): FlatLeaf[] {
+export function flattenEncoded(root: object, tree: Encoded, tensorCount: number, layout: '2.4' | '2.3'): FlatLeaf[] {
   const keys = callNative(() => native.flattenStateDictKeys(tree, tensorCount, layout))
   // children of each container in the order the encoder walked them (Object.keys / Map order / indices)
   const children = new Map<object, [PathItem, unknown][]>()

@@ -124,4 +124,4 @@ export const native: typeof Native = load()
 
 /** Which build loaded: `'native'` (a .node addon) or `'wasm32-wasip1'` (the WASM fallback), as napi-rs's loaders stamp it. */
 export const bindingTarget: string = (native as { __napiBindingTarget?: string }).__napiBindingTarget ?? 'native'
-export type { NativeCheckpoint, NativeDeviceBuffer, ItemInfo as NativeItemInfo, CheckpointSummary, CheckpointLayout, DType, SaveResult } from '../binding.cjs'
+export type { NativeCheckpoint, NativeDeviceBuffer, ItemInfo as NativeItemInfo, CheckpointSummary, CheckpointLayout, DType, SaveResult, StorageEntry, TaggedValue } from '../binding.cjs'

@@ -107,7 +107,7 @@ function bytesOf(view: ArrayBufferView): Uint8Array {
 }
 
 /**
- * A state dict as the tagged JSON the native layer reads (`distcp_core::write::from_tagged_json`). `lenient` is for
+ * A state dict as the tagged tree the native layer reads (`distcp_core::value::from_tagged_json`). `lenient` is for
  * load targets, whose leaves are only placeholders: any leaf that cannot be saved (a class instance, undefined…)
  * becomes `null` (still a leaf, which is all flattening needs), and tensors are not checked against their bytes.
  * @internal
@@ -257,7 +257,7 @@ export class Encoder {
 export interface StagedSave {
   checkpointId: string
   layout?: '2.4' | '2.3'
-  tree: string
+  tree: Encoded
   buffers: Uint8Array[]
   lease: StagingLease
   failAt?: SaveOptions['_testFailAt']
@@ -267,7 +267,7 @@ export interface StagedSave {
 interface EncodedSave {
   checkpointId: string
   layout?: '2.4' | '2.3'
-  tree: string
+  tree: Encoded
   sources: StageSource[]
   failAt?: SaveOptions['_testFailAt']
 }
@@ -287,7 +287,7 @@ function encodeSave(stateDict: SaveStateDict, options: SaveOptions): EncodedSave
   }
   const encode = (top: Map<unknown, unknown>): EncodedSave => {
     const enc = new Encoder(checkpointId, false, deviceLeavesOf(top))
-    const tree = JSON.stringify(enc.value(top, '', 0))
+    const tree = enc.value(top, '', 0)
     return { checkpointId, layout, tree, sources: enc.buffers, failAt: options._testFailAt }
   }
   const top = topLevel(stateDict, checkpointId)

@@ -1,4 +1,5 @@
-import type { DType, Tensor } from './tensor.js'
+import type { Tensor } from './tensor.js'
+import type { TaggedValue } from './native.js'
 
 /** A Python float, kept distinct from an int (only in `exact` mode; otherwise floats are plain numbers). */
 export class PyFloat {
@@ -32,19 +33,11 @@ export type PyValue =
   | Map<PyValue, PyValue>
   | { [key: string]: PyValue }
 
-/** The tagged JSON exchanged with the native layer (`distcp_core::value`'s codec), both directions. */
-export type Encoded =
-  | null
-  | boolean
-  | number
-  | string
-  | Encoded[]
-  | { $f: string }
-  | { $i: string }
-  | { $t: Encoded[] }
-  | { $d: ([Encoded, Encoded] | [Encoded, Encoded, string])[] }
-  | { $b: number }
-  | { $tensor: number; dtype: DType | string; shape: number[] }
+/**
+ * A value as the tagged tree exchanged with the native layer (`distcp_core::value`'s codec), both directions, as JS
+ * objects and arrays (the binding converts them; no JSON text crosses). Its one definition is the binding's typings.
+ */
+export type Encoded = TaggedValue
 
 /** The 16 hex digits of a float64's bits (exact for NaN payloads, ±0, ±∞). */
 export function floatBits(x: number): string {
@@ -59,8 +52,8 @@ function floatFromBits(hex: string): number {
   return view.getFloat64(0)
 }
 
-/** Decodes the tagged JSON the native layer produces (`distcp_core::value::to_tagged_json`). */
-export function decodeValue(json: string, buffers: Uint8Array[], exact: boolean): PyValue {
+/** Decodes the tagged tree the native layer produces (`distcp_core::value::to_tagged_json`). */
+export function decodeValue(value: Encoded, buffers: Uint8Array[], exact: boolean): PyValue {
   const walk = (e: Encoded): PyValue => {
     if (e === null || typeof e === 'boolean' || typeof e === 'number' || typeof e === 'string') return e
     if (Array.isArray(e)) return e.map(walk)
@@ -74,7 +67,7 @@ export function decodeValue(json: string, buffers: Uint8Array[], exact: boolean)
       return exact ? new PyTuple(items) : items
     }
     if ('$b' in e) return buffers[e.$b]
-    if ('$tensor' in e) return { dtype: e.dtype as DType, shape: e.shape, data: buffers[e.$tensor] }
+    if ('$tensor' in e) return { dtype: e.dtype, shape: e.shape, data: buffers[e.$tensor] }
     if ('$d' in e) {
       if (exact) return new Map(e.$d.map(([k, v]) => [walk(k), walk(v)] as [PyValue, PyValue]))
       const out: { [key: string]: PyValue } = {}
@@ -84,5 +77,5 @@ export function decodeValue(json: string, buffers: Uint8Array[], exact: boolean)
     }
     throw new Error('distcp: unknown value encoding from the native layer')
   }
-  return walk(JSON.parse(json) as Encoded)
+  return walk(value)
 }

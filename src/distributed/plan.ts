@@ -18,10 +18,13 @@ export interface WriteItem {
   sizes?: number[]
 }
 
-/** A rank's `SavePlan`: its items and its flattening (`planner_data`: flat key → path as JSON). */
+/** A `planner_data` path: dict keys and list indices, as torch records a flat key's place in the state dict. */
+export type PlannerPath = (string | number)[]
+
+/** A rank's `SavePlan`: its items and its flattening (`planner_data`: flat key → path). */
 export interface LocalPlan {
   items: WriteItem[]
-  planner: [string, unknown[]][]
+  planner: [string, PlannerPath][]
 }
 
 /** `MetadataIndex` equality: fqn + offset (the index hint is not compared). */
@@ -73,7 +76,7 @@ export type ItemMeta = null | { dtype: DType; size: number[]; chunks: [number[],
  * whose key order is the last rank's mapping first, then keys only earlier ranks have, each value from the first
  * rank that has it.
  */
-export function globalMetadata(finalPlans: WriteItem[][], localPlans: LocalPlan[]): { items: [string, ItemMeta][]; planner: [string, unknown[]][] } {
+export function globalMetadata(finalPlans: WriteItem[][], localPlans: LocalPlan[]): { items: [string, ItemMeta][]; planner: [string, PlannerPath][] } {
   const md = new Map<string, ItemMeta>()
   for (const plan of finalPlans) {
     for (const w of plan) {
@@ -96,10 +99,10 @@ export function globalMetadata(finalPlans: WriteItem[][], localPlans: LocalPlan[
   validateCoverage(md, localPlans.length > 1)
   const order = new Map<string, true>()
   for (let p = localPlans.length - 1; p >= 0; p--) for (const [k] of localPlans[p].planner) order.set(k, true)
-  const planner: [string, unknown[]][] = []
+  const planner: [string, PlannerPath][] = []
   for (const k of order.keys()) {
     const from = localPlans.find((lp) => lp.planner.some(([x]) => x === k)) as LocalPlan
-    planner.push([k, (from.planner.find(([x]) => x === k) as [string, unknown[]])[1]])
+    planner.push([k, (from.planner.find(([x]) => x === k) as [string, PlannerPath])[1]])
   }
   return { items: [...md.entries()], planner }
 }

@@ -13,7 +13,7 @@ import { deviceLeavesOf } from '../cuda.js'
 import { stagingPool, type Staged, type StagingLease, type StagingPool } from '../staging.js'
 import { awaitNative, callNative, DistcpError } from '../errors.js'
 import { flattenEncoded } from '../load.js'
-import { native } from '../native.js'
+import { native, type StorageEntry, type TaggedValue } from '../native.js'
 import { Encoder, topLevel, type SaveResult, type SaveStateDict } from '../save.js'
 import type { DType } from '../tensor.js'
 import type { ProcessGroup } from './group.js'
@@ -99,13 +99,13 @@ export async function stageRanks(stateDict: SaveStateDict, options: RanksSaveOpt
     const top = t instanceof Promise ? await t : t
     // device tensors are encoded and staged as in a single-rank save (device-to-host into the staging memory)
     const enc = new Encoder(checkpointId, false, deviceLeavesOf(top))
-    const treeJson = JSON.stringify(enc.value(top, '', 0))
+    const tree = enc.value(top, '', 0)
     // the save owns copies of the tensor bytes from here on (as a single-rank save does): the caller's buffers may
     // change or be transferred away while the ranks coordinate and write
     const s = pool.stage(enc.buffers)
     staged = s instanceof Promise ? await s : s
     // one flattening: keys, planner paths and which leaves are tensors from the core, the leaves themselves by position
-    const flat = flattenEncoded(top, treeJson, enc.buffers.length, layout)
+    const flat = flattenEncoded(top, tree, enc.buffers.length, layout)
     const items: WriteItem[] = []
     for (const f of flat) {
       if (!f.tensor) {
@@ -123,10 +123,10 @@ export async function stageRanks(stateDict: SaveStateDict, options: RanksSaveOpt
         sizes: [...t.shape],
       })
     }
-    const plan: LocalPlan = { items, planner: flat.map((f) => [f.key, JSON.parse(f.plannerPath) as unknown[]]) }
+    const plan: LocalPlan = { items, planner: flat.map((f) => [f.key, f.plannerPath]) }
     const copies = staged.copies
     const lease = staged.lease
-    return { checkpointId, lease, write: () => writeRanks(options, { plan, treeJson, copies }).finally(() => lease.release()) }
+    return { checkpointId, lease, write: () => writeRanks(options, { plan, tree, copies }).finally(() => lease.release()) }
   } catch (error) {
     staged?.lease.release()
     return { checkpointId, lease: null, error, write: () => writeRanks(options, { error }) }
@@ -138,25 +138,26 @@ export async function saveRanks(stateDict: SaveStateDict, options: RanksSaveOpti
   return (await stageRanks(stateDict, options)).write()
 }
 
+/** One item of a rank's final plan: its flat key and, for a tensor, its chunk's offsets (`null`: a bytes item). */
+type PlanItem = [string, number[] | null]
+
 /** This rank's staged part (its local plan, the tagged tree and the staged bytes), or why staging failed. */
-type RankLocal = { plan: LocalPlan; treeJson: string; copies: Uint8Array[] } | { error: unknown }
+type RankLocal = { plan: LocalPlan; tree: TaggedValue; copies: Uint8Array[] } | { error: unknown }
 
 /** This rank's save without collectives: its own data file and `__{rank}.metadata`, no other rank involved. */
 async function writeRankLocal(options: RanksSaveOptions, local: RankLocal): Promise<RanksSaveResult> {
   const { checkpointId, processGroup: pg, layout = '2.4', background = false } = options
   if ('error' in local) throw local.error
-  const { plan, treeJson, copies } = local
+  const { plan, tree, copies } = local
   // torch's `global_step([local_plan])`: one plan, nothing to dedup, its chunks need not cover a sharded tensor
   const md = globalMetadata([plan.items], [plan])
   const handle = callNative(() => native.RanksSaveHandle.beginRankLocal(checkpointId, pg.rank))
   let committed = false
   try {
     const [file] = callNative(() => handle.fileNames(1))
-    const items = plan.items.map((w) => [w.fqn, w.type === 'bytes' ? null : w.offsets])
-    const storage = JSON.parse(
-      await awaitNative(() => native.writeRankDataFile(checkpointId, file, treeJson, copies, JSON.stringify(items), layout, background)),
-    ) as [string, number[] | null, string, number, number][]
-    const metadataBytes = await awaitNative(() => handle.commit(JSON.stringify({ items: md.items, planner: md.planner, storage, version: '1.0.0' })))
+    const items = plan.items.map((w): PlanItem => [w.fqn, w.type === 'bytes' ? null : (w.offsets ?? null)])
+    const storage = await awaitNative(() => native.writeRankDataFile(checkpointId, file, tree, copies, items, layout, background))
+    const metadataBytes = await awaitNative(() => handle.commit({ items: md.items, planner: md.planner, storage, version: '1.0.0' }))
     committed = true
     const tensors = md.items.filter(([, m]) => m).length
     return {
@@ -164,7 +165,7 @@ async function writeRankLocal(options: RanksSaveOptions, local: RankLocal): Prom
       tensors,
       objects: md.items.length - tensors,
       dataFile: file.replace(/\.distcp\.[0-9a-z]+\.tmp$/, '.distcp'),
-      dataBytes: storage.reduce((n, e) => Math.max(n, e[3] + e[4]), 0),
+      dataBytes: storage.reduce((n, e) => Math.max(n, e.offset + e.length), 0),
       metadataBytes,
       replaced: callNative(() => handle.replacing()),
       rank: pg.rank,
@@ -180,7 +181,7 @@ async function writeRankLocal(options: RanksSaveOptions, local: RankLocal): Prom
 async function writeRanks(options: RanksSaveOptions, local: RankLocal): Promise<RanksSaveResult> {
   if (options.useCollectives === false) return writeRankLocal(options, local)
   const { checkpointId, processGroup: pg, layout = '2.4', saveToLowestRank = false, background = false } = options
-  const { plan, treeJson, copies } = 'error' in local ? { plan: null, treeJson: '', copies: [] } : local
+  const { plan, tree, copies } = 'error' in local ? { plan: null, tree: null, copies: [] } : local
   let handle: InstanceType<typeof native.RanksSaveHandle> | null = null
   let merged: ReturnType<typeof globalMetadata> | null = null
   let committed = false
@@ -199,26 +200,26 @@ async function writeRanks(options: RanksSaveOptions, local: RankLocal): Promise<
       return finals.map((items, r) => ({
         file: files[r],
         replacing: (handle as InstanceType<typeof native.RanksSaveHandle>).replacing(),
-        items: items.map((w) => [w.fqn, w.type === 'bytes' ? null : w.offsets] as [string, number[] | null]),
+        items: items.map((w): PlanItem => [w.fqn, w.type === 'bytes' ? null : (w.offsets ?? null)]),
         tensors: items.filter((w) => w.type !== 'bytes').length,
       }))
     })
-    type Written = { storage: [string, number[] | null, string, number, number][] }
+    // the storage entries travel to rank 0 through the store (the wire format between ranks, JSON)
+    type Written = { storage: StorageEntry[] }
     const summary = await pg.allReduce(
       'write',
       async (): Promise<Written> => {
         // test hook: `write:<rank>` kills this rank (kill -9) after the plan, while the others write
         if (process.env.DISTCP_TEST_KILL_AT === `write:${pg.rank}`) process.kill(process.pid, 'SIGKILL')
-        const s = await native.writeRankDataFile(checkpointId, mine.file, treeJson, copies, JSON.stringify(mine.items), layout, background)
-        return { storage: JSON.parse(s) as Written['storage'] }
+        return { storage: await native.writeRankDataFile(checkpointId, mine.file, tree, copies, mine.items, layout, background) }
       },
       async (all: Written[]) => {
         const md = merged as ReturnType<typeof globalMetadata>
         const h = handle as InstanceType<typeof native.RanksSaveHandle>
         const storage = all.flatMap((w) => w.storage)
-        const metadataBytes = await h.commit(JSON.stringify({ items: md.items, planner: md.planner, storage, version: '1.0.0' }))
+        const metadataBytes = await h.commit({ items: md.items, planner: md.planner, storage, version: '1.0.0' })
         committed = true
-        const bytes = all.map((w) => w.storage.reduce((n, e) => Math.max(n, e[3] + e[4]), 0))
+        const bytes = all.map((w) => w.storage.reduce((n, e) => Math.max(n, e.offset + e.length), 0))
         return { keys: md.items.map(([k]) => k), tensors: md.items.filter(([, m]) => m).length, metadataBytes, bytes }
       },
     )

@@ -2,6 +2,7 @@
 
 use crate::enums::{CheckpointLayout, DType};
 use crate::errors::{internal, invalid_arg, job, to_js, Job, Result, Work};
+use crate::tagged::TaggedJs;
 use distcp_core::metadata::{ItemMetadata, PathElem};
 use distcp_core::plan::Region;
 use distcp_core::Checkpoint;
@@ -257,10 +258,11 @@ impl Work<'_> for ReadIntoTask {
   }
 }
 
-#[napi(object)]
+#[napi(object, object_from_js = false)]
 pub struct EncodedObject {
-  /// Tagged JSON (see `src/values.ts`).
-  pub json: String,
+  /// The value as a tagged tree (`distcp_core::value::to_tagged_json`; decoded by `src/values.ts`).
+  #[napi(ts_type = "TaggedValue")]
+  pub value: TaggedJs,
   pub buffers: Vec<Buffer>,
 }
 
@@ -270,18 +272,22 @@ pub struct ReadObjectTask {
 }
 
 impl Work<'_> for ReadObjectTask {
-  type Output = (String, Vec<Vec<u8>>);
+  type Output = (serde_json::Value, Vec<Vec<u8>>);
   type JsValue = EncodedObject;
 
-  fn compute(&mut self) -> Result<(String, Vec<Vec<u8>>)> {
+  fn compute(&mut self) -> Result<(serde_json::Value, Vec<Vec<u8>>)> {
     let obj = self.ck.read_object(&self.key).map_err(to_js)?;
     let mut buffers = Vec::new();
     let json = distcp_core::value::to_tagged_json(obj, &mut buffers);
-    Ok((json.to_string(), buffers))
+    Ok((json, buffers))
   }
 
-  fn resolve(&mut self, _env: &Env, (json, buffers): (String, Vec<Vec<u8>>)) -> Result<EncodedObject> {
-    Ok(EncodedObject { json, buffers: buffers.into_iter().map(Buffer::from).collect() })
+  fn resolve(
+    &mut self,
+    _env: &Env,
+    (json, buffers): (serde_json::Value, Vec<Vec<u8>>),
+  ) -> Result<EncodedObject> {
+    Ok(EncodedObject { value: TaggedJs(json), buffers: buffers.into_iter().map(Buffer::from).collect() })
   }
 }
 

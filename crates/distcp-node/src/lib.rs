@@ -18,6 +18,7 @@ mod errors;
 mod ranks;
 mod save;
 mod state_dict;
+mod tagged;
 #[cfg(target_os = "wasi")]
 mod wasi_libc;
 

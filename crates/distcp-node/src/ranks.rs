@@ -1,24 +1,20 @@
 //! Multi-rank save (`distcp_core::write::ranks`): the TypeScript layer plans and coordinates over c10d's TCPStore;
-//! this converts its JSON to the core's types, writes one rank's data file on a worker thread, and holds the
-//! coordinator's folder lock between calls. JSON shapes (all produced by `src/distributed/`):
-//! - plan: `[[key, offsets | null], …]`;
-//! - storage entries: `[[fqn, offsets | null, relativePath, offset, length], …]`;
-//! - metadata: `{ items: [[key, null | { dtype, size, chunks: [[offsets, sizes], …] }], …],
-//!   planner: [[key, [str | int, …]], …], storage: […], version: str | null }`;
-//! - a planner path (from `flattenStateDictKeys`): `[str | int, …]` (dict key, list index).
+//! this converts its plans and metadata (JS arrays and objects, typed below; produced by `src/distributed/`) to the
+//! core's types, writes one rank's data file on a worker thread, and holds the coordinator's folder lock between
+//! calls. Sizes and offsets arrive as JS numbers and are checked to be non-negative integers here.
 
 use crate::background::at_background_priority;
 use crate::errors::{closed, invalid_input as bad, job, to_js, Job, Result, Work};
+use crate::tagged::json_from_js;
 use distcp_core::dtype::DType;
 use distcp_core::metadata::{
   Chunk, ItemMetadata, PathElem, StorageInfo, StorageKey, TensorMetadata, TensorProperties,
 };
 use distcp_core::write::ranks::{write_rank_data, PlannedItem, RankLocalSave, RanksMetadata, RanksSave};
 use distcp_core::write::{from_tagged_json, Layout};
-use napi::bindgen_prelude::{AsyncTask, Uint8Array};
+use napi::bindgen_prelude::{AsyncTask, Either, Uint8Array, Unknown};
 use napi::Env;
 use napi_derive::napi;
-use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 
 const SHARD_METADATA: &str = "torch.distributed._shard.sharded_tensor.metadata";
@@ -32,48 +28,45 @@ fn layout_of(name: Option<String>) -> Result<Layout> {
   }
 }
 
-fn parse(what: &str, s: &str) -> Result<Value> {
-  serde_json::from_str(s).map_err(|e| bad(format!("{what}: {e}")))
-}
+/// Largest integer a JS number holds exactly: sizes and offsets beyond it were already rounded in JS.
+const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
 
-fn arr<'v>(v: &'v Value, what: &str) -> Result<&'v Vec<Value>> {
-  v.as_array().ok_or_else(|| bad(format!("{what}: expected an array")))
-}
-
-fn string(v: &Value, what: &str) -> Result<String> {
-  v.as_str().map(str::to_owned).ok_or_else(|| bad(format!("{what}: expected a string")))
-}
-
-fn uint(v: &Value, what: &str) -> Result<u64> {
-  v.as_u64().ok_or_else(|| bad(format!("{what}: expected a non-negative integer")))
-}
-
-fn dims(v: &Value, what: &str) -> Result<Vec<u64>> {
-  arr(v, what)?.iter().map(|d| uint(d, what)).collect()
-}
-
-fn offsets(v: &Value, what: &str) -> Result<Option<Vec<u64>>> {
-  if v.is_null() {
-    Ok(None)
+fn uint(v: f64, what: &str) -> Result<u64> {
+  if v.fract() == 0.0 && (0.0..=MAX_SAFE_INTEGER).contains(&v) {
+    Ok(v as u64)
   } else {
-    dims(v, what).map(Some)
+    Err(bad(format!("{what}: expected a non-negative integer, not {v}")))
   }
 }
 
-fn storage_from_json(v: &Value) -> Result<Vec<(StorageKey, StorageInfo)>> {
-  arr(v, "storage")?
-    .iter()
+fn dims(v: &[f64], what: &str) -> Result<Vec<u64>> {
+  v.iter().map(|&d| uint(d, what)).collect()
+}
+
+fn offsets(v: &Option<Vec<f64>>, what: &str) -> Result<Option<Vec<u64>>> {
+  v.as_deref().map(|o| dims(o, what)).transpose()
+}
+
+/// One entry of `.metadata`'s storage data (torch's `MetadataIndex` → `_StorageInfo`): where an item's bytes are.
+#[napi(object)]
+pub struct StorageEntry {
+  pub fqn: String,
+  /// The chunk's offsets in its tensor; absent (or null) for a bytes item.
+  pub offsets: Option<Vec<f64>>,
+  pub relative_path: String,
+  pub offset: f64,
+  pub length: f64,
+}
+
+fn storage_from_js(v: &[StorageEntry]) -> Result<Vec<(StorageKey, StorageInfo)>> {
+  v.iter()
     .map(|e| {
-      let e = arr(e, "storage entry")?;
-      if e.len() != 5 {
-        return Err(bad("storage entry: expected [fqn, offsets, relativePath, offset, length]"));
-      }
       Ok((
-        StorageKey { fqn: string(&e[0], "fqn")?, offset: offsets(&e[1], "offsets")? },
+        StorageKey { fqn: e.fqn.clone(), offset: offsets(&e.offsets, "storage offsets")? },
         StorageInfo {
-          relative_path: string(&e[2], "relativePath")?,
-          offset: uint(&e[3], "offset")?,
-          length: uint(&e[4], "length")?,
+          relative_path: e.relative_path.clone(),
+          offset: uint(e.offset, "storage offset")?,
+          length: uint(e.length, "storage length")?,
           transform_descriptors: vec![],
         },
       ))
@@ -81,18 +74,24 @@ fn storage_from_json(v: &Value) -> Result<Vec<(StorageKey, StorageInfo)>> {
     .collect()
 }
 
-fn storage_to_json(s: &[(StorageKey, StorageInfo)]) -> String {
-  Value::Array(s.iter().map(|(k, i)| json!([k.fqn, k.offset, i.relative_path, i.offset, i.length])).collect())
-    .to_string()
+fn storage_to_js(s: Vec<(StorageKey, StorageInfo)>) -> Vec<StorageEntry> {
+  s.into_iter()
+    .map(|(k, i)| StorageEntry {
+      fqn: k.fqn,
+      offsets: k.offset.map(|o| o.into_iter().map(|d| d as f64).collect()),
+      relative_path: i.relative_path,
+      offset: i.offset as f64,
+      length: i.length as f64,
+    })
+    .collect()
 }
 
-fn path_from_json(v: &Value) -> Result<Vec<PathElem>> {
-  arr(v, "planner path")?
-    .iter()
+fn path_from_js(v: &[Either<String, f64>]) -> Result<Vec<PathElem>> {
+  v.iter()
     .map(|e| match e {
-      Value::String(s) => Ok(PathElem::Key(s.clone())),
-      Value::Number(n) => n.as_i64().map(PathElem::Index).ok_or_else(|| bad("planner path: bad index")),
-      _ => Err(bad("planner path: expected strings and integers")),
+      Either::A(s) => Ok(PathElem::Key(s.clone())),
+      Either::B(n) if n.fract() == 0.0 && n.abs() <= MAX_SAFE_INTEGER => Ok(PathElem::Index(*n as i64)),
+      Either::B(n) => Err(bad(format!("planner path: bad index {n}"))),
     })
     .collect()
 }
@@ -100,7 +99,7 @@ fn path_from_json(v: &Value) -> Result<Vec<PathElem>> {
 pub struct RankWriteTask {
   dir: String,
   file_name: String,
-  tree: String,
+  tree: serde_json::Value,
   buffers: Vec<Uint8Array>,
   plan: Vec<PlannedItem>,
   layout: Layout,
@@ -108,49 +107,49 @@ pub struct RankWriteTask {
 }
 
 impl Work<'_> for RankWriteTask {
-  type Output = String;
-  type JsValue = String;
+  type Output = Vec<(StorageKey, StorageInfo)>;
+  type JsValue = Vec<StorageEntry>;
 
-  fn compute(&mut self) -> Result<String> {
-    let json = parse(&self.dir, &self.tree)?;
+  fn compute(&mut self) -> Result<Vec<(StorageKey, StorageInfo)>> {
     // the buffers are the save's own copies (src/save.ts `owned`), alive until the promise settles
     let slices: Vec<&[u8]> = self.buffers.iter().map(|b| &**b).collect();
-    let value = from_tagged_json(&json, &slices).map_err(|e| bad(format!("{}: {e}", self.dir)))?;
+    let value = from_tagged_json(&self.tree, &slices).map_err(|e| bad(format!("{}: {e}", self.dir)))?;
     let (dir, name, layout, plan) = (self.dir.as_ref(), &self.file_name, self.layout, &self.plan);
     let write = || write_rank_data(dir, name, &value, layout, plan, true).map_err(to_js);
     // a panic on the background thread is re-raised here, where the Job's guard catches it
-    let storage = if self.background { at_background_priority(write) } else { write() }?;
-    Ok(storage_to_json(&storage))
+    if self.background {
+      at_background_priority(write)
+    } else {
+      write()
+    }
   }
 
-  fn resolve(&mut self, _env: &Env, s: String) -> Result<String> {
-    Ok(s)
+  fn resolve(&mut self, _env: &Env, s: Vec<(StorageKey, StorageInfo)>) -> Result<Vec<StorageEntry>> {
+    Ok(storage_to_js(s))
   }
 }
 
-/// Writes one rank's data file `dir/fileName` with the items of `plan` (JSON `[[key, offsets | null], …]`) from the
-/// state dict `tree`; resolves to the storage entries as JSON. `background` (saveAsync) writes on a thread of lower
-/// CPU priority, as a single-rank `saveAsync` does (see `background.rs`).
-#[napi(ts_return_type = "Promise<string>")]
+/// Writes one rank's data file `dir/fileName` with the items of `plan` (`[key, offsets | null]` each: a tensor
+/// chunk's offsets, or null for a bytes item) from the state dict `tree` (a tagged tree, as `writeStateDict`
+/// takes); resolves to the storage entries. `background` (saveAsync) writes on a thread of lower CPU priority, as
+/// a single-rank `saveAsync` does (see `background.rs`).
+#[napi(ts_return_type = "Promise<Array<StorageEntry>>")]
+#[allow(clippy::too_many_arguments)]
 pub fn write_rank_data_file(
+  env: &Env,
   dir: String,
   file_name: String,
-  tree: String,
+  #[napi(ts_arg_type = "TaggedValue")] tree: Unknown<'_>,
   buffers: Vec<Uint8Array>,
-  plan: String,
+  plan: Vec<(String, Option<Vec<f64>>)>,
   layout: Option<String>,
   background: Option<bool>,
 ) -> Result<AsyncTask<Job<RankWriteTask>>> {
   let layout = layout_of(layout)?;
-  let plan = arr(&parse("plan", &plan)?, "plan")?
+  let tree = json_from_js(env, tree, &dir)?;
+  let plan = plan
     .iter()
-    .map(|e| {
-      let e = arr(e, "plan item")?;
-      match e.as_slice() {
-        [k, o] => Ok(PlannedItem { key: string(k, "plan key")?, offsets: offsets(o, "plan offsets")? }),
-        _ => Err(bad("plan item: expected [key, offsets]")),
-      }
-    })
+    .map(|(key, o)| Ok(PlannedItem { key: key.clone(), offsets: offsets(o, "plan offsets")? }))
     .collect::<Result<Vec<_>>>()?;
   Ok(job(RankWriteTask {
     dir,
@@ -163,26 +162,38 @@ pub fn write_rank_data_file(
   }))
 }
 
-fn metadata_from_json(v: &Value) -> Result<RanksMetadata> {
-  let items = arr(&v["items"], "items")?
+/// A tensor's entry in `.metadata` (torch's `TensorStorageMetadata`); its chunks are `[offsets, sizes]`.
+#[napi(object)]
+pub struct RanksItemMeta {
+  pub dtype: String,
+  pub size: Vec<f64>,
+  pub chunks: Vec<(Vec<f64>, Vec<f64>)>,
+}
+
+/// What `commit` writes as `.metadata`: the items (`[key, null]` for a bytes item), torch's `planner_data`
+/// (flat key → path of dict keys and list indices), the storage entries every rank's write returned, and the
+/// version string (`null`: none).
+#[napi(object)]
+pub struct RanksMetadataInput {
+  pub items: Vec<(String, Option<RanksItemMeta>)>,
+  #[napi(ts_type = "Array<[string, Array<string | number>]>")]
+  pub planner: Vec<(String, Vec<Either<String, f64>>)>,
+  pub storage: Vec<StorageEntry>,
+  pub version: Option<String>,
+}
+
+fn metadata_from_js(v: &RanksMetadataInput) -> Result<RanksMetadata> {
+  let items = v
+    .items
     .iter()
-    .map(|e| {
-      let e = arr(e, "item")?;
-      let [k, m] = e.as_slice() else { return Err(bad("item: expected [key, meta]")) };
-      let key = string(k, "item key")?;
-      if m.is_null() {
-        return Ok((key, ItemMetadata::Bytes));
-      }
-      let dtype_name = string(&m["dtype"], "dtype")?;
+    .map(|(key, m)| {
+      let Some(m) = m else { return Ok((key.clone(), ItemMetadata::Bytes)) };
       let dtype =
-        DType::from_name(&dtype_name).ok_or_else(|| bad(format!("`{key}`: unknown dtype {dtype_name}")))?;
-      let chunks = arr(&m["chunks"], "chunks")?
+        DType::from_name(&m.dtype).ok_or_else(|| bad(format!("`{key}`: unknown dtype {}", m.dtype)))?;
+      let chunks = m
+        .chunks
         .iter()
-        .map(|c| {
-          let c = arr(c, "chunk")?;
-          let [o, s] = c.as_slice() else { return Err(bad("chunk: expected [offsets, sizes]")) };
-          Ok(Chunk { offsets: dims(o, "chunk offsets")?, sizes: dims(s, "chunk sizes")? })
-        })
+        .map(|(o, s)| Ok(Chunk { offsets: dims(o, "chunk offsets")?, sizes: dims(s, "chunk sizes")? }))
         .collect::<Result<Vec<_>>>()?;
       let properties = TensorProperties {
         dtype,
@@ -190,20 +201,16 @@ fn metadata_from_json(v: &Value) -> Result<RanksMetadata> {
         pin_memory: false,
         module: SHARD_METADATA.to_owned(),
       };
-      Ok((key, ItemMetadata::Tensor(TensorMetadata { properties, size: dims(&m["size"], "size")?, chunks })))
+      Ok((
+        key.clone(),
+        ItemMetadata::Tensor(TensorMetadata { properties, size: dims(&m.size, "size")?, chunks }),
+      ))
     })
     .collect::<Result<Vec<_>>>()?;
-  let planner_data = arr(&v["planner"], "planner")?
-    .iter()
-    .map(|e| {
-      let e = arr(e, "planner entry")?;
-      let [k, p] = e.as_slice() else { return Err(bad("planner entry: expected [key, path]")) };
-      Ok((string(k, "planner key")?, path_from_json(p)?))
-    })
-    .collect::<Result<Vec<_>>>()?;
-  let storage = storage_from_json(&v["storage"])?;
-  let version = if v["version"].is_null() { None } else { Some(string(&v["version"], "version")?) };
-  Ok(RanksMetadata { items, planner_data, storage, version })
+  let planner_data =
+    v.planner.iter().map(|(k, p)| Ok((k.clone(), path_from_js(p)?))).collect::<Result<Vec<_>>>()?;
+  let storage = storage_from_js(&v.storage)?;
+  Ok(RanksMetadata { items, planner_data, storage, version: v.version.clone() })
 }
 
 /// The two kinds of multi-rank save a handle drives: rank 0's of a coordinated save, or one rank's own save
@@ -302,10 +309,10 @@ impl RanksSaveHandle {
     })
   }
 
-  /// Commits the metadata (JSON, see the module docs) on a worker thread; resolves to its size in bytes.
+  /// Commits the metadata on a worker thread; resolves to its size in bytes.
   #[napi(catch_unwind, ts_return_type = "Promise<number>")]
-  pub fn commit(&self, metadata: String) -> Result<AsyncTask<Job<RanksCommitTask>>> {
-    let md = metadata_from_json(&parse("metadata", &metadata)?)?;
+  pub fn commit(&self, metadata: RanksMetadataInput) -> Result<AsyncTask<Job<RanksCommitTask>>> {
+    let md = metadata_from_js(&metadata)?;
     Ok(job(RanksCommitTask { inner: Arc::clone(&self.inner), metadata: Some(md) }))
   }
 

@@ -1,12 +1,13 @@
-//! `writeStateDict` (the native half of `save`; `saveCheckpoint` is the NeMo-style API in TypeScript): writes a DCP checkpoint on a worker thread. The state dict arrives as tagged JSON (the tags
-//! `distcp_core::value::from_tagged_json` documents: the codec reads are encoded with) plus the
-//! caller's buffers, referenced (not copied) until the promise settles.
+//! `writeStateDict` (the native half of `save`; `saveCheckpoint` is the NeMo-style API in TypeScript): writes a DCP checkpoint on a worker thread. The state dict arrives as a tagged tree, a JS value
+//! (the tags `distcp_core::value::from_tagged_json` documents: the codec reads are encoded with; see `tagged.rs`)
+//! plus the caller's buffers, referenced (not copied) until the promise settles.
 
 use crate::background::at_background_priority;
 use crate::errors::{guarded, internal, invalid_input, job, to_js, Error, Job, Result, Work};
+use crate::tagged::json_from_js;
 use distcp_core::write::save::{BytesReady, FailPoint};
 use distcp_core::write::{from_tagged_json, save, Layout, SaveOptions, SaveSummary};
-use napi::bindgen_prelude::{ArrayBuffer, AsyncTask, Uint8Array};
+use napi::bindgen_prelude::{ArrayBuffer, AsyncTask, Uint8Array, Unknown};
 use napi::Env;
 use napi_derive::napi;
 use std::collections::BTreeMap;
@@ -40,7 +41,7 @@ pub struct SaveResult {
 
 pub struct SaveTask {
   dir: String,
-  tree: String,
+  tree: serde_json::Value,
   buffers: Vec<Uint8Array>,
   options: SaveOptions,
   background: bool,
@@ -131,12 +132,11 @@ impl Work<'_> for SaveTask {
   type JsValue = SaveResult;
 
   fn compute(&mut self) -> Result<SaveSummary> {
-    let json: serde_json::Value =
-      serde_json::from_str(&self.tree).map_err(|e| invalid_input(format!("{}: {e}", self.dir)))?;
     // the caller promised not to touch these buffers until the promise settles (see `save` in src/save.ts);
     // the Uint8Array references keep their memory alive meanwhile
     let slices: Vec<&[u8]> = self.buffers.iter().map(|b| &**b).collect();
-    let value = from_tagged_json(&json, &slices).map_err(|e| invalid_input(format!("{}: {e}", self.dir)))?;
+    let value =
+      from_tagged_json(&self.tree, &slices).map_err(|e| invalid_input(format!("{}: {e}", self.dir)))?;
     let write = || save(&self.dir, &value, &self.options).map_err(to_js);
     // a panic on the background thread is re-raised here, where the Job's guard catches it
     if self.background {
@@ -160,16 +160,19 @@ impl Work<'_> for SaveTask {
 }
 
 /// Saves a state dict into the checkpoint folder `dir` (created if needed; an existing checkpoint is replaced
-/// crash-safely). `tree` is the state dict as tagged JSON; tensors and bytes refer to `buffers` by index. With a
-/// `gate`, the buffers may still be being filled: each is read only once the gate says it is.
+/// crash-safely). `tree` is the state dict as a tagged tree, converted here, in the call; tensors and bytes refer
+/// to `buffers` by index. With a `gate`, the buffers may still be being filled: each is read only once the gate
+/// says it is.
 #[napi(ts_return_type = "Promise<SaveResult>")]
 pub fn write_state_dict(
+  env: &Env,
   dir: String,
-  tree: String,
+  #[napi(ts_arg_type = "TaggedValue")] tree: Unknown<'_>,
   buffers: Vec<Uint8Array>,
   options: Option<NativeSaveOptions>,
   gate: Option<&StagingGate>,
 ) -> Result<AsyncTask<Job<SaveTask>>> {
+  let tree = json_from_js(env, tree, &dir)?;
   let mut opts = SaveOptions::default();
   let background = options.as_ref().and_then(|o| o.background).unwrap_or(false);
   if let Some(g) = gate {

@@ -2,42 +2,47 @@
 //! sits). The rules themselves live in `distcp_core::write::flatten`; this converts and returns.
 
 use crate::errors::{internal, invalid_input as invalid, Result};
+use crate::tagged::json_from_js;
 use distcp_core::metadata::PathElem;
 use distcp_core::write::{flatten, from_tagged_json, Layout, Nested, SaveValue};
-use napi::bindgen_prelude::Uint32Array;
+use napi::bindgen_prelude::{Either, Uint32Array, Unknown};
+use napi::Env;
 use napi_derive::napi;
-use serde_json::{json, Value};
 
 /// One flat key: the path to its leaf as positions (index among a dict's entries in order, or a list index), its
-/// path as torch records it in `planner_data` (JSON `[str | int, …]`), and whether the leaf is a tensor.
+/// path as torch records it in `planner_data` (dict keys and list indices), and whether the leaf is a tensor.
 #[napi(object)]
 pub struct FlatKey {
   pub key: String,
   pub positions: Vec<u32>,
-  pub planner_path: String,
+  #[napi(ts_type = "Array<string | number>")]
+  pub planner_path: Vec<Either<String, f64>>,
   pub tensor: bool,
 }
 
-/// A `planner_data` path as JSON: `[str | int, …]` (dict key, list index). Read back by `ranks.rs`.
-pub(crate) fn planner_path_json(p: &[PathElem]) -> Value {
-  Value::Array(
-    p.iter()
-      .map(|e| match e {
-        PathElem::Key(k) => json!(k),
-        PathElem::Index(i) => json!(i),
-      })
-      .collect(),
-  )
+/// A `planner_data` path as JS: dict keys as strings, list indices as numbers. Read back by `ranks.rs`.
+pub(crate) fn planner_path_js(p: &[PathElem]) -> Vec<Either<String, f64>> {
+  p.iter()
+    .map(|e| match e {
+      PathElem::Key(k) => Either::A(k.clone()),
+      // a list index: far below 2^53 (a list that long cannot be held)
+      PathElem::Index(i) => Either::B(*i as f64),
+    })
+    .collect()
 }
 
-/// torch's `flatten_state_dict` over `tree` (the tagged JSON `save` sends, whose `$tensor` entries index
+/// torch's `flatten_state_dict` over `tree` (the tagged tree `save` sends, whose `$tensor` entries index
 /// `tensorCount` placeholder slots: only which leaves are tensors matters here), in torch's key order.
 #[napi]
-pub fn flatten_state_dict_keys(tree: String, tensor_count: u32, layout: String) -> Result<Vec<FlatKey>> {
+pub fn flatten_state_dict_keys(
+  env: &Env,
+  #[napi(ts_arg_type = "TaggedValue")] tree: Unknown<'_>,
+  tensor_count: u32,
+  layout: String,
+) -> Result<Vec<FlatKey>> {
   let layout = Layout::from_name(&layout)
     .ok_or_else(|| invalid(format!("layout must be \"2.4\" or \"2.3\", not {layout:?}")))?;
-  let json: serde_json::Value =
-    serde_json::from_str(&tree).map_err(|e| invalid(format!("state dict: {e}")))?;
+  let json = json_from_js(env, tree, "state dict")?;
   let empty: Vec<&[u8]> = vec![&[]; tensor_count as usize];
   let value = from_tagged_json(&json, &empty).map_err(|e| invalid(format!("state dict: {e}")))?;
   let items =
@@ -46,7 +51,7 @@ pub fn flatten_state_dict_keys(tree: String, tensor_count: u32, layout: String) 
     items
       .into_iter()
       .map(|i| FlatKey {
-        planner_path: planner_path_json(&i.path).to_string(),
+        planner_path: planner_path_js(&i.path),
         tensor: matches!(i.value, SaveValue::Tensor(_)),
         positions: i.positions.into_iter().map(|p| p as u32).collect(),
         key: i.key,
