@@ -311,9 +311,14 @@ test('the tagged tree crosses napi as JS values: ints past 2^32, deep dicts and 
   let deep: Record<string, unknown> = { leaf: 7 }
   for (let i = 0; i < 59; i++) deep = { d: deep }
   const big = [2 ** 40 + 1, -(2 ** 40), Number.MAX_SAFE_INTEGER, 2 ** 31, -(2 ** 31) - 1]
-  await save({ big, deep }, { checkpointId: dir })
+  // strings around the binding's 64-byte first read, a multi-byte character at its edge (one that does not fit
+  // whole must not end the string early)
+  const texts: string[] = []
+  for (let n = 56; n <= 66; n++) for (const c of ['é', '€', '𝄞']) texts.push('a'.repeat(n) + c + 'z')
+  await save({ big, deep, texts }, { checkpointId: dir })
   const ck = await openCheckpoint(dir)
   t.deepEqual(await ck.readObject('big'), big)
+  t.deepEqual(await ck.readObject('texts'), texts)
   t.is(await ck.readObject(`deep${'.d'.repeat(59)}.leaf`), 7)
   ck.close()
   // what the encoder never makes is refused at the boundary with the binding's code, the checkpoint untouched

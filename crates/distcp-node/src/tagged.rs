@@ -155,7 +155,9 @@ unsafe fn string(env: sys::napi_env, v: sys::napi_value) -> Result<String> {
     sys::napi_get_value_string_utf8(env, v, small.as_mut_ptr().cast(), small.len(), &mut len)
   })
   .map_err(internal)?;
-  let bytes = if len + 1 < small.len() {
+  // napi stops before a character that does not fit whole: the string surely fit only if the room left could
+  // have taken any character (UTF-8 has up to 4 bytes per character), else it is read again at its full length
+  let bytes = if len + 4 < small.len() {
     small[..len].to_vec()
   } else {
     napi::check_status!(unsafe { sys::napi_get_value_string_utf8(env, v, ptr::null_mut(), 0, &mut len) })
