@@ -49,9 +49,17 @@ fi
 out=npm/wasm32-wasip1
 ln -sfn ../../.wasm-toolchain/js/node_modules "$out/node_modules"
 cd "$out"
+# napi reads package.json's `dtsHeaderFile` (the TaggedValue union the typings need) relative to its --cwd, which is
+# this folder here: the header is linked where it looks for it, for the build only (the folder is gitignored and
+# the package's `files` list does not ship it)
+header=crates/distcp-node/binding-header.d.ts
+mkdir -p "$(dirname "$header")"
+ln -sfn "$(cd ../.. && pwd)/$header" "$header"
 ../../.wasm-toolchain/js/node_modules/.bin/napi build --platform --release --target "$target" \
   --manifest-path ../../crates/distcp-node/Cargo.toml --package-json-path ../../package.json -o . \
   --no-js --dts ../../target/wasm/binding.d.cts -- --locked "${build_std[@]}"
+rm "$header" && rmdir "$(dirname "$header")" crates
+grep -q 'export type TaggedValue' distcp.wasip1.d.cts || { echo "build-wasm.sh: the typings lack the header ($header)" >&2; exit 1; }
 # the generated loader requires wasi-fast-api.cjs (tracked) just before it loads node:wasi; fails loudly when a
 # newer napi generates a loader without that line, rather than shipping one that crashes on Node 20 and 22
 loader=distcp.wasip1.cjs

@@ -142,11 +142,25 @@ unsafe fn array_len(env: sys::napi_env, v: sys::napi_value) -> Result<u32> {
   Ok(len)
 }
 
+/// The string `v` holds, from its UTF-16 units: emnapi's UTF-8 encoder (Emscripten's `stringToUTF8`) joins a lone
+/// surrogate with whatever unit follows it into another character, which no check on the UTF-8 could see;
+/// `String::from_utf16` refuses it.
+///
+/// # Safety
+/// As [`from_js`]; `v` must be a string.
+#[cfg(target_family = "wasm")]
+unsafe fn string(env: sys::napi_env, v: sys::napi_value) -> Result<String> {
+  // SAFETY: the caller's promise.
+  let units = unsafe { utf16(env, v) }?;
+  String::from_utf16(&units).map_err(|_| invalid_input("a string with a lone surrogate (not valid Unicode)"))
+}
+
 /// The string `v` holds, in one napi call when it is short (keys, dtype names, float bits: nearly every string of a
 /// tagged tree), in two otherwise.
 ///
 /// # Safety
 /// As [`from_js`]; `v` must be a string.
+#[cfg(not(target_family = "wasm"))]
 unsafe fn string(env: sys::napi_env, v: sys::napi_value) -> Result<String> {
   let mut small = [0u8; 64];
   let mut len = 0usize;
