@@ -85,16 +85,21 @@ struct ObjectNode {
   state: Id,
 }
 
-struct Machine<'a, A: AllowList + ?Sized> {
-  data: &'a [u8],
-  pos: usize,
+/// The tables a stream unpickles into, which the VM ([`Machine`]) fills and an [`Unpickled`] reads in place.
+struct Tables {
   arena: Vec<Node>,
   tuples: Vec<Id>,
   growable: Vec<Vec<Id>>,
   owned: Vec<Value>,
   globals: Vec<Global>,
-  global_ids: HashMap<Global, u32>,
   objects: Vec<ObjectNode>,
+}
+
+struct Machine<'a, A: AllowList + ?Sized> {
+  data: &'a [u8],
+  pos: usize,
+  t: Tables,
+  global_ids: HashMap<Global, u32>,
   stack: Vec<Id>,
   marks: Vec<u32>,
   /// Memo keys as CPython's pickler writes them (0, 1, 2, ... in order); any other key goes to `memo_sparse`.
@@ -153,13 +158,15 @@ fn unpickle_view_with_budget<'a, A: AllowList + ?Sized>(
   let mut m = Machine {
     data,
     pos: 0,
-    arena: Vec::with_capacity(first(64)),
-    tuples: Vec::with_capacity(first(32)),
-    growable: Vec::new(),
-    owned: Vec::new(),
-    globals: Vec::with_capacity(first(8)),
+    t: Tables {
+      arena: Vec::with_capacity(first(64)),
+      tuples: Vec::with_capacity(first(32)),
+      growable: Vec::new(),
+      owned: Vec::new(),
+      globals: Vec::with_capacity(first(8)),
+      objects: Vec::with_capacity(first(8)),
+    },
     global_ids: HashMap::new(),
-    objects: Vec::with_capacity(first(8)),
     stack: Vec::with_capacity(first(32)),
     marks: Vec::with_capacity(first(8)),
     memo: Vec::with_capacity(first(32)),
@@ -176,19 +183,7 @@ fn unpickle_view_with_budget<'a, A: AllowList + ?Sized>(
   m.memo_sparse = HashMap::new();
   m.global_ids = HashMap::new();
   let left = m.budget.saturating_sub(m.used());
-  Ok(Unpickled {
-    data,
-    pos: m.pos,
-    arena: m.arena,
-    tuples: m.tuples,
-    growable: m.growable,
-    owned: m.owned,
-    globals: m.globals,
-    objects: m.objects,
-    root,
-    budget: Cell::new(left),
-    overspent: Cell::new(false),
-  })
+  Ok(Unpickled { data, pos: m.pos, t: m.t, root, budget: Cell::new(left), overspent: Cell::new(false) })
 }
 
 /// A stream unpickled by [`unpickle_view`]: the VM's compact nodes, strings still ranges of the input. Memo
@@ -199,12 +194,7 @@ fn unpickle_view_with_budget<'a, A: AllowList + ?Sized>(
 pub struct Unpickled<'a> {
   data: &'a [u8],
   pos: usize,
-  arena: Vec<Node>,
-  tuples: Vec<Id>,
-  growable: Vec<Vec<Id>>,
-  owned: Vec<Value>,
-  globals: Vec<Global>,
-  objects: Vec<ObjectNode>,
+  t: Tables,
   root: Id,
   budget: Cell<usize>,
   overspent: Cell<bool>,
@@ -251,13 +241,13 @@ impl<'a> Unpickled<'a> {
   }
 
   fn tuple_items(&self, at: u32, len: u32) -> &[Id] {
-    &self.tuples[at as usize..at as usize + len as usize]
+    &self.t.tuples[at as usize..at as usize + len as usize]
   }
 
   fn storage(&self, s: u32) -> &[Id] {
     match s {
       NONE => &[],
-      s => &self.growable[s as usize],
+      s => &self.t.growable[s as usize],
     }
   }
 
@@ -320,7 +310,7 @@ pub struct ObjectView<'u> {
 impl<'u> ObjectView<'u> {
   /// Its class (or the callable that built it).
   pub fn class(&self) -> &'u Global {
-    &self.u.globals[self.node.class as usize]
+    &self.u.t.globals[self.node.class as usize]
   }
 
   /// The arguments it was built with (charged).
@@ -336,7 +326,7 @@ impl<'u> ObjectView<'u> {
 
 impl<'u> View<'u> {
   fn node(&self) -> Node {
-    self.u.arena[self.id as usize]
+    self.u.t.arena[self.id as usize]
   }
 
   /// `ids` as items, charged as the tree's vector of `per` values each would be; empty once the budget is spent.
@@ -362,7 +352,7 @@ impl<'u> View<'u> {
   pub fn as_int(&self) -> Option<i64> {
     match self.node() {
       Node::Int(i) => Some(i),
-      Node::Owned(o) => match &self.u.owned[o as usize] {
+      Node::Owned(o) => match &self.u.t.owned[o as usize] {
         Value::Int(i) => Some(*i),
         _ => None,
       },
@@ -380,7 +370,7 @@ impl<'u> View<'u> {
   fn peek_str(&self) -> Option<&'u str> {
     match self.node() {
       Node::Str { at, len } => Some(self.u.str_at(at, len)),
-      Node::Owned(o) => match &self.u.owned[o as usize] {
+      Node::Owned(o) => match &self.u.t.owned[o as usize] {
         Value::Str(s) => Some(s.as_str()),
         _ => None,
       },
@@ -399,7 +389,7 @@ impl<'u> View<'u> {
   /// A global (a class or function named, not called).
   pub fn as_global(&self) -> Option<&'u Global> {
     match self.node() {
-      Node::Global(g) => Some(&self.u.globals[g as usize]),
+      Node::Global(g) => Some(&self.u.t.globals[g as usize]),
       _ => None,
     }
   }
@@ -407,7 +397,7 @@ impl<'u> View<'u> {
   /// An instance.
   pub fn as_object(&self) -> Option<ObjectView<'u>> {
     match self.node() {
-      Node::Object(o) => Some(ObjectView { u: self.u, node: self.u.objects[o as usize] }),
+      Node::Object(o) => Some(ObjectView { u: self.u, node: self.u.t.objects[o as usize] }),
       _ => None,
     }
   }
@@ -459,7 +449,7 @@ impl<'u> View<'u> {
       Node::Float(_) => "float",
       Node::Str { .. } => "str",
       Node::Bytes { .. } => "bytes",
-      Node::Owned(o) => self.u.owned[o as usize].type_name(),
+      Node::Owned(o) => self.u.t.owned[o as usize].type_name(),
       Node::Tuple { .. } => "tuple",
       Node::List(_) => "list",
       Node::Dict(_) => "dict",
@@ -584,13 +574,13 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
 
   /// Approximate heap bytes the VM holds now.
   fn used(&self) -> usize {
-    self.arena.capacity() * size_of::<Node>()
-      + self.tuples.capacity() * size_of::<Id>()
-      + self.growable.capacity() * size_of::<Vec<Id>>()
-      + self.owned.capacity() * size_of::<Value>()
-      + self.globals.capacity() * size_of::<Global>()
+    self.t.arena.capacity() * size_of::<Node>()
+      + self.t.tuples.capacity() * size_of::<Id>()
+      + self.t.growable.capacity() * size_of::<Vec<Id>>()
+      + self.t.owned.capacity() * size_of::<Value>()
+      + self.t.globals.capacity() * size_of::<Global>()
       + self.global_ids.capacity() * (size_of::<Global>() + size_of::<u32>() + 8)
-      + self.objects.capacity() * size_of::<ObjectNode>()
+      + self.t.objects.capacity() * size_of::<ObjectNode>()
       + (self.stack.capacity() + self.marks.capacity() + self.memo.capacity()) * size_of::<u32>()
       + self.memo_sparse.capacity() * (size_of::<u64>() + size_of::<Id>() + 8)
       + self.extra
@@ -598,14 +588,14 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
 
   fn alloc(&mut self, node: Node) -> Result<Id, UnpickleError> {
     // the budget is looked at only when the table must grow
-    if self.arena.len() == self.arena.capacity() {
+    if self.t.arena.len() == self.t.arena.capacity() {
       let used = self.used();
-      if let Err(e) = reserve_one(&mut self.arena, used, self.budget) {
+      if let Err(e) = reserve_one(&mut self.t.arena, used, self.budget) {
         return self.over_budget(e);
       }
     }
-    self.arena.push(node);
-    Ok((self.arena.len() - 1) as Id)
+    self.t.arena.push(node);
+    Ok((self.t.arena.len() - 1) as Id)
   }
 
   fn push_id(&mut self, id: Id) -> Result<(), UnpickleError> {
@@ -634,32 +624,32 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
       _ => 0,
     };
     // the budget is looked at only when the table must grow
-    if self.owned.len() == self.owned.capacity() {
+    if self.t.owned.len() == self.t.owned.capacity() {
       let used = self.used();
-      if let Err(e) = reserve_one(&mut self.owned, used, self.budget) {
+      if let Err(e) = reserve_one(&mut self.t.owned, used, self.budget) {
         return self.over_budget(e);
       }
     }
-    self.owned.push(v);
-    Ok(Node::Owned((self.owned.len() - 1) as u32))
+    self.t.owned.push(v);
+    Ok(Node::Owned((self.t.owned.len() - 1) as u32))
   }
 
   /// Moves the stack's items above `start` into the tuple pool and returns where they stand there.
   fn tuple_from_stack(&mut self, start: usize) -> Result<(u32, u32), UnpickleError> {
-    let (at, n) = (self.tuples.len(), self.stack.len() - start);
+    let (at, n) = (self.t.tuples.len(), self.stack.len() - start);
     if self.used().saturating_add(n * 2 * size_of::<Id>()) > self.budget {
       return self.over_budget(format!("the pickle expands past {} bytes of memory", self.budget));
     }
-    if self.tuples.try_reserve(n).is_err() {
+    if self.t.tuples.try_reserve(n).is_err() {
       return self.err("out of memory while unpickling");
     }
-    self.tuples.extend_from_slice(&self.stack[start..]);
+    self.t.tuples.extend_from_slice(&self.stack[start..]);
     self.stack.truncate(start);
     Ok((at as u32, n as u32))
   }
 
   fn tuple_items(&self, at: u32, len: u32) -> &[Id] {
-    &self.tuples[at as usize..at as usize + len as usize]
+    &self.t.tuples[at as usize..at as usize + len as usize]
   }
 
   fn floor(&self) -> usize {
@@ -713,8 +703,8 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
       Some(&i) => i,
       None => {
         self.extra += 2 * (g.module.len() + g.name.len());
-        let i = self.globals.len() as u32;
-        self.globals.push(g.clone());
+        let i = self.t.globals.len() as u32;
+        self.t.globals.push(g.clone());
         self.global_ids.insert(g, i);
         i
       }
@@ -723,14 +713,14 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
   }
 
   fn as_global(&self, id: Id, what: &str) -> Result<u32, UnpickleError> {
-    match self.arena[id as usize] {
+    match self.t.arena[id as usize] {
       Node::Global(g) => Ok(g),
       _ => self.err(format!("{what} expects a class or function, found something else")),
     }
   }
 
   fn args_tuple(&self, id: Id, what: &str) -> Result<(u32, u32), UnpickleError> {
-    match self.arena[id as usize] {
+    match self.t.arena[id as usize] {
       Node::Tuple { at, len } => Ok((at, len)),
       _ => self.err(format!("{what} expects an argument tuple")),
     }
@@ -738,49 +728,49 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
 
   fn object(&mut self, class: u32, args_at: u32, args_len: u32) -> Result<Node, UnpickleError> {
     // the budget is looked at only when the table must grow
-    if self.objects.len() == self.objects.capacity() {
+    if self.t.objects.len() == self.t.objects.capacity() {
       let used = self.used();
-      if let Err(e) = reserve_one(&mut self.objects, used, self.budget) {
+      if let Err(e) = reserve_one(&mut self.t.objects, used, self.budget) {
         return self.over_budget(e);
       }
     }
-    self.objects.push(ObjectNode { class, args_at, args_len, state: NONE });
-    Ok(Node::Object((self.objects.len() - 1) as u32))
+    self.t.objects.push(ObjectNode { class, args_at, args_len, state: NONE });
+    Ok(Node::Object((self.t.objects.len() - 1) as u32))
   }
 
   /// A fresh growable container's storage, holding `items` (counted with the slack a doubling Vec keeps).
   fn storage(&mut self, items: Vec<Id>) -> Result<u32, UnpickleError> {
     // the budget is looked at only when the table must grow
-    if self.growable.len() == self.growable.capacity() {
+    if self.t.growable.len() == self.t.growable.capacity() {
       let used = self.used();
-      if let Err(e) = reserve_one(&mut self.growable, used, self.budget) {
+      if let Err(e) = reserve_one(&mut self.t.growable, used, self.budget) {
         return self.over_budget(e);
       }
     }
     self.extra += 2 * items.len() * size_of::<Id>();
-    self.growable.push(items);
-    Ok((self.growable.len() - 1) as u32)
+    self.t.growable.push(items);
+    Ok((self.t.growable.len() - 1) as u32)
   }
 
   /// Items of a list, tuple or set node (empty for anything else).
   fn seq_items(&self, id: Id) -> &[Id] {
-    match self.arena[id as usize] {
+    match self.t.arena[id as usize] {
       Node::Tuple { at, len } => self.tuple_items(at, len),
-      Node::List(s) | Node::Set(s) if s != NONE => &self.growable[s as usize],
+      Node::List(s) | Node::Set(s) if s != NONE => &self.t.growable[s as usize],
       _ => &[],
     }
   }
 
   /// `callable(*args)`. A few builtin containers are turned into their values so later SETITEMS/APPENDS work.
   fn call(&mut self, class: u32, args_at: u32, args_len: u32) -> Result<Node, UnpickleError> {
-    let g = &self.globals[class as usize];
+    let g = &self.t.globals[class as usize];
     let is = |m: &str, n: &str| g.module == m && g.name == n;
     if is("collections", "OrderedDict") && args_len == 0 {
       return Ok(Node::Dict(NONE));
     }
     if (is("builtins", "set") || is("builtins", "frozenset") || is("__builtin__", "set")) && args_len <= 1 {
       let items: Vec<Id> = match args_len {
-        1 => self.seq_items(self.tuples[args_at as usize]).to_vec(),
+        1 => self.seq_items(self.t.tuples[args_at as usize]).to_vec(),
         _ => Vec::new(),
       };
       return Ok(Node::Set(if items.is_empty() { NONE } else { self.storage(items)? }));
@@ -790,7 +780,7 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
     if is("_codecs", "encode") && args_len == 2 {
       let args = self.tuple_items(args_at, args_len);
       if let (Node::Str { at: ta, len: tl }, Node::Str { at: ea, len: el }) =
-        (self.arena[args[0] as usize], self.arena[args[1] as usize])
+        (self.t.arena[args[0] as usize], self.t.arena[args[1] as usize])
       {
         let enc = self.str_at(ea, el);
         if enc == "latin1" || enc == "latin-1" {
@@ -849,7 +839,7 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
     if pairs && !n.is_multiple_of(2) {
       return self.err("SETITEMS with an odd number of items");
     }
-    let slot = match self.arena[target as usize] {
+    let slot = match self.t.arena[target as usize] {
       Node::Dict(s) if pairs => s,
       Node::List(s) | Node::Set(s) if !pairs => s,
       _ if pairs => return self.err("SETITEM(S) on something that is not a dict"),
@@ -862,14 +852,14 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
     if slot == NONE {
       let items = self.stack.split_off(start);
       let s = self.storage(items)?;
-      self.arena[target as usize] = match self.arena[target as usize] {
+      self.t.arena[target as usize] = match self.t.arena[target as usize] {
         Node::Dict(_) => Node::Dict(s),
         Node::Set(_) => Node::Set(s),
         _ => Node::List(s),
       };
     } else {
       self.extra += 2 * n * size_of::<Id>();
-      self.growable[slot as usize].extend_from_slice(&self.stack[start..]);
+      self.t.growable[slot as usize].extend_from_slice(&self.stack[start..]);
       self.stack.truncate(start);
     }
     Ok(())
@@ -1114,7 +1104,7 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
           let name = self.pop()?;
           let module = self.pop()?;
           let (Node::Str { at: ma, len: ml }, Node::Str { at: na, len: nl }) =
-            (self.arena[module as usize], self.arena[name as usize])
+            (self.t.arena[module as usize], self.t.arena[name as usize])
           else {
             return self.err("STACK_GLOBAL expects two strings");
           };
@@ -1174,13 +1164,13 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
         b'b' => {
           let state = self.pop()?;
           let target = self.top()?;
-          match self.arena[target as usize] {
-            Node::Object(o) => self.objects[o as usize].state = state,
+          match self.t.arena[target as usize] {
+            Node::Object(o) => self.t.objects[o as usize].state = state,
             // BUILD on a dict merges attributes into it, which is how a dict subclass would behave
             Node::Dict(_) => {
-              if let Node::Dict(s) = self.arena[state as usize] {
+              if let Node::Dict(s) = self.t.arena[state as usize] {
                 if s != NONE {
-                  let items = self.growable[s as usize].clone();
+                  let items = self.t.growable[s as usize].clone();
                   self.extend_with(target, &items, true)?;
                 }
               }
@@ -1292,15 +1282,15 @@ impl Unpickled<'_> {
     let storage = |s: u32| -> &[Id] {
       match s {
         NONE => &[],
-        s => &self.growable[s as usize],
+        s => &self.t.growable[s as usize],
       }
     };
     let global = |g: u32, budget: &mut usize| -> Result<Global, UnpickleError> {
-      let g = &self.globals[g as usize];
+      let g = &self.t.globals[g as usize];
       self.charge_to(budget, g.module.len() + g.name.len())?;
       Ok(g.clone())
     };
-    Ok(match self.arena[id as usize] {
+    Ok(match self.t.arena[id as usize] {
       Node::None => Value::None,
       Node::Bool(b) => Value::Bool(b),
       Node::Int(i) => Value::Int(i),
@@ -1314,7 +1304,7 @@ impl Unpickled<'_> {
         Value::Bytes(self.slice(at, len).to_vec())
       }
       Node::Owned(o) => {
-        let v = &self.owned[o as usize];
+        let v = &self.t.owned[o as usize];
         self.charge_to(
           budget,
           match v {
@@ -1342,7 +1332,7 @@ impl Unpickled<'_> {
         Value::Global(Box::new(global(g, budget)?))
       }
       Node::Object(o) => {
-        let o = self.objects[o as usize];
+        let o = self.t.objects[o as usize];
         self.charge_to(budget, size_of::<Object>())?;
         Value::Object(Box::new(Object {
           class: global(o.class, budget)?,
