@@ -1053,6 +1053,38 @@ fn copy_by_buffer(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) 
 mod tests {
   use super::*;
 
+  /// A rank's end of a multi-rank conversion: a shard index outside the plan is a coded error (nothing written),
+  /// and a shard that got no tensor is still created, with its header, and made durable.
+  #[test]
+  fn finish_shards_refuses_unknown_shards_and_creates_empty_ones() {
+    let dir = std::env::temp_dir().join(format!("distcp-finish-shards-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let header = crate::safetensors::encode_header(&[]).unwrap();
+    let shard = crate::convert::ShardPlan {
+      file: "model.safetensors".into(),
+      size: header.len() as u64,
+      header_len: header.len() as u64 - crate::safetensors::HEADER_LEN_BYTES,
+      header: header.clone(),
+      tensors: Vec::new(),
+    };
+    let plan = ConvertPlan {
+      shards: vec![shard],
+      tensors: Vec::new(),
+      total_size: 0,
+      index_json: None,
+      entry_order: Vec::new(),
+    };
+    let mut job = ConvertJob::new(plan, &dir);
+    let e = job.finish_shards(&[1], true).unwrap_err();
+    assert_eq!(e.code(), "ERR_DISTCP_BAD_REQUEST", "{e}");
+    assert!(e.to_string().contains("shard 1 is not in the plan (1 shards)"), "{e}");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    job.finish_shards(&[0], true).unwrap();
+    assert_eq!(std::fs::read(dir.join("model.safetensors")).unwrap(), header);
+    std::fs::remove_dir_all(&dir).unwrap();
+  }
+
   /// Pieces written with `write_split` (direct whole pages, buffered edges) at unaligned offsets, interleaved with
   /// plain buffered writes of their neighbours, read back as one file equal to the bytes meant.
   #[test]
