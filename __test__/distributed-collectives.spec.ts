@@ -16,10 +16,10 @@ async function group(n: number, timeoutMs = 5000): Promise<ProcessGroup[]> {
   return Promise.all(Array.from({ length: n }, (_, rank) => initProcessGroup({ rank, worldSize: n, masterAddr: '127.0.0.1', masterPort, timeoutMs, useAgentStore: false, prefix: `t${masterPort}` })))
 }
 
-test('gather, scatter, broadcast, allGather and barrier carry payloads of 0 B, 1 B and over 8 MiB', async (t) => {
+test('gather, scatter, broadcast, allGather and barrier carry payloads of 0 B, 1 B, either side of one store value (8 MiB less the 8-byte head) and over 8 MiB', async (t) => {
   const pgs = await group(3)
   const payload = (r: number, n: number): Buffer => Buffer.alloc(n, r + 1)
-  for (const n of [0, 1, 8 * 1024 * 1024, 8 * 1024 * 1024 + 1, 20 * 1024 * 1024]) {
+  for (const n of [0, 1, 8 * 1024 * 1024 - 8, 8 * 1024 * 1024 - 7, 8 * 1024 * 1024, 20 * 1024 * 1024]) {
     const got = await Promise.all(pgs.map((pg) => pg.gather(payload(pg.rank, n))))
     t.deepEqual(got[0]?.map((b) => [b.length, b[n - 1]]), [0, 1, 2].map((r) => [n, n ? r + 1 : undefined]))
     t.is(got[1], null)

@@ -87,6 +87,12 @@ test.serial('distcp talks to torch’s TCPStore server (libuv and legacy), and t
     })
     t.true(await s.deleteKey('node/text'))
     t.false(await s.deleteKey('node/text'))
+    // what the collectives use, against torch's own server: a multi-get with no WAIT, and deletes sent in one write
+    // whose replies are read in order
+    t.deepEqual((await s.multiGetReady(['node/m0', 'node/m1'])).map(String), ['p', 'q'])
+    t.is(await s.deleteKeys(['node/m0', 'absent', 'node/m1']), 2)
+    t.false(await s.check(['node/m0']))
+    t.true(await s.check(['node/cas']))
     await s.set('node/bye', '1')
     s.close()
     await exited

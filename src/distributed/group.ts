@@ -5,7 +5,10 @@
  * split into parts). Every collective has a timeout, and a timeout names the ranks that never arrived.
  */
 import { DistcpError, type DistcpErrorCode } from '../errors.js'
-import { MAX_VALUE_BYTES, TcpStore, TcpStoreServer } from './store.js'
+import { MAX_KEYS_PER_REQUEST, MAX_VALUE_BYTES, TcpStore, TcpStoreServer } from './store.js'
+
+/** What a collective value's head key carries after its 8-byte part count. */
+const HEAD_BYTES = MAX_VALUE_BYTES - 8
 
 /** How to join (or form) a group; each field defaults to torchrun's environment variable. */
 export interface ProcessGroupOptions {
@@ -117,24 +120,50 @@ export class ProcessGroup {
     return `${this.#prefix}/${this.#seq++}/${name}`
   }
 
-  /** Writes `data` under `key` (in parts, the count last). `shared`: several ranks read it (see `#lingering`). */
+  /**
+   * Writes `data` under `key`: the head `key/n` holds a u64 count of further parts and the first
+   * `MAX_VALUE_BYTES - 8` bytes; larger data goes to `key/p1…` first, so whoever sees the head finds every part.
+   * `shared`: several ranks read it (see `#lingering`).
+   */
   async #put(key: string, data: Uint8Array, shared = false): Promise<void> {
-    const parts: Uint8Array[] = []
-    for (let at = 0; at < data.length; at += MAX_VALUE_BYTES) parts.push(data.subarray(at, at + MAX_VALUE_BYTES))
-    const names = parts.map((_, i) => `${key}/p${i}`)
-    if (parts.length) await this.store.multiSet(names, parts)
-    // the count last: whoever sees it finds every part
-    await this.store.set(`${key}/n`, String(parts.length))
+    const first = data.subarray(0, HEAD_BYTES)
+    const rest: Uint8Array[] = []
+    for (let at = HEAD_BYTES; at < data.length; at += MAX_VALUE_BYTES) rest.push(data.subarray(at, at + MAX_VALUE_BYTES))
+    const names = rest.map((_, i) => `${key}/p${i + 1}`)
+    if (rest.length) await this.store.multiSet(names, rest)
+    const head = Buffer.allocUnsafe(8 + first.length)
+    head.writeBigUInt64LE(BigInt(rest.length), 0)
+    head.set(first, 8)
+    await this.store.set(`${key}/n`, head)
     if (shared) this.#lingering.push(...names, `${key}/n`)
   }
 
-  /** Reads what `#put` wrote; `consume` (the only reader) removes it from the store. */
+  /**
+   * Reads what `#put` wrote under each of `keys`, whose heads the caller already waited for: one round trip
+   * whatever the number of keys (two when some value passed `HEAD_BYTES`). `consume` (the only reader) removes them,
+   * pipelined: the replies are read before the next request's, not waited for here.
+   */
+  async #takeAll(keys: string[], consume = false): Promise<Buffer[]> {
+    const heads = await this.store.multiGetReady(keys.map((k) => `${k}/n`))
+    const extra = heads.map((h, i) => {
+      const n = h.length >= 8 ? h.readBigUInt64LE(0) : -1n
+      if (n < 0n || n > BigInt(MAX_KEYS_PER_REQUEST)) {
+        throw new DistcpError('ERR_DISTCP_STORE_PROTOCOL', `collective key ${keys[i]}/n (${h.length} bytes) does not start with a part count`)
+      }
+      return Number(n)
+    })
+    const names = keys.flatMap((k, i) => Array.from({ length: extra[i] }, (_, j) => `${k}/p${j + 1}`))
+    const parts = names.length ? await this.store.multiGetReady(names) : []
+    if (consume) void this.store.deleteKeys([...names, ...keys.map((k) => `${k}/n`)]).catch(() => undefined)
+    let at = 0
+    return heads.map((h, i) => {
+      const body = h.subarray(8)
+      return extra[i] === 0 ? body : Buffer.concat([body, ...parts.slice(at, (at += extra[i]))])
+    })
+  }
+
   async #take(key: string, consume = false): Promise<Buffer> {
-    const n = Number((await this.store.get(`${key}/n`)).toString())
-    const names = Array.from({ length: n }, (_, i) => `${key}/p${i}`)
-    const parts = n === 0 ? [] : await this.store.multiGet(names)
-    if (consume) for (const k of [...names, `${key}/n`]) await this.store.deleteKey(k)
-    return parts.length === 1 ? parts[0] : Buffer.concat(parts)
+    return (await this.#takeAll([key], consume))[0]
   }
 
   /**
@@ -155,7 +184,8 @@ export class ProcessGroup {
       }
       throw e
     }
-    for (const k of earlier) await this.store.deleteKey(k)
+    // pipelined, as in #takeAll: the next request's reply waits behind these, this collective does not
+    if (earlier.length) void this.store.deleteKeys(earlier).catch(() => undefined)
     return r
   }
 
@@ -190,9 +220,7 @@ export class ProcessGroup {
     const all = [...Array(this.worldSize).keys()]
     const missing = await this.#arrivals(key, all, timeoutMs)
     if (missing.length) throw this.#timeout('gather', missing, timeoutMs)
-    const out: Buffer[] = []
-    for (const r of all) out.push(await this.#take(`${key}/${r}`, true))
-    return out
+    return this.#takeAll(all.map((r) => `${key}/${r}`), true)
   }
 
   /** `root` sends `parts[r]` to rank r. */
@@ -234,7 +262,7 @@ export class ProcessGroup {
       const all = [...Array(this.worldSize).keys()]
       const missing = await this.#arrivals(key, all, timeoutMs)
       if (missing.length) throw this.#timeout('allGather', missing, timeoutMs)
-      return Promise.all(all.map((r) => this.#take(`${key}/${r}`)))
+      return this.#takeAll(all.map((r) => `${key}/${r}`))
     })
   }
 
@@ -290,12 +318,13 @@ export class ProcessGroup {
     const missing = await this.#arrivals(key, all, this.timeoutMs)
     for (const r of missing) failures[r] = `did not report within ${this.timeoutMs} ms (crashed, killed or hung)`
     const outcomes: Outcome<T>[] = []
-    for (const r of all) {
-      if (missing.includes(r)) continue
-      const o = JSON.parse((await this.#take(`${key}/${r}`, true)).toString('utf8')) as Outcome<T>
+    const present = all.filter((r) => !missing.includes(r))
+    const bodies = await this.#takeAll(present.map((r) => `${key}/${r}`), true)
+    present.forEach((r, i) => {
+      const o = JSON.parse(bodies[i].toString('utf8')) as Outcome<T>
       if ('err' in o) failures[r] = o.err
       outcomes[r] = o
-    }
+    })
     if (Object.keys(failures).length) return { fail: failures }
     try {
       return { ok: await reduce(outcomes.map((o) => (o as { ok: T }).ok)) }

@@ -63,6 +63,11 @@ class Request {
   constructor(op: number) {
     this.parts.push(Buffer.from([op]))
   }
+  /** Starts another request in the same write: pipelined, its reply follows the previous one's. */
+  next(op: number): this {
+    this.parts.push(Buffer.from([op]))
+    return this
+  }
   u32(v: number): this {
     const b = Buffer.alloc(4)
     b.writeUInt32LE(v >>> 0)
@@ -358,6 +363,25 @@ export class TcpStore {
     })
   }
 
+  /**
+   * The values of keys the caller knows are set (it waited for them, or for a key set after them on the same
+   * connection), in one round trip per {@link MAX_KEYS_PER_REQUEST} keys: no `WAIT` first, so a missing key is the
+   * server's error (torch's server and this one close the connection).
+   */
+  multiGetReady(keys: string[]): Promise<Buffer[]> {
+    return this.#op(async () => {
+      const out: Buffer[] = []
+      for (let at = 0; at < keys.length; at += MAX_KEYS_PER_REQUEST) {
+        const batch = keys.slice(at, at + MAX_KEYS_PER_REQUEST)
+        const r = new Request(Op.MULTI_GET).u64(batch.length)
+        for (const k of batch) r.bytes(this.#key(k))
+        this.#send(r)
+        for (let i = 0; i < batch.length; i++) out.push(await this.#bits())
+      }
+      return out
+    })
+  }
+
   multiSet(keys: string[], values: StoreValue[]): Promise<void> {
     return this.#op(async () => {
       if (keys.length !== values.length) {
@@ -377,6 +401,22 @@ export class TcpStore {
     return this.#op(async () => {
       this.#send(new Request(Op.DELETE_KEY).bytes(this.#key(key)))
       return (await this.#inbox.exact(8)).readBigInt64LE(0) === 1n
+    })
+  }
+
+  /**
+   * Deletes every key in one round trip (the requests are sent together, then the replies read in order); returns
+   * how many existed.
+   */
+  deleteKeys(keys: string[]): Promise<number> {
+    return this.#op(async () => {
+      if (keys.length === 0) return 0
+      const r = new Request(Op.DELETE_KEY).bytes(this.#key(keys[0]))
+      for (let i = 1; i < keys.length; i++) r.next(Op.DELETE_KEY).bytes(this.#key(keys[i]))
+      this.#send(r)
+      let n = 0
+      for (let i = 0; i < keys.length; i++) if ((await this.#inbox.exact(8)).readBigInt64LE(0) === 1n) n++
+      return n
     })
   }
 
