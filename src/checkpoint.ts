@@ -77,9 +77,12 @@ function checkOptions(v: unknown, name = 'options'): asserts v is Record<string,
 
 function checkDims(v: unknown, name: string): asserts v is number[] | undefined {
   if (v === undefined) return
-  if (!Array.isArray(v) || !v.every((x) => Number.isSafeInteger(x) && x >= 0)) {
-    throw badArgument(name, 'an array of non-negative integers', v)
+  // a loop that stops at the first bad entry: `every` would walk a sparse array's 2**32 - 1 holes
+  const ok = (a: unknown[]): boolean => {
+    for (let i = 0; i < a.length; i++) if (!(i in a) || !Number.isSafeInteger(a[i]) || (a[i] as number) < 0) return false
+    return true
   }
+  if (!Array.isArray(v) || !ok(v)) throw badArgument(name, 'an array of non-negative integers', v)
 }
 
 /** An open DCP checkpoint folder. Reads run on worker threads; only the chunks a read needs are touched. */

@@ -297,9 +297,13 @@ export function deviceLeavesOf(root: unknown): Map<object, DeviceLeaf> {
       found.set(v, leaf)
       return
     }
+    // a list stops at its first hole: the save's encoder refuses it there, and a sparse array's length may be 2**32 - 1
+    const list = (a: unknown[]): void => {
+      for (let i = 0; i < a.length && i in a; i++) walk(a[i])
+    }
     if (v instanceof Map) for (const x of v.values()) walk(x)
-    else if (Array.isArray(v)) v.forEach(walk)
-    else if (Array.isArray((v as { items?: unknown }).items)) (v as { items: unknown[] }).items.forEach(walk)
+    else if (Array.isArray(v)) list(v)
+    else if (Array.isArray((v as { items?: unknown }).items)) list((v as { items: unknown[] }).items)
     else if ([Object.prototype, null].includes(Object.getPrototypeOf(v))) Object.values(v).forEach(walk)
   }
   walk(root)

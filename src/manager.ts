@@ -24,7 +24,7 @@ import { join, resolve } from 'node:path'
 
 import { callNative, DistcpError } from './errors.js'
 import { native } from './native.js'
-import { PyFloat } from './values.js'
+import { mapItems, PyFloat } from './values.js'
 
 /** Marker file in every step folder the manager made: only those are ever deleted. */
 export const MANAGER_MARKER = '.distcp-manager'
@@ -85,16 +85,23 @@ export interface ResumePaths {
 export type TrainingInfo = Record<string, unknown>
 
 /** A value of `training_info.json` written as Python's `json.dump` writes it (", " and ": ", NaN, ensure_ascii). */
-function pyJson(v: unknown): string {
+function pyJson(v: unknown, inside: Set<object> = new Set()): string {
   if (v === null || v === undefined) return 'null'
   if (typeof v === 'boolean') return v ? 'true' : 'false'
   if (typeof v === 'bigint') return v.toString()
   if (v instanceof PyFloat) return pyFloatRepr(v.value)
   if (typeof v === 'number') return Number.isInteger(v) && !Object.is(v, -0) ? String(v) : pyFloatRepr(v)
   if (typeof v === 'string') return JSON.stringify(v).replace(/[\u007f-\uffff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`)
-  if (Array.isArray(v)) return `[${v.map(pyJson).join(', ')}]`
   if (typeof v === 'object') {
-    return `{${Object.entries(v as Record<string, unknown>).map(([k, x]) => `${pyJson(k)}: ${pyJson(x)}`).join(', ')}}`
+    // json.dump's "Circular reference detected", as a coded error instead of a stack overflow
+    if (inside.has(v)) throw new DistcpError('ERR_DISTCP_INVALID_INPUT', 'training info: a cycle (a value contains itself)')
+    inside.add(v)
+    try {
+      if (Array.isArray(v)) return `[${mapItems(v, 'training info', (x) => pyJson(x, inside)).join(', ')}]`
+      return `{${Object.entries(v as Record<string, unknown>).map(([k, x]) => `${pyJson(k)}: ${pyJson(x, inside)}`).join(', ')}}`
+    } finally {
+      inside.delete(v)
+    }
   }
   throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `training info: ${typeof v} cannot be written as JSON`)
 }

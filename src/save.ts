@@ -2,7 +2,7 @@ import { awaitNative, DistcpError } from './errors.js'
 import { bindingTarget, native, type SaveResult } from './native.js'
 import { elementSize, type DType } from './tensor.js'
 import { stagingPool, type StageSource, type StagingLease, type StagingPool } from './staging.js'
-import { floatBits, PyFloat, PyTuple, type Encoded } from './values.js'
+import { floatBits, PyFloat, PyTuple, sparseArray, type Encoded } from './values.js'
 import { asDeviceLeaf, deviceLeavesOf, type DeviceLeaf } from './cuda.js'
 import type { ProcessGroup } from './distributed/group.js'
 import { saveRanks } from './distributed/save.js'
@@ -146,19 +146,25 @@ export class Encoder {
 
   tensor(t: { dtype: unknown; shape: unknown[]; data: ArrayBufferView | DeviceLeaf }, path: string): Encoded {
     const dtype = t.dtype as DType
+    const shape: number[] = []
+    for (let i = 0; i < t.shape.length; i++) {
+      const d = t.shape[i]
+      if (!(i in t.shape)) return this.fail(path, sparseArray('its shape', i, t.shape.length).message)
+      if (typeof d === 'number' && Number.isSafeInteger(d) && d >= 0) shape.push(d)
+      else if (this.lenient) shape.push(0)
+      else {
+        const shown = t.shape.length > 8 ? `${t.shape.slice(0, 8).map(String)},… (${t.shape.length})` : t.shape.map(String)
+        return this.fail(path, `shape [${shown}] must hold non-negative integers`)
+      }
+    }
     if (this.lenient) {
       this.buffers.push(new Uint8Array(0))
-      return { $tensor: this.buffers.length - 1, dtype, shape: t.shape.map((d) => (typeof d === 'number' && d >= 0 ? d : 0)) }
+      return { $tensor: this.buffers.length - 1, dtype, shape }
     }
     const size = elementSize(dtype)
     if (typeof size !== 'number') return this.fail(path, `unknown dtype \`${String(t.dtype)}\``)
     let n = 1
-    for (const d of t.shape) {
-      if (typeof d !== 'number' || !Number.isSafeInteger(d) || d < 0) {
-        return this.fail(path, `shape [${t.shape.map(String)}] must hold non-negative integers`)
-      }
-      n *= d
-    }
+    for (const d of shape) n *= d
     const want = n * size
     if (t.data.byteLength !== want) {
       return this.fail(
@@ -167,7 +173,17 @@ export class Encoder {
       )
     }
     this.buffers.push(ArrayBuffer.isView(t.data) ? bytesOf(t.data) : t.data)
-    return { $tensor: this.buffers.length - 1, dtype, shape: t.shape as number[] }
+    return { $tensor: this.buffers.length - 1, dtype, shape }
+  }
+
+  /** A list's or tuple's items; a hole is refused, never walked past (see `mapItems`), lenient or not. */
+  items(a: readonly unknown[], path: string, depth: number): Encoded[] {
+    const out: Encoded[] = []
+    for (let i = 0; i < a.length; i++) {
+      if (!(i in a)) return this.fail(`${path}.${i}`, sparseArray('this list', i, a.length).message)
+      out.push(this.value(a[i], `${path}.${i}`, depth + 1))
+    }
+    return out
   }
 
   value(v: unknown, path: string, depth: number): Encoded {
@@ -197,7 +213,7 @@ export class Encoder {
     if (this.#ancestors.has(o)) return this.fail(path, 'a cycle: this value contains itself')
     this.#ancestors.add(o)
     try {
-      if (o instanceof PyTuple) return { $t: o.items.map((x, i) => this.value(x, `${path}.${i}`, depth + 1)) }
+      if (o instanceof PyTuple) return { $t: this.items(o.items, path, depth) }
       if (o instanceof Uint8Array) {
         this.buffers.push(o)
         return { $b: this.buffers.length - 1 }
@@ -205,11 +221,7 @@ export class Encoder {
       if (ArrayBuffer.isView(o)) {
         return this.fail(path, `a bare ${o.constructor.name} is ambiguous: wrap it as a tensor { dtype, shape, data }`)
       }
-      if (Array.isArray(o)) {
-        const out: Encoded[] = []
-        for (let i = 0; i < o.length; i++) out.push(this.value(o[i], `${path}.${i}`, depth + 1))
-        return out
-      }
+      if (Array.isArray(o)) return this.items(o, path, depth)
       if (o instanceof Map) {
         const pairs: [Encoded, Encoded][] = []
         for (const [k, x] of o) {

@@ -3,7 +3,7 @@
 import type { StateDict, StateValue } from './checkpoint.js'
 import { DistcpError } from './errors.js'
 import type { Tensor } from './tensor.js'
-import { PyFloat, PyTuple } from './values.js'
+import { mapItems, PyFloat, PyTuple } from './values.js'
 
 /**
  * torch's `Stateful`: something `dcp.save` / `dcp.load` replace by its state dict, and load back in place.
@@ -139,8 +139,8 @@ const TUPLE_KEYS = new Set(['betas', 'etas', 'step_sizes'])
 
 function asFloats(v: StateValue): StateValue {
   if (typeof v === 'number') return new PyFloat(v)
-  if (Array.isArray(v)) return v.map(asFloats)
-  if (v instanceof PyTuple) return new PyTuple(v.items.map((x) => asFloats(x as StateValue) as never))
+  if (Array.isArray(v)) return mapItems(v, 'optimizer state', asFloats)
+  if (v instanceof PyTuple) return new PyTuple(mapItems(v.items, 'optimizer state', (x) => asFloats(x as StateValue) as never))
   return v
 }
 
@@ -228,9 +228,9 @@ export class OptimizerState implements Stateful {
     }
     const state: FqnOptimizerState['state'] = {}
     for (const [k, v] of Object.entries(osd.state)) state[fqnOfIndex(Number(k), 'state')] = v
-    const paramGroups = osd.param_groups.map((g, gi) => {
+    const paramGroups = mapItems(osd.param_groups, 'optimizer param_groups', (g, gi) => {
       const typed = pythonTyped(Object.entries(g).filter(([k]) => k !== 'params'))
-      typed.params = g.params.map((i) => fqnOfIndex(i, `param_groups[${gi}]`))
+      typed.params = mapItems(g.params, `optimizer param_groups[${gi}].params`, (i) => fqnOfIndex(i, `param_groups[${gi}]`))
       return typed
     })
     const out: StateDict = { optim: { state, param_groups: paramGroups } }

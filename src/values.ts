@@ -1,5 +1,26 @@
+import { DistcpError } from './errors.js'
 import type { Tensor } from './tensor.js'
 import type { TaggedValue } from './native.js'
+
+/**
+ * `f` of each item of a caller's array, in order, refusing a sparse array at its first hole
+ * (`ERR_DISTCP_INVALID_INPUT` naming `what` and the index). A hole is never walked past: an array may claim a length
+ * of up to 2**32 - 1 while holding a few items, and walking it to that length takes a minute, and copying it aborts
+ * V8 ("invalid size error"), which no caller can catch. @internal
+ */
+export function mapItems<T, R>(a: readonly T[], what: string, f: (x: T, i: number) => R): R[] {
+  const out: R[] = []
+  for (let i = 0; i < a.length; i++) {
+    if (!(i in a)) throw sparseArray(what, i, a.length)
+    out.push(f(a[i], i))
+  }
+  return out
+}
+
+/** The error {@link mapItems} throws. @internal */
+export function sparseArray(what: string, index: number, length: number): DistcpError {
+  return new DistcpError('ERR_DISTCP_INVALID_INPUT', `${what}: a sparse array (index ${index} of its ${length} was never set)`)
+}
 
 /** A Python float, kept distinct from an int (only in `exact` mode; otherwise floats are plain numbers). */
 export class PyFloat {

@@ -19,6 +19,9 @@ use std::ptr;
 /// before the stack would.
 const MAX_JSON_DEPTH: usize = 3 * (MAX_NESTING + 2);
 
+/// The most items reserved for an array before they are read: a JS array's length is not a count of its items.
+const PREALLOCATED_ITEMS: usize = 1 << 16;
+
 /// Integers a JS number holds exactly (`Number.MAX_SAFE_INTEGER`): within it a whole number is an int, as
 /// `JSON.stringify` + serde_json made it.
 const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
@@ -88,7 +91,8 @@ unsafe fn from_js(env: sys::napi_env, v: sys::napi_value, what: &str, depth: usi
       napi::check_status!(unsafe { sys::napi_is_array(env, v, &mut is_array) }).map_err(fail)?;
       if is_array {
         let len = unsafe { array_len(env, v) }?;
-        let mut out = Vec::with_capacity(len as usize);
+        // not `len` itself: a sparse array may claim 2^32 - 1 items (its first hole, `undefined`, is refused below)
+        let mut out = Vec::with_capacity((len as usize).min(PREALLOCATED_ITEMS));
         for i in 0..len {
           let mut item = ptr::null_mut();
           napi::check_status!(unsafe { sys::napi_get_element(env, v, i, &mut item) }).map_err(fail)?;
