@@ -27,7 +27,9 @@
 //                     (bench/convert/make_hf_sharded.py, generated once, not timed)
 // Warm: each contestant runs once untimed first (page cache and code warm). Cold: the contestant's input files are
 // evicted from the page cache (posix_fadvise DONTNEED, bench/lib/evict.py) before every run. Between runs the output
-// is deleted and `sync` flushes dirty pages, so one contestant's write-back does not bill the next.
+// is deleted and `sync` flushes dirty pages, so one contestant's write-back does not bill the next. Rounds interleave
+// the contestants; the table gives each one's best and median, and "per round" the median of (that round's
+// `cp -r` + sync) / (this one): this VM's disk drifts, and only runs side by side compare.
 import { spawnSync } from 'node:child_process'
 import { existsSync, mkdirSync, readdirSync, rmSync, writeFileSync, statSync } from 'node:fs'
 import { cpus, totalmem } from 'node:os'
@@ -207,28 +209,43 @@ console.log(
 const tableRows = []
 for (const cache of ['warm', 'cold']) {
   const results = {}
-  for (const [name, c] of Object.entries(contestants)) {
-    if (cache === 'warm') once(name, c, false)
-    const runs = Array.from({ length: reps }, () => once(name, c, cache === 'cold'))
+  // rounds interleave the contestants (a round runs each once): this VM's disk drifts by 2× over minutes, and a
+  // contestant whose runs all fall in a fast or a slow stretch would otherwise win or lose on that alone
+  if (cache === 'warm') for (const [name, c] of Object.entries(contestants)) once(name, c, false)
+  const rounds = Object.fromEntries(Object.keys(contestants).map((name) => [name, []]))
+  for (let i = 0; i < reps; i++) {
+    for (const [name, c] of Object.entries(contestants)) rounds[name].push(once(name, c, cache === 'cold'))
+  }
+  const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)]
+  for (const [name, runs] of Object.entries(rounds)) {
     const best = runs.reduce((x, y) => (y.seconds < x.seconds ? y : x))
-    results[name] = { ...best, maxRssKb: Math.max(...runs.map((r) => r.maxRssKb)) }
+    results[name] = { ...best, median: median(runs.map((r) => r.seconds)), maxRssKb: Math.max(...runs.map((r) => r.maxRssKb)) }
+  }
+  // the same round's cp -r + sync over each contestant's time: the ratio least moved by the disk's drift
+  const sync = rounds['cp -r + sync']
+  for (const [name, runs] of Object.entries(rounds)) {
+    if (sync) results[name].roundRatio = median(runs.map((r, i) => sync[i].seconds / r.seconds))
   }
   const tensorBytes = (results.distcp ?? results['torch (seed way)'] ?? Object.values(results)[0]).bytes
   console.log(
-    `\n${cache} page cache: ${(tensorBytes / 1e9).toFixed(2)} GB of tensors, checkpoint ${(ckptBytes / 1e9).toFixed(2)} GB in ${ckptFiles.length} files; best of ${reps}${castTo ? `; distcp casts to ${castTo}` : ''}`,
+    `\n${cache} page cache: ${(tensorBytes / 1e9).toFixed(2)} GB of tensors, checkpoint ${(ckptBytes / 1e9).toFixed(2)} GB in ${ckptFiles.length} files; best and median of ${reps} interleaved rounds${castTo ? `; distcp casts to ${castTo}` : ''}`,
   )
-  console.log(`contestant            GB/s   seconds   peak RSS   vs cp -r   vs cp+sync   vs torch   vs consolidate${castTo ? '   vs torch cast   vs no cast' : ''}`)
+  console.log(
+    `contestant            GB/s   seconds   median   peak RSS   vs cp -r   vs cp+sync   per round   vs torch   vs consolidate${castTo ? '   vs torch cast   vs no cast' : ''}`,
+  )
   for (const [name, r] of Object.entries(results)) {
     const gbs = r.bytes / r.seconds / 1e9
     const ratio = (ref) => (results[ref] ? `${(results[ref].seconds / r.seconds).toFixed(2)}×` : '-')
     console.log(
-      `${name.padEnd(20)} ${gbs.toFixed(2).padStart(6)}  ${r.seconds.toFixed(2).padStart(8)}  ${(r.maxRssKb / 1024).toFixed(0).padStart(6)} MiB  ${ratio('cp -r').padStart(8)}  ${ratio('cp -r + sync').padStart(10)}  ${ratio('torch (seed way)').padStart(8)}  ${ratio('torch consolidate').padStart(13)}${castTo ? `${ratio('torch cast').padStart(16)}${ratio('distcp (no cast)').padStart(12)}` : ''}`,
+      `${name.padEnd(20)} ${gbs.toFixed(2).padStart(6)}  ${r.seconds.toFixed(2).padStart(8)}  ${r.median.toFixed(2).padStart(7)}  ${(r.maxRssKb / 1024).toFixed(0).padStart(6)} MiB  ${ratio('cp -r').padStart(8)}  ${ratio('cp -r + sync').padStart(10)}  ${(r.roundRatio === undefined ? '-' : `${r.roundRatio.toFixed(2)}×`).padStart(10)}  ${ratio('torch (seed way)').padStart(8)}  ${ratio('torch consolidate').padStart(13)}${castTo ? `${ratio('torch cast').padStart(16)}${ratio('distcp (no cast)').padStart(12)}` : ''}`,
     )
     tableRows.push({ cache, name, ...r })
   }
 }
 writeFileSync(join(outRoot, 'results.json'), JSON.stringify({ layers, ranks, tp, reps, castTo: castTo || null, ckptBytes, rows: tableRows }, null, 2))
-console.log(`\n(ratios are speed-ups: the other's seconds / this one's seconds; results also in ${join(outRoot, 'results.json')})`)
+console.log(
+  `\n(ratios are speed-ups: the other's seconds / this one's seconds, of the best runs; "per round": the median over rounds of that round's cp -r + sync / this one; results also in ${join(outRoot, 'results.json')})`,
+)
 
 if (!keep) {
   for (const d of [ckpt, hfSharded, modelDir, `${ckpt}-hf`]) rmSync(d, { recursive: true, force: true })
