@@ -6,7 +6,7 @@ import { elementSize, numel, type DType, type Tensor } from './tensor.js'
 import { PyTuple, type Encoded, type PyValue } from './values.js'
 import { callNative } from './errors.js'
 import { native } from './native.js'
-import { Encoder } from './save.js'
+import { checkCheckpointId, Encoder } from './save.js'
 import type { Stateful } from './stateful.js'
 import { asDeviceLeaf, requireCuda, type DeviceLeaf } from './cuda.js'
 import type { ProcessGroup } from './distributed/group.js'
@@ -215,9 +215,7 @@ export interface InternalLoadOptions extends LoadOptions {
 export async function load(stateDict: LoadStateDict, options: LoadOptions): Promise<LoadReport> {
   if (options?.processGroup) return loadRanks(stateDict, options, load)
   const { checkpointId, strict = true, ignoreUnexpected, device, rank } = options as InternalLoadOptions
-  if (typeof checkpointId !== 'string' || checkpointId === '') {
-    throw new DistcpError('ERR_DISTCP_INVALID_INPUT', 'load: options.checkpointId must be a folder path')
-  }
+  checkCheckpointId('load', checkpointId)
   if (typeof stateDict !== 'object' || stateDict === null) {
     throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `${checkpointId}: load needs a state dict (a plain object)`)
   }

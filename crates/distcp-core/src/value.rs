@@ -41,6 +41,14 @@ impl<B: AsRef<[u8]>> Tensor<B> {
 
   /// Checks that `data` holds exactly shape × element size bytes.
   pub fn check(&self) -> Result<(), String> {
+    // what the reader refuses is never written: a checkpoint distcp could not open again
+    if self.shape.len() > crate::limits::MAX_DIMS {
+      return Err(format!(
+        "a tensor with {} dimensions (distcp reads up to {})",
+        self.shape.len(),
+        crate::limits::MAX_DIMS
+      ));
+    }
     let len = self.data.as_ref().len();
     match self.expected_len() {
       Some(n) if n == len as u64 => Ok(()),
