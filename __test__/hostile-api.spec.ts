@@ -8,6 +8,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 import {
+  convertDcpToHf,
   load,
   openCheckpoint,
   PyTuple,
@@ -176,4 +177,59 @@ test('helpers and options with the wrong type: coded errors naming them', async 
   t.deepEqual([...typedArray({ dtype: 'int16', shape: [2], data: new Uint8Array([1, 0, 255, 255]) })], [1, -1])
   // before: TypeError "nameOrPath.split is not a function"
   t.throws(() => resolveModel(5 as never), { code: 'ERR_DISTCP_BAD_REQUEST', message: /a model must be named by a folder path or a hub name, not number/ })
+})
+
+test('convertDcpToHf: an onProgress that throws fails the conversion instead of ending the process', (t) => {
+  // in a child: before, the throw escaped the progress timer as an uncaught exception and killed the process
+  const dir = tmp()
+  const script = `
+    const d = await import(${JSON.stringify(new URL('../src/index.js', import.meta.url).href)})
+    const { mkdirSync, writeFileSync, existsSync, readdirSync, rmSync } = await import('node:fs')
+    const dir = ${JSON.stringify(dir)}
+    mkdirSync(dir + '/model')
+    writeFileSync(dir + '/model/config.json', '{}')
+    // bigger until the progress timer (every 100 ms) fires during the run at least once
+    for (const mb of [32, 128, 512]) {
+      rmSync(dir + '/dcp', { recursive: true, force: true })
+      rmSync(dir + '/hf', { recursive: true, force: true })
+      const n = mb << 20
+      await d.save({ 'model.a': { dtype: 'uint8', shape: [n], data: new Uint8Array(n) } }, { checkpointId: dir + '/dcp' })
+      let calls = 0
+      const boom = new Error('boom from onProgress')
+      try {
+        await d.convertDcpToHf(dir + '/dcp', dir + '/hf', dir + '/model', undefined, {
+          // only a report from the timer throws (the last one, after the run, comes from the awaited call)
+          overwrite: true, onWarning: () => {}, onProgress: (p) => { if (p.tensorsDone < p.tensorsTotal) { calls++; throw boom } },
+        })
+      } catch (e) {
+        const weights = existsSync(dir + '/hf') ? readdirSync(dir + '/hf').filter((f) => f.endsWith('.safetensors')) : []
+        console.log(JSON.stringify({ mb, calls, code: e.code, message: e.message, cause: e.cause === boom, weights }))
+        process.exit(0)
+      }
+    }
+    console.log(JSON.stringify({ never: true }))
+  `
+  const r = spawnSync(process.execPath, ['--import', '@oxc-node/core/register', '--input-type=module', '-e', script], {
+    cwd: root,
+    encoding: 'utf8',
+    timeout: 150_000,
+  })
+  t.is(r.status, 0, `status ${r.status} signal ${r.signal}\n${r.stderr.slice(-2000)}`)
+  const out = JSON.parse(r.stdout.trim().split('\n').pop() ?? '{}') as Record<string, unknown>
+  t.like(out, { calls: 1, code: 'ERR_DISTCP_IO', cause: true, weights: [] }, JSON.stringify(out))
+  t.regex(String(out.message), /failed: boom from onProgress; nothing was written/)
+})
+
+test('convertDcpToHf: callbacks and the signal must be what they are called as', async (t) => {
+  const dir = tmp()
+  await save({ 'model.a': f32(2) }, { checkpointId: join(dir, 'dcp') })
+  for (const [options, message] of [
+    [{ onProgress: true }, /onProgress: expected a function, not boolean/],
+    [{ onWarning: 'log' }, /onWarning: expected a function, not string/],
+    [{ onPlan: {} }, /onPlan: expected a function, not object/],
+    [{ signal: true }, /signal: expected an AbortSignal/],
+  ] as const) {
+    await t.throwsAsync(convertDcpToHf(join(dir, 'dcp'), join(dir, 'hf'), join(dir, 'model'), undefined, options as never), { code: 'ERR_DISTCP_BAD_REQUEST', message })
+  }
+  t.false(existsSync(join(dir, 'hf')))
 })
