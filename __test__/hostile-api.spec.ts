@@ -120,6 +120,31 @@ test('detached buffers: an empty tensor saves and loads, a read into one is a co
   t.is((await ck.read('e', { into: detached(4) })).data.byteLength, 0)
 })
 
+test('a read into a resizable ArrayBuffer is refused: shrunk while the read runs, it was a segfault', async (t) => {
+  const dir = tmp()
+  await save({ w: f32(4, 3) }, { checkpointId: join(dir, 'ck') })
+  const ck = await openCheckpoint(join(dir, 'ck'))
+  // before: accepted, and `buffer.resize(0)` during the read (a box: copied in user space) killed the process
+  // (ES2024's constructor: the test tsconfig's lib predates it)
+  const Resizable = ArrayBuffer as unknown as new (n: number, o: { maxByteLength: number }) => ArrayBuffer
+  const rab = new Resizable(16, { maxByteLength: 1 << 20 })
+  for (const into of [new Uint8Array(rab), new Float32Array(rab, 0, 4), new DataView(rab)]) {
+    await t.throwsAsync(ck.read('w', { into }), { code: 'ERR_DISTCP_BAD_REQUEST', message: /`into` must be a view of a fixed-length buffer/ })
+  }
+  await t.throwsAsync(load({ w: { dtype: 'float32', shape: [4], data: new Uint8Array(rab) } }, { checkpointId: join(dir, 'ck') }), {
+    code: 'ERR_DISTCP_BAD_REQUEST',
+    message: /`into` must be a view of a fixed-length buffer/,
+  })
+  t.deepEqual([...new Uint8Array(rab)], Array<number>(16).fill(0))
+  // a fixed-length buffer (and a SharedArrayBuffer) still reads
+  const fixed = new Float32Array(4)
+  await ck.read('w', { into: fixed })
+  t.deepEqual([...fixed], [3, 3, 3, 3])
+  const shared = new Float32Array(new SharedArrayBuffer(16))
+  await ck.read('w', { into: shared })
+  t.deepEqual([...shared], [3, 3, 3, 3])
+})
+
 test('a lone surrogate in a path or key is refused, not turned into U+FFFD (another folder, another key)', async (t) => {
   const dir = tmp()
   const id = join(dir, 'a\uD800b')

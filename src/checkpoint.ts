@@ -142,6 +142,10 @@ export class Checkpoint {
     }
     const into = (options as ReadOptions).into
     if (into) {
+      // the read writes from another thread: memory that shrinks under it (resize) is a segfault, not an error
+      if ((into.buffer as { resizable?: boolean }).resizable === true) {
+        throw badArgument('into', 'a view of a fixed-length buffer (a resizable ArrayBuffer may shrink under the read)', into)
+      }
       const want = numel(shape) * elementSize(info.dtype)
       if (into.byteLength !== want) {
         throw new DistcpError(
