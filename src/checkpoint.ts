@@ -38,7 +38,9 @@ export interface ObjectInfo {
 export interface ReadOptions {
   /**
    * Read into this memory instead of a new buffer; it must hold exactly the requested bytes. Do not read or
-   * write it until the promise settles: the read runs on another thread.
+   * write it until the promise settles: the read runs on another thread. Nor transfer its buffer (`postMessage`,
+   * `structuredClone` with `transfer`) meanwhile: the read would write into memory that is freed once the new
+   * owner is collected, which no check can see. A resizable ArrayBuffer is refused.
    */
   into?: ArrayBufferView
   /** Start of the box to read, per dimension (default: 0). */
