@@ -258,3 +258,33 @@ test('convertDcpToHf: callbacks and the signal must be what they are called as',
   }
   t.false(existsSync(join(dir, 'hf')))
 })
+
+test('a `__proto__` key (JSON.parse makes one) saves, reads and loads as a key, never as a prototype', async (t) => {
+  const dir = tmp()
+  const id = join(dir, 'ck')
+  const sd = JSON.parse('{"__proto__": {"x": 1}, "cfg": {"__proto__": 7, "y": 2}}') as Record<string, unknown>
+  t.deepEqual((await save(sd, { checkpointId: id })).keys, ['__proto__.x', 'cfg.__proto__', 'cfg.y'])
+  // before: load set the target's prototype and then refused the whole state dict ("must be a dict, not a None")
+  const target = JSON.parse('{"__proto__": {"x": null}, "cfg": {"__proto__": null, "y": null}}') as Record<string, unknown>
+  t.deepEqual(await load(target as never, { checkpointId: id }), { missing: [], unexpected: [], mismatched: [], layout: '2.4' })
+  t.is(Object.getPrototypeOf(target), Object.prototype)
+  t.deepEqual(Object.getOwnPropertyDescriptor(target, '__proto__')?.value, { x: 1 })
+  t.deepEqual(Object.keys(target.cfg as object), ['__proto__', 'y'])
+  t.is(Object.getOwnPropertyDescriptor(target.cfg, '__proto__')?.value, 7)
+
+  // a dict stored whole (torch ≤ 2.3 layout): before, readObject dropped the key (or made its value the prototype)
+  const old = join(dir, 'old')
+  await save({ m: new Map<unknown, unknown>([['__proto__', { z: 3 }], ['a', 2]]) }, { checkpointId: old, layout: '2.3' })
+  const ck = await openCheckpoint(old)
+  t.deepEqual(ck.keys(), ['m'])
+  const v = (await ck.readObject('m')) as Record<string, unknown>
+  t.is(Object.getPrototypeOf(v), Object.prototype)
+  t.deepEqual(Object.keys(v), ['__proto__', 'a'])
+  t.deepEqual(Object.getOwnPropertyDescriptor(v, '__proto__')?.value, { z: 3 })
+  t.is((v as { z?: unknown }).z, undefined)
+  // load (exact mode, then plain dicts) too
+  const into = { m: null } as Record<string, unknown>
+  await load(into as never, { checkpointId: old })
+  t.deepEqual(Object.keys(into.m as object), ['__proto__', 'a'])
+  t.is(Object.getPrototypeOf(into.m), Object.prototype)
+})

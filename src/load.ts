@@ -161,7 +161,7 @@ function plainDicts(v: PyValue): PyValue {
   if (v instanceof Map) {
     if ([...v.keys()].every((k) => typeof k === 'string')) {
       const o: { [key: string]: PyValue } = {}
-      for (const [k, x] of v) o[k as string] = plainDicts(x)
+      for (const [k, x] of v) setIn(o, k, plainDicts(x))
       return o
     }
     return new Map([...v].map(([k, x]) => [k, plainDicts(x)] as [PyValue, PyValue]))
@@ -223,7 +223,8 @@ export async function load(stateDict: LoadStateDict, options: LoadOptions): Prom
   const sd: StateDict = {}
   for (const k of keys) {
     const v = stateDict[k]
-    sd[k] = isStateful(v) ? await v.stateDict() : (v as StateValue)
+    // as an own property: `sd[k] = …` with k `__proto__` would set sd's prototype (and the key would vanish)
+    setIn(sd, k, isStateful(v) ? await v.stateDict() : (v as StateValue))
   }
 
   const ck = await openCheckpoint(checkpointId, { rank })
@@ -321,7 +322,7 @@ export async function load(stateDict: LoadStateDict, options: LoadOptions): Prom
   for (const k of keys) {
     const v = stateDict[k]
     if (isStateful(v)) await v.loadStateDict(sd[k] as StateDict)
-    else stateDict[k] = sd[k]
+    else setIn(stateDict, k, sd[k])
   }
   return report
 }

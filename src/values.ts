@@ -104,7 +104,11 @@ export function decodeValue(value: Encoded, buffers: Uint8Array[], exact: boolea
       if (exact) return new Map(e.$d.map(([k, v]) => [walk(k), walk(v)] as [PyValue, PyValue]))
       const out: { [key: string]: PyValue } = {}
       // a non-str key comes with Python's str(key) from the core (the one owner of that rule)
-      for (const [k, v, str] of e.$d) out[str ?? String(walk(k))] = walk(v)
+      // own properties: `out[k] = …` with k `__proto__` would set the prototype (the key lost, or a value's keys
+      // showing through it)
+      for (const [k, v, str] of e.$d) {
+        Object.defineProperty(out, str ?? String(walk(k)), { value: walk(v), writable: true, enumerable: true, configurable: true })
+      }
       return out
     }
     throw new Error('distcp: unknown value encoding from the native layer')
