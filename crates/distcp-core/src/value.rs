@@ -378,6 +378,16 @@ mod tests {
   use super::*;
 
   #[test]
+  fn a_tensor_with_more_dimensions_than_the_reader_takes_is_refused() {
+    let at = |dims: usize| TensorRef { dtype: DType::Float32, shape: vec![1; dims], data: &[0u8; 4] }.check();
+    assert_eq!(at(crate::limits::MAX_DIMS), Ok(()));
+    assert_eq!(
+      at(crate::limits::MAX_DIMS + 1),
+      Err("a tensor with 65 dimensions (distcp reads up to 64)".to_owned())
+    );
+  }
+
+  #[test]
   fn float_repr_matches_python() {
     // repr() of each, from CPython 3.11
     let cases = [
