@@ -288,3 +288,20 @@ test('a `__proto__` key (JSON.parse makes one) saves, reads and loads as a key, 
   t.deepEqual(Object.keys(into.m as object), ['__proto__', 'a'])
   t.is(Object.getPrototypeOf(into.m), Object.prototype)
 })
+
+test("load: a target tensor's shape must hold integers, as save's must (a bigint threw a TypeError, a string passed)", async (t) => {
+  const dir = tmp()
+  const id = join(dir, 'ck')
+  await save({ w: f32(4, 1) }, { checkpointId: id })
+  for (const [d, shown] of [[4n, '4n'], ['4', '"4"'], [4.5, '4.5'], [-4, '-4'], [NaN, 'NaN']] as const) {
+    const target = { w: { dtype: 'float32', shape: [d], data: new Uint8Array(16) } }
+    await t.throwsAsync(load(target as never, { checkpointId: id }), {
+      code: 'ERR_DISTCP_INVALID_INPUT',
+      message: `${id}: key \`w\`: the state dict's tensor shape must hold non-negative integers, its dimension 0 is ${shown}`,
+    })
+    t.deepEqual([...target.w.data], Array<number>(16).fill(0), 'nothing loaded')
+  }
+  const ok = { w: f32(4) }
+  await load(ok, { checkpointId: id })
+  t.deepEqual([...new Float32Array(ok.w.data.buffer)], [1, 1, 1, 1])
+})

@@ -256,6 +256,18 @@ export async function load(stateDict: LoadStateDict, options: LoadOptions): Prom
       const info = ck.info(key)
       const target = asTensor(value) ?? asDeviceLeaf(value)
       if (target) {
+        // as save checks a tensor's shape (compared as text below, `[4n]` or `['4']` would otherwise pass, or throw
+        // a TypeError in the byte count)
+        const dims = target.shape.length
+        for (let d = 0; d < dims; d++) {
+          const n = target.shape[d]
+          if (!(Number.isSafeInteger(n) && n >= 0)) {
+            throw new DistcpError(
+              'ERR_DISTCP_INVALID_INPUT',
+              `${checkpointId}: key \`${key}\`: the state dict's tensor shape must hold non-negative integers, its dimension ${d} is ${typeof n === 'bigint' ? `${n}n` : typeof n === 'string' ? JSON.stringify(n) : String(n)}`,
+            )
+          }
+        }
         if (info.kind !== 'tensor') {
           report.mismatched.push({ key, reason: `checkpoint has a non-tensor value, the state dict has a tensor` })
         } else if (info.dtype !== target.dtype || info.shape.join(',') !== wholeShape(target, key, checkpointId).join(',')) {
