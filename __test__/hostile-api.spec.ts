@@ -21,7 +21,7 @@ import {
   type Tensor,
   type TensorInfo,
 } from '../src/index.js'
-import { root } from './helpers.js'
+import { root, runPython } from './helpers.js'
 
 const tmp = (): string => mkdtempSync(join(tmpdir(), 'distcp-hostile-'))
 
@@ -304,4 +304,30 @@ test("load: a target tensor's shape must hold integers, as save's must (a bigint
   const ok = { w: f32(4) }
   await load(ok, { checkpointId: id })
   t.deepEqual([...new Float32Array(ok.w.data.buffer)], [1, 1, 1, 1])
+})
+
+test('huge ints: refused past MAX_INT_DIGITS / MAX_INT_BYTES, where their decimal conversion took seconds to hours', async (t) => {
+  const dir = tmp()
+  // before: 7n ** 300000n (253,530 digits) took 15 s to save and 18 s to read back, quadratic beyond
+  const id = join(dir, 'ck')
+  const largest = 10n ** 19658n // 19,659 digits: the limit
+  for (const x of [largest, -largest]) {
+    await save({ x }, { checkpointId: id })
+    t.is(await (await openCheckpoint(id)).readObject('x'), x)
+  }
+  await t.throwsAsync(save({ x: 10n * largest }, { checkpointId: join(dir, 'a') }), {
+    code: 'ERR_DISTCP_INVALID_INPUT',
+    message: /at x: an int of 19660 digits \(distcp saves ints up to 19659 digits\)/,
+  })
+  const started = Date.now()
+  await t.throwsAsync(save({ y: 7n ** 300000n }, { checkpointId: join(dir, 'b') }), { code: 'ERR_DISTCP_INVALID_INPUT', message: /at y: an int of 253530 digits/ })
+  t.true(Date.now() - started < 2000, `${Date.now() - started} ms`)
+  t.false(existsSync(join(dir, 'a')) && readdirSync(join(dir, 'a')).length > 0)
+
+  // what torch saves: a LONG4 longer than MAX_INT_BYTES is a coded error naming the key; one within reads back
+  const fromTorch = join(dir, 'torch')
+  runPython(['-c', "import sys, torch.distributed.checkpoint as dcp; dcp.save({'big': 1 << 72000, 'ok': -(7 ** 23000)}, checkpoint_id=sys.argv[1], no_dist=True)", fromTorch])
+  const ck = await openCheckpoint(fromTorch)
+  t.is(await ck.readObject('ok'), -(7n ** 23000n))
+  await t.throwsAsync(ck.readObject('big'), { code: 'ERR_DISTCP_RECORD', message: /key `big`: .*an int of 9001 bytes \(distcp reads ints up to 8192 bytes/ })
 })

@@ -304,6 +304,14 @@ fn decode<'a>(v: &Json, buffers: &[&'a [u8]], path: &str, depth: usize) -> Resul
           None => return Err(format!("{}: bad float encoding {h}", at(path))),
         }
       } else if let Some(d) = o.get("$i") {
+        let digits = d.as_str().map_or(0, |s| s.trim_start_matches('-').len());
+        if digits > crate::limits::MAX_INT_DIGITS {
+          return Err(format!(
+            "{}: an int of {digits} digits (distcp saves ints up to {} digits)",
+            at(path),
+            crate::limits::MAX_INT_DIGITS
+          ));
+        }
         let Some(b) = d.as_str().and_then(bigint_from_decimal) else {
           return Err(format!("{}: bad int encoding {d}", at(path)));
         };
