@@ -3,7 +3,7 @@
 // error. Each must now give a coded DistcpError naming what is wrong, or the correct result.
 import test from 'ava'
 import { spawnSync } from 'node:child_process'
-import { existsSync, mkdtempSync, readdirSync } from 'node:fs'
+import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
@@ -207,6 +207,7 @@ test('helpers and options with the wrong type: coded errors naming them', async 
 test('convertDcpToHf: an onProgress that throws fails the conversion instead of ending the process', (t) => {
   // in a child: before, the throw escaped the progress timer as an uncaught exception and killed the process
   const dir = tmp()
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
   const script = `
     const d = await import(${JSON.stringify(new URL('../src/index.js', import.meta.url).href)})
     const { mkdirSync, writeFileSync, existsSync, readdirSync, rmSync } = await import('node:fs')
