@@ -3,7 +3,7 @@ import { native, type NativeCheckpoint, type CheckpointSummary, type CheckpointL
 import type { NestedTree } from '../binding.cjs'
 import { elementSize, numel, type DType, type Tensor } from './tensor.js'
 import { isDeviceRead, readToDevice, type DeviceReadOptions, type DeviceTarget, type DeviceTensor } from './cuda.js'
-import { decodeValue, type PyValue } from './values.js'
+import { decodeValue, hasLoneSurrogate, type PyValue } from './values.js'
 
 export type { CheckpointSummary, CheckpointLayout, DeviceReadOptions }
 
@@ -38,7 +38,9 @@ export interface ObjectInfo {
 export interface ReadOptions {
   /**
    * Read into this memory instead of a new buffer; it must hold exactly the requested bytes. Do not read or
-   * write it until the promise settles: the read runs on another thread.
+   * write it until the promise settles: the read runs on another thread. Nor transfer its buffer (`postMessage`,
+   * `structuredClone` with `transfer`) meanwhile: the read would write into memory that is freed once the new
+   * owner is collected, which no check can see. A resizable ArrayBuffer is refused.
    */
   into?: ArrayBufferView
   /** Start of the box to read, per dimension (default: 0). */
@@ -69,6 +71,9 @@ function badArgument(name: string, expected: string, got: unknown): DistcpError 
 /** Argument checks for the public methods: wrong JS types become coded errors naming the argument. */
 function checkString(v: unknown, name: string): asserts v is string {
   if (typeof v !== 'string') throw badArgument(name, 'a string', v)
+  if (hasLoneSurrogate(v)) {
+    throw new DistcpError('ERR_DISTCP_BAD_REQUEST', `\`${name}\` holds a lone surrogate (not valid Unicode), which would name another ${name}`)
+  }
 }
 
 function checkOptions(v: unknown, name = 'options'): asserts v is Record<string, unknown> | undefined {
@@ -79,7 +84,9 @@ function checkDims(v: unknown, name: string): asserts v is number[] | undefined 
   if (v === undefined) return
   // a loop that stops at the first bad entry: `every` would walk a sparse array's 2**32 - 1 holes
   const ok = (a: unknown[]): boolean => {
-    for (let i = 0; i < a.length; i++) if (!(i in a) || !Number.isSafeInteger(a[i]) || (a[i] as number) < 0) return false
+    // the length read once: an array that grows as it is read would never let the loop end
+    const n = a.length
+    for (let i = 0; i < n; i++) if (!(i in a) || !Number.isSafeInteger(a[i]) || (a[i] as number) < 0) return false
     return true
   }
   if (!Array.isArray(v) || !ok(v)) throw badArgument(name, 'an array of non-negative integers', v)
@@ -137,14 +144,19 @@ export class Checkpoint {
     }
     const into = (options as ReadOptions).into
     if (into) {
-      const bytes = new Uint8Array(into.buffer, into.byteOffset, into.byteLength)
+      // the read writes from another thread: memory that shrinks under it (resize) is a segfault, not an error
+      if ((into.buffer as { resizable?: boolean }).resizable === true) {
+        throw badArgument('into', 'a view of a fixed-length buffer (a resizable ArrayBuffer may shrink under the read)', into)
+      }
       const want = numel(shape) * elementSize(info.dtype)
-      if (bytes.byteLength !== want) {
+      if (into.byteLength !== want) {
         throw new DistcpError(
           'ERR_DISTCP_BAD_REQUEST',
-          `key \`${key}\`: \`into\` holds ${bytes.byteLength} bytes, the ${info.dtype} box [${shape}] needs ${want}`,
+          `key \`${key}\`: \`into\` holds ${into.byteLength} bytes, the ${info.dtype} box [${shape}] needs ${want}`,
         )
       }
+      // a view of a detached buffer holds 0 bytes, and no view can be made over it (V8 throws a TypeError)
+      const bytes = want === 0 ? new Uint8Array(0) : new Uint8Array(into.buffer, into.byteOffset, into.byteLength)
       await awaitNative(() => this.#native.readInto(key, bytes, offsets, sizes))
       return { dtype: info.dtype, shape, data: bytes }
     }
@@ -287,6 +299,9 @@ export function retarget(path: string, options: RetargetOptions): RetargetResult
   checkString(path, 'path')
   if (typeof options !== 'object' || options === null) throw new DistcpError('ERR_DISTCP_BAD_REQUEST', 'retarget: options.torch is required')
   checkString(options.torch, 'torch')
+  if (options.keepOriginal !== undefined && typeof options.keepOriginal !== 'boolean') {
+    throw badArgument('keepOriginal', 'a boolean', options.keepOriginal)
+  }
   const r = callNative(() => native.retargetCheckpoint(path, options.torch, options.keepOriginal ?? true))
   return { before: r.before, after: r.after, rewritten: r.rewritten, ...(r.original ? { original: r.original } : {}), files: r.files }
 }

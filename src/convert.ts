@@ -176,6 +176,14 @@ export async function prepare(dcpPath: string, hfPath: string, modelNameOrPath: 
   const warn = options.onWarning ?? ((m: string) => console.warn(`distcp: ${m}`))
   // the output may not be, contain or lie inside the input (after realpath): the rule lives in the core
   callNative(() => native.checkConvertOutput(hfPath, [dcpPath]))
+  for (const name of ['onProgress', 'onWarning', 'onPlan'] as const) {
+    if (options[name] !== undefined && typeof options[name] !== 'function') {
+      throw new DistcpError('ERR_DISTCP_BAD_REQUEST', `${name}: expected a function, not ${typeof options[name]}`)
+    }
+  }
+  if (options.signal !== undefined && !(options.signal instanceof AbortSignal)) {
+    throw new DistcpError('ERR_DISTCP_BAD_REQUEST', 'signal: expected an AbortSignal')
+  }
   const dtype = resolveDtype(options.dtype)
   const maxShard = parseMaxShard(options.maxShardSize)
   const overrides = options.hfOverrides ?? {}
@@ -429,21 +437,31 @@ export async function convertDcpToHf(
           return ''
         }
         let last = -1
+        let failed: { error: unknown } | undefined
         const poll = () => {
           const p = job.progress()
           // completion is reported once, below, after the fsyncs: a poll that lands between the last tensor and
           // the end of the run would report it twice (a progress stream that stalls)
           if (p.tensorsDone === last || p.tensorsDone >= n) return
           last = p.tensorsDone
-          report(p.bytesDone, p.tensorsDone, fileOf(p.tensorsDone))
+          try {
+            report(p.bytesDone, p.tensorsDone, fileOf(p.tensorsDone))
+          } catch (error) {
+            // thrown out of a timer it would be an uncaught exception, which ends the process: it fails the run
+            failed ??= { error }
+            job.cancel()
+          }
         }
         signal?.throwIfAborted()
         const timer = options.onProgress ? setInterval(poll, PROGRESS_INTERVAL_MS) : undefined
         try {
           await awaitNative(() => job.run())
+        } catch (e) {
+          if (!failed) throw e
         } finally {
           if (timer) clearInterval(timer)
         }
+        if (failed) throw failed.error
         signal?.throwIfAborted()
         report(summary.totalSize, n, fileOf(n - 1))
       }

@@ -297,11 +297,14 @@ export function deviceLeavesOf(root: unknown): Map<object, DeviceLeaf> {
       found.set(v, leaf)
       return
     }
-    // a list stops at its first hole: the save's encoder refuses it there, and a sparse array's length may be 2**32 - 1
+    // a list stops at its first hole: the save's encoder refuses it there, and a sparse array's length may be 2**32 - 1;
+    // its length and a Map's entries are taken once: a getter or a Proxy that adds items as they are read would
+    // never let the walk end
     const list = (a: unknown[]): void => {
-      for (let i = 0; i < a.length && i in a; i++) walk(a[i])
+      const n = a.length
+      for (let i = 0; i < n && i in a; i++) walk(a[i])
     }
-    if (v instanceof Map) for (const x of v.values()) walk(x)
+    if (v instanceof Map) for (const x of [...v.values()]) walk(x)
     else if (Array.isArray(v)) list(v)
     else if (Array.isArray((v as { items?: unknown }).items)) list((v as { items: unknown[] }).items)
     else if ([Object.prototype, null].includes(Object.getPrototypeOf(v))) Object.values(v).forEach(walk)

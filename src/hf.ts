@@ -3,6 +3,7 @@
 import { existsSync, readFileSync, statSync } from 'node:fs'
 import { homedir } from 'node:os'
 import { join } from 'node:path'
+import { DistcpError } from './errors.js'
 
 /** The hub cache folder, as huggingface_hub finds it. */
 export function hubCacheDir(env: NodeJS.ProcessEnv = process.env): string {
@@ -26,6 +27,9 @@ const isDir = (p: string) => existsSync(p) && statSync(p).isDirectory()
  * `models--org--name/refs/<revision>` → `snapshots/<commit>/`. Returns null and the places it looked otherwise.
  */
 export function resolveModel(nameOrPath: string): Resolved | { looked: string[] } {
+  if (typeof nameOrPath !== 'string') {
+    throw new DistcpError('ERR_DISTCP_BAD_REQUEST', `a model must be named by a folder path or a hub name, not ${typeof nameOrPath}`)
+  }
   if (isDir(nameOrPath)) return { dir: nameOrPath, source: 'local' }
   const looked = [nameOrPath]
   const [name, revision = 'main'] = nameOrPath.split('@')

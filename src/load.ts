@@ -6,7 +6,7 @@ import { elementSize, numel, type DType, type Tensor } from './tensor.js'
 import { PyTuple, type Encoded, type PyValue } from './values.js'
 import { callNative } from './errors.js'
 import { native } from './native.js'
-import { Encoder } from './save.js'
+import { checkCheckpointId, Encoder } from './save.js'
 import type { Stateful } from './stateful.js'
 import { asDeviceLeaf, requireCuda, type DeviceLeaf } from './cuda.js'
 import type { ProcessGroup } from './distributed/group.js'
@@ -161,7 +161,7 @@ function plainDicts(v: PyValue): PyValue {
   if (v instanceof Map) {
     if ([...v.keys()].every((k) => typeof k === 'string')) {
       const o: { [key: string]: PyValue } = {}
-      for (const [k, x] of v) o[k as string] = plainDicts(x)
+      for (const [k, x] of v) setIn(o, k, plainDicts(x))
       return o
     }
     return new Map([...v].map(([k, x]) => [k, plainDicts(x)] as [PyValue, PyValue]))
@@ -215,9 +215,7 @@ export interface InternalLoadOptions extends LoadOptions {
 export async function load(stateDict: LoadStateDict, options: LoadOptions): Promise<LoadReport> {
   if (options?.processGroup) return loadRanks(stateDict, options, load)
   const { checkpointId, strict = true, ignoreUnexpected, device, rank } = options as InternalLoadOptions
-  if (typeof checkpointId !== 'string' || checkpointId === '') {
-    throw new DistcpError('ERR_DISTCP_INVALID_INPUT', 'load: options.checkpointId must be a folder path')
-  }
+  checkCheckpointId('load', checkpointId)
   if (typeof stateDict !== 'object' || stateDict === null) {
     throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `${checkpointId}: load needs a state dict (a plain object)`)
   }
@@ -225,7 +223,8 @@ export async function load(stateDict: LoadStateDict, options: LoadOptions): Prom
   const sd: StateDict = {}
   for (const k of keys) {
     const v = stateDict[k]
-    sd[k] = isStateful(v) ? await v.stateDict() : (v as StateValue)
+    // as an own property: `sd[k] = …` with k `__proto__` would set sd's prototype (and the key would vanish)
+    setIn(sd, k, isStateful(v) ? await v.stateDict() : (v as StateValue))
   }
 
   const ck = await openCheckpoint(checkpointId, { rank })
@@ -257,6 +256,18 @@ export async function load(stateDict: LoadStateDict, options: LoadOptions): Prom
       const info = ck.info(key)
       const target = asTensor(value) ?? asDeviceLeaf(value)
       if (target) {
+        // as save checks a tensor's shape (compared as text below, `[4n]` or `['4']` would otherwise pass, or throw
+        // a TypeError in the byte count)
+        const dims = target.shape.length
+        for (let d = 0; d < dims; d++) {
+          const n = target.shape[d]
+          if (!(Number.isSafeInteger(n) && n >= 0)) {
+            throw new DistcpError(
+              'ERR_DISTCP_INVALID_INPUT',
+              `${checkpointId}: key \`${key}\`: the state dict's tensor shape must hold non-negative integers, its dimension ${d} is ${typeof n === 'bigint' ? `${n}n` : typeof n === 'string' ? JSON.stringify(n) : String(n)}`,
+            )
+          }
+        }
         if (info.kind !== 'tensor') {
           report.mismatched.push({ key, reason: `checkpoint has a non-tensor value, the state dict has a tensor` })
         } else if (info.dtype !== target.dtype || info.shape.join(',') !== wholeShape(target, key, checkpointId).join(',')) {
@@ -323,7 +334,7 @@ export async function load(stateDict: LoadStateDict, options: LoadOptions): Prom
   for (const k of keys) {
     const v = stateDict[k]
     if (isStateful(v)) await v.loadStateDict(sd[k] as StateDict)
-    else stateDict[k] = sd[k]
+    else setIn(stateDict, k, sd[k])
   }
   return report
 }

@@ -2,7 +2,7 @@ import { awaitNative, DistcpError } from './errors.js'
 import { bindingTarget, native, type SaveResult } from './native.js'
 import { elementSize, type DType } from './tensor.js'
 import { stagingPool, type StageSource, type StagingLease, type StagingPool } from './staging.js'
-import { floatBits, PyFloat, PyTuple, sparseArray, type Encoded } from './values.js'
+import { floatBits, hasLoneSurrogate, PyFloat, PyTuple, sparseArray, type Encoded } from './values.js'
 import { asDeviceLeaf, deviceLeavesOf, type DeviceLeaf } from './cuda.js'
 import type { ProcessGroup } from './distributed/group.js'
 import { saveRanks } from './distributed/save.js'
@@ -66,6 +66,19 @@ export function pyTuple(...items: unknown[]): PyTuple {
   return new PyTuple(items as ConstructorParameters<typeof PyTuple>[0])
 }
 
+/** `options.checkpointId` of `save` / `load` (`fn`): a folder path, as a string that names one folder. @internal */
+export function checkCheckpointId(fn: string, checkpointId: unknown): asserts checkpointId is string {
+  if (typeof checkpointId !== 'string' || checkpointId === '') {
+    throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `${fn}: options.checkpointId must be a folder path`)
+  }
+  if (hasLoneSurrogate(checkpointId)) {
+    throw new DistcpError(
+      'ERR_DISTCP_INVALID_INPUT',
+      `${fn}: options.checkpointId holds a lone surrogate (not valid Unicode), which would name another folder`,
+    )
+  }
+}
+
 /** Deeper than this is refused: the core's limit (`limits::MAX_NESTING`), one value for every layer. */
 const MAX_DEPTH = native.maxNesting()
 
@@ -103,6 +116,8 @@ function meantAsTensor(v: object): boolean {
  * change or transfer its buffers.
  */
 function bytesOf(view: ArrayBufferView): Uint8Array {
+  // a view of a detached buffer has no bytes, and a view cannot be made over it (V8 throws a TypeError)
+  if (view.byteLength === 0) return new Uint8Array(0)
   return new Uint8Array(view.buffer, view.byteOffset, view.byteLength)
 }
 
@@ -147,9 +162,11 @@ export class Encoder {
   tensor(t: { dtype: unknown; shape: unknown[]; data: ArrayBufferView | DeviceLeaf }, path: string): Encoded {
     const dtype = t.dtype as DType
     const shape: number[] = []
-    for (let i = 0; i < t.shape.length; i++) {
+    // the length read once: a getter or a Proxy that grows the array as it is read would never let the walk end
+    const dims = t.shape.length
+    for (let i = 0; i < dims; i++) {
       const d = t.shape[i]
-      if (!(i in t.shape)) return this.fail(path, sparseArray('its shape', i, t.shape.length).message)
+      if (!(i in t.shape)) return this.fail(path, sparseArray('its shape', i, dims).message)
       if (typeof d === 'number' && Number.isSafeInteger(d) && d >= 0) shape.push(d)
       else if (this.lenient) shape.push(0)
       else {
@@ -179,8 +196,10 @@ export class Encoder {
   /** A list's or tuple's items; a hole is refused, never walked past (see `mapItems`), lenient or not. */
   items(a: readonly unknown[], path: string, depth: number): Encoded[] {
     const out: Encoded[] = []
-    for (let i = 0; i < a.length; i++) {
-      if (!(i in a)) return this.fail(`${path}.${i}`, sparseArray('this list', i, a.length).message)
+    // the length read once: a getter or a Proxy that grows the list as it is walked would never let the walk end
+    const n = a.length
+    for (let i = 0; i < n; i++) {
+      if (!(i in a)) return this.fail(`${path}.${i}`, sparseArray('this list', i, n).message)
       out.push(this.value(a[i], `${path}.${i}`, depth + 1))
     }
     return out
@@ -213,7 +232,10 @@ export class Encoder {
     if (this.#ancestors.has(o)) return this.fail(path, 'a cycle: this value contains itself')
     this.#ancestors.add(o)
     try {
-      if (o instanceof PyTuple) return { $t: this.items(o.items, path, depth) }
+      if (o instanceof PyTuple) {
+        if (!Array.isArray(o.items)) return this.fail(path, `a PyTuple must hold an array of items, not ${describe(o.items)}`)
+        return { $t: this.items(o.items, path, depth) }
+      }
       if (o instanceof Uint8Array) {
         this.buffers.push(o)
         return { $b: this.buffers.length - 1 }
@@ -224,7 +246,8 @@ export class Encoder {
       if (Array.isArray(o)) return this.items(o, path, depth)
       if (o instanceof Map) {
         const pairs: [Encoded, Encoded][] = []
-        for (const [k, x] of o) {
+        // the entries as they are now: a Map iterator also visits entries added during the walk (by a getter below)
+        for (const [k, x] of [...o]) {
           const label = k instanceof PyFloat ? String(k.value) : String(k)
           pairs.push([this.key(k, path), this.value(x, path ? `${path}.${label}` : label, depth + 1)])
         }
@@ -291,9 +314,7 @@ interface EncodedSave {
  */
 function encodeSave(stateDict: SaveStateDict, options: SaveOptions): EncodedSave | Promise<EncodedSave> {
   const { checkpointId, layout } = options ?? ({} as SaveOptions)
-  if (typeof checkpointId !== 'string' || checkpointId === '') {
-    throw new DistcpError('ERR_DISTCP_INVALID_INPUT', 'save: options.checkpointId must be a folder path')
-  }
+  checkCheckpointId('save', checkpointId)
   if (layout !== undefined && layout !== '2.4' && layout !== '2.3') {
     throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `save: layout must be '2.4' or '2.3', not ${String(layout)}`)
   }
@@ -422,9 +443,7 @@ export async function writeStaged(s: StagedSave, { background = false }: { backg
 export async function save(stateDict: SaveStateDict, options: SaveOptions): Promise<SaveResult> {
   if (options?.processGroup) {
     const { checkpointId, layout, processGroup, useCollectives } = options
-    if (typeof checkpointId !== 'string' || checkpointId === '') {
-      throw new DistcpError('ERR_DISTCP_INVALID_INPUT', 'save: options.checkpointId must be a folder path')
-    }
+    checkCheckpointId('save', checkpointId)
     return saveRanks(stateDict, { checkpointId, layout, processGroup, useCollectives })
   }
   // the WASM fallback sees a copy of each staging view, made when the writer is called: it must be filled first

@@ -6,6 +6,7 @@
 
 import { downloadInto, type DeviceLeaf } from './cuda.js'
 import { native } from './native.js'
+import { DistcpError } from './errors.js'
 
 /** Blocks are at most this large (a bigger tensor gets a block of its own size): one ArrayBuffer need not hold 2 GB. */
 const BLOCK_BYTES = 1 << 30
@@ -91,7 +92,12 @@ export class StagingPool {
   constructor(
     readonly maxIdleBlocks = 4,
     readonly download: (leaf: DeviceLeaf, into: Uint8Array) => Promise<void> = downloadInto,
-  ) {}
+  ) {
+    // checked here: a bad count would only fail (a RangeError) when a save gives its blocks back, after it wrote
+    if (!Number.isSafeInteger(maxIdleBlocks) || maxIdleBlocks < 0) {
+      throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `StagingPool: maxIdleBlocks must be a non-negative integer, not ${String(maxIdleBlocks)}`)
+    }
+  }
 
   stats(): StagingStats {
     return {

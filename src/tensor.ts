@@ -1,4 +1,5 @@
 import type { DType } from './native.js'
+import { DistcpError } from './errors.js'
 
 // Element types, by their torch names: the core's enum, whose strings the binding's generated typings carry
 // (re-exported as they are, so that the API reference documents the union itself)
@@ -93,6 +94,13 @@ type AnyTypedArray =
  */
 export function typedArray<D extends DType>(t: Tensor & { dtype: D }): TypedArrayFor<D> {
   const ctor = arrayConstructor(t.dtype)
+  // the typed array's constructor would round the length down, silently dropping the bytes past the last element
+  if (t.data.byteLength % ctor.BYTES_PER_ELEMENT !== 0) {
+    throw new DistcpError(
+      'ERR_DISTCP_INVALID_INPUT',
+      `typedArray: a ${t.dtype} tensor's data must hold whole ${ctor.BYTES_PER_ELEMENT}-byte elements, it has ${t.data.byteLength} bytes`,
+    )
+  }
   let data = t.data
   if (data.byteOffset % ctor.BYTES_PER_ELEMENT !== 0) data = data.slice()
   return new ctor(data.buffer, data.byteOffset, data.byteLength / ctor.BYTES_PER_ELEMENT) as TypedArrayFor<D>

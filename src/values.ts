@@ -10,11 +10,22 @@ import type { TaggedValue } from './native.js'
  */
 export function mapItems<T, R>(a: readonly T[], what: string, f: (x: T, i: number) => R): R[] {
   const out: R[] = []
-  for (let i = 0; i < a.length; i++) {
-    if (!(i in a)) throw sparseArray(what, i, a.length)
+  // the length read once: an array that grows as it is read (a getter, a Proxy) would never let the walk end
+  const n = a.length
+  for (let i = 0; i < n; i++) {
+    if (!(i in a)) throw sparseArray(what, i, n)
     out.push(f(a[i], i))
   }
   return out
+}
+
+/**
+ * Whether `s` holds a lone surrogate (not valid Unicode). Native string arguments (paths, keys) reach the binding as
+ * UTF-8, where each lone surrogate silently becomes U+FFFD: a save would go to another folder, a read to another
+ * key. (The tagged tree of a state dict refuses them natively, `crates/distcp-node/src/tagged.rs`.) @internal
+ */
+export function hasLoneSurrogate(s: string): boolean {
+  return /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/.test(s)
 }
 
 /** The error {@link mapItems} throws. @internal */
@@ -93,7 +104,11 @@ export function decodeValue(value: Encoded, buffers: Uint8Array[], exact: boolea
       if (exact) return new Map(e.$d.map(([k, v]) => [walk(k), walk(v)] as [PyValue, PyValue]))
       const out: { [key: string]: PyValue } = {}
       // a non-str key comes with Python's str(key) from the core (the one owner of that rule)
-      for (const [k, v, str] of e.$d) out[str ?? String(walk(k))] = walk(v)
+      // own properties: `out[k] = …` with k `__proto__` would set the prototype (the key lost, or a value's keys
+      // showing through it)
+      for (const [k, v, str] of e.$d) {
+        Object.defineProperty(out, str ?? String(walk(k)), { value: walk(v), writable: true, enumerable: true, configurable: true })
+      }
       return out
     }
     throw new Error('distcp: unknown value encoding from the native layer')

@@ -182,17 +182,29 @@ async function writeShare(
   signal?.addEventListener('abort', onAbort)
   // the whole share runs natively, as a single-process conversion does; progress is polled, not sent per tensor
   let last = -1
+  let failed: { error: unknown } | undefined
   const poll = () => {
     const now = job.progress()
     // completion is reported once, after the run (see convertDcpToHf)
     if (now.tensorsDone === last || now.tensorsDone >= tensors.length) return
     last = now.tensorsDone
-    report(now.bytesDone, now.tensorsDone)
+    try {
+      report(now.bytesDone, now.tensorsDone)
+    } catch (error) {
+      // thrown out of a timer it would be an uncaught exception, which ends the process: it fails the run
+      failed ??= { error }
+      job.cancel()
+    }
   }
   const timer = options.onProgress ? setInterval(poll, PROGRESS_INTERVAL_MS) : undefined
   try {
     signal?.throwIfAborted()
-    await awaitNative(() => job.runShards(shards, pg.rank === 0))
+    try {
+      await awaitNative(() => job.runShards(shards, pg.rank === 0))
+    } catch (e) {
+      if (!failed) throw e
+    }
+    if (failed) throw failed.error
     signal?.throwIfAborted()
     report(bytesTotal, tensors.length)
     // an abort from the last report still fails the conversion, as in a single-process one

@@ -24,6 +24,15 @@ pub fn unpickle_budget(len: usize) -> usize {
   len.saturating_mul(UNPICKLE_BYTES_PER_INPUT_BYTE).saturating_add(UNPICKLE_BASE_BYTES)
 }
 
+/// Largest Python int read (bytes of its two's complement, a pickle's `LONG4`). An int crosses to JavaScript as
+/// decimal text, whose conversion takes time quadratic in its length: a 250,000-digit int took 15 s each way, and a
+/// `LONG4` may declare gigabytes. (Python itself refuses int/str conversions past 4,300 digits.)
+pub const MAX_INT_BYTES: usize = 8 << 10;
+
+/// Most decimal digits of an int saved: every int of this many digits fits in [`MAX_INT_BYTES`] (10^d < 2^(3.33 d),
+/// and 8 bits per byte × 0.3 digits per bit stays below), so whatever is saved reads back.
+pub const MAX_INT_DIGITS: usize = MAX_INT_BYTES * 8 * 3 / 10 - 1;
+
 /// Most dimensions a tensor may have (torch itself supports up to 64 in practice).
 pub const MAX_DIMS: usize = 64;
 

@@ -41,6 +41,14 @@ impl<B: AsRef<[u8]>> Tensor<B> {
 
   /// Checks that `data` holds exactly shape × element size bytes.
   pub fn check(&self) -> Result<(), String> {
+    // what the reader refuses is never written: a checkpoint distcp could not open again
+    if self.shape.len() > crate::limits::MAX_DIMS {
+      return Err(format!(
+        "a tensor with {} dimensions (distcp reads up to {})",
+        self.shape.len(),
+        crate::limits::MAX_DIMS
+      ));
+    }
     let len = self.data.as_ref().len();
     match self.expected_len() {
       Some(n) if n == len as u64 => Ok(()),
@@ -296,6 +304,14 @@ fn decode<'a>(v: &Json, buffers: &[&'a [u8]], path: &str, depth: usize) -> Resul
           None => return Err(format!("{}: bad float encoding {h}", at(path))),
         }
       } else if let Some(d) = o.get("$i") {
+        let digits = d.as_str().map_or(0, |s| s.trim_start_matches('-').len());
+        if digits > crate::limits::MAX_INT_DIGITS {
+          return Err(format!(
+            "{}: an int of {digits} digits (distcp saves ints up to {} digits)",
+            at(path),
+            crate::limits::MAX_INT_DIGITS
+          ));
+        }
         let Some(b) = d.as_str().and_then(bigint_from_decimal) else {
           return Err(format!("{}: bad int encoding {d}", at(path)));
         };
@@ -368,6 +384,16 @@ fn decode<'a>(v: &Json, buffers: &[&'a [u8]], path: &str, depth: usize) -> Resul
 #[cfg(test)]
 mod tests {
   use super::*;
+
+  #[test]
+  fn a_tensor_with_more_dimensions_than_the_reader_takes_is_refused() {
+    let at = |dims: usize| TensorRef { dtype: DType::Float32, shape: vec![1; dims], data: &[0u8; 4] }.check();
+    assert_eq!(at(crate::limits::MAX_DIMS), Ok(()));
+    assert_eq!(
+      at(crate::limits::MAX_DIMS + 1),
+      Err("a tensor with 65 dimensions (distcp reads up to 64)".to_owned())
+    );
+  }
 
   #[test]
   fn float_repr_matches_python() {

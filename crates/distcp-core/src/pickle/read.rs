@@ -952,6 +952,13 @@ impl<A: AllowList + ?Sized> Machine<'_, A> {
           let Ok(n) = usize::try_from(n) else {
             return self.err("LONG4 with a negative length");
           };
+          if n > crate::limits::MAX_INT_BYTES {
+            return self.err(format!(
+              "an int of {n} bytes (distcp reads ints up to {} bytes, about {} digits)",
+              crate::limits::MAX_INT_BYTES,
+              crate::limits::MAX_INT_DIGITS
+            ));
+          }
           let bytes = self.take(n)?.to_vec();
           self.push_long(bytes)?;
         }
