@@ -5,10 +5,12 @@
  * split into parts). Every collective has a timeout, and a timeout names the ranks that never arrived.
  */
 import { DistcpError, type DistcpErrorCode } from '../errors.js'
-import { MAX_KEYS_PER_REQUEST, MAX_VALUE_BYTES, TcpStore, TcpStoreServer } from './store.js'
+import { checkTimeoutMs, MAX_KEYS_PER_REQUEST, MAX_TIMEOUT_MS, MAX_VALUE_BYTES, TcpStore, TcpStoreServer } from './store.js'
 
 /** What a collective value's head key carries after its 8-byte part count. */
 const HEAD_BYTES = MAX_VALUE_BYTES - 8
+/** A collective waits for every rank's key in one `WAIT`, which the store refuses beyond this many keys. */
+const MAX_WORLD_SIZE = MAX_KEYS_PER_REQUEST
 
 /** How to join (or form) a group; each field defaults to torchrun's environment variable. */
 export interface ProcessGroupOptions {
@@ -68,6 +70,16 @@ function envInt(name: string): number | undefined {
   const n = Number(v)
   if (!Number.isSafeInteger(n) || n < 0) throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `${name}=${v} is not a non-negative integer`)
   return n
+}
+
+/** A peer's JSON message, or `null` when it is not JSON of an object that `ok` accepts. */
+function parseJson<X>(body: Buffer, ok: (x: Record<string, unknown>) => boolean): X | null {
+  try {
+    const x = JSON.parse(body.toString('utf8')) as unknown
+    return typeof x === 'object' && x !== null && !Array.isArray(x) && ok(x as Record<string, unknown>) ? (x as X) : null
+  } catch {
+    return null
+  }
 }
 
 function message(e: unknown): string {
@@ -153,6 +165,13 @@ export class ProcessGroup {
       return Number(n)
     })
     const names = keys.flatMap((k, i) => Array.from({ length: extra[i] }, (_, j) => `${k}/p${j + 1}`))
+    // `#put` writes the parts before the head; a head naming parts that are not there (a peer that is not distcp, or
+    // a buggy one) must be an error naming it, not a MULTI_GET of a missing key, which costs this rank its connection
+    for (let i = 0; i < keys.length; i++) {
+      if (extra[i] && !(await this.store.check(Array.from({ length: extra[i] }, (_, j) => `${keys[i]}/p${j + 1}`)))) {
+        throw new DistcpError('ERR_DISTCP_STORE_PROTOCOL', `collective key ${keys[i]}/n announces ${extra[i]} part(s) that are not all in the store`)
+      }
+    }
     const parts = names.length ? await this.store.multiGetReady(names) : []
     if (consume) void this.store.deleteKeys([...names, ...keys.map((k) => `${k}/n`)]).catch(() => undefined)
     let at = 0
@@ -321,9 +340,10 @@ export class ProcessGroup {
     const present = all.filter((r) => !missing.includes(r))
     const bodies = await this.#takeAll(present.map((r) => `${key}/${r}`), true)
     present.forEach((r, i) => {
-      const o = JSON.parse(bodies[i].toString('utf8')) as Outcome<T>
-      if ('err' in o) failures[r] = o.err
-      outcomes[r] = o
+      const o = parseJson<Outcome<T>>(bodies[i], (x) => 'ok' in x || typeof x.err === 'string')
+      if (!o) failures[r] = `sent an outcome that is not distcp's (${bodies[i].length} bytes, not {"ok"} or {"err"} JSON)`
+      else if ('err' in o) failures[r] = o.err
+      else outcomes[r] = o
     })
     if (Object.keys(failures).length) return { fail: failures }
     try {
@@ -343,12 +363,15 @@ export class ProcessGroup {
       mine = parts[0]
     } else {
       // rank 0 answers after its own wait for the slowest rank: allow for both
-      const wait = 2 * this.timeoutMs + 1000
+      const wait = Math.min(2 * this.timeoutMs + 1000, MAX_TIMEOUT_MS)
       const missing = await this.#arrivals(key, [this.rank], wait)
       if (missing.length) {
         throw new CheckpointError(step, { 0: `rank 0 did not answer within ${wait} ms (store ${this.store.host}:${this.store.port})` })
       }
-      mine = JSON.parse((await this.#take(`${key}/${this.rank}`, true)).toString('utf8')) as Verdict<R>
+      const body = await this.#take(`${key}/${this.rank}`, true)
+      const v = parseJson<Verdict<R>>(body, (x) => 'ok' in x || (typeof x.fail === 'object' && x.fail !== null))
+      if (!v) throw new CheckpointError(step, { 0: `answered with a verdict that is not distcp's (${body.length} bytes, not {"ok"} or {"fail"} JSON)` })
+      mine = v
     }
     if ('fail' in mine) throw new CheckpointError(step, mine.fail)
     return mine.ok
@@ -396,10 +419,16 @@ export async function initProcessGroup(options: ProcessGroupOptions = {}): Promi
       `initProcessGroup: ${lacking.join(', ')} not given (set by torchrun, or pass { rank, worldSize, masterPort })`,
     )
   }
-  if (worldSize < 1 || rank >= worldSize || port > 65535) {
-    throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `initProcessGroup: rank ${rank} of world size ${worldSize}, port ${port}: out of range`)
+  const isIndex = (n: number): boolean => Number.isSafeInteger(n) && n >= 0
+  if (!isIndex(rank) || !isIndex(worldSize) || worldSize < 1 || worldSize > MAX_WORLD_SIZE || rank >= worldSize || !isIndex(port) || port < 1 || port > 65535) {
+    throw new DistcpError(
+      'ERR_DISTCP_INVALID_INPUT',
+      `initProcessGroup: rank ${rank} of world size ${worldSize}, port ${port}: out of range (a rank in [0, world size), a world size in [1, ${MAX_WORLD_SIZE}], a port in [1, 65535])`,
+    )
   }
-  const timeoutMs = options.timeoutMs ?? 300_000
+  const localRank = options.localRank ?? envInt('LOCAL_RANK') ?? rank
+  if (!isIndex(localRank)) throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `initProcessGroup: localRank ${localRank} is not a non-negative integer`)
+  const timeoutMs = checkTimeoutMs(options.timeoutMs ?? 300_000, 'initProcessGroup')
   const agent = options.useAgentStore ?? process.env.TORCHELASTIC_USE_AGENT_STORE === 'True'
   const attempt = process.env.TORCHELASTIC_RESTART_COUNT ?? '0'
   const prefix = options.prefix ?? `distcp/${attempt}/g${groups++}`
@@ -413,7 +442,7 @@ export async function initProcessGroup(options: ProcessGroupOptions = {}): Promi
   }
   try {
     const store = await TcpStore.connect({ host, port, timeoutMs, rank })
-    return new ProcessGroup(rank, worldSize, options.localRank ?? envInt('LOCAL_RANK') ?? rank, store, server, timeoutMs, prefix, !agent)
+    return new ProcessGroup(rank, worldSize, localRank, store, server, timeoutMs, prefix, !agent)
   } catch (e) {
     await server?.close()
     throw e

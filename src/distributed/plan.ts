@@ -38,6 +38,11 @@ function storageSize(i: WriteItem): number {
   return i.sizes.reduce((a, b) => a * b, 1) * (elementSize(i.dtype) as number)
 }
 
+/** What ranks holding the same item must agree on. */
+function describe(i: WriteItem): string {
+  return i.type === 'bytes' ? 'a non-tensor value' : `${i.type === 'shard' ? 'a slice' : 'a tensor'} ${i.dtype} [${i.sizes}] of [${i.size}]`
+}
+
 /**
  * `dedup_save_plans`: each item held by several plans stays on one — the plan with the fewest bytes assigned so far
  * (ties: the lowest rank), or always the lowest rank with `saveToLowestRank` — visiting items in first-seen order.
@@ -49,6 +54,15 @@ export function dedupSavePlans(plans: WriteItem[][], saveToLowestRank = false): 
     for (const w of plans[p]) {
       const k = indexKey(w)
       const h = holders.get(k)
+      const seen = item.get(k)
+      // torch keeps one rank's copy without comparing: a replica that differs across ranks would be saved as
+      // whichever rank the balancing picked
+      if (h && seen && describe(seen) !== describe(w)) {
+        throw new DistcpError(
+          'ERR_DISTCP_INVALID_INPUT',
+          `\`${w.fqn}\`: rank ${h[0]} saves it as ${describe(seen)}, rank ${p} as ${describe(w)}; ranks that save the same tensor must agree on it`,
+        )
+      }
       if (!h) holders.set(k, [p])
       else if (!h.includes(p)) h.push(p)
       item.set(k, w)

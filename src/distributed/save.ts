@@ -9,6 +9,8 @@
  * commits alone: `__{rank}_0.distcp` and its own `__{rank}.metadata` (all its items, replicated ones included;
  * its chunks of a sharded tensor), under the folder lock held shared and its rank's lock held exclusively.
  */
+import { stat } from 'node:fs/promises'
+import { join } from 'node:path'
 import { deviceLeavesOf } from '../cuda.js'
 import { stagingPool, type Staged, type StagingLease, type StagingPool } from '../staging.js'
 import { awaitNative, callNative, DistcpError } from '../errors.js'
@@ -177,6 +179,26 @@ async function writeRankLocal(options: RanksSaveOptions, local: RankLocal): Prom
   }
 }
 
+/**
+ * Before `.metadata` names them: every rank's data file is in rank 0's folder, as long as its entries need. A rank
+ * given another checkpointId (or a folder not shared with rank 0) writes its file elsewhere and reports success.
+ */
+async function ranksFilesHere(checkpointId: string, all: { storage: StorageEntry[] }[]): Promise<void> {
+  for (const [r, w] of all.entries()) {
+    const need = new Map<string, number>()
+    for (const e of w.storage) need.set(e.relativePath, Math.max(need.get(e.relativePath) ?? 0, e.offset + e.length))
+    for (const [file, bytes] of need) {
+      const size = await stat(join(checkpointId, file)).then((s) => s.size, () => -1)
+      if (size < bytes) {
+        throw new DistcpError(
+          'ERR_DISTCP_INVALID_INPUT',
+          `rank ${r} wrote \`${file}\` (${bytes} bytes), which ${size < 0 ? 'is not' : `has only ${size} bytes`} in ${checkpointId}: do all ranks save to the same checkpointId, on a folder they share?`,
+        )
+      }
+    }
+  }
+}
+
 /** The coordinated part of a multi-rank save, from this rank's staged part. */
 async function writeRanks(options: RanksSaveOptions, local: RankLocal): Promise<RanksSaveResult> {
   if (options.useCollectives === false) return writeRankLocal(options, local)
@@ -216,6 +238,7 @@ async function writeRanks(options: RanksSaveOptions, local: RankLocal): Promise<
       async (all: Written[]) => {
         const md = merged as ReturnType<typeof globalMetadata>
         const h = handle as InstanceType<typeof native.RanksSaveHandle>
+        await ranksFilesHere(checkpointId, all)
         const storage = all.flatMap((w) => w.storage)
         const metadataBytes = await h.commit({ items: md.items, planner: md.planner, storage, version: '1.0.0' })
         committed = true

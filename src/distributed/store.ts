@@ -18,6 +18,13 @@ export const VALIDATION_MAGIC = 0x3c85f7ce
 export const MAX_VALUE_BYTES = 8 * 1024 * 1024
 export const MAX_KEY_BYTES = 8 * 1024
 export const MAX_KEYS_PER_REQUEST = 128 * 1024
+/** The longest timer `setTimeout` honours (a longer or non-finite delay fires after 1 ms instead). */
+export const MAX_TIMEOUT_MS = 2 ** 31 - 1
+/**
+ * Reply bytes a server connection may have queued before it stops reading that client's requests: a client that
+ * never reads its replies is held back by TCP, not buffered without bound.
+ */
+const MAX_QUEUED_REPLY_BYTES = MAX_VALUE_BYTES
 
 /** `c10d::detail::QueryType`. */
 export const Op = {
@@ -51,6 +58,14 @@ export interface StoreOptions {
   timeoutMs?: number
   /** The caller's rank, named in errors. */
   rank?: number
+}
+
+/** A timeout given by the caller, checked: a positive number of milliseconds up to {@link MAX_TIMEOUT_MS}. */
+export function checkTimeoutMs(timeoutMs: number, where: string): number {
+  if (typeof timeoutMs !== 'number' || !(timeoutMs > 0) || timeoutMs > MAX_TIMEOUT_MS) {
+    throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `${where}: timeoutMs ${String(timeoutMs)} is not a number of milliseconds in (0, ${MAX_TIMEOUT_MS}]`)
+  }
+  return timeoutMs
 }
 
 function toBytes(v: StoreValue): Buffer {
@@ -151,7 +166,7 @@ class Inbox {
         timer = setTimeout(() => {
           this.#waiter = null
           resolve(null)
-        }, Math.max(0, timeoutMs))
+        }, Math.min(Math.max(0, timeoutMs), MAX_TIMEOUT_MS))
       }
     })
   }
@@ -201,7 +216,7 @@ export class TcpStore {
    * (the server may not be up yet: rank 0 hosts it while the other ranks start).
    */
   static async connect(options: StoreOptions): Promise<TcpStore> {
-    const timeoutMs = options.timeoutMs ?? 300_000
+    const timeoutMs = checkTimeoutMs(options.timeoutMs ?? 300_000, `TCPStore ${options.host}:${options.port}`)
     const deadline = Date.now() + timeoutMs
     let delay = 10
     let last = ''
@@ -224,7 +239,13 @@ export class TcpStore {
           })
         })
         const store = new TcpStore(socket, { ...options, timeoutMs })
-        await store.#handshake()
+        try {
+          await store.#handshake()
+        } catch (e) {
+          // a server that accepted but did not answer keeps no socket (and so no process) alive
+          store.close()
+          throw e
+        }
         return store
       } catch (e) {
         if (e instanceof DistcpError) throw e
@@ -250,6 +271,17 @@ export class TcpStore {
     if (back.readUInt32LE(0) !== nonce) {
       throw this.error('ERR_DISTCP_STORE_PROTOCOL', `PING answered ${back.readUInt32LE(0)}, not the nonce ${nonce}`)
     }
+  }
+
+  /**
+   * The next `n` bytes of a reply, within the store's timeout. After a timeout the connection is closed: a late
+   * reply would otherwise be read as the next request's.
+   */
+  async #reply(n: number, what: string): Promise<Buffer> {
+    const b = await this.#inbox.read(n, this.timeoutMs)
+    if (b !== null) return b
+    this.close()
+    throw this.error('ERR_DISTCP_STORE_TIMEOUT', `no reply to ${what} within ${this.timeoutMs} ms (connection closed)`)
   }
 
   #send(r: Request): void {
@@ -282,10 +314,10 @@ export class TcpStore {
     return b
   }
 
-  async #bits(): Promise<Buffer> {
-    const n = (await this.#inbox.exact(8)).readBigUInt64LE(0)
+  async #bits(what: string): Promise<Buffer> {
+    const n = (await this.#reply(8, what)).readBigUInt64LE(0)
     if (n > BigInt(MAX_VALUE_BYTES)) throw this.error('ERR_DISTCP_STORE_PROTOCOL', `the server sent a ${n}-byte value`)
-    return Buffer.from(await this.#inbox.exact(Number(n)))
+    return Buffer.from(await this.#reply(Number(n), what))
   }
 
   async #wait(keys: Buffer[], timeoutMs: number, names: string[]): Promise<void> {
@@ -298,9 +330,9 @@ export class TcpStore {
       return
     }
     this.#send(new Request(Op.CANCEL_WAIT))
-    let answer = (await this.#inbox.exact(1))[0]
+    let answer = (await this.#reply(1, 'CANCEL_WAIT'))[0]
     // the keys may have arrived just before the cancel: STOP_WAITING, then WAIT_CANCELED
-    if (answer === STOP_WAITING) answer = (await this.#inbox.exact(1))[0]
+    if (answer === STOP_WAITING) answer = (await this.#reply(1, 'CANCEL_WAIT'))[0]
     if (answer !== WAIT_CANCELED) throw this.error('ERR_DISTCP_STORE_PROTOCOL', `CANCEL_WAIT answered ${answer}`)
     throw this.error('ERR_DISTCP_STORE_TIMEOUT', `wait timed out after ${timeoutMs} ms for keys ${names.join(', ')}`)
   }
@@ -315,7 +347,7 @@ export class TcpStore {
       const k = this.#key(key)
       await this.#wait([k], this.timeoutMs, [key])
       this.#send(new Request(Op.GET).bytes(k))
-      return this.#bits()
+      return this.#bits(`GET ${key}`)
     })
   }
 
@@ -323,7 +355,7 @@ export class TcpStore {
   add(key: string, delta: number | bigint): Promise<bigint> {
     return this.#op(async () => {
       this.#send(new Request(Op.ADD).bytes(this.#key(key)).i64(BigInt(delta)))
-      return (await this.#inbox.exact(8)).readBigInt64LE(0)
+      return (await this.#reply(8, `ADD ${key}`)).readBigInt64LE(0)
     })
   }
 
@@ -331,7 +363,7 @@ export class TcpStore {
   compareSet(key: string, expected: StoreValue, desired: StoreValue): Promise<Buffer> {
     return this.#op(async () => {
       this.#send(new Request(Op.COMPARE_SET).bytes(this.#key(key)).bytes(this.#value(key, expected)).bytes(this.#value(key, desired)))
-      return this.#bits()
+      return this.#bits(`COMPARE_SET ${key}`)
     })
   }
 
@@ -341,7 +373,7 @@ export class TcpStore {
       const r = new Request(Op.CHECK).u64(keys.length)
       for (const k of keys) r.bytes(this.#key(k))
       this.#send(r)
-      return (await this.#inbox.exact(1))[0] === CHECK_READY
+      return (await this.#reply(1, 'CHECK'))[0] === CHECK_READY
     })
   }
 
@@ -358,7 +390,7 @@ export class TcpStore {
       for (const k of ks) r.bytes(k)
       this.#send(r)
       const out: Buffer[] = []
-      for (let i = 0; i < ks.length; i++) out.push(await this.#bits())
+      for (let i = 0; i < ks.length; i++) out.push(await this.#bits('MULTI_GET'))
       return out
     })
   }
@@ -376,7 +408,7 @@ export class TcpStore {
         const r = new Request(Op.MULTI_GET).u64(batch.length)
         for (const k of batch) r.bytes(this.#key(k))
         this.#send(r)
-        for (let i = 0; i < batch.length; i++) out.push(await this.#bits())
+        for (let i = 0; i < batch.length; i++) out.push(await this.#bits('MULTI_GET'))
       }
       return out
     })
@@ -400,7 +432,7 @@ export class TcpStore {
   deleteKey(key: string): Promise<boolean> {
     return this.#op(async () => {
       this.#send(new Request(Op.DELETE_KEY).bytes(this.#key(key)))
-      return (await this.#inbox.exact(8)).readBigInt64LE(0) === 1n
+      return (await this.#reply(8, `DELETE_KEY ${key}`)).readBigInt64LE(0) === 1n
     })
   }
 
@@ -415,7 +447,7 @@ export class TcpStore {
       for (let i = 1; i < keys.length; i++) r.next(Op.DELETE_KEY).bytes(this.#key(keys[i]))
       this.#send(r)
       let n = 0
-      for (let i = 0; i < keys.length; i++) if ((await this.#inbox.exact(8)).readBigInt64LE(0) === 1n) n++
+      for (let i = 0; i < keys.length; i++) if ((await this.#reply(8, 'DELETE_KEY')).readBigInt64LE(0) === 1n) n++
       return n
     })
   }
@@ -423,7 +455,7 @@ export class TcpStore {
   numKeys(): Promise<number> {
     return this.#op(async () => {
       this.#send(new Request(Op.GETNUMKEYS))
-      return Number((await this.#inbox.exact(8)).readBigInt64LE(0))
+      return Number((await this.#reply(8, 'GETNUMKEYS')).readBigInt64LE(0))
     })
   }
 
@@ -536,8 +568,10 @@ export class TcpStoreServer {
     return b
   }
 
-  #bits(v: Buffer): Buffer {
-    return Buffer.concat([this.#u64(v.length, false), v])
+  /** A value's reply: its length, then the stored bytes themselves (not a copy: a reply queued for a slow reader
+   * holds no memory of its own). */
+  #bits(v: Buffer): Buffer[] {
+    return [this.#u64(v.length, false), v]
   }
 
   #set(key: string, v: Buffer): void {
@@ -550,8 +584,25 @@ export class TcpStoreServer {
     }
   }
 
+  /** Stops reading `c`'s requests until its queued replies are sent (or it closes). */
+  async #drained(c: Conn): Promise<void> {
+    if (c.socket.destroyed) throw new Protocol('closed')
+    c.socket.pause()
+    await new Promise<void>((resolve) => {
+      const done = (): void => {
+        c.socket.off('drain', done)
+        c.socket.off('close', done)
+        resolve()
+      }
+      c.socket.on('drain', done)
+      c.socket.on('close', done)
+    })
+    c.socket.resume()
+  }
+
   async #loop(c: Conn): Promise<void> {
     for (;;) {
+      if (c.socket.writableLength > MAX_QUEUED_REPLY_BYTES) await this.#drained(c)
       const op = (await c.inbox.exact(1))[0]
       if (!c.validated) {
         if (op !== Op.VALIDATE || (await c.inbox.exact(4)).readUInt32LE(0) !== VALIDATION_MAGIC) {
@@ -560,7 +611,9 @@ export class TcpStoreServer {
         c.validated = true
         continue
       }
-      const w = (b: Buffer): boolean => c.socket.write(b)
+      const w = (b: Buffer | Buffer[]): void => {
+        for (const x of Array.isArray(b) ? b : [b]) c.socket.write(x)
+      }
       switch (op) {
         case Op.VALIDATE:
           await c.inbox.exact(4)
@@ -600,7 +653,13 @@ export class TcpStoreServer {
           const k = await this.#str(c)
           let v = (await c.inbox.exact(8)).readBigInt64LE(0)
           const cur = this.#data.get(k)
-          if (cur !== undefined) v += BigInt(cur.toString('latin1'))
+          if (cur !== undefined) {
+            // an i64 in decimal, as torch's `stoll` reads it: a long digit string would block the event loop (and
+            // so every rank) for seconds in `BigInt`
+            const text = cur.toString('latin1')
+            if (!/^[+-]?\d{1,19}$/.test(text)) throw new Protocol(`ADD to ${k}, which holds no 64-bit integer`)
+            v += BigInt(text)
+          }
           w(this.#u64(v))
           this.#set(k, Buffer.from(v.toString(), 'latin1'))
           break
@@ -645,9 +704,9 @@ export class TcpStoreServer {
           for (const k of keys) {
             const v = this.#data.get(k)
             if (v === undefined) throw new Protocol(`MULTI_GET of a missing key ${k}`)
-            out.push(this.#bits(v))
+            out.push(...this.#bits(v))
           }
-          w(Buffer.concat(out))
+          w(out)
           break
         }
         case Op.MULTI_SET: {
