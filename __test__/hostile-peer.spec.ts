@@ -260,6 +260,40 @@ test('store server: no VALIDATE, an unknown opcode, a 2^63 length, 2^40 keys, a 
   await server.close()
 })
 
+test('store server: 800 connections each waiting on 1000 keys close without quadratic work (each forgets its own keys, not every waiter)', async (t) => {
+  const server = await TcpStoreServer.listen(0, '127.0.0.1')
+  const socks = await Promise.all(Array.from({ length: 800 }, () => rawClient(server.port)))
+  const u64 = (v: number) => {
+    const b = Buffer.alloc(8)
+    b.writeBigUInt64LE(BigInt(v))
+    return b
+  }
+  // WAIT on 1000 keys that never come, then PING: its echo says the server registered the WAIT
+  await Promise.all(
+    socks.map((s, i) => {
+      const keys = Array.from({ length: 1000 }, (_, k) => request(0, `/w${i}_${k}`).subarray(1))
+      s.write(Buffer.concat([VALIDATE, Buffer.from([6]), u64(1000), ...keys, Buffer.from([13]), Buffer.from('pong')]))
+      return within(new Promise((r) => s.once('data', r)), 20_000, 'the PING after a WAIT')
+    }),
+  )
+  const cpu = process.cpuUsage()
+  for (const s of socks) s.destroy()
+  // CPU time (not wall time, which a busy machine stretches) until the process is idle again
+  for (let idle = 0, last = process.cpuUsage(); idle < 3; ) {
+    await new Promise((r) => setTimeout(r, 150))
+    const d = process.cpuUsage(last)
+    last = process.cpuUsage()
+    idle = d.user + d.system < 15_000 ? idle + 1 : 0
+  }
+  const used = process.cpuUsage(cpu)
+  const ms = (used.user + used.system) / 1000
+  t.true(ms < 2000, `${ms.toFixed(0)} ms of CPU to drop 800 waiting connections`)
+  const other = await TcpStore.connect({ host: '127.0.0.1', port: server.port, timeoutMs: 2000 })
+  t.is(await other.numKeys(), 0)
+  other.close()
+  await server.close()
+})
+
 // ---- process-group options, environment and CLI ----
 
 test('initProcessGroup: a rank, world size, port or timeout out of range is ERR_DISTCP_INVALID_INPUT at once, not a connection retried for 300 s or forever', async (t) => {

@@ -470,6 +470,8 @@ class Conn {
   readonly inbox = new Inbox()
   validated = false
   awaited = 0
+  /** The keys this connection waits for: forgetting it touches these, not every waiter of the store. */
+  readonly waits = new Set<string>()
   constructor(readonly socket: Socket) {}
 }
 
@@ -533,10 +535,12 @@ export class TcpStoreServer {
   }
 
   #forget(c: Conn): void {
-    for (const [k, set] of this.#waiting) {
-      set.delete(c)
-      if (set.size === 0) this.#waiting.delete(k)
+    for (const k of c.waits) {
+      const set = this.#waiting.get(k)
+      set?.delete(c)
+      if (set?.size === 0) this.#waiting.delete(k)
     }
+    c.waits.clear()
     c.awaited = 0
   }
 
@@ -580,6 +584,7 @@ export class TcpStoreServer {
     if (!set) return
     this.#waiting.delete(key)
     for (const c of set) {
+      c.waits.delete(key)
       if (--c.awaited === 0) c.socket.write(Buffer.from([STOP_WAITING]))
     }
   }
@@ -679,6 +684,7 @@ export class TcpStoreServer {
             let set = this.#waiting.get(k)
             if (!set) this.#waiting.set(k, (set = new Set()))
             set.add(c)
+            c.waits.add(k)
           }
           c.awaited = new Set(missing).size
           break
