@@ -323,8 +323,13 @@ test('initProcessGroup: a rank, world size, port or timeout out of range is ERR_
     )
     t.true(Date.now() - started < 500)
   }
-  // the store client's own entry point checks its timeout too (NaN made its connect loop spin forever)
+  // the store's own entry points check their timeout and port too (NaN made connect's loop spin forever, a port
+  // out of range was retried for the whole timeout, and listen threw a RangeError)
   await t.throwsAsync(within(TcpStore.connect({ host: '127.0.0.1', port, timeoutMs: NaN }), 2000, 'connect NaN'), { code: 'ERR_DISTCP_INVALID_INPUT' } as never)
+  for (const bad of [0, 70000, -1, 1.5]) {
+    await t.throwsAsync(within(TcpStore.connect({ host: '127.0.0.1', port: bad, timeoutMs: 60_000 }), 2000, `connect port ${bad}`), { code: 'ERR_DISTCP_INVALID_INPUT', message: /port is not in \[1, 65535\]/ } as never)
+  }
+  await t.throwsAsync(TcpStoreServer.listen(70000, '127.0.0.1'), { code: 'ERR_DISTCP_STORE_LISTEN', message: /127\.0\.0\.1:70000/ } as never)
 })
 
 test.serial('initProcessGroup: WORLD_SIZE=1e9 and RANK=abc from the environment are refused, naming the variable or range', async (t) => {
@@ -448,6 +453,21 @@ test('a very long but valid timeout (1.5e9 ms) does not overflow the timer of a 
   )
   t.deepEqual(got, [1, 1])
   // destroy waits for every rank to leave, bounded by min(timeout, 30 s): all leave together here
+  await Promise.all(pgs.map((pg) => pg.destroy()))
+})
+
+test('ranks calling collectives in different orders end in coded errors naming the other rank within their bounds', async (t) => {
+  const pgs = await group(2, 300)
+  const started = Date.now()
+  const [b, a] = await Promise.allSettled([pgs[0].barrier(), pgs[1].allGather(Buffer.from('x'))])
+  t.is((b as PromiseRejectedResult).reason?.code, 'ERR_DISTCP_COLLECTIVE_TIMEOUT')
+  t.deepEqual((b as PromiseRejectedResult).reason?.missing, [1])
+  t.deepEqual((a as PromiseRejectedResult).reason?.missing, [0])
+  // reduceScatter on rank 0, allReduce on rank 1: rank 0 names rank 1 at its timeout, rank 1 names rank 0 at 2x + 1 s
+  const [p, w] = await Promise.allSettled([pgs[0].reduceScatter('plan', async () => 1, (all) => all), pgs[1].allReduce('write', async () => 1, (all) => all.length)])
+  t.regex(String((p as PromiseRejectedResult).reason?.message), /rank 1: did not report within 300 ms/)
+  t.regex(String((w as PromiseRejectedResult).reason?.message), /rank 0: rank 0 did not answer within 1600 ms/)
+  t.true(Date.now() - started < 4000, `${Date.now() - started} ms`)
   await Promise.all(pgs.map((pg) => pg.destroy()))
 })
 

@@ -217,6 +217,10 @@ export class TcpStore {
    */
   static async connect(options: StoreOptions): Promise<TcpStore> {
     const timeoutMs = checkTimeoutMs(options.timeoutMs ?? 300_000, `TCPStore ${options.host}:${options.port}`)
+    // `net.connect` throws on such a port, which the retry loop would take for a server not up yet
+    if (!Number.isSafeInteger(options.port) || options.port < 1 || options.port > 65535) {
+      throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `TCPStore ${options.host}:${options.port}: the port is not in [1, 65535]`)
+    }
     const deadline = Date.now() + timeoutMs
     let delay = 10
     let last = ''
@@ -500,7 +504,12 @@ export class TcpStoreServer {
       server.once('error', (e) =>
         reject(new DistcpError('ERR_DISTCP_STORE_LISTEN', `TCPStore server: cannot listen on ${host}:${port}: ${e.message}`)),
       )
-      server.listen(port, host, () => resolve(store))
+      try {
+        server.listen(port, host, () => resolve(store))
+      } catch (e) {
+        // a port out of range throws here rather than emitting 'error'
+        reject(new DistcpError('ERR_DISTCP_STORE_LISTEN', `TCPStore server: cannot listen on ${host}:${port}: ${(e as Error).message}`))
+      }
     })
   }
 
