@@ -332,6 +332,15 @@ test('initProcessGroup: a rank, world size, port or timeout out of range is ERR_
   await t.throwsAsync(TcpStoreServer.listen(70000, '127.0.0.1'), { code: 'ERR_DISTCP_STORE_LISTEN', message: /127\.0\.0\.1:70000/ } as never)
 })
 
+test('initProcessGroup: an unresolvable MASTER_ADDR ends at the timeout with ERR_DISTCP_STORE_CONNECT naming the address and rank', async (t) => {
+  const started = Date.now()
+  await t.throwsAsync(
+    within(initProcessGroup({ rank: 1, worldSize: 2, masterAddr: 'no-such-host.invalid', masterPort: 29511, timeoutMs: 300, useAgentStore: true }), 3000, 'connect'),
+    { code: 'ERR_DISTCP_STORE_CONNECT', message: /no-such-host\.invalid:29511 \(rank 1\): could not connect within 300 ms/ } as never,
+  )
+  t.true(Date.now() - started < 2000)
+})
+
 test.serial('initProcessGroup: WORLD_SIZE=1e9 and RANK=abc from the environment are refused, naming the variable or range', async (t) => {
   const saved = { ...process.env }
   try {
