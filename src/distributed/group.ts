@@ -340,8 +340,9 @@ export class ProcessGroup {
     const present = all.filter((r) => !missing.includes(r))
     const bodies = await this.#takeAll(present.map((r) => `${key}/${r}`), true)
     present.forEach((r, i) => {
-      const o = parseJson<Outcome<T>>(bodies[i], (x) => 'ok' in x || typeof x.err === 'string')
-      if (!o) failures[r] = `sent an outcome that is not distcp's (${bodies[i].length} bytes, not {"ok"} or {"err"} JSON)`
+      // `{}` is `{ ok: undefined }` once through JSON
+      const o = parseJson<Outcome<T>>(bodies[i], (x) => !('err' in x) || typeof x.err === 'string')
+      if (!o) failures[r] = `sent an outcome that is not distcp's (${bodies[i].length} bytes, not a JSON {"ok"} or {"err"})`
       else if ('err' in o) failures[r] = o.err
       else outcomes[r] = o
     })
@@ -369,8 +370,8 @@ export class ProcessGroup {
         throw new CheckpointError(step, { 0: `rank 0 did not answer within ${wait} ms (store ${this.store.host}:${this.store.port})` })
       }
       const body = await this.#take(`${key}/${this.rank}`, true)
-      const v = parseJson<Verdict<R>>(body, (x) => 'ok' in x || (typeof x.fail === 'object' && x.fail !== null))
-      if (!v) throw new CheckpointError(step, { 0: `answered with a verdict that is not distcp's (${body.length} bytes, not {"ok"} or {"fail"} JSON)` })
+      const v = parseJson<Verdict<R>>(body, (x) => !('fail' in x) || (typeof x.fail === 'object' && x.fail !== null))
+      if (!v) throw new CheckpointError(step, { 0: `answered with a verdict that is not distcp's (${body.length} bytes, not a JSON {"ok"} or {"fail"})` })
       mine = v
     }
     if ('fail' in mine) throw new CheckpointError(step, mine.fail)

@@ -217,6 +217,10 @@ export class TcpStore {
    */
   static async connect(options: StoreOptions): Promise<TcpStore> {
     const timeoutMs = checkTimeoutMs(options.timeoutMs ?? 300_000, `TCPStore ${options.host}:${options.port}`)
+    // `net.connect` throws on such a port, which the retry loop would take for a server not up yet
+    if (!Number.isSafeInteger(options.port) || options.port < 1 || options.port > 65535) {
+      throw new DistcpError('ERR_DISTCP_INVALID_INPUT', `TCPStore ${options.host}:${options.port}: the port is not in [1, 65535]`)
+    }
     const deadline = Date.now() + timeoutMs
     let delay = 10
     let last = ''
@@ -470,6 +474,8 @@ class Conn {
   readonly inbox = new Inbox()
   validated = false
   awaited = 0
+  /** The keys this connection waits for: forgetting it touches these, not every waiter of the store. */
+  readonly waits = new Set<string>()
   constructor(readonly socket: Socket) {}
 }
 
@@ -498,7 +504,12 @@ export class TcpStoreServer {
       server.once('error', (e) =>
         reject(new DistcpError('ERR_DISTCP_STORE_LISTEN', `TCPStore server: cannot listen on ${host}:${port}: ${e.message}`)),
       )
-      server.listen(port, host, () => resolve(store))
+      try {
+        server.listen(port, host, () => resolve(store))
+      } catch (e) {
+        // a port out of range throws here rather than emitting 'error'
+        reject(new DistcpError('ERR_DISTCP_STORE_LISTEN', `TCPStore server: cannot listen on ${host}:${port}: ${(e as Error).message}`))
+      }
     })
   }
 
@@ -533,10 +544,12 @@ export class TcpStoreServer {
   }
 
   #forget(c: Conn): void {
-    for (const [k, set] of this.#waiting) {
-      set.delete(c)
-      if (set.size === 0) this.#waiting.delete(k)
+    for (const k of c.waits) {
+      const set = this.#waiting.get(k)
+      set?.delete(c)
+      if (set?.size === 0) this.#waiting.delete(k)
     }
+    c.waits.clear()
     c.awaited = 0
   }
 
@@ -580,6 +593,7 @@ export class TcpStoreServer {
     if (!set) return
     this.#waiting.delete(key)
     for (const c of set) {
+      c.waits.delete(key)
       if (--c.awaited === 0) c.socket.write(Buffer.from([STOP_WAITING]))
     }
   }
@@ -679,6 +693,7 @@ export class TcpStoreServer {
             let set = this.#waiting.get(k)
             if (!set) this.#waiting.set(k, (set = new Set()))
             set.add(c)
+            c.waits.add(k)
           }
           c.awaited = new Set(missing).size
           break
