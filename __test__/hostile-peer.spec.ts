@@ -4,13 +4,13 @@
 // different folders or disagree on a replicated tensor. Each ends in a coded error naming what is wrong, within its
 // timeout, with the server still serving the others and nothing committed.
 import test from 'ava'
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs'
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
 import { connect, createServer, type Server, type Socket } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 import { main as cli } from '../src/cli.js'
-import { CheckpointError, DistcpError, initProcessGroup, save, TcpStore, TcpStoreServer, type ProcessGroup } from '../src/index.js'
+import { CheckpointError, convertDcpToHf, DistcpError, initProcessGroup, save, TcpStore, TcpStoreServer, type ProcessGroup } from '../src/index.js'
 import { freePort } from './helpers.js'
 
 const MiB = 1024 * 1024
@@ -508,6 +508,32 @@ test('save: ranks given different checkpointIds (both folders exist) fail on eve
   t.false(existsSync(join(ids[1], '.metadata')))
   await Promise.all(pgs.map((pg) => pg.destroy()))
   rmSync(dir, { recursive: true, force: true })
+})
+
+test('convertDcpToHf: ranks given different output folders fail on every rank naming rank 1, and neither folder is written', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'distcp-hostile-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const dcp = join(dir, 'dcp')
+  await save({ 'model.w': f32(3, 8) }, { checkpointId: dcp })
+  mkdirSync(join(dir, 'model'))
+  writeFileSync(join(dir, 'model', 'config.json'), '{}')
+  const outs = [join(dir, 'hf-a'), join(dir, 'hf-b')]
+  const pgs = await group(2)
+  // before: both resolved, rank 1 with `hf-b`, where nothing was written (its shards went to rank 0's `hf-a`)
+  const r = await within(
+    Promise.allSettled(pgs.map((pg) => convertDcpToHf(dcp, outs[pg.rank], join(dir, 'model'), undefined, { processGroup: pg, onWarning: () => {} }))),
+    8000,
+    'convert',
+  )
+  for (const x of r) {
+    t.is(x.status, 'rejected')
+    const e = (x as PromiseRejectedResult).reason as CheckpointError
+    t.true(e instanceof CheckpointError, String(e))
+    t.regex(e.message, /rank 1 planned a different conversion than rank 0 \(every rank must convert the same input into the same output folder/)
+  }
+  t.false(existsSync(outs[0]))
+  t.false(existsSync(outs[1]))
+  await Promise.all(pgs.map((pg) => pg.destroy()))
 })
 
 test('save: a replicated tensor with a different dtype or shape on two ranks is a coded error on every rank naming both, not one rank\'s copy saved', async (t) => {

@@ -40,8 +40,11 @@ export function assignShards(sizes: number[], worldSize: number): number[] {
 }
 
 /** What the ranks must agree on: every output byte follows from it. */
-function digest(p: Prepared, plan: ConvertPlan, options: ConvertOptions): string {
+function digest(p: Prepared, plan: ConvertPlan, options: ConvertOptions, out: string): string {
   const what = {
+    // every rank writes into rank 0's staging folder (a path it is sent): a rank given another output would
+    // report a folder where nothing was written
+    out,
     shards: plan.shards,
     tensors: plan.tensors,
     indexJson: plan.indexJson,
@@ -88,14 +91,14 @@ export async function convertRanks(
         p = await prepare(dcpCkptPath, hfCkptPath, modelNameOrPath, tokenizerNameOrPath, single)
         handle = planNative(p)
         plan = planOf(p, handle)
-        return digest(p, plan, options)
+        return digest(p, plan, options, out)
       },
       async (digests: string[]) => {
         const other = digests.findIndex((d) => d !== digests[0])
         if (other >= 0) {
           throw new DistcpError(
             'ERR_DISTCP_INVALID_INPUT',
-            `rank ${other} planned a different conversion than rank 0 (every rank must convert the same input, with the same model, tokenizer and options)`,
+            `rank ${other} planned a different conversion than rank 0 (every rank must convert the same input into the same output folder, with the same model, tokenizer and options)`,
           )
         }
         const mine = p as Prepared
