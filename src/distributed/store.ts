@@ -401,7 +401,7 @@ export class TcpStore {
 
   /**
    * The values of keys the caller knows are set (it waited for them, or for a key set after them on the same
-   * connection), in one round trip per {@link MAX_KEYS_PER_REQUEST} keys: no `WAIT` first, so a missing key is the
+   * connection), in one round trip per `MAX_KEYS_PER_REQUEST` keys: no `WAIT` first, so a missing key is the
    * server's error (torch's server and this one close the connection).
    */
   multiGetReady(keys: string[]): Promise<Buffer[]> {
