@@ -117,19 +117,28 @@ test('reads into new memory of several MiB: the whole tensor and boxes hold the 
 setFlagsFromString('--expose-gc')
 const gc = runInNewContext('gc') as () => void
 
-test('read buffers are reported to V8 as external memory and given back when collected', async (t) => {
+// serial: the file's other tests, running concurrently on this event loop, allocate and free external memory
+// during the read and move the count this test measures (a loaded CI run saw it grow by 4.8 of 6 MiB)
+test.serial('read buffers are reported to V8 as external memory and given back when collected', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'distcp-read-gc-'))
   const src = bigSource()
   await save({ w: { dtype: 'float32', shape: [rows, cols], data: new Uint8Array(src.buffer) } }, { checkpointId: join(dir, 'ck') })
   const ck = await openCheckpoint(join(dir, 'ck'))
   const nbytes = rows * cols * 4
-  // a full collection first: garbage from earlier tests freed during the read would hide the buffer's share
-  gc()
+  // a full collection first, until the count is still (Node runs external buffers' finalizers on a later turn of
+  // the event loop): garbage from earlier tests freed during the read would hide the buffer's share
+  for (let i = 0, last = -1; i < 20 && process.memoryUsage().external !== last; i++) {
+    last = process.memoryUsage().external
+    gc()
+    await new Promise((r) => setTimeout(r, 10))
+  }
   const before = process.memoryUsage().external
   let held: { data: Uint8Array } | undefined = await ck.read('w')
   // V8 counts the mapping, so allocation pressure from many reads triggers collections that unmap old results
   const holding = process.memoryUsage().external
-  t.true(holding - before >= nbytes, `external memory grew by the buffer (${holding - before} of ${nbytes})`)
+  // at least half: the count is the process's, and Node's own external memory moves by up to ~1.2 MB meanwhile
+  // (measured here and in CI; an uncounted buffer would leave it near 0)
+  t.true(holding - before >= nbytes / 2, `external memory grew by the buffer (${holding - before} of ${nbytes})`)
   t.is(held.data.byteLength, nbytes)
   held = undefined
   // collecting it gives the memory back; Node runs an external buffer's finalizer after the collection, on a
@@ -138,7 +147,7 @@ test('read buffers are reported to V8 as external memory and given back when col
     gc()
     await new Promise((r) => setTimeout(r, 10))
   }
-  t.true(holding - process.memoryUsage().external >= nbytes, 'the collected buffer left the external memory count')
+  t.true(holding - process.memoryUsage().external >= nbytes / 2, 'the collected buffer left the external memory count')
   const base = process.memoryUsage().rss
   let peak = base
   const reads = 200 // 1.2 GB in all, more than the bound below
