@@ -167,9 +167,12 @@ export class ProcessGroup {
     const names = keys.flatMap((k, i) => Array.from({ length: extra[i] }, (_, j) => `${k}/p${j + 1}`))
     // `#put` writes the parts before the head; a head naming parts that are not there (a peer that is not distcp, or
     // a buggy one) must be an error naming it, not a MULTI_GET of a missing key, which costs this rank its connection
-    for (let i = 0; i < keys.length; i++) {
-      if (extra[i] && !(await this.store.check(Array.from({ length: extra[i] }, (_, j) => `${keys[i]}/p${j + 1}`)))) {
-        throw new DistcpError('ERR_DISTCP_STORE_PROTOCOL', `collective key ${keys[i]}/n announces ${extra[i]} part(s) that are not all in the store`)
+    // (one CHECK for every part, one request allows; only when it fails, one per key to name the culprit)
+    if (names.length && (names.length > MAX_KEYS_PER_REQUEST || !(await this.store.check(names)))) {
+      for (let i = 0; i < keys.length; i++) {
+        if (extra[i] && !(await this.store.check(Array.from({ length: extra[i] }, (_, j) => `${keys[i]}/p${j + 1}`)))) {
+          throw new DistcpError('ERR_DISTCP_STORE_PROTOCOL', `collective key ${keys[i]}/n announces ${extra[i]} part(s) that are not all in the store`)
+        }
       }
     }
     const parts = names.length ? await this.store.multiGetReady(names) : []
