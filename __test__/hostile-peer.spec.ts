@@ -95,8 +95,12 @@ test('store client: against a server that answers the handshake and then nothing
     // the WAIT times out, then its CANCEL_WAIT is never answered either
     ['CANCEL_WAIT', (s) => s.wait(['k'], 100)],
   ]
+  // the handshake gets a loaded machine's time (CI saw its PING answered after 200 ms); the calls get 200 ms; and the
+  // server closes whatever happens (left listening, it kept the worker alive past ava's timeout)
+  t.teardown(() => server.close())
   for (const [what, call] of calls) {
-    const store = await TcpStore.connect({ host: '127.0.0.1', port, timeoutMs: 200, rank: 3 })
+    const store = await TcpStore.connect({ host: '127.0.0.1', port, timeoutMs: 5000, rank: 3 })
+    store.timeoutMs = 200
     const started = Date.now()
     const e = await t.throwsAsync(within(call(store), 3000, what), { instanceOf: DistcpError })
     t.is((e as DistcpError).code, 'ERR_DISTCP_STORE_TIMEOUT', `${what}: ${e?.message}`)
