@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // `npm test`: Rust tests, then the ava suites (which include interop with real torch). Sets up on first run
 // what the suites need: the native build and the `.venv` with the pinned torch. Ends with one summary line.
-import { spawnSync } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import { existsSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 
@@ -15,9 +15,40 @@ function run(cmd, args, opts = {}) {
   return r
 }
 
-function show(r) {
-  process.stdout.write(r.stdout ?? '')
-  process.stderr.write(r.stderr ?? '')
+/**
+ * Runs one test step in its own process group, its output passed through as it comes (a CI log shows how far a
+ * step got, even one that never ends) and kept for counting. A step that runs past `minutes` is killed with its
+ * whole group (ava's workers, the Python and Node children of tests), so a hang is a named failure with minutes to
+ * spare rather than CI's time limit with nothing printed: the totals count it and the later steps still run.
+ */
+function step(label, cmd, args, { minutes, env } = {}) {
+  const started = Date.now()
+  return new Promise((resolve) => {
+    const child = spawn(cmd, args, { cwd: root, env: env ?? process.env, detached: true, stdio: ['ignore', 'pipe', 'pipe'] })
+    const out = []
+    const err = []
+    child.stdout.on('data', (b) => { out.push(b); process.stdout.write(b) })
+    child.stderr.on('data', (b) => { err.push(b); process.stderr.write(b) })
+    let timedOut = false
+    const timer = setTimeout(() => {
+      timedOut = true
+      console.error(`\nnpm test: ${label} ran past ${minutes} min; killing it and everything it started`)
+      try { process.kill(-child.pid, 'SIGKILL') } catch { /* already gone */ }
+    }, minutes * 60_000)
+    const finish = (status, signal, error) => {
+      clearTimeout(timer)
+      // the group may outlive its leader (a test's orphaned child): nothing of a finished step keeps running
+      try { process.kill(-child.pid, 'SIGKILL') } catch { /* none left */ }
+      console.log(`npm test: ${label} took ${Math.round((Date.now() - started) / 1000)} s`)
+      if (timedOut) {
+        failed += 1
+        failures.push(`${label}: ran past ${minutes} min and was killed (a hang: the output above shows how far it got)`)
+      }
+      resolve({ status, signal, error, timedOut, stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8') })
+    }
+    child.on('error', (e) => finish(null, null, e))
+    child.on('close', (status, signal) => finish(status, signal))
+  })
 }
 
 function setupVenv() {
@@ -88,7 +119,7 @@ function countCargo(r, label) {
     counted = true
   }
   for (const m of text.matchAll(/^---- (\S+) stdout ----$/gm)) failures.push(`${label}: ${m[1]}`)
-  if (r.status !== 0 && !counted) {
+  if (r.status !== 0 && !counted && !r.timedOut) {
     failed += 1
     failures.push(`${label}: did not build or run`)
   }
@@ -120,23 +151,22 @@ if (!tch) {
 
 // Rust
 {
-  const r = run('cargo', ['test', '--workspace', '--locked'])
-  show(r)
+  const r = await step('cargo test', 'cargo', ['test', '--workspace', '--locked'], { minutes: 20 })
   countCargo(r, 'cargo test')
 }
 
 // ava (TypeScript suites, interop included)
 {
-  const r = run('npx', ['ava', '--tap'], {
+  const r = await step('ava', 'npx', ['ava', '--tap'], {
+    minutes: 30,
     env: { ...process.env, DISTCP_PYTHON: venvPython, ...(tch ? { DISTCP_PYTHON_OLD_TORCH: tch.py } : {}) },
   })
-  show(r)
   const ok = (r.stdout.match(/^ok \d+/gm) ?? []).length
   const notOk = (r.stdout.match(/^not ok \d+/gm) ?? []).length
   passed += ok
   failed += notOk
   noteTap('ava', r.stdout)
-  if (r.status !== 0 && notOk === 0) {
+  if (r.status !== 0 && notOk === 0 && !r.timedOut) {
     failed += 1 // crashed or found no tests
     failures.push(`ava: exit ${r.status} with no failing test (crashed or found none)`)
   }
@@ -162,34 +192,31 @@ function nodeFromNpm(major) {
 }
 const node24 = () => nodeFromNpm(24)
 {
-  const started = Date.now()
   const node = node24()
   if (!node) {
     failed += 1
     failures.push('Node 24 for the WASM suites could not be installed')
   }
   const ava = join(root, 'node_modules', 'ava', 'entrypoints', 'cli.mjs')
-  const r = run(node ?? process.execPath, [ava, '--tap', ...WASM_SUITES, ...WASM_NATIVE_ONLY.map((m) => `--match=!${m}`)], {
+  const r = await step('ava (WASM)', node ?? process.execPath, [ava, '--tap', ...WASM_SUITES, ...WASM_NATIVE_ONLY.map((m) => `--match=!${m}`)], {
+    minutes: 15,
     env: { ...process.env, DISTCP_FORCE_WASM: '1', DISTCP_PYTHON: venvPython },
   })
-  show(r)
   const ok = (r.stdout.match(/^ok \d+/gm) ?? []).length
   const notOk = (r.stdout.match(/^not ok \d+/gm) ?? []).length
   passed += ok
   failed += notOk
   noteTap('ava (WASM)', r.stdout)
-  if (r.status !== 0 && notOk === 0) {
+  if (r.status !== 0 && notOk === 0 && !r.timedOut) {
     failed += 1
     failures.push(`ava (WASM): exit ${r.status} (signal ${r.signal}) with no failing test`)
   }
-  console.log(`npm test: WASM suites took ${Math.round((Date.now() - started) / 1000)} s`)
 }
 
 // Node 20 and 22 crashed in V8 on large WASM reads until the loader turned their fast API calls off
 // (npm/wasm32-wasip1/wasi-fast-api.cjs): 1 GiB of reads through the WASM build, checked byte for byte, twice on
 // this machine's Node and twice on Node 22 (without the fix, most such runs crashed on Node 22). Each run counts.
 {
-  const started = Date.now()
   const nodes = [process.execPath]
   if (Number(process.versions.node.split('.')[0]) !== 22) {
     const node22 = nodeFromNpm(22)
@@ -199,23 +226,20 @@ const node24 = () => nodeFromNpm(24)
       failures.push('Node 22 for the WASM large-read smoke test could not be installed')
     }
   }
-  const r = run(process.execPath, ['scripts/wasm-read-smoke.mjs', '--runs', '2', ...nodes.flatMap((n) => ['--node', n])])
-  show(r)
+  const r = await step('WASM large reads', process.execPath, ['scripts/wasm-read-smoke.mjs', '--runs', '2', ...nodes.flatMap((n) => ['--node', n])], { minutes: 10 })
   const lines = r.stdout.split('\n').filter((l) => l.startsWith('wasm-read-smoke: '))
   const bad = lines.filter((l) => / FAILED /.test(l))
   passed += lines.length - bad.length
   failed += bad.length
   for (const l of bad) failures.push(`WASM large reads: ${l.slice('wasm-read-smoke: '.length, 200)}`)
-  if (r.status !== 0 && bad.length === 0) {
+  if (r.status !== 0 && bad.length === 0 && !r.timedOut) {
     failed += 1
     failures.push(`WASM large reads: scripts/wasm-read-smoke.mjs exit ${r.status} (signal ${r.signal})`)
   }
-  console.log(`npm test: WASM large-read smoke test took ${Math.round((Date.now() - started) / 1000)} s`)
 }
 
 // distcp-tch (its own cargo workspace), against the libtorch of .venv-tch
 if (tch) {
-  const started = Date.now()
   const env = {
     ...process.env,
     PATH: `${join(tch.venv, 'bin')}:${process.env.PATH}`, // torch-sys asks `python` where torch is
@@ -225,24 +249,21 @@ if (tch) {
     DISTCP_TCH_PYTHON: tch.py,
     DISTCP_PYTHON: venvPython, // torch 2.15 + transformers, for the convert test
   }
-  const r = run('cargo', ['test', '--locked', '--manifest-path', join('crates', 'distcp-tch', 'Cargo.toml')], { env })
-  show(r)
+  const r = await step('distcp-tch', 'cargo', ['test', '--locked', '--manifest-path', join('crates', 'distcp-tch', 'Cargo.toml')], { minutes: 20, env })
   countCargo(r, 'distcp-tch')
-  console.log(`npm test: distcp-tch step took ${Math.round((Date.now() - started) / 1000)} s`)
 }
 
 // fuzzing: every target for a bounded time on the fixture-seeded corpus (fuzz/run.sh), so a regression fails CI
 {
   const seconds = process.env.DISTCP_FUZZ_SECONDS ?? '30'
-  const r = run('bash', ['fuzz/run.sh', seconds])
-  show(r)
+  const r = await step('fuzz', 'bash', ['fuzz/run.sh', seconds], { minutes: 15 })
   const text = `${r.stdout}\n${r.stderr}`
   const ran = (text.match(/^fuzz: \w+ for /gm) ?? []).length
   const bad = (text.match(/^fuzz: \w+ FAILED/gm) ?? []).length
   passed += ran - bad
   failed += bad
   for (const m of text.matchAll(/^fuzz: (\w+) FAILED/gm)) failures.push(`fuzz: ${m[1]}`)
-  if (r.status !== 0 && bad === 0) {
+  if (r.status !== 0 && bad === 0 && !r.timedOut) {
     failed += 1 // did not build
     failures.push('fuzz: fuzz/run.sh did not build')
   }
