@@ -426,7 +426,8 @@ test('reduceScatter: a rank 0 whose verdict is not distcp JSON makes rank 1 reje
 })
 
 test('gather: a rank whose head announces parts that are not there is ERR_DISTCP_STORE_PROTOCOL naming its key, and the root keeps its store connection', async (t) => {
-  for (const parts of [3n, 100_000n, 2n ** 40n]) {
+  // 3: a CHECK finds them missing; more than MAX_COLLECTIVE_PARTS (512): refused before the store is asked
+  for (const parts of [3n, 513n, 100_000n, 2n ** 40n]) {
     const masterPort = await freePort()
     const prefix = 'hp'
     const [pg0, raw] = await Promise.all([
@@ -437,6 +438,7 @@ test('gather: a rank whose head announces parts that are not there is ERR_DISTCP
     const e = await t.throwsAsync(within(pg0.gather(Buffer.from('mine')), 3000, `gather ${parts}`), { instanceOf: DistcpError })
     t.is(e?.code, 'ERR_DISTCP_STORE_PROTOCOL', e?.message)
     t.true(e?.message.includes(`${prefix}/0/gather/1/n`), e?.message)
+    t.regex(e?.message ?? '', parts === 3n ? /announces 3 part\(s\) that are not all in the store/ : /over the 512 a distcp rank sends \(MAX_COLLECTIVE_PARTS\)/)
     // the root's connection survived: it still talks to the store
     await raw.set('after', '1')
     t.is((await pg0.store.get('after')).toString(), '1')

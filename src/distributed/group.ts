@@ -9,6 +9,12 @@ import { checkTimeoutMs, MAX_KEYS_PER_REQUEST, MAX_TIMEOUT_MS, MAX_VALUE_BYTES, 
 
 /** What a collective value's head key carries after its 8-byte part count. */
 const HEAD_BYTES = MAX_VALUE_BYTES - 8
+/**
+ * The most further parts one rank's collective value may have: 512 × 8 MiB = 4 GiB, what one Node `Buffer` holds on
+ * Node 20. A head announcing more is refused before any part is asked for (100,000 announced parts used to cost a
+ * CHECK of 100,000 keys, seconds on a loaded machine, before the error).
+ */
+const MAX_COLLECTIVE_PARTS = 512
 /** A collective waits for every rank's key in one `WAIT`, which the store refuses beyond this many keys. */
 const MAX_WORLD_SIZE = MAX_KEYS_PER_REQUEST
 
@@ -141,6 +147,12 @@ export class ProcessGroup {
     const first = data.subarray(0, HEAD_BYTES)
     const rest: Uint8Array[] = []
     for (let at = HEAD_BYTES; at < data.length; at += MAX_VALUE_BYTES) rest.push(data.subarray(at, at + MAX_VALUE_BYTES))
+    if (rest.length > MAX_COLLECTIVE_PARTS) {
+      throw new DistcpError(
+        'ERR_DISTCP_STORE_VALUE_TOO_LARGE',
+        `collective value \`${key}\` is ${data.length} bytes, over the ${HEAD_BYTES + MAX_COLLECTIVE_PARTS * MAX_VALUE_BYTES} one rank may send (MAX_COLLECTIVE_PARTS)`,
+      )
+    }
     const names = rest.map((_, i) => `${key}/p${i + 1}`)
     if (rest.length) await this.store.multiSet(names, rest)
     const head = Buffer.allocUnsafe(8 + first.length)
@@ -159,8 +171,9 @@ export class ProcessGroup {
     const heads = await this.store.multiGetReady(keys.map((k) => `${k}/n`))
     const extra = heads.map((h, i) => {
       const n = h.length >= 8 ? h.readBigUInt64LE(0) : -1n
-      if (n < 0n || n > BigInt(MAX_KEYS_PER_REQUEST)) {
-        throw new DistcpError('ERR_DISTCP_STORE_PROTOCOL', `collective key ${keys[i]}/n (${h.length} bytes) does not start with a part count`)
+      if (n < 0n) throw new DistcpError('ERR_DISTCP_STORE_PROTOCOL', `collective key ${keys[i]}/n (${h.length} bytes) does not start with a part count`)
+      if (n > BigInt(MAX_COLLECTIVE_PARTS)) {
+        throw new DistcpError('ERR_DISTCP_STORE_PROTOCOL', `collective key ${keys[i]}/n announces ${n} parts, over the ${MAX_COLLECTIVE_PARTS} a distcp rank sends (MAX_COLLECTIVE_PARTS)`)
       }
       return Number(n)
     })
