@@ -3,6 +3,9 @@
 // announce parts that do not exist, bad process-group options (API, environment, CLI), and ranks that save to
 // different folders or disagree on a replicated tensor. Each ends in a coded error naming what is wrong, within its
 // timeout, with the server still serving the others and nothing committed.
+//
+// Every test is serial: the store servers here live in this process, so a neighbour test's 8 MiB values or 800
+// connections stall their event loop past the 0.2–2 s timeouts under test (CI saw a 2 s GETNUMKEYS time out).
 import test from 'ava'
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
 import { connect, createServer, type Server, type Socket } from 'node:net'
@@ -71,7 +74,7 @@ function head(parts: bigint, body: string): Buffer {
 
 // ---- the store client against a server that stops answering ----
 
-test('store client: against a server that answers the handshake and then nothing, every call ends at the timeout with ERR_DISTCP_STORE_TIMEOUT naming the request', async (t) => {
+test.serial('store client: against a server that answers the handshake and then nothing, every call ends at the timeout with ERR_DISTCP_STORE_TIMEOUT naming the request', async (t) => {
   const { server, port } = await listen((s) => {
     let got = Buffer.alloc(0)
     let ponged = false
@@ -113,7 +116,7 @@ test('store client: against a server that answers the handshake and then nothing
   server.close()
 })
 
-test('store client: a server that accepts and never answers the handshake gets a timeout, and the socket is closed (no handle keeps the process alive)', async (t) => {
+test.serial('store client: a server that accepts and never answers the handshake gets a timeout, and the socket is closed (no handle keeps the process alive)', async (t) => {
   let closed: () => void = () => undefined
   const sawClose = new Promise<void>((r) => (closed = r))
   const { server, port } = await listen((s) => {
@@ -125,7 +128,7 @@ test('store client: a server that accepts and never answers the handshake gets a
   server.close()
 })
 
-test('store client: a reply with a 2^63 length, or one cut off by a closing server, is a coded error', async (t) => {
+test.serial('store client: a reply with a 2^63 length, or one cut off by a closing server, is a coded error', async (t) => {
   const reply = async (answer: Buffer, end: boolean) => {
     const { server, port } = await listen((s) => {
       let n = 0
@@ -157,7 +160,7 @@ test('store client: a reply with a 2^63 length, or one cut off by a closing serv
 
 // ---- the store server against a hostile client ----
 
-test('store server: a client that never reads its replies is held back, not buffered (GET of an 8 MiB value, replaced between GETs)', async (t) => {
+test.serial('store server: a client that never reads its replies is held back, not buffered (GET of an 8 MiB value, replaced between GETs)', async (t) => {
   const server = await TcpStoreServer.listen(0, '127.0.0.1')
   const sock = await rawClient(server.port)
   sock.pause()
@@ -190,7 +193,7 @@ test('store server: a client that never reads its replies is held back, not buff
   await server.close()
 })
 
-test('store server: MULTI_GET of one 8 MiB key 64 times queues no copies for a client that does not read', async (t) => {
+test.serial('store server: MULTI_GET of one 8 MiB key 64 times queues no copies for a client that does not read', async (t) => {
   const server = await TcpStoreServer.listen(0, '127.0.0.1')
   const w = await TcpStore.connect({ host: '127.0.0.1', port: server.port, timeoutMs: 2000 })
   await w.set('big', Buffer.alloc(8 * MiB, 1))
@@ -210,7 +213,7 @@ test('store server: MULTI_GET of one 8 MiB key 64 times queues no copies for a c
   await server.close()
 })
 
-test('store server: ADD on a key holding 8 MiB of digits closes that connection at once instead of blocking every client in BigInt', async (t) => {
+test.serial('store server: ADD on a key holding 8 MiB of digits closes that connection at once instead of blocking every client in BigInt', async (t) => {
   const server = await TcpStoreServer.listen(0, '127.0.0.1')
   const store = await TcpStore.connect({ host: '127.0.0.1', port: server.port, timeoutMs: 5000 })
   await store.set('n', '9'.repeat(8 * MiB - 1))
@@ -230,7 +233,7 @@ test('store server: ADD on a key holding 8 MiB of digits closes that connection 
   await server.close()
 })
 
-test('store server: no VALIDATE, an unknown opcode, a 2^63 length, 2^40 keys, a half request: each costs only its own connection', async (t) => {
+test.serial('store server: no VALIDATE, an unknown opcode, a 2^63 length, 2^40 keys, a half request: each costs only its own connection', async (t) => {
   const server = await TcpStoreServer.listen(0, '127.0.0.1')
   const closes = async (bytes: Buffer) => {
     const s = await rawClient(server.port)
@@ -264,7 +267,7 @@ test('store server: no VALIDATE, an unknown opcode, a 2^63 length, 2^40 keys, a 
   await server.close()
 })
 
-test('store server: 800 connections each waiting on 1000 keys close without quadratic work (each forgets its own keys, not every waiter)', async (t) => {
+test.serial('store server: 800 connections each waiting on 1000 keys close without quadratic work (each forgets its own keys, not every waiter)', async (t) => {
   const server = await TcpStoreServer.listen(0, '127.0.0.1')
   const socks = await Promise.all(Array.from({ length: 800 }, () => rawClient(server.port)))
   const u64 = (v: number) => {
@@ -300,7 +303,7 @@ test('store server: 800 connections each waiting on 1000 keys close without quad
 
 // ---- process-group options, environment and CLI ----
 
-test('initProcessGroup: a rank, world size, port or timeout out of range is ERR_DISTCP_INVALID_INPUT at once, not a connection retried for 300 s or forever', async (t) => {
+test.serial('initProcessGroup: a rank, world size, port or timeout out of range is ERR_DISTCP_INVALID_INPUT at once, not a connection retried for 300 s or forever', async (t) => {
   const port = await freePort()
   const bad: [Record<string, unknown>, RegExp][] = [
     [{ rank: -1, worldSize: 2 }, /rank -1 of world size 2/],
@@ -336,7 +339,7 @@ test('initProcessGroup: a rank, world size, port or timeout out of range is ERR_
   await t.throwsAsync(TcpStoreServer.listen(70000, '127.0.0.1'), { code: 'ERR_DISTCP_STORE_LISTEN', message: /127\.0\.0\.1:70000/ } as never)
 })
 
-test('initProcessGroup: an unresolvable MASTER_ADDR ends at the timeout with ERR_DISTCP_STORE_CONNECT naming the address and rank', async (t) => {
+test.serial('initProcessGroup: an unresolvable MASTER_ADDR ends at the timeout with ERR_DISTCP_STORE_CONNECT naming the address and rank', async (t) => {
   const started = Date.now()
   await t.throwsAsync(
     within(initProcessGroup({ rank: 1, worldSize: 2, masterAddr: 'no-such-host.invalid', masterPort: 29511, timeoutMs: 300, useAgentStore: true }), 3000, 'connect'),
@@ -388,7 +391,7 @@ test.serial('distcp convert --master-port 0 / --world 0 / --rank 2 --world 2: ex
 
 // ---- collectives against a hostile or buggy rank ----
 
-test('reduceScatter: a rank whose outcome is not distcp JSON fails every rank with a CheckpointError naming it (not a SyntaxError on rank 0)', async (t) => {
+test.serial('reduceScatter: a rank whose outcome is not distcp JSON fails every rank with a CheckpointError naming it (not a SyntaxError on rank 0)', async (t) => {
   for (const body of ['not json {', 'null', '[1]', '{"err":5}']) {
     const masterPort = await freePort()
     const prefix = 'hj'
@@ -412,7 +415,7 @@ test('reduceScatter: a rank whose outcome is not distcp JSON fails every rank wi
   }
 })
 
-test('reduceScatter: a rank 0 whose verdict is not distcp JSON makes rank 1 reject with a CheckpointError naming rank 0', async (t) => {
+test.serial('reduceScatter: a rank 0 whose verdict is not distcp JSON makes rank 1 reject with a CheckpointError naming rank 0', async (t) => {
   const server = await TcpStoreServer.listen(0, '127.0.0.1')
   const raw = await TcpStore.connect({ host: '127.0.0.1', port: server.port, timeoutMs: 2000, rank: 0 })
   const pg1 = await initProcessGroup({ rank: 1, worldSize: 2, masterAddr: '127.0.0.1', masterPort: server.port, timeoutMs: 2000, useAgentStore: true, prefix: 'hv' })
@@ -425,7 +428,7 @@ test('reduceScatter: a rank 0 whose verdict is not distcp JSON makes rank 1 reje
   await server.close()
 })
 
-test('gather: a rank whose head announces parts that are not there is ERR_DISTCP_STORE_PROTOCOL naming its key, and the root keeps its store connection', async (t) => {
+test.serial('gather: a rank whose head announces parts that are not there is ERR_DISTCP_STORE_PROTOCOL naming its key, and the root keeps its store connection', async (t) => {
   // 3: a CHECK finds them missing; more than MAX_COLLECTIVE_PARTS (512): refused before the store is asked
   for (const parts of [3n, 513n, 100_000n, 2n ** 40n]) {
     const masterPort = await freePort()
@@ -448,7 +451,7 @@ test('gather: a rank whose head announces parts that are not there is ERR_DISTCP
   }
 })
 
-test('a very long but valid timeout (1.5e9 ms) does not overflow the timer of a non-root rank waiting for rank 0', async (t) => {
+test.serial('a very long but valid timeout (1.5e9 ms) does not overflow the timer of a non-root rank waiting for rank 0', async (t) => {
   const pgs = await group(2, 1.5e9)
   const got = await within(
     Promise.all(
@@ -497,7 +500,7 @@ test.serial('ranks calling collectives in different orders end in coded errors n
 
 const f32 = (v: number, n = 2) => ({ dtype: 'float32' as const, shape: [n], data: new Float32Array(n).fill(v) })
 
-test('save: ranks given different checkpointIds (both folders exist) fail on every rank naming rank 1, with no .metadata anywhere', async (t) => {
+test.serial('save: ranks given different checkpointIds (both folders exist) fail on every rank naming rank 1, with no .metadata anywhere', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'distcp-hostile-'))
   const ids = [join(dir, 'a'), join(dir, 'b')]
   mkdirSync(ids[1])
@@ -516,7 +519,30 @@ test('save: ranks given different checkpointIds (both folders exist) fail on eve
   rmSync(dir, { recursive: true, force: true })
 })
 
-test('convertDcpToHf: ranks given different output folders fail on every rank naming rank 1, and neither folder is written', async (t) => {
+test.serial('save: ranks started with different world sizes fail on every rank naming the one that differs, and nothing is written', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'distcp-hostile-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const masterPort = await freePort()
+  const join2 = (rank: number, worldSize: number) =>
+    initProcessGroup({ rank, worldSize, masterAddr: '127.0.0.1', masterPort, timeoutMs: 3000, useAgentStore: false, prefix: 'hw' })
+  // rank 1 was told WORLD_SIZE=3 (a typo in one launcher): before, rank 0 committed a checkpoint of ranks 0 and 1
+  // only while rank 1 planned for three
+  const pgs = await Promise.all([join2(0, 2), join2(1, 3)])
+  const ckpt = join(dir, 'ckpt')
+  const r = await within(Promise.allSettled(pgs.map((pg) => save({ [`w${pg.rank}`]: f32(pg.rank + 1) }, { checkpointId: ckpt, processGroup: pg }))), 10_000, 'save')
+  for (const x of r) {
+    t.is(x.status, 'rejected')
+    const e = (x as PromiseRejectedResult).reason as CheckpointError
+    t.true(e instanceof CheckpointError, String(e))
+    t.deepEqual(Object.keys(e.failures), ['1'], e.message)
+    t.regex(e.message, /rank 1: was started with world size 3, rank 0 with 2 \(WORLD_SIZE must be the same on every rank\)/)
+  }
+  t.false(existsSync(join(ckpt, '.metadata')))
+  t.deepEqual(existsSync(ckpt) ? readdirSync(ckpt).filter((f) => f.endsWith('.distcp')) : [], [])
+  await Promise.all(pgs.map((pg) => pg.destroy()))
+})
+
+test.serial('convertDcpToHf: ranks given different output folders fail on every rank naming rank 1, and neither folder is written', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'distcp-hostile-'))
   t.teardown(() => rmSync(dir, { recursive: true, force: true }))
   const dcp = join(dir, 'dcp')
@@ -542,7 +568,7 @@ test('convertDcpToHf: ranks given different output folders fail on every rank na
   await Promise.all(pgs.map((pg) => pg.destroy()))
 })
 
-test('save: a replicated tensor with a different dtype or shape on two ranks is a coded error on every rank naming both, not one rank\'s copy saved', async (t) => {
+test.serial('save: a replicated tensor with a different dtype or shape on two ranks is a coded error on every rank naming both, not one rank\'s copy saved', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'distcp-hostile-'))
   const pgs = await group(2)
   const cases: [string, (r: number) => ReturnType<typeof f32> | { dtype: 'float64'; shape: number[]; data: Float64Array }, RegExp][] = [

@@ -67,8 +67,13 @@ export class CollectiveTimeoutError extends DistcpError {
   }
 }
 
-type Outcome<T> = { ok: T } | { err: string }
-type Verdict<R> = { ok: R } | { fail: Record<number, string> }
+/**
+ * What each rank sends rank 0 in {@link ProcessGroup.reduceScatter} / `allReduce`, and rank 0's answer; both carry
+ * the sender's world size, so ranks started with different `WORLD_SIZE`s fail naming it instead of rank 0
+ * committing a checkpoint without the ranks it does not know of.
+ */
+type Outcome<T> = ({ ok: T } | { err: string }) & { world?: unknown }
+type Verdict<R> = ({ ok: R } | { fail: Record<number, string> }) & { world?: unknown }
 
 function envInt(name: string): number | undefined {
   const v = process.env[name]
@@ -346,7 +351,7 @@ export class ProcessGroup {
       outcome = { err: message(e) }
     }
     const key = this.#key(`${step}/gather`)
-    await this.#put(`${key}/${this.rank}`, Buffer.from(JSON.stringify(outcome)))
+    await this.#put(`${key}/${this.rank}`, Buffer.from(JSON.stringify({ ...outcome, world: this.worldSize })))
     if (this.rank !== 0) return null
     const all = [...Array(this.worldSize).keys()]
     const failures: Record<number, string> = {}
@@ -359,6 +364,7 @@ export class ProcessGroup {
       // `{}` is `{ ok: undefined }` once through JSON
       const o = parseJson<Outcome<T>>(bodies[i], (x) => !('err' in x) || typeof x.err === 'string')
       if (!o) failures[r] = `sent an outcome that is not distcp's (${bodies[i].length} bytes, not a JSON {"ok"} or {"err"})`
+      else if (o.world !== this.worldSize) failures[r] = this.#otherWorld(o.world, 0)
       else if ('err' in o) failures[r] = o.err
       else outcomes[r] = o
     })
@@ -375,7 +381,7 @@ export class ProcessGroup {
     let mine: Verdict<R>
     if (this.rank === 0) {
       const parts = split(verdict as Verdict<X>)
-      const bodies = parts.map((p) => Buffer.from(JSON.stringify(p)))
+      const bodies = parts.map((p) => Buffer.from(JSON.stringify({ ...p, world: this.worldSize })))
       for (let r = 1; r < this.worldSize; r++) await this.#put(`${key}/${r}`, bodies[r])
       mine = parts[0]
     } else {
@@ -391,7 +397,13 @@ export class ProcessGroup {
       mine = v
     }
     if ('fail' in mine) throw new CheckpointError(step, mine.fail)
+    if (this.rank !== 0 && mine.world !== this.worldSize) throw new CheckpointError(step, { 0: this.#otherWorld(mine.world, this.rank) })
     return mine.ok
+  }
+
+  /** Why a rank whose message says world size `theirs` cannot be in a group with rank `seenBy`. */
+  #otherWorld(theirs: unknown, seenBy: number): string {
+    return `was started with world size ${String(theirs)}, rank ${seenBy} with ${this.worldSize} (WORLD_SIZE must be the same on every rank)`
   }
 
   /**
