@@ -100,7 +100,7 @@ test.serial('a barrier or collective that a rank never reaches times out listing
   await Promise.all(fresh.map((pg) => pg.destroy()))
 })
 
-test('initProcessGroup reads torchrun’s variables and says which are missing', async (t) => {
+test.serial('initProcessGroup reads torchrun’s variables and says which are missing', async (t) => {
   const saved = { ...process.env }
   try {
     delete process.env.RANK
