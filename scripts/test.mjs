@@ -1,9 +1,11 @@
 #!/usr/bin/env node
 // `npm test`: Rust tests, then the ava suites (which include interop with real torch). Sets up on first run
 // what the suites need: the native build and the `.venv` with the pinned torch. Ends with one summary line.
-import { spawn, spawnSync } from 'node:child_process'
+import { spawnSync } from 'node:child_process'
 import { existsSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
+
+import { runStep } from './step.mjs'
 
 const root = new URL('..', import.meta.url).pathname
 const venvDir = process.env.DISTCP_VENV ?? join(root, '.venv')
@@ -15,40 +17,15 @@ function run(cmd, args, opts = {}) {
   return r
 }
 
-/**
- * Runs one test step in its own process group, its output passed through as it comes (a CI log shows how far a
- * step got, even one that never ends) and kept for counting. A step that runs past `minutes` is killed with its
- * whole group (ava's workers, the Python and Node children of tests), so a hang is a named failure with minutes to
- * spare rather than CI's time limit with nothing printed: the totals count it and the later steps still run.
- */
-function step(label, cmd, args, { minutes, env } = {}) {
-  const started = Date.now()
-  return new Promise((resolve) => {
-    const child = spawn(cmd, args, { cwd: root, env: env ?? process.env, detached: true, stdio: ['ignore', 'pipe', 'pipe'] })
-    const out = []
-    const err = []
-    child.stdout.on('data', (b) => { out.push(b); process.stdout.write(b) })
-    child.stderr.on('data', (b) => { err.push(b); process.stderr.write(b) })
-    let timedOut = false
-    const timer = setTimeout(() => {
-      timedOut = true
-      console.error(`\nnpm test: ${label} ran past ${minutes} min; killing it and everything it started`)
-      try { process.kill(-child.pid, 'SIGKILL') } catch { /* already gone */ }
-    }, minutes * 60_000)
-    const finish = (status, signal, error) => {
-      clearTimeout(timer)
-      // the group may outlive its leader (a test's orphaned child): nothing of a finished step keeps running
-      try { process.kill(-child.pid, 'SIGKILL') } catch { /* none left */ }
-      console.log(`npm test: ${label} took ${Math.round((Date.now() - started) / 1000)} s`)
-      if (timedOut) {
-        failed += 1
-        failures.push(`${label}: ran past ${minutes} min and was killed (a hang: the output above shows how far it got)`)
-      }
-      resolve({ status, signal, error, timedOut, stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8') })
-    }
-    child.on('error', (e) => finish(null, null, e))
-    child.on('close', (status, signal) => finish(status, signal))
-  })
+/** {@link runStep} with this run's bookkeeping: the time it took, and a step killed for running too long counted as failed. */
+async function step(label, cmd, args, { minutes, env } = {}) {
+  const r = await runStep(label, cmd, args, { minutes, env, cwd: root })
+  console.log(`npm test: ${label} took ${Math.round(r.seconds)} s`)
+  if (r.timedOut) {
+    failed += 1
+    failures.push(`${label}: ran past ${minutes} min and was killed (a hang: the output above shows how far it got)`)
+  }
+  return r
 }
 
 function setupVenv() {
