@@ -6,7 +6,7 @@
 //
 // Every test is serial: the store servers here live in this process, so a neighbour test's 8 MiB values or 800
 // connections stall their event loop past the 0.2–2 s timeouts under test (CI saw a 2 s GETNUMKEYS time out).
-import test from 'ava'
+import ava from 'ava'
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
 import { connect, createServer, type Server, type Socket } from 'node:net'
 import { tmpdir } from 'node:os'
@@ -15,6 +15,9 @@ import { join } from 'node:path'
 import { main as cli } from '../src/cli.js'
 import { CheckpointError, convertDcpToHf, DistcpError, initProcessGroup, save, TcpStore, TcpStoreServer, type ProcessGroup } from '../src/index.js'
 import { freePort } from './helpers.js'
+
+/** Every test in this file is serial (see above). */
+const test = ava.serial
 
 const MiB = 1024 * 1024
 
@@ -74,7 +77,7 @@ function head(parts: bigint, body: string): Buffer {
 
 // ---- the store client against a server that stops answering ----
 
-test.serial('store client: against a server that answers the handshake and then nothing, every call ends at the timeout with ERR_DISTCP_STORE_TIMEOUT naming the request', async (t) => {
+test('store client: against a server that answers the handshake and then nothing, every call ends at the timeout with ERR_DISTCP_STORE_TIMEOUT naming the request', async (t) => {
   const { server, port } = await listen((s) => {
     let got = Buffer.alloc(0)
     let ponged = false
@@ -116,7 +119,7 @@ test.serial('store client: against a server that answers the handshake and then 
   server.close()
 })
 
-test.serial('store client: a server that accepts and never answers the handshake gets a timeout, and the socket is closed (no handle keeps the process alive)', async (t) => {
+test('store client: a server that accepts and never answers the handshake gets a timeout, and the socket is closed (no handle keeps the process alive)', async (t) => {
   let closed: () => void = () => undefined
   const sawClose = new Promise<void>((r) => (closed = r))
   const { server, port } = await listen((s) => {
@@ -128,7 +131,7 @@ test.serial('store client: a server that accepts and never answers the handshake
   server.close()
 })
 
-test.serial('store client: a reply with a 2^63 length, or one cut off by a closing server, is a coded error', async (t) => {
+test('store client: a reply with a 2^63 length, or one cut off by a closing server, is a coded error', async (t) => {
   const reply = async (answer: Buffer, end: boolean) => {
     const { server, port } = await listen((s) => {
       let n = 0
@@ -160,7 +163,7 @@ test.serial('store client: a reply with a 2^63 length, or one cut off by a closi
 
 // ---- the store server against a hostile client ----
 
-test.serial('store server: a client that never reads its replies is held back, not buffered (GET of an 8 MiB value, replaced between GETs)', async (t) => {
+test('store server: a client that never reads its replies is held back, not buffered (GET of an 8 MiB value, replaced between GETs)', async (t) => {
   const server = await TcpStoreServer.listen(0, '127.0.0.1')
   const sock = await rawClient(server.port)
   sock.pause()
@@ -193,7 +196,7 @@ test.serial('store server: a client that never reads its replies is held back, n
   await server.close()
 })
 
-test.serial('store server: MULTI_GET of one 8 MiB key 64 times queues no copies for a client that does not read', async (t) => {
+test('store server: MULTI_GET of one 8 MiB key 64 times queues no copies for a client that does not read', async (t) => {
   const server = await TcpStoreServer.listen(0, '127.0.0.1')
   const w = await TcpStore.connect({ host: '127.0.0.1', port: server.port, timeoutMs: 2000 })
   await w.set('big', Buffer.alloc(8 * MiB, 1))
@@ -213,7 +216,7 @@ test.serial('store server: MULTI_GET of one 8 MiB key 64 times queues no copies 
   await server.close()
 })
 
-test.serial('store server: ADD on a key holding 8 MiB of digits closes that connection at once instead of blocking every client in BigInt', async (t) => {
+test('store server: ADD on a key holding 8 MiB of digits closes that connection at once instead of blocking every client in BigInt', async (t) => {
   const server = await TcpStoreServer.listen(0, '127.0.0.1')
   const store = await TcpStore.connect({ host: '127.0.0.1', port: server.port, timeoutMs: 5000 })
   await store.set('n', '9'.repeat(8 * MiB - 1))
@@ -233,7 +236,7 @@ test.serial('store server: ADD on a key holding 8 MiB of digits closes that conn
   await server.close()
 })
 
-test.serial('store server: no VALIDATE, an unknown opcode, a 2^63 length, 2^40 keys, a half request: each costs only its own connection', async (t) => {
+test('store server: no VALIDATE, an unknown opcode, a 2^63 length, 2^40 keys, a half request: each costs only its own connection', async (t) => {
   const server = await TcpStoreServer.listen(0, '127.0.0.1')
   const closes = async (bytes: Buffer) => {
     const s = await rawClient(server.port)
@@ -267,7 +270,7 @@ test.serial('store server: no VALIDATE, an unknown opcode, a 2^63 length, 2^40 k
   await server.close()
 })
 
-test.serial('store server: 800 connections each waiting on 1000 keys close without quadratic work (each forgets its own keys, not every waiter)', async (t) => {
+test('store server: 800 connections each waiting on 1000 keys close without quadratic work (each forgets its own keys, not every waiter)', async (t) => {
   const server = await TcpStoreServer.listen(0, '127.0.0.1')
   const socks = await Promise.all(Array.from({ length: 800 }, () => rawClient(server.port)))
   const u64 = (v: number) => {
@@ -303,7 +306,7 @@ test.serial('store server: 800 connections each waiting on 1000 keys close witho
 
 // ---- process-group options, environment and CLI ----
 
-test.serial('initProcessGroup: a rank, world size, port or timeout out of range is ERR_DISTCP_INVALID_INPUT at once, not a connection retried for 300 s or forever', async (t) => {
+test('initProcessGroup: a rank, world size, port or timeout out of range is ERR_DISTCP_INVALID_INPUT at once, not a connection retried for 300 s or forever', async (t) => {
   const port = await freePort()
   const bad: [Record<string, unknown>, RegExp][] = [
     [{ rank: -1, worldSize: 2 }, /rank -1 of world size 2/],
@@ -339,7 +342,7 @@ test.serial('initProcessGroup: a rank, world size, port or timeout out of range 
   await t.throwsAsync(TcpStoreServer.listen(70000, '127.0.0.1'), { code: 'ERR_DISTCP_STORE_LISTEN', message: /127\.0\.0\.1:70000/ } as never)
 })
 
-test.serial('initProcessGroup: an unresolvable MASTER_ADDR ends at the timeout with ERR_DISTCP_STORE_CONNECT naming the address and rank', async (t) => {
+test('initProcessGroup: an unresolvable MASTER_ADDR ends at the timeout with ERR_DISTCP_STORE_CONNECT naming the address and rank', async (t) => {
   const started = Date.now()
   await t.throwsAsync(
     within(initProcessGroup({ rank: 1, worldSize: 2, masterAddr: 'no-such-host.invalid', masterPort: 29511, timeoutMs: 300, useAgentStore: true }), 3000, 'connect'),
@@ -348,7 +351,7 @@ test.serial('initProcessGroup: an unresolvable MASTER_ADDR ends at the timeout w
   t.true(Date.now() - started < 2000)
 })
 
-test.serial('initProcessGroup: WORLD_SIZE=1e9 and RANK=abc from the environment are refused, naming the variable or range', async (t) => {
+test('initProcessGroup: WORLD_SIZE=1e9 and RANK=abc from the environment are refused, naming the variable or range', async (t) => {
   const saved = { ...process.env }
   try {
     Object.assign(process.env, { RANK: '1', WORLD_SIZE: '1e9', MASTER_PORT: String(await freePort()), MASTER_ADDR: '127.0.0.1', TORCHELASTIC_USE_AGENT_STORE: 'True' })
@@ -364,7 +367,7 @@ test.serial('initProcessGroup: WORLD_SIZE=1e9 and RANK=abc from the environment 
   }
 })
 
-test.serial('distcp convert --master-port 0 / --world 0 / --rank 2 --world 2: exit 1 with the coded error at once', async (t) => {
+test('distcp convert --master-port 0 / --world 0 / --rank 2 --world 2: exit 1 with the coded error at once', async (t) => {
   const write = process.stderr.write.bind(process.stderr)
   let err = ''
   process.stderr.write = ((s: string | Uint8Array) => {
@@ -391,7 +394,7 @@ test.serial('distcp convert --master-port 0 / --world 0 / --rank 2 --world 2: ex
 
 // ---- collectives against a hostile or buggy rank ----
 
-test.serial('reduceScatter: a rank whose outcome is not distcp JSON fails every rank with a CheckpointError naming it (not a SyntaxError on rank 0)', async (t) => {
+test('reduceScatter: a rank whose outcome is not distcp JSON fails every rank with a CheckpointError naming it (not a SyntaxError on rank 0)', async (t) => {
   for (const body of ['not json {', 'null', '[1]', '{"err":5}']) {
     const masterPort = await freePort()
     const prefix = 'hj'
@@ -415,7 +418,7 @@ test.serial('reduceScatter: a rank whose outcome is not distcp JSON fails every 
   }
 })
 
-test.serial('reduceScatter: a rank 0 whose verdict is not distcp JSON makes rank 1 reject with a CheckpointError naming rank 0', async (t) => {
+test('reduceScatter: a rank 0 whose verdict is not distcp JSON makes rank 1 reject with a CheckpointError naming rank 0', async (t) => {
   const server = await TcpStoreServer.listen(0, '127.0.0.1')
   const raw = await TcpStore.connect({ host: '127.0.0.1', port: server.port, timeoutMs: 2000, rank: 0 })
   const pg1 = await initProcessGroup({ rank: 1, worldSize: 2, masterAddr: '127.0.0.1', masterPort: server.port, timeoutMs: 2000, useAgentStore: true, prefix: 'hv' })
@@ -428,7 +431,7 @@ test.serial('reduceScatter: a rank 0 whose verdict is not distcp JSON makes rank
   await server.close()
 })
 
-test.serial('gather: a rank whose head announces parts that are not there is ERR_DISTCP_STORE_PROTOCOL naming its key, and the root keeps its store connection', async (t) => {
+test('gather: a rank whose head announces parts that are not there is ERR_DISTCP_STORE_PROTOCOL naming its key, and the root keeps its store connection', async (t) => {
   // 3: a CHECK finds them missing; more than MAX_COLLECTIVE_PARTS (512): refused before the store is asked
   for (const parts of [3n, 513n, 100_000n, 2n ** 40n]) {
     const masterPort = await freePort()
@@ -451,7 +454,7 @@ test.serial('gather: a rank whose head announces parts that are not there is ERR
   }
 })
 
-test.serial('a very long but valid timeout (1.5e9 ms) does not overflow the timer of a non-root rank waiting for rank 0', async (t) => {
+test('a very long but valid timeout (1.5e9 ms) does not overflow the timer of a non-root rank waiting for rank 0', async (t) => {
   const pgs = await group(2, 1.5e9)
   const got = await within(
     Promise.all(
@@ -477,7 +480,7 @@ test.serial('a very long but valid timeout (1.5e9 ms) does not overflow the time
 // serial, and 1 s rather than a few hundred ms: the group's timeout also bounds each store reply, and rank 0 serves
 // the store on this event loop, which the concurrent tests of this file (800 connections, 8 MiB values) hold for
 // hundreds of ms at a time on a loaded machine
-test.serial('ranks calling collectives in different orders end in coded errors naming the other rank within their bounds', async (t) => {
+test('ranks calling collectives in different orders end in coded errors naming the other rank within their bounds', async (t) => {
   const pgs = await group(2, 1000)
   try {
     const started = Date.now()
@@ -500,7 +503,7 @@ test.serial('ranks calling collectives in different orders end in coded errors n
 
 const f32 = (v: number, n = 2) => ({ dtype: 'float32' as const, shape: [n], data: new Float32Array(n).fill(v) })
 
-test.serial('save: ranks given different checkpointIds (both folders exist) fail on every rank naming rank 1, with no .metadata anywhere', async (t) => {
+test('save: ranks given different checkpointIds (both folders exist) fail on every rank naming rank 1, with no .metadata anywhere', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'distcp-hostile-'))
   const ids = [join(dir, 'a'), join(dir, 'b')]
   mkdirSync(ids[1])
@@ -519,7 +522,7 @@ test.serial('save: ranks given different checkpointIds (both folders exist) fail
   rmSync(dir, { recursive: true, force: true })
 })
 
-test.serial('save: ranks started with different world sizes fail on every rank naming the one that differs, and nothing is written', async (t) => {
+test('save: ranks started with different world sizes fail on every rank naming the one that differs, and nothing is written', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'distcp-hostile-'))
   t.teardown(() => rmSync(dir, { recursive: true, force: true }))
   const masterPort = await freePort()
@@ -542,7 +545,7 @@ test.serial('save: ranks started with different world sizes fail on every rank n
   await Promise.all(pgs.map((pg) => pg.destroy()))
 })
 
-test.serial('convertDcpToHf: ranks given different output folders fail on every rank naming rank 1, and neither folder is written', async (t) => {
+test('convertDcpToHf: ranks given different output folders fail on every rank naming rank 1, and neither folder is written', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'distcp-hostile-'))
   t.teardown(() => rmSync(dir, { recursive: true, force: true }))
   const dcp = join(dir, 'dcp')
@@ -568,7 +571,7 @@ test.serial('convertDcpToHf: ranks given different output folders fail on every 
   await Promise.all(pgs.map((pg) => pg.destroy()))
 })
 
-test.serial('save: a replicated tensor with a different dtype or shape on two ranks is a coded error on every rank naming both, not one rank\'s copy saved', async (t) => {
+test('save: a replicated tensor with a different dtype or shape on two ranks is a coded error on every rank naming both, not one rank\'s copy saved', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'distcp-hostile-'))
   const pgs = await group(2)
   const cases: [string, (r: number) => ReturnType<typeof f32> | { dtype: 'float64'; shape: number[]; data: Float64Array }, RegExp][] = [
