@@ -126,6 +126,18 @@ pub enum ReadPace {
   /// of those per call, which each slab would pay again; the caller asks for readahead once per tensor
   /// ([`Checkpoint::prefetch`]).
   Slab,
+  /// As `Once`, for a read whose chunks the caller already asked the kernel for ([`Checkpoint::prefetch_region`]),
+  /// typically before it faulted in the destination, so the disk works while the memory is prepared.
+  Prefetched,
+}
+
+/// Asks the kernel to start reading the storage of every file-backed chunk in `chunks`.
+fn will_need_all(chunks: &[Arc<ResolvedChunk>]) {
+  for c in chunks {
+    if let Source::File { file, offset, len } = &c.source {
+      file.will_need(*offset, *len);
+    }
+  }
 }
 
 /// A record's bytes before parsing: a range of a data file, or decompressed in memory.
@@ -789,10 +801,8 @@ impl Checkpoint {
       return Ok(());
     }
     // start the disk on every chunk this read needs before copying from the first
-    for c in &chunks {
-      if let Source::File { file, offset, len } = &c.source {
-        file.will_need(*offset, *len);
-      }
+    if pace == ReadPace::Once {
+      will_need_all(&chunks);
     }
     if let Some(slabs) = whole_row_slabs(&plan, region, es) {
       return self.read_slabs_in_parallel(key, &plan, &chunks, slabs, dst);
@@ -851,11 +861,18 @@ impl Checkpoint {
   /// Resolves the chunks of `key` and asks the kernel to start reading their storage (asynchronous readahead;
   /// nothing is copied). A later read finds the chunks resolved.
   pub fn prefetch(&self, key: &str) -> Result<()> {
-    for c in self.resolve(key)? {
-      if let Source::File { file, offset, len } = &c.source {
-        file.will_need(*offset, *len);
-      }
-    }
+    will_need_all(&self.resolve(key)?);
+    Ok(())
+  }
+
+  /// [`Checkpoint::prefetch`] of only the chunks a read of `region` touches; the read that follows should be paced
+  /// [`ReadPace::Prefetched`].
+  pub fn prefetch_region(&self, key: &str, region: &Region) -> Result<()> {
+    let t = self.tensor(key)?;
+    check_region(&t.size, region).map_err(|r| self.bad_request(key, r))?;
+    let chunks: Vec<Arc<ResolvedChunk>> =
+      plan_region(t, region).iter().map(|r| self.resolve_chunk(key, r.chunk)).collect::<Result<_>>()?;
+    will_need_all(&chunks);
     Ok(())
   }
 

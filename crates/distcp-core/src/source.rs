@@ -111,6 +111,15 @@ impl ReadFail {
   }
 }
 
+/// Bytes of one readahead request in [`DataFile::will_need`]: no larger than the smallest window the kernel
+/// honours in one request (128 KiB, the default `read_ahead_kb`).
+pub const WILL_NEED_STEP_BYTES: u64 = 128 << 10;
+
+/// The most one [`DataFile::will_need`] asks the kernel to read ahead: a head start for a copy about to follow,
+/// not a way to pull gigabytes into the page cache before the first is consumed (the kernel's own sequential
+/// readahead follows the copy past it).
+pub const WILL_NEED_MAX_BYTES: u64 = 512 << 20;
+
 /// A data file of an open checkpoint, opened once and shared by every read.
 #[derive(Debug)]
 pub struct DataFile {
@@ -156,14 +165,25 @@ impl DataFile {
     Ok(())
   }
 
-  /// Asks the kernel to start reading `len` bytes at `offset` now (asynchronous readahead; advice only).
+  /// Asks the kernel to start reading `len` bytes at `offset` now (asynchronous readahead; advice only), at
+  /// most [`WILL_NEED_MAX_BYTES`] of them.
+  ///
+  /// Linux reads only `max(read_ahead_kb, max_sectors_kb)` of one `POSIX_FADV_WILLNEED` (often 128 KiB, 8 MiB on
+  /// the VM this was measured on) and drops the rest without a word, so the range is asked for in
+  /// [`WILL_NEED_STEP_BYTES`] steps: one call for 256 MiB brought 6 MiB into the page cache there, 32 calls of
+  /// 8 MiB all of it. The steps cost about 5 ms per GB when the bytes are already cached.
   pub fn will_need(&self, offset: u64, len: u64) {
     #[cfg(target_os = "linux")]
     {
       use std::os::fd::AsRawFd;
-      if let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) {
+      let end = offset.saturating_add(len.min(WILL_NEED_MAX_BYTES));
+      let mut at = offset;
+      while at < end {
+        let n = (end - at).min(WILL_NEED_STEP_BYTES);
+        let (Ok(off), Ok(len)) = (libc::off_t::try_from(at), libc::off_t::try_from(n)) else { return };
         // SAFETY: plain syscall on a descriptor we own; no memory is passed. An error only loses the head start.
-        unsafe { libc::posix_fadvise(self.file.as_raw_fd(), off, n, libc::POSIX_FADV_WILLNEED) };
+        unsafe { libc::posix_fadvise(self.file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED) };
+        at += n;
       }
     }
     #[cfg(not(target_os = "linux"))]
@@ -327,5 +347,61 @@ impl ResolvedChunk {
   /// Bytes of the chunk (numel × element size); fits, since `.metadata` was validated.
   pub fn nbytes(&self) -> u64 {
     crate::limits::checked_nbytes(&self.sizes, self.dtype.size()).unwrap_or(u64::MAX)
+  }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+  use super::*;
+  use std::io::Write;
+  use std::os::fd::AsRawFd;
+  use std::time::{Duration, Instant};
+
+  /// Pages of `f` (whose length is `len`) that are in the page cache.
+  fn cached_pages(f: &File, len: usize) -> usize {
+    // SAFETY: a read-only shared mapping of a file this test wrote and nobody truncates; it is only passed to
+    // mincore, never read.
+    let map = unsafe { memmap2::Mmap::map(f) }.expect("map");
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).expect("page size");
+    let mut v = vec![0u8; len.div_ceil(page)];
+    // SAFETY: `map` is `len` bytes, page-aligned; `v` has one byte per page of it.
+    let rc = unsafe { libc::mincore(map.as_ptr() as *mut libc::c_void, len, v.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    v.iter().filter(|b| **b & 1 == 1).count()
+  }
+
+  #[test]
+  fn will_need_starts_the_whole_range_not_only_the_kernels_window_for_one_request() {
+    let path = std::env::temp_dir().join(format!("distcp-will-need-{}", std::process::id()));
+    let len = 64usize << 20;
+    {
+      let mut f = File::create(&path).expect("create");
+      f.write_all(&vec![7u8; len]).expect("write");
+      f.sync_all().expect("fsync");
+    }
+    let df = DataFile::open(path.clone()).expect("open");
+    // SAFETY: plain syscall on a descriptor the DataFile owns.
+    unsafe { libc::posix_fadvise(df.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    let before = cached_pages(&df.file, len);
+    // SAFETY: sysconf has no preconditions.
+    let total = len / usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).expect("page size");
+    if before == total {
+      std::fs::remove_file(&path).ok();
+      eprintln!(
+        "skipped: the file stayed cached after POSIX_FADV_DONTNEED (tmpfs?), so readahead cannot show"
+      );
+      return;
+    }
+    df.will_need(0, len as u64);
+    let started = Instant::now();
+    let mut now = cached_pages(&df.file, len);
+    while now < total && started.elapsed() < Duration::from_secs(20) {
+      std::thread::sleep(Duration::from_millis(20));
+      now = cached_pages(&df.file, len);
+    }
+    std::fs::remove_file(&path).ok();
+    // one POSIX_FADV_WILLNEED for the whole range left 6 MiB of 256 cached on an 8 MiB-readahead disk
+    assert_eq!(now, total, "{now} of {total} pages cached after will_need ({before} before)");
   }
 }
