@@ -82,24 +82,39 @@ let passed = 0
 let failed = 0
 /** What failed, by name: printed again just above the summary line, where a log's tail shows it. */
 const failures = []
-function noteTap(suite, stdout) {
-  for (const m of stdout.matchAll(/^not ok \d+ - (.*)$/gm)) failures.push(`${suite}: ${m[1]}`)
+
+/**
+ * Adds one step's results to the totals: `ok` things passed, `bad` failed (`names` says which; it may name fewer
+ * than `bad`: cargo does not name a failed doc test). A step that exited non-zero with no failure counted crashed or
+ * did not build: that is one failure, said as `why`. A step killed at its time limit was counted by {@link step}.
+ */
+function tally(label, r, ok, bad, names, why) {
+  passed += ok
+  failed += bad
+  for (const n of names) failures.push(`${label}: ${n}`)
+  if (r.status !== 0 && bad === 0 && !r.timedOut) {
+    failed += 1
+    failures.push(`${label}: ${why} (exit ${r.status}, signal ${r.signal})`)
+  }
 }
 
-/** Adds a `cargo test` run's `test result:` lines to the totals; a run that failed without one did not build. */
-function countCargo(r, label) {
+/** An ava `--tap` run: one `ok N` / `not ok N - title` line per test. */
+function tallyTap(label, r) {
+  const bad = [...r.stdout.matchAll(/^not ok \d+ - (.*)$/gm)].map((m) => m[1])
+  tally(label, r, (r.stdout.match(/^ok \d+/gm) ?? []).length, bad.length, bad, 'no failing test (crashed or found none)')
+}
+
+/** A `cargo test` run: its `test result:` lines, and `---- name stdout ----` for each failed test it names. */
+function tallyCargo(label, r) {
   const text = `${r.stdout}\n${r.stderr}`
-  let counted = false
+  let ok = 0
+  let bad = 0
   for (const m of text.matchAll(/test result: \w+\. (\d+) passed; (\d+) failed/g)) {
-    passed += Number(m[1])
-    failed += Number(m[2])
-    counted = true
+    ok += Number(m[1])
+    bad += Number(m[2])
   }
-  for (const m of text.matchAll(/^---- (\S+) stdout ----$/gm)) failures.push(`${label}: ${m[1]}`)
-  if (r.status !== 0 && !counted && !r.timedOut) {
-    failed += 1
-    failures.push(`${label}: did not build or run`)
-  }
+  const names = [...text.matchAll(/^---- (\S+) stdout ----$/gm)].map((m) => m[1])
+  tally(label, r, ok, bad, names, 'did not build or run')
 }
 
 if (!existsSync(join(root, 'dist', 'index.js')) || !existsSync(join(root, 'binding.cjs'))) {
@@ -129,7 +144,7 @@ if (!tch) {
 // Rust
 {
   const r = await step('cargo test', 'cargo', ['test', '--workspace', '--locked'], { minutes: 20 })
-  countCargo(r, 'cargo test')
+  tallyCargo('cargo test', r)
 }
 
 // ava (TypeScript suites, interop included)
@@ -138,15 +153,7 @@ if (!tch) {
     minutes: 30,
     env: { ...process.env, DISTCP_PYTHON: venvPython, ...(tch ? { DISTCP_PYTHON_OLD_TORCH: tch.py } : {}) },
   })
-  const ok = (r.stdout.match(/^ok \d+/gm) ?? []).length
-  const notOk = (r.stdout.match(/^not ok \d+/gm) ?? []).length
-  passed += ok
-  failed += notOk
-  noteTap('ava', r.stdout)
-  if (r.status !== 0 && notOk === 0 && !r.timedOut) {
-    failed += 1 // crashed or found no tests
-    failures.push(`ava: exit ${r.status} with no failing test (crashed or found none)`)
-  }
+  tallyTap('ava', r)
 }
 
 // The same suites through the WASM fallback (DISTCP_FORCE_WASM=1; wasm.spec.ts checks that the WASM build is what
@@ -179,15 +186,7 @@ const node24 = () => nodeFromNpm(24)
     minutes: 15,
     env: { ...process.env, DISTCP_FORCE_WASM: '1', DISTCP_PYTHON: venvPython },
   })
-  const ok = (r.stdout.match(/^ok \d+/gm) ?? []).length
-  const notOk = (r.stdout.match(/^not ok \d+/gm) ?? []).length
-  passed += ok
-  failed += notOk
-  noteTap('ava (WASM)', r.stdout)
-  if (r.status !== 0 && notOk === 0 && !r.timedOut) {
-    failed += 1
-    failures.push(`ava (WASM): exit ${r.status} (signal ${r.signal}) with no failing test`)
-  }
+  tallyTap('ava (WASM)', r)
 }
 
 // Node 20 and 22 crashed in V8 on large WASM reads until the loader turned their fast API calls off
@@ -205,14 +204,8 @@ const node24 = () => nodeFromNpm(24)
   }
   const r = await step('WASM large reads', process.execPath, ['scripts/wasm-read-smoke.mjs', '--runs', '2', ...nodes.flatMap((n) => ['--node', n])], { minutes: 10 })
   const lines = r.stdout.split('\n').filter((l) => l.startsWith('wasm-read-smoke: '))
-  const bad = lines.filter((l) => / FAILED /.test(l))
-  passed += lines.length - bad.length
-  failed += bad.length
-  for (const l of bad) failures.push(`WASM large reads: ${l.slice('wasm-read-smoke: '.length, 200)}`)
-  if (r.status !== 0 && bad.length === 0 && !r.timedOut) {
-    failed += 1
-    failures.push(`WASM large reads: scripts/wasm-read-smoke.mjs exit ${r.status} (signal ${r.signal})`)
-  }
+  const bad = lines.filter((l) => / FAILED /.test(l)).map((l) => l.slice('wasm-read-smoke: '.length, 200))
+  tally('WASM large reads', r, lines.length - bad.length, bad.length, bad, 'scripts/wasm-read-smoke.mjs failed')
 }
 
 // distcp-tch (its own cargo workspace), against the libtorch of .venv-tch
@@ -227,23 +220,18 @@ if (tch) {
     DISTCP_PYTHON: venvPython, // torch 2.15 + transformers, for the convert test
   }
   const r = await step('distcp-tch', 'cargo', ['test', '--locked', '--manifest-path', join('crates', 'distcp-tch', 'Cargo.toml')], { minutes: 20, env })
-  countCargo(r, 'distcp-tch')
+  tallyCargo('distcp-tch', r)
 }
 
 // fuzzing: every target for a bounded time on the fixture-seeded corpus (fuzz/run.sh), so a regression fails CI
 {
   const seconds = process.env.DISTCP_FUZZ_SECONDS ?? '30'
   const r = await step('fuzz', 'bash', ['fuzz/run.sh', seconds], { minutes: 15 })
+  // fuzz/run.sh prints `fuzz: <target> for Ns` as each target starts and `fuzz: <target> FAILED` if it found a crash
   const text = `${r.stdout}\n${r.stderr}`
   const ran = (text.match(/^fuzz: \w+ for /gm) ?? []).length
-  const bad = (text.match(/^fuzz: \w+ FAILED/gm) ?? []).length
-  passed += ran - bad
-  failed += bad
-  for (const m of text.matchAll(/^fuzz: (\w+) FAILED/gm)) failures.push(`fuzz: ${m[1]}`)
-  if (r.status !== 0 && bad === 0 && !r.timedOut) {
-    failed += 1 // did not build
-    failures.push('fuzz: fuzz/run.sh did not build')
-  }
+  const bad = [...text.matchAll(/^fuzz: (\w+) FAILED/gm)].map((m) => m[1])
+  tally('fuzz', r, ran - bad.length, bad.length, bad, 'fuzz/run.sh did not build')
 }
 
 
