@@ -1,5 +1,5 @@
 // bench/read: distcp vs `cat` vs torch dcp.load on the same ≥1 GiB Llama-shaped 2-rank checkpoint.
-// usage: node bench/read/run.mjs [checkpoint-dir]   (generated with real torch on first run)
+// usage: [REPS=3] [PASSES=warm,cold] node bench/read/run.mjs [checkpoint-dir]   (generated with real torch on first run)
 // Two passes: warm page cache (each contestant runs once untimed first: CPU-side cost), and cold (the files are
 // evicted from the page cache with posix_fadvise before every run: what the disk allows; COLD=drop drops the whole
 // page cache instead, `sync; echo 3 > /proc/sys/vm/drop_caches`, which needs root and slows everyone else's work).
@@ -62,26 +62,33 @@ const evict =
     : () => run(python, ['bench/lib/evict.py', ...files])
 const fileBytes = Number(run('du', ['-sb', ...files]).stdout.split('\n').filter(Boolean).reduce((a, l) => a + Number(l.split('\t')[0]), 0))
 
+const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]
 for (const cache of (process.env.PASSES ?? 'warm,cold').split(',')) {
   const loadBefore = readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ')
-  const results = {}
-  for (const [name, f] of Object.entries(contestants)) {
-    if (cache === 'warm') f() // warm the page cache and the code
-    const runs = Array.from({ length: reps }, () => {
+  const names = Object.keys(contestants)
+  if (cache === 'warm') for (const name of names) contestants[name]() // warm the page cache and the code
+  // rounds interleave the contestants, and each round starts one later (cat, distcp, …; distcp, …, cat; …): this
+  // VM's disk drifts over minutes, and what a contestant reads cold lands in memory the one before it freed, which
+  // a VM's host may have taken back (cat's cold time here: 0.56 s after cat, 1.9 s after torch)
+  const runs = Object.fromEntries(names.map((n) => [n, []]))
+  for (let round = 0; round < reps; round++) {
+    for (const name of [...names.slice(round % names.length), ...names.slice(0, round % names.length)]) {
       if (cache === 'cold') evict()
-      return f()
-    })
-    const best = runs.reduce((a, b) => (b.seconds < a.seconds ? b : a))
-    results[name] = { ...best, maxRssKb: Math.max(...runs.map((r) => r.maxRssKb)) }
+      runs[name].push(contestants[name]())
+    }
   }
-  const bytes = results.distcp.bytes
-  console.log(`\n${cache} page cache — ${ckpt}: ${(bytes / 1e9).toFixed(2)} GB of tensors in ${files.length} files (${(fileBytes / 1e9).toFixed(2)} GB on disk); best of ${reps}; load average before: ${loadBefore}`)
-  console.log('contestant                GB/s    seconds  peak RSS   vs cat  vs torch')
-  for (const [name, r] of Object.entries(results)) {
-    const b = name === 'cat' ? fileBytes : bytes
-    const gbs = b / r.seconds / 1e9
-    const vsCat = (results.cat.seconds / r.seconds).toFixed(2)
-    const vsTorch = (results['torch dcp.load'].seconds / r.seconds).toFixed(2)
-    console.log(`${name.padEnd(24)} ${gbs.toFixed(2).padStart(5)}  ${r.seconds.toFixed(3).padStart(8)}  ${(r.maxRssKb / 1024).toFixed(0).padStart(5)} MiB  ${vsCat.padStart(5)}×  ${vsTorch.padStart(6)}×`)
+  const seconds = (name) => runs[name].map((r) => r.seconds)
+  const bytes = runs.distcp[0].bytes
+  console.log(`\n${cache} page cache — ${ckpt}: ${(bytes / 1e9).toFixed(2)} GB of tensors in ${files.length} files (${(fileBytes / 1e9).toFixed(2)} GB on disk); ${reps} interleaved rounds; load average before: ${loadBefore}`)
+  console.log('contestant                GB/s   best s  median s  peak RSS   vs cat  per round  vs torch')
+  for (const name of names) {
+    const best = Math.min(...seconds(name))
+    const gbs = (name === 'cat' ? fileBytes : bytes) / best / 1e9
+    const vsCat = (Math.min(...seconds('cat')) / best).toFixed(2)
+    // per round: the median over rounds of (that round's cat) / (this one), robust to the disk's drift
+    const perRound = median(seconds(name).map((s, i) => seconds('cat')[i] / s)).toFixed(2)
+    const vsTorch = (Math.min(...seconds('torch dcp.load')) / best).toFixed(2)
+    const rss = Math.max(...runs[name].map((r) => r.maxRssKb)) / 1024
+    console.log(`${name.padEnd(24)} ${gbs.toFixed(2).padStart(5)}  ${best.toFixed(3).padStart(7)}  ${median(seconds(name)).toFixed(3).padStart(8)}  ${rss.toFixed(0).padStart(5)} MiB  ${vsCat.padStart(5)}×  ${perRound.padStart(8)}×  ${vsTorch.padStart(7)}×`)
   }
 }
