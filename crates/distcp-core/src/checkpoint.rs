@@ -140,6 +140,13 @@ fn will_need_all(chunks: &[Arc<ResolvedChunk>]) {
   }
 }
 
+/// Asks the kernel to start reading what each of `plan`'s reads (of a box of `sizes`) needs of its chunk.
+fn will_need_reads(plan: &[ChunkRead], chunks: &[Arc<ResolvedChunk>], sizes: &[u64]) {
+  for (read, chunk) in plan.iter().zip(chunks) {
+    crate::copy::will_need(chunk, read, sizes);
+  }
+}
+
 /// A record's bytes before parsing: a range of a data file, or decompressed in memory.
 enum RecordBytes {
   File { file: Arc<DataFile>, offset: u64, len: u64 },
@@ -800,9 +807,9 @@ impl Checkpoint {
       }
       return Ok(());
     }
-    // start the disk on every chunk this read needs before copying from the first
+    // start the disk on everything this read needs before copying from the first
     if pace == ReadPace::Once {
-      will_need_all(&chunks);
+      will_need_reads(&plan, &chunks, &region.sizes);
     }
     if let Some(slabs) = whole_row_slabs(&plan, region, es) {
       return self.read_slabs_in_parallel(key, &plan, &chunks, slabs, dst);
@@ -870,9 +877,10 @@ impl Checkpoint {
   pub fn prefetch_region(&self, key: &str, region: &Region) -> Result<()> {
     let t = self.tensor(key)?;
     check_region(&t.size, region).map_err(|r| self.bad_request(key, r))?;
+    let plan = plan_region(t, region);
     let chunks: Vec<Arc<ResolvedChunk>> =
-      plan_region(t, region).iter().map(|r| self.resolve_chunk(key, r.chunk)).collect::<Result<_>>()?;
-    will_need_all(&chunks);
+      plan.iter().map(|r| self.resolve_chunk(key, r.chunk)).collect::<Result<_>>()?;
+    will_need_reads(&plan, &chunks, &region.sizes);
     Ok(())
   }
 
