@@ -212,8 +212,8 @@ for (const cache of ['warm', 'cold']) {
   // rounds interleave the contestants (a round runs each once): this VM's disk drifts by 2× over minutes, and a
   // contestant whose runs all fall in a fast or a slow stretch would otherwise win or lose on that alone. Each
   // round starts one contestant later, so each follows each: a cold run is moved by what ran before it (its
-  // write-back, the memory it freed) more than by anything distcp does (bench/read measured cat at 0.56 s after
-  // cat and 1.9 s after torch)
+  // write-back, the memory it freed) more than by anything distcp does (bench/read measured cat at 0.56–0.61 s
+  // back to back and 1.5–1.9 s interleaved)
   if (cache === 'warm') for (const [name, c] of Object.entries(contestants)) once(name, c, false)
   const rounds = Object.fromEntries(Object.keys(contestants).map((name) => [name, []]))
   const order = Object.entries(contestants)

@@ -68,8 +68,9 @@ for (const cache of (process.env.PASSES ?? 'warm,cold').split(',')) {
   const names = Object.keys(contestants)
   if (cache === 'warm') for (const name of names) contestants[name]() // warm the page cache and the code
   // rounds interleave the contestants, and each round starts one later (cat, distcp, …; distcp, …, cat; …): this
-  // VM's disk drifts over minutes, and what a contestant reads cold lands in memory the one before it freed, which
-  // a VM's host may have taken back (cat's cold time here: 0.56 s after cat, 1.9 s after torch)
+  // VM's disk drifts over minutes, and a cold run depends on what ran before it (cat's cold time here: 0.56–0.61 s
+  // run back to back, 1.5–1.9 s interleaved with the others; perhaps memory the one before freed, which the VM's
+  // host took back, perhaps its write-back)
   const runs = Object.fromEntries(names.map((n) => [n, []]))
   for (let round = 0; round < reps; round++) {
     for (const name of [...names.slice(round % names.length), ...names.slice(0, round % names.length)]) {
