@@ -97,14 +97,24 @@ impl Copies {
   /// non-overlapping offsets (a row-major chunk: yes; a transposed one: no). A reader that streams the source
   /// through a window needs this.
   pub fn is_ascending(&self) -> bool {
+    self.ascends(self.template.src_pitch, |d| d.src)
+  }
+
+  /// [`Copies::is_ascending`] for where the rows land: at increasing, non-overlapping offsets of the destination.
+  pub fn lands_ascending(&self) -> bool {
+    self.ascends(self.template.dst_pitch, |d| d.dst)
+  }
+
+  /// Whether rows `pitch` bytes apart, walked by outer dimensions `stride` elements apart, ascend.
+  fn ascends(&self, pitch: u64, stride: impl Fn(&Dim) -> u64) -> bool {
     let t = &self.template;
-    if t.height > 1 && t.src_pitch < t.width {
+    if t.height > 1 && pitch < t.width {
       return false;
     }
     // bytes spanned by one copy, then by each outer dimension from the innermost out
-    let mut span = (t.height - 1).saturating_mul(t.src_pitch).saturating_add(t.width);
+    let mut span = (t.height - 1).saturating_mul(pitch).saturating_add(t.width);
     for d in self.outer.iter().rev() {
-      let step = d.src.saturating_mul(self.elem_size);
+      let step = stride(d).saturating_mul(self.elem_size);
       if d.len > 1 && step < span {
         return false;
       }

@@ -115,6 +115,9 @@ impl ReadFail {
 /// honours in one request (128 KiB, the default `read_ahead_kb`).
 pub const WILL_NEED_STEP_BYTES: u64 = 128 << 10;
 
+/// Buffers per `preadv` in [`DataFile::read_vectored_exact_at`]: Linux's `IOV_MAX`.
+pub const MAX_IOVECS: usize = 1024;
+
 /// The most one [`DataFile::will_need`] asks the kernel to read ahead: a head start for a copy about to follow,
 /// not a way to pull gigabytes into the page cache before the first is consumed (the kernel's own sequential
 /// readahead follows the copy past it).
@@ -161,6 +164,57 @@ impl DataFile {
         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
         Err(e) => return Err(ReadFail::Io(e)),
       }
+    }
+    Ok(())
+  }
+
+  /// Fills `bufs`, in order, from byte `offset` of the file: the file's bytes scattered into many places with one
+  /// `preadv` per [`MAX_IOVECS`] buffers (one read each elsewhere).
+  pub fn read_vectored_exact_at(
+    &self,
+    mut bufs: &mut [std::io::IoSliceMut<'_>],
+    offset: u64,
+  ) -> std::result::Result<(), ReadFail> {
+    let expected: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+    let mut done = 0u64;
+    #[cfg(unix)]
+    {
+      use std::os::fd::AsRawFd;
+      while !bufs.is_empty() {
+        let count = libc::c_int::try_from(bufs.len().min(MAX_IOVECS)).unwrap_or(1);
+        let at = offset.checked_add(done).and_then(|a| libc::off_t::try_from(a).ok());
+        let Some(at) = at else {
+          return Err(ReadFail::Io(std::io::Error::other(format!(
+            "offset {offset} + {done} is past what preadv takes"
+          ))));
+        };
+        // SAFETY: `IoSliceMut` is ABI-compatible with `iovec` on unix, and each of the first `count` buffers is
+        // memory this call holds exclusively (`&mut`) for its whole length.
+        let n = unsafe { libc::preadv(self.file.as_raw_fd(), bufs.as_ptr().cast(), count, at) };
+        match n {
+          0 => return Err(ReadFail::Short { offset, expected, got: done }),
+          n if n < 0 => {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+              return Err(ReadFail::Io(e));
+            }
+          }
+          n => {
+            // the kernel never returns more than the buffers hold
+            let n = n.unsigned_abs();
+            done += n as u64;
+            std::io::IoSliceMut::advance_slices(&mut bufs, n);
+          }
+        }
+      }
+    }
+    #[cfg(not(unix))]
+    for b in bufs.iter_mut() {
+      self.read_exact_at(b, offset + done).map_err(|e| match e {
+        ReadFail::Short { got, .. } => ReadFail::Short { offset, expected, got: done + got },
+        e => e,
+      })?;
+      done += b.len() as u64;
     }
     Ok(())
   }
