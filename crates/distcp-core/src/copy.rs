@@ -213,7 +213,7 @@ pub fn copy_from_file(
 /// Small rows that fill a contiguous range of the file and land in increasing places of the destination (a
 /// column-sharded chunk read whole: each of its rows is a slice of a tensor row): each `preadv` scatters up to
 /// [`MAX_IOVECS`] rows straight from the page cache into place, one copy per byte, where reading a window into
-/// scratch and copying each row out of it costs two (0.70 → 0.65 s for a `Shard(1)` checkpoint read whole,
+/// scratch and copying each row out of it costs two (median 0.71 → 0.62 s for a `Shard(1)` checkpoint read whole,
 /// `bench/read/reshard.mjs`). Rows with gaps between them stay on the window path: reading the gaps into scratch
 /// as well made column boxes 5% slower there. `start` is the file offset of the first row.
 #[cfg(unix)]
