@@ -5,7 +5,9 @@
 use crate::exec::{lower, source_extent, Copy2D, LowerError, StoredLayout};
 use crate::limits::STRIDED_SCRATCH_BYTES;
 use crate::plan::ChunkRead;
-use crate::source::{DataFile, Fixup, ReadFail, ResolvedChunk, Source, MAX_IOVECS};
+#[cfg(unix)]
+use crate::source::MAX_IOVECS;
+use crate::source::{DataFile, Fixup, ReadFail, ResolvedChunk, Source};
 
 /// Rows at least this long are read with one `pread` each, straight into the destination; shorter ones come
 /// from scratch filled by large reads.
@@ -170,12 +172,14 @@ pub fn copy_from_file(
     return Ok(());
   }
   let ascending = copies.is_ascending();
-  // every byte of the source extent is copied (no gaps between rows): see `copy_rows_scattered`
-  let dense = copies.copy_count().checked_mul(shape.height).and_then(|n| n.checked_mul(shape.width))
-    == Some(end - first);
   #[cfg(unix)]
-  if ascending && dense && copies.lands_ascending() {
-    return copy_rows_scattered(file, at(first)?, copies, fixup, dst);
+  {
+    // every byte of the source extent is copied (no gaps between rows): see `copy_rows_scattered`
+    let dense = copies.copy_count().checked_mul(shape.height).and_then(|n| n.checked_mul(shape.width))
+      == Some(end - first);
+    if ascending && dense && copies.lands_ascending() {
+      return copy_rows_scattered(file, at(first)?, copies, fixup, dst);
+    }
   }
   // Small rows: read the source through scratch. Rows visited in file order need only a sliding window; others
   // (a transposed chunk) jump around, so their whole extent is read at once when it is not too large.

@@ -172,7 +172,7 @@ impl DataFile {
   /// `preadv` per [`MAX_IOVECS`] buffers (one read each elsewhere).
   pub fn read_vectored_exact_at(
     &self,
-    mut bufs: &mut [std::io::IoSliceMut<'_>],
+    bufs: &mut [std::io::IoSliceMut<'_>],
     offset: u64,
   ) -> std::result::Result<(), ReadFail> {
     let expected: u64 = bufs.iter().map(|b| b.len() as u64).sum();
@@ -180,6 +180,7 @@ impl DataFile {
     #[cfg(unix)]
     {
       use std::os::fd::AsRawFd;
+      let mut bufs = bufs;
       while !bufs.is_empty() {
         let count = libc::c_int::try_from(bufs.len().min(MAX_IOVECS)).unwrap_or(1);
         let at = offset.checked_add(done).and_then(|a| libc::off_t::try_from(a).ok());
