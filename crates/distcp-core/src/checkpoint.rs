@@ -131,15 +131,6 @@ pub enum ReadPace {
   Prefetched,
 }
 
-/// Asks the kernel to start reading the storage of every file-backed chunk in `chunks`.
-fn will_need_all(chunks: &[Arc<ResolvedChunk>]) {
-  for c in chunks {
-    if let Source::File { file, offset, len } = &c.source {
-      file.will_need(*offset, *len);
-    }
-  }
-}
-
 /// Asks the kernel to start reading what each of `plan`'s reads (of a box of `sizes`) needs of its chunk.
 fn will_need_reads(plan: &[ChunkRead], chunks: &[Arc<ResolvedChunk>], sizes: &[u64]) {
   for (read, chunk) in plan.iter().zip(chunks) {
@@ -868,8 +859,8 @@ impl Checkpoint {
   /// Resolves the chunks of `key` and asks the kernel to start reading their storage (asynchronous readahead;
   /// nothing is copied). A later read finds the chunks resolved.
   pub fn prefetch(&self, key: &str) -> Result<()> {
-    will_need_all(&self.resolve(key)?);
-    Ok(())
+    let t = self.tensor(key)?;
+    self.prefetch_region(key, &Region::whole(&t.size))
   }
 
   /// [`Checkpoint::prefetch`] of only the chunks a read of `region` touches; the read that follows should be paced

@@ -81,7 +81,7 @@ fn dst_row(dst: &mut [u8], at: u64, width: u64) -> Result<&mut [u8], CopyError> 
   }
 }
 
-fn rows(c: &Copy2D) -> impl Iterator<Item = (u64, u64)> + '_ {
+fn rows(c: Copy2D) -> impl Iterator<Item = (u64, u64)> {
   (0..c.height).map(move |r| (c.src + r * c.src_pitch, c.dst + r * c.dst_pitch))
 }
 
@@ -102,7 +102,7 @@ pub fn copy_chunk(
     }
   }
   for c in copies {
-    for (s, t) in rows(&c) {
+    for (s, t) in rows(c) {
       let out = dst_row(dst, t, c.width)?;
       // in bounds: the extent check above covers every row
       out.copy_from_slice(&storage[s as usize..(s + c.width) as usize]);
@@ -161,7 +161,7 @@ pub fn copy_from_file(
   let shape = copies.shape();
   if shape.width >= PREAD_MIN {
     for c in copies {
-      for (s, t) in rows(&c) {
+      for (s, t) in rows(c) {
         let out = dst_row(dst, t, c.width)?;
         file.read_exact_at(out, at(s)?).map_err(CopyError::Read)?;
         if let Some(f) = fixup {
@@ -194,7 +194,7 @@ pub fn copy_from_file(
   // the window holds storage bytes [w0, w0 + filled)
   let (mut w0, mut filled) = (0u64, 0u64);
   for c in copies {
-    for (s, t) in rows(&c) {
+    for (s, t) in rows(c) {
       if s < w0 || s + c.width > w0 + filled {
         // out of order, start the window as early as still covers this row, so it also covers earlier ones
         let r = if ascending { s } else { s.min(end - window).max(first) };
@@ -229,16 +229,15 @@ fn copy_rows_scattered(
   dst: &mut [u8],
 ) -> Result<(), CopyError> {
   // (destination offset, width) of every row, in order; their sources follow each other from `start`
-  let mut rows =
-    copies.flat_map(|c| (0..c.height).map(move |r| (c.dst + r * c.dst_pitch, c.width))).peekable();
+  let mut landing = copies.flat_map(|c| rows(c).map(move |(_, t)| (t, c.width))).peekable();
   // the destination not yet handed out, starting at byte `rest_at`
   let mut rest: &mut [u8] = dst;
   let mut rest_at = 0u64;
   let mut offset = start;
-  while rows.peek().is_some() {
+  while landing.peek().is_some() {
     let mut bufs: Vec<std::io::IoSliceMut<'_>> = Vec::with_capacity(MAX_IOVECS);
     let mut bytes = 0u64;
-    for (t, width) in rows.by_ref().take(MAX_IOVECS) {
+    for (t, width) in landing.by_ref().take(MAX_IOVECS) {
       let skip = t.checked_sub(rest_at).and_then(|k| usize::try_from(k).ok());
       let (skip, w) = match (skip, usize::try_from(width)) {
         (Some(k), Ok(w)) if k.checked_add(w).is_some_and(|e| e <= rest.len()) => (k, w),
