@@ -2,8 +2,8 @@
 //! chunk's record resolved once into a [`ResolvedChunk`], and reads of whole tensors, boxes of tensors and
 //! non-tensor values.
 //!
-//! The flow: `.metadata` → [`Metadata::validate`] → [`plan_region`] → [`Checkpoint::resolve`] → executor
-//! ([`copy_resolved`] on the host) → destination.
+//! The flow: `.metadata` → [`Metadata::validate`] → [`Checkpoint::plan_read`] ([`plan_region`], then each chunk
+//! resolved) → executor ([`BoxRead::copy_into`], [`copy_resolved`] on the host; the CUDA executor) → destination.
 
 use crate::copy::{copy_resolved, CopyError};
 use crate::dtype::DType;
@@ -116,25 +116,110 @@ impl ResolvedCache {
   }
 }
 
-/// How a box read paces its I/O ([`Checkpoint::read_into_as`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReadPace {
-  /// A read on its own: readahead advice over every chunk it touches, and chunks that fill whole rows copied on
-  /// several threads ([`Checkpoint::read_into`]).
-  Once,
-  /// One of many consecutive reads of the same tensor on a thread of the caller's (a conversion's slabs): neither
-  /// of those per call, which each slab would pay again; the caller asks for readahead once per tensor
-  /// ([`Checkpoint::prefetch`]).
-  Slab,
-  /// As `Once`, for a read whose chunks the caller already asked the kernel for ([`Checkpoint::prefetch_region`]),
-  /// typically before it faulted in the destination, so the disk works while the memory is prepared.
-  Prefetched,
+/// A read of one box of one tensor, planned and resolved once ([`Checkpoint::plan_read`]): which chunks it
+/// touches, what of each, and where their bytes are. The caller paces it: [`BoxRead::will_need`] starts the disk
+/// (before faulting in a destination, say), [`BoxRead::copy_into`] copies on several threads, and
+/// [`BoxRead::copy_here`] on the caller's thread only. [`Checkpoint::read_into`] is `will_need`, then `copy_into`.
+pub struct BoxRead<'a> {
+  ck: &'a Checkpoint,
+  key: &'a str,
+  region: &'a Region,
+  plan: Vec<ChunkRead>,
+  chunks: Vec<Arc<ResolvedChunk>>,
+  dtype: DType,
+  bytes: u64,
 }
 
-/// Asks the kernel to start reading what each of `plan`'s reads (of a box of `sizes`) needs of its chunk.
-fn will_need_reads(plan: &[ChunkRead], chunks: &[Arc<ResolvedChunk>], sizes: &[u64]) {
-  for (read, chunk) in plan.iter().zip(chunks) {
-    crate::copy::will_need(chunk, read, sizes);
+impl BoxRead<'_> {
+  /// Bytes of the box (row-major): what the destination must hold.
+  pub fn bytes(&self) -> u64 {
+    self.bytes
+  }
+
+  /// Asks the kernel to start reading what each chunk read needs of its chunk (asynchronous readahead of the
+  /// extent the box spans, not whole chunks; nothing is copied).
+  pub fn will_need(&self) {
+    for (read, chunk) in self.plan.iter().zip(&self.chunks) {
+      crate::copy::will_need(chunk, read, &self.region.sizes);
+    }
+  }
+
+  /// Copies the box into `dst`. Chunks that each fill whole rows of it (sharded on dim 0, the common case) are
+  /// copied on several threads at once: more reads in flight for the disk, and every core copying when the data
+  /// is cached.
+  pub fn copy_into(&self, dst: &mut [u8]) -> Result<()> {
+    self.check_dst(dst)?;
+    if let Some(slabs) = whole_row_slabs(&self.plan, self.region, self.dtype.size() as u64) {
+      return self.copy_slabs_in_parallel(slabs, dst);
+    }
+    self.copy_chunks(dst)
+  }
+
+  /// Copies the box into `dst` on this thread only: for a caller that already keeps the cores busy (a
+  /// conversion's slab readers) and asked for readahead once for many such reads.
+  pub fn copy_here(&self, dst: &mut [u8]) -> Result<()> {
+    self.check_dst(dst)?;
+    self.copy_chunks(dst)
+  }
+
+  fn check_dst(&self, dst: &[u8]) -> Result<()> {
+    if self.bytes == dst.len() as u64 {
+      return Ok(());
+    }
+    Err(self.ck.bad_request(
+      self.key,
+      format!(
+        "the destination holds {} bytes, the {} box {:?} needs {}",
+        dst.len(),
+        self.dtype,
+        self.region.sizes,
+        self.bytes
+      ),
+    ))
+  }
+
+  fn copy_chunks(&self, dst: &mut [u8]) -> Result<()> {
+    for (read, chunk) in self.plan.iter().zip(&self.chunks) {
+      copy_resolved(chunk, read, dst, &self.region.sizes)
+        .map_err(|e| self.ck.copy_error(chunk, self.key, e))?;
+    }
+    Ok(())
+  }
+
+  fn copy_slabs_in_parallel(&self, slabs: Vec<(usize, Range<usize>)>, dst: &mut [u8]) -> Result<()> {
+    let mut parts: Vec<(usize, &mut [u8])> = Vec::with_capacity(slabs.len());
+    let mut rest = dst;
+    let mut at = 0;
+    for (i, range) in slabs {
+      let (_, tail) = std::mem::take(&mut rest).split_at_mut(range.start - at);
+      let (mine, tail) = tail.split_at_mut(range.len());
+      parts.push((i, mine));
+      rest = tail;
+      at = range.end;
+    }
+    let threads = crate::threads::cores().min(parts.len());
+    let per = parts.len().div_ceil(threads);
+    let (ck, key, plan, chunks) = (self.ck, self.key, &self.plan, &self.chunks);
+    std::thread::scope(|s| {
+      let mut handles = Vec::new();
+      let mut parts = parts;
+      while !parts.is_empty() {
+        let batch: Vec<(usize, &mut [u8])> = parts.drain(..per.min(parts.len())).collect();
+        handles.push(s.spawn(move || -> Result<()> {
+          for (i, out) in batch {
+            let read = &plan[i];
+            let mut local = read.clone();
+            local.dst_start = vec![0; read.dst_start.len()];
+            copy_resolved(&chunks[i], &local, out, &read.lengths)
+              .map_err(|e| ck.copy_error(&chunks[i], key, e))?;
+          }
+          Ok(())
+        }));
+      }
+      handles
+        .into_iter()
+        .try_for_each(|h| h.join().unwrap_or_else(|_| Err(ck.bad_request(key, "a reader thread panicked"))))
+    })
   }
 }
 
@@ -753,29 +838,12 @@ impl Checkpoint {
     })
   }
 
-  /// Reads the box `region` of tensor `key` into `dst` (row-major, `region.numel() × element size` bytes),
-  /// touching only the chunks that overlap it.
-  pub fn read_into(&self, key: &str, region: &Region, dst: &mut [u8]) -> Result<()> {
-    self.read_into_as(key, region, dst, ReadPace::Once)
-  }
-
-  /// [`Checkpoint::read_into`], paced for the caller: see [`ReadPace`].
-  pub fn read_into_as(&self, key: &str, region: &Region, dst: &mut [u8], pace: ReadPace) -> Result<()> {
+  /// Plans a read of the box `region` of tensor `key`: checks the box, finds the chunks that overlap it and
+  /// resolves them (see [`BoxRead`]). No data is read.
+  pub fn plan_read<'a>(&'a self, key: &'a str, region: &'a Region) -> Result<BoxRead<'a>> {
     let t = self.tensor(key)?;
     check_region(&t.size, region).map_err(|r| self.bad_request(key, r))?;
-    let es = t.dtype().size() as u64;
-    let want = self.region_bytes(key, t, region)?;
-    if want != dst.len() as u64 {
-      return Err(self.bad_request(
-        key,
-        format!(
-          "the destination holds {} bytes, the {} box {:?} needs {want}",
-          dst.len(),
-          t.dtype(),
-          region.sizes
-        ),
-      ));
-    }
+    let bytes = self.region_bytes(key, t, region)?;
     let plan = plan_region(t, region);
     // chunks are disjoint (validated at open), so the box is covered when the overlaps add up to it: always so in
     // a `.metadata`, where chunks cover the tensor; a rank-local `__{rank}.metadata` may hold only part of it
@@ -790,88 +858,23 @@ impl Checkpoint {
         ),
       ));
     }
-    let chunks: Vec<Arc<ResolvedChunk>> =
-      plan.iter().map(|r| self.resolve_chunk(key, r.chunk)).collect::<Result<_>>()?;
-    if pace == ReadPace::Slab {
-      for (read, chunk) in plan.iter().zip(&chunks) {
-        copy_resolved(chunk, read, dst, &region.sizes).map_err(|e| self.copy_error(chunk, key, e))?;
-      }
-      return Ok(());
-    }
-    // start the disk on everything this read needs before copying from the first
-    if pace == ReadPace::Once {
-      will_need_reads(&plan, &chunks, &region.sizes);
-    }
-    if let Some(slabs) = whole_row_slabs(&plan, region, es) {
-      return self.read_slabs_in_parallel(key, &plan, &chunks, slabs, dst);
-    }
-    for (read, chunk) in plan.iter().zip(&chunks) {
-      copy_resolved(chunk, read, dst, &region.sizes).map_err(|e| self.copy_error(chunk, key, e))?;
-    }
-    Ok(())
+    let chunks = plan.iter().map(|r| self.resolve_chunk(key, r.chunk)).collect::<Result<_>>()?;
+    Ok(BoxRead { ck: self, key, region, plan, chunks, dtype: t.dtype(), bytes })
   }
 
-  /// Chunks that each fill whole rows of the destination (sharded on dim 0, the common case) own disjoint byte
-  /// ranges of it, so they are copied on several threads at once: more reads in flight for the disk, and both
-  /// cores copying when the data is cached.
-  fn read_slabs_in_parallel(
-    &self,
-    key: &str,
-    plan: &[ChunkRead],
-    chunks: &[Arc<ResolvedChunk>],
-    slabs: Vec<(usize, Range<usize>)>,
-    dst: &mut [u8],
-  ) -> Result<()> {
-    let mut parts: Vec<(usize, &mut [u8])> = Vec::with_capacity(slabs.len());
-    let mut rest = dst;
-    let mut at = 0;
-    for (i, range) in slabs {
-      let (_, tail) = std::mem::take(&mut rest).split_at_mut(range.start - at);
-      let (mine, tail) = tail.split_at_mut(range.len());
-      parts.push((i, mine));
-      rest = tail;
-      at = range.end;
-    }
-    let threads = crate::threads::cores().min(parts.len());
-    let per = parts.len().div_ceil(threads);
-    std::thread::scope(|s| {
-      let mut handles = Vec::new();
-      let mut parts = parts;
-      while !parts.is_empty() {
-        let batch: Vec<(usize, &mut [u8])> = parts.drain(..per.min(parts.len())).collect();
-        handles.push(s.spawn(move || -> Result<()> {
-          for (i, out) in batch {
-            let read = &plan[i];
-            let mut local = read.clone();
-            local.dst_start = vec![0; read.dst_start.len()];
-            copy_resolved(&chunks[i], &local, out, &read.lengths)
-              .map_err(|e| self.copy_error(&chunks[i], key, e))?;
-          }
-          Ok(())
-        }));
-      }
-      handles
-        .into_iter()
-        .try_for_each(|h| h.join().unwrap_or_else(|_| Err(self.bad_request(key, "a reader thread panicked"))))
-    })
+  /// Reads the box `region` of tensor `key` into `dst` (row-major, `region.numel() × element size` bytes),
+  /// touching only the chunks that overlap it: the disk is asked for everything first, then the chunks are copied.
+  pub fn read_into(&self, key: &str, region: &Region, dst: &mut [u8]) -> Result<()> {
+    let read = self.plan_read(key, region)?;
+    read.will_need();
+    read.copy_into(dst)
   }
 
   /// Resolves the chunks of `key` and asks the kernel to start reading their storage (asynchronous readahead;
   /// nothing is copied). A later read finds the chunks resolved.
   pub fn prefetch(&self, key: &str) -> Result<()> {
     let t = self.tensor(key)?;
-    self.prefetch_region(key, &Region::whole(&t.size))
-  }
-
-  /// [`Checkpoint::prefetch`] of only the chunks a read of `region` touches; the read that follows should be paced
-  /// [`ReadPace::Prefetched`].
-  pub fn prefetch_region(&self, key: &str, region: &Region) -> Result<()> {
-    let t = self.tensor(key)?;
-    check_region(&t.size, region).map_err(|r| self.bad_request(key, r))?;
-    let plan = plan_region(t, region);
-    let chunks: Vec<Arc<ResolvedChunk>> =
-      plan.iter().map(|r| self.resolve_chunk(key, r.chunk)).collect::<Result<_>>()?;
-    will_need_reads(&plan, &chunks, &region.sizes);
+    self.plan_read(key, &Region::whole(&t.size))?.will_need();
     Ok(())
   }
 

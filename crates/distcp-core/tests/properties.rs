@@ -140,6 +140,20 @@ proptest! {
     }
     let mut got = vec![0u8; region.sizes.iter().product::<u64>() as usize * es];
     ck.read_into(key, &region, &mut got).unwrap();
-    prop_assert_eq!(got, slice(&full, &t.size, es, &region), "{} box {:?}", key, region);
+    let want = slice(&full, &t.size, es, &region);
+    prop_assert_eq!(&got, &want, "{} box {:?}", key, region);
+    // the same box paced by hand: planned once, copied on this thread only (what a conversion's slabs do)
+    let read = ck.plan_read(key, &region).unwrap();
+    prop_assert_eq!(read.bytes(), got.len() as u64);
+    let mut here = vec![0u8; got.len()];
+    read.copy_here(&mut here).unwrap();
+    prop_assert_eq!(&here, &want, "{} box {:?} copied on one thread", key, region);
+    // a destination one byte short is refused by both, naming the key, before anything is copied
+    let mut short = vec![0u8; got.len().saturating_sub(1)];
+    if !got.is_empty() {
+      let e = read.copy_into(&mut short).unwrap_err().to_string();
+      prop_assert!(e.contains(key.as_str()) && e.contains("the destination holds"), "{}", e);
+      prop_assert!(read.copy_here(&mut short).is_err());
+    }
   }
 }

@@ -3,7 +3,6 @@
 use crate::enums::{CheckpointLayout, DType};
 use crate::errors::{internal, invalid_arg, job, to_js, Job, Result, Work};
 use crate::tagged::TaggedJs;
-use distcp_core::checkpoint::ReadPace;
 use distcp_core::metadata::{ItemMetadata, PathElem};
 use distcp_core::plan::Region;
 use distcp_core::Checkpoint;
@@ -211,9 +210,10 @@ impl<'env> Work<'env> for ReadTask {
     if len >= ANON_MIN && cfg!(not(target_family = "wasm")) {
       // the disk starts before the kernel faults in the new memory, not after: on a cold read the faults (about
       // as costly as the copy, see `alloc_host`) then overlap the disk's work
-      self.ck.prefetch_region(&self.key, &self.region).map_err(to_js)?;
+      let read = self.ck.plan_read(&self.key, &self.region).map_err(to_js)?;
+      read.will_need();
       let mut map = alloc_output(len).map_err(|e| to_js(distcp_core::Error::io(&self.ck.root, e)))?;
-      self.ck.read_into_as(&self.key, &self.region, &mut map, ReadPace::Prefetched).map_err(to_js)?;
+      read.copy_into(&mut map).map_err(to_js)?;
       return Ok(ReadOutput::Anonymous(map));
     }
     let mut buf = vec![0u8; len];

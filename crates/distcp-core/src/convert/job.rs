@@ -699,7 +699,7 @@ impl SlabCopy<'_> {
 
   /// `region` (rows of the tensor) into `dst`, paced as one slab of many (the job asks for readahead per tensor).
   fn read(&self, region: &Region, dst: &mut [u8]) -> Result<()> {
-    self.ck.read_into_as(self.key, region, dst, crate::checkpoint::ReadPace::Slab)
+    self.ck.plan_read(self.key, region)?.copy_here(dst)
   }
 }
 
