@@ -34,24 +34,18 @@ import { spawnSync } from 'node:child_process'
 import { existsSync, mkdirSync, readdirSync, rmSync, writeFileSync, statSync } from 'node:fs'
 import { cpus, totalmem } from 'node:os'
 import { join } from 'node:path'
+import { best, cli, interleaved, median, perRound, python, root, run, timed } from '../lib/harness.mjs'
 
-const root = new URL('../..', import.meta.url).pathname
-const python = process.env.DISTCP_PYTHON ?? join(root, '.venv/bin/python')
-
-const args = process.argv.slice(2)
-const flag = (name, dflt) => {
-  const i = args.indexOf(name)
-  return i >= 0 ? args[i + 1] : dflt
-}
+const { flag, has } = cli()
 const layers = Number(flag('--layers', '38'))
 const ranks = Number(flag('--ranks', '2'))
 const reps = Number(flag('--reps', process.env.REPS ?? '2'))
 const castTo = flag('--dtype', '')
 const onlyList = (flag('--only', '') ?? '').split(',').filter(Boolean)
 const only = onlyList.length ? onlyList : null
-const keep = args.includes('--keep')
-const tp = args.includes('--tp')
-const moe = args.includes('--moe')
+const keep = has('--keep')
+const tp = has('--tp')
+const moe = has('--moe')
 
 const shape = { hidden: 2048, intermediate: 5632, vocab: 32000 }
 const genArgs = [...(tp ? ['--tp'] : []), '--ranks', String(ranks), '--layers', String(layers), '--hidden', String(shape.hidden), '--intermediate', String(shape.intermediate), '--vocab', String(shape.vocab), '--dtype', 'bfloat16']
@@ -62,11 +56,6 @@ const hfSharded = join(data, `convert-llama-${tag}-hf-sharded`)
 const modelDir = join(data, `convert-llama-${layers}L-config`)
 const outRoot = join(root, 'bench/out/convert')
 
-function run(cmd, argv, opts = {}) {
-  const r = spawnSync(cmd, argv, { cwd: root, encoding: 'utf8', maxBuffer: 1 << 26, ...opts })
-  if (r.status !== 0) throw new Error(`${cmd} ${argv.join(' ')} (exit ${r.status}): ${r.stderr}`)
-  return r
-}
 const files = (dir) => readdirSync(dir).map((f) => join(dir, f)).filter((f) => statSync(f).isFile())
 const duBytes = (dir) => files(dir).reduce((a, f) => a + statSync(f).size, 0)
 
@@ -115,16 +104,7 @@ writeFileSync(
   ),
 )
 
-// ---- contestants
-function timed(cmd, argv) {
-  const r = run('/usr/bin/time', ['-f', '%e %M', cmd, ...argv])
-  const [secs, kb] = r.stderr.trim().split('\n').pop().split(' ').map(Number)
-  return { seconds: secs, maxRssKb: kb, stdout: r.stdout }
-}
-function inner(r) {
-  const j = JSON.parse(r.stdout.trim().split('\n').pop())
-  return { seconds: j.seconds, maxRssKb: r.maxRssKb, bytes: j.bytes }
-}
+// ---- contestants (distcp and torch time themselves, start-up excluded; cp by its wall time)
 const ckptFiles = files(ckpt)
 const ckptBytes = duBytes(ckpt)
 const contestants = {
@@ -133,20 +113,20 @@ const contestants = {
     inputs: ckptFiles,
     run: (out) => ({ ...timed('sh', ['-c', `cp -r "${ckpt}" "${out}" && sync "${out}"/* "${out}"/.metadata "${out}"`]), bytes: ckptBytes }),
   },
-  distcp: { inputs: ckptFiles, run: (out) => inner(timed('node', ['bench/convert/distcp_convert.mjs', ckpt, out, modelDir, castTo])) },
-  'torch (seed way)': { inputs: ckptFiles, run: (out) => inner(timed(python, ['bench/convert/torch_convert.py', 'seed', ckpt, out])) },
+  distcp: { inputs: ckptFiles, run: (out) => timed('node', ['bench/convert/distcp_convert.mjs', ckpt, out, modelDir, castTo]) },
+  'torch (seed way)': { inputs: ckptFiles, run: (out) => timed(python, ['bench/convert/torch_convert.py', 'seed', ckpt, out]) },
 }
 if (haveConsolidate) {
-  contestants['distcp (hf shards)'] = { inputs: files(hfSharded), run: (out) => inner(timed('node', ['bench/convert/distcp_convert.mjs', hfSharded, out, modelDir, castTo])) }
-  contestants['torch consolidate'] = { inputs: files(hfSharded), run: (out) => inner(timed(python, ['bench/convert/torch_convert.py', 'consolidate', hfSharded, out])) }
+  contestants['distcp (hf shards)'] = { inputs: files(hfSharded), run: (out) => timed('node', ['bench/convert/distcp_convert.mjs', hfSharded, out, modelDir, castTo]) }
+  contestants['torch consolidate'] = { inputs: files(hfSharded), run: (out) => timed(python, ['bench/convert/torch_convert.py', 'consolidate', hfSharded, out]) }
 }
 if (castTo) {
-  contestants['distcp (no cast)'] = { inputs: ckptFiles, run: (out) => inner(timed('node', ['bench/convert/distcp_convert.mjs', ckpt, out, modelDir])) }
+  contestants['distcp (no cast)'] = { inputs: ckptFiles, run: (out) => timed('node', ['bench/convert/distcp_convert.mjs', ckpt, out, modelDir]) }
   const hf = join(data, `${ckpt.split('/').pop()}-hf`)
   if (!existsSync(join(hf, 'model.safetensors'))) run('node', ['bench/convert/distcp_convert.mjs', ckpt, hf, modelDir])
   contestants['torch cast'] = {
     inputs: files(hf),
-    run: (out) => inner(timed(python, ['bench/convert/torch_convert.py', `cast:${castTo}`, hf, out])),
+    run: (out) => timed(python, ['bench/convert/torch_convert.py', `cast:${castTo}`, hf, out]),
   }
 }
 for (const name of Object.keys(contestants)) if (only && !only.includes(name)) delete contestants[name]
@@ -209,27 +189,15 @@ console.log(
 const tableRows = []
 for (const cache of ['warm', 'cold']) {
   const results = {}
-  // rounds interleave the contestants (a round runs each once): this VM's disk drifts by 2× over minutes, and a
-  // contestant whose runs all fall in a fast or a slow stretch would otherwise win or lose on that alone. Each
-  // round starts one contestant later, so each follows each: a cold run is moved by what ran before it (its
-  // write-back, the memory it freed) more than by anything distcp does (bench/read measured cat at 0.56–0.61 s
-  // back to back and 1.5–1.9 s interleaved)
+  // rounds interleave the contestants, each round starting one later (bench/lib/harness.mjs says why)
   if (cache === 'warm') for (const [name, c] of Object.entries(contestants)) once(name, c, false)
-  const rounds = Object.fromEntries(Object.keys(contestants).map((name) => [name, []]))
-  const order = Object.entries(contestants)
-  for (let i = 0; i < reps; i++) {
-    const k = i % order.length
-    for (const [name, c] of [...order.slice(k), ...order.slice(0, k)]) rounds[name].push(once(name, c, cache === 'cold'))
-  }
-  const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)]
-  for (const [name, runs] of Object.entries(rounds)) {
-    const best = runs.reduce((x, y) => (y.seconds < x.seconds ? y : x))
-    results[name] = { ...best, median: median(runs.map((r) => r.seconds)), maxRssKb: Math.max(...runs.map((r) => r.maxRssKb)) }
-  }
+  const rounds = interleaved(Object.keys(contestants), reps, (name) => once(name, contestants[name], cache === 'cold'))
   // the same round's cp -r + sync over each contestant's time: the ratio least moved by the disk's drift
   const sync = rounds['cp -r + sync']
   for (const [name, runs] of Object.entries(rounds)) {
-    if (sync) results[name].roundRatio = median(runs.map((r, i) => sync[i].seconds / r.seconds))
+    const { stdout: _, ...b } = best(runs)
+    results[name] = { ...b, median: median(runs.map((r) => r.seconds)), maxRssKb: Math.max(...runs.map((r) => r.maxRssKb)) }
+    if (sync) results[name].roundRatio = perRound(runs, sync)
   }
   const tensorBytes = (results.distcp ?? results['torch (seed way)'] ?? Object.values(results)[0]).bytes
   console.log(

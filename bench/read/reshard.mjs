@@ -10,19 +10,16 @@
 // usage: node bench/read/reshard.mjs [checkpoint] [--parts 4] [--reps 5] [--passes warm,cold]
 //   checkpoint: default bench/data/convert-llama-18L-3rank-tp (`node bench/convert/run.mjs --tp --layers 18 --ranks 3
 //   --keep` makes it with torch)
-import { spawnSync } from 'node:child_process'
-import { existsSync, readdirSync, readFileSync } from 'node:fs'
+import { existsSync, readdirSync, statSync } from 'node:fs'
 import { join } from 'node:path'
+import { best, cli, interleaved, loadAverage, median, perRound, python, root, run, timed } from '../lib/harness.mjs'
 
-const root = new URL('../..', import.meta.url).pathname
-const args = process.argv.slice(2)
-const flag = (name, dflt) => (args.includes(name) ? args[args.indexOf(name) + 1] : dflt)
-const positional = args.filter((a, i) => !a.startsWith('--') && !(i > 0 && args[i - 1].startsWith('--')))
+const { flag, has, positional } = cli()
 const ckpt = positional[0] ?? join(root, 'bench/data/convert-llama-18L-3rank-tp')
 const parts = Number(flag('--parts', 4))
 const CONCURRENCY = 4
 
-if (args.includes('--child')) {
+if (has('--child')) {
   // one timed run in a process of its own: `--child <mode>`
   const { openCheckpoint } = await import('../../dist/index.js')
   const mode = flag('--child')
@@ -70,59 +67,40 @@ if (args.includes('--child')) {
   process.exit(0)
 }
 
-const python = process.env.DISTCP_PYTHON ?? join(root, '.venv/bin/python')
 const reps = Number(flag('--reps', 5))
 if (!existsSync(join(ckpt, '.metadata'))) {
   console.error(`${ckpt} has no .metadata: make it with \`node bench/convert/run.mjs --tp --layers 18 --ranks 3 --keep\``)
   process.exit(1)
 }
 const files = readdirSync(ckpt).filter((f) => f.endsWith('.distcp')).map((f) => join(ckpt, f))
-function run(cmd, argv) {
-  const r = spawnSync(cmd, argv, { cwd: root, encoding: 'utf8', maxBuffer: 1 << 26 })
-  if (r.status !== 0) throw new Error(`${cmd} ${argv.join(' ')}: ${r.stderr}`)
-  return r
-}
-function timed(cmd, argv) {
-  const r = run('/usr/bin/time', ['-f', '%e %M', cmd, ...argv])
-  const [secs, kb] = r.stderr.trim().split('\n').pop().split(' ').map(Number)
-  return { seconds: secs, maxRssKb: kb, stdout: r.stdout }
-}
-const distcp = (mode) => () => {
-  const r = timed('node', ['bench/read/reshard.mjs', ckpt, '--parts', String(parts), '--child', mode])
-  return { ...JSON.parse(r.stdout), maxRssKb: r.maxRssKb }
-}
+const distcp = (mode) => () => timed('node', ['bench/read/reshard.mjs', ckpt, '--parts', String(parts), '--child', mode])
 const contestants = {
   cat: () => timed('sh', ['-c', `cat ${files.join(' ')} > /dev/null`]),
   'distcp whole': distcp('whole'),
   [`distcp ${parts} column boxes`]: distcp('cols'),
   [`distcp ${parts} row boxes`]: distcp('rows'),
 }
-const fileBytes = files.reduce((a, f) => a + Number(run('stat', ['-c', '%s', f]).stdout), 0)
-const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]
+const fileBytes = files.reduce((a, f) => a + statSync(f).size, 0)
 for (const cache of flag('--passes', 'warm,cold').split(',')) {
-  const load = readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ')
+  const load = loadAverage()
   const names = Object.keys(contestants)
   if (cache === 'warm') for (const n of names) contestants[n]()
-  const runs = Object.fromEntries(names.map((n) => [n, []]))
-  for (let round = 0; round < reps; round++) {
-    for (const n of [...names.slice(round % names.length), ...names.slice(0, round % names.length)]) {
-      if (cache === 'cold') run(python, ['bench/lib/evict.py', ...files])
-      runs[n].push(contestants[n]())
-    }
-  }
-  const secs = (n) => runs[n].map((r) => r.seconds)
+  const runs = interleaved(names, reps, (n) => {
+    if (cache === 'cold') run(python, ['bench/lib/evict.py', ...files])
+    return contestants[n]()
+  })
   const first = runs['distcp whole'][0]
   console.log(`\n${cache} page cache — ${ckpt}: ${(first.bytes / 1e9).toFixed(2)} GB of tensors in ${files.length} files; ${reps} interleaved rounds; load average before: ${load}`)
   console.log('contestant                   reads   GB/s   best s  median s  peak RSS (buffers)  vs cat  per round')
   for (const n of names) {
-    const best = Math.min(...secs(n))
+    const b = best(runs[n]).seconds
     const r0 = runs[n][0]
-    const gbs = (n === 'cat' ? fileBytes : r0.bytes) / best / 1e9
+    const gbs = (n === 'cat' ? fileBytes : r0.bytes) / b / 1e9
     const rss = Math.max(...runs[n].map((r) => r.maxRssKb)) / 1024
     const buffers = r0.bufferBytes === undefined ? '' : `(${(r0.bufferBytes / 2 ** 20).toFixed(0)} MiB)`
-    const perRound = median(secs(n).map((s, i) => secs('cat')[i] / s))
+    const med = median(runs[n].map((r) => r.seconds))
     console.log(
-      `${n.padEnd(27)} ${String(r0.reads ?? '').padStart(5)}  ${gbs.toFixed(2).padStart(5)}  ${best.toFixed(3).padStart(7)}  ${median(secs(n)).toFixed(3).padStart(8)}  ${rss.toFixed(0).padStart(5)} MiB ${buffers.padStart(9)}  ${(Math.min(...secs('cat')) / best).toFixed(2).padStart(5)}×  ${perRound.toFixed(2).padStart(8)}×`,
+      `${n.padEnd(27)} ${String(r0.reads ?? '').padStart(5)}  ${gbs.toFixed(2).padStart(5)}  ${b.toFixed(3).padStart(7)}  ${med.toFixed(3).padStart(8)}  ${rss.toFixed(0).padStart(5)} MiB ${buffers.padStart(9)}  ${(best(runs.cat).seconds / b).toFixed(2).padStart(5)}×  ${perRound(runs[n], runs.cat).toFixed(2).padStart(8)}×`,
     )
   }
 }

@@ -13,10 +13,10 @@ import { randomFillSync } from 'node:crypto'
 import { mkdirSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
 import { save, saveAsync, stagingPool } from '../../dist/index.js'
+import { cli, median, python, root } from '../lib/harness.mjs'
 import { llamaShapes } from '../lib/llama_shapes.mjs'
 
-const root = new URL('../..', import.meta.url).pathname
-const arg = (name, dflt) => (process.argv.includes(name) ? Number(process.argv[process.argv.indexOf(name) + 1]) : dflt)
+const arg = (name, dflt) => Number(cli().flag(name, dflt))
 const reps = arg('--reps', 3)
 const work = join(root, 'bench/out/save-load-async')
 rmSync(work, { recursive: true, force: true })
@@ -35,7 +35,6 @@ const fresh = (name) => {
   rmSync(d, { recursive: true, force: true })
   return d
 }
-const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]
 const idle = process.argv.includes('--idle')
 const tensors = Object.values(model).map((t) => t.data)
 function step() {
@@ -100,7 +99,6 @@ const ratio = median(blocked) / median(blocking)
 // torch, same shapes, same machine, right after
 let torch = 'skipped (--no-torch)'
 if (!process.argv.includes('--no-torch')) {
-  const python = process.env.DISTCP_PYTHON ?? join(root, '.venv/bin/python')
   const r = spawnSync(python, ['bench/save-load/torch_async.py', join(work, 'torch'), '--layers', String(arg('--layers', 8)), '--reps', String(reps), ...(idle ? ['--idle'] : [])], {
     cwd: root,
     encoding: 'utf8',

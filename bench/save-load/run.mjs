@@ -4,28 +4,14 @@
 // (each contestant reads its own files once untimed first), either fresh (never touched: every page faults in
 // during the load) or touched (written before timing, like the parameters of a model being resumed).
 // usage: node bench/save-load/run.mjs [--reps N]; the async case (saveAsync blocked time, loop slowdown): bench/save-load/async.mjs
-import { spawnSync } from 'node:child_process'
 import { mkdirSync, rmSync, statSync, readdirSync } from 'node:fs'
 import { join } from 'node:path'
+import { best, cli, interleaved, perRound, python, root, timed } from '../lib/harness.mjs'
 
-const root = new URL('../..', import.meta.url).pathname
-const python = process.env.DISTCP_PYTHON ?? join(root, '.venv/bin/python')
-const repsAt = process.argv.indexOf('--reps')
-const reps = repsAt >= 0 ? Number(process.argv[repsAt + 1]) : 3 // (argv[0] is node's path: never read it as a count)
+const reps = Number(cli().flag('--reps', 3))
 const work = join(root, 'bench/out/save-load')
 rmSync(work, { recursive: true, force: true })
 mkdirSync(work, { recursive: true })
-
-function timed(cmd, args) {
-  const r = spawnSync('/usr/bin/time', ['-f', '%e %M', cmd, ...args], { cwd: root, encoding: 'utf8', maxBuffer: 1 << 26 })
-  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr}`)
-  const [wall, kb] = r.stderr.trim().split('\n').pop().split(' ').map(Number)
-  let inner = {}
-  try {
-    inner = JSON.parse(r.stdout.trim().split('\n').pop())
-  } catch {}
-  return { seconds: inner.seconds ?? wall, maxRssKb: kb, bytes: inner.bytes }
-}
 
 /** Removes a contestant's previous checkpoint (untimed), so every save writes a new folder. */
 const fresh = (name) => {
@@ -56,21 +42,21 @@ const contestants = {
   },
 }
 
+// each phase's contestants run in interleaved rounds (bench/lib/harness.mjs says why); loads read their own files
+// once untimed first (warm page cache); saves write a new folder every time
 for (const [phase, entries] of Object.entries(contestants)) {
-  const results = {}
-  for (const [name, f] of Object.entries(entries)) {
-    if (phase !== 'save') f()
-    const runs = Array.from({ length: reps }, f)
-    const best = runs.reduce((a, b) => (b.seconds < a.seconds ? b : a))
-    results[name] = { ...best, maxRssKb: Math.max(...runs.map((r) => r.maxRssKb)) }
-  }
-  const raw = results[phase === 'save' ? 'dd write' : 'dd read']
-  const torch = results[phase === 'save' ? 'torch dcp.save' : 'torch dcp.load']
-  console.log(`\n${phase}: ${(BYTES / 1e9).toFixed(2)} GB bf16 Llama-shaped state dict; best of ${reps}`)
-  console.log('contestant                GB/s    seconds  peak RSS   vs raw  vs torch')
-  for (const [name, r] of Object.entries(results)) {
+  const names = Object.keys(entries)
+  if (phase !== 'save') for (const name of names) entries[name]()
+  const runs = interleaved(names, reps, (name) => entries[name]())
+  const raw = runs[phase === 'save' ? 'dd write' : 'dd read']
+  const torch = runs[phase === 'save' ? 'torch dcp.save' : 'torch dcp.load']
+  console.log(`\n${phase}: ${(BYTES / 1e9).toFixed(2)} GB bf16 Llama-shaped state dict; best of ${reps} interleaved rounds`)
+  console.log('contestant                GB/s    seconds  peak RSS   vs raw  per round  vs torch')
+  for (const name of names) {
+    const r = best(runs[name])
     const gbs = BYTES / r.seconds / 1e9
-    console.log(`${name.padEnd(24)} ${gbs.toFixed(2).padStart(5)}  ${r.seconds.toFixed(3).padStart(8)}  ${(r.maxRssKb / 1024).toFixed(0).padStart(5)} MiB  ${(raw.seconds / r.seconds).toFixed(2).padStart(5)}×  ${(torch.seconds / r.seconds).toFixed(2).padStart(6)}×`)
+    const rss = Math.max(...runs[name].map((x) => x.maxRssKb)) / 1024
+    console.log(`${name.padEnd(24)} ${gbs.toFixed(2).padStart(5)}  ${r.seconds.toFixed(3).padStart(8)}  ${rss.toFixed(0).padStart(5)} MiB  ${(best(raw).seconds / r.seconds).toFixed(2).padStart(5)}×  ${perRound(runs[name], raw).toFixed(2).padStart(8)}×  ${(best(torch).seconds / r.seconds).toFixed(2).padStart(6)}×`)
   }
 }
 console.log(`\non disk: distcp ${(dirSize(join(work, 'distcp')) / 1e9).toFixed(3)} GB, torch ${(dirSize(join(work, 'torch')) / 1e9).toFixed(3)} GB`)
