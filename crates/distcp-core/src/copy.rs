@@ -13,8 +13,12 @@ use crate::source::{DataFile, Fixup, ReadFail, ResolvedChunk, Source};
 /// from scratch filled by large reads.
 const PREAD_MIN: u64 = 64 * 1024;
 
-/// Scratch window for rows visited in file order: large enough that a read costs little per byte.
-const WINDOW: u64 = 8 << 20;
+/// Scratch window for rows visited in file order: large enough that a read costs little per byte (one `pread`
+/// per MiB) and re-reads little of a row cut by its end (rows this short are under [`PREAD_MIN`], ≤ 1/16 of it),
+/// small enough to stay in the core's cache between the `pread` that fills it and the copies out of it. Column
+/// boxes of a `Shard(1)` checkpoint (`bench/read/reshard.mjs`, 2.11 GB, warm) read in 0.42–0.46 s with 1 MiB,
+/// 0.44–0.48 s with 128–256 KiB and 0.59–0.68 s with the 8 MiB this was before (session 10, AMD EPYC host).
+const WINDOW: u64 = 1 << 20;
 
 std::thread_local! {
   /// Scratch kept between copies on a thread: a slab conversion makes thousands of windowed reads, and a fresh
