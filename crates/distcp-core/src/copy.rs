@@ -30,10 +30,14 @@ fn take_scratch() -> Vec<u8> {
   SCRATCH.with(std::cell::Cell::take)
 }
 
-/// Keeps `v` for the thread's next copy when it is no larger than a window (whole-extent scratch for a transposed
-/// chunk can be much larger; that is freed).
+/// Scratch up to this size is kept for the thread's next copy: a window, or the whole-extent scratch of a small
+/// transposed chunk read slab after slab (8 MiB, the window's size before session 10, so those keep theirs too).
+const KEPT_SCRATCH: u64 = 8 << 20;
+
+/// Keeps `v` for the thread's next copy when it is no larger than [`KEPT_SCRATCH`] (whole-extent scratch for a
+/// transposed chunk can be much larger; that is freed).
 fn keep_scratch(v: Vec<u8>) {
-  if v.capacity() as u64 <= WINDOW {
+  if v.capacity() as u64 <= KEPT_SCRATCH {
     SCRATCH.with(|s| s.set(v));
   }
 }
