@@ -15,7 +15,7 @@ use crate::metadata::{ItemMetadata, Metadata, PathElem, StorageInfo, StorageKey,
 use crate::plan::{check_region, plan_region, ChunkRead, Region};
 use crate::source::{open_regular, FileRegion};
 pub use crate::source::{DataFile, Fixup, ResolvedChunk, Source};
-use crate::torch_save::{self, PyObject, RecordError, TensorRecord};
+use crate::torch_save::{self, PickleMemo, PyObject, RecordError, TensorRecord};
 use crate::write::save::is_rank_metadata;
 use crate::zip::ZipError;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
@@ -237,12 +237,12 @@ impl RecordBytes {
     }
   }
 
-  fn parse(&self) -> std::result::Result<PyObject, RecordError> {
+  fn parse(&self, memo: &PickleMemo) -> std::result::Result<PyObject, RecordError> {
     match self {
       RecordBytes::File { file, offset, len } => {
-        torch_save::parse(&FileRegion { file, offset: *offset, len: *len })
+        torch_save::parse_with(&FileRegion { file, offset: *offset, len: *len }, Some(memo))
       }
-      RecordBytes::Memory { bytes, .. } => torch_save::parse(&bytes[..]),
+      RecordBytes::Memory { bytes, .. } => torch_save::parse_with(&bytes[..], Some(memo)),
     }
   }
 
@@ -295,6 +295,8 @@ pub struct Checkpoint {
   /// `torch.save` records.
   raw_files: HashSet<String>,
   resolved: Mutex<ResolvedCache>,
+  /// `data.pkl`s already unpickled, shared by every record of this checkpoint.
+  pickles: PickleMemo,
 }
 
 /// When every read covers whole rows of `region` and there are several worth splitting, each read's byte range of
@@ -409,6 +411,7 @@ impl Checkpoint {
       files: Mutex::new(HashMap::new()),
       raw_files: HashSet::new(),
       resolved: Mutex::new(ResolvedCache::default()),
+      pickles: PickleMemo::default(),
     };
     ck.find_safetensors_blobs()?;
     Ok(ck)
@@ -430,6 +433,7 @@ impl Checkpoint {
       raw_files: files.keys().cloned().collect(),
       files: Mutex::new(files),
       resolved: Mutex::new(ResolvedCache::default()),
+      pickles: PickleMemo::default(),
     })
   }
 
@@ -706,7 +710,7 @@ impl Checkpoint {
     if self.raw_files.contains(&info.relative_path) {
       return self.raw_record(key, bytes, &t.chunks[chunk].sizes, t.dtype());
     }
-    let rec = match bytes.parse().map_err(|e| self.record_error(bytes.path(), key, e))? {
+    let rec = match bytes.parse(&self.pickles).map_err(|e| self.record_error(bytes.path(), key, e))? {
       PyObject::Record(rec) => rec,
       _ => {
         return Err(Error::Record {
@@ -909,7 +913,7 @@ impl Checkpoint {
     }
     let info = self.storage_info(key, None)?;
     let bytes = self.record_bytes(key, info, limits::MAX_OBJECT_BYTES)?;
-    let obj = bytes.parse().map_err(|e| self.record_error(bytes.path(), key, e))?;
+    let obj = bytes.parse(&self.pickles).map_err(|e| self.record_error(bytes.path(), key, e))?;
     let mut left = limits::MAX_OBJECT_BYTES;
     self.materialise(obj, &bytes, key, &mut left, 0)
   }

@@ -44,6 +44,14 @@ pub const MAX_OBJECT_BYTES: u64 = 1 << 30;
 /// alignment padding torch adds. Decompression stops at tensor bytes + this.
 pub const ARCHIVE_OVERHEAD_BYTES: u64 = 1 << 20;
 
+/// Distinct `data.pkl`s of tensor records whose unpickled value an open checkpoint keeps, and the largest one
+/// kept. Records of same-shaped tensors carry byte-identical `data.pkl`s (dtype, shape, strides: all that differs
+/// between them is where the archive sits), so a checkpoint of thousands of experts unpickles a handful; the first
+/// this many are kept, at most this many bytes each, and any others are unpickled every time.
+pub const RECORD_PICKLE_MEMO_ENTRIES: usize = 256;
+/// See [`RECORD_PICKLE_MEMO_ENTRIES`].
+pub const RECORD_PICKLE_MEMO_BYTES: usize = 4096;
+
 /// Largest decompressed item of any kind (a tensor chunk larger than this is refused when compressed).
 pub const MAX_DECOMPRESSED_BYTES: u64 = 64 << 30;
 

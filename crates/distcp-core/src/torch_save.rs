@@ -2,13 +2,18 @@
 //! [`TensorRecord`]s pointing at their bytes inside the archive. Nothing is copied here.
 
 use crate::dtype::DType;
-use crate::limits::{checked_numel, MAX_DIMS, MAX_NESTING, MAX_OBJECT_BYTES};
+use crate::limits::{
+  checked_numel, MAX_DIMS, MAX_NESTING, MAX_OBJECT_BYTES, RECORD_PICKLE_MEMO_BYTES,
+  RECORD_PICKLE_MEMO_ENTRIES,
+};
 use crate::metadata::torch_value_global;
 use crate::pickle::{self, Object, Value};
 use crate::source::ReadAt;
 use crate::value::PyValue;
 use crate::zip::{self, Archive, Entry, ZipError};
+use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 /// A tensor as `data.pkl` describes it.
 #[derive(Debug, Clone, PartialEq)]
@@ -178,9 +183,57 @@ impl<R: ReadAt + ?Sized> ReadAt for Windowed<'_, R> {
   }
 }
 
+/// Unpickled `data.pkl`s, by their bytes, shared by the records of one checkpoint ([`parse_with`]): unpickling
+/// is a pure function of the bytes (and the fixed allow-list), so a record whose `data.pkl` was seen before skips
+/// it. Bounded by [`RECORD_PICKLE_MEMO_ENTRIES`] × [`RECORD_PICKLE_MEMO_BYTES`]; safe from any thread.
+#[derive(Debug, Default)]
+pub struct PickleMemo {
+  values: Mutex<HashMap<Box<[u8]>, Arc<Value>>>,
+}
+
+impl PickleMemo {
+  /// How many distinct `data.pkl`s are kept.
+  pub fn len(&self) -> usize {
+    self.values.lock().unwrap_or_else(|p| p.into_inner()).len()
+  }
+
+  /// Whether none is kept.
+  pub fn is_empty(&self) -> bool {
+    self.len() == 0
+  }
+
+  fn unpickle(&self, pkl: &[u8]) -> Result<Arc<Value>, RecordError> {
+    if let Some(v) = self.values.lock().unwrap_or_else(|p| p.into_inner()).get(pkl) {
+      return Ok(v.clone());
+    }
+    let v = Arc::new(unpickle_record(pkl)?);
+    if pkl.len() <= RECORD_PICKLE_MEMO_BYTES {
+      let mut values = self.values.lock().unwrap_or_else(|p| p.into_inner());
+      if values.len() < RECORD_PICKLE_MEMO_ENTRIES {
+        values.insert(pkl.into(), v.clone());
+      }
+    }
+    Ok(v)
+  }
+}
+
+fn unpickle_record(pkl: &[u8]) -> Result<Value, RecordError> {
+  pickle::unpickle(pkl, &record_allows).map_err(|e| match e {
+    pickle::UnpickleError::Forbidden { module, name } => RecordError::Forbidden { module, name },
+    pickle::UnpickleError::Malformed { pos, reason } => {
+      RecordError::Invalid(format!("data.pkl is not a valid pickle: {reason} (at byte {pos})"))
+    }
+  })
+}
+
 /// Parses the archive `r` holds and rebuilds its root object, reading only the zip structures, `byteorder` and
 /// `data.pkl` (tensor bytes stay where they are).
 pub fn parse<R: ReadAt + ?Sized>(r: &R) -> Result<PyObject, RecordError> {
+  parse_with(r, None)
+}
+
+/// [`parse`], looking `data.pkl` up in `memo` first (and keeping it there).
+pub fn parse_with<R: ReadAt + ?Sized>(r: &R, memo: Option<&PickleMemo>) -> Result<PyObject, RecordError> {
   let windowed = Windowed { r, head: std::cell::OnceCell::new(), tail: std::cell::OnceCell::new() };
   let r = &windowed;
   let archive = zip::parse(r).map_err(RecordError::Zip)?;
@@ -197,12 +250,10 @@ pub fn parse<R: ReadAt + ?Sized>(r: &R) -> Result<PyObject, RecordError> {
     None => false,
   };
   let pkl = entry_bytes(r, pkl, MAX_OBJECT_BYTES)?;
-  let root = pickle::unpickle(&pkl, &record_allows).map_err(|e| match e {
-    pickle::UnpickleError::Forbidden { module, name } => RecordError::Forbidden { module, name },
-    pickle::UnpickleError::Malformed { pos, reason } => {
-      RecordError::Invalid(format!("data.pkl is not a valid pickle: {reason} (at byte {pos})"))
-    }
-  })?;
+  let root = match memo {
+    Some(m) => m.unpickle(&pkl)?,
+    None => Arc::new(unpickle_record(&pkl)?),
+  };
   let cx = Rebuild { archive: &archive, big_endian };
   cx.convert(&root, 0)
 }

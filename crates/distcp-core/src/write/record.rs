@@ -161,6 +161,39 @@ mod tests {
     assert_eq!(rec.storage.start % 64, 0);
   }
 
+  /// Records of same-shaped tensors share their unpickled `data.pkl` through a memo, and read back exactly as
+  /// without it; the memo stops growing at its bound and records past it still parse.
+  #[test]
+  fn pickle_memo_shares_identical_data_pkl() {
+    use crate::limits::RECORD_PICKLE_MEMO_ENTRIES;
+    let memo = torch_save::PickleMemo::default();
+    let record = |shape: Vec<u64>, fill: u8| {
+      let data = vec![fill; shape.iter().product::<u64>() as usize * 4];
+      let t = SaveValue::Tensor(TensorRef { dtype: DType::Float32, shape, data: &data });
+      write_value(Vec::new(), &t).unwrap().0
+    };
+    let check = |buf: &Vec<u8>| {
+      let with = torch_save::parse_with(buf, Some(&memo)).unwrap();
+      assert_eq!(with, torch_save::parse(buf).unwrap());
+      with
+    };
+    // same shape, other bytes: one memo entry, each record pointing at its own storage
+    let (a, b) = (record(vec![64, 64], 1), record(vec![64, 64], 2));
+    check(&a);
+    let PyObject::Record(rb) = check(&b) else { panic!() };
+    assert_eq!(memo.len(), 1);
+    assert!(b[rb.storage].iter().all(|&x| x == 2));
+    // another shape: another entry
+    check(&record(vec![64, 32], 1));
+    assert_eq!(memo.len(), 2);
+    // past the bound: no more entries, and the records still read back
+    for n in 0..RECORD_PICKLE_MEMO_ENTRIES as u64 + 10 {
+      let PyObject::Record(r) = check(&record(vec![n + 1], 3)) else { panic!() };
+      assert_eq!(r.shape, vec![n + 1]);
+    }
+    assert_eq!(memo.len(), RECORD_PICKLE_MEMO_ENTRIES);
+  }
+
   #[test]
   fn v3_dtypes_and_zero_dims() {
     for (dtype, shape) in [
