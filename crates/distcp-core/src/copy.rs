@@ -227,7 +227,9 @@ pub fn copy_from_file(
 /// [`MAX_IOVECS`] rows straight from the page cache into place, one copy per byte, where reading a window into
 /// scratch and copying each row out of it costs two (median 0.71 → 0.62 s for a `Shard(1)` checkpoint read whole,
 /// `bench/read/reshard.mjs`). Rows with gaps between them stay on the window path: reading the gaps into scratch
-/// as well made column boxes 5% slower there. `start` is the file offset of the first row.
+/// as well was 5% slower than 8 MiB windows on session 9's host, and on session 10's slower than the 1 MiB windows
+/// ([`WINDOW`]) that replaced them (0.50–0.53 s against 0.44–0.47 s for column boxes). `start` is the file offset
+/// of the first row.
 #[cfg(unix)]
 fn copy_rows_scattered(
   file: &DataFile,
